@@ -1,0 +1,3217 @@
+#!/usr/bin/env python3
+"""pmdaemon.py: a process manager with a REST + WebSocket API, in one standard-library file.
+
+Usage:
+    python3 pmdaemon.py web [--host 127.0.0.1] [--port 9615] [--api-key KEY]
+    python3 pmdaemon.py --help | --version
+
+The daemon supervises child processes (restart on crash, process-group stops, logs, metrics)
+and serves the PMDaemon Web API (REST under /api, WebSocket at /ws). State and logs live in
+$PMDAEMON_HOME (default ~/.pmdaemon).
+
+Map of this file; each section uses only the sections above it:
+     1. Constants and enums    limits, defaults, process states, WebSocket opcodes
+     2. Errors                 PMDaemonError and its leaves, each carrying its wire form
+     3. Configuration          ProcessConfig and DaemonConfig: validation, persistence form
+     4. Metrics                /proc parsers and the sampler that computes CPU % between samples
+     5. Logs                   timestamped log files, rotation, tail without reading the file
+     6. Supervisor             process state machine, restart policy, spawn/stop, state file
+     7. HTTP/1.1 codec         request parser and response serialiser (no I/O)
+     8. WebSocket codec        handshake, frames, messages, close codes (no I/O)
+     9. API                    route table, Host/Origin/auth rules, JSON shaping
+    10. Server glue            the only code touching sockets: keep-alive, timeouts, /ws sessions
+    11. CLI                    argument parsing and main()
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import codecs
+import contextlib
+import dataclasses
+import datetime
+import enum
+import errno
+import fcntl
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+import urllib.parse
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+__version__ = "0.1.0"
+
+
+# ==============================================================================================
+# 1. Constants and enums
+#    Every limit and default lives here, named, so that code and README cite the same number.
+#    Nothing in this section does anything.
+# ==============================================================================================
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9615
+DEFAULT_HOME = "~/.pmdaemon"
+HOME_ENV = "PMDAEMON_HOME"
+API_KEY_ENV = "PMDAEMON_API_KEY"
+# Variables of the daemon's own environment that never reach a child.
+SECRET_ENV_NAMES = frozenset({API_KEY_ENV})
+
+# HTTP/1.1 limits (RFC 9112 leaves them to the server; each maps to its own status).
+MAX_REQUEST_LINE = 8 * 1024            # request line longer than this -> 414
+MAX_HEADER_BYTES = 16 * 1024           # whole header block -> 431
+MAX_HEADER_COUNT = 100                 # header fields -> 431
+MAX_BODY_BYTES = 1024 * 1024           # request body, declared or chunked -> 413
+MAX_CHUNK_LINE = 1024                  # chunk-size line with extensions -> 400
+READ_CHUNK = 64 * 1024                 # bytes asked of the socket per read
+HEADER_TIMEOUT = 10.0                  # seconds for a whole header block, from its first byte
+BODY_TIMEOUT = 30.0                    # seconds for a whole body, from the end of its header
+KEEPALIVE_TIMEOUT = 30.0               # seconds an idle keep-alive connection is kept
+WRITE_TIMEOUT = 30.0                   # seconds a client may take to accept our pending output
+WRITE_BUFFER_HIGH = 256 * 1024         # pending output above which we wait for the client
+MAX_CONNECTIONS = 12_000               # HTTP + WebSocket connections at once
+MAX_LOG_REQUEST_LINES = 10_000         # upper bound of ?lines=
+
+# Supervision defaults (milliseconds where the API speaks milliseconds).
+DEFAULT_KILL_TIMEOUT_MS = 1600
+DEFAULT_MAX_RESTARTS = 16
+DEFAULT_MIN_UPTIME_MS = 1000
+DEFAULT_RESTART_DELAY_MS = 0
+BACKOFF_FACTOR = 1.5
+BACKOFF_MAX_MS = 15_000
+BACKOFF_RESET_UPTIME_MS = 30_000
+SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
+STOP_POLL_INTERVAL = 0.02              # seconds between checks that a stopped group is gone
+MAX_INSTANCES = 64
+MAX_PROCESSES = 1024
+MAX_ARGS = 1024
+MAX_ENV_VARS = 1024
+STATE_FILE_VERSION = 1
+
+# Logs.
+DEFAULT_LOG_MAX_SIZE = 10 * 1024 * 1024
+DEFAULT_LOG_MAX_FILES = 5
+MAX_LOG_LINE = 16 * 1024               # longer output lines are split into pieces of this size
+PARTIAL_LINE_FLUSH = 0.2               # seconds before an unterminated line is written anyway
+TAIL_BLOCK = 64 * 1024
+
+# WebSocket (RFC 6455).
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MAX_WS_MESSAGE = 1024 * 1024           # reassembled message -> close 1009
+MAX_WS_CONTROL_PAYLOAD = 125           # RFC 6455 §5.5
+WS_PING_INTERVAL = 30.0
+WS_PONG_TIMEOUT = 20.0
+WS_CLOSE_TIMEOUT = 5.0
+WS_SEND_BUFFER = 1024 * 1024           # pending bytes per client before updates are dropped
+WS_SLOW_GRACE = 10.0                   # seconds a client may stay over its buffer before 1008
+MAX_WS_CLIENTS = 10_000
+WS_TICKET_TTL = 30.0
+MAX_WS_TICKETS = 1024
+MAX_WS_SUBSCRIPTIONS = 64
+
+
+class ProcessState(str, enum.Enum):
+    """What a managed process is doing; the value is what the API shows."""
+    STARTING = "starting"
+    ONLINE = "online"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    RESTARTING = "restarting"
+    ERRORED = "errored"
+
+
+RUNNING_STATES = frozenset({ProcessState.STARTING, ProcessState.ONLINE, ProcessState.STOPPING})
+
+
+class Opcode(enum.IntEnum):
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+CONTROL_OPCODES = frozenset({Opcode.CLOSE, Opcode.PING, Opcode.PONG})
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+
+
+# ==============================================================================================
+# 2. Errors
+#    One root. ApiError carries its HTTP status, error code and details; WebSocketError its
+#    close code. Exactly one place turns each into bytes on the wire (Api.handle, WsSession).
+# ==============================================================================================
+
+class PMDaemonError(Exception):
+    """Root of every error pmdaemon raises on purpose."""
+
+
+class ApiError(PMDaemonError):
+    """An error answered with the spec's error body; close=True when framing is unreliable."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None,
+                 headers: Tuple[Tuple[str, str], ...] = (), close: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers
+        self.close = close
+
+    def to_body(self) -> dict:
+        error = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            error["details"] = self.details
+        return {"success": False, "error": error}
+
+
+def bad_request(message: str, details: Any = None, close: bool = False) -> ApiError:
+    return ApiError(400, "BAD_REQUEST", message, details, close=close)
+
+
+def invalid_field(field: str, message: str) -> ApiError:
+    return ApiError(400, "VALIDATION_ERROR", message, {"field": field})
+
+
+def process_not_found(requested: str, available: List[str]) -> ApiError:
+    return ApiError(404, "PROCESS_NOT_FOUND", "Process %r not found" % requested,
+                    {"requested_process": requested, "available_processes": available})
+
+
+class WebSocketError(PMDaemonError):
+    """A protocol violation by the peer; the session closes with close_code."""
+    close_code = CloseCode.PROTOCOL_ERROR
+
+
+class InvalidUtf8(WebSocketError):
+    close_code = CloseCode.INVALID_DATA
+
+
+class MessageTooBig(WebSocketError):
+    close_code = CloseCode.MESSAGE_TOO_BIG
+
+
+class SpawnError(PMDaemonError):
+    """A child could not be started; the message is shown to the user as the reason."""
+
+
+# ==============================================================================================
+# 3. Configuration
+#    ProcessConfig.from_dict validates user input field by field and names the bad field;
+#    to_dict is both the API's "config" and the persisted form. DaemonConfig holds `web` flags.
+# ==============================================================================================
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", re.ASCII)
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,255}\Z", re.ASCII)
+SIZE_RE = re.compile(r"([0-9]{1,15})\s*([KMG]?)B?\Z", re.ASCII | re.IGNORECASE)
+PORT_RANGE_RE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})\Z", re.ASCII)
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+KILL_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_str(field: str, value: Any, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise invalid_field(field, "field %r must be a string, got %s" % (field, _json_type(value)))
+    if not allow_empty and not value:
+        raise invalid_field(field, "field %r must not be empty" % field)
+    if "\x00" in value:
+        raise invalid_field(field, "field %r must not contain NUL" % field)
+    return value
+
+
+def _check_int(field: str, value: Any, low: int, high: int) -> int:
+    if not _is_int(value):
+        raise invalid_field(field, "field %r must be an integer, got %s" % (field, _json_type(value)))
+    if not low <= value <= high:
+        raise invalid_field(field, "field %r must be between %d and %d, got %d"
+                            % (field, low, high, value))
+    return value
+
+
+def _check_bool(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise invalid_field(field, "field %r must be true or false, got %s" % (field, _json_type(value)))
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """Name a JSON value's type the way a user of the API would."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number %s" % json.dumps(value)
+    if isinstance(value, str):
+        return "string %s" % json.dumps(value[:64])
+    return {list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def parse_name(value: Any) -> str:
+    name = _check_str("name", value)
+    if not NAME_RE.match(name):
+        raise invalid_field("name", "field 'name' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}, got %r"
+                            % name[:80])
+    return name
+
+
+def parse_args(value: Any) -> List[str]:
+    if not isinstance(value, list) or len(value) > MAX_ARGS:
+        raise invalid_field("args", "field 'args' must be an array of at most %d strings, got %s"
+                            % (MAX_ARGS, _json_type(value)))
+    return [_check_str("args", item, allow_empty=True) for item in value]
+
+
+def parse_env(value: Any) -> Dict[str, str]:
+    if not isinstance(value, dict) or len(value) > MAX_ENV_VARS:
+        raise invalid_field("env", "field 'env' must be an object of at most %d strings, got %s"
+                            % (MAX_ENV_VARS, _json_type(value)))
+    env = {}
+    for key, item in value.items():
+        if not ENV_NAME_RE.match(key):
+            raise invalid_field("env", "field 'env' has an invalid variable name %r" % key[:80])
+        if not isinstance(item, str) or "\x00" in item:
+            raise invalid_field("env", "field 'env' value of %r must be a string, got %s"
+                                % (key, _json_type(item)))
+        env[key] = item
+    return env
+
+
+def parse_port_value(field: str, value: Any) -> Optional[str]:
+    """Accept a port as a number, a numeric string, a range "3000-3003", "auto" or "auto:A-B".
+
+    The result is a normalised string ("3000", "3000-3003", "auto", "auto:3000-3100") or None.
+    """
+    if value is None:
+        return None
+    if _is_int(value):
+        return str(_check_int(field, value, 1, 65535))
+    if not isinstance(value, str):
+        raise invalid_field(field, "field %r must be a port number or string, got %s"
+                            % (field, _json_type(value)))
+    text = value.strip()
+    if text == "auto":
+        return text
+    auto = text.startswith("auto:")
+    spec = text[5:] if auto else text
+    match = PORT_RANGE_RE.match(spec)
+    if match:
+        low, high = int(match.group(1)), int(match.group(2))
+    elif spec.isdigit() and len(spec) <= 5:
+        low = high = int(spec)
+    else:
+        low, high = 0, -1
+    if not 1 <= low <= high <= 65535:
+        raise invalid_field(field, "field %r must be a port (1-65535), a range like \"3000-3003\", "
+                            "\"auto\" or \"auto:3000-3100\", got %r" % (field, value))
+    if auto:
+        return "auto:%d-%d" % (low, high)
+    return str(low) if not match else "%d-%d" % (low, high)
+
+
+def parse_size(field: str, value: Any) -> Optional[int]:
+    """Accept bytes as an integer or a string like "150M", "1G", "512K"."""
+    if value is None:
+        return None
+    if _is_int(value):
+        return _check_int(field, value, 1, 2 ** 50)
+    if isinstance(value, str):
+        match = SIZE_RE.match(value.strip())
+        if match and int(match.group(1)) > 0:
+            return int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+    raise invalid_field(field, "field %r must be a size in bytes or like \"150M\", got %s"
+                        % (field, _json_type(value)))
+
+
+def parse_exit_codes(value: Any) -> List[int]:
+    if not isinstance(value, list) or len(value) > 256:
+        raise invalid_field("stop_exit_codes", "field 'stop_exit_codes' must be an array of "
+                            "exit codes, got %s" % _json_type(value))
+    return [_check_int("stop_exit_codes", code, 0, 255) for code in value]
+
+
+def parse_signal_name(value: Any) -> str:
+    name = _check_str("kill_signal", value).upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    if name not in KILL_SIGNALS:
+        raise invalid_field("kill_signal", "field 'kill_signal' must be one of %s, got %r"
+                            % (", ".join(KILL_SIGNALS), value))
+    return name
+
+
+@dataclasses.dataclass
+class ProcessConfig:
+    """Everything a user can set for a managed process (the POST /api/processes body)."""
+    name: str
+    script: str
+    args: List[str] = dataclasses.field(default_factory=list)
+    cwd: Optional[str] = None
+    env: Dict[str, str] = dataclasses.field(default_factory=dict)
+    port: Optional[str] = None
+    instances: int = 1
+    shell: bool = False
+    autorestart: bool = True
+    max_restarts: int = DEFAULT_MAX_RESTARTS
+    min_uptime: int = DEFAULT_MIN_UPTIME_MS
+    restart_delay: int = DEFAULT_RESTART_DELAY_MS
+    exp_backoff_restart_delay: int = 0
+    stop_exit_codes: List[int] = dataclasses.field(default_factory=list)
+    kill_signal: str = "SIGTERM"
+    kill_timeout: int = DEFAULT_KILL_TIMEOUT_MS
+    max_memory_restart: Optional[int] = None
+    log_max_size: int = DEFAULT_LOG_MAX_SIZE
+    log_max_files: int = DEFAULT_LOG_MAX_FILES
+
+    @classmethod
+    def from_dict(cls, data: Any, base_dir: Optional[str] = None) -> "ProcessConfig":
+        """Validate a user's JSON object; raise ApiError(400) naming the first bad field."""
+        if not isinstance(data, dict):
+            raise bad_request("request body must be a JSON object, got %s" % _json_type(data))
+        for key in data:
+            if key not in CONFIG_FIELDS:
+                raise invalid_field(key, "unknown field %r" % key[:80])
+        for required in ("name", "script"):
+            if data.get(required) is None:
+                raise invalid_field(required, "field %r is required" % required)
+        values = {key: CONFIG_FIELDS[key](value) for key, value in data.items()
+                  if value is not None or key in NULLABLE_FIELDS}
+        config = cls(**values)
+        config.cwd = _resolve_cwd(config.cwd, base_dir)
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _resolve_cwd(cwd: Optional[str], base_dir: Optional[str]) -> str:
+    base = base_dir or os.getcwd()
+    path = os.path.normpath(os.path.join(base, os.path.expanduser(cwd))) if cwd else base
+    if not os.path.isdir(path):
+        raise invalid_field("cwd", "field 'cwd' is not an existing directory: %r" % path)
+    return path
+
+
+CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
+    "name": parse_name,
+    "script": lambda v: _check_str("script", v),
+    "args": parse_args,
+    "cwd": lambda v: _check_str("cwd", v),
+    "env": parse_env,
+    "port": lambda v: parse_port_value("port", v),
+    "instances": lambda v: _check_int("instances", v, 1, MAX_INSTANCES),
+    "shell": lambda v: _check_bool("shell", v),
+    "autorestart": lambda v: _check_bool("autorestart", v),
+    "max_restarts": lambda v: _check_int("max_restarts", v, 0, 1_000_000),
+    "min_uptime": lambda v: _check_int("min_uptime", v, 0, 86_400_000),
+    "restart_delay": lambda v: _check_int("restart_delay", v, 0, 86_400_000),
+    "exp_backoff_restart_delay": lambda v: _check_int("exp_backoff_restart_delay", v, 0, BACKOFF_MAX_MS),
+    "stop_exit_codes": parse_exit_codes,
+    "kill_signal": parse_signal_name,
+    "kill_timeout": lambda v: _check_int("kill_timeout", v, 0, 3_600_000),
+    "max_memory_restart": lambda v: parse_size("max_memory_restart", v),
+    "log_max_size": lambda v: parse_size("log_max_size", v),
+    "log_max_files": lambda v: _check_int("log_max_files", v, 1, 100),
+}
+NULLABLE_FIELDS = frozenset({"port", "max_memory_restart"})
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    """Options of `pmdaemon.py web`."""
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: Optional[str] = None
+    home: str = os.path.expanduser(DEFAULT_HOME)
+    allow_hosts: Tuple[str, ...] = ()
+    cors_origins: Tuple[str, ...] = ()
+    sample_interval: float = SAMPLE_INTERVAL
+    max_connections: int = MAX_CONNECTIONS
+    max_ws_clients: int = MAX_WS_CLIENTS
+
+
+# ==============================================================================================
+# 4. Metrics
+#    Pure parsers of /proc text, and a Sampler that reads /proc (root injectable for tests) and
+#    keeps the previous sample so CPU % covers the last interval. Knows nothing of processes
+#    being managed: it measures pids it is given.
+# ==============================================================================================
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class PidStat(NamedTuple):
+    """The fields of /proc/PID/stat that supervision needs."""
+    pid: int
+    state: str
+    ppid: int
+    pgid: int
+    sid: int
+    cpu_ticks: int      # utime + stime
+    start_ticks: int    # start time since boot, in clock ticks: (pid, start_ticks) names a process
+    rss_bytes: int
+
+
+def parse_pid_stat(text: str) -> PidStat:
+    """Parse /proc/PID/stat; the command name may hold spaces and parentheses."""
+    open_paren, close_paren = text.index("("), text.rindex(")")
+    fields = text[close_paren + 2:].split()
+    # fields[0] is field 3 of proc(5): state, ppid, pgrp, session, ... utime(14), stime(15)
+    return PidStat(pid=int(text[:open_paren]), state=fields[0], ppid=int(fields[1]),
+                   pgid=int(fields[2]), sid=int(fields[3]),
+                   cpu_ticks=int(fields[11]) + int(fields[12]), start_ticks=int(fields[19]),
+                   rss_bytes=int(fields[21]) * PAGE_SIZE)
+
+
+def parse_cpu_times(text: str) -> Tuple[int, int]:
+    """Return (busy, total) jiffies from the aggregate "cpu" line of /proc/stat."""
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            values = [int(v) for v in line.split()[1:]]
+            idle = values[3] + (values[4] if len(values) > 4 else 0)   # idle + iowait
+            total = sum(values[:8])                                    # guest is inside user
+            return total - idle, total
+    raise ValueError("no cpu line in /proc/stat")
+
+
+def parse_meminfo(text: str) -> Tuple[int, int]:
+    """Return (total, available) bytes from /proc/meminfo."""
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            values[key] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+    total = values["MemTotal"]
+    available = values.get("MemAvailable", values.get("MemFree", 0) + values.get("Cached", 0))
+    return total, available
+
+
+def percent(part: float, whole: float) -> float:
+    return round(100.0 * part / whole, 1) if whole > 0 else 0.0
+
+
+@dataclasses.dataclass
+class SystemMetrics:
+    cpu_usage: float = 0.0
+    cores: int = 1
+    memory_total: int = 0
+    memory_available: int = 0
+    load: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    uptime: int = 0
+    wall_time: float = 0.0
+
+    @property
+    def memory_used(self) -> int:
+        return self.memory_total - self.memory_available
+
+    def to_api(self) -> dict:
+        """The GET /api/system body."""
+        return {
+            "cpu": {"usage": self.cpu_usage, "cores": self.cores},
+            "memory": {"total": self.memory_total, "used": self.memory_used,
+                       "available": self.memory_available,
+                       "usage_percent": percent(self.memory_used, self.memory_total)},
+            "load": {"one": self.load[0], "five": self.load[1], "fifteen": self.load[2]},
+            "uptime": self.uptime,
+            "timestamp": iso_time(self.wall_time),
+        }
+
+    def to_update(self) -> dict:
+        """The data of a WebSocket system_update message."""
+        return {"cpu": self.cpu_usage,
+                "memory": {"usage_percent": percent(self.memory_used, self.memory_total),
+                           "used": self.memory_used},
+                "load": {"one": self.load[0], "five": self.load[1], "fifteen": self.load[2]},
+                "timestamp": iso_time(self.wall_time)}
+
+
+def iso_time(wall_time: float, milliseconds: bool = False) -> str:
+    """ISO 8601 UTC with a Z, as the spec shows ("2024-01-15T14:30:25Z")."""
+    moment = datetime.datetime.fromtimestamp(wall_time, datetime.timezone.utc)
+    if milliseconds:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Sampler:
+    """Reads system and per-process-tree usage from /proc; CPU % is over the previous call."""
+
+    def __init__(self, proc_root: str = "/proc", clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
+        self.proc_root = proc_root
+        self.clock = clock
+        self.wall = wall
+        self._previous_cpu: Optional[Tuple[int, int]] = None
+        self._previous_ticks: Dict[Any, Tuple[float, int]] = {}
+
+    def _read(self, *parts: str) -> str:
+        with open(os.path.join(self.proc_root, *parts), "rb") as handle:
+            return handle.read().decode("ascii", "replace")
+
+    def system(self) -> SystemMetrics:
+        busy, total = parse_cpu_times(self._read("stat"))
+        usage = 0.0
+        if self._previous_cpu is not None:
+            usage = percent(busy - self._previous_cpu[0], total - self._previous_cpu[1])
+        self._previous_cpu = (busy, total)
+        memory_total, memory_available = parse_meminfo(self._read("meminfo"))
+        load = tuple(round(v, 2) for v in os.getloadavg())
+        uptime = int(float(self._read("uptime").split()[0]))
+        return SystemMetrics(usage, os.cpu_count() or 1, memory_total, memory_available,
+                             load, uptime, self.wall())
+
+    def stat(self, pid: int) -> Optional[PidStat]:
+        try:
+            return parse_pid_stat(self._read(str(pid), "stat"))
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def scan(self) -> Dict[int, PidStat]:
+        """Every process visible in /proc, by pid."""
+        table = {}
+        for entry in os.listdir(self.proc_root):
+            if entry.isdigit():
+                found = self.stat(int(entry))
+                if found is not None:
+                    table[found.pid] = found
+        return table
+
+    def tree_cpu(self, key: Any, ticks: int) -> float:
+        """CPU % of one core used by `key` since its previous sample, from cumulative ticks."""
+        now = self.clock()
+        previous = self._previous_ticks.get(key)
+        self._previous_ticks[key] = (now, ticks)
+        if previous is None or now <= previous[0]:
+            return 0.0
+        used = max(0, ticks - previous[1]) / CLOCK_TICKS
+        return round(100.0 * used / (now - previous[0]), 1)
+
+    def forget(self, key: Any) -> None:
+        self._previous_ticks.pop(key, None)
+
+
+def descendants(table: Dict[int, PidStat], root: int) -> List[int]:
+    """Pids of root and everything below it by parent links (root first)."""
+    children: Dict[int, List[int]] = {}
+    for stat in table.values():
+        children.setdefault(stat.ppid, []).append(stat.pid)
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        if pid in table and pid not in found:
+            found.append(pid)
+            stack.extend(children.get(pid, ()))
+    return found
+
+
+# ==============================================================================================
+# 5. Logs
+#    Each process has two files (stdout, stderr) under $PMDAEMON_HOME/logs, one line per output
+#    line, prefixed by an ISO time with milliseconds. Files rotate by size. tail_lines reads
+#    backwards in blocks so GET /api/logs never reads a whole file.
+# ==============================================================================================
+
+LOG_TYPES = ("stdout", "stderr")
+
+
+class LogEntry(NamedTuple):
+    timestamp: str
+    type: str
+    message: str
+
+    def to_api(self) -> dict:
+        return {"timestamp": self.timestamp, "type": self.type, "message": self.message}
+
+
+def format_log_line(timestamp: str, message: str) -> bytes:
+    return ("%s %s\n" % (timestamp, message)).encode("utf-8", "replace")
+
+
+def parse_log_line(line: bytes, log_type: str) -> LogEntry:
+    text = line.decode("utf-8", "replace")
+    timestamp, _, message = text.partition(" ")
+    return LogEntry(timestamp, log_type, message)
+
+
+def tail_lines(path: str, count: int, block_size: int = TAIL_BLOCK) -> List[bytes]:
+    """The last `count` lines of a file, oldest first, reading backwards block by block."""
+    if count <= 0:
+        return []
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return []
+    with handle:
+        position = handle.seek(0, os.SEEK_END)
+        data = b""
+        while position > 0 and data.count(b"\n") <= count:
+            step = min(block_size, position)
+            position -= step
+            handle.seek(position)
+            data = handle.read(step) + data
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if position > 0:        # the first piece may be the tail of a line we did not read whole
+        lines = lines[1:]
+    return lines[-count:]
+
+
+class LogFile:
+    """One append-only, size-rotated log file: path, path.1, ... path.(max_files - 1)."""
+
+    def __init__(self, path: str, max_size: int, max_files: int):
+        self.path = path
+        self.max_size = max_size
+        self.max_files = max_files
+        self._handle = None
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        if self._handle is None:
+            self._handle = open(self.path, "ab", buffering=0)
+            self._size = self._handle.seek(0, os.SEEK_END)
+        if self._size and self._size + len(data) > self.max_size:
+            self.rotate()
+            self._handle = open(self.path, "ab", buffering=0)
+            self._size = 0
+        self._handle.write(data)
+        self._size += len(data)
+
+    def rotate(self) -> None:
+        self.close()
+        oldest = "%s.%d" % (self.path, self.max_files - 1)
+        if self.max_files <= 1:      # nothing to keep: start the file afresh
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(oldest)
+        for index in range(self.max_files - 2, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace("%s.%d" % (self.path, index), "%s.%d" % (self.path, index + 1))
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, self.path + ".1")
+
+    def files_newest_first(self) -> List[str]:
+        return [self.path] + ["%s.%d" % (self.path, i) for i in range(1, self.max_files)]
+
+    def tail(self, count: int) -> List[bytes]:
+        """Last `count` lines across the rotation boundary, oldest first."""
+        lines: List[bytes] = []
+        for path in self.files_newest_first():
+            if len(lines) >= count or not os.path.exists(path):
+                break
+            lines = tail_lines(path, count - len(lines)) + lines
+        return lines
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def split_output(pending: bytes, chunk: bytes, max_line: int = MAX_LOG_LINE) -> Tuple[List[bytes], bytes]:
+    """Split child output into complete lines (long ones cut at max_line) and the remainder."""
+    data = pending + chunk
+    pieces = data.split(b"\n")
+    rest = pieces.pop()
+    lines = []
+    for piece in pieces:
+        lines.extend(_cut(piece, max_line))
+    while len(rest) > max_line:
+        lines.append(rest[:max_line])
+        rest = rest[max_line:]
+    return lines, rest
+
+
+def _cut(line: bytes, max_line: int) -> List[bytes]:
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if len(line) <= max_line:
+        return [line]
+    return [line[i:i + max_line] for i in range(0, len(line), max_line)]
+
+
+def decode_output(line: bytes) -> str:
+    """Child output is bytes; show it as text, never failing on binary."""
+    return line.decode("utf-8", "replace").replace("\x00", "\ufffd")
+
+
+class ProcessLogs:
+    """The stdout and stderr files of one process plus the listener fed every line."""
+
+    def __init__(self, directory: str, name: str, max_size: int, max_files: int,
+                 on_line: Callable[[str, LogEntry], None], wall: Callable[[], float] = time.time):
+        self.name = name
+        self.files = {kind: LogFile(os.path.join(directory, "%s-%s.log" % (name, suffix)),
+                                    max_size, max_files)
+                      for kind, suffix in (("stdout", "out"), ("stderr", "err"))}
+        self.on_line = on_line
+        self.wall = wall
+
+    def write(self, log_type: str, messages: List[str]) -> None:
+        timestamp = iso_time(self.wall(), milliseconds=True)
+        self.files[log_type].write(b"".join(format_log_line(timestamp, m) for m in messages))
+        for message in messages:
+            self.on_line(self.name, LogEntry(timestamp, log_type, message))
+
+    def tail(self, count: int, log_type: str = "all") -> List[LogEntry]:
+        kinds = LOG_TYPES if log_type == "all" else (log_type,)
+        entries = [parse_log_line(line, kind) for kind in kinds for line in self.files[kind].tail(count)]
+        entries.sort(key=lambda entry: entry.timestamp)      # stable: keeps order within a type
+        return entries[-count:] if count else []
+
+    def close(self) -> None:
+        for log_file in self.files.values():
+            log_file.close()
+
+
+async def pump_output(stream: asyncio.StreamReader, write: Callable[[List[str]], None]) -> None:
+    """Copy a child's pipe to its log, line by line; flush a partial line after a pause."""
+    pending = b""
+    while True:
+        try:
+            if pending:
+                chunk = await asyncio.wait_for(stream.read(READ_CHUNK), PARTIAL_LINE_FLUSH)
+            else:
+                chunk = await stream.read(READ_CHUNK)
+        except asyncio.TimeoutError:
+            write([decode_output(pending)])
+            pending = b""
+            continue
+        if not chunk:
+            break
+        lines, pending = split_output(pending, chunk)
+        if lines:
+            write([decode_output(line) for line in lines])
+    if pending:
+        write([decode_output(pending)])
+
+
+# ==============================================================================================
+# 6. Supervisor
+#    Owns the managed processes: their state machine, restart policy (pure functions below),
+#    spawning in a new session, stopping whole process groups, metrics sampling and the state
+#    file. Reports changes to listeners as (kind, payload); knows nothing of HTTP or WebSocket.
+# ==============================================================================================
+
+log = logging.getLogger("pmdaemon")
+
+
+class ExitDecision(NamedTuple):
+    action: str            # "restart", "stop" or "errored"
+    delay_ms: int
+    unstable_restarts: int
+    backoff_count: int
+    reason: str
+
+
+def restart_delay(config: ProcessConfig, backoff_count: int) -> int:
+    """Milliseconds to wait before the next automatic restart."""
+    if config.exp_backoff_restart_delay:
+        grown = config.exp_backoff_restart_delay * BACKOFF_FACTOR ** max(0, backoff_count - 1)
+        return int(min(BACKOFF_MAX_MS, grown))
+    return config.restart_delay
+
+
+def decide_after_exit(config: ProcessConfig, exit_code: Optional[int], uptime_ms: int,
+                      unstable_restarts: int, backoff_count: int) -> ExitDecision:
+    """What to do when a process exits on its own: restart (after how long), stop, or give up."""
+    if exit_code is not None and exit_code in config.stop_exit_codes:
+        return ExitDecision("stop", 0, 0, 0, "exit code %d is in stop_exit_codes" % exit_code)
+    if not config.autorestart:
+        return ExitDecision("stop", 0, 0, 0, "autorestart is off")
+    # An exit before min_uptime is unstable; unstable exits in a row are what max_restarts caps.
+    unstable = unstable_restarts + 1 if uptime_ms < config.min_uptime else 0
+    if unstable > config.max_restarts:
+        return ExitDecision("errored", 0, unstable, backoff_count,
+                            "exited %d times in a row before min_uptime (%d ms); max_restarts is %d"
+                            % (unstable, config.min_uptime, config.max_restarts))
+    backoff = backoff_count + 1 if uptime_ms < BACKOFF_RESET_UPTIME_MS else 1
+    return ExitDecision("restart", restart_delay(config, backoff), unstable, backoff, "")
+
+
+def member_name(base: str, index: int, instances: int) -> str:
+    """A group of N > 1 instances is named base-0 ... base-(N-1); a single one keeps base."""
+    return base if instances == 1 else "%s-%d" % (base, index)
+
+
+def port_bounds(spec: str) -> Tuple[int, int, bool]:
+    """(low, high, auto) of a normalised port value from parse_port_value."""
+    auto = spec.startswith("auto")
+    body = spec[5:] if spec.startswith("auto:") else ("3000-65535" if auto else spec)
+    low, _, high = body.partition("-")
+    return int(low), int(high or low), auto
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing on this host listens on the port (checked by binding it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def assign_ports(spec: Optional[str], instances: int, taken: set) -> List[Optional[int]]:
+    """One port per instance: a single port counts up, a range must be large enough."""
+    if spec is None:
+        return [None] * instances
+    low, high, auto = port_bounds(spec)
+    if auto:
+        ports = []
+        for port in range(low, high + 1):
+            if port not in taken and port_is_free(port):
+                ports.append(port)
+                if len(ports) == instances:
+                    return ports
+        raise ApiError(409, "PORT_CONFLICT", "no %d free port(s) in %d-%d" % (instances, low, high),
+                       {"port": spec})
+    if low == high and "-" not in spec:
+        high = low + instances - 1
+    if high - low + 1 < instances:
+        raise invalid_field("port", "port range %r holds %d port(s) but instances is %d"
+                            % (spec, high - low + 1, instances))
+    ports = list(range(low, low + instances))
+    clash = [port for port in ports if port in taken]
+    if clash or ports[-1] > 65535:
+        raise ApiError(409, "PORT_CONFLICT", "port %d is already used by another managed process"
+                       % (clash[0] if clash else ports[-1]), {"port": spec})
+    return ports
+
+
+def child_base_environment(environ: Dict[str, str]) -> Dict[str, str]:
+    """The daemon's environment minus its secrets: what every child inherits."""
+    return {key: value for key, value in environ.items() if key not in SECRET_ENV_NAMES}
+
+
+def build_argv(config: ProcessConfig, env: Dict[str, str]) -> List[str]:
+    """The argv to exec: the script directly (found like a shell would), or sh -c when asked."""
+    if config.shell:
+        return ["/bin/sh", "-c", " ".join([config.script] + [shlex_quote(a) for a in config.args])]
+    script = config.script
+    if "/" in script:
+        path = os.path.join(config.cwd or ".", script)
+    else:
+        path = shutil.which(script, path=env.get("PATH", os.defpath))
+        local = os.path.join(config.cwd or ".", script)
+        if path is None and os.path.isfile(local):
+            raise SpawnError("script %r is not an executable on PATH; use \"./%s\", or set script "
+                             "to its interpreter and put the file in args" % (script, script))
+        if path is None:
+            raise SpawnError("command %r not found in PATH" % script)
+    if not os.path.isfile(path):
+        raise SpawnError("script %r does not exist" % path)
+    if not os.access(path, os.X_OK):
+        raise SpawnError("script %r is not executable (chmod +x, or run it through an "
+                         "interpreter)" % path)
+    return [path] + list(config.args)
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+    return shlex.quote(text)
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write a file so that a crash at any moment leaves the old or the new content."""
+    directory = os.path.dirname(path)
+    temporary = "%s.tmp-%d" % (path, os.getpid())
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@dataclasses.dataclass(eq=False)
+class ManagedProcess:
+    """One supervised program (one instance of a group) and its runtime state."""
+    id: int
+    name: str
+    config: ProcessConfig
+    instance: int = 0
+    port: Optional[int] = None
+    status: ProcessState = ProcessState.STOPPED
+    pid: Optional[int] = None
+    pid_start_ticks: Optional[int] = None
+    restarts: int = 0
+    unstable_restarts: int = 0
+    backoff_count: int = 0
+    started_at: float = 0.0                 # monotonic, for uptime
+    started_wall: Optional[float] = None    # wall clock, for display
+    cpu: float = 0.0
+    memory: int = 0
+    last_exit: Optional[dict] = None
+    error: Optional[str] = None
+    next_restart_wall: Optional[float] = None
+    stop_requested: bool = False
+    proc: Any = dataclasses.field(default=None, repr=False)
+    watch_task: Any = dataclasses.field(default=None, repr=False)
+    restart_handle: Any = dataclasses.field(default=None, repr=False)
+    lock: Any = dataclasses.field(default=None, repr=False)
+    logs: Any = dataclasses.field(default=None, repr=False)
+
+    def uptime_ms(self, now: float) -> int:
+        return int((now - self.started_at) * 1000) if self.pid is not None else 0
+
+    def desired_status(self) -> str:
+        """The status this process should have after a daemon restart."""
+        if self.status in (ProcessState.STOPPED, ProcessState.STOPPING):
+            return ProcessState.STOPPED.value
+        if self.status == ProcessState.ERRORED:
+            return ProcessState.ERRORED.value
+        return ProcessState.ONLINE.value
+
+    def summary(self, now: float) -> dict:
+        """The entry of GET /api/processes."""
+        return {"id": self.id, "name": self.name, "status": self.status.value, "pid": self.pid,
+                "port": self.port, "cpu": self.cpu, "memory": self.memory,
+                "uptime": self.uptime_ms(now), "restarts": self.restarts, "health": "none"}
+
+    def details(self, now: float) -> dict:
+        """GET /api/processes/{name_or_id}: the summary, the config and what happened last."""
+        entry = self.summary(now)
+        config = self.config.to_dict()
+        config["env"] = dict(config["env"])
+        if self.port is not None:
+            config["env"]["PORT"] = str(self.port)
+        entry.update({
+            "config": config,
+            "instance": self.instance,
+            "started_at": iso_time(self.started_wall) if self.pid and self.started_wall else None,
+            "last_exit": self.last_exit,
+            "error": self.error,
+            "next_restart_at": (iso_time(self.next_restart_wall, milliseconds=True)
+                                if self.next_restart_wall else None),
+            "log_files": {kind: self.logs.files[kind].path for kind in LOG_TYPES} if self.logs else None,
+        })
+        return entry
+
+    def update_data(self, wall: float, now: float) -> dict:
+        """The data of a WebSocket process_update message."""
+        return {"id": self.id, "name": self.name, "status": self.status.value, "pid": self.pid,
+                "port": self.port, "cpu": self.cpu, "memory": self.memory,
+                "uptime": self.uptime_ms(now), "restarts": self.restarts,
+                "timestamp": iso_time(wall)}
+
+    def to_state(self, status: Optional[str] = None) -> dict:
+        return {"id": self.id, "name": self.name, "instance": self.instance, "port": self.port,
+                "config": self.config.to_dict(), "restarts": self.restarts,
+                "status": status or self.desired_status(), "error": self.error,
+                "pid": self.pid, "pid_start_ticks": self.pid_start_ticks}
+
+
+Listener = Callable[[str, Any], None]
+
+
+class Supervisor:
+    """All managed processes, their lifecycle, their metrics and their persisted state."""
+
+    def __init__(self, home: str, sampler: Optional[Sampler] = None,
+                 environ: Optional[Dict[str, str]] = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        self.home = home
+        self.log_dir = os.path.join(home, "logs")
+        self.state_path = os.path.join(home, "state.json")
+        self.sampler = sampler or Sampler()
+        self.base_env = child_base_environment(os.environ if environ is None else environ)
+        self.clock = clock
+        self.wall = wall
+        self.processes: Dict[int, ManagedProcess] = {}
+        self.next_id = 0
+        self.version = 0             # bumped on every visible change; keys the API's caches
+        self.system = SystemMetrics(wall_time=wall())
+        self.listeners: List[Listener] = []
+        self._tasks: set = set()
+        self._saving_blocked = False
+        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+
+    # -- notifications -------------------------------------------------------------------------
+
+    def emit(self, kind: str, payload: Any) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(kind, payload)
+            except Exception:
+                log.exception("listener failed on %s", kind)
+
+    def changed(self, mp: ManagedProcess) -> None:
+        self.version += 1
+        self.emit("process_update", mp)
+
+    def event(self, mp: ManagedProcess, name: str, **extra: Any) -> None:
+        data = {"event": name, "process": mp.name, "id": mp.id}
+        data.update(extra)
+        data["timestamp"] = iso_time(self.wall())
+        self.emit("process_event", data)
+
+    def _background(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)               # the loop keeps only weak references to tasks
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    # -- lookup --------------------------------------------------------------------------------
+
+    def names(self) -> List[str]:
+        return [mp.name for mp in self.processes.values()]
+
+    def resolve(self, key: str) -> List[ManagedProcess]:
+        """A process by exact name, then all instances of a group by base name, then by id."""
+        members = [mp for mp in self.processes.values() if mp.name == key]
+        if not members:
+            members = [mp for mp in self.processes.values() if mp.config.name == key]
+        if not members and key.isdigit() and key.isascii() and int(key) in self.processes:
+            members = [self.processes[int(key)]]
+        if not members:
+            raise process_not_found(key, self.names())
+        return members
+
+    def group(self, base: str) -> List[ManagedProcess]:
+        return sorted((mp for mp in self.processes.values() if mp.config.name == base),
+                      key=lambda mp: mp.instance)
+
+    def _ports_in_use(self, excluding: str = "") -> set:
+        return {mp.port for mp in self.processes.values()
+                if mp.port is not None and mp.config.name != excluding}
+
+    def _name_taken(self, base: str, instances: int) -> Optional[str]:
+        wanted = {base} | {member_name(base, i, instances) for i in range(instances)}
+        for mp in self.processes.values():
+            if mp.name in wanted or mp.config.name in wanted or mp.config.name == base:
+                return mp.name
+        return None
+
+    # -- lifecycle: add, start, stop, restart, delete -------------------------------------------
+
+    async def add(self, config: ProcessConfig) -> List[ManagedProcess]:
+        """Register a new process (or group of instances) and start it."""
+        clash = self._name_taken(config.name, config.instances)
+        if clash is not None:
+            raise ApiError(409, "PROCESS_ALREADY_EXISTS",
+                           "Process %r already exists" % config.name,
+                           {"name": config.name, "existing_process": clash})
+        if len(self.processes) + config.instances > MAX_PROCESSES:
+            raise ApiError(409, "TOO_MANY_PROCESSES", "at most %d processes can be managed"
+                           % MAX_PROCESSES)
+        ports = assign_ports(config.port, config.instances, self._ports_in_use())
+        members = [self._register(config, index, ports[index]) for index in range(config.instances)]
+        self.save_state()
+        for mp in members:
+            await self.start(mp)
+        return members
+
+    def _register(self, config: ProcessConfig, index: int, port: Optional[int],
+                  process_id: Optional[int] = None) -> ManagedProcess:
+        if process_id is None:
+            process_id = self.next_id
+        self.next_id = max(self.next_id, process_id + 1)
+        mp = ManagedProcess(id=process_id, name=member_name(config.name, index, config.instances),
+                            config=config, instance=index, port=port, lock=asyncio.Lock())
+        self.processes[process_id] = mp
+        self.version += 1
+        return mp
+
+    def _logs(self, mp: ManagedProcess) -> ProcessLogs:
+        if mp.logs is None or mp.logs.name != mp.name:
+            mp.logs = ProcessLogs(self.log_dir, mp.name, mp.config.log_max_size,
+                                  mp.config.log_max_files, self._on_log_line, self.wall)
+        return mp.logs
+
+    def _on_log_line(self, name: str, entry: LogEntry) -> None:
+        self.emit("log", (name, entry))
+
+    def note(self, mp: ManagedProcess, message: str) -> None:
+        """A line from pmdaemon itself in the process's stderr log, so users see why."""
+        self._logs(mp).write("stderr", ["[pmdaemon] " + message])
+
+    async def start(self, mp: ManagedProcess) -> bool:
+        """Start a stopped, errored or restart-pending process; False if it already runs."""
+        async with mp.lock:
+            if mp.status in RUNNING_STATES:
+                return False
+            self._cancel_restart(mp)
+            mp.unstable_restarts = mp.backoff_count = 0
+            await self._spawn(mp)
+            self.save_state()
+            return True
+
+    async def stop(self, mp: ManagedProcess) -> bool:
+        """Stop a process and everything in its group; False if it was not running."""
+        async with mp.lock:
+            was_running = mp.proc is not None or mp.status == ProcessState.RESTARTING
+            await self._stop_locked(mp)
+            self.save_state()
+            return was_running
+
+    async def restart(self, mp: ManagedProcess) -> None:
+        async with mp.lock:
+            await self._stop_locked(mp, quiet=True)
+            mp.restarts += 1
+            mp.unstable_restarts = mp.backoff_count = 0
+            await self._spawn(mp, event="restarted")
+            self.save_state()
+
+    async def restart_group(self, key: str, port: Any = None, instances: Optional[int] = None) -> List[ManagedProcess]:
+        """POST .../restart: optionally move to new ports and scale a group, then restart all."""
+        members = self.resolve(key)
+        base = members[0].config.name
+        whole_group = len(members) == len(self.group(base))
+        if instances is not None or port is not None:
+            if not whole_group:
+                raise bad_request("port and instances apply to the whole group %r, not to one "
+                                  "instance" % base)
+            members = await self._reshape(base, port, instances)
+        for mp in members:
+            await self.restart(mp)
+        return members
+
+    async def _reshape(self, base: str, port: Optional[str], instances: Optional[int]) -> List[ManagedProcess]:
+        members = self.group(base)
+        config = dataclasses.replace(members[0].config)
+        if port is not None:
+            config.port = port
+        if instances is not None:
+            config.instances = instances
+        ports = assign_ports(config.port, config.instances, self._ports_in_use(excluding=base))
+        for mp in members[config.instances:]:                 # scale down: highest first
+            await self._remove(mp)
+        for mp in members[:config.instances]:
+            old_name = mp.name
+            mp.config, mp.port = config, ports[mp.instance]
+            mp.name = member_name(base, mp.instance, config.instances)
+            if mp.name != old_name and mp.logs is not None:
+                mp.logs.close()
+                mp.logs = None
+        for index in range(len(members), config.instances):   # scale up
+            self._register(config, index, ports[index])
+        self.save_state()
+        return self.group(base)
+
+    async def delete(self, key: str) -> List[ManagedProcess]:
+        members = self.resolve(key)
+        for mp in members:
+            await self._remove(mp)
+        self.save_state()
+        return members
+
+    async def _remove(self, mp: ManagedProcess) -> None:
+        async with mp.lock:
+            await self._stop_locked(mp, quiet=True)
+            self.processes.pop(mp.id, None)
+            if mp.logs is not None:
+                mp.logs.close()
+            self.version += 1
+            self.event(mp, "deleted")
+
+    # -- spawning and exits ---------------------------------------------------------------------
+
+    def child_environment(self, mp: ManagedProcess) -> Dict[str, str]:
+        env = dict(self.base_env)
+        env.update(mp.config.env)
+        if mp.port is not None:
+            env["PORT"] = str(mp.port)
+        env["PM2_INSTANCE_ID"] = env["NODE_APP_INSTANCE"] = str(mp.instance)
+        env["PMDAEMON_PROCESS_NAME"] = mp.name
+        return env
+
+    async def _spawn(self, mp: ManagedProcess, event: str = "started") -> None:
+        """STOPPED/ERRORED/RESTARTING -> STARTING -> ONLINE, or -> ERRORED with the reason."""
+        mp.status, mp.stop_requested, mp.error = ProcessState.STARTING, False, None
+        mp.next_restart_wall = None
+        env = self.child_environment(mp)
+        try:
+            argv = build_argv(mp.config, env)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=mp.config.cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)        # own session and process group: pgid == pid
+        except (OSError, SpawnError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, SpawnError) else "cannot execute %r: %s" % (
+                mp.config.script, exc.strerror or exc)
+            mp.status, mp.error = ProcessState.ERRORED, reason
+            self.note(mp, "failed to start: " + reason)
+            self.event(mp, "errored", reason=reason)
+            self.changed(mp)
+            return
+        mp.proc, mp.pid = proc, proc.pid
+        mp.started_at, mp.started_wall = self.clock(), self.wall()
+        stat = self.sampler.stat(proc.pid)
+        mp.pid_start_ticks = stat.start_ticks if stat else None
+        mp.cpu, mp.memory = 0.0, stat.rss_bytes if stat else 0
+        mp.status = ProcessState.ONLINE
+        mp.watch_task = self._background(self._watch(mp, proc))
+        self.event(mp, event, pid=proc.pid)
+        self.changed(mp)
+
+    async def _watch(self, mp: ManagedProcess, proc) -> None:
+        logs = self._logs(mp)
+        pumps = [self._background(pump_output(proc.stdout, lambda lines: logs.write("stdout", lines))),
+                 self._background(pump_output(proc.stderr, lambda lines: logs.write("stderr", lines)))]
+        returncode = await proc.wait()
+        # Let the last output land before the exit is logged; a grandchild may keep the pipe open.
+        await asyncio.wait(pumps, timeout=0.5)
+        self._on_exit(mp, proc, returncode)
+
+    def _on_exit(self, mp: ManagedProcess, proc, returncode: int) -> None:
+        if mp.proc is not proc:
+            return
+        uptime_ms = mp.uptime_ms(self.clock())
+        code = returncode if returncode >= 0 else None
+        signame = signal.Signals(-returncode).name if returncode < 0 else None
+        mp.proc = mp.pid = None
+        mp.cpu, mp.memory = 0.0, 0
+        mp.last_exit = {"code": code, "signal": signame, "uptime": uptime_ms,
+                        "at": iso_time(self.wall())}
+        if mp.stop_requested:
+            return                          # _stop_locked finishes STOPPING -> STOPPED
+        how = "with code %d" % code if code is not None else "by signal %s" % signame
+        self.note(mp, "process exited %s after %d ms" % (how, uptime_ms))
+        self.event(mp, "exited", exit_code=code, signal=signame)
+        if code != 0:
+            self.event(mp, "crashed", exit_code=code, signal=signame)
+        decision = decide_after_exit(mp.config, code, uptime_ms, mp.unstable_restarts,
+                                     mp.backoff_count)
+        mp.unstable_restarts, mp.backoff_count = decision.unstable_restarts, decision.backoff_count
+        if decision.action == "restart":
+            # ONLINE -> RESTARTING; the timer brings it back to STARTING.
+            mp.status = ProcessState.RESTARTING
+            mp.next_restart_wall = self.wall() + decision.delay_ms / 1000
+            mp.restart_handle = asyncio.get_event_loop().call_later(
+                decision.delay_ms / 1000, lambda: self._background(self._restart_due(mp)))
+        elif decision.action == "errored":
+            # ONLINE -> ERRORED: stays down, no spinning, until started again.
+            mp.status, mp.error = ProcessState.ERRORED, decision.reason
+            self.note(mp, "not restarting: " + decision.reason)
+            self.event(mp, "errored", reason=decision.reason)
+        else:
+            mp.status = ProcessState.STOPPED
+            self.note(mp, "not restarting: " + decision.reason)
+        self.changed(mp)
+        self.save_state()
+
+    async def _restart_due(self, mp: ManagedProcess) -> None:
+        async with mp.lock:
+            if mp.status != ProcessState.RESTARTING or mp.id not in self.processes:
+                return
+            mp.restart_handle = None
+            mp.restarts += 1
+            await self._spawn(mp, event="restarted")
+            self.save_state()
+
+    def _cancel_restart(self, mp: ManagedProcess) -> None:
+        if mp.restart_handle is not None:
+            mp.restart_handle.cancel()
+            mp.restart_handle = None
+        mp.next_restart_wall = None
+
+    # -- stopping -------------------------------------------------------------------------------
+
+    async def _stop_locked(self, mp: ManagedProcess, quiet: bool = False) -> None:
+        """ONLINE -> STOPPING -> STOPPED once the whole group is gone; RESTARTING -> STOPPED."""
+        self._cancel_restart(mp)
+        was_running = mp.proc is not None
+        if was_running:
+            mp.stop_requested = True
+            mp.status = ProcessState.STOPPING
+            self.changed(mp)
+            await self._terminate(mp)
+        if mp.status != ProcessState.STOPPED:
+            mp.status = ProcessState.STOPPED
+            self.changed(mp)
+        if was_running and not quiet:
+            self.event(mp, "stopped")
+
+    async def _terminate(self, mp: ManagedProcess) -> None:
+        """Signal the process group (and escaped descendants), SIGKILL after kill_timeout."""
+        proc, pgid = mp.proc, mp.proc.pid
+        table = self.sampler.scan()
+        # Descendants that left the group (setsid, setpgid) are signalled one by one.
+        escaped = [(pid, table[pid].start_ticks) for pid in descendants(table, pgid)
+                   if table[pid].pgid != pgid]
+        await terminate_group(pgid, escaped, signal.Signals[mp.config.kill_signal],
+                              mp.config.kill_timeout / 1000, proc.wait, self.sampler)
+        if mp.watch_task is not None:
+            await asyncio.wait({mp.watch_task}, timeout=2.0)
+
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    def sample(self) -> None:
+        """One sampling tick: system metrics, per-process-tree CPU and memory."""
+        self.system = self.sampler.system()
+        running = [mp for mp in self.processes.values() if mp.pid is not None]
+        if running:
+            table = self.sampler.scan()
+            for mp in running:
+                tree = descendants(table, mp.pid)
+                mp.memory = sum(table[pid].rss_bytes for pid in tree)
+                mp.cpu = self.sampler.tree_cpu((mp.id, mp.pid),
+                                               sum(table[pid].cpu_ticks for pid in tree))
+                self._check_memory(mp)
+        self.version += 1
+        self.emit("tick", self.system)
+
+    def _check_memory(self, mp: ManagedProcess) -> None:
+        limit = mp.config.max_memory_restart
+        if limit and mp.memory > limit and mp.status == ProcessState.ONLINE:
+            reason = "memory %d bytes is above max_memory_restart %d" % (mp.memory, limit)
+            self.note(mp, "restarting: " + reason)
+            self.event(mp, "memory_limit", reason=reason, memory=mp.memory)
+            self._background(self.restart(mp))
+
+    async def run_sampler(self, interval: float) -> None:
+        while True:
+            try:
+                self.sample()
+            except Exception:
+                log.exception("sampling failed")
+            await asyncio.sleep(interval)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def save_state(self, statuses: Optional[Dict[int, str]] = None) -> None:
+        """Persist the process list atomically; called on every change."""
+        if self._saving_blocked:
+            return
+        statuses = statuses or {}
+        data = {"version": STATE_FILE_VERSION, "pmdaemon": __version__, "next_id": self.next_id,
+                "processes": [mp.to_state(statuses.get(mp.id)) for mp in self.processes.values()]}
+        try:
+            atomic_write(self.state_path, json.dumps(data, indent=1).encode())
+        except OSError:
+            log.exception("could not save state to %s", self.state_path)
+
+    def load_state(self) -> Optional[dict]:
+        """The saved state, or None; a corrupt file is moved aside, never silently emptied."""
+        try:
+            with open(self.state_path, "rb") as handle:
+                data = json.loads(handle.read().decode("utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("processes"), list):
+                raise ValueError("not a pmdaemon state object")
+            return data
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            aside = "%s.corrupt-%s" % (self.state_path, time.strftime("%Y%m%dT%H%M%S"))
+            with contextlib.suppress(OSError):
+                os.replace(self.state_path, aside)
+            log.error("state file %s is unreadable (%s); moved it to %s and started empty",
+                      self.state_path, exc, aside)
+            return None
+
+    async def restore(self) -> None:
+        """Bring back the saved list: leftovers of the last run are stopped, online ones started."""
+        data = self.load_state()
+        if data is None:
+            return
+        self.next_id = int(data.get("next_id", 0))
+        to_start, leftovers = [], []
+        for entry in data["processes"]:
+            try:
+                config = ProcessConfig(**entry["config"])
+                mp = self._register(config, int(entry.get("instance", 0)), entry.get("port"),
+                                    process_id=int(entry["id"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("skipping a saved process that cannot be read: %r (%s)", entry, exc)
+                continue
+            mp.restarts = int(entry.get("restarts", 0))
+            mp.error = entry.get("error")
+            status = entry.get("status")
+            mp.status = ProcessState.ERRORED if status == "errored" else ProcessState.STOPPED
+            if entry.get("pid") and entry.get("pid_start_ticks"):
+                leftovers.append((entry["pid"], entry["pid_start_ticks"], config))
+            if status == "online":
+                to_start.append(mp)
+        await asyncio.gather(*(self._stop_leftover(*item) for item in leftovers))
+        for mp in to_start:
+            await self.start(mp)
+        self.save_state()
+
+    async def _stop_leftover(self, pid: int, start_ticks: int, config: ProcessConfig) -> None:
+        """A child of a daemon that died: stop it if (pid, start time) still names it."""
+        stat = self.sampler.stat(pid)
+        if stat is None or stat.start_ticks != start_ticks or stat.pgid != pid:
+            return                      # gone, or the pid now belongs to someone else
+        log.info("stopping pid %d (%s) left running by a previous daemon", pid, config.name)
+        table = self.sampler.scan()
+        escaped = [(p, table[p].start_ticks) for p in descendants(table, pid) if table[p].pgid != pid]
+        await terminate_group(pid, escaped, signal.Signals[config.kill_signal],
+                              config.kill_timeout / 1000, None, self.sampler)
+
+    async def shutdown(self) -> None:
+        """Daemon exit: stop every child, but remember which ones should come back."""
+        statuses = {mp.id: mp.desired_status() for mp in self.processes.values()}
+        self._saving_blocked = True
+        try:
+            await asyncio.gather(*(self._stop_for_shutdown(mp) for mp in list(self.processes.values())))
+        finally:
+            self._saving_blocked = False
+            self.save_state(statuses)
+
+    async def _stop_for_shutdown(self, mp: ManagedProcess) -> None:
+        async with mp.lock:
+            await self._stop_locked(mp, quiet=True)
+        if mp.logs is not None:
+            mp.logs.close()
+
+
+def _signal_escaped(escaped: List[Tuple[int, int]], signum: int, sampler: Sampler) -> List[Tuple[int, int]]:
+    """Signal each (pid, start_ticks) still alive as that same process; return those alive."""
+    alive = []
+    for pid, start_ticks in escaped:
+        stat = sampler.stat(pid)
+        if stat is None or stat.start_ticks != start_ticks or stat.state == "Z":
+            continue
+        alive.append((pid, start_ticks))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+    return alive
+
+
+async def terminate_group(pgid: int, escaped: List[Tuple[int, int]], signum: int,
+                          timeout: float, wait_leader, sampler: Sampler,
+                          kill_grace: float = 5.0) -> bool:
+    """Stop a group: signum now, SIGKILL at timeout; True once every member is gone."""
+    signal_group(pgid, signum)
+    _signal_escaped(escaped, signum, sampler)
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + timeout
+    killed = False
+    if wait_leader is not None:
+        try:
+            await asyncio.wait_for(wait_leader(), timeout)
+        except asyncio.TimeoutError:
+            pass
+    while True:
+        alive = group_alive(pgid)
+        remaining = _signal_escaped(escaped, 0, sampler)
+        if not alive and not remaining:
+            return True
+        if not killed and loop.time() >= deadline:
+            signal_group(pgid, signal.SIGKILL)
+            _signal_escaped(remaining, signal.SIGKILL, sampler)
+            killed = True
+            if wait_leader is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wait_leader(), kill_grace)
+            deadline = loop.time() + kill_grace
+        elif killed and loop.time() >= deadline:
+            log.warning("process group %d still has members after SIGKILL", pgid)
+            return False
+        await asyncio.sleep(STOP_POLL_INTERVAL)
+
+
+# ==============================================================================================
+# 7. HTTP/1.1 codec (RFC 9112)
+#    RequestParser is fed bytes and hands out complete requests (head + body) in order, or
+#    None when it needs more, or raises ApiError with the status to answer (always closing).
+#    serialize_response turns a Response into bytes. No sockets, no asyncio.
+# ==============================================================================================
+
+TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+TOKEN_RE = re.compile(rb"[" + TCHAR + rb"]+\Z")
+REQUEST_LINE_RE = re.compile(rb"([" + TCHAR + rb"]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\Z")
+FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
+HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
+HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:[0-9]{0,5})?\Z", re.ASCII)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
+                           "TRACE", "CONNECT"})
+
+REASONS = {
+    101: "Switching Protocols", 200: "OK", 201: "Created", 204: "No Content",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
+    426: "Upgrade Required", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+def http_error(status: int, code: str, message: str) -> ApiError:
+    """A framing-level error: after answering it the connection is closed."""
+    return ApiError(status, code, message, close=True)
+
+
+class Request:
+    """One parsed HTTP request; header names are lowercase."""
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body",
+                 "keep_alive", "content_length", "chunked")
+
+    def __init__(self, method: str, target: str, path: str, query: str, version: str,
+                 headers: List[Tuple[str, str]]):
+        self.method, self.target, self.path, self.query = method, target, path, query
+        self.version, self.headers = version, headers
+        self.body = b""
+        self.keep_alive = True
+        self.content_length = 0
+        self.chunked = False
+
+    def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return default
+
+    def header_values(self, name: str) -> List[str]:
+        return [value for key, value in self.headers if key == name]
+
+    def tokens(self, name: str) -> List[str]:
+        """Comma-separated tokens of all fields `name`, lowercase (Connection, Upgrade...)."""
+        return [item.strip().lower() for value in self.header_values(name)
+                for item in value.split(",") if item.strip()]
+
+
+def parse_head(head: bytes) -> Request:
+    """Parse a request line and header block (without the final empty line)."""
+    lines = head.split(b"\n")
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise http_error(414, "URI_TOO_LONG", "request line is longer than %d bytes" % MAX_REQUEST_LINE)
+    match = REQUEST_LINE_RE.match(request_line)
+    if not match:
+        raise http_error(400, "BAD_REQUEST", "malformed request line %r" % request_line[:100].decode("latin-1"))
+    method = match.group(1).decode("ascii")
+    target = match.group(2).decode("ascii")
+    version = (int(match.group(3)), int(match.group(4)))
+    if version not in ((1, 0), (1, 1)):
+        raise http_error(505, "HTTP_VERSION_NOT_SUPPORTED", "HTTP/%d.%d is not supported; use HTTP/1.1" % version)
+    if method not in KNOWN_METHODS:
+        raise http_error(501, "NOT_IMPLEMENTED", "method %r is not implemented" % method)
+    if len(lines) - 1 > MAX_HEADER_COUNT:
+        raise http_error(431, "HEADERS_TOO_LARGE", "more than %d header fields" % MAX_HEADER_COUNT)
+    headers = [parse_header_line(line) for line in lines[1:]]
+    path, query = parse_target(method, target)
+    request = Request(method, target, path, query, "HTTP/%d.%d" % version, headers)
+    apply_framing(request)
+    return request
+
+
+def parse_header_line(line: bytes) -> Tuple[str, str]:
+    if line[:1] in (b" ", b"\t"):
+        raise http_error(400, "BAD_REQUEST", "obsolete line folding in headers is not allowed")
+    name, colon, value = line.partition(b":")
+    if not colon:
+        raise http_error(400, "BAD_REQUEST", "header line without a colon: %r" % line[:100].decode("latin-1"))
+    if not TOKEN_RE.match(name):
+        if name.rstrip(b" \t") != name:
+            raise http_error(400, "BAD_REQUEST", "whitespace before the colon in header %r"
+                             % name.strip().decode("latin-1"))
+        raise http_error(400, "BAD_REQUEST", "invalid header name %r" % name[:100].decode("latin-1"))
+    value = value.strip(b" \t")
+    if not FIELD_VALUE_RE.match(value):
+        raise http_error(400, "BAD_REQUEST", "invalid character (CR, LF, NUL or control) in header %r"
+                         % name.decode("ascii"))
+    return name.decode("ascii").lower(), value.decode("latin-1")
+
+
+def parse_target(method: str, target: str) -> Tuple[str, str]:
+    """(decoded path, raw query) of origin-form, absolute-form or "*" (OPTIONS only)."""
+    if target == "*":
+        if method != "OPTIONS":
+            raise http_error(400, "BAD_REQUEST", "request target '*' is only valid for OPTIONS")
+        return "*", ""
+    if not target.startswith("/"):
+        if not target.lower().startswith(("http://", "https://")):
+            raise http_error(400, "BAD_REQUEST", "invalid request target %r" % target[:100])
+        target = urllib.parse.urlsplit(target)._replace(scheme="", netloc="").geturl() or "/"
+    raw_path, _, query = target.partition("?")
+    if "#" in raw_path:
+        raise http_error(400, "BAD_REQUEST", "request target must not contain a fragment")
+    try:
+        path = urllib.parse.unquote(raw_path, errors="strict")
+    except UnicodeDecodeError:
+        raise http_error(400, "BAD_REQUEST", "request path is not valid UTF-8 once decoded") from None
+    if "\x00" in path:
+        raise http_error(400, "BAD_REQUEST", "request path must not contain NUL")
+    return path, query
+
+
+def apply_framing(request: Request) -> None:
+    """Host, Content-Length, Transfer-Encoding and Connection rules of RFC 9112 §3.2, §6, §9."""
+    hosts = request.header_values("host")
+    if len(hosts) > 1:
+        raise http_error(400, "BAD_REQUEST", "more than one Host header")
+    if not hosts and request.version == "HTTP/1.1":
+        raise http_error(400, "BAD_REQUEST", "missing Host header (required by HTTP/1.1)")
+    if hosts and not HOST_RE.match(hosts[0]):
+        raise http_error(400, "BAD_REQUEST", "invalid Host header %r" % hosts[0][:100])
+    codings = request.tokens("transfer-encoding")
+    lengths = [item.strip() for value in request.header_values("content-length")
+               for item in value.split(",")]
+    if request.header_values("transfer-encoding"):
+        if request.version == "HTTP/1.0":
+            raise http_error(400, "BAD_REQUEST", "Transfer-Encoding is not allowed in HTTP/1.0")
+        if lengths:
+            raise http_error(400, "BAD_REQUEST", "Content-Length together with Transfer-Encoding")
+        unknown = [coding for coding in codings if coding != "chunked"]
+        if unknown:
+            raise http_error(501, "NOT_IMPLEMENTED", "transfer coding %r is not supported" % unknown[0])
+        if codings != ["chunked"]:
+            raise http_error(400, "BAD_REQUEST", "invalid Transfer-Encoding %r"
+                             % ", ".join(request.header_values("transfer-encoding")))
+        request.chunked = True
+    elif lengths:
+        if not all(item.isdigit() and item.isascii() and len(item) <= 18 for item in lengths):
+            raise http_error(400, "BAD_REQUEST", "invalid Content-Length %r"
+                             % ", ".join(request.header_values("content-length"))[:100])
+        if len(set(int(item) for item in lengths)) > 1:
+            raise http_error(400, "BAD_REQUEST", "conflicting Content-Length values")
+        request.content_length = int(lengths[0])
+        if request.content_length > MAX_BODY_BYTES:
+            raise http_error(413, "PAYLOAD_TOO_LARGE", "request body of %d bytes is larger than "
+                             "the %d byte limit" % (request.content_length, MAX_BODY_BYTES))
+    connection = request.tokens("connection")
+    if request.version == "HTTP/1.1":
+        request.keep_alive = "close" not in connection
+    else:
+        request.keep_alive = "keep-alive" in connection and "close" not in connection
+
+
+class RequestParser:
+    """Incremental request reader: feed() bytes, then next_request() until it returns None."""
+
+    def __init__(self, max_body: int = MAX_BODY_BYTES):
+        self.buffer = bytearray()
+        self.max_body = max_body
+        self._request: Optional[Request] = None      # head parsed, body pending
+        self._scanned = 0                            # bytes already searched for the head end
+        self._chunk_state = "size"
+        self._chunk_remaining = 0
+        self._chunks: List[bytes] = []
+        self._body_size = 0
+        self._trailer_bytes = 0
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    @property
+    def in_body(self) -> bool:
+        return self._request is not None
+
+    @property
+    def has_partial(self) -> bool:
+        return self._request is not None or bool(self.buffer)
+
+    def next_request(self) -> Optional[Request]:
+        if self._request is None and not self._read_head():
+            return None
+        request = self._request
+        if request.chunked:
+            if not self._read_chunked():
+                return None
+            request.body = b"".join(self._chunks)
+            self._chunks, self._body_size, self._chunk_state = [], 0, "size"
+        else:
+            if len(self.buffer) < request.content_length:
+                return None
+            request.body = bytes(self.buffer[:request.content_length])
+            del self.buffer[:request.content_length]
+        self._request = None
+        return request
+
+    def _read_head(self) -> bool:
+        # RFC 9112 §2.2: ignore empty lines before a request line.
+        while self.buffer[:2] == b"\r\n" or self.buffer[:1] == b"\n":
+            del self.buffer[:2 if self.buffer[:1] == b"\r" else 1]
+        match = HEAD_END_RE.search(self.buffer, max(0, self._scanned - 3))
+        if match is None:
+            self._scanned = len(self.buffer)
+            self._check_head_size()
+            return False
+        if match.start() > MAX_HEADER_BYTES + MAX_REQUEST_LINE:
+            self._check_head_size()
+        head = bytes(self.buffer[:match.start()])
+        del self.buffer[:match.end()]
+        self._scanned = 0
+        self._request = parse_head(head)
+        return True
+
+    def _check_head_size(self) -> None:
+        line_end = self.buffer.find(b"\n", 0, MAX_REQUEST_LINE + 2)
+        if line_end == -1 and len(self.buffer) > MAX_REQUEST_LINE + 1:
+            raise http_error(414, "URI_TOO_LONG", "request line is longer than %d bytes" % MAX_REQUEST_LINE)
+        if len(self.buffer) - max(line_end, 0) > MAX_HEADER_BYTES:
+            raise http_error(431, "HEADERS_TOO_LARGE", "header block is larger than %d bytes"
+                             % MAX_HEADER_BYTES)
+
+    def _read_chunked(self) -> bool:
+        """Advance through chunked framing (RFC 9112 §7.1); True once the body is complete."""
+        while True:
+            if self._chunk_state == "data":
+                needed = self._chunk_remaining
+                if len(self.buffer) < needed + 1:
+                    return False
+                ending = 1 if self.buffer[needed:needed + 1] == b"\n" else 2
+                if ending == 2 and len(self.buffer) < needed + 2:
+                    return False
+                if self.buffer[needed:needed + ending] not in (b"\n", b"\r\n"):
+                    raise http_error(400, "BAD_REQUEST", "chunk data not followed by CRLF")
+                self._chunks.append(bytes(self.buffer[:needed]))
+                del self.buffer[:needed + ending]
+                self._chunk_state = "size"
+                continue
+            line = self._take_line(MAX_CHUNK_LINE if self._chunk_state == "size" else MAX_HEADER_BYTES)
+            if line is None:
+                return False
+            if self._chunk_state == "size":
+                size_text = line.split(b";", 1)[0].strip(b" \t")
+                if not HEX_RE.match(size_text):
+                    raise http_error(400, "BAD_REQUEST", "invalid chunk size %r" % size_text[:20].decode("latin-1"))
+                size = int(size_text, 16)
+                self._body_size += size
+                if self._body_size > self.max_body:
+                    raise http_error(413, "PAYLOAD_TOO_LARGE", "chunked request body is larger than "
+                                     "the %d byte limit" % self.max_body)
+                self._chunk_remaining = size
+                self._chunk_state = "data" if size else "trailer"
+            elif line == b"":                    # end of the (ignored) trailer section
+                return True
+            else:
+                self._trailer_bytes += len(line)
+                if self._trailer_bytes > MAX_HEADER_BYTES:
+                    raise http_error(431, "HEADERS_TOO_LARGE", "trailer section is too large")
+                parse_header_line(line)
+
+    def _take_line(self, limit: int) -> Optional[bytes]:
+        end = self.buffer.find(b"\n", 0, limit + 2)
+        if end == -1:
+            if len(self.buffer) > limit + 1:
+                raise http_error(400, "BAD_REQUEST", "chunk line is longer than %d bytes" % limit)
+            return None
+        line = bytes(self.buffer[:end])
+        del self.buffer[:end + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\r" in line:
+            raise http_error(400, "BAD_REQUEST", "bare CR in chunked framing")
+        return line
+
+
+class Response:
+    """What a handler returns; serialize_response makes the bytes."""
+    __slots__ = ("status", "body", "content_type", "headers", "close", "stream")
+
+    def __init__(self, status: int = 200, body: bytes = b"", content_type: Optional[str] = "application/json",
+                 headers: List[Tuple[str, str]] = None, close: bool = False, stream: Any = None):
+        self.status = status
+        self.body = body
+        self.content_type = content_type if body or stream or status not in (101, 204, 304) else None
+        self.headers = headers if headers is not None else []
+        self.close = close
+        self.stream = stream       # an async iterator of bytes: sent chunked, body unused
+
+
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def json_response(status: int, value: Any, headers: Optional[List[Tuple[str, str]]] = None) -> Response:
+    return Response(status, json_bytes(value), headers=headers)
+
+
+def error_response(error: ApiError) -> Response:
+    return Response(error.status, json_bytes(error.to_body()), headers=list(error.headers),
+                    close=error.close)
+
+
+# Sent on every response: the spec's security headers, and no caching of live data.
+FIXED_HEADERS = (b"X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\n"
+                 b"X-XSS-Protection: 1; mode=block\r\nCache-Control: no-store\r\n")
+STATUS_LINES = {status: ("HTTP/1.1 %d %s\r\n" % (status, reason)).encode() for status, reason in REASONS.items()}
+
+
+def serialize_response(response: Response, date: bytes, keep_alive: bool, http10: bool = False,
+                       head_only: bool = False) -> bytes:
+    """Status line, headers (Date, type, length, security, extra, Connection) and body."""
+    parts = [STATUS_LINES.get(response.status) or b"HTTP/1.1 %d Unknown\r\n" % response.status,
+             b"Date: ", date, b"\r\n", FIXED_HEADERS]
+    if response.content_type:
+        parts += [b"Content-Type: ", response.content_type.encode("latin-1"), b"\r\n"]
+    if response.stream is not None:
+        if not http10:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif response.status >= 200 and response.status != 204:
+        parts += [b"Content-Length: ", str(len(response.body)).encode(), b"\r\n"]
+    for name, value in response.headers:
+        parts += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
+    if response.status != 101:
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif http10:
+            parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    if not head_only and response.status != 204:
+        parts.append(response.body)
+    return b"".join(parts)
+
+
+# ==============================================================================================
+# 8. WebSocket codec (RFC 6455)
+#    check_handshake validates an upgrade request; WsProtocol is fed bytes and returns events,
+#    queueing the bytes it must answer (pong, close echo) in .outgoing; a violation raises
+#    WebSocketError carrying its close code. No sockets, no asyncio.
+# ==============================================================================================
+
+VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011})
+
+
+def ws_accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
+
+
+def check_handshake(request: Request) -> str:
+    """Validate an opening handshake (RFC 6455 §4.2.1); return the accept value."""
+    if request.method != "GET" or request.version != "HTTP/1.1":
+        raise bad_request("a WebSocket handshake must be an HTTP/1.1 GET")
+    if "websocket" not in request.tokens("upgrade") or "upgrade" not in request.tokens("connection"):
+        raise bad_request("expected 'Upgrade: websocket' and 'Connection: Upgrade'")
+    if request.header_values("sec-websocket-version") != ["13"]:
+        raise ApiError(426, "UPGRADE_REQUIRED", "unsupported Sec-WebSocket-Version; use 13",
+                       headers=(("Sec-WebSocket-Version", "13"),))
+    keys = request.header_values("sec-websocket-key")
+    try:
+        decoded = base64.b64decode(keys[0], validate=True) if len(keys) == 1 else b""
+    except ValueError:
+        decoded = b""
+    if len(decoded) != 16:
+        raise bad_request("Sec-WebSocket-Key must be base64 of 16 bytes")
+    if request.body or request.chunked:
+        raise bad_request("a WebSocket handshake has no body")
+    return ws_accept_key(keys[0])
+
+
+def handshake_response(accept: str) -> bytes:
+    return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Accept: %s\r\n\r\n" % accept).encode("ascii")
+
+
+def apply_mask(data: bytes, mask: bytes) -> bytes:
+    """XOR with the 4-byte mask (RFC 6455 §5.3), as one big-integer operation for speed."""
+    length = len(data)
+    if not length:
+        return b""
+    key = (mask * (length // 4 + 1))[:length]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
+
+
+def encode_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: Optional[bytes] = None) -> bytes:
+    """One frame; servers send unmasked frames, clients (our tests) pass a mask."""
+    first = (0x80 if fin else 0) | opcode
+    mask_bit = 0x80 if mask is not None else 0
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", first, mask_bit | length)
+    elif length < 1 << 16:
+        head = struct.pack("!BBH", first, mask_bit | 126, length)
+    else:
+        head = struct.pack("!BBQ", first, mask_bit | 127, length)
+    if mask is not None:
+        return head + mask + apply_mask(payload, mask)
+    return head + payload
+
+
+def encode_close(code: int, reason: str = "") -> bytes:
+    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123])
+
+
+class WsEvent(NamedTuple):
+    kind: str           # "text", "binary", "ping", "pong", "close"
+    data: Any           # str, bytes, or (code, reason) for "close"
+
+
+class WsProtocol:
+    """Server side of a WebSocket connection, without I/O."""
+
+    def __init__(self, max_message: int = MAX_WS_MESSAGE):
+        self.max_message = max_message
+        self.buffer = bytearray()
+        self.outgoing: List[bytes] = []
+        self.close_sent = False
+        self.close_received = False
+        self._opcode: Optional[int] = None      # opcode of the fragmented message in progress
+        self._parts: List[Any] = []
+        self._size = 0
+        self._decoder = None
+
+    def receive_data(self, data: bytes) -> List[WsEvent]:
+        """Parse frames from data; raise WebSocketError on a violation."""
+        self.buffer += data
+        events = []
+        while not self.close_received:
+            frame = self._next_frame()
+            if frame is None:
+                break
+            event = self._handle_frame(*frame)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _next_frame(self) -> Optional[Tuple[bool, int, bytes]]:
+        buffer = self.buffer
+        if len(buffer) < 2:
+            return None
+        first, second = buffer[0], buffer[1]
+        fin, opcode, length = bool(first & 0x80), first & 0x0F, second & 0x7F
+        if first & 0x70:
+            raise WebSocketError("reserved bits set without a negotiated extension")
+        if opcode not in Opcode._value2member_map_:
+            raise WebSocketError("unknown opcode %d" % opcode)
+        if not second & 0x80:
+            raise WebSocketError("client frame is not masked")
+        if opcode >= 0x8:
+            if not fin:
+                raise WebSocketError("fragmented control frame")
+            if length > MAX_WS_CONTROL_PAYLOAD:
+                raise WebSocketError("control frame payload larger than 125 bytes")
+        offset = 2
+        if length == 126:
+            if len(buffer) < 4:
+                return None
+            length, offset = struct.unpack_from("!H", buffer, 2)[0], 4
+        elif length == 127:
+            if len(buffer) < 10:
+                return None
+            length, offset = struct.unpack_from("!Q", buffer, 2)[0], 10
+            if length >> 63:
+                raise WebSocketError("frame length has the most significant bit set")
+        if opcode < 0x8 and self._size + length > self.max_message:
+            # Decided from the header, before buffering the payload (RFC 6455 §10.4).
+            raise MessageTooBig("message larger than %d bytes" % self.max_message)
+        end = offset + 4 + length
+        if len(buffer) < end:
+            return None
+        payload = apply_mask(bytes(buffer[offset + 4:end]), bytes(buffer[offset:offset + 4]))
+        del buffer[:end]
+        return fin, opcode, payload
+
+    def _handle_frame(self, fin: bool, opcode: int, payload: bytes) -> Optional[WsEvent]:
+        if opcode == Opcode.PING:
+            if not self.close_sent:
+                self.outgoing.append(encode_frame(Opcode.PONG, payload))
+            return WsEvent("ping", payload)
+        if opcode == Opcode.PONG:
+            return WsEvent("pong", payload)
+        if opcode == Opcode.CLOSE:
+            return self._handle_close(payload)
+        if opcode == Opcode.CONTINUATION:
+            if self._opcode is None:
+                raise WebSocketError("continuation frame without a message to continue")
+        else:
+            if self._opcode is not None:
+                raise WebSocketError("new data frame inside a fragmented message")
+            self._opcode = opcode
+            self._decoder = codecs.getincrementaldecoder("utf-8")() if opcode == Opcode.TEXT else None
+        self._size += len(payload)
+        if self._decoder is not None:
+            try:   # checked per fragment so invalid UTF-8 fails fast (RFC 6455 §8.1)
+                self._parts.append(self._decoder.decode(payload, final=fin))
+            except UnicodeDecodeError:
+                raise InvalidUtf8("invalid UTF-8 in text message") from None
+        else:
+            self._parts.append(payload)
+        if not fin:
+            return None
+        kind = "text" if self._opcode == Opcode.TEXT else "binary"
+        message = ("" if kind == "text" else b"").join(self._parts)
+        self._opcode, self._parts, self._size, self._decoder = None, [], 0, None
+        return WsEvent(kind, message)
+
+    def _handle_close(self, payload: bytes) -> WsEvent:
+        if len(payload) == 1:
+            raise WebSocketError("close frame with a 1-byte payload")
+        code, reason = 1005, ""                 # 1005: no status code was present
+        if payload:
+            code = struct.unpack("!H", payload[:2])[0]
+            if code not in VALID_CLOSE_CODES and not 3000 <= code <= 4999:
+                raise WebSocketError("invalid close code %d" % code)
+            try:
+                reason = payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidUtf8("invalid UTF-8 in close reason") from None
+        self.close_received = True
+        if not self.close_sent:                 # echo the code (RFC 6455 §5.5.1)
+            self.close_sent = True
+            self.outgoing.append(encode_close(code) if code != 1005 else encode_frame(Opcode.CLOSE))
+        return WsEvent("close", (code, reason))
+
+    def close(self, code: int, reason: str = "") -> bytes:
+        """The close frame to send when we start the closing handshake (b"" if already sent)."""
+        if self.close_sent:
+            return b""
+        self.close_sent = True
+        return encode_close(code, reason)
+
+
+# ==============================================================================================
+# 9. API
+#    AccessPolicy decides Host, Origin, API key and CORS (pure). Api maps (method, path) to
+#    handlers that return Responses or raise ApiError; Api.handle is the one place where errors
+#    become responses. Knows the Supervisor, never sockets.
+# ==============================================================================================
+
+LOOPBACK_NAMES = ("localhost",)
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Content-Type, Authorization, X-API-Key"
+
+
+def split_host(value: str) -> str:
+    """The host part of a Host header or URL authority, lowercase, without brackets or port."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def is_loopback_host(host: str) -> bool:
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def key_digest(key: str) -> bytes:
+    # Comparing digests keeps compare_digest constant-time even when the lengths differ.
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class AccessPolicy:
+    """Who may talk to the API: API key, Host (DNS rebinding) and Origin (CORS, CSWSH)."""
+
+    def __init__(self, api_key: Optional[str], allow_hosts=(), cors_origins=()):
+        self.key_digest = key_digest(api_key) if api_key else None
+        self.allow_hosts = {host.lower() for host in allow_hosts}
+        self.cors_origins = {origin.rstrip("/").lower() for origin in cors_origins}
+
+    def check_host(self, request: Request) -> None:
+        """Without a key, only loopback Host names are served (stops DNS rebinding)."""
+        if self.key_digest is not None:
+            return
+        host = request.header("host")
+        if host is None:            # HTTP/1.0 without Host: not a browser
+            return
+        name = split_host(host)
+        if not (is_loopback_host(name) or name in self.allow_hosts):
+            raise ApiError(403, "FORBIDDEN_HOST", "Host %r is not allowed; without an API key only "
+                           "loopback names are served (see --allow-host)" % host[:100])
+
+    def origin_allowed(self, origin: str) -> bool:
+        if self.key_digest is not None:
+            return True
+        normalised = origin.rstrip("/").lower()
+        if normalised in self.cors_origins:
+            return True
+        parsed = urllib.parse.urlsplit(normalised)
+        return parsed.scheme in ("http", "https") and is_loopback_host(split_host(parsed.netloc))
+
+    def check_origin(self, request: Request) -> None:
+        origin = request.header("origin")
+        if origin is not None and not self.origin_allowed(origin):
+            raise ApiError(403, "FORBIDDEN_ORIGIN", "Origin %r is not allowed (see --cors-origin)"
+                           % origin[:100])
+
+    def check_key(self, request: Request, ticket_ok: bool = False) -> None:
+        if self.key_digest is None or ticket_ok:
+            return
+        supplied = request.header("x-api-key")
+        authorization = request.header("authorization")
+        if supplied is None and authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                supplied = token.strip()
+        if supplied is None or not hmac.compare_digest(key_digest(supplied), self.key_digest):
+            raise ApiError(401, "UNAUTHORIZED", "missing or invalid API key (send 'Authorization: "
+                           "Bearer KEY' or 'X-API-Key: KEY')",
+                           headers=(("WWW-Authenticate", 'Bearer realm="pmdaemon"'),))
+
+    def cors_headers(self, request: Request, preflight: bool = False) -> List[Tuple[str, str]]:
+        origin = request.header("origin")
+        if origin is None or not self.origin_allowed(origin):
+            return []
+        headers = [("Access-Control-Allow-Origin", "*" if self.key_digest else origin)]
+        if not self.key_digest:
+            headers.append(("Vary", "Origin"))
+        if preflight:
+            headers += [("Access-Control-Allow-Methods", CORS_METHODS),
+                        ("Access-Control-Allow-Headers", CORS_HEADERS),
+                        ("Access-Control-Max-Age", "600")]
+        return headers
+
+
+class TicketBook:
+    """Short-lived, single-use tickets that let a browser open /ws without the key in the URL."""
+
+    def __init__(self, ttl: float = WS_TICKET_TTL, clock: Callable[[], float] = time.monotonic):
+        self.ttl = ttl
+        self.clock = clock
+        self._tickets: Dict[str, float] = {}
+
+    def issue(self) -> str:
+        now = self.clock()
+        self._tickets = {t: expiry for t, expiry in self._tickets.items() if expiry > now}
+        if len(self._tickets) >= MAX_WS_TICKETS:
+            raise ApiError(503, "TOO_MANY_TICKETS", "too many unused WebSocket tickets; retry later")
+        ticket = secrets.token_urlsafe(24)
+        self._tickets[ticket] = now + self.ttl
+        return ticket
+
+    def redeem(self, ticket: str) -> bool:
+        expiry = self._tickets.pop(ticket, None)
+        return expiry is not None and expiry > self.clock()
+
+
+class Route(NamedTuple):
+    method: str
+    pattern: Any
+    handler: Callable
+
+
+def compile_route(template: str):
+    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + "$")
+
+
+def message(text: str, **extra: Any) -> dict:
+    body = {"success": True, "message": text}
+    body.update(extra)
+    return body
+
+
+def parse_json_body(request: Request, required: bool = True) -> Any:
+    if not request.body:
+        if required:
+            raise bad_request("request body required: a JSON object")
+        return None
+    try:
+        return json.loads(request.body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise bad_request("request body is not valid UTF-8") from None
+    except ValueError as exc:
+        raise bad_request("request body is not valid JSON: %s" % exc) from None
+
+
+def parse_query(query: str, allowed: Tuple[str, ...]) -> Dict[str, str]:
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query),
+                                       errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("malformed query string") from None
+    params: Dict[str, str] = {}
+    for key, value in pairs:
+        if key not in allowed:
+            raise bad_request("unknown query parameter %r (allowed: %s)" % (key[:40], ", ".join(allowed)))
+        if key in params:
+            raise bad_request("query parameter %r given twice" % key)
+        params[key] = value
+    return params
+
+
+class Api:
+    """The REST API of the spec, plus start/stop, ws-ticket; one instance per daemon."""
+
+    def __init__(self, supervisor: Supervisor, policy: AccessPolicy, tickets: Optional[TicketBook] = None):
+        self.supervisor = supervisor
+        self.policy = policy
+        self.tickets = tickets or TicketBook()
+        self.log_followers: Dict[str, set] = {}
+        self._list_cache: Tuple[int, bytes] = (-1, b"")
+        self._system_cache: Tuple[Any, bytes] = (None, b"")
+        self.routes = [Route(method, compile_route(template), handler) for method, template, handler in (
+            ("GET", "/api/processes", self.list_processes),
+            ("POST", "/api/processes", self.create_process),
+            ("GET", "/api/processes/{key}", self.get_process),
+            ("DELETE", "/api/processes/{key}", self.delete_process),
+            ("POST", "/api/processes/{key}/start", self.start_process),
+            ("POST", "/api/processes/{key}/stop", self.stop_process),
+            ("POST", "/api/processes/{key}/restart", self.restart_process),
+            ("GET", "/api/processes/{key}/health", self.get_health),
+            ("GET", "/api/system", self.get_system),
+            ("GET", "/api/logs/{key}", self.get_logs),
+            ("POST", "/api/ws-ticket", self.create_ticket),
+        )]
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        """Answer a request; every error, expected or not, becomes the spec's error body."""
+        try:
+            response = await self._dispatch(request)
+        except ApiError as error:
+            response = error_response(error)
+        except Exception:
+            log.exception("internal error on %s %s", request.method, request.path)
+            response = error_response(ApiError(500, "INTERNAL_ERROR", "internal server error"))
+        response.headers.extend(self.policy.cors_headers(request, preflight=request.method == "OPTIONS"))
+        return response
+
+    def find_route(self, method: str, path: str) -> Tuple[Optional[Route], Dict[str, str], List[str]]:
+        """The route for (method, path), its parameters, and every method the path allows."""
+        allowed, chosen, params = [], None, {}
+        for route in self.routes:
+            found = route.pattern.match(path)
+            if found:
+                allowed.append(route.method)
+                if route.method == method and chosen is None:
+                    chosen, params = route, found.groupdict()
+        if "GET" in allowed:
+            allowed.append("HEAD")
+        return chosen, params, allowed
+
+    async def _dispatch(self, request: Request) -> Response:
+        self.policy.check_host(request)
+        self.policy.check_origin(request)
+        method = "GET" if request.method == "HEAD" else request.method
+        route, params, allowed = self.find_route(method, request.path)
+        if request.method == "OPTIONS":
+            if request.path != "*" and not allowed:
+                raise self.not_found(request)
+            return Response(204, headers=[("Allow", ", ".join(allowed + ["OPTIONS"]) if allowed
+                                           else "GET, HEAD, POST, DELETE, OPTIONS")])
+        if request.path.startswith("/api/") or request.path == "/api":
+            self.policy.check_key(request)
+        if route is None:
+            if allowed:
+                raise ApiError(405, "METHOD_NOT_ALLOWED", "method %s is not allowed on %s"
+                               % (request.method, request.path),
+                               {"allowed_methods": allowed + ["OPTIONS"]},
+                               headers=(("Allow", ", ".join(allowed + ["OPTIONS"])),))
+            raise self.not_found(request)
+        if request.body:
+            content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "request body must be sent with "
+                               "'Content-Type: application/json', got %r" % (request.header("content-type") or "")[:80])
+        return await route.handler(request, **params)
+
+    def not_found(self, request: Request) -> ApiError:
+        return ApiError(404, "NOT_FOUND", "no such endpoint: %s" % request.path[:200])
+
+    def resolve_one(self, key: str) -> ManagedProcess:
+        return self.supervisor.resolve(key)[0]
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    async def list_processes(self, request: Request) -> Response:
+        version = self.supervisor.version
+        if self._list_cache[0] != version:
+            now = self.supervisor.clock()
+            entries = [mp.summary(now) for mp in self.supervisor.processes.values()]
+            self._list_cache = (version, json_bytes({"processes": entries, "total": len(entries)}))
+        return Response(200, self._list_cache[1])
+
+    async def get_process(self, request: Request, key: str) -> Response:
+        members = self.supervisor.resolve(key)
+        now = self.supervisor.clock()
+        if len(members) == 1:
+            return json_response(200, members[0].details(now))
+        return json_response(200, {"name": key, "instances": len(members),
+                                   "processes": [mp.details(now) for mp in members]})
+
+    async def create_process(self, request: Request) -> Response:
+        config = ProcessConfig.from_dict(parse_json_body(request))
+        members = await self.supervisor.add(config)
+        first = members[0]
+        brief = [{"id": mp.id, "name": mp.name, "status": mp.status.value, "pid": mp.pid,
+                  "port": mp.port} for mp in members]
+        failed = [mp for mp in members if mp.status == ProcessState.ERRORED]
+        text = ("Process %r started successfully" % config.name if not failed else
+                "Process %r created but failed to start: %s" % (config.name, failed[0].error))
+        body = message(text, process=brief[0])
+        if failed:
+            body["process"]["error"] = first.error
+        if len(members) > 1:
+            body["processes"] = brief
+        return json_response(201, body)
+
+    async def delete_process(self, request: Request, key: str) -> Response:
+        members = await self.supervisor.delete(key)
+        return json_response(200, message("Process %r stopped successfully" % display_name(key, members)))
+
+    async def stop_process(self, request: Request, key: str) -> Response:
+        members = self.supervisor.resolve(key)
+        stopped = [await self.supervisor.stop(mp) for mp in members]
+        name = display_name(key, members)
+        text = "Process %r stopped successfully" % name if any(stopped) else "Process %r was not running" % name
+        return json_response(200, message(text))
+
+    async def start_process(self, request: Request, key: str) -> Response:
+        members = self.supervisor.resolve(key)
+        started = [await self.supervisor.start(mp) for mp in members]
+        name = display_name(key, members)
+        if not any(started):
+            raise ApiError(409, "PROCESS_ALREADY_RUNNING", "Process %r is already running" % name)
+        failed = [mp for mp in members if mp.status == ProcessState.ERRORED]
+        if failed:
+            raise ApiError(500, "START_FAILED", "Process %r failed to start: %s" % (failed[0].name, failed[0].error))
+        return json_response(200, message("Process %r started successfully" % name))
+
+    async def restart_process(self, request: Request, key: str) -> Response:
+        body = parse_json_body(request, required=False) or {}
+        if not isinstance(body, dict):
+            raise bad_request("request body must be a JSON object, got %s" % _json_type(body))
+        for field in body:
+            if field not in ("port", "instances"):
+                raise invalid_field(field, "unknown field %r (restart accepts 'port' and 'instances')" % field[:80])
+        port = parse_port_value("port", body["port"]) if body.get("port") is not None else None
+        instances = (CONFIG_FIELDS["instances"](body["instances"])
+                     if body.get("instances") is not None else None)
+        members = await self.supervisor.restart_group(key, port, instances)
+        return json_response(200, message("Process %r restarted successfully" % display_name(key, members)))
+
+    async def get_health(self, request: Request, key: str) -> Response:
+        mp = self.resolve_one(key)
+        return json_response(200, {"process": mp.name, "health": {
+            "status": "none", "last_check": None, "check_type": None, "url": None,
+            "success_rate": None, "total_checks": 0, "successful_checks": 0,
+            "consecutive_failures": 0, "last_error": None}})
+
+    async def get_system(self, request: Request) -> Response:
+        system = self.supervisor.system
+        if self._system_cache[0] is not system:
+            self._system_cache = (system, json_bytes(system.to_api()))
+        return Response(200, self._system_cache[1])
+
+    async def get_logs(self, request: Request, key: str) -> Response:
+        params = parse_query(request.query, ("lines", "type", "follow"))
+        lines_text = params.get("lines", "20")
+        if not (lines_text.isdigit() and lines_text.isascii()) or int(lines_text) > MAX_LOG_REQUEST_LINES:
+            raise invalid_field("lines", "query parameter 'lines' must be an integer from 0 to %d, got %r"
+                                % (MAX_LOG_REQUEST_LINES, lines_text[:40]))
+        log_type = params.get("type", "all")
+        if log_type not in ("all",) + LOG_TYPES:
+            raise invalid_field("type", "query parameter 'type' must be all, stdout or stderr, got %r"
+                                % log_type[:40])
+        follow = params.get("follow", "false").lower()
+        if follow not in ("true", "false", "1", "0"):
+            raise invalid_field("follow", "query parameter 'follow' must be true or false, got %r" % follow[:40])
+        members = self.supervisor.resolve(key)
+        entries = self.read_logs(members, int(lines_text), log_type)
+        if follow in ("true", "1"):
+            return Response(200, content_type="application/x-ndjson",
+                            stream=self.follow_logs(members, entries, log_type))
+        name = display_name(key, members)
+        return json_response(200, {"logs": entries, "total_lines": len(entries), "process": name})
+
+    def read_logs(self, members: List[ManagedProcess], count: int, log_type: str) -> List[dict]:
+        merged = []
+        for mp in members:
+            for entry in self.supervisor._logs(mp).tail(count, log_type):
+                item = entry.to_api()
+                if len(members) > 1:
+                    item["process"] = mp.name
+                merged.append(item)
+        if len(members) > 1:
+            merged.sort(key=lambda item: item["timestamp"])
+        return merged[-count:] if count else []
+
+    async def create_ticket(self, request: Request) -> Response:
+        return json_response(201, {"success": True, "ticket": self.tickets.issue(),
+                                   "expires_in": int(self.tickets.ttl)})
+
+    # -- log following (GET /api/logs/{key}?follow=true) -----------------------------------------
+
+    async def follow_logs(self, members: List[ManagedProcess], backlog: List[dict], log_type: str):
+        queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
+        names = {mp.name for mp in members}
+        for name in names:
+            self.log_followers.setdefault(name, set()).add(queue)
+        try:
+            for item in backlog:
+                yield json_bytes(item) + b"\n"
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if log_type == "all" or item["type"] == log_type:
+                    yield json_bytes(item) + b"\n"
+        finally:
+            for name in names:
+                self.log_followers.get(name, set()).discard(queue)
+
+    def on_log(self, name: str, entry: LogEntry) -> None:
+        followers = self.log_followers.get(name)
+        if not followers:
+            return
+        item = entry.to_api()
+        for queue in list(followers):
+            if queue.full():          # a follower that cannot keep up is ended, not buffered forever
+                followers.discard(queue)
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+                queue.put_nowait(None)
+            else:
+                queue.put_nowait(item)
+
+    def end_follows(self, name: str) -> None:
+        """A deleted process ends the streams that follow it."""
+        for queue in self.log_followers.pop(name, set()):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+
+
+def display_name(key: str, members: List[ManagedProcess]) -> str:
+    """The name to show in messages: the process's name even when addressed by id."""
+    return members[0].name if len(members) == 1 else members[0].config.name
+
+
+# ==============================================================================================
+# 10. Server glue
+#     The only code that touches sockets. HttpConnection runs the keep-alive loop with absolute
+#     per-phase deadlines; WsSession runs one WebSocket; Broadcaster turns supervisor events into
+#     WebSocket messages encoded once for all clients. Daemon wires it all and handles signals.
+# ==============================================================================================
+
+class HttpDate:
+    """The Date header value, formatted once per second."""
+
+    def __init__(self):
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+        return self._value
+
+
+http_date = HttpDate()
+
+
+def ws_message(kind: str, data: Any) -> bytes:
+    """A server -> client message as one unfragmented text frame."""
+    return encode_frame(Opcode.TEXT, json_bytes({"type": kind, "data": data}))
+
+
+class WsSession:
+    """One WebSocket connection: read loop, keepalive pings, a bounded send buffer."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 protocol: WsProtocol, on_message: Callable[["WsSession", WsEvent], None],
+                 send_buffer: int = WS_SEND_BUFFER, ping_interval: float = WS_PING_INTERVAL,
+                 pong_timeout: float = WS_PONG_TIMEOUT, slow_grace: float = WS_SLOW_GRACE):
+        self.reader, self.writer, self.protocol = reader, writer, protocol
+        self.transport = writer.transport
+        self.on_message = on_message
+        self.send_buffer, self.slow_grace = send_buffer, slow_grace
+        self.ping_interval, self.pong_timeout = ping_interval, pong_timeout
+        self.behind_since: Optional[float] = None
+        self.dropped = 0
+        self.closed = False
+        self.log_subscriptions: set = set()       # process names, or "*" for all
+        self.type_filter: Optional[set] = None
+        self.process_filter: Optional[set] = None
+        self._awaiting_pong: Optional[bytes] = None
+        self._loop = asyncio.get_event_loop()
+
+    def wants(self, kind: str, process: Optional[str]) -> bool:
+        if self.type_filter is not None and kind not in self.type_filter:
+            return False
+        return process is None or self.process_filter is None or process in self.process_filter
+
+    def send(self, frame: bytes, droppable: bool = False) -> None:
+        """Queue a frame; a client that stops reading loses state updates, then the connection."""
+        if self.closed or self.protocol.close_sent:
+            return
+        pending = self.transport.get_write_buffer_size()
+        if pending > self.send_buffer:
+            now = self._loop.time()
+            if self.behind_since is None:
+                self.behind_since = now
+            if now - self.behind_since > self.slow_grace or pending > 2 * self.send_buffer:
+                self.fail(CloseCode.POLICY_VIOLATION, "client too slow to read updates", abort=True)
+                return
+            if droppable:
+                self.dropped += 1       # the next tick carries the latest state anyway
+                return
+        else:
+            self.behind_since = None
+        self.transport.write(frame)
+
+    def send_json(self, kind: str, data: Any) -> None:
+        self.send(ws_message(kind, data))
+
+    def fail(self, code: int, reason: str = "", abort: bool = False) -> None:
+        """Start the closing handshake (RFC 6455 §7.1.7); abort drops a client that cannot read."""
+        if self.closed:
+            return
+        frame = self.protocol.close(code, reason)
+        if abort:
+            self.closed = True
+            self.transport.abort()
+            return
+        if frame:
+            self.transport.write(frame)
+            self._loop.call_later(WS_CLOSE_TIMEOUT, self._force_close)
+
+    def _force_close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    async def run(self, leftover: bytes = b"") -> None:
+        pinger = asyncio.ensure_future(self._keepalive())
+        try:
+            data = leftover
+            while not self.closed:
+                if data:
+                    if not self._receive(data):
+                        break
+                data = await self.reader.read(READ_CHUNK)
+                if not data:
+                    break
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            pinger.cancel()
+            self.closed = True
+            self.writer.close()
+
+    def _receive(self, data: bytes) -> bool:
+        """Feed bytes to the codec and act on its events; False when the session is over."""
+        if self.protocol.close_received:
+            return False
+        try:
+            events = self.protocol.receive_data(data)
+        except WebSocketError as error:
+            self._flush()
+            self.fail(error.close_code, str(error))
+            self.protocol.buffer.clear()
+            return not self.protocol.close_received
+        self._flush()
+        for event in events:
+            if event.kind == "close":
+                return False            # the echo is flushed; the server closes TCP first
+            if event.kind == "pong":
+                if self._awaiting_pong is not None and event.data == self._awaiting_pong:
+                    self._awaiting_pong = None
+            elif event.kind in ("text", "binary") and not self.protocol.close_sent:
+                self.on_message(self, event)
+        return True
+
+    def _flush(self) -> None:
+        for frame in self.protocol.outgoing:
+            self.transport.write(frame)
+        self.protocol.outgoing.clear()
+
+    async def _keepalive(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(self.ping_interval)
+            if self._awaiting_pong is not None:
+                self.fail(CloseCode.POLICY_VIOLATION, "no pong within %g s" % self.pong_timeout)
+                return
+            self._awaiting_pong = secrets.token_bytes(4)
+            self.send(encode_frame(Opcode.PING, self._awaiting_pong))
+            await asyncio.sleep(self.pong_timeout)
+            if self._awaiting_pong is not None:
+                self.fail(CloseCode.POLICY_VIOLATION, "no pong within %g s" % self.pong_timeout)
+                return
+
+
+class Broadcaster:
+    """Supervisor events -> WebSocket messages, each encoded once and sent to every client."""
+
+    def __init__(self, supervisor: Supervisor, api: Api):
+        self.supervisor = supervisor
+        self.api = api
+        self.clients: set = set()
+        supervisor.listeners.append(self.on_event)
+
+    def broadcast(self, kind: str, data: Any, process: Optional[str] = None, droppable: bool = False) -> None:
+        if not self.clients:
+            return
+        frame = ws_message(kind, data)
+        for client in list(self.clients):
+            if client.wants(kind, process):
+                client.send(frame, droppable)
+
+    def on_event(self, kind: str, payload: Any) -> None:
+        if kind == "log":
+            name, entry = payload
+            self.api.on_log(name, entry)
+            self.send_log(name, entry)
+        elif kind == "process_update":
+            self.send_process(payload)
+        elif kind == "process_event":
+            self.broadcast("process_event", payload, payload["process"])
+            if payload["event"] == "deleted":
+                self.api.end_follows(payload["process"])
+        elif kind == "health_update":
+            self.broadcast("health_update", payload, payload["process"])
+        elif kind == "tick":
+            self.broadcast("system_update", payload.to_update(), droppable=True)
+            for mp in list(self.supervisor.processes.values()):
+                self.send_process(mp)
+
+    def send_process(self, mp: ManagedProcess) -> None:
+        if self.clients:
+            data = mp.update_data(self.supervisor.wall(), self.supervisor.clock())
+            self.broadcast("process_update", data, mp.name, droppable=True)
+
+    def send_log(self, name: str, entry: LogEntry) -> None:
+        frame = None
+        for client in list(self.clients):
+            if client.log_subscriptions and (name in client.log_subscriptions or "*" in client.log_subscriptions):
+                if client.wants("log", name) and (client.type_filter is None or "log" in client.type_filter):
+                    if frame is None:
+                        data = {"process": name, "type": entry.type, "message": entry.message,
+                                "timestamp": entry.timestamp}
+                        frame = ws_message("log", data)
+                    client.send(frame)
+
+    def send_initial_state(self, client: WsSession) -> None:
+        """A new client gets the current state at once rather than at the next tick."""
+        now, wall = self.supervisor.clock(), self.supervisor.wall()
+        for mp in list(self.supervisor.processes.values()):
+            if client.wants("process_update", mp.name):
+                client.send(ws_message("process_update", mp.update_data(wall, now)))
+        if client.wants("system_update", None):
+            client.send(ws_message("system_update", self.supervisor.system.to_update()))
+
+    def on_client_message(self, client: WsSession, event: WsEvent) -> None:
+        """Client commands: subscribe/unsubscribe to logs, filter updates."""
+        try:
+            command = json.loads(event.data) if event.kind == "text" else None
+            reply = self.run_command(client, command)
+        except ValueError as exc:
+            reply = ("error", {"message": "invalid JSON: %s" % exc})
+        except ApiError as error:
+            reply = ("error", {"code": error.code, "message": error.message})
+        client.send_json(*reply)
+
+    def run_command(self, client: WsSession, command: Any) -> Tuple[str, dict]:
+        if not isinstance(command, dict) or not isinstance(command.get("type"), str):
+            raise ApiError(400, "INVALID_COMMAND", "a command is a JSON object with a string 'type'")
+        kind = command["type"]
+        if kind in ("subscribe", "unsubscribe"):
+            if command.get("channel") != "logs":
+                raise ApiError(400, "INVALID_COMMAND", "unknown channel %r; the channel is 'logs'"
+                               % str(command.get("channel"))[:40])
+            name = command.get("process", "*")
+            if not isinstance(name, str):
+                raise ApiError(400, "INVALID_COMMAND", "'process' must be a process name or '*'")
+            if name != "*":
+                name = self.supervisor.resolve(name)[0].name if len(self.supervisor.resolve(name)) == 1 else name
+            if kind == "subscribe":
+                if len(client.log_subscriptions) >= MAX_WS_SUBSCRIPTIONS:
+                    raise ApiError(400, "TOO_MANY_SUBSCRIPTIONS", "at most %d log subscriptions" % MAX_WS_SUBSCRIPTIONS)
+                members = [name] if name == "*" else [mp.name for mp in self.supervisor.resolve(name)]
+                client.log_subscriptions.update(members)
+            else:
+                members = [name] if name == "*" else [n for n in list(client.log_subscriptions)
+                                                      if n == name or n.rsplit("-", 1)[0] == name]
+                client.log_subscriptions.difference_update(members)
+            return kind + "d", {"channel": "logs", "process": command.get("process", "*")}
+        if kind == "filter":
+            client.type_filter = self._string_set(command, "types")
+            client.process_filter = self._string_set(command, "processes")
+            return "filtered", {"types": sorted(client.type_filter) if client.type_filter is not None else None,
+                                "processes": sorted(client.process_filter) if client.process_filter is not None else None}
+        if kind == "ping":
+            return "pong", {"timestamp": iso_time(self.supervisor.wall())}
+        raise ApiError(400, "INVALID_COMMAND", "unknown command type %r (subscribe, unsubscribe, "
+                       "filter, ping)" % kind[:40])
+
+    @staticmethod
+    def _string_set(command: dict, field: str) -> Optional[set]:
+        value = command.get(field)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(value) > 1024:
+            raise ApiError(400, "INVALID_COMMAND", "%r must be an array of strings or null" % field)
+        return set(value)
+
+
+class HttpServer:
+    """Accepts connections and runs each one: HTTP keep-alive loop or a WebSocket session."""
+
+    def __init__(self, api: Api, broadcaster: Optional[Broadcaster], config: DaemonConfig):
+        self.api = api
+        self.broadcaster = broadcaster
+        self.config = config
+        self.connections: set = set()
+        self.closing = False
+        self.server = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.serve, self.config.host, self.config.port,
+                                                 backlog=1024, reuse_address=True)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        for session in list(self.broadcaster.clients if self.broadcaster else ()):
+            session.fail(CloseCode.GOING_AWAY, "daemon shutting down")
+        for writer in list(self.connections):
+            writer.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.connections) >= self.config.max_connections or self.closing:
+            writer.write(serialize_response(error_response(ApiError(
+                503, "SERVICE_UNAVAILABLE", "too many connections")), http_date(), False))
+            writer.close()
+            return
+        self.connections.add(writer)
+        try:
+            await self._http_loop(reader, writer)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.TimeoutError:
+            writer.transport.abort()
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            self.connections.discard(writer)
+            writer.close()
+
+    async def _http_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_event_loop()
+        transport = writer.transport
+        parser = RequestParser()
+        phase, deadline = "idle", loop.time() + HEADER_TIMEOUT
+        while True:
+            try:
+                request = parser.next_request()
+            except ApiError as error:
+                await self._answer_and_close(reader, writer, error_response(error))
+                return
+            if request is None:
+                now_phase = "body" if parser.in_body else ("head" if parser.has_partial else "idle")
+                if now_phase != phase:
+                    phase = now_phase
+                    deadline = loop.time() + (BODY_TIMEOUT if phase == "body" else HEADER_TIMEOUT)
+                data = await self._read(reader, transport, deadline - loop.time(), parser)
+                if not data:
+                    return
+                parser.feed(data)
+                continue
+            if request.path == "/ws" and "upgrade" in request.tokens("connection"):
+                await self._websocket(request, parser, reader, writer)
+                return
+            response = await self.api.handle(request)
+            keep_alive = request.keep_alive and not response.close and not self.closing
+            if response.stream is not None:
+                await self._stream(request, response, reader, writer)
+                return
+            writer.write(serialize_response(response, http_date(), keep_alive,
+                                            request.version == "HTTP/1.0", request.method == "HEAD"))
+            if transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            if not keep_alive:
+                if response.close:
+                    await self._answer_and_close(reader, writer, None)
+                return
+            phase, deadline = "idle", loop.time() + KEEPALIVE_TIMEOUT
+
+    async def _read(self, reader, transport, timeout: float, parser: RequestParser) -> bytes:
+        """One read, bounded by the phase deadline; on expiry a partial request gets 408."""
+        def expire() -> None:
+            if parser.has_partial:
+                transport.write(serialize_response(error_response(ApiError(
+                    408, "REQUEST_TIMEOUT", "request not received in time")), http_date(), False))
+            transport.close()
+        handle = asyncio.get_event_loop().call_later(max(0.0, timeout), expire)
+        try:
+            return await reader.read(READ_CHUNK)
+        finally:
+            handle.cancel()
+
+    async def _answer_and_close(self, reader, writer, response: Optional[Response]) -> None:
+        """Answer, half-close, and drain what the client still sends so it can read our answer."""
+        if response is not None:
+            writer.write(serialize_response(response, http_date(), False))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.drain(), 5)
+            if writer.can_write_eof():
+                writer.write_eof()
+            deadline = asyncio.get_event_loop().time() + 2
+            discarded = 0
+            while discarded < MAX_BODY_BYTES * 2:
+                chunk = await asyncio.wait_for(reader.read(READ_CHUNK),
+                                               deadline - asyncio.get_event_loop().time())
+                if not chunk:
+                    break
+                discarded += len(chunk)
+
+    async def _stream(self, request: Request, response: Response, reader, writer) -> None:
+        """Chunked transfer (raw for HTTP/1.0) of an async iterator until it ends or the client leaves."""
+        http10 = request.version == "HTTP/1.0"
+        writer.write(serialize_response(response, http_date(), False, http10))
+        client_gone = asyncio.ensure_future(reader.read(1))
+        chunks = response.stream.__aiter__()
+        try:
+            while True:
+                next_chunk = asyncio.ensure_future(chunks.__anext__())
+                done, _ = await asyncio.wait({next_chunk, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+                if next_chunk not in done:
+                    next_chunk.cancel()
+                    return
+                try:
+                    chunk = next_chunk.result()
+                except StopAsyncIteration:
+                    break
+                writer.write(chunk if http10 else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            if not http10:
+                writer.write(b"0\r\n\r\n")
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        finally:
+            client_gone.cancel()
+            with contextlib.suppress(Exception):
+                await chunks.aclose()
+
+    async def _websocket(self, request: Request, parser: RequestParser, reader, writer) -> None:
+        broadcaster = self.broadcaster
+        try:
+            accept = check_handshake(request)
+            policy = self.api.policy
+            policy.check_host(request)
+            policy.check_origin(request)
+            ticket = parse_query(request.query, ("ticket",)).get("ticket")
+            policy.check_key(request, ticket_ok=ticket is not None and self.api.tickets.redeem(ticket))
+            if broadcaster is None or len(broadcaster.clients) >= self.config.max_ws_clients:
+                raise ApiError(503, "SERVICE_UNAVAILABLE", "too many WebSocket clients")
+        except ApiError as error:
+            response = error_response(error)
+            response.headers.extend(self.api.policy.cors_headers(request))
+            await self._answer_and_close(reader, writer, response)
+            return
+        writer.write(handshake_response(accept))
+        session = WsSession(reader, writer, WsProtocol(), broadcaster.on_client_message)
+        broadcaster.clients.add(session)
+        try:
+            broadcaster.send_initial_state(session)
+            await session.run(bytes(parser.buffer))
+        finally:
+            broadcaster.clients.discard(session)
+
+
+class Daemon:
+    """pmdaemon web: lock the home, restore state, serve, and shut down cleanly on a signal."""
+
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.lock_handle = None
+
+    def acquire_lock(self) -> None:
+        """One daemon per home; the second names the first one's pid and exits."""
+        os.makedirs(self.config.home, mode=0o700, exist_ok=True)
+        path = os.path.join(self.config.home, "pmdaemon.lock")
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            other = handle.read().strip() or "unknown"
+            handle.close()
+            raise SystemExit("pmdaemon: another daemon (pid %s) is already running with home %s"
+                             % (other, self.config.home))
+        handle.seek(0)
+        handle.truncate()
+        handle.write("%d\n" % os.getpid())
+        handle.flush()
+        self.lock_handle = handle
+
+    async def run(self, ready: Optional[Callable[[int], None]] = None) -> int:
+        loop = asyncio.get_event_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        supervisor = Supervisor(self.config.home)
+        api = Api(supervisor, AccessPolicy(self.config.api_key, self.config.allow_hosts,
+                                           self.config.cors_origins))
+        broadcaster = Broadcaster(supervisor, api)
+        server = HttpServer(api, broadcaster, self.config)
+        await supervisor.restore()
+        supervisor.sample()
+        port = await server.start()
+        sampler = asyncio.ensure_future(supervisor.run_sampler(self.config.sample_interval))
+        print("pmdaemon %s listening on http://%s:%d (home %s)" % (
+            __version__, self.config.host if ":" not in self.config.host else "[%s]" % self.config.host,
+            port, self.config.home), flush=True)
+        if ready:
+            ready(port)
+        await stop.wait()
+        log.info("shutting down: stopping children and saving state")
+        await server.close()
+        sampler.cancel()
+        await supervisor.shutdown()
+        return 0
+
+
+# ==============================================================================================
+# 11. CLI
+#     `web` runs the daemon; the other commands are a thin client of a running daemon's REST API
+#     (urllib, same key rules). main(argv) returns the exit status.
+# ==============================================================================================
+
+def is_loopback_bind(host: str) -> bool:
+    return is_loopback_host(host.strip("[]").lower())
+
+
+def raise_file_limit(wanted: int) -> None:
+    """Allow enough descriptors for the connection cap (soft limit up to the hard limit)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def setup_logging(home: str, level: str) -> None:
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    with contextlib.suppress(OSError):
+        handlers.append(logging.FileHandler(os.path.join(home, "pmdaemon.log")))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    log.setLevel(level.upper())
+
+
+def resolve_api_key(args: argparse.Namespace) -> Optional[str]:
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def command_web(args: argparse.Namespace) -> int:
+    try:
+        api_key = resolve_api_key(args)
+    except OSError as exc:
+        print("pmdaemon: cannot read --api-key-file: %s" % exc, file=sys.stderr)
+        return 2
+    if not api_key and not is_loopback_bind(args.host):
+        print("pmdaemon: refusing to listen on %s without an API key: anyone who can reach it "
+              "could run programs as this user. Set --api-key, --api-key-file or %s, or use "
+              "--host 127.0.0.1." % (args.host, API_KEY_ENV), file=sys.stderr)
+        return 2
+    home = os.path.abspath(os.path.expanduser(args.home or os.environ.get(HOME_ENV) or DEFAULT_HOME))
+    config = DaemonConfig(host=args.host, port=args.port, api_key=api_key, home=home,
+                          allow_hosts=tuple(args.allow_host), cors_origins=tuple(args.cors_origin),
+                          sample_interval=args.sample_interval, max_connections=args.max_connections,
+                          max_ws_clients=args.max_ws_clients)
+    daemon = Daemon(config)
+    try:
+        daemon.acquire_lock()
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    setup_logging(home, args.log_level)
+    raise_file_limit(config.max_connections + 1024)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(daemon.run())
+    except OSError as exc:
+        print("pmdaemon: cannot listen on %s:%d: %s" % (args.host, args.port, exc.strerror or exc),
+              file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+
+
+# -- client commands -------------------------------------------------------------------------
+
+def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
+    import urllib.request
+    import urllib.error
+    data = json_bytes(body) if body is not None else None
+    request = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    key = os.environ.get(API_KEY_ENV)
+    if key:
+        request.add_header("Authorization", "Bearer " + key)
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as reply:
+            return reply.status, json.loads(reply.read() or b"null")
+    except urllib.error.HTTPError as error:
+        try:
+            return error.code, json.loads(error.read() or b"null")
+        except ValueError:
+            return error.code, None
+
+
+def print_table(processes: List[dict]) -> None:
+    columns = ("id", "name", "status", "pid", "port", "cpu", "memory", "uptime", "restarts")
+    rows = [[str(p["id"]), p["name"], p["status"], str(p["pid"] or "-"), str(p["port"] or "-"),
+             "%.1f%%" % p["cpu"], "%.1fM" % (p["memory"] / 1048576), "%ds" % (p["uptime"] // 1000),
+             str(p["restarts"])] for p in processes]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    for row in [list(columns)] + rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def command_client(args: argparse.Namespace) -> int:
+    quoted = urllib.parse.quote(getattr(args, "target", "") or "", safe="")
+    if args.command == "list":
+        status, body = api_call(args, "GET", "/api/processes")
+        if status == 200 and not args.json:
+            print_table(body["processes"])
+            return 0
+    elif args.command == "start":
+        config = {"name": args.name, "script": args.script, "args": args.args}
+        for option in ("cwd", "port", "instances"):
+            if getattr(args, option) is not None:
+                config[option] = getattr(args, option)
+        if args.env:
+            config["env"] = dict(item.split("=", 1) for item in args.env)
+        status, body = api_call(args, "POST", "/api/processes", config)
+    elif args.command in ("stop", "restart"):
+        status, body = api_call(args, "POST", "/api/processes/%s/%s" % (quoted, args.command))
+    elif args.command == "delete":
+        status, body = api_call(args, "DELETE", "/api/processes/" + quoted)
+    elif args.command == "info":
+        status, body = api_call(args, "GET", "/api/processes/" + quoted)
+    elif args.command == "logs":
+        status, body = api_call(args, "GET", "/api/logs/%s?lines=%d" % (quoted, args.lines))
+        if status == 200 and not args.json:
+            for entry in body["logs"]:
+                print("%s %s %s" % (entry["timestamp"], entry["type"], entry["message"]))
+            return 0
+    else:
+        status, body = api_call(args, "GET", "/api/system")
+    print(json.dumps(body, indent=2))
+    return 0 if status < 400 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pmdaemon.py", description="Process manager with a REST + WebSocket API "
+        "(PMDaemon Web API), standard library only.")
+    parser.add_argument("--version", action="version", version="pmdaemon.py " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    web = commands.add_parser("web", help="run the daemon and its web API",
+                              description="Run the daemon: supervise processes, serve REST and WebSocket.")
+    web.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind (default %(default)s; 0 = any free port)")
+    web.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s); "
+                     "a non-loopback address requires an API key")
+    web.add_argument("--api-key", help="API key required on every /api request and /ws handshake "
+                     "(default: $%s); prefer the variable or --api-key-file, since arguments are "
+                     "visible to other users in ps" % API_KEY_ENV)
+    web.add_argument("--api-key-file", help="read the API key from this file")
+    web.add_argument("--home", help="state and logs directory (default $%s or %s)" % (HOME_ENV, DEFAULT_HOME))
+    web.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="also accept this Host name without an API key (repeatable)")
+    web.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                     help="also allow this browser Origin, e.g. https://dash.example (repeatable)")
+    web.add_argument("--sample-interval", type=float, default=SAMPLE_INTERVAL,
+                     help="seconds between metric samples and WebSocket updates (default %(default)s)")
+    web.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                     help="open connections at once (default %(default)s)")
+    web.add_argument("--max-ws-clients", type=int, default=MAX_WS_CLIENTS,
+                     help="WebSocket clients at once (default %(default)s)")
+    web.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    client_help = {"list": "list processes", "info": "show one process", "stop": "stop a process",
+                   "restart": "restart a process", "delete": "stop and remove a process",
+                   "logs": "print a process's last log lines", "system": "show system metrics",
+                   "start": "start a new process"}
+    for name, text in client_help.items():
+        sub = commands.add_parser(name, help=text + " (talks to a running daemon)", description=text)
+        sub.add_argument("--url", default="http://127.0.0.1:%d" % DEFAULT_PORT,
+                         help="daemon URL (default %(default)s); key from $" + API_KEY_ENV)
+        sub.add_argument("--timeout", type=float, default=30.0)
+        sub.add_argument("--json", action="store_true", help="print the raw JSON")
+        if name in ("info", "stop", "restart", "delete", "logs"):
+            sub.add_argument("target", metavar="NAME_OR_ID")
+        if name == "logs":
+            sub.add_argument("--lines", type=int, default=20)
+        if name == "start":
+            sub.add_argument("name")
+            sub.add_argument("script")
+            sub.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+            sub.add_argument("--cwd")
+            sub.add_argument("--port")
+            sub.add_argument("--instances", type=int)
+            sub.add_argument("--env", action="append", metavar="KEY=VALUE")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "web":
+        return command_web(args)
+    try:
+        return command_client(args)
+    except OSError as exc:
+        print("pmdaemon: cannot reach the daemon at %s: %s" % (args.url, exc), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,658 @@
+"""Tests of pmdaemon.py: unittest only, real sockets on 127.0.0.1, real child processes, real files.
+
+Run:  python3 -m unittest -v test_pmdaemon
+Also: python3 test_pmdaemon.py ws-echo PORT   (an echo WebSocket server built from pmdaemon's
+      own codec and session code, for Autobahn|Testsuite's echo cases)
+
+The TestCase classes follow the sections of pmdaemon.py: configuration, metrics, logs, restart
+policy, HTTP codec, WebSocket codec, then end-to-end tests against a daemon run as a subprocess.
+"""
+
+import base64
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import pmdaemon
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PMDAEMON = os.path.join(HERE, "pmdaemon.py")
+PY = sys.executable
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
+    """Poll predicate until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, message))
+        time.sleep(interval)
+
+
+def pid_alive(pid):
+    """True if pid exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Daemon:
+    """A real `pmdaemon.py web` subprocess on an ephemeral port with its own home."""
+
+    def __init__(self, home=None, args=(), env=None):
+        self.home = home or tempfile.mkdtemp(prefix="pmd-test-")
+        self.owns_home = home is None
+        environ = dict(os.environ)
+        environ.pop("PMDAEMON_API_KEY", None)
+        environ.update(env or {})
+        environ["PMDAEMON_HOME"] = self.home
+        self.proc = subprocess.Popen([PY, PMDAEMON, "web", "--port", "0", "--sample-interval", "0.2"]
+                                     + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=environ, cwd=HERE)
+        line = self.proc.stdout.readline().decode()
+        if "listening on" not in line:
+            self.proc.kill()
+            raise AssertionError("daemon did not start: %r %r" % (line, self.proc.stderr.read()))
+        self.port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        self.headers = {}
+
+    def request(self, method, path, body=None, headers=None, raw_body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        all_headers = dict(self.headers)
+        all_headers.update(headers or {})
+        data = raw_body
+        if body is not None:
+            data = json.dumps(body).encode()
+            all_headers.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=all_headers)
+        response = conn.getresponse()
+        payload = response.read()
+        conn.close()
+        parsed = json.loads(payload) if payload and "json" in (response.getheader("Content-Type") or "") else payload
+        return response.status, response, parsed
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path, body=None, **kwargs):
+        return self.request("POST", path, body=body, **kwargs)
+
+    def start(self, name, script, args=(), **config):
+        body = {"name": name, "script": script, "args": list(args)}
+        body.update(config)
+        status, _, data = self.post("/api/processes", body)
+        if status != 201:
+            raise AssertionError("start %s failed: %s %s" % (name, status, data))
+        return data
+
+    def process(self, key):
+        status, _, data = self.get("/api/processes/%s" % key)
+        return data if status == 200 else None
+
+    def wait_status(self, key, wanted, timeout=10):
+        return wait_until(lambda: (self.process(key) or {}).get("status") == wanted and self.process(key),
+                          timeout, message="%s to be %s" % (key, wanted))
+
+    def raw(self, data, read_timeout=5.0):
+        """Send raw bytes, return everything received until the server closes or goes quiet."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=read_timeout) as sock:
+            sock.sendall(data)
+            return recv_all(sock, read_timeout)
+
+    def terminate(self, timeout=15):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return self.proc.returncode
+
+    def cleanup(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if not stream.closed:
+                stream.close()
+        if self.owns_home:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+
+def recv_all(sock, timeout=5.0):
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            break
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def status_of(raw_response):
+    return int(raw_response.split(b" ", 2)[1]) if raw_response else None
+
+
+def json_of(raw_response):
+    return json.loads(raw_response.split(b"\r\n\r\n", 1)[1])
+
+
+class DaemonTestCase(unittest.TestCase):
+    """One daemon shared by the tests of a class; each test uses its own process names."""
+    daemon_args = ()
+    daemon_env = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.daemon = Daemon(args=cls.daemon_args, env=cls.daemon_env)
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            cls.daemon.terminate()
+        finally:
+            cls.daemon.cleanup()
+
+    def assertError(self, result, status, code, message=None):
+        got_status, response, body = result
+        self.assertEqual(got_status, status, body)
+        self.assertIs(body["success"], False)
+        self.assertEqual(body["error"]["code"], code, body)
+        if message is not None:
+            self.assertEqual(body["error"]["message"], message)
+        self.assertEqual(response.getheader("Content-Type"), "application/json")
+        return body
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Configuration
+# ----------------------------------------------------------------------------------------------
+
+class TestProcessConfig(unittest.TestCase):
+    def parse(self, **fields):
+        body = {"name": "app", "script": "sleep"}
+        body.update(fields)
+        return pmdaemon.ProcessConfig.from_dict(body)
+
+    def assertFieldError(self, field, message, **fields):
+        with self.assertRaises(pmdaemon.ApiError) as caught:
+            self.parse(**fields)
+        self.assertEqual(caught.exception.status, 400)
+        self.assertEqual(caught.exception.details, {"field": field})
+        self.assertEqual(caught.exception.message, message)
+
+    def test_defaults_and_normalisation(self):
+        config = self.parse(port="3001", args=["1"], env={"A": "b"})
+        self.assertEqual(config.port, "3001")
+        self.assertEqual(config.cwd, os.getcwd())
+        self.assertEqual(config.kill_timeout, 1600)
+        self.assertEqual(config.max_restarts, 16)
+        self.assertEqual(config.to_dict()["env"], {"A": "b"})
+
+    def test_port_forms(self):
+        for given, expected in ((3000, "3000"), ("3000", "3000"), ("3000-3003", "3000-3003"),
+                                ("auto", "auto"), ("auto:4000-4100", "auto:4000-4100"), (None, None)):
+            self.assertEqual(self.parse(port=given).port, expected, given)
+        self.assertFieldError("port", "field 'port' must be a port (1-65535), a range like "
+                              "\"3000-3003\", \"auto\" or \"auto:3000-3100\", got '70000'", port="70000")
+        self.assertFieldError("port", "field 'port' must be a port number or string, got boolean", port=True)
+
+    def test_sizes(self):
+        self.assertEqual(self.parse(max_memory_restart="150M").max_memory_restart, 150 * 1024 ** 2)
+        self.assertEqual(self.parse(max_memory_restart="1G").max_memory_restart, 1024 ** 3)
+        self.assertEqual(self.parse(max_memory_restart=4096).max_memory_restart, 4096)
+        self.assertFieldError("max_memory_restart", "field 'max_memory_restart' must be a size in "
+                              "bytes or like \"150M\", got string \"lots\"", max_memory_restart="lots")
+
+    def test_bad_fields_are_named(self):
+        self.assertFieldError("colour", "unknown field 'colour'", colour="red")
+        self.assertFieldError("name", "field 'name' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}, got "
+                              "'../x'", name="../x")
+        self.assertFieldError("args", "field 'args' must be a string, got number 1", args=[1])
+        self.assertFieldError("args", "field 'args' must be an array of at most 1024 strings, got "
+                              "string \"x\"", args="x")
+        self.assertFieldError("env", "field 'env' value of 'A' must be a string, got number 1", env={"A": 1})
+        self.assertFieldError("instances", "field 'instances' must be between 1 and 64, got 0", instances=0)
+        self.assertFieldError("instances", "field 'instances' must be an integer, got boolean", instances=True)
+        self.assertFieldError("cwd", "field 'cwd' is not an existing directory: '/nonexistent-dir'",
+                              cwd="/nonexistent-dir")
+        self.assertFieldError("kill_signal", "field 'kill_signal' must be one of SIGTERM, SIGINT, "
+                              "SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGKILL, got 'SIGFOO'", kill_signal="SIGFOO")
+        with self.assertRaises(pmdaemon.ApiError) as caught:
+            pmdaemon.ProcessConfig.from_dict({"name": "x"})
+        self.assertEqual(caught.exception.message, "field 'script' is required")
+        with self.assertRaises(pmdaemon.ApiError) as caught:
+            pmdaemon.ProcessConfig.from_dict([1])
+        self.assertEqual(caught.exception.message, "request body must be a JSON object, got array")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Metrics
+# ----------------------------------------------------------------------------------------------
+
+class TestProcParsers(unittest.TestCase):
+    STAT = ("4242 (my (odd) prog) S 1 4242 4242 0 -1 4194304 100 0 0 0 250 50 0 0 20 0 1 0 "
+            "123456 10000000 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0")
+
+    def test_pid_stat_with_parentheses_in_name(self):
+        stat = pmdaemon.parse_pid_stat(self.STAT)
+        self.assertEqual((stat.pid, stat.state, stat.ppid, stat.pgid, stat.sid), (4242, "S", 1, 4242, 4242))
+        self.assertEqual(stat.cpu_ticks, 300)
+        self.assertEqual(stat.start_ticks, 123456)
+        self.assertEqual(stat.rss_bytes, 300 * pmdaemon.PAGE_SIZE)
+
+    def test_cpu_times_and_meminfo(self):
+        self.assertEqual(pmdaemon.parse_cpu_times("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n"),
+                         (150, 1000))
+        total, available = pmdaemon.parse_meminfo("MemTotal:  1000 kB\nMemFree: 10 kB\nMemAvailable: 600 kB\n")
+        self.assertEqual((total, available), (1024000, 614400))
+
+    def test_sampler_reads_injected_proc_root(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        clock = [100.0]
+
+        def write(name, text):
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            with open(os.path.join(root, name), "w") as handle:
+                handle.write(text)
+        write("stat", "cpu  100 0 0 900 0 0 0 0\n")
+        write("meminfo", "MemTotal: 1000 kB\nMemAvailable: 250 kB\n")
+        write("uptime", "1234.56 99.0\n")
+        write("4242/stat", self.STAT)
+        sampler = pmdaemon.Sampler(root, clock=lambda: clock[0], wall=lambda: 0.0)
+        first = sampler.system()
+        self.assertEqual(first.cpu_usage, 0.0)
+        write("stat", "cpu  150 0 0 950 0 0 0 0\n")           # 50 busy of 100
+        second = sampler.system()
+        self.assertEqual(second.to_api()["cpu"]["usage"], 50.0)
+        self.assertEqual(second.to_api()["memory"], {"total": 1024000, "used": 768000,
+                                                     "available": 256000, "usage_percent": 75.0})
+        self.assertEqual(second.to_api()["uptime"], 1234)
+        self.assertEqual(second.to_api()["timestamp"], "1970-01-01T00:00:00Z")
+        self.assertEqual(list(sampler.scan()), [4242])
+        self.assertEqual(sampler.tree_cpu("k", 300), 0.0)
+        clock[0] += 2.0
+        ticks = 300 + pmdaemon.CLOCK_TICKS                      # one CPU second in two seconds
+        self.assertEqual(sampler.tree_cpu("k", ticks), 50.0)
+
+    def test_descendants_follow_parent_links(self):
+        def stat(pid, ppid):
+            return pmdaemon.PidStat(pid, "S", ppid, pid, pid, 0, 0, 0)
+        table = {p.pid: p for p in (stat(10, 1), stat(11, 10), stat(12, 11), stat(13, 1))}
+        self.assertEqual(sorted(pmdaemon.descendants(table, 10)), [10, 11, 12])
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Logs
+# ----------------------------------------------------------------------------------------------
+
+class TestLogs(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+
+    def test_tail_lines_reads_backwards_across_blocks(self):
+        path = os.path.join(self.dir, "f.log")
+        with open(path, "wb") as handle:
+            handle.write(b"".join(b"line %d\n" % i for i in range(1000)))
+        for block in (3, 7, 64, 65536):
+            self.assertEqual(pmdaemon.tail_lines(path, 3, block), [b"line 997", b"line 998", b"line 999"])
+        self.assertEqual(len(pmdaemon.tail_lines(path, 5000, 10)), 1000)
+        self.assertEqual(pmdaemon.tail_lines(path, 0), [])
+        self.assertEqual(pmdaemon.tail_lines(os.path.join(self.dir, "missing"), 5), [])
+
+    def test_rotation_keeps_max_files_and_tail_crosses_it(self):
+        log_file = pmdaemon.LogFile(os.path.join(self.dir, "a.log"), max_size=100, max_files=3)
+        for i in range(40):
+            log_file.write(b"message number %02d\n" % i)        # 18 bytes each: 5 per file
+        log_file.close()
+        self.assertEqual(sorted(os.listdir(self.dir)), ["a.log", "a.log.1", "a.log.2"])
+        self.assertTrue(all(os.path.getsize(os.path.join(self.dir, f)) <= 100 for f in os.listdir(self.dir)))
+        tail = log_file.tail(12)
+        self.assertEqual(tail, [b"message number %02d" % i for i in range(28, 40)])
+        self.assertEqual(len(log_file.tail(1000)), 15)
+
+    def test_split_output_cuts_long_lines_and_keeps_partial(self):
+        lines, rest = pmdaemon.split_output(b"ab", b"c\r\nxyz\n0123456789tail", max_line=4)
+        self.assertEqual(lines, [b"abc", b"xyz", b"0123", b"4567", b"89ta"])
+        self.assertEqual(rest, b"il")
+        self.assertEqual(pmdaemon.decode_output(b"\xff\x00ok"), "\ufffd\ufffdok")
+
+    def test_process_logs_merge_types_in_time_order(self):
+        seen = []
+        wall = [1000.0]
+        logs = pmdaemon.ProcessLogs(self.dir, "web", 10 ** 6, 2, lambda n, e: seen.append((n, e)),
+                                    wall=lambda: wall[0])
+        logs.write("stdout", ["one"])
+        wall[0] += 1
+        logs.write("stderr", ["two"])
+        wall[0] += 1
+        logs.write("stdout", ["three", "four"])
+        entries = logs.tail(3)
+        self.assertEqual([(e.type, e.message) for e in entries],
+                         [("stderr", "two"), ("stdout", "three"), ("stdout", "four")])
+        self.assertEqual(entries[0].timestamp, "1970-01-01T00:16:41.000Z")
+        self.assertEqual([e.message for e in logs.tail(10, "stdout")], ["one", "three", "four"])
+        self.assertEqual(len(seen), 4)
+        logs.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Supervisor: restart policy as pure functions
+# ----------------------------------------------------------------------------------------------
+
+class TestRestartPolicy(unittest.TestCase):
+    def config(self, **fields):
+        base = {"name": "app", "script": "sleep"}
+        base.update(fields)
+        return pmdaemon.ProcessConfig.from_dict(base)
+
+    def test_restart_after_a_stable_run_resets_counters(self):
+        decision = pmdaemon.decide_after_exit(self.config(), 1, 5000, 7, 3)
+        self.assertEqual(decision, pmdaemon.ExitDecision("restart", 0, 0, 4, ""))
+
+    def test_unstable_exits_lead_to_errored_after_max_restarts(self):
+        config = self.config(max_restarts=3, min_uptime=1000)
+        unstable = 0
+        actions = []
+        for _ in range(4):
+            decision = pmdaemon.decide_after_exit(config, 1, 10, unstable, 0)
+            unstable = decision.unstable_restarts
+            actions.append(decision.action)
+        self.assertEqual(actions, ["restart", "restart", "restart", "errored"])
+        self.assertEqual(decision.reason, "exited 4 times in a row before min_uptime (1000 ms); "
+                                          "max_restarts is 3")
+
+    def test_stop_exit_codes_and_autorestart_off(self):
+        self.assertEqual(pmdaemon.decide_after_exit(self.config(stop_exit_codes=[0, 3]), 3, 10, 0, 0).action, "stop")
+        self.assertEqual(pmdaemon.decide_after_exit(self.config(stop_exit_codes=[3]), None, 10, 0, 0).action, "restart")
+        self.assertEqual(pmdaemon.decide_after_exit(self.config(autorestart=False), 1, 10, 0, 0).action, "stop")
+
+    def test_exponential_backoff_grows_caps_and_resets(self):
+        config = self.config(exp_backoff_restart_delay=100, max_restarts=100)
+        delays, backoff = [], 0
+        for _ in range(16):
+            decision = pmdaemon.decide_after_exit(config, 1, 10, 0, backoff)
+            backoff = decision.backoff_count
+            delays.append(decision.delay_ms)
+        self.assertEqual(delays[:4], [100, 150, 225, 337])
+        self.assertEqual(delays[-1], 15000)
+        self.assertEqual(pmdaemon.decide_after_exit(config, 1, 30_000, 0, backoff).delay_ms, 100)
+
+    def test_ports_for_instances(self):
+        self.assertEqual(pmdaemon.assign_ports("3000", 3, set()), [3000, 3001, 3002])
+        self.assertEqual(pmdaemon.assign_ports("3000-3003", 2, set()), [3000, 3001])
+        self.assertEqual(pmdaemon.assign_ports(None, 2, set()), [None, None])
+        with self.assertRaises(pmdaemon.ApiError) as caught:
+            pmdaemon.assign_ports("3000-3001", 3, set())
+        self.assertEqual(caught.exception.status, 400)
+        with self.assertRaises(pmdaemon.ApiError) as caught:
+            pmdaemon.assign_ports("3001", 1, {3001})
+        self.assertEqual(caught.exception.code, "PORT_CONFLICT")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. HTTP/1.1 codec
+# ----------------------------------------------------------------------------------------------
+
+def parse_all(data, byte_by_byte=False):
+    """Feed data whole or one byte at a time; return the complete requests."""
+    parser = pmdaemon.RequestParser()
+    requests = []
+    pieces = [data[i:i + 1] for i in range(len(data))] if byte_by_byte else [data]
+    for piece in pieces:
+        parser.feed(piece)
+        while True:
+            request = parser.next_request()
+            if request is None:
+                break
+            requests.append(request)
+    return requests, parser
+
+
+class TestHttpParser(unittest.TestCase):
+    def both(self, data):
+        whole, _ = parse_all(data)
+        split, _ = parse_all(data, byte_by_byte=True)
+        self.assertEqual([(r.method, r.path, r.query, r.body, r.headers) for r in whole],
+                         [(r.method, r.path, r.query, r.body, r.headers) for r in split])
+        return whole
+
+    def assertRejected(self, data, status, message=None):
+        for byte_by_byte in (False, True):
+            with self.assertRaises(pmdaemon.ApiError) as caught:
+                parse_all(data, byte_by_byte)
+            self.assertEqual(caught.exception.status, status, (data[:80], caught.exception.message))
+            self.assertTrue(caught.exception.close)
+            if message is not None:
+                self.assertEqual(caught.exception.message, message)
+
+    def test_pipelined_requests_with_both_body_framings(self):
+        data = (b"GET /api/processes?x=1 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                b"POST /api/processes HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+                b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"4;ext=1\r\nWiki\r\n5\r\npedia\r\n0\r\nTrailer: x\r\n\r\n"
+                b"GET / HTTP/1.0\r\n\r\n")
+        requests = self.both(data)
+        self.assertEqual([r.method for r in requests], ["GET", "POST", "POST", "GET"])
+        self.assertEqual(requests[0].path, "/api/processes")
+        self.assertEqual(requests[0].query, "x=1")
+        self.assertEqual(requests[1].body, b"hello")
+        self.assertEqual(requests[2].body, b"Wikipedia")
+        self.assertEqual([r.keep_alive for r in requests], [True, True, True, False])
+
+    def test_keep_alive_rules_and_lf_only_lines(self):
+        requests = self.both(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                             b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                             b"\r\nGET /lf HTTP/1.1\nHost: a\n\n")
+        self.assertEqual([r.keep_alive for r in requests], [True, False, True])
+        self.assertEqual(requests[2].path, "/lf")
+
+    def test_header_values_and_percent_decoding(self):
+        request = self.both(b"GET /api/logs/my%2Dapp HTTP/1.1\r\nHost: a\r\nX-Thing:   spaced value \t\r\n\r\n")[0]
+        self.assertEqual(request.path, "/api/logs/my-app")
+        self.assertEqual(request.header("x-thing"), "spaced value")
+
+    def test_malformed_requests_get_their_status(self):
+        cases = [
+            (b"GET /\r\n\r\n", 400, "malformed request line 'GET /'"),
+            (b"GET / HTTP/1.1\r\n\r\n", 400, "missing Host header (required by HTTP/1.1)"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "more than one Host header"),
+            (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400, "whitespace before the colon in header 'Host'"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n  folded\r\n\r\n", 400,
+             "obsolete line folding in headers is not allowed"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400,
+             "invalid character (CR, LF, NUL or control) in header 'X'"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400, None),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n", 400, "invalid Content-Length '1x'"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400,
+             "conflicting Content-Length values"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400,
+             "Content-Length together with Transfer-Encoding"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501,
+             "transfer coding 'gzip' is not supported"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400,
+             "invalid chunk size 'zz'"),
+            (b"BREW / HTTP/1.1\r\nHost: a\r\n\r\n", 501, "method 'BREW' is not implemented"),
+            (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, "HTTP/2.0 is not supported; use HTTP/1.1"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n", 413,
+             "request body of 2000000 bytes is larger than the 1048576 byte limit"),
+            (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n", 414, "request line is longer than 8192 bytes"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 17000, 431, "header block is larger than 16384 bytes"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: 1\r\n" * 101 + b"\r\n", 431, "more than 100 header fields"),
+            (b"GET http:/bad HTTP/1.1\r\nHost: a\r\n\r\n", 400, None),
+            (b"GET nope HTTP/1.1\r\nHost: a\r\n\r\n", 400, "invalid request target 'nope'"),
+        ]
+        for data, status, message in cases:
+            with self.subTest(data=data[:60]):
+                self.assertRejected(data, status, message)
+
+    def test_chunked_body_limit_is_decided_from_the_chunk_size(self):
+        self.assertRejected(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n200000\r\n", 413)
+
+    def test_absolute_form_target(self):
+        request = self.both(b"GET http://localhost:9615/api/system?a=b HTTP/1.1\r\nHost: localhost\r\n\r\n")[0]
+        self.assertEqual((request.path, request.query), ("/api/system", "a=b"))
+
+    def test_response_serialisation(self):
+        response = pmdaemon.json_response(201, {"a": 1})
+        raw = pmdaemon.serialize_response(response, b"Thu, 01 Jan 1970 00:00:00 GMT", keep_alive=True)
+        head, body = raw.split(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 201 Created\r\n"))
+        for line in (b"Content-Type: application/json", b"Content-Length: 7", b"X-Content-Type-Options: nosniff",
+                     b"X-Frame-Options: DENY", b"X-XSS-Protection: 1; mode=block"):
+            self.assertIn(line, head.split(b"\r\n"))
+        self.assertEqual(body, b'{"a":1}')
+        head_only = pmdaemon.serialize_response(response, b"d", keep_alive=False, head_only=True)
+        self.assertTrue(head_only.endswith(b"Connection: close\r\n\r\n"))
+        self.assertIn(b"Content-Length: 7", head_only)
+        no_content = pmdaemon.serialize_response(pmdaemon.Response(204), b"d", keep_alive=True, http10=True)
+        self.assertNotIn(b"Content-Length", no_content)
+        self.assertIn(b"Connection: keep-alive", no_content)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. WebSocket codec
+# ----------------------------------------------------------------------------------------------
+
+MASK = b"\x37\xfa\x21\x3d"
+
+
+def client_frame(opcode, payload=b"", fin=True, rsv=0, mask=MASK):
+    frame = bytearray(pmdaemon.encode_frame(opcode, payload, fin, mask))
+    frame[0] |= rsv << 4
+    return bytes(frame)
+
+
+class TestWsCodec(unittest.TestCase):
+    def feed(self, data, byte_by_byte=False, max_message=pmdaemon.MAX_WS_MESSAGE):
+        protocol = pmdaemon.WsProtocol(max_message)
+        events = []
+        pieces = [data[i:i + 1] for i in range(len(data))] if byte_by_byte else [data]
+        for piece in pieces:
+            events.extend(protocol.receive_data(piece))
+        return events, protocol
+
+    def both(self, data):
+        whole = self.feed(data)
+        split = self.feed(data, byte_by_byte=True)
+        self.assertEqual(whole[0], split[0])
+        self.assertEqual(whole[1].outgoing, split[1].outgoing)
+        return whole
+
+    def assertCloses(self, data, code, message):
+        for byte_by_byte in (False, True):
+            with self.assertRaises(pmdaemon.WebSocketError) as caught:
+                self.feed(data, byte_by_byte)
+            self.assertEqual(caught.exception.close_code, code)
+            self.assertEqual(str(caught.exception), message)
+
+    def test_rfc6455_accept_key_vector(self):           # RFC 6455 §1.3
+        self.assertEqual(pmdaemon.ws_accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+    def test_rfc6455_section_5_7_examples(self):
+        self.assertEqual(pmdaemon.encode_frame(pmdaemon.Opcode.TEXT, b"Hello"), b"\x81\x05\x48\x65\x6c\x6c\x6f")
+        events, _ = self.both(b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")      # masked "Hello"
+        self.assertEqual(events, [pmdaemon.WsEvent("text", "Hello")])
+        events, _ = self.both(client_frame(1, b"Hel", fin=False)
+                              + client_frame(0, b"lo"))
+        self.assertEqual(events, [pmdaemon.WsEvent("text", "Hello")])
+        events, protocol = self.both(client_frame(9, b"Hello"))
+        self.assertEqual(protocol.outgoing, [b"\x8a\x05\x48\x65\x6c\x6c\x6f"])       # unmasked pong
+        self.assertEqual(pmdaemon.encode_frame(2, b"\x00" * 256)[:4], b"\x82\x7e\x01\x00")
+        self.assertEqual(pmdaemon.encode_frame(2, b"\x00" * 65536)[:10], b"\x82\x7f" + struct.pack("!Q", 65536))
+
+    def test_fragmentation_with_interleaved_ping(self):
+        data = client_frame(1, b"fra", fin=False) + client_frame(9, b"p") + client_frame(0, b"gm", fin=False) \
+            + client_frame(0, b"ent")
+        events, protocol = self.both(data)
+        self.assertEqual(events, [pmdaemon.WsEvent("ping", b"p"), pmdaemon.WsEvent("text", "fragment")])
+        self.assertEqual(protocol.outgoing, [pmdaemon.encode_frame(10, b"p")])
+
+    def test_utf8_split_across_fragments(self):
+        text = "κόσμε".encode()
+        events, _ = self.both(client_frame(1, text[:3], fin=False) + client_frame(0, text[3:]))
+        self.assertEqual(events, [pmdaemon.WsEvent("text", "κόσμε")])
+
+    def test_protocol_violations_and_their_close_codes(self):
+        cases = [
+            (pmdaemon.encode_frame(1, b"hi"), 1002, "client frame is not masked"),
+            (client_frame(1, b"x", rsv=1), 1002, "reserved bits set without a negotiated extension"),
+            (client_frame(3), 1002, "unknown opcode 3"),
+            (client_frame(9, b"x", fin=False), 1002, "fragmented control frame"),
+            (client_frame(9, b"x" * 126), 1002, "control frame payload larger than 125 bytes"),
+            (client_frame(0, b"x"), 1002, "continuation frame without a message to continue"),
+            (client_frame(1, b"a", fin=False) + client_frame(1, b"b"), 1002,
+             "new data frame inside a fragmented message"),
+            (client_frame(1, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80"), 1007,
+             "invalid UTF-8 in text message"),
+            (client_frame(8, b"\x03"), 1002, "close frame with a 1-byte payload"),
+            (client_frame(8, struct.pack("!H", 1005)), 1002, "invalid close code 1005"),
+            (client_frame(8, struct.pack("!H", 999)), 1002, "invalid close code 999"),
+            (client_frame(8, struct.pack("!H", 1000) + b"\xff"), 1007, "invalid UTF-8 in close reason"),
+        ]
+        for data, code, message in cases:
+            with self.subTest(message=message):
+                self.assertCloses(data, code, message)
+
+    def test_invalid_utf8_fails_fast_before_the_message_ends(self):
+        protocol = pmdaemon.WsProtocol()
+        with self.assertRaises(pmdaemon.InvalidUtf8):
+            protocol.receive_data(client_frame(1, b"ok\xff", fin=False))
+
+    def test_too_big_is_decided_from_the_header(self):
+        header = b"\x82\xff" + struct.pack("!Q", 2 * 1024 * 1024) + MASK       # no payload sent
+        self.assertCloses(header, 1009, "message larger than 1048576 bytes")
+        protocol = pmdaemon.WsProtocol(max_message=10)
+        protocol.receive_data(client_frame(2, b"x" * 6, fin=False))
+        with self.assertRaises(pmdaemon.MessageTooBig):
+            protocol.receive_data(client_frame(0, b"x" * 6)[:2])
+
+    def test_close_is_echoed_once(self):
+        events, protocol = self.both(client_frame(8, struct.pack("!H", 1001) + b"bye") + client_frame(1, b"late"))
+        self.assertEqual(events, [pmdaemon.WsEvent("close", (1001, "bye"))])
+        self.assertEqual(protocol.outgoing, [pmdaemon.encode_close(1001)])
+        events, protocol = self.both(client_frame(8))
+        self.assertEqual(protocol.outgoing, [b"\x88\x00"])
+        self.assertEqual(protocol.close(1000), b"")
+
+    def test_handshake_validation(self):
+        def request(**headers):
+            base = {"Host": "localhost", "Upgrade": "websocket", "Connection": "Upgrade",
+                    "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+            base.update(headers)
+            lines = "".join("%s: %s\r\n" % (k, v) for k, v in base.items() if v is not None)
+            return parse_all(("GET /ws HTTP/1.1\r\n%s\r\n" % lines).encode())[0][0]
+        self.assertEqual(pmdaemon.check_handshake(request()), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        for headers, status in (({"Sec-WebSocket-Version": "8"}, 426), ({"Sec-WebSocket-Key": "c2hvcnQ="}, 400),
+                                ({"Upgrade": None}, 400), ({"Connection": "keep-alive"}, 400)):
+            with self.assertRaises(pmdaemon.ApiError) as caught:
+                pmdaemon.check_handshake(request(**headers))
+            self.assertEqual(caught.exception.status, status, headers)
+        with self.assertRaises(pmdaemon.ApiError) as caught:
+            pmdaemon.check_handshake(request(**{"Sec-WebSocket-Version": "8"}))
+        self.assertEqual(caught.exception.headers, (("Sec-WebSocket-Version", "13"),))
