@@ -118,11 +118,10 @@ class Daemon:
             return recv_all(sock, read_timeout)
 
     def terminate(self, timeout=15):
+        """SIGTERM the daemon; keep what it wrote to stderr in self.stderr_text."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.stderr_text = self.proc.communicate(timeout=timeout)[1].decode()
         return self.proc.returncode
 
     def cleanup(self):
@@ -656,3 +655,455 @@ class TestWsCodec(unittest.TestCase):
         with self.assertRaises(pmdaemon.ApiError) as caught:
             pmdaemon.check_handshake(request(**{"Sec-WebSocket-Version": "8"}))
         self.assertEqual(caught.exception.headers, (("Sec-WebSocket-Version", "13"),))
+
+
+# ----------------------------------------------------------------------------------------------
+# 9-10. The REST API against a live daemon
+# ----------------------------------------------------------------------------------------------
+
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                    "X-XSS-Protection": "1; mode=block"}
+
+
+class TestRestApi(DaemonTestCase):
+    def assertSecurityHeaders(self, response):
+        for name, value in SECURITY_HEADERS.items():
+            self.assertEqual(response.getheader(name), value)
+
+    def test_list_start_details_delete(self):
+        created = self.daemon.start("api-a", "sleep", ["60"], port="3101", env={"MODE": "x"})
+        self.assertEqual(created["message"], "Process 'api-a' started successfully")
+        self.assertIs(created["success"], True)
+        self.assertEqual(set(created["process"]), {"id", "name", "status", "pid", "port"})
+        self.assertEqual(created["process"]["port"], 3101)
+        self.assertEqual(created["process"]["status"], "online")
+        self.assertTrue(pid_alive(created["process"]["pid"]))
+
+        status, response, listing = self.daemon.get("/api/processes")
+        self.assertEqual(status, 200)
+        self.assertSecurityHeaders(response)
+        self.assertEqual(response.getheader("Content-Type"), "application/json")
+        self.assertEqual(listing["total"], len(listing["processes"]))
+        entry = [p for p in listing["processes"] if p["name"] == "api-a"][0]
+        self.assertEqual(set(entry), {"id", "name", "status", "pid", "port", "cpu", "memory", "uptime",
+                                      "restarts", "health"})
+
+        by_name = self.daemon.process("api-a")
+        by_id = self.daemon.process(created["process"]["id"])
+        self.assertEqual(by_name["id"], by_id["id"])
+        self.assertEqual(by_name["config"]["script"], "sleep")
+        self.assertEqual(by_name["config"]["args"], ["60"])
+        self.assertEqual(by_name["config"]["env"], {"MODE": "x", "PORT": "3101"})
+        self.assertEqual(by_name["config"]["cwd"], HERE)
+        self.assertGreater(wait_until(lambda: self.daemon.process("api-a")["memory"]), 0)
+
+        status, _, body = self.daemon.request("DELETE", "/api/processes/api-a")
+        self.assertEqual((status, body), (200, {"success": True, "message": "Process 'api-a' stopped successfully"}))
+        self.assertFalse(pid_alive(created["process"]["pid"]))
+        self.assertIsNone(self.daemon.process("api-a"))
+        again = self.daemon.start("api-a", "sleep", ["60"])        # the name is free again
+        self.assertNotEqual(again["process"]["id"], created["process"]["id"])   # ids are never reused
+        self.daemon.request("DELETE", "/api/processes/api-a")
+
+    def test_head_and_options(self):
+        status, response, body = self.daemon.request("HEAD", "/api/system")
+        self.assertEqual((status, body), (200, b""))
+        self.assertGreater(int(response.getheader("Content-Length")), 50)
+        status, response, _ = self.daemon.request("OPTIONS", "/api/processes",
+                                                  headers={"Origin": "http://localhost:3000",
+                                                           "Access-Control-Request-Method": "POST"})
+        self.assertEqual(status, 204)
+        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "http://localhost:3000")
+        self.assertEqual(response.getheader("Access-Control-Allow-Methods"), "GET, POST, DELETE, OPTIONS")
+        self.assertIn("Authorization", response.getheader("Access-Control-Allow-Headers"))
+        self.assertSecurityHeaders(response)
+
+    def test_stop_start_restart_keep_the_entry(self):
+        created = self.daemon.start("api-b", "sleep", ["60"])
+        first_pid = created["process"]["pid"]
+        status, _, body = self.daemon.post("/api/processes/api-b/stop")
+        self.assertEqual(body["message"], "Process 'api-b' stopped successfully")
+        stopped = self.daemon.process("api-b")
+        self.assertEqual((stopped["status"], stopped["pid"], stopped["uptime"]), ("stopped", None, 0))
+        self.assertFalse(pid_alive(first_pid))
+        status, _, body = self.daemon.post("/api/processes/api-b/start")
+        self.assertEqual((status, body["message"]), (200, "Process 'api-b' started successfully"))
+        self.assertError(self.daemon.post("/api/processes/api-b/start"), 409, "PROCESS_ALREADY_RUNNING",
+                         "Process 'api-b' is already running")
+        second_pid = self.daemon.process("api-b")["pid"]
+        status, _, body = self.daemon.post("/api/processes/api-b/restart", {"port": "3205"})
+        self.assertEqual((status, body), (200, {"success": True, "message": "Process 'api-b' restarted successfully"}))
+        after = self.daemon.process("api-b")
+        self.assertFalse(pid_alive(second_pid))
+        self.assertEqual((after["port"], after["restarts"], after["status"]), (3205, 1, "online"))
+        self.assertEqual(after["config"]["env"]["PORT"], "3205")
+        with open("/proc/%d/environ" % after["pid"], "rb") as handle:
+            self.assertIn(b"PORT=3205", handle.read().split(b"\0"))
+        self.daemon.request("DELETE", "/api/processes/api-b")
+
+    def test_system_metrics(self):
+        status, _, body = self.daemon.get("/api/system")
+        self.assertEqual(status, 200)
+        self.assertEqual(set(body), {"cpu", "memory", "load", "uptime", "timestamp"})
+        self.assertEqual(body["cpu"]["cores"], os.cpu_count())
+        memory = body["memory"]
+        self.assertEqual(memory["used"], memory["total"] - memory["available"])
+        self.assertEqual(set(body["load"]), {"one", "five", "fifteen"})
+        self.assertRegex(body["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertGreater(body["uptime"], 0)
+
+    def test_logs_last_lines_by_type(self):
+        script = "import sys\nfor i in range(30): print('out', i)\nprint('oops', file=sys.stderr)\n" \
+                 "sys.stdout.flush(); sys.stderr.flush()\nimport time; time.sleep(60)"
+        self.daemon.start("api-logs", PY, ["-c", script])
+        wait_until(lambda: self.daemon.get("/api/logs/api-logs?lines=100")[2]["total_lines"] >= 31)
+        status, _, body = self.daemon.get("/api/logs/api-logs?lines=5&type=stdout")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["process"], "api-logs")
+        self.assertEqual(body["total_lines"], 5)
+        self.assertEqual([e["message"] for e in body["logs"]], ["out %d" % i for i in range(25, 30)])
+        self.assertEqual(set(body["logs"][0]), {"timestamp", "type", "message"})
+        stderr = self.daemon.get("/api/logs/api-logs?type=stderr")[2]["logs"]
+        self.assertEqual([e["message"] for e in stderr], ["oops"])
+        self.assertEqual(len(self.daemon.get("/api/logs/api-logs")[2]["logs"]), 20)      # default 20
+        self.assertError(self.daemon.get("/api/logs/api-logs?lines=abc"), 400, "VALIDATION_ERROR",
+                         "query parameter 'lines' must be an integer from 0 to 10000, got 'abc'")
+        self.assertError(self.daemon.get("/api/logs/api-logs?type=both"), 400, "VALIDATION_ERROR",
+                         "query parameter 'type' must be all, stdout or stderr, got 'both'")
+        self.assertError(self.daemon.get("/api/logs/api-logs?line=5"), 400, "BAD_REQUEST",
+                         "unknown query parameter 'line' (allowed: lines, type, follow)")
+        self.daemon.request("DELETE", "/api/processes/api-logs")
+
+    def test_health_shape(self):
+        self.daemon.start("api-h", "sleep", ["60"])
+        status, _, body = self.daemon.get("/api/processes/api-h/health")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["process"], "api-h")
+        self.assertEqual(body["health"]["status"], "none")
+        self.assertEqual(set(body["health"]) >= {"status", "last_check", "check_type", "url", "success_rate",
+                                                 "total_checks", "successful_checks"}, True)
+        self.daemon.request("DELETE", "/api/processes/api-h")
+
+    def test_not_found_everywhere(self):
+        for method, path in (("GET", "/api/processes/ghost"), ("DELETE", "/api/processes/ghost"),
+                             ("POST", "/api/processes/ghost/restart"), ("POST", "/api/processes/ghost/stop"),
+                             ("POST", "/api/processes/ghost/start"), ("GET", "/api/processes/ghost/health"),
+                             ("GET", "/api/logs/ghost")):
+            with self.subTest(method=method, path=path):
+                body = self.assertError(self.daemon.request(method, path), 404, "PROCESS_NOT_FOUND",
+                                        "Process 'ghost' not found")
+                self.assertEqual(body["error"]["details"]["requested_process"], "ghost")
+                self.assertIsInstance(body["error"]["details"]["available_processes"], list)
+        self.assertError(self.daemon.get("/api/nothing"), 404, "NOT_FOUND", "no such endpoint: /api/nothing")
+        self.assertError(self.daemon.get("/"), 404, "NOT_FOUND")
+
+    def test_create_errors(self):
+        self.daemon.start("api-dup", "sleep", ["60"])
+        body = self.assertError(self.daemon.post("/api/processes", {"name": "api-dup", "script": "sleep"}),
+                                409, "PROCESS_ALREADY_EXISTS", "Process 'api-dup' already exists")
+        self.assertEqual(body["error"]["details"]["name"], "api-dup")
+        self.assertError(self.daemon.post("/api/processes", {"name": "x", "script": "sleep", "bogus": 1}),
+                         400, "VALIDATION_ERROR", "unknown field 'bogus'")
+        self.assertError(self.daemon.post("/api/processes", {"name": "x", "script": 5}),
+                         400, "VALIDATION_ERROR", "field 'script' must be a string, got number 5")
+        self.assertError(self.daemon.post("/api/processes", raw_body=b"{nope", headers={"Content-Type": "application/json"}),
+                         400, "BAD_REQUEST")
+        self.assertError(self.daemon.post("/api/processes", raw_body=b"[]", headers={"Content-Type": "application/json"}),
+                         400, "BAD_REQUEST", "request body must be a JSON object, got array")
+        self.assertError(self.daemon.post("/api/processes"), 400, "BAD_REQUEST", "request body required: a JSON object")
+        self.assertError(self.daemon.post("/api/processes", raw_body=b"name=x", headers={"Content-Type": "text/plain"}),
+                         415, "UNSUPPORTED_MEDIA_TYPE")
+        self.assertError(self.daemon.post("/api/processes/api-dup/restart", {"colour": 1}), 400,
+                         "VALIDATION_ERROR", "unknown field 'colour' (restart accepts 'port' and 'instances')")
+        status, response, body = self.daemon.request("PUT", "/api/processes")
+        self.assertEqual(status, 405)
+        self.assertEqual(response.getheader("Allow"), "GET, POST, HEAD, OPTIONS")
+        self.assertEqual(body["error"]["code"], "METHOD_NOT_ALLOWED")
+        self.daemon.request("DELETE", "/api/processes/api-dup")
+
+    def test_unexecutable_script_is_errored_with_reason(self):
+        status, _, body = self.daemon.post("/api/processes", {"name": "api-bad", "script": "/nonexistent/prog"})
+        self.assertEqual(status, 201)
+        self.assertEqual(body["process"]["status"], "errored")
+        self.assertEqual(body["process"]["error"], "script '/nonexistent/prog' does not exist")
+        details = self.daemon.process("api-bad")
+        self.assertEqual((details["status"], details["error"]), ("errored", "script '/nonexistent/prog' does not exist"))
+        logs = self.daemon.get("/api/logs/api-bad?type=stderr")[2]["logs"]
+        self.assertEqual(logs[-1]["message"], "[pmdaemon] failed to start: script '/nonexistent/prog' does not exist")
+        status, _, body = self.daemon.post("/api/processes", {"name": "api-noexec", "script": "sh", "cwd": "/",
+                                                             "args": []})
+        self.assertEqual(body["process"]["status"], "online")
+        for name in ("api-bad", "api-noexec"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+
+class TestHttpServerBehaviour(DaemonTestCase):
+    def test_pipelined_requests_are_answered_in_order(self):
+        requests = b"".join(b"GET /api/processes/%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % name
+                            for name in (b"p1", b"p2", b"p3"))
+        requests += b"GET /api/system HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        raw = self.daemon.raw(requests)
+        responses = raw.split(b"HTTP/1.1 ")[1:]
+        self.assertEqual(len(responses), 4)
+        self.assertEqual([r.split(b"\r\n\r\n", 1)[1].count(b"'p%d'" % (i + 1)) for i, r in enumerate(responses[:3])],
+                         [1, 1, 1])
+        self.assertTrue(responses[3].startswith(b"200 OK"))
+
+    def test_framing_errors_are_answered_in_the_error_format_and_closed(self):
+        for data, status in ((b"GET / HTTP/1.1\r\n\r\n", 400), (b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", 505),
+                             (b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n", 501),
+                             (b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Length: 9999999\r\n\r\n", 413),
+                             (b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+                             (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431),
+                             (b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+                              b"Content-Length: 3\r\n\r\nabc", 400)):
+            with self.subTest(data=data[:50]):
+                raw = self.daemon.raw(data)
+                self.assertEqual(status_of(raw), status)
+                self.assertIn(b"Connection: close\r\n", raw)
+                self.assertIn(b"X-Frame-Options: DENY\r\n", raw)
+                self.assertIs(json_of(raw)["success"], False)
+
+    def test_chunked_post_and_http10(self):
+        body = json.dumps({"name": "chunky", "script": "sleep", "args": ["60"]}).encode()
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        raw = self.daemon.raw(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                              b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked)
+        self.assertEqual(status_of(raw), 201, raw)
+        raw = self.daemon.raw(b"GET /api/processes/chunky HTTP/1.0\r\n\r\n")
+        self.assertEqual(status_of(raw), 200)
+        self.assertIn(b"Connection: close", raw)
+        self.assertEqual(json_of(raw)["name"], "chunky")
+        self.daemon.request("DELETE", "/api/processes/chunky")
+
+    def test_slow_client_does_not_block_others(self):
+        with socket.create_connection(("127.0.0.1", self.daemon.port)) as slow:
+            slow.sendall(b"GET /api/system HTTP/1.1\r\nHo")          # and then nothing
+            started = time.monotonic()
+            status, _, _ = self.daemon.get("/api/system")
+            self.assertEqual(status, 200)
+            self.assertLess(time.monotonic() - started, 2.0)
+            slow.sendall(b"st: localhost\r\n\r\n")
+            self.assertEqual(status_of(recv_all(slow, 2)), 200)
+
+    def test_keep_alive_connection_serves_many_requests(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.daemon.port, timeout=10)
+        for _ in range(20):
+            conn.request("GET", "/api/processes")
+            response = conn.getresponse()
+            self.assertEqual(response.status, 200)
+            json.loads(response.read())
+        conn.close()
+
+    def test_stuck_header_gets_408_after_the_header_timeout(self):
+        # Uses the real 10 s deadline only if the constant is small enough to wait for.
+        if pmdaemon.HEADER_TIMEOUT > 15:
+            self.skipTest("header timeout too long for the suite")
+        with socket.create_connection(("127.0.0.1", self.daemon.port)) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            raw = recv_all(sock, pmdaemon.HEADER_TIMEOUT + 5)
+        self.assertEqual(status_of(raw), 408)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Supervision with real children
+# ----------------------------------------------------------------------------------------------
+
+class TestSupervision(DaemonTestCase):
+    daemon_env = {"PMDAEMON_API_KEY": "", "SECRET_PROBE": "visible"}
+
+    def test_crashed_child_is_restarted_and_counted(self):
+        created = self.daemon.start("sv-crash", PY, ["-c", "import time; time.sleep(1.2); raise SystemExit(2)"],
+                                    min_uptime=500)
+        first = created["process"]["pid"]
+        restarted = wait_until(lambda: (lambda p: p if p["restarts"] >= 1 and p["pid"] and p["pid"] != first else None)(
+            self.daemon.process("sv-crash")), 10, message="a restart")
+        self.assertEqual(restarted["status"], "online")
+        self.assertEqual(restarted["last_exit"]["code"], 2)
+        messages = [e["message"] for e in self.daemon.get("/api/logs/sv-crash?type=stderr")[2]["logs"]]
+        self.assertTrue(any(m.startswith("[pmdaemon] process exited with code 2 after ") for m in messages), messages)
+        self.daemon.request("DELETE", "/api/processes/sv-crash")
+
+    def test_crash_loop_ends_errored_and_stays_down(self):
+        self.daemon.start("sv-loop", PY, ["-c", "raise SystemExit(1)"], max_restarts=3, min_uptime=5000)
+        errored = self.daemon.wait_status("sv-loop", "errored")
+        self.assertEqual(errored["restarts"], 3)
+        self.assertEqual(errored["error"], "exited 4 times in a row before min_uptime (5000 ms); max_restarts is 3")
+        self.assertIsNone(errored["pid"])
+        self.daemon.request("DELETE", "/api/processes/sv-loop")
+
+    def test_stop_kills_the_whole_process_group(self):
+        created = self.daemon.start("sv-tree", "sh", ["-c", "sleep 999 & sleep 999"])
+        leader = created["process"]["pid"]
+        children = wait_until(lambda: [int(p) for p in os.listdir("/proc") if p.isdigit() and pid_alive(int(p))
+                                       and os.getpgid(int(p)) == leader and int(p) != leader] if pid_alive(leader) else [],
+                              message="the background sleep")
+        self.daemon.post("/api/processes/sv-tree/stop")
+        self.assertEqual(self.daemon.process("sv-tree")["status"], "stopped")
+        for pid in [leader] + children:
+            self.assertFalse(pid_alive(pid), pid)
+        self.daemon.request("DELETE", "/api/processes/sv-tree")
+
+    def test_sigterm_trap_is_killed_after_kill_timeout(self):
+        script = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(999)"
+        created = self.daemon.start("sv-trap", PY, ["-c", script], kill_timeout=300)
+        wait_until(lambda: self.daemon.get("/api/logs/sv-trap")[2]["logs"], message="ready line")
+        started = time.monotonic()
+        self.daemon.post("/api/processes/sv-trap/stop")
+        elapsed = time.monotonic() - started
+        self.assertFalse(pid_alive(created["process"]["pid"]))
+        self.assertGreaterEqual(elapsed, 0.3)
+        self.assertEqual(self.daemon.process("sv-trap")["last_exit"]["signal"], "SIGKILL")
+        self.daemon.request("DELETE", "/api/processes/sv-trap")
+
+    def test_child_environment_has_no_daemon_secret(self):
+        created = self.daemon.start("sv-env", "sleep", ["60"], env={"APP_MODE": "prod"}, port=3301)
+        with open("/proc/%d/environ" % created["process"]["pid"], "rb") as handle:
+            environ = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if item)
+        self.assertNotIn(b"PMDAEMON_API_KEY", environ)
+        self.assertEqual(environ[b"APP_MODE"], b"prod")
+        self.assertEqual(environ[b"PORT"], b"3301")
+        self.assertEqual(environ[b"SECRET_PROBE"], b"visible")      # ordinary variables are inherited
+        self.assertEqual(environ[b"PM2_INSTANCE_ID"], b"0")
+        self.daemon.request("DELETE", "/api/processes/sv-env")
+
+    def test_instances_are_named_and_addressed_as_a_group(self):
+        created = self.daemon.post("/api/processes", {"name": "sv-grp", "script": "sleep", "args": ["60"],
+                                                      "instances": 3, "port": "3400-3405"})[2]
+        self.assertEqual([p["name"] for p in created["processes"]], ["sv-grp-0", "sv-grp-1", "sv-grp-2"])
+        self.assertEqual([p["port"] for p in created["processes"]], [3400, 3401, 3402])
+        self.assertEqual(self.daemon.process("sv-grp-1")["config"]["env"]["PORT"], "3401")
+        status, _, body = self.daemon.post("/api/processes/sv-grp/restart", {"instances": 2})
+        self.assertEqual(status, 200, body)
+        names = [p["name"] for p in self.daemon.get("/api/processes")[2]["processes"] if p["name"].startswith("sv-grp")]
+        self.assertEqual(names, ["sv-grp-0", "sv-grp-1"])
+        pids = [p["pid"] for p in created["processes"]]
+        self.daemon.request("DELETE", "/api/processes/sv-grp")
+        self.assertEqual([pid_alive(pid) for pid in pids], [False, False, False])
+        self.assertIsNone(self.daemon.process("sv-grp-0"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Auth, Host and Origin rules
+# ----------------------------------------------------------------------------------------------
+
+class TestApiKey(DaemonTestCase):
+    daemon_env = {"PMDAEMON_API_KEY": "s3cret-key"}
+
+    def test_key_required_and_accepted_both_ways(self):
+        body = self.assertError(self.daemon.get("/api/processes"), 401, "UNAUTHORIZED")
+        self.assertNotIn("s3cret", json.dumps(body))
+        self.assertError(self.daemon.get("/api/system", headers={"Authorization": "Bearer wrong"}), 401, "UNAUTHORIZED")
+        self.assertEqual(self.daemon.get("/api/system", headers={"Authorization": "Bearer s3cret-key"})[0], 200)
+        self.assertEqual(self.daemon.get("/api/system", headers={"X-API-Key": "s3cret-key"})[0], 200)
+        status, response, _ = self.daemon.get("/api/system", headers={"X-API-Key": "s3cret-key",
+                                                                      "Origin": "https://dash.example"})
+        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "*")
+
+    def test_preflight_needs_no_key_and_does_nothing(self):
+        status, response, _ = self.daemon.request("OPTIONS", "/api/processes/x",
+                                                  headers={"Origin": "https://dash.example"})
+        self.assertEqual(status, 204)
+        self.assertEqual(response.getheader("Access-Control-Allow-Headers"), "Content-Type, Authorization, X-API-Key")
+
+    def test_key_never_reaches_children(self):
+        headers = {"X-API-Key": "s3cret-key"}
+        self.daemon.headers = headers
+        try:
+            created = self.daemon.start("key-env", "sleep", ["60"])
+            with open("/proc/%d/environ" % created["process"]["pid"], "rb") as handle:
+                self.assertNotIn(b"s3cret-key", handle.read())
+            self.daemon.request("DELETE", "/api/processes/key-env")
+        finally:
+            self.daemon.headers = {}
+
+
+class TestHostAndOrigin(DaemonTestCase):
+    def test_non_loopback_host_is_refused_without_key(self):
+        self.assertError(self.daemon.get("/api/processes", headers={"Host": "evil.example:9615"}), 403,
+                         "FORBIDDEN_HOST")
+        for host in ("localhost:9615", "127.0.0.1", "[::1]:9615", "app.localhost"):
+            self.assertEqual(self.daemon.get("/api/system", headers={"Host": host})[0], 200, host)
+
+    def test_cors_only_for_loopback_origins(self):
+        status, response, _ = self.daemon.get("/api/system", headers={"Origin": "http://127.0.0.1:8080"})
+        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "http://127.0.0.1:8080")
+        self.assertError(self.daemon.post("/api/processes/x/restart", headers={"Origin": "https://evil.example"}),
+                         403, "FORBIDDEN_ORIGIN")
+
+    def test_refuses_public_bind_without_key(self):
+        environ = dict(os.environ, PMDAEMON_HOME=tempfile.mkdtemp())
+        environ.pop("PMDAEMON_API_KEY", None)
+        self.addCleanup(shutil.rmtree, environ["PMDAEMON_HOME"])
+        result = subprocess.run([PY, PMDAEMON, "web", "--host", "0.0.0.0", "--port", "0"], env=environ,
+                                capture_output=True, timeout=10)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(b"refusing to listen on 0.0.0.0 without an API key", result.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. State across daemon restarts
+# ----------------------------------------------------------------------------------------------
+
+class TestDaemonLifecycle(unittest.TestCase):
+    def setUp(self):
+        self.home = tempfile.mkdtemp(prefix="pmd-life-")
+        self.addCleanup(shutil.rmtree, self.home, True)
+
+    def daemon(self):
+        daemon = Daemon(home=self.home)
+        self.addCleanup(daemon.cleanup)
+        return daemon
+
+    def test_state_is_restored_after_a_restart(self):
+        first = self.daemon()
+        first.start("keep", "sleep", ["60"], port=3501)
+        first.post("/api/processes/keep/restart")
+        online_pid = first.process("keep")["pid"]
+        first.start("parked", "sleep", ["60"])
+        first.post("/api/processes/parked/stop")
+        first.start("gone", "sleep", ["60"])
+        first.request("DELETE", "/api/processes/gone")
+        self.assertEqual(first.terminate(), 0)
+        self.assertFalse(pid_alive(online_pid))      # a graceful exit stops the children
+
+        second = self.daemon()
+        keep = second.process("keep")
+        self.assertEqual((keep["id"], keep["status"], keep["port"], keep["restarts"]), (0, "online", 3501, 1))
+        self.assertTrue(pid_alive(keep["pid"]))
+        self.assertEqual(second.process("parked")["status"], "stopped")
+        self.assertIsNone(second.process("gone"))
+        self.assertEqual(second.start("fresh", "sleep", ["1"])["process"]["id"], 3)   # ids never reused
+        second.terminate()
+
+    def test_kill_9_then_restart_leaves_exactly_one_copy(self):
+        first = self.daemon()
+        old_pid = first.start("survivor", "sleep", ["60"])["process"]["pid"]
+        first.proc.kill()
+        first.proc.wait()
+        second = self.daemon()
+        now = second.process("survivor")
+        self.assertEqual(now["status"], "online")
+        self.assertFalse(pid_alive(old_pid))            # the orphan of the old run was stopped
+        self.assertTrue(pid_alive(now["pid"]))
+        second.terminate()
+
+    def test_corrupt_state_is_moved_aside(self):
+        with open(os.path.join(self.home, "state.json"), "w") as handle:
+            handle.write("{not json")
+        daemon = self.daemon()
+        self.assertEqual(daemon.get("/api/processes")[2], {"processes": [], "total": 0})
+        aside = [f for f in os.listdir(self.home) if f.startswith("state.json.corrupt-")]
+        self.assertEqual(len(aside), 1)
+        with open(os.path.join(self.home, aside[0])) as handle:
+            self.assertEqual(handle.read(), "{not json")
+        daemon.terminate()
+        self.assertIn("state file %s is unreadable" % os.path.join(self.home, "state.json"), daemon.stderr_text)
+
+    def test_second_daemon_on_the_same_home_refuses(self):
+        first = self.daemon()
+        environ = dict(os.environ, PMDAEMON_HOME=self.home)
+        result = subprocess.run([PY, PMDAEMON, "web", "--port", "0"], env=environ, capture_output=True, timeout=10)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(("another daemon (pid %d) is already running" % first.proc.pid).encode(), result.stderr)
+        first.terminate()
