@@ -1910,8 +1910,9 @@ def serialize_response(response: Response, date: bytes, keep_alive: bool, http10
 # ==============================================================================================
 # 8. WebSocket codec (RFC 6455)
 #    check_handshake validates an upgrade request; WsProtocol is fed bytes and returns events,
-#    queueing the bytes it must answer (pong, close echo) in .outgoing; a violation raises
-#    WebSocketError carrying its close code. No sockets, no asyncio.
+#    queueing the bytes it must answer (pong, close echo) in .outgoing; a violation ends the
+#    list with an "error" event carrying a WebSocketError and its close code (events parsed
+#    before it are kept, so a valid message is still answered). No sockets, no asyncio.
 # ==============================================================================================
 
 VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011})
@@ -1978,8 +1979,8 @@ def encode_close(code: int, reason: str = "") -> bytes:
 
 
 class WsEvent(NamedTuple):
-    kind: str           # "text", "binary", "ping", "pong", "close"
-    data: Any           # str, bytes, or (code, reason) for "close"
+    kind: str           # "text", "binary", "ping", "pong", "close", "error"
+    data: Any           # str, bytes, (code, reason) for "close", WebSocketError for "error"
 
 
 class WsProtocol:
@@ -1991,23 +1992,60 @@ class WsProtocol:
         self.outgoing: List[bytes] = []
         self.close_sent = False
         self.close_received = False
+        self.failed = False
+        self._skip = 0                          # bytes of a refused frame still to discard
         self._opcode: Optional[int] = None      # opcode of the fragmented message in progress
         self._parts: List[Any] = []
         self._size = 0
         self._decoder = None
 
     def receive_data(self, data: bytes) -> List[WsEvent]:
-        """Parse frames from data; raise WebSocketError on a violation."""
+        """Parse frames from data; a violation ends the list with an "error" event."""
         self.buffer += data
+        if self.failed:
+            return self._await_close()
         events = []
-        while not self.close_received:
-            frame = self._next_frame()
-            if frame is None:
-                break
-            event = self._handle_frame(*frame)
+        while not self.close_received and not self.failed:
+            try:
+                frame = self._next_frame()
+                if frame is None:
+                    break
+                event = self._handle_frame(*frame)
+            except WebSocketError as error:
+                self.failed = True
+                self._opcode, self._parts, self._size = None, [], 0
+                self._skip_after_failure()
+                event = WsEvent("error", error)
             if event is not None:
                 events.append(event)
         return events
+
+    def _skip_after_failure(self) -> None:
+        """Drop the offending frame: all of it when its length is known (1009), else the rest."""
+        if self._skip:
+            dropped = min(self._skip, len(self.buffer))
+            del self.buffer[:dropped]
+            self._skip -= dropped
+        else:
+            self.buffer.clear()
+
+    def _await_close(self) -> List[WsEvent]:
+        """After failing, only the peer's close frame still matters (RFC 6455 §7.1.7)."""
+        if self._skip:
+            self._skip_after_failure()
+        while not self.close_received:
+            try:
+                frame = self._next_frame()
+            except WebSocketError:
+                self._skip = 0
+                self.buffer.clear()
+                return []
+            if frame is None:
+                return []
+            if frame[1] == Opcode.CLOSE:
+                self.close_received = True
+                return [WsEvent("close", (1005, ""))]
+        return []
 
     def _next_frame(self) -> Optional[Tuple[bool, int, bytes]]:
         buffer = self.buffer
@@ -2022,6 +2060,8 @@ class WsProtocol:
         if not second & 0x80:
             raise WebSocketError("client frame is not masked")
         if opcode >= 0x8:
+            if opcode == Opcode.CLOSE and (not fin or length > MAX_WS_CONTROL_PAYLOAD):
+                self.close_received = True      # a bad close is still the peer's last frame
             if not fin:
                 raise WebSocketError("fragmented control frame")
             if length > MAX_WS_CONTROL_PAYLOAD:
@@ -2039,6 +2079,7 @@ class WsProtocol:
                 raise WebSocketError("frame length has the most significant bit set")
         if opcode < 0x8 and self._size + length > self.max_message:
             # Decided from the header, before buffering the payload (RFC 6455 §10.4).
+            self._skip = offset + 4 + length
             raise MessageTooBig("message larger than %d bytes" % self.max_message)
         end = offset + 4 + length
         if len(buffer) < end:
@@ -2080,6 +2121,8 @@ class WsProtocol:
         return WsEvent(kind, message)
 
     def _handle_close(self, payload: bytes) -> WsEvent:
+        # Even an invalid close ends the peer's side: after our close the server drops TCP.
+        self.close_received = True
         if len(payload) == 1:
             raise WebSocketError("close frame with a 1-byte payload")
         code, reason = 1005, ""                 # 1005: no status code was present
@@ -2091,7 +2134,6 @@ class WsProtocol:
                 reason = payload[2:].decode("utf-8")
             except UnicodeDecodeError:
                 raise InvalidUtf8("invalid UTF-8 in close reason") from None
-        self.close_received = True
         if not self.close_sent:                 # echo the code (RFC 6455 §5.5.1)
             self.close_sent = True
             self.outgoing.append(encode_close(code) if code != 1005 else encode_frame(Opcode.CLOSE))
@@ -2606,6 +2648,10 @@ class WsSession:
             return
         if frame:
             self.transport.write(frame)
+            if self.protocol.failed and self.transport.can_write_eof():
+                # Failing (RFC 6455 §7.1.7): our close, then FIN; what the peer still sends is
+                # read and dropped until it closes, so the close frame is never lost to a RST.
+                self.transport.write_eof()
             self._loop.call_later(WS_CLOSE_TIMEOUT, self._force_close)
 
     def _force_close(self) -> None:
@@ -2635,15 +2681,12 @@ class WsSession:
         """Feed bytes to the codec and act on its events; False when the session is over."""
         if self.protocol.close_received:
             return False
-        try:
-            events = self.protocol.receive_data(data)
-        except WebSocketError as error:
-            self._flush()
-            self.fail(error.close_code, str(error))
-            self.protocol.buffer.clear()
-            return not self.protocol.close_received
+        events = self.protocol.receive_data(data)
         self._flush()
         for event in events:
+            if event.kind == "error":
+                self.fail(event.data.close_code, str(event.data))
+                return not self.protocol.close_received
             if event.kind == "close":
                 return False            # the echo is flushed; the server closes TCP first
             if event.kind == "pong":

@@ -175,6 +175,12 @@ class DaemonTestCase(unittest.TestCase):
         finally:
             cls.daemon.cleanup()
 
+    def ws(self, **kwargs):
+        """A WebSocket client to this class's daemon, closed after the test."""
+        client = WsClient(self.daemon.port, **kwargs)
+        self.addCleanup(client.close)
+        return client
+
     def assertError(self, result, status, code, message=None):
         got_status, response, body = result
         self.assertEqual(got_status, status, body)
@@ -565,10 +571,11 @@ class TestWsCodec(unittest.TestCase):
 
     def assertCloses(self, data, code, message):
         for byte_by_byte in (False, True):
-            with self.assertRaises(pmdaemon.WebSocketError) as caught:
-                self.feed(data, byte_by_byte)
-            self.assertEqual(caught.exception.close_code, code)
-            self.assertEqual(str(caught.exception), message)
+            events, protocol = self.feed(data, byte_by_byte)
+            self.assertEqual(events[-1].kind, "error", events)
+            self.assertEqual(events[-1].data.close_code, code)
+            self.assertEqual(str(events[-1].data), message)
+            self.assertTrue(protocol.failed)
 
     def test_rfc6455_accept_key_vector(self):           # RFC 6455 §1.3
         self.assertEqual(pmdaemon.ws_accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
@@ -619,17 +626,21 @@ class TestWsCodec(unittest.TestCase):
                 self.assertCloses(data, code, message)
 
     def test_invalid_utf8_fails_fast_before_the_message_ends(self):
-        protocol = pmdaemon.WsProtocol()
-        with self.assertRaises(pmdaemon.InvalidUtf8):
-            protocol.receive_data(client_frame(1, b"ok\xff", fin=False))
+        events = pmdaemon.WsProtocol().receive_data(client_frame(1, b"ok\xff", fin=False))
+        self.assertIsInstance(events[-1].data, pmdaemon.InvalidUtf8)
+
+    def test_events_before_a_violation_are_kept(self):
+        events, _ = self.feed(client_frame(1, b"valid") + client_frame(1, b"x", rsv=2))
+        self.assertEqual(events[0], pmdaemon.WsEvent("text", "valid"))
+        self.assertEqual(events[1].data.close_code, 1002)
 
     def test_too_big_is_decided_from_the_header(self):
         header = b"\x82\xff" + struct.pack("!Q", 2 * 1024 * 1024) + MASK       # no payload sent
         self.assertCloses(header, 1009, "message larger than 1048576 bytes")
         protocol = pmdaemon.WsProtocol(max_message=10)
         protocol.receive_data(client_frame(2, b"x" * 6, fin=False))
-        with self.assertRaises(pmdaemon.MessageTooBig):
-            protocol.receive_data(client_frame(0, b"x" * 6)[:2])
+        events = protocol.receive_data(client_frame(0, b"x" * 6)[:2])
+        self.assertIsInstance(events[-1].data, pmdaemon.MessageTooBig)
 
     def test_close_is_echoed_once(self):
         events, protocol = self.both(client_frame(8, struct.pack("!H", 1001) + b"bye") + client_frame(1, b"late"))
@@ -773,6 +784,26 @@ class TestRestApi(DaemonTestCase):
         self.assertError(self.daemon.get("/api/logs/api-logs?line=5"), 400, "BAD_REQUEST",
                          "unknown query parameter 'line' (allowed: lines, type, follow)")
         self.daemon.request("DELETE", "/api/processes/api-logs")
+
+    def test_follow_streams_new_lines_until_the_process_is_deleted(self):
+        go = os.path.join(self.daemon.home, "follow-go")
+        script = ("import os, time\nprint('before', flush=True)\n"
+                  "while not os.path.exists(%r): time.sleep(0.01)\nprint('after', flush=True)\ntime.sleep(60)" % go)
+        self.daemon.start("api-follow", PY, ["-c", script])
+        wait_until(lambda: self.daemon.get("/api/logs/api-follow")[2]["logs"], message="first line")
+        conn = http.client.HTTPConnection("127.0.0.1", self.daemon.port, timeout=10)
+        conn.request("GET", "/api/logs/api-follow?follow=true&lines=1")
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        self.assertEqual(response.getheader("Content-Type"), "application/x-ndjson")
+        self.assertEqual(json.loads(response.readline())["message"], "before")
+        open(go, "w").close()
+        self.assertEqual(json.loads(response.readline())["message"], "after")
+        self.daemon.request("DELETE", "/api/processes/api-follow")
+        rest = response.read()              # the stream ends cleanly once the process is gone
+        self.assertTrue(all(json.loads(line)["type"] in ("stdout", "stderr") for line in rest.splitlines()))
+        conn.close()
 
     def test_health_shape(self):
         self.daemon.start("api-h", "sleep", ["60"])
@@ -1006,6 +1037,18 @@ class TestApiKey(DaemonTestCase):
         self.assertEqual(status, 204)
         self.assertEqual(response.getheader("Access-Control-Allow-Headers"), "Content-Type, Authorization, X-API-Key")
 
+    def test_websocket_needs_the_key_or_a_single_use_ticket(self):
+        denied = self.ws()
+        self.assertEqual((denied.status, denied.body["error"]["code"]), (401, "UNAUTHORIZED"))
+        self.assertEqual(self.ws(headers={"X-API-Key": "s3cret-key"}).status, 101)
+        self.assertEqual(self.ws(headers={"Authorization": "Bearer s3cret-key"}).status, 101)
+        self.assertError(self.daemon.post("/api/ws-ticket"), 401, "UNAUTHORIZED")
+        status, _, body = self.daemon.post("/api/ws-ticket", headers={"X-API-Key": "s3cret-key"})
+        self.assertEqual((status, body["expires_in"]), (201, 30))
+        ticket = body["ticket"]
+        self.assertEqual(self.ws(path="/ws?ticket=" + ticket).status, 101)
+        self.assertEqual(self.ws(path="/ws?ticket=" + ticket).status, 401)   # single use
+
     def test_key_never_reaches_children(self):
         headers = {"X-API-Key": "s3cret-key"}
         self.daemon.headers = headers
@@ -1107,3 +1150,268 @@ class TestDaemonLifecycle(unittest.TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn(("another daemon (pid %d) is already running" % first.proc.pid).encode(), result.stderr)
         first.terminate()
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. WebSocket sessions against a live daemon
+# ----------------------------------------------------------------------------------------------
+
+class WsClient:
+    """A minimal RFC 6455 client for the tests: masked frames out, unmasked frames in."""
+
+    def __init__(self, port, path="/ws", headers=None, timeout=10):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = {"Host": "127.0.0.1:%d" % port, "Upgrade": "websocket", "Connection": "Upgrade",
+                 "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}
+        lines.update(headers or {})
+        request = "GET %s HTTP/1.1\r\n%s\r\n" % (path, "".join("%s: %s\r\n" % kv for kv in lines.items() if kv[1]))
+        self.sock.sendall(request.encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        self.head = head.decode("latin-1")
+        self.status = int(self.head.split(" ", 2)[1])
+        if self.status == 101:
+            assert "Sec-WebSocket-Accept: %s" % pmdaemon.ws_accept_key(key) in self.head, self.head
+        else:
+            length = int(self.head.lower().split("content-length: ")[1].split("\r\n")[0])
+            while len(self.buffer) < length:
+                self.buffer += self.sock.recv(65536)
+            self.body = json.loads(self.buffer[:length])
+
+    def send(self, opcode, payload=b"", fin=True):
+        self.sock.sendall(pmdaemon.encode_frame(opcode, payload, fin, os.urandom(4)))
+
+    def send_json(self, value):
+        self.send(1, json.dumps(value).encode())
+
+    def _need(self, count):
+        while len(self.buffer) < count:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buffer += chunk
+
+    def recv(self):
+        """(opcode, payload) of the next frame."""
+        self._need(2)
+        opcode, length = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
+        offset = 2
+        if length == 126:
+            self._need(4)
+            length, offset = struct.unpack("!H", self.buffer[2:4])[0], 4
+        elif length == 127:
+            self._need(10)
+            length, offset = struct.unpack("!Q", self.buffer[2:10])[0], 10
+        self._need(offset + length)
+        payload = self.buffer[offset:offset + length]
+        self.buffer = self.buffer[offset + length:]
+        return opcode, payload
+
+    def recv_message(self, wanted=None, timeout=10, match=lambda message: True):
+        """The next JSON message of type `wanted` that satisfies match (others are skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            opcode, payload = self.recv()
+            if opcode == 1:
+                message = json.loads(payload)
+                if (wanted is None or message["type"] == wanted) and match(message):
+                    return message
+        raise AssertionError("no %s message within %s s" % (wanted, timeout))
+
+    def recv_close(self, timeout=10):
+        """The close code the server sends (skipping data frames)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            opcode, payload = self.recv()
+            if opcode == 8:
+                return struct.unpack("!H", payload[:2])[0] if payload else None
+        raise AssertionError("no close frame")
+
+    def close(self):
+        self.sock.close()
+
+
+class TestWebSocket(DaemonTestCase):
+    def connect(self, **kwargs):
+        return self.ws(**kwargs)
+
+    def test_connect_receives_current_state_at_once(self):
+        self.daemon.start("ws-a", "sleep", ["60"])
+        client = self.connect()
+        self.assertEqual(client.status, 101)
+        update = client.recv_message("process_update", timeout=2, match=lambda m: m["data"]["name"] == "ws-a")
+        self.assertEqual(update["data"]["status"], "online")
+        self.assertTrue({"id", "name", "status", "pid", "cpu", "memory", "timestamp"} <= set(update["data"]))
+        system = client.recv_message("system_update", timeout=2)
+        self.assertTrue({"cpu", "memory", "load", "timestamp"} <= set(system["data"]))
+        self.assertEqual(set(system["data"]["memory"]), {"usage_percent", "used"})
+        self.daemon.request("DELETE", "/api/processes/ws-a")
+
+    def test_process_events_and_updates_on_change(self):
+        client = self.connect()
+        self.daemon.start("ws-b", "sleep", ["60"])
+        started = client.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-b")
+        self.assertEqual(started["data"]["event"], "started")
+        self.assertRegex(started["data"]["timestamp"], r"Z$")
+        self.daemon.post("/api/processes/ws-b/stop")
+        client.recv_message("process_update", match=lambda m: m["data"]["name"] == "ws-b"
+                            and m["data"]["status"] == "stopped")
+        client.recv_message("process_event", match=lambda m: m["data"]["event"] == "stopped")
+        self.daemon.request("DELETE", "/api/processes/ws-b")
+        client.recv_message("process_event", match=lambda m: m["data"]["event"] == "deleted"
+                            and m["data"]["process"] == "ws-b")
+
+    def test_exit_and_crash_events_carry_the_exit_code(self):
+        client = self.connect()
+        self.daemon.start("ws-c", PY, ["-c", "raise SystemExit(7)"], autorestart=False)
+        exited = client.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-c"
+                                     and m["data"]["event"] == "exited")
+        self.assertEqual((exited["data"]["exit_code"], exited["data"]["signal"]), (7, None))
+        client.recv_message("process_event", match=lambda m: m["data"]["event"] == "crashed")
+        self.daemon.request("DELETE", "/api/processes/ws-c")
+
+    def test_log_subscription_delivers_new_lines(self):
+        script = "import sys, time\nfor line in sys.stdin: pass\n" \
+                 "while True:\n    print('tick', flush=True); time.sleep(0.1)"
+        self.daemon.start("ws-log", PY, ["-c", script])
+        client = self.connect()
+        client.send_json({"type": "subscribe", "channel": "logs", "process": "ws-log"})
+        ack = client.recv_message("subscribed")
+        self.assertEqual(ack["data"], {"channel": "logs", "process": "ws-log"})
+        line = client.recv_message("log")
+        self.assertEqual(line["data"]["process"], "ws-log")
+        self.assertEqual(line["data"]["message"], "tick")
+        self.assertEqual(line["data"]["type"], "stdout")
+        client.send_json({"type": "subscribe", "channel": "logs", "process": "nobody"})
+        error = client.recv_message("error")
+        self.assertEqual(error["data"]["code"], "PROCESS_NOT_FOUND")
+        self.daemon.request("DELETE", "/api/processes/ws-log")
+
+    def test_malformed_commands_get_errors_and_the_connection_stays(self):
+        client = self.connect()
+        client.send(1, b"not json")
+        self.assertTrue(client.recv_message("error")["data"]["message"].startswith("invalid JSON"))
+        client.send_json({"type": "launch"})
+        self.assertEqual(client.recv_message("error")["data"]["message"],
+                         "unknown command type 'launch' (subscribe, unsubscribe, filter, ping)")
+        client.send_json({"type": "ping"})
+        client.recv_message("pong")
+
+    def test_filter_limits_what_a_client_receives(self):
+        client = self.connect()
+        client.send_json({"type": "filter", "types": ["process_event"]})
+        client.recv_message("filtered")
+        self.daemon.start("ws-f", "sleep", ["60"])
+        message = client.recv_message()
+        self.assertEqual(message["type"], "process_event")
+        self.daemon.request("DELETE", "/api/processes/ws-f")
+
+    def test_protocol_violation_closes_with_its_code(self):
+        client = self.connect()
+        client.sock.sendall(pmdaemon.encode_frame(1, b"unmasked"))
+        self.assertEqual(client.recv_close(), 1002)
+        client2 = self.connect()
+        client2.send(1, b"\xff\xfe")
+        self.assertEqual(client2.recv_close(), 1007)
+
+    def test_ping_gets_pong_and_close_is_echoed(self):
+        client = self.connect()
+        client.send(9, b"hello")
+        while True:
+            opcode, payload = client.recv()
+            if opcode == 10:
+                break
+        self.assertEqual(payload, b"hello")
+        client.send(8, struct.pack("!H", 1000))
+        self.assertEqual(client.recv_close(), 1000)
+
+    def test_bad_handshakes(self):
+        self.assertEqual(self.connect(headers={"Sec-WebSocket-Version": "8"}).status, 426)
+        bad = self.connect(headers={"Sec-WebSocket-Key": "short"})
+        self.assertEqual((bad.status, bad.body["error"]["code"]), (400, "BAD_REQUEST"))
+        self.assertEqual(self.connect(headers={"Origin": "https://evil.example"}).status, 403)
+        self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 101)
+
+    def test_a_client_that_stops_reading_does_not_hold_up_others(self):
+        stalled = socket.create_connection(("127.0.0.1", self.daemon.port))
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.addCleanup(stalled.close)
+        key = base64.b64encode(os.urandom(16)).decode()
+        stalled.sendall(("GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+        go = os.path.join(self.daemon.home, "go")
+        script = ("import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
+                  "for i in range(20000): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % go)
+        self.daemon.start("ws-flood", PY, ["-c", script])
+        subscribe = pmdaemon.encode_frame(1, json.dumps({"type": "subscribe", "channel": "logs",
+                                                         "process": "ws-flood"}).encode(), True, b"abcd")
+        stalled.sendall(subscribe)
+        reader = self.connect()
+        reader.send_json({"type": "subscribe", "channel": "logs", "process": "ws-flood"})
+        reader.recv_message("subscribed")
+        open(go, "w").close()
+        reader.recv_message("log", timeout=10, match=lambda m: m["data"]["message"].endswith(" 19999"))
+        self.daemon.start("ws-after", "sleep", ["60"])
+        reader.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-after")
+        for name in ("ws-flood", "ws-after"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+
+# ----------------------------------------------------------------------------------------------
+# `python3 test_pmdaemon.py ws-echo PORT`: pmdaemon's WebSocket stack as an echo server
+# ----------------------------------------------------------------------------------------------
+
+ECHO_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+async def serve_echo_connection(reader, writer):
+    """HTTP parser + handshake + WsSession from pmdaemon, echoing every message back."""
+    parser = pmdaemon.RequestParser()
+    request = None
+    try:
+        while request is None:
+            data = await reader.read(65536)
+            if not data:
+                return
+            parser.feed(data)
+            request = parser.next_request()
+        accept = pmdaemon.check_handshake(request)
+    except pmdaemon.ApiError as error:
+        writer.write(pmdaemon.serialize_response(pmdaemon.error_response(error), pmdaemon.http_date(), False))
+        writer.close()
+        return
+    writer.write(pmdaemon.handshake_response(accept))
+
+    def echo(session, event):
+        opcode = pmdaemon.Opcode.TEXT if event.kind == "text" else pmdaemon.Opcode.BINARY
+        payload = event.data.encode("utf-8") if event.kind == "text" else event.data
+        session.send(pmdaemon.encode_frame(opcode, payload))
+
+    session = pmdaemon.WsSession(reader, writer, pmdaemon.WsProtocol(ECHO_MAX_MESSAGE), echo,
+                                 send_buffer=4 * ECHO_MAX_MESSAGE)
+    await session.run(bytes(parser.buffer))
+
+
+def run_echo_server(port):
+    import asyncio
+
+    async def main():
+        server = await asyncio.start_server(serve_echo_connection, "127.0.0.1", port)
+        print("ws-echo listening on ws://127.0.0.1:%d/" % server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "ws-echo":
+        run_echo_server(int(sys.argv[2]))
+    else:
+        unittest.main()
