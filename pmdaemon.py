@@ -40,6 +40,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -80,6 +81,7 @@ HEADER_TIMEOUT = 10.0                  # seconds for a whole header block, from 
 BODY_TIMEOUT = 30.0                    # seconds for a whole body, from the end of its header
 KEEPALIVE_TIMEOUT = 30.0               # seconds an idle keep-alive connection is kept
 WRITE_TIMEOUT = 30.0                   # seconds a client may take to accept our pending output
+DEADLINE_SWEEP_INTERVAL = 0.25        # how often expired connections are looked for
 WRITE_BUFFER_HIGH = 256 * 1024         # pending output above which we wait for the client
 MAX_CONNECTIONS = 12_000               # HTTP + WebSocket connections at once
 MAX_LOG_REQUEST_LINES = 10_000         # upper bound of ?lines=
@@ -1595,26 +1597,27 @@ def http_error(status: int, code: str, message: str) -> ApiError:
 
 class Request:
     """One parsed HTTP request; header names are lowercase."""
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "body",
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "fields", "body",
                  "keep_alive", "content_length", "chunked")
 
     def __init__(self, method: str, target: str, path: str, query: str, version: str,
                  headers: List[Tuple[str, str]]):
         self.method, self.target, self.path, self.query = method, target, path, query
         self.version, self.headers = version, headers
+        self.fields: Dict[str, List[str]] = {}      # name -> values, in order of arrival
+        for name, value in headers:
+            self.fields.setdefault(name, []).append(value)
         self.body = b""
         self.keep_alive = True
         self.content_length = 0
         self.chunked = False
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return default
+        values = self.fields.get(name)
+        return values[0] if values else default
 
     def header_values(self, name: str) -> List[str]:
-        return [value for key, value in self.headers if key == name]
+        return self.fields.get(name, [])
 
     def tokens(self, name: str) -> List[str]:
         """Comma-separated tokens of all fields `name`, lowercase (Connection, Upgrade...)."""
@@ -2176,6 +2179,20 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+class BoundedCache(dict):
+    """A dict that forgets everything when full: cheap memoisation of per-request decisions."""
+
+    def __init__(self, limit: int = 4096):
+        super().__init__()
+        self.limit = limit
+
+    def remember(self, key: Any, value: Any) -> Any:
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = value
+        return value
+
+
 def key_digest(key: str) -> bytes:
     # Comparing digests keeps compare_digest constant-time even when the lengths differ.
     return hashlib.sha256(key.encode("utf-8")).digest()
@@ -2188,6 +2205,8 @@ class AccessPolicy:
         self.key_digest = key_digest(api_key) if api_key else None
         self.allow_hosts = {host.lower() for host in allow_hosts}
         self.cors_origins = {origin.rstrip("/").lower() for origin in cors_origins}
+        self._host_verdicts = BoundedCache()
+        self._origin_verdicts = BoundedCache()
 
     def check_host(self, request: Request) -> None:
         """Without a key, only loopback Host names are served (stops DNS rebinding)."""
@@ -2196,14 +2215,23 @@ class AccessPolicy:
         host = request.header("host")
         if host is None:            # HTTP/1.0 without Host: not a browser
             return
-        name = split_host(host)
-        if not (is_loopback_host(name) or name in self.allow_hosts):
+        allowed = self._host_verdicts.get(host)
+        if allowed is None:
+            name = split_host(host)
+            allowed = self._host_verdicts.remember(host, is_loopback_host(name) or name in self.allow_hosts)
+        if not allowed:
             raise ApiError(403, "FORBIDDEN_HOST", "Host %r is not allowed; without an API key only "
                            "loopback names are served (see --allow-host)" % host[:100])
 
     def origin_allowed(self, origin: str) -> bool:
         if self.key_digest is not None:
             return True
+        verdict = self._origin_verdicts.get(origin)
+        if verdict is None:
+            verdict = self._origin_verdicts.remember(origin, self._judge_origin(origin))
+        return verdict
+
+    def _judge_origin(self, origin: str) -> bool:
         normalised = origin.rstrip("/").lower()
         if normalised in self.cors_origins:
             return True
@@ -2321,6 +2349,7 @@ class Api:
         self.log_followers: Dict[str, set] = {}
         self._list_cache: Tuple[int, bytes] = (-1, b"")
         self._system_cache: Tuple[Any, bytes] = (None, b"")
+        self._route_cache = BoundedCache()
         self.routes = [Route(method, compile_route(template), handler) for method, template, handler in (
             ("GET", "/api/processes", self.list_processes),
             ("POST", "/api/processes", self.create_process),
@@ -2351,6 +2380,12 @@ class Api:
 
     def find_route(self, method: str, path: str) -> Tuple[Optional[Route], Dict[str, str], List[str]]:
         """The route for (method, path), its parameters, and every method the path allows."""
+        found = self._route_cache.get((method, path))
+        if found is None:
+            found = self._route_cache.remember((method, path), self._search_routes(method, path))
+        return found
+
+    def _search_routes(self, method: str, path: str) -> Tuple[Optional[Route], Dict[str, str], List[str]]:
         allowed, chosen, params = [], None, {}
         for route in self.routes:
             found = route.pattern.match(path)
@@ -2829,6 +2864,20 @@ class Broadcaster:
         return set(value)
 
 
+class ConnectionDeadline:
+    """When a connection's current phase must end, and what to do when it does not."""
+    __slots__ = ("transport", "parser", "deadline")
+
+    def __init__(self, transport, parser: RequestParser, deadline: float):
+        self.transport, self.parser, self.deadline = transport, parser, deadline
+
+    def expire(self) -> None:
+        if self.parser.has_partial:         # a request was under way: say why we hang up
+            self.transport.write(serialize_response(error_response(ApiError(
+                408, "REQUEST_TIMEOUT", "request not received in time")), http_date(), False))
+        self.transport.close()
+
+
 class HttpServer:
     """Accepts connections and runs each one: HTTP keep-alive loop or a WebSocket session."""
 
@@ -2837,18 +2886,23 @@ class HttpServer:
         self.broadcaster = broadcaster
         self.config = config
         self.connections: set = set()
+        self.deadlines: set = set()
         self.closing = False
         self.server = None
+        self._sweeper = None
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self.serve, self.config.host, self.config.port,
                                                  backlog=1024, reuse_address=True)
+        self._sweeper = asyncio.ensure_future(self._sweep_deadlines())
         return self.server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
         self.closing = True
         if self.server is not None:
             self.server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for session in list(self.broadcaster.clients if self.broadcaster else ()):
             session.fail(CloseCode.GOING_AWAY, "daemon shutting down")
         for writer in list(self.connections):
@@ -2877,53 +2931,64 @@ class HttpServer:
         loop = asyncio.get_event_loop()
         transport = writer.transport
         parser = RequestParser()
-        phase, deadline = "idle", loop.time() + HEADER_TIMEOUT
-        while True:
-            try:
-                request = parser.next_request()
-            except ApiError as error:
-                await self._answer_and_close(reader, writer, error_response(error))
-                return
-            if request is None:
-                now_phase = "body" if parser.in_body else ("head" if parser.has_partial else "idle")
-                if now_phase != phase:
-                    phase = now_phase
-                    deadline = loop.time() + (BODY_TIMEOUT if phase == "body" else HEADER_TIMEOUT)
-                data = await self._read(reader, transport, deadline - loop.time(), parser)
-                if not data:
-                    return
-                parser.feed(data)
-                continue
-            if request.path == "/ws" and "upgrade" in request.tokens("connection"):
-                await self._websocket(request, parser, reader, writer)
-                return
-            response = await self.api.handle(request)
-            keep_alive = request.keep_alive and not response.close and not self.closing
-            if response.stream is not None:
-                await self._stream(request, response, reader, writer)
-                return
-            writer.write(serialize_response(response, http_date(), keep_alive,
-                                            request.version == "HTTP/1.0", request.method == "HEAD"))
-            if transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
-            if not keep_alive:
-                if response.close:
-                    await self._answer_and_close(reader, writer, None)
-                return
-            phase, deadline = "idle", loop.time() + KEEPALIVE_TIMEOUT
-
-    async def _read(self, reader, transport, timeout: float, parser: RequestParser) -> bytes:
-        """One read, bounded by the phase deadline; on expiry a partial request gets 408."""
-        def expire() -> None:
-            if parser.has_partial:
-                transport.write(serialize_response(error_response(ApiError(
-                    408, "REQUEST_TIMEOUT", "request not received in time")), http_date(), False))
-            transport.close()
-        handle = asyncio.get_event_loop().call_later(max(0.0, timeout), expire)
+        watch = ConnectionDeadline(transport, parser, loop.time() + HEADER_TIMEOUT)
+        self.deadlines.add(watch)
         try:
-            return await reader.read(READ_CHUNK)
+            phase = "idle"
+            while True:
+                try:
+                    request = parser.next_request()
+                except ApiError as error:
+                    watch.deadline = math.inf
+                    await self._answer_and_close(reader, writer, error_response(error))
+                    return
+                if request is None:
+                    # Deadlines are absolute per phase: a header block within HEADER_TIMEOUT of its
+                    # first byte, a body within BODY_TIMEOUT of its header, however it trickles in.
+                    now_phase = "body" if parser.in_body else ("head" if parser.has_partial else "idle")
+                    if now_phase != phase:
+                        phase = now_phase
+                        watch.deadline = loop.time() + (BODY_TIMEOUT if phase == "body" else HEADER_TIMEOUT)
+                    data = await reader.read(READ_CHUNK)
+                    if not data:
+                        return
+                    parser.feed(data)
+                    continue
+                watch.deadline = math.inf               # our turn: the client is not late
+                if request.path == "/ws" and "upgrade" in request.tokens("connection"):
+                    self.deadlines.discard(watch)
+                    await self._websocket(request, parser, reader, writer)
+                    return
+                if not await self._respond(request, reader, writer):
+                    return
+                phase, watch.deadline = "idle", loop.time() + KEEPALIVE_TIMEOUT
         finally:
-            handle.cancel()
+            self.deadlines.discard(watch)
+
+    async def _respond(self, request: Request, reader, writer) -> bool:
+        """Answer one request; True when the connection stays open for the next."""
+        response = await self.api.handle(request)
+        if response.stream is not None:
+            await self._stream(request, response, reader, writer)
+            return False
+        keep_alive = request.keep_alive and not response.close and not self.closing
+        writer.write(serialize_response(response, http_date(), keep_alive,
+                                        request.version == "HTTP/1.0", request.method == "HEAD"))
+        if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        if not keep_alive and response.close:
+            await self._answer_and_close(reader, writer, None)
+        return keep_alive
+
+    async def _sweep_deadlines(self) -> None:
+        """One timer for all connections: cheaper than a timer per read on the hot path."""
+        loop = asyncio.get_event_loop()
+        while True:
+            await asyncio.sleep(DEADLINE_SWEEP_INTERVAL)
+            now = loop.time()
+            for watch in [w for w in self.deadlines if w.deadline <= now]:
+                self.deadlines.discard(watch)
+                watch.expire()
 
     async def _answer_and_close(self, reader, writer, response: Optional[Response]) -> None:
         """Answer, half-close, and drain what the client still sends so it can read our answer."""

@@ -1410,8 +1410,75 @@ def run_echo_server(port):
     asyncio.run(main())
 
 
+# ----------------------------------------------------------------------------------------------
+# `python3 test_pmdaemon.py bench [SECONDS] [ROUNDS]`: wrk against the daemon and a baseline
+# ----------------------------------------------------------------------------------------------
+
+BASELINE_SERVER = """
+import asyncio, sys
+RESPONSE = open(sys.argv[1], "rb").read()
+async def serve(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            writer.write(RESPONSE)
+            if writer.transport.get_write_buffer_size() > 65536:
+                await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        pass
+    finally:
+        writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def wrk_rate(port, path, seconds):
+    output = subprocess.run(["wrk", "-t1", "-c50", "-d%ds" % seconds, "http://127.0.0.1:%d%s" % (port, path)],
+                            capture_output=True, text=True, check=True).stdout
+    errors = [line for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line]
+    rate = float([line for line in output.splitlines() if line.startswith("Requests/sec")][0].split()[1])
+    return rate, errors
+
+
+def run_benchmark(seconds=5, rounds=3):
+    """Requests/s of pmdaemon vs. a bare asyncio-streams server sending the same bytes (medians)."""
+    import statistics
+    daemon = Daemon(args=("--sample-interval", "1"))
+    try:
+        for index in range(10):
+            daemon.start("bench-%d" % index, "sleep", ["600"])
+        for path in ("/api/processes", "/api/system"):
+            raw = daemon.raw(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path.encode(), read_timeout=1)
+            with tempfile.NamedTemporaryFile(delete=False) as handle:
+                handle.write(raw)
+            baseline = subprocess.Popen([PY, "-c", BASELINE_SERVER, handle.name], stdout=subprocess.PIPE)
+            base_port = int(baseline.stdout.readline())
+            ours, theirs = [], []
+            for _ in range(rounds):               # interleaved, so both see the same machine load
+                rate, errors = wrk_rate(daemon.port, path, seconds)
+                ours.append(rate)
+                theirs.append(wrk_rate(base_port, path, seconds)[0])
+                if errors:
+                    print("  pmdaemon errors:", errors)
+            baseline.kill()
+            baseline.wait()
+            os.unlink(handle.name)
+            ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
+            print("%-16s pmdaemon %8.0f req/s   baseline %8.0f req/s   ratio %.2f   (%d x %ds, wrk -t1 -c50)"
+                  % (path, ours_median, theirs_median, ours_median / theirs_median, rounds, seconds))
+    finally:
+        daemon.terminate()
+        daemon.cleanup()
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "ws-echo":
         run_echo_server(int(sys.argv[2]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "bench":
+        run_benchmark(*[int(value) for value in sys.argv[2:4]])
     else:
         unittest.main()
