@@ -69,6 +69,8 @@ HOME_ENV = "PMDAEMON_HOME"
 API_KEY_ENV = "PMDAEMON_API_KEY"
 # Variables of the daemon's own environment that never reach a child.
 SECRET_ENV_NAMES = frozenset({API_KEY_ENV})
+# Set in every child, inherited by everything it starts: how stop finds double-forked escapees.
+RUN_ID_ENV = "PMDAEMON_RUN_ID"
 
 # HTTP/1.1 limits (RFC 9112 leaves them to the server; each maps to its own status).
 MAX_REQUEST_LINE = 8 * 1024            # request line longer than this -> 414
@@ -576,8 +578,7 @@ class Sampler:
         self._previous_ticks: Dict[Any, Tuple[float, int]] = {}
 
     def _read(self, *parts: str) -> str:
-        with open(os.path.join(self.proc_root, *parts), "rb") as handle:
-            return handle.read().decode("ascii", "replace")
+        return self._read_bytes(*parts).decode("ascii", "replace")
 
     def system(self) -> SystemMetrics:
         busy, total = parse_cpu_times(self._read("stat"))
@@ -619,6 +620,17 @@ class Sampler:
 
     def forget(self, key: Any) -> None:
         self._previous_ticks.pop(key, None)
+
+    def environ_has(self, pid: int, entry: bytes) -> bool:
+        """True if the process was started with `entry` (b"NAME=value") in its environment."""
+        try:
+            return entry in self._read_bytes(str(pid), "environ").split(b"\0")
+        except OSError:
+            return False
+
+    def _read_bytes(self, *parts: str) -> bytes:
+        with open(os.path.join(self.proc_root, *parts), "rb") as handle:
+            return handle.read()
 
 
 def descendants(table: Dict[int, PidStat], root: int) -> List[int]:
@@ -989,6 +1001,7 @@ class ManagedProcess:
     status: ProcessState = ProcessState.STOPPED
     pid: Optional[int] = None
     pid_start_ticks: Optional[int] = None
+    run_token: Optional[str] = None         # PMDAEMON_RUN_ID of the current run: finds escapees
     restarts: int = 0
     unstable_restarts: int = 0
     backoff_count: int = 0
@@ -1053,7 +1066,8 @@ class ManagedProcess:
         return {"id": self.id, "name": self.name, "instance": self.instance, "port": self.port,
                 "config": self.config.to_dict(), "restarts": self.restarts,
                 "status": status or self.desired_status(), "error": self.error,
-                "pid": self.pid, "pid_start_ticks": self.pid_start_ticks}
+                "pid": self.pid, "pid_start_ticks": self.pid_start_ticks,
+                "run_token": self.run_token}
 
 
 Listener = Callable[[str, Any], None]
@@ -1273,12 +1287,14 @@ class Supervisor:
             env["PORT"] = str(mp.port)
         env["PM2_INSTANCE_ID"] = env["NODE_APP_INSTANCE"] = str(mp.instance)
         env["PMDAEMON_PROCESS_NAME"] = mp.name
+        env[RUN_ID_ENV] = mp.run_token or ""
         return env
 
     async def _spawn(self, mp: ManagedProcess, event: str = "started") -> None:
         """STOPPED/ERRORED/RESTARTING -> STARTING -> ONLINE, or -> ERRORED with the reason."""
         mp.status, mp.stop_requested, mp.error = ProcessState.STARTING, False, None
         mp.next_restart_wall = None
+        mp.run_token = secrets.token_hex(8)
         env = self.child_environment(mp)
         try:
             argv = build_argv(mp.config, env)
@@ -1309,6 +1325,12 @@ class Supervisor:
         pumps = [self._background(pump_output(proc.stdout, lambda lines: logs.write("stdout", lines))),
                  self._background(pump_output(proc.stderr, lambda lines: logs.write("stderr", lines)))]
         returncode = await proc.wait()
+        if not mp.stop_requested:
+            # The main process is gone on its own: what it left behind would hold its port and
+            # outlive the restart, so it is stopped too.
+            await terminate_group(proc.pid, self.escapees(proc.pid, mp.run_token),
+                                  signal.Signals[mp.config.kill_signal],
+                                  mp.config.kill_timeout / 1000, None, self.sampler)
         # Let the last output land before the exit is logged; a grandchild may keep the pipe open.
         await asyncio.wait(pumps, timeout=0.5)
         self._on_exit(mp, proc, returncode)
@@ -1382,14 +1404,22 @@ class Supervisor:
         if was_running and not quiet:
             self.event(mp, "stopped")
 
+    def escapees(self, pgid: Optional[int], run_token: Optional[str]) -> List[Tuple[int, int]]:
+        """(pid, start) of processes a run started outside its group: by parent links, or by the
+        PMDAEMON_RUN_ID they inherited (a double-forked daemon has neither parent nor group)."""
+        table = self.sampler.scan()
+        found = set(descendants(table, pgid)) if pgid else set()
+        if run_token:
+            marker = ("%s=%s" % (RUN_ID_ENV, run_token)).encode()
+            found.update(pid for pid in table if pid != os.getpid() and self.sampler.environ_has(pid, marker))
+        return [(pid, table[pid].start_ticks) for pid in sorted(found)
+                if table[pid].pgid != pgid and table[pid].state != "Z"]
+
     async def _terminate(self, mp: ManagedProcess) -> None:
         """Signal the process group (and escaped descendants), SIGKILL after kill_timeout."""
         proc, pgid = mp.proc, mp.proc.pid
-        table = self.sampler.scan()
-        # Descendants that left the group (setsid, setpgid) are signalled one by one.
-        escaped = [(pid, table[pid].start_ticks) for pid in descendants(table, pgid)
-                   if table[pid].pgid != pgid]
-        await terminate_group(pgid, escaped, signal.Signals[mp.config.kill_signal],
+        await terminate_group(pgid, self.escapees(pgid, mp.run_token),
+                              signal.Signals[mp.config.kill_signal],
                               mp.config.kill_timeout / 1000, proc.wait, self.sampler)
         if mp.watch_task is not None:
             await asyncio.wait({mp.watch_task}, timeout=2.0)
@@ -1476,11 +1506,12 @@ class Supervisor:
                 log.error("skipping a saved process that cannot be read: %r (%s)", entry, exc)
                 continue
             mp.restarts = int(entry.get("restarts", 0))
+            mp.run_token = entry.get("run_token")
             mp.error = entry.get("error")
             status = entry.get("status")
             mp.status = ProcessState.ERRORED if status == "errored" else ProcessState.STOPPED
-            if entry.get("pid") and entry.get("pid_start_ticks"):
-                leftovers.append((entry["pid"], entry["pid_start_ticks"], config))
+            if entry.get("pid") or entry.get("run_token"):
+                leftovers.append((entry.get("pid"), entry.get("pid_start_ticks"), entry.get("run_token"), config))
             if status == "online":
                 to_start.append(mp)
         await asyncio.gather(*(self._stop_leftover(*item) for item in leftovers))
@@ -1488,15 +1519,17 @@ class Supervisor:
             await self.start(mp)
         self.save_state()
 
-    async def _stop_leftover(self, pid: int, start_ticks: int, config: ProcessConfig) -> None:
-        """A child of a daemon that died: stop it if (pid, start time) still names it."""
-        stat = self.sampler.stat(pid)
-        if stat is None or stat.start_ticks != start_ticks or stat.pgid != pid:
-            return                      # gone, or the pid now belongs to someone else
-        log.info("stopping pid %d (%s) left running by a previous daemon", pid, config.name)
-        table = self.sampler.scan()
-        escaped = [(p, table[p].start_ticks) for p in descendants(table, pid) if table[p].pgid != pid]
-        await terminate_group(pid, escaped, signal.Signals[config.kill_signal],
+    async def _stop_leftover(self, pid: Optional[int], start_ticks: Optional[int],
+                             run_token: Optional[str], config: ProcessConfig) -> None:
+        """Processes of a daemon that died: its child if (pid, start time) still names it, and
+        everything carrying that run's PMDAEMON_RUN_ID."""
+        stat = self.sampler.stat(pid) if pid else None
+        leader = pid if stat and stat.start_ticks == start_ticks and stat.pgid == pid else None
+        escaped = self.escapees(leader, run_token)
+        if leader is None and not escaped:
+            return                      # all gone, or the pid now belongs to someone else
+        log.info("stopping what %s left running under a previous daemon (pid %s)", config.name, pid)
+        await terminate_group(leader, escaped, signal.Signals[config.kill_signal],
                               config.kill_timeout / 1000, None, self.sampler)
 
     async def shutdown(self) -> None:
@@ -1529,11 +1562,12 @@ def _signal_escaped(escaped: List[Tuple[int, int]], signum: int, sampler: Sample
     return alive
 
 
-async def terminate_group(pgid: int, escaped: List[Tuple[int, int]], signum: int,
+async def terminate_group(pgid: Optional[int], escaped: List[Tuple[int, int]], signum: int,
                           timeout: float, wait_leader, sampler: Sampler,
                           kill_grace: float = 5.0) -> bool:
-    """Stop a group: signum now, SIGKILL at timeout; True once every member is gone."""
-    signal_group(pgid, signum)
+    """Stop a group and escapees: signum now, SIGKILL at timeout; True once all are gone."""
+    if pgid is not None:
+        signal_group(pgid, signum)
     _signal_escaped(escaped, signum, sampler)
     loop = asyncio.get_event_loop()
     deadline = loop.time() + timeout
@@ -1544,12 +1578,13 @@ async def terminate_group(pgid: int, escaped: List[Tuple[int, int]], signum: int
         except asyncio.TimeoutError:
             pass
     while True:
-        alive = group_alive(pgid)
+        alive = pgid is not None and group_alive(pgid)
         remaining = _signal_escaped(escaped, 0, sampler)
         if not alive and not remaining:
             return True
         if not killed and loop.time() >= deadline:
-            signal_group(pgid, signal.SIGKILL)
+            if pgid is not None:
+                signal_group(pgid, signal.SIGKILL)
             _signal_escaped(remaining, signal.SIGKILL, sampler)
             killed = True
             if wait_leader is not None:

@@ -135,6 +135,15 @@ class Daemon:
             shutil.rmtree(self.home, ignore_errors=True)
 
 
+def read_text(path):
+    """A file's content, or "" while it does not exist."""
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
+
+
 def recv_all(sock, timeout=5.0):
     sock.settimeout(timeout)
     chunks = []
@@ -974,6 +983,27 @@ class TestSupervision(DaemonTestCase):
         for pid in [leader] + children:
             self.assertFalse(pid_alive(pid), pid)
         self.daemon.request("DELETE", "/api/processes/sv-tree")
+
+    def test_stop_finds_setsid_and_double_forked_descendants(self):
+        pids_file = os.path.join(self.daemon.home, "escapees")
+        script = ("import os, sys, time\n"
+                  "def spawn(double):\n"
+                  "    if os.fork() == 0:\n"
+                  "        os.setsid()\n"
+                  "        if double and os.fork() != 0:\n"
+                  "            os._exit(0)\n"            # the middle process exits: an orphan remains
+                  "        with open(%r, 'a') as f: f.write('%%d\\n' %% os.getpid())\n"
+                  "        time.sleep(999)\n"
+                  "spawn(False)\nspawn(True)\ntime.sleep(999)\n" % pids_file)
+        leader = self.daemon.start("sv-escape", PY, ["-c", script])["process"]["pid"]
+        escaped = wait_until(lambda: [int(p) for p in read_text(pids_file).split()] if
+                             len(read_text(pids_file).split()) == 2 else None, message="two escapees")
+        for pid in escaped:
+            self.assertTrue(pid_alive(pid))
+            self.assertNotEqual(os.getpgid(pid), leader)           # truly outside the group
+        self.daemon.post("/api/processes/sv-escape/stop")
+        self.assertEqual([pid_alive(pid) for pid in escaped], [False, False])
+        self.daemon.request("DELETE", "/api/processes/sv-escape")
 
     def test_sigterm_trap_is_killed_after_kill_timeout(self):
         script = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(999)"
