@@ -97,6 +97,9 @@ BACKOFF_FACTOR = 1.5
 BACKOFF_MAX_MS = 15_000
 BACKOFF_RESET_UPTIME_MS = 30_000
 SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
+DEFAULT_LISTEN_TIMEOUT_MS = 10_000     # wait_ready: longest wait for the first healthy check
+HEALTH_STARTING_INTERVAL = 0.25        # seconds between checks while waiting to be ready
+MAX_HEALTH_RESPONSE_LINE = 8192
 STOP_POLL_INTERVAL = 0.02              # seconds between checks that a stopped group is gone
 MAX_INSTANCES = 64
 MAX_PROCESSES = 1024
@@ -233,6 +236,11 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,255}\Z", re.ASCII)
 SIZE_RE = re.compile(r"([0-9]{1,15})\s*([KMG]?)B?\Z", re.ASCII | re.IGNORECASE)
 PORT_RANGE_RE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})\Z", re.ASCII)
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+DURATION_RE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,3})?)\s*(ms|s|m)?\Z", re.ASCII)
+DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000}
+HEALTH_CHECK_TYPES = ("http", "tcp", "script")
+HEALTH_CHECK_DEFAULTS = {"type": None, "url": None, "host": "127.0.0.1", "port": None, "script": None,
+                         "args": [], "timeout": 5000, "interval": 10_000, "retries": 3, "enabled": True}
 KILL_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
 
 
@@ -354,6 +362,63 @@ def parse_size(field: str, value: Any) -> Optional[int]:
                         % (field, _json_type(value)))
 
 
+def parse_duration(field: str, value: Any, high: int = 86_400_000) -> int:
+    """Milliseconds from an integer (ms) or a string like "500ms", "5s", "2m"."""
+    if isinstance(value, str):
+        match = DURATION_RE.match(value.strip())
+        if match:
+            value = int(float(match.group(1)) * DURATION_UNITS[match.group(2) or "ms"])
+        else:
+            raise invalid_field(field, "field %r must be milliseconds or a duration like \"5s\", "
+                                "got %r" % (field, value[:40]))
+    return _check_int(field, value, 0, high)
+
+
+def parse_names(field: str, value: Any) -> List[str]:
+    if not isinstance(value, list) or len(value) > MAX_PROCESSES:
+        raise invalid_field(field, "field %r must be an array of process names, got %s"
+                            % (field, _json_type(value)))
+    names = []
+    for item in value:
+        if not isinstance(item, str) or not NAME_RE.match(item):
+            raise invalid_field(field, "field %r must hold process names, got %s" % (field, _json_type(item)))
+        names.append(item)
+    return names
+
+
+def parse_health_check(value: Any) -> Optional[dict]:
+    """Validate a health_check object; the result has every key, with defaults filled in."""
+    field = "health_check"
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_field(field, "field 'health_check' must be an object, got %s" % _json_type(value))
+    unknown = [key for key in value if key not in HEALTH_CHECK_DEFAULTS]
+    if unknown:
+        raise invalid_field(field, "unknown health_check field %r" % unknown[0][:40])
+    check = dict(HEALTH_CHECK_DEFAULTS)
+    check.update({key: item for key, item in value.items() if item is not None})
+    if check["type"] not in HEALTH_CHECK_TYPES:
+        raise invalid_field(field, "health_check 'type' must be one of http, tcp, script, got %r"
+                            % (check["type"],))
+    check["timeout"] = parse_duration("health_check.timeout", check["timeout"], 600_000) or 1
+    check["interval"] = max(100, parse_duration("health_check.interval", check["interval"]))
+    check["retries"] = _check_int("health_check.retries", check["retries"], 1, 1000)
+    check["enabled"] = _check_bool("health_check.enabled", check["enabled"])
+    check["host"] = _check_str("health_check.host", check["host"])
+    if check["port"] is not None:
+        check["port"] = _check_int("health_check.port", check["port"], 1, 65535)
+    check["args"] = parse_args(check["args"])
+    if check["type"] == "http":
+        url = _check_str("health_check.url", check["url"] or "")
+        parts = urllib.parse.urlsplit(url.replace("{port}", "1"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise invalid_field(field, "health_check 'url' must be an http:// or https:// URL, got %r" % url[:100])
+    if check["type"] == "script":
+        _check_str("health_check.script", check["script"] or "")
+    return check
+
+
 def parse_exit_codes(value: Any) -> List[int]:
     if not isinstance(value, list) or len(value) > 256:
         raise invalid_field("stop_exit_codes", "field 'stop_exit_codes' must be an array of "
@@ -393,6 +458,11 @@ class ProcessConfig:
     max_memory_restart: Optional[int] = None
     log_max_size: int = DEFAULT_LOG_MAX_SIZE
     log_max_files: int = DEFAULT_LOG_MAX_FILES
+    health_check: Optional[dict] = None
+    restart_on_unhealthy: bool = True
+    wait_ready: bool = False
+    listen_timeout: int = DEFAULT_LISTEN_TIMEOUT_MS
+    depends_on: List[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None) -> "ProcessConfig":
@@ -409,7 +479,19 @@ class ProcessConfig:
                   if value is not None or key in NULLABLE_FIELDS}
         config = cls(**values)
         config.cwd = _resolve_cwd(config.cwd, base_dir)
+        config.check_consistency()
         return config
+
+    def check_consistency(self) -> None:
+        """Rules that involve more than one field."""
+        if self.wait_ready and not (self.health_check and self.health_check["enabled"]):
+            raise invalid_field("wait_ready", "wait_ready needs an enabled health_check to know "
+                                "when the process is ready")
+        check = self.health_check
+        if check and check["type"] == "tcp" and check["port"] is None and self.port is None:
+            raise invalid_field("health_check", "a tcp health_check needs a 'port' (or the process's port)")
+        if self.name in self.depends_on:
+            raise invalid_field("depends_on", "depends_on forms a cycle: %s -> %s" % (self.name, self.name))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -434,17 +516,22 @@ CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "shell": lambda v: _check_bool("shell", v),
     "autorestart": lambda v: _check_bool("autorestart", v),
     "max_restarts": lambda v: _check_int("max_restarts", v, 0, 1_000_000),
-    "min_uptime": lambda v: _check_int("min_uptime", v, 0, 86_400_000),
-    "restart_delay": lambda v: _check_int("restart_delay", v, 0, 86_400_000),
-    "exp_backoff_restart_delay": lambda v: _check_int("exp_backoff_restart_delay", v, 0, BACKOFF_MAX_MS),
+    "min_uptime": lambda v: parse_duration("min_uptime", v),
+    "restart_delay": lambda v: parse_duration("restart_delay", v),
+    "exp_backoff_restart_delay": lambda v: parse_duration("exp_backoff_restart_delay", v, BACKOFF_MAX_MS),
     "stop_exit_codes": parse_exit_codes,
     "kill_signal": parse_signal_name,
-    "kill_timeout": lambda v: _check_int("kill_timeout", v, 0, 3_600_000),
+    "kill_timeout": lambda v: parse_duration("kill_timeout", v, 3_600_000),
     "max_memory_restart": lambda v: parse_size("max_memory_restart", v),
     "log_max_size": lambda v: parse_size("log_max_size", v),
     "log_max_files": lambda v: _check_int("log_max_files", v, 1, 100),
+    "health_check": parse_health_check,
+    "restart_on_unhealthy": lambda v: _check_bool("restart_on_unhealthy", v),
+    "wait_ready": lambda v: _check_bool("wait_ready", v),
+    "listen_timeout": lambda v: parse_duration("listen_timeout", v),
+    "depends_on": lambda v: parse_names("depends_on", v),
 }
-NULLABLE_FIELDS = frozenset({"port", "max_memory_restart"})
+NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check"})
 
 
 @dataclasses.dataclass
@@ -990,6 +1077,125 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(descriptor)
 
 
+@dataclasses.dataclass
+class HealthState:
+    """Results of a process's health checks: unknown -> healthy / unhealthy (after retries)."""
+    status: str = "none"                  # "none" when no check is configured
+    last_check: Optional[float] = None    # wall time
+    total: int = 0
+    successful: int = 0
+    consecutive_failures: int = 0
+    last_error: Optional[str] = None
+
+    def reset(self, enabled: bool) -> None:
+        """A new run starts with an unknown health (counters are kept for success_rate)."""
+        self.status = "unknown" if enabled else "none"
+        self.consecutive_failures = 0
+
+    def record(self, error: Optional[str], wall: float, retries: int, may_fail: bool = True) -> Optional[str]:
+        """Record one result (error None = healthy); return the new status if it changed."""
+        self.total += 1
+        self.last_check = wall
+        if error is None:
+            self.successful += 1
+            self.consecutive_failures, self.last_error = 0, None
+            new_status = "healthy"
+        else:
+            self.consecutive_failures += 1
+            self.last_error = error
+            failed = may_fail and self.consecutive_failures >= retries
+            new_status = "unhealthy" if failed else self.status
+        changed = new_status != self.status
+        self.status = new_status
+        return new_status if changed else None
+
+    def to_api(self, check: Optional[dict], url: Optional[str]) -> dict:
+        return {"status": self.status,
+                "last_check": iso_time(self.last_check) if self.last_check else None,
+                "check_type": check["type"] if check else None, "url": url,
+                "success_rate": round(100.0 * self.successful / self.total, 1) if self.total else None,
+                "total_checks": self.total, "successful_checks": self.successful,
+                "consecutive_failures": self.consecutive_failures, "last_error": self.last_error,
+                "enabled": bool(check and check["enabled"]),
+                "interval": check["interval"] if check else None,
+                "retries": check["retries"] if check else None}
+
+
+def health_target(check: dict, port: Optional[int]) -> Optional[str]:
+    """What a check probes, for display: the URL, host:port, or the script."""
+    if check["type"] == "http":
+        return check["url"].replace("{port}", str(port))
+    if check["type"] == "tcp":
+        return "%s:%s" % (check["host"], check["port"] or port)
+    return check["script"]
+
+
+async def run_health_check(check: dict, port: Optional[int], cwd: Optional[str],
+                           env: Dict[str, str]) -> Optional[str]:
+    """Run one check within its timeout; None when healthy, else why not."""
+    probe = {"http": _check_http, "tcp": _check_tcp, "script": _check_script}[check["type"]]
+    try:
+        return await asyncio.wait_for(probe(check, port, cwd, env), check["timeout"] / 1000)
+    except asyncio.TimeoutError:
+        return "no answer within %d ms" % check["timeout"]
+    except (OSError, ValueError) as exc:
+        return "%s: %s" % (type(exc).__name__, exc)
+
+
+async def _check_http(check: dict, port: Optional[int], cwd, env) -> Optional[str]:
+    """A real HTTP GET; any 2xx status is healthy."""
+    url = health_target(check, port)
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "https"
+    context = None
+    if secure:
+        import ssl
+        context = ssl.create_default_context()
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port or (443 if secure else 80),
+                                                   ssl=context)
+    try:
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        writer.write(("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: pmdaemon/%s\r\nAccept: */*\r\n"
+                      "Connection: close\r\n\r\n" % (path, parts.netloc, __version__)).encode("latin-1"))
+        line = await reader.readline()
+    finally:
+        writer.close()
+    match = re.match(rb"HTTP/1\.[01] ([0-9]{3})", line[:MAX_HEALTH_RESPONSE_LINE])
+    if not match:
+        return "not an HTTP response: %r" % line[:60]
+    status = int(match.group(1))
+    return None if 200 <= status < 300 else "HTTP status %d" % status
+
+
+async def _check_tcp(check: dict, port: Optional[int], cwd, env) -> Optional[str]:
+    """Healthy when a TCP connection is accepted."""
+    _, writer = await asyncio.open_connection(check["host"], check["port"] or port)
+    writer.close()
+    return None
+
+
+async def _check_script(check: dict, port: Optional[int], cwd, env) -> Optional[str]:
+    """Healthy when the script exits 0; it runs with the process's cwd and environment."""
+    script = check["script"]
+    path = script if "/" in script else shutil.which(script, path=env.get("PATH", os.defpath))
+    if path is None:
+        return "command %r not found in PATH" % script
+    proc = await asyncio.create_subprocess_exec(
+        os.path.join(cwd or ".", path), *check["args"], cwd=cwd, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        _, stderr = await proc.communicate()
+    except asyncio.CancelledError:
+        signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise
+    if proc.returncode == 0:
+        return None
+    detail = stderr[-200:].decode("utf-8", "replace").strip()
+    return "exit code %d%s" % (proc.returncode, ": " + detail if detail else "")
+
+
 @dataclasses.dataclass(eq=False)
 class ManagedProcess:
     """One supervised program (one instance of a group) and its runtime state."""
@@ -1018,6 +1224,23 @@ class ManagedProcess:
     restart_handle: Any = dataclasses.field(default=None, repr=False)
     lock: Any = dataclasses.field(default=None, repr=False)
     logs: Any = dataclasses.field(default=None, repr=False)
+    health: HealthState = dataclasses.field(default_factory=HealthState)
+    health_task: Any = dataclasses.field(default=None, repr=False)
+    ready_handle: Any = dataclasses.field(default=None, repr=False)   # listen_timeout timer
+    pending_start: Any = dataclasses.field(default=None, repr=False)  # waiting for depends_on
+    waiting_for: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def checked(self) -> bool:
+        return bool(self.config.health_check and self.config.health_check["enabled"])
+
+    def is_ready(self) -> bool:
+        """Online, and healthy when a health check is configured."""
+        return self.status == ProcessState.ONLINE and (not self.checked or self.health.status == "healthy")
+
+    def health_body(self) -> dict:
+        check = self.config.health_check
+        return self.health.to_api(check, health_target(check, self.port) if check else None)
 
     def uptime_ms(self, now: float) -> int:
         return int((now - self.started_at) * 1000) if self.pid is not None else 0
@@ -1034,7 +1257,7 @@ class ManagedProcess:
         """The entry of GET /api/processes."""
         return {"id": self.id, "name": self.name, "status": self.status.value, "pid": self.pid,
                 "port": self.port, "cpu": self.cpu, "memory": self.memory,
-                "uptime": self.uptime_ms(now), "restarts": self.restarts, "health": "none"}
+                "uptime": self.uptime_ms(now), "restarts": self.restarts, "health": self.health.status}
 
     def details(self, now: float) -> dict:
         """GET /api/processes/{name_or_id}: the summary, the config and what happened last."""
@@ -1052,6 +1275,7 @@ class ManagedProcess:
             "next_restart_at": (iso_time(self.next_restart_wall, milliseconds=True)
                                 if self.next_restart_wall else None),
             "log_files": {kind: self.logs.files[kind].path for kind in LOG_TYPES} if self.logs else None,
+            "waiting_for": self.waiting_for,
         })
         return entry
 
@@ -1092,6 +1316,7 @@ class Supervisor:
         self.system = SystemMetrics(wall_time=wall())
         self.listeners: List[Listener] = []
         self._tasks: set = set()
+        self._change: Optional[asyncio.Event] = None
         self._saving_blocked = False
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
 
@@ -1107,6 +1332,25 @@ class Supervisor:
     def changed(self, mp: ManagedProcess) -> None:
         self.version += 1
         self.emit("process_update", mp)
+        if self._change is not None:
+            self._change.set()          # wake wait_until(); the next waiter gets a fresh event
+            self._change = None
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: Optional[float]) -> bool:
+        """Wait for a process change that makes predicate true; False at the timeout."""
+        loop = asyncio.get_event_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not predicate():
+            if self._change is None:
+                self._change = asyncio.Event()
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._change.wait(), remaining)
+            except asyncio.TimeoutError:
+                return predicate()
+        return True
 
     def event(self, mp: ManagedProcess, name: str, **extra: Any) -> None:
         data = {"event": name, "process": mp.name, "id": mp.id}
@@ -1168,6 +1412,11 @@ class Supervisor:
         if len(self.processes) + config.instances > MAX_PROCESSES:
             raise ApiError(409, "TOO_MANY_PROCESSES", "at most %d processes can be managed"
                            % MAX_PROCESSES)
+        for dependency in config.depends_on:
+            try:
+                self.resolve(dependency)
+            except ApiError:
+                raise invalid_field("depends_on", "depends_on names an unknown process %r" % dependency) from None
         ports = assign_ports(config.port, config.instances, self._ports_in_use())
         members = [self._register(config, index, ports[index]) for index in range(config.instances)]
         self.save_state()
@@ -1206,9 +1455,37 @@ class Supervisor:
                 return False
             self._cancel_restart(mp)
             mp.unstable_restarts = mp.backoff_count = 0
-            await self._spawn(mp)
+            if self.unready_dependencies(mp):
+                # STOPPED -> STARTING with no pid until what it depends on is ready.
+                mp.status, mp.error = ProcessState.STARTING, None
+                mp.waiting_for = self.unready_dependencies(mp)
+                mp.pending_start = self._background(self._start_after_dependencies(mp))
+                self.changed(mp)
+            else:
+                await self._spawn(mp)
             self.save_state()
             return True
+
+    def unready_dependencies(self, mp: ManagedProcess) -> List[str]:
+        """Names in depends_on whose processes are not online (and healthy when checked).
+        A dependency deleted since is no longer waited for."""
+        waiting = []
+        for name in mp.config.depends_on:
+            members = [other for other in self.processes.values() if name in (other.name, other.config.name)]
+            waiting.extend(other.name for other in members if not other.is_ready())
+        return waiting
+
+    async def _start_after_dependencies(self, mp: ManagedProcess) -> None:
+        def dependencies_ready() -> bool:
+            mp.waiting_for = self.unready_dependencies(mp)
+            return not mp.waiting_for
+        await self.wait_until(dependencies_ready, None)
+        async with mp.lock:
+            if mp.pending_start is not asyncio.current_task() or mp.id not in self.processes:
+                return
+            mp.pending_start = None
+            await self._spawn(mp)
+            self.save_state()
 
     async def stop(self, mp: ManagedProcess) -> bool:
         """Stop a process and everything in its group; False if it was not running."""
@@ -1261,6 +1538,25 @@ class Supervisor:
             self._register(config, index, ports[index])
         self.save_state()
         return self.group(base)
+
+    async def reload(self, key: str) -> List[ManagedProcess]:
+        """Zero-downtime restart of a group: one copy at a time, each ready before the next.
+
+        Every copy has its own port, so a copy is replaced in place (stop, start, wait until
+        online and healthy when checked): at every moment at least N-1 copies serve."""
+        members = self.resolve(key)
+        for mp in members:
+            await self.restart(mp)
+            if len(members) == 1:
+                break
+            check = mp.config.health_check
+            patience = (mp.config.listen_timeout + (check["interval"] * (check["retries"] + 1)
+                                                    if mp.checked else 0)) / 1000
+            if not await self.wait_until(mp.is_ready, patience):
+                raise ApiError(409, "RELOAD_STOPPED", "reload stopped: %r did not become ready within "
+                               "%d ms; the copies not yet reloaded were left running"
+                               % (mp.name, patience * 1000), {"process": mp.name, "status": mp.status.value})
+        return members
 
     async def delete(self, key: str) -> List[ManagedProcess]:
         members = self.resolve(key)
@@ -1315,7 +1611,15 @@ class Supervisor:
         stat = self.sampler.stat(proc.pid)
         mp.pid_start_ticks = stat.start_ticks if stat else None
         mp.cpu, mp.memory = 0.0, stat.rss_bytes if stat else 0
-        mp.status = ProcessState.ONLINE
+        mp.health.reset(mp.checked)
+        if mp.config.wait_ready:
+            # STARTING -> ONLINE at the first healthy check, or when listen_timeout passes.
+            mp.ready_handle = asyncio.get_event_loop().call_later(
+                mp.config.listen_timeout / 1000, self._listen_timeout_passed, mp, mp.run_token)
+        else:
+            mp.status = ProcessState.ONLINE
+        if mp.checked:
+            mp.health_task = self._background(self._health_loop(mp, mp.run_token))
         mp.watch_task = self._background(self._watch(mp, proc))
         self.event(mp, event, pid=proc.pid)
         self.changed(mp)
@@ -1338,6 +1642,7 @@ class Supervisor:
     def _on_exit(self, mp: ManagedProcess, proc, returncode: int) -> None:
         if mp.proc is not proc:
             return
+        self._end_run_timers(mp)
         uptime_ms = mp.uptime_ms(self.clock())
         code = returncode if returncode >= 0 else None
         signame = signal.Signals(-returncode).name if returncode < 0 else None
@@ -1382,16 +1687,77 @@ class Supervisor:
             self.save_state()
 
     def _cancel_restart(self, mp: ManagedProcess) -> None:
+        """Forget a pending automatic restart or a start waiting for its dependencies."""
         if mp.restart_handle is not None:
             mp.restart_handle.cancel()
             mp.restart_handle = None
+        if mp.pending_start is not None and mp.pending_start is not asyncio.current_task():
+            mp.pending_start.cancel()
+        mp.pending_start = None
+        mp.waiting_for = []
         mp.next_restart_wall = None
+
+    def _end_run_timers(self, mp: ManagedProcess) -> None:
+        """Health checks and the listen_timeout belong to one run."""
+        for name in ("health_task", "ready_handle"):
+            handle = getattr(mp, name)
+            if handle is not None:
+                handle.cancel()
+                setattr(mp, name, None)
+
+    # -- readiness and health -------------------------------------------------------------------
+
+    def _listen_timeout_passed(self, mp: ManagedProcess, token: str) -> None:
+        if mp.run_token == token and mp.status == ProcessState.STARTING and mp.proc is not None:
+            self.note(mp, "no healthy check within listen_timeout (%d ms); considered online"
+                      % mp.config.listen_timeout)
+            self._become_online(mp, "ready")
+
+    def _become_online(self, mp: ManagedProcess, event: str) -> None:
+        if mp.ready_handle is not None:
+            mp.ready_handle.cancel()
+            mp.ready_handle = None
+        mp.status = ProcessState.ONLINE
+        self.event(mp, event)
+        self.changed(mp)
+
+    async def _health_loop(self, mp: ManagedProcess, token: str) -> None:
+        check = mp.config.health_check
+        while True:
+            starting = mp.status == ProcessState.STARTING
+            await asyncio.sleep(HEALTH_STARTING_INTERVAL if starting else check["interval"] / 1000)
+            if mp.run_token != token or mp.proc is None:
+                return
+            error = await run_health_check(check, mp.port, mp.config.cwd, self.child_environment(mp))
+            if mp.run_token != token or mp.proc is None:
+                return
+            self.record_health(mp, error)
+
+    def record_health(self, mp: ManagedProcess, error: Optional[str]) -> None:
+        """Apply one check result: events, readiness, and a restart when unhealthy."""
+        starting = mp.status == ProcessState.STARTING
+        # While waiting to be ready, failures are expected and do not make it unhealthy.
+        transition = mp.health.record(error, self.wall(), mp.config.health_check["retries"],
+                                      may_fail=not starting)
+        self.emit("health_update", {"process": mp.name, "status": mp.health.status,
+                                    "error": error, "timestamp": iso_time(self.wall())})
+        if transition:
+            self.event(mp, transition, **({"error": error} if error else {}))
+        if starting and error is None:
+            self._become_online(mp, "ready")
+        elif transition == "unhealthy" and mp.config.restart_on_unhealthy and mp.status == ProcessState.ONLINE:
+            self.note(mp, "restarting: unhealthy after %d failed checks (%s)"
+                      % (mp.health.consecutive_failures, error))
+            self._background(self.restart(mp))
+        if transition:
+            self.changed(mp)
 
     # -- stopping -------------------------------------------------------------------------------
 
     async def _stop_locked(self, mp: ManagedProcess, quiet: bool = False) -> None:
         """ONLINE -> STOPPING -> STOPPED once the whole group is gone; RESTARTING -> STOPPED."""
         self._cancel_restart(mp)
+        self._end_run_timers(mp)
         was_running = mp.proc is not None
         if was_running:
             mp.stop_requested = True
@@ -2393,6 +2759,7 @@ class Api:
             ("POST", "/api/processes/{key}/start", self.start_process),
             ("POST", "/api/processes/{key}/stop", self.stop_process),
             ("POST", "/api/processes/{key}/restart", self.restart_process),
+            ("POST", "/api/processes/{key}/reload", self.reload_process),
             ("GET", "/api/processes/{key}/health", self.get_health),
             ("GET", "/api/system", self.get_system),
             ("GET", "/api/logs/{key}", self.get_logs),
@@ -2533,12 +2900,18 @@ class Api:
         members = await self.supervisor.restart_group(key, port, instances)
         return json_response(200, message("Process %r restarted successfully" % display_name(key, members)))
 
+    async def reload_process(self, request: Request, key: str) -> Response:
+        if parse_json_body(request, required=False) not in (None, {}):
+            raise bad_request("reload takes no body; use restart to change port or instances")
+        members = await self.supervisor.reload(key)
+        return json_response(200, message("Process %r reloaded successfully" % display_name(key, members)))
+
     async def get_health(self, request: Request, key: str) -> Response:
-        mp = self.resolve_one(key)
-        return json_response(200, {"process": mp.name, "health": {
-            "status": "none", "last_check": None, "check_type": None, "url": None,
-            "success_rate": None, "total_checks": 0, "successful_checks": 0,
-            "consecutive_failures": 0, "last_error": None}})
+        members = self.supervisor.resolve(key)
+        if len(members) == 1:
+            return json_response(200, {"process": members[0].name, "health": members[0].health_body()})
+        return json_response(200, {"process": key, "instances": [
+            {"process": mp.name, "health": mp.health_body()} for mp in members]})
 
     async def get_system(self, request: Request) -> Response:
         system = self.supervisor.system

@@ -1044,6 +1044,197 @@ class TestSupervision(DaemonTestCase):
         self.assertIsNone(self.daemon.process("sv-grp-0"))
 
 
+HEALTH_SERVER = """
+import http.server, os, sys, time
+time.sleep(float(os.environ.get('DELAY', '0')))
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        sick = os.path.exists(os.environ.get('SICK_FILE', '/nonexistent'))
+        self.send_response(503 if sick else 200)
+        self.send_header('Content-Length', '2')
+        self.end_headers()
+        self.wfile.write(b'ok')
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), Handler).serve_forever()
+"""
+
+
+class TestSupervisionDepth(DaemonTestCase):
+    """Health checks, readiness, rolling reload, dependencies, limits, ports, rotation."""
+
+    def events(self, client, count, name):
+        return [client.recv_message("process_event", match=lambda m: m["data"]["process"] == name)["data"]["event"]
+                for _ in range(count)]
+
+    def test_http_health_check_goes_unhealthy_and_restarts(self):
+        sick = os.path.join(self.daemon.home, "sick-http")
+        client = self.ws()
+        created = self.daemon.start("hc-http", PY, ["-c", HEALTH_SERVER], port="auto:21000-21999",
+                                    env={"SICK_FILE": sick},
+                                    health_check={"type": "http", "url": "http://127.0.0.1:{port}/health",
+                                                  "interval": 200, "timeout": 1000, "retries": 2})
+        port = created["process"]["port"]
+        healthy = wait_until(lambda: (lambda h: h if h["status"] == "healthy" else None)(
+            self.daemon.get("/api/processes/hc-http/health")[2]["health"]), message="healthy")
+        self.assertEqual(healthy["check_type"], "http")
+        self.assertEqual(healthy["url"], "http://127.0.0.1:%d/health" % port)
+        self.assertEqual(healthy["success_rate"], 100.0)
+        self.assertGreaterEqual(healthy["total_checks"], 1)
+        self.assertRegex(healthy["last_check"], r"Z$")
+        self.assertEqual(self.daemon.process("hc-http")["health"], "healthy")
+        update = client.recv_message("health_update", match=lambda m: m["data"]["process"] == "hc-http")
+        self.assertEqual(update["data"]["status"], "healthy")
+        open(sick, "w").close()
+        client.recv_message("process_event", timeout=10, match=lambda m: m["data"]["process"] == "hc-http"
+                            and m["data"]["event"] == "unhealthy")
+        os.unlink(sick)
+        restarted = wait_until(lambda: (lambda p: p if p["restarts"] >= 1 and p["health"] == "healthy" else None)(
+            self.daemon.process("hc-http")), message="restart after unhealthy")
+        self.assertNotEqual(restarted["pid"], created["process"]["pid"])
+        health = self.daemon.get("/api/processes/hc-http/health")[2]["health"]
+        self.assertLess(health["success_rate"], 100.0)
+        self.assertGreaterEqual(health["total_checks"], health["successful_checks"] + 2)
+        self.daemon.request("DELETE", "/api/processes/hc-http")
+
+    def test_tcp_and_script_checks(self):
+        self.daemon.start("hc-tcp", PY, ["-c", HEALTH_SERVER], port="auto:22000-22999",
+                          health_check={"type": "tcp", "interval": 200})
+        self.daemon.start("hc-deaf", "sleep", ["60"], restart_on_unhealthy=False,
+                          health_check={"type": "tcp", "port": 1, "interval": 100, "retries": 2})
+        self.daemon.start("hc-script", "sleep", ["60"],
+                          health_check={"type": "script", "script": "sh", "args": ["-c", "exit 3"],
+                                        "interval": 100, "retries": 1}, restart_on_unhealthy=False)
+        wait_until(lambda: self.daemon.process("hc-tcp")["health"] == "healthy", message="tcp healthy")
+        deaf = wait_until(lambda: (lambda h: h if h["status"] == "unhealthy" else None)(
+            self.daemon.get("/api/processes/hc-deaf/health")[2]["health"]), message="tcp unhealthy")
+        self.assertEqual(deaf["consecutive_failures"] >= 2, True)
+        self.assertTrue(deaf["last_error"].startswith("ConnectionRefusedError"), deaf["last_error"])
+        self.assertEqual(self.daemon.process("hc-deaf")["status"], "online")    # restart_on_unhealthy off
+        script = wait_until(lambda: (lambda h: h if h["status"] == "unhealthy" else None)(
+            self.daemon.get("/api/processes/hc-script/health")[2]["health"]), message="script unhealthy")
+        self.assertEqual(script["last_error"], "exit code 3")
+        for name in ("hc-tcp", "hc-deaf", "hc-script"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+    def test_wait_ready_keeps_starting_until_healthy(self):
+        created = self.daemon.start("hc-ready", PY, ["-c", HEALTH_SERVER], port="auto:23000-23999",
+                                    env={"DELAY": "1"}, wait_ready=True,
+                                    health_check={"type": "tcp", "interval": 5000})
+        self.assertEqual(created["process"]["status"], "starting")
+        self.assertEqual(self.daemon.process("hc-ready")["status"], "starting")
+        online = self.daemon.wait_status("hc-ready", "online")
+        self.assertEqual(online["health"], "healthy")
+        self.daemon.request("DELETE", "/api/processes/hc-ready")
+
+    def test_rolling_reload_keeps_n_minus_one_copies_ready(self):
+        self.daemon.post("/api/processes", {"name": "hc-roll", "script": PY, "args": ["-c", HEALTH_SERVER],
+                                            "instances": 3, "port": "auto:24000-24999", "wait_ready": True,
+                                            "env": {"DELAY": "0.3"},
+                                            "health_check": {"type": "tcp", "interval": 5000}})
+        def ready_copies():
+            listing = self.daemon.get("/api/processes")[2]["processes"]
+            return [p for p in listing if p["name"].startswith("hc-roll-") and p["status"] == "online"
+                    and p["health"] == "healthy"]
+        wait_until(lambda: len(ready_copies()) == 3, message="three ready copies")
+        before = {p["name"]: p["pid"] for p in ready_copies()}
+        import threading
+        result = {}
+        reload_thread = threading.Thread(target=lambda: result.update(
+            response=self.daemon.post("/api/processes/hc-roll/reload")))
+        reload_thread.start()
+        seen = []
+        while reload_thread.is_alive():
+            seen.append(len(ready_copies()))
+        reload_thread.join()
+        status, _, body = result["response"]
+        self.assertEqual((status, body["message"]), (200, "Process 'hc-roll' reloaded successfully"))
+        self.assertGreaterEqual(min(seen), 2, seen)
+        self.assertIn(2, seen)                      # the poll did see copies being replaced
+        after = {p["name"]: p["pid"] for p in ready_copies()}
+        self.assertEqual(sorted(after), sorted(before))
+        self.assertTrue(all(after[name] != before[name] for name in before))
+        self.daemon.request("DELETE", "/api/processes/hc-roll")
+
+    def test_depends_on_orders_the_start(self):
+        self.assertError(self.daemon.post("/api/processes", {"name": "dep-x", "script": "sleep", "depends_on": ["nope"]}),
+                         400, "VALIDATION_ERROR", "depends_on names an unknown process 'nope'")
+        self.assertError(self.daemon.post("/api/processes", {"name": "dep-x", "script": "sleep", "depends_on": ["dep-x"]}),
+                         400, "VALIDATION_ERROR", "depends_on forms a cycle: dep-x -> dep-x")
+        self.daemon.start("dep-db", PY, ["-c", HEALTH_SERVER], port="auto:25000-25999", env={"DELAY": "1"},
+                          wait_ready=True, health_check={"type": "tcp", "interval": 5000})
+        app = self.daemon.start("dep-app", "sleep", ["60"], depends_on=["dep-db"])
+        self.assertEqual((app["process"]["status"], app["process"]["pid"]), ("starting", None))
+        self.assertEqual(self.daemon.process("dep-app")["waiting_for"], ["dep-db"])
+        online = self.daemon.wait_status("dep-app", "online")
+        db = self.daemon.process("dep-db")
+        self.assertEqual(db["status"], "online")
+        self.assertGreaterEqual(online["started_at"], db["started_at"])
+        for name in ("dep-app", "dep-db"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+    def test_memory_limit_restarts_the_process(self):
+        client = self.ws()
+        script = "import time\nblock = bytearray(80 * 1024 * 1024)\nblock[::4096] = b'x' * len(block[::4096])\ntime.sleep(60)"
+        self.daemon.start("mem-hog", PY, ["-c", script], max_memory_restart="40M")
+        event = client.recv_message("process_event", timeout=15, match=lambda m: m["data"]["process"] == "mem-hog"
+                                    and m["data"]["event"] == "memory_limit")
+        self.assertTrue(event["data"]["reason"].startswith("memory "), event)
+        self.assertGreater(event["data"]["memory"], 40 * 1024 * 1024)
+        wait_until(lambda: self.daemon.process("mem-hog")["restarts"] >= 1, message="memory restart")
+        self.daemon.request("DELETE", "/api/processes/mem-hog")
+
+    def test_ports_auto_range_and_conflicts(self):
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        self.addCleanup(blocker.close)
+        taken = blocker.getsockname()[1]
+        first = self.daemon.start("port-a", "sleep", ["60"], port="auto:%d-%d" % (taken, taken + 50))
+        self.assertEqual(first["process"]["port"], taken + 1)              # the OS-taken port is skipped
+        second = self.daemon.start("port-b", "sleep", ["60"], port="auto:%d-%d" % (taken, taken + 50))
+        self.assertEqual(second["process"]["port"], taken + 2)             # and so is the managed one
+        self.assertError(self.daemon.post("/api/processes", {"name": "port-c", "script": "sleep",
+                                                             "port": taken + 1}), 409, "PORT_CONFLICT")
+        self.assertError(self.daemon.post("/api/processes", {"name": "port-d", "script": "sleep",
+                                                             "port": "4000-4001", "instances": 3}),
+                         400, "VALIDATION_ERROR", "port range '4000-4001' holds 2 port(s) but instances is 3")
+        for name in ("port-a", "port-b"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+    def test_logs_rotate_and_reads_cross_the_boundary(self):
+        script = "import sys\nfor i in range(40000): sys.stdout.write('line %06d %s\\n' % (i, 'y' * 60))\n" \
+                 "sys.stdout.flush()\nimport time; time.sleep(60)"
+        self.daemon.start("rot", PY, ["-c", script], log_max_size="256K", log_max_files=3)
+        wait_until(lambda: self.daemon.get("/api/logs/rot?lines=1&type=stdout")[2]["logs"][-1:] and
+                   self.daemon.get("/api/logs/rot?lines=1&type=stdout")[2]["logs"][-1]["message"].startswith("line 039999"),
+                   message="last line")
+        files = sorted(f for f in os.listdir(os.path.join(self.daemon.home, "logs")) if f.startswith("rot-out.log"))
+        self.assertEqual(files, ["rot-out.log", "rot-out.log.1", "rot-out.log.2"])
+        for name in files:
+            self.assertLessEqual(os.path.getsize(os.path.join(self.daemon.home, "logs", name)), 256 * 1024)
+        current_lines = read_text(os.path.join(self.daemon.home, "logs", "rot-out.log")).count("\n")
+        logs = self.daemon.get("/api/logs/rot?type=stdout&lines=%d" % (current_lines + 100))[2]["logs"]
+        self.assertEqual(len(logs), current_lines + 100)
+        numbers = [int(entry["message"].split()[1]) for entry in logs]
+        self.assertEqual(numbers, list(range(40000 - len(logs), 40000)))
+        self.daemon.request("DELETE", "/api/processes/rot")
+
+    def test_backoff_shows_restarting_with_the_next_try(self):
+        self.daemon.start("boff", PY, ["-c", "raise SystemExit(1)"], exp_backoff_restart_delay=1500)
+        waiting = wait_until(lambda: (lambda p: p if p["status"] == "restarting" else None)(self.daemon.process("boff")),
+                             message="restarting status")
+        self.assertRegex(waiting["next_restart_at"], r"^\d{4}-.*Z$")
+        self.assertIsNone(waiting["pid"])
+        self.daemon.request("DELETE", "/api/processes/boff")
+
+    def test_stop_exit_code_means_no_restart(self):
+        self.daemon.start("done", PY, ["-c", "raise SystemExit(3)"], stop_exit_codes=[3])
+        stopped = self.daemon.wait_status("done", "stopped")
+        self.assertEqual((stopped["restarts"], stopped["last_exit"]["code"]), (0, 3))
+        self.daemon.request("DELETE", "/api/processes/done")
+
+
 # ----------------------------------------------------------------------------------------------
 # 9. Auth, Host and Origin rules
 # ----------------------------------------------------------------------------------------------
