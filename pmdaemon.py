@@ -546,6 +546,8 @@ class DaemonConfig:
     sample_interval: float = SAMPLE_INTERVAL
     max_connections: int = MAX_CONNECTIONS
     max_ws_clients: int = MAX_WS_CLIENTS
+    ws_ping_interval: float = WS_PING_INTERVAL
+    ws_pong_timeout: float = WS_PONG_TIMEOUT
 
 
 # ==============================================================================================
@@ -3459,7 +3461,9 @@ class HttpServer:
             await self._answer_and_close(reader, writer, response)
             return
         writer.write(handshake_response(accept))
-        session = WsSession(reader, writer, WsProtocol(), broadcaster.on_client_message)
+        session = WsSession(reader, writer, WsProtocol(), broadcaster.on_client_message,
+                            ping_interval=self.config.ws_ping_interval,
+                            pong_timeout=self.config.ws_pong_timeout)
         broadcaster.clients.add(session)
         try:
             broadcaster.send_initial_state(session)
@@ -3576,7 +3580,8 @@ def command_web(args: argparse.Namespace) -> int:
     config = DaemonConfig(host=args.host, port=args.port, api_key=api_key, home=home,
                           allow_hosts=tuple(args.allow_host), cors_origins=tuple(args.cors_origin),
                           sample_interval=args.sample_interval, max_connections=args.max_connections,
-                          max_ws_clients=args.max_ws_clients)
+                          max_ws_clients=args.max_ws_clients, ws_ping_interval=args.ws_ping_interval,
+                          ws_pong_timeout=args.ws_pong_timeout)
     daemon = Daemon(config)
     try:
         daemon.acquire_lock()
@@ -3686,6 +3691,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between metric samples and WebSocket updates (default %(default)s)")
     web.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                      help="open connections at once (default %(default)s)")
+    web.add_argument("--ws-ping-interval", type=float, default=WS_PING_INTERVAL, metavar="SECONDS",
+                     help="seconds between pings to each WebSocket client (default %(default)s)")
+    web.add_argument("--ws-pong-timeout", type=float, default=WS_PONG_TIMEOUT, metavar="SECONDS",
+                     help="close a WebSocket client (1008) that has not answered a ping within this "
+                     "(default %(default)s)")
     web.add_argument("--max-ws-clients", type=int, default=MAX_WS_CLIENTS,
                      help="WebSocket clients at once (default %(default)s)")
     web.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

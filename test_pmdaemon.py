@@ -1586,6 +1586,81 @@ class TestWebSocket(DaemonTestCase):
             self.daemon.request("DELETE", "/api/processes/" + name)
 
 
+class TestWebSocketKeepalive(DaemonTestCase):
+    daemon_args = ("--ws-ping-interval", "0.3", "--ws-pong-timeout", "0.3", "--max-connections", "6")
+
+    def test_server_pings_and_closes_a_silent_client(self):
+        client = self.ws()
+        started = time.monotonic()
+        while True:
+            opcode, payload = client.recv()
+            if opcode == 9:
+                break
+        self.assertEqual(len(payload), 4)
+        self.assertEqual(client.recv_close(timeout=5), 1008)
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_a_client_that_answers_pings_stays(self):
+        client = self.ws()
+        pongs = 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            client.sock.settimeout(2)
+            opcode, payload = client.recv()
+            self.assertNotEqual(opcode, 8)
+            if opcode == 9:
+                client.send(10, payload)
+                pongs += 1
+        self.assertGreaterEqual(pongs, 2)
+
+    def test_connection_cap_answers_503(self):
+        held = [socket.create_connection(("127.0.0.1", self.daemon.port)) for _ in range(6)]
+        try:
+            wait_until(lambda: status_of(self.daemon.raw(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                                                         read_timeout=2)) == 503, message="503 at the cap")
+        finally:
+            for sock in held:
+                sock.close()
+        wait_until(lambda: self.daemon.get("/api/system")[0] == 200, message="service after the cap")
+
+
+class TestInternalErrors(unittest.TestCase):
+    def test_a_failing_handler_answers_500_without_details(self):
+        import asyncio
+        home = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, home)
+
+        async def scenario():
+            api = pmdaemon.Api(pmdaemon.Supervisor(home), pmdaemon.AccessPolicy(None))
+
+            async def broken(request):
+                raise KeyError("secret internal detail")
+            api.routes.insert(0, pmdaemon.Route("GET", pmdaemon.compile_route("/api/boom"), broken))
+            request = parse_all(b"GET /api/boom HTTP/1.1\r\nHost: localhost\r\n\r\n")[0][0]
+            return await api.handle(request)
+        with self.assertLogs("pmdaemon", "ERROR") as logged:
+            response = asyncio.run(scenario())
+        self.assertEqual(response.status, 500)
+        self.assertEqual(json.loads(response.body), {"success": False, "error": {
+            "code": "INTERNAL_ERROR", "message": "internal server error"}})
+        self.assertIn("secret internal detail", "\n".join(logged.output))
+
+
+class TestHealthState(unittest.TestCase):
+    def test_transitions(self):
+        health = pmdaemon.HealthState()
+        health.reset(True)
+        self.assertEqual(health.status, "unknown")
+        self.assertEqual(health.record(None, 10.0, retries=2), "healthy")
+        self.assertIsNone(health.record("refused", 11.0, retries=2))          # one failure: still healthy
+        self.assertEqual(health.record("refused", 12.0, retries=2), "unhealthy")
+        self.assertIsNone(health.record("refused", 13.0, retries=2, may_fail=False))
+        body = health.to_api({"type": "tcp", "enabled": True, "interval": 1000, "retries": 2}, "127.0.0.1:80")
+        self.assertEqual((body["total_checks"], body["successful_checks"], body["success_rate"]), (4, 1, 25.0))
+        self.assertEqual((body["consecutive_failures"], body["last_error"]), (3, "refused"))
+        self.assertEqual(body["last_check"], "1970-01-01T00:00:13Z")
+
+
 # ----------------------------------------------------------------------------------------------
 # `python3 test_pmdaemon.py ws-echo PORT`: pmdaemon's WebSocket stack as an echo server
 # ----------------------------------------------------------------------------------------------
