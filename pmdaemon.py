@@ -1053,14 +1053,16 @@ def signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-def group_alive(pgid: int) -> bool:
+def group_alive(pgid: int, sampler: Sampler) -> bool:
+    """True while a live (non-zombie) process is in the group. Zombies count for killpg, and an
+    init that does not reap (some containers) would otherwise make every stop wait in vain."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return any(stat.pgid == pgid and stat.state != "Z" for stat in sampler.scan().values())
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -1946,7 +1948,7 @@ async def terminate_group(pgid: Optional[int], escaped: List[Tuple[int, int]], s
         except asyncio.TimeoutError:
             pass
     while True:
-        alive = pgid is not None and group_alive(pgid)
+        alive = pgid is not None and group_alive(pgid, sampler)
         remaining = _signal_escaped(escaped, 0, sampler)
         if not alive and not remaining:
             return True
