@@ -1979,6 +1979,7 @@ TOKEN_RE = re.compile(rb"[" + TCHAR + rb"]+\Z")
 REQUEST_LINE_RE = re.compile(rb"([" + TCHAR + rb"]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\Z")
 FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
 HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+REQUEST_LINE_JUNK_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\xff]|\r[^\n]")  # never in a request line
 HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
 HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:[0-9]{0,5})?\Z", re.ASCII)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
@@ -2034,19 +2035,7 @@ def parse_head(head: bytes) -> Request:
     """Parse a request line and header block (without the final empty line)."""
     lines = head.split(b"\n")
     lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
-    request_line = lines[0]
-    if len(request_line) > MAX_REQUEST_LINE:
-        raise http_error(414, "URI_TOO_LONG", "request line is longer than %d bytes" % MAX_REQUEST_LINE)
-    match = REQUEST_LINE_RE.match(request_line)
-    if not match:
-        raise http_error(400, "BAD_REQUEST", "malformed request line %r" % request_line[:100].decode("latin-1"))
-    method = match.group(1).decode("ascii")
-    target = match.group(2).decode("ascii")
-    version = (int(match.group(3)), int(match.group(4)))
-    if version not in ((1, 0), (1, 1)):
-        raise http_error(505, "HTTP_VERSION_NOT_SUPPORTED", "HTTP/%d.%d is not supported; use HTTP/1.1" % version)
-    if method not in KNOWN_METHODS:
-        raise http_error(501, "NOT_IMPLEMENTED", "method %r is not implemented" % method)
+    method, target, version = parse_request_line(lines[0])
     if len(lines) - 1 > MAX_HEADER_COUNT:
         raise http_error(431, "HEADERS_TOO_LARGE", "more than %d header fields" % MAX_HEADER_COUNT)
     headers = [parse_header_line(line) for line in lines[1:]]
@@ -2054,6 +2043,22 @@ def parse_head(head: bytes) -> Request:
     request = Request(method, target, path, query, "HTTP/%d.%d" % version, headers)
     apply_framing(request)
     return request
+
+
+def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
+    """(method, target, (major, minor)) of a request line without its line ending."""
+    if len(line) > MAX_REQUEST_LINE:
+        raise http_error(414, "URI_TOO_LONG", "request line is longer than %d bytes" % MAX_REQUEST_LINE)
+    match = REQUEST_LINE_RE.match(line)
+    if not match:
+        raise http_error(400, "BAD_REQUEST", "malformed request line %r" % line[:100].decode("latin-1"))
+    method = match.group(1).decode("ascii")
+    version = (int(match.group(3)), int(match.group(4)))
+    if version not in ((1, 0), (1, 1)):
+        raise http_error(505, "HTTP_VERSION_NOT_SUPPORTED", "HTTP/%d.%d is not supported; use HTTP/1.1" % version)
+    if method not in KNOWN_METHODS:
+        raise http_error(501, "NOT_IMPLEMENTED", "method %r is not implemented" % method)
+    return method, match.group(2).decode("ascii"), version
 
 
 def parse_header_line(line: bytes) -> Tuple[str, str]:
@@ -2145,6 +2150,7 @@ class RequestParser:
         self.max_body = max_body
         self._request: Optional[Request] = None      # head parsed, body pending
         self._scanned = 0                            # bytes already searched for the head end
+        self._line_checked = False                   # request line of the pending head validated
         self._chunk_state = "size"
         self._chunk_remaining = 0
         self._chunks: List[bytes] = []
@@ -2193,13 +2199,20 @@ class RequestParser:
         head = bytes(self.buffer[:match.start()])
         del self.buffer[:match.end()]
         self._scanned = 0
+        self._line_checked = False
         self._request = parse_head(head)
         return True
 
     def _check_head_size(self) -> None:
+        """While a head is incomplete: answer a bad request line now, not at the timeout."""
         line_end = self.buffer.find(b"\n", 0, MAX_REQUEST_LINE + 2)
         if line_end == -1 and len(self.buffer) > MAX_REQUEST_LINE + 1:
             raise http_error(414, "URI_TOO_LONG", "request line is longer than %d bytes" % MAX_REQUEST_LINE)
+        if line_end >= 0 and not self._line_checked:
+            parse_request_line(bytes(self.buffer[:line_end]).rstrip(b"\r"))
+            self._line_checked = True
+        elif line_end < 0 and REQUEST_LINE_JUNK_RE.search(self.buffer):
+            raise http_error(400, "BAD_REQUEST", "malformed request line (control or non-ASCII bytes)")
         if len(self.buffer) - max(line_end, 0) > MAX_HEADER_BYTES:
             raise http_error(431, "HEADERS_TOO_LARGE", "header block is larger than %d bytes"
                              % MAX_HEADER_BYTES)

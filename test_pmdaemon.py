@@ -525,6 +525,11 @@ class TestHttpParser(unittest.TestCase):
             with self.subTest(data=data[:60]):
                 self.assertRejected(data, status, message)
 
+    def test_garbage_is_refused_before_the_head_ends(self):
+        for data in (b"\x16\x03\x01\x02\x00", b"GET / HTTP/1.1\r\x00", b"GE T / HTTP/1.1\r\nHost: a"):
+            with self.subTest(data=data):
+                self.assertRejected(data, 400)
+
     def test_chunked_body_limit_is_decided_from_the_chunk_size(self):
         self.assertRejected(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n200000\r\n", 413)
 
