@@ -2415,6 +2415,8 @@ class WsProtocol:
         self.close_received = False
         self.failed = False
         self._skip = 0                          # bytes of a refused frame still to discard
+        self._probe = None                      # UTF-8 check of a text frame still arriving
+        self._probed = 0
         self._opcode: Optional[int] = None      # opcode of the fragmented message in progress
         self._parts: List[Any] = []
         self._size = 0
@@ -2504,10 +2506,32 @@ class WsProtocol:
             raise MessageTooBig("message larger than %d bytes" % self.max_message)
         end = offset + 4 + length
         if len(buffer) < end:
+            if opcode == Opcode.TEXT or (opcode == Opcode.CONTINUATION and self._opcode == Opcode.TEXT):
+                self._probe_partial_text(opcode, offset)
             return None
         payload = apply_mask(bytes(buffer[offset + 4:end]), bytes(buffer[offset:offset + 4]))
         del buffer[:end]
+        self._probe, self._probed = None, 0
         return fin, opcode, payload
+
+    def _probe_partial_text(self, opcode: int, offset: int) -> None:
+        """Check the UTF-8 of a text frame's payload as it trickles in, so invalid text fails
+        at the offending byte rather than when the frame is complete (RFC 6455 §8.1)."""
+        start = offset + 4 + self._probed
+        if len(self.buffer) <= start:
+            return
+        if self._probe is None:
+            self._probe = codecs.getincrementaldecoder("utf-8")()
+            if opcode == Opcode.CONTINUATION and self._decoder is not None:
+                self._probe.setstate(self._decoder.getstate())
+        shift = self._probed % 4
+        mask = bytes(self.buffer[offset:offset + 4])
+        chunk = apply_mask(bytes(self.buffer[start:]), mask[shift:] + mask[:shift])
+        self._probed += len(chunk)
+        try:
+            self._probe.decode(chunk)
+        except UnicodeDecodeError:
+            raise InvalidUtf8("invalid UTF-8 in text message") from None
 
     def _handle_frame(self, fin: bool, opcode: int, payload: bytes) -> Optional[WsEvent]:
         if opcode == Opcode.PING:

@@ -643,6 +643,20 @@ class TestWsCodec(unittest.TestCase):
         events = pmdaemon.WsProtocol().receive_data(client_frame(1, b"ok\xff", fin=False))
         self.assertIsInstance(events[-1].data, pmdaemon.InvalidUtf8)
 
+    def test_invalid_utf8_fails_fast_inside_an_incomplete_frame(self):
+        frame = client_frame(1, "κόσμε".encode() + b"\xed\xa0\x80" + b"more text" * 10)
+        protocol = pmdaemon.WsProtocol()
+        events = []
+        for index in range(len(frame)):
+            events = protocol.receive_data(frame[index:index + 1])
+            if events:
+                break
+        self.assertIsInstance(events[-1].data, pmdaemon.InvalidUtf8)
+        self.assertLess(index, 2 + 4 + 13)            # long before the frame's end
+        text = "κόσμε".encode()                        # valid text split mid-character still passes
+        data = client_frame(1, text[:3], fin=False) + client_frame(0, text[3:] + b"!" * 200)
+        self.assertEqual(self.feed(data, byte_by_byte=True)[0], [pmdaemon.WsEvent("text", "κόσμε" + "!" * 200)])
+
     def test_events_before_a_violation_are_kept(self):
         events, _ = self.feed(client_frame(1, b"valid") + client_frame(1, b"x", rsv=2))
         self.assertEqual(events[0], pmdaemon.WsEvent("text", "valid"))
