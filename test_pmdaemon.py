@@ -1795,9 +1795,63 @@ def run_benchmark(seconds=5, rounds=3):
         daemon.cleanup()
 
 
+def run_ws_load(count=10000):
+    """Open `count` WebSocket clients to one daemon; time how long a broadcast takes to reach all."""
+    import asyncio
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
+    daemon = Daemon(args=("--sample-interval", "1"))
+
+    async def client(ready, counts):
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(("GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+        await reader.readuntil(b"\r\n\r\n")
+        ready.append(writer)
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            counts[0] += data.count(b'"system_update"')
+
+    async def main():
+        ready, counts, tasks = [], [0], []
+        started = time.monotonic()
+        for index in range(count):
+            tasks.append(asyncio.ensure_future(client(ready, counts)))
+            if index % 500 == 499:
+                await asyncio.sleep(0.05)
+        while len(ready) < count and time.monotonic() - started < 120:
+            await asyncio.sleep(0.1)
+        print("%d clients connected in %.1f s" % (len(ready), time.monotonic() - started))
+        baseline = counts[0]
+        tick = time.monotonic()
+        while counts[0] < baseline + count and time.monotonic() - tick < 30:
+            await asyncio.sleep(0.01)
+        print("one system_update tick reached %d clients within %.2f s" % (counts[0] - baseline, time.monotonic() - tick))
+        with open("/proc/%d/status" % daemon.proc.pid) as handle:
+            rss = [line for line in handle if line.startswith("VmRSS")][0].split()[1]
+        print("daemon RSS with %d clients: %.0f MiB" % (len(ready), int(rss) / 1024))
+        status, _, _ = daemon.get("/api/system")
+        print("GET /api/system meanwhile: %d" % status)
+        for writer in ready:
+            writer.close()
+        for task in tasks:
+            task.cancel()
+    try:
+        asyncio.run(main())
+    finally:
+        daemon.terminate()
+        daemon.cleanup()
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "ws-echo":
         run_echo_server(int(sys.argv[2]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "ws-load":
+        run_ws_load(*[int(value) for value in sys.argv[2:3]])
     elif len(sys.argv) >= 2 and sys.argv[1] == "bench":
         run_benchmark(*[int(value) for value in sys.argv[2:4]])
     else:
