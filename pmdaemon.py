@@ -1397,9 +1397,12 @@ class Supervisor:
         return {mp.port for mp in self.processes.values()
                 if mp.port is not None and mp.config.name != excluding}
 
-    def _name_taken(self, base: str, instances: int) -> Optional[str]:
+    def _name_taken(self, base: str, instances: int, excluding: Optional[str] = None) -> Optional[str]:
+        """A name (or group) in the way of `base` with this many instances, if any."""
         wanted = {base} | {member_name(base, i, instances) for i in range(instances)}
         for mp in self.processes.values():
+            if mp.config.name == excluding:
+                continue
             if mp.name in wanted or mp.config.name in wanted or mp.config.name == base:
                 return mp.name
         return None
@@ -1518,7 +1521,10 @@ class Supervisor:
                                   "instance" % base)
             members = await self._reshape(base, port, instances)
         for mp in members:
-            await self.restart(mp)
+            if mp.started_wall is None and mp.status == ProcessState.STOPPED:
+                await self.start(mp)            # a copy added by scaling up: its first start
+            else:
+                await self.restart(mp)
         return members
 
     async def _reshape(self, base: str, port: Optional[str], instances: Optional[int]) -> List[ManagedProcess]:
@@ -1528,8 +1534,12 @@ class Supervisor:
             config.port = port
         if instances is not None:
             config.instances = instances
+        clash = self._name_taken(base, config.instances, excluding=base)
+        if clash is not None:
+            raise ApiError(409, "PROCESS_ALREADY_EXISTS", "cannot scale %r to %d instances: the name "
+                           "%r is taken" % (base, config.instances, clash), {"existing_process": clash})
         ports = assign_ports(config.port, config.instances, self._ports_in_use(excluding=base))
-        for mp in members[config.instances:]:                 # scale down: highest first
+        for mp in reversed(members[config.instances:]):       # scale down: highest first
             await self._remove(mp)
         for mp in members[:config.instances]:
             old_name = mp.name

@@ -1058,8 +1058,15 @@ class TestSupervision(DaemonTestCase):
         names = [p["name"] for p in self.daemon.get("/api/processes")[2]["processes"] if p["name"].startswith("sv-grp")]
         self.assertEqual(names, ["sv-grp-0", "sv-grp-1"])
         pids = [p["pid"] for p in created["processes"]]
+        self.assertFalse(pid_alive(pids[2]))
+        self.daemon.post("/api/processes/sv-grp/restart", {"instances": 4})
+        group = self.daemon.get("/api/processes/sv-grp")[2]
+        self.assertEqual([(p["name"], p["port"], p["status"]) for p in group["processes"]],
+                         [("sv-grp-%d" % i, 3400 + i, "online") for i in range(4)])
+        self.assertEqual([p["restarts"] for p in group["processes"]], [2, 2, 0, 0])
+        pids += [p["pid"] for p in group["processes"]]
         self.daemon.request("DELETE", "/api/processes/sv-grp")
-        self.assertEqual([pid_alive(pid) for pid in pids], [False, False, False])
+        self.assertEqual([pid_alive(pid) for pid in pids], [False] * 7)
         self.assertIsNone(self.daemon.process("sv-grp-0"))
 
 
