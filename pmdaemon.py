@@ -44,6 +44,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -1023,7 +1024,7 @@ def child_base_environment(environ: Dict[str, str]) -> Dict[str, str]:
 def build_argv(config: ProcessConfig, env: Dict[str, str]) -> List[str]:
     """The argv to exec: the script directly (found like a shell would), or sh -c when asked."""
     if config.shell:
-        return ["/bin/sh", "-c", " ".join([config.script] + [shlex_quote(a) for a in config.args])]
+        return ["/bin/sh", "-c", " ".join([config.script] + [shlex.quote(a) for a in config.args])]
     script = config.script
     if "/" in script:
         path = os.path.join(config.cwd or ".", script)
@@ -1041,11 +1042,6 @@ def build_argv(config: ProcessConfig, env: Dict[str, str]) -> List[str]:
         raise SpawnError("script %r is not executable (chmod +x, or run it through an "
                          "interpreter)" % path)
     return [path] + list(config.args)
-
-
-def shlex_quote(text: str) -> str:
-    import shlex
-    return shlex.quote(text)
 
 
 def signal_group(pgid: int, signum: int) -> None:
