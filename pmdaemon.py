@@ -1493,7 +1493,8 @@ class Supervisor:
     async def stop(self, mp: ManagedProcess) -> bool:
         """Stop a process and everything in its group; False if it was not running."""
         async with mp.lock:
-            was_running = mp.proc is not None or mp.status == ProcessState.RESTARTING
+            was_running = (mp.proc is not None or mp.pending_start is not None
+                           or mp.status == ProcessState.RESTARTING)
             await self._stop_locked(mp)
             self.save_state()
             return was_running
@@ -3212,6 +3213,7 @@ class Broadcaster:
         self.supervisor = supervisor
         self.api = api
         self.clients: set = set()
+        self.log_subscribers: Dict[str, set] = {}     # process name or "*" -> clients
         supervisor.listeners.append(self.on_event)
 
     def broadcast(self, kind: str, data: Any, process: Optional[str] = None, droppable: bool = False) -> None:
@@ -3246,15 +3248,36 @@ class Broadcaster:
             self.broadcast("process_update", data, mp.name, droppable=True)
 
     def send_log(self, name: str, entry: LogEntry) -> None:
-        frame = None
-        for client in list(self.clients):
-            if client.log_subscriptions and (name in client.log_subscriptions or "*" in client.log_subscriptions):
-                if client.wants("log", name) and (client.type_filter is None or "log" in client.type_filter):
-                    if frame is None:
-                        data = {"process": name, "type": entry.type, "message": entry.message,
-                                "timestamp": entry.timestamp}
-                        frame = ws_message("log", data)
-                    client.send(frame)
+        """A log line to its subscribers only: found through an index, never a scan of clients."""
+        targets = self.log_subscribers.get(name, set()) | self.log_subscribers.get("*", set())
+        if not targets:
+            return
+        frame = ws_message("log", {"process": name, "type": entry.type, "message": entry.message,
+                                   "timestamp": entry.timestamp})
+        for client in targets:
+            if client.wants("log", name):
+                client.send(frame)
+
+    def subscribe_logs(self, client: WsSession, names: set) -> None:
+        client.log_subscriptions |= names
+        for name in names:
+            self.log_subscribers.setdefault(name, set()).add(client)
+
+    def unsubscribe_logs(self, client: WsSession, names: set) -> None:
+        client.log_subscriptions -= names
+        for name in names:
+            subscribers = self.log_subscribers.get(name)
+            if subscribers is not None:
+                subscribers.discard(client)
+                if not subscribers:
+                    del self.log_subscribers[name]
+
+    def add_client(self, client: WsSession) -> None:
+        self.clients.add(client)
+
+    def remove_client(self, client: WsSession) -> None:
+        self.clients.discard(client)
+        self.unsubscribe_logs(client, set(client.log_subscriptions))
 
     def send_initial_state(self, client: WsSession) -> None:
         """A new client gets the current state at once rather than at the next tick."""
@@ -3287,17 +3310,15 @@ class Broadcaster:
             name = command.get("process", "*")
             if not isinstance(name, str):
                 raise ApiError(400, "INVALID_COMMAND", "'process' must be a process name or '*'")
-            if name != "*":
-                name = self.supervisor.resolve(name)[0].name if len(self.supervisor.resolve(name)) == 1 else name
             if kind == "subscribe":
-                if len(client.log_subscriptions) >= MAX_WS_SUBSCRIPTIONS:
-                    raise ApiError(400, "TOO_MANY_SUBSCRIPTIONS", "at most %d log subscriptions" % MAX_WS_SUBSCRIPTIONS)
-                members = [name] if name == "*" else [mp.name for mp in self.supervisor.resolve(name)]
-                client.log_subscriptions.update(members)
-            else:
-                members = [name] if name == "*" else [n for n in list(client.log_subscriptions)
-                                                      if n == name or n.rsplit("-", 1)[0] == name]
-                client.log_subscriptions.difference_update(members)
+                names = {"*"} if name == "*" else {mp.name for mp in self.supervisor.resolve(name)}
+                if len(client.log_subscriptions | names) > MAX_WS_SUBSCRIPTIONS:
+                    raise ApiError(400, "TOO_MANY_SUBSCRIPTIONS", "at most %d log subscriptions"
+                                   % MAX_WS_SUBSCRIPTIONS)
+                self.subscribe_logs(client, names)
+            else:                       # a group name, or a name that no longer exists, both work
+                self.unsubscribe_logs(client, {name} | {mp.name for mp in self.supervisor.processes.values()
+                                                        if mp.config.name == name})
             return kind + "d", {"channel": "logs", "process": command.get("process", "*")}
         if kind == "filter":
             client.type_filter = self._string_set(command, "types")
@@ -3509,12 +3530,12 @@ class HttpServer:
         session = WsSession(reader, writer, WsProtocol(), broadcaster.on_client_message,
                             ping_interval=self.config.ws_ping_interval,
                             pong_timeout=self.config.ws_pong_timeout)
-        broadcaster.clients.add(session)
+        broadcaster.add_client(session)
         try:
             broadcaster.send_initial_state(session)
             await session.run(bytes(parser.buffer))
         finally:
-            broadcaster.clients.discard(session)
+            broadcaster.remove_client(session)
 
 
 class Daemon:

@@ -1545,6 +1545,10 @@ class TestWebSocket(DaemonTestCase):
         client.send_json({"type": "subscribe", "channel": "logs", "process": "nobody"})
         error = client.recv_message("error")
         self.assertEqual(error["data"]["code"], "PROCESS_NOT_FOUND")
+        client.send_json({"type": "unsubscribe", "channel": "logs", "process": "ws-log"})
+        client.recv_message("unsubscribed")
+        seen = [client.recv_message()["type"] for _ in range(40)]     # ~0.8 s of ticks, 10 lines/s
+        self.assertNotIn("log", seen)
         self.daemon.request("DELETE", "/api/processes/ws-log")
 
     def test_malformed_commands_get_errors_and_the_connection_stays(self):
