@@ -3431,7 +3431,7 @@ class HttpServer:
                     parser.feed(data)
                     continue
                 watch.deadline = math.inf               # our turn: the client is not late
-                if request.path == "/ws" and "upgrade" in request.tokens("connection"):
+                if request.path == "/ws":
                     self.deadlines.discard(watch)
                     await self._websocket(request, parser, reader, writer)
                     return

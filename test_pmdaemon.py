@@ -1596,6 +1596,8 @@ class TestWebSocket(DaemonTestCase):
         bad = self.connect(headers={"Sec-WebSocket-Key": "short"})
         self.assertEqual((bad.status, bad.body["error"]["code"]), (400, "BAD_REQUEST"))
         self.assertEqual(self.connect(headers={"Origin": "https://evil.example"}).status, 403)
+        status, _, body = self.daemon.get("/ws")
+        self.assertEqual((status, body["error"]["message"]), (400, "expected 'Upgrade: websocket' and 'Connection: Upgrade'"))
         self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 101)
 
     def test_a_client_that_stops_reading_does_not_hold_up_others(self):
