@@ -2099,6 +2099,8 @@ def parse_target(method: str, target: str) -> Tuple[str, str]:
     raw_path, _, query = target.partition("?")
     if "#" in raw_path:
         raise http_error(400, "BAD_REQUEST", "request target must not contain a fragment")
+    if "%" not in raw_path:
+        return raw_path, query
     try:
         path = urllib.parse.unquote(raw_path, errors="strict")
     except UnicodeDecodeError:
@@ -2109,44 +2111,54 @@ def parse_target(method: str, target: str) -> Tuple[str, str]:
 
 
 def apply_framing(request: Request) -> None:
-    """Host, Content-Length, Transfer-Encoding and Connection rules of RFC 9112 §3.2, §6, §9."""
-    hosts = request.header_values("host")
+    """Host, body framing and Connection rules of RFC 9112 §3.2, §6 and §9.3."""
+    fields = request.fields
+    hosts = fields.get("host", ())
     if len(hosts) > 1:
         raise http_error(400, "BAD_REQUEST", "more than one Host header")
     if not hosts and request.version == "HTTP/1.1":
         raise http_error(400, "BAD_REQUEST", "missing Host header (required by HTTP/1.1)")
     if hosts and not HOST_RE.match(hosts[0]):
         raise http_error(400, "BAD_REQUEST", "invalid Host header %r" % hosts[0][:100])
-    codings = request.tokens("transfer-encoding")
-    lengths = [item.strip() for value in request.header_values("content-length")
-               for item in value.split(",")]
-    if request.header_values("transfer-encoding"):
-        if request.version == "HTTP/1.0":
-            raise http_error(400, "BAD_REQUEST", "Transfer-Encoding is not allowed in HTTP/1.0")
-        if lengths:
-            raise http_error(400, "BAD_REQUEST", "Content-Length together with Transfer-Encoding")
-        unknown = [coding for coding in codings if coding != "chunked"]
-        if unknown:
-            raise http_error(501, "NOT_IMPLEMENTED", "transfer coding %r is not supported" % unknown[0])
-        if codings != ["chunked"]:
-            raise http_error(400, "BAD_REQUEST", "invalid Transfer-Encoding %r"
-                             % ", ".join(request.header_values("transfer-encoding")))
-        request.chunked = True
-    elif lengths:
-        if not all(item.isdigit() and item.isascii() and len(item) <= 18 for item in lengths):
-            raise http_error(400, "BAD_REQUEST", "invalid Content-Length %r"
-                             % ", ".join(request.header_values("content-length"))[:100])
-        if len(set(int(item) for item in lengths)) > 1:
-            raise http_error(400, "BAD_REQUEST", "conflicting Content-Length values")
-        request.content_length = int(lengths[0])
-        if request.content_length > MAX_BODY_BYTES:
-            raise http_error(413, "PAYLOAD_TOO_LARGE", "request body of %d bytes is larger than "
-                             "the %d byte limit" % (request.content_length, MAX_BODY_BYTES))
-    connection = request.tokens("connection")
+    if "transfer-encoding" in fields:
+        apply_transfer_encoding(request)
+    elif "content-length" in fields:
+        apply_content_length(request)
+    connection = request.tokens("connection") if "connection" in fields else ()
     if request.version == "HTTP/1.1":
         request.keep_alive = "close" not in connection
     else:
         request.keep_alive = "keep-alive" in connection and "close" not in connection
+
+
+def apply_transfer_encoding(request: Request) -> None:
+    """Only "chunked" is supported, alone; never with Content-Length, never in HTTP/1.0."""
+    if request.version == "HTTP/1.0":
+        raise http_error(400, "BAD_REQUEST", "Transfer-Encoding is not allowed in HTTP/1.0")
+    if "content-length" in request.fields:
+        raise http_error(400, "BAD_REQUEST", "Content-Length together with Transfer-Encoding")
+    codings = request.tokens("transfer-encoding")
+    unknown = [coding for coding in codings if coding != "chunked"]
+    if unknown:
+        raise http_error(501, "NOT_IMPLEMENTED", "transfer coding %r is not supported" % unknown[0])
+    if codings != ["chunked"]:
+        raise http_error(400, "BAD_REQUEST", "invalid Transfer-Encoding %r"
+                         % ", ".join(request.header_values("transfer-encoding")))
+    request.chunked = True
+
+
+def apply_content_length(request: Request) -> None:
+    """Digits only; repeated values must agree; the limit is decided before reading the body."""
+    values = request.header_values("content-length")
+    lengths = [item.strip() for value in values for item in value.split(",")]
+    if not all(item.isdigit() and item.isascii() and len(item) <= 18 for item in lengths):
+        raise http_error(400, "BAD_REQUEST", "invalid Content-Length %r" % ", ".join(values)[:100])
+    if len(set(int(item) for item in lengths)) > 1:
+        raise http_error(400, "BAD_REQUEST", "conflicting Content-Length values")
+    request.content_length = int(lengths[0])
+    if request.content_length > MAX_BODY_BYTES:
+        raise http_error(413, "PAYLOAD_TOO_LARGE", "request body of %d bytes is larger than "
+                         "the %d byte limit" % (request.content_length, MAX_BODY_BYTES))
 
 
 class RequestParser:
@@ -2193,6 +2205,8 @@ class RequestParser:
         return request
 
     def _read_head(self) -> bool:
+        if not self.buffer:
+            return False
         # RFC 9112 §2.2: ignore empty lines before a request line.
         while self.buffer[:2] == b"\r\n" or self.buffer[:1] == b"\n":
             del self.buffer[:2 if self.buffer[:1] == b"\r" else 1]
