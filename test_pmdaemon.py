@@ -938,10 +938,14 @@ class TestHttpServerBehaviour(DaemonTestCase):
     def test_slow_client_does_not_block_others(self):
         with socket.create_connection(("127.0.0.1", self.daemon.port)) as slow:
             slow.sendall(b"GET /api/system HTTP/1.1\r\nHo")          # and then nothing
-            started = time.monotonic()
             status, _, _ = self.daemon.get("/api/system")
             self.assertEqual(status, 200)
-            self.assertLess(time.monotonic() - started, 2.0)
+            # Had the server waited for the slow client, the other request would only have been
+            # served after the slow one timed out; the slow one is still unanswered.
+            slow.setblocking(False)
+            with self.assertRaises(BlockingIOError):
+                slow.recv(1)
+            slow.setblocking(True)
             slow.sendall(b"st: localhost\r\n\r\n")
             self.assertEqual(status_of(recv_all(slow, 2)), 200)
 
@@ -1630,14 +1634,12 @@ class TestWebSocketKeepalive(DaemonTestCase):
 
     def test_server_pings_and_closes_a_silent_client(self):
         client = self.ws()
-        started = time.monotonic()
         while True:
             opcode, payload = client.recv()
             if opcode == 9:
                 break
         self.assertEqual(len(payload), 4)
         self.assertEqual(client.recv_close(timeout=5), 1008)
-        self.assertLess(time.monotonic() - started, 5)
 
     def test_a_client_that_answers_pings_stays(self):
         client = self.ws()
