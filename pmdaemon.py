@@ -2183,6 +2183,14 @@ class RequestParser:
     def in_body(self) -> bool:
         return self._request is not None
 
+    def wants_continue(self) -> bool:
+        """True once for a head that asked "Expect: 100-continue" and waits for our go."""
+        request = self._request
+        if request is None or request.header("expect", "").lower() != "100-continue":
+            return False
+        request.fields["expect"] = ["answered"]
+        return True
+
     @property
     def has_partial(self) -> bool:
         return self._request is not None or bool(self.buffer)
@@ -3439,6 +3447,8 @@ class HttpServer:
                     if now_phase != phase:
                         phase = now_phase
                         watch.deadline = loop.time() + (BODY_TIMEOUT if phase == "body" else HEADER_TIMEOUT)
+                    if phase == "body" and parser.wants_continue():
+                        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")     # RFC 9110 §10.1.1
                     data = await reader.read(READ_CHUNK)
                     if not data:
                         return

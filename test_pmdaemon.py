@@ -935,6 +935,17 @@ class TestHttpServerBehaviour(DaemonTestCase):
         self.assertEqual(json_of(raw)["name"], "chunky")
         self.daemon.request("DELETE", "/api/processes/chunky")
 
+    def test_expect_100_continue(self):
+        body = json.dumps({"name": "", "script": "sleep"}).encode()
+        with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5) as sock:
+            sock.sendall(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+            self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body + b"GET /api/system HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            raw = recv_all(sock)
+        self.assertEqual(status_of(raw), 400)
+        self.assertEqual(raw.count(b"HTTP/1.1 "), 2)
+
     def test_slow_client_does_not_block_others(self):
         with socket.create_connection(("127.0.0.1", self.daemon.port)) as slow:
             slow.sendall(b"GET /api/system HTTP/1.1\r\nHo")          # and then nothing
