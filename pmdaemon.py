@@ -123,6 +123,7 @@ WS_PING_INTERVAL = 30.0
 WS_PONG_TIMEOUT = 20.0
 WS_CLOSE_TIMEOUT = 5.0
 WS_SEND_BUFFER = 1024 * 1024           # pending bytes per client before updates are dropped
+WS_KERNEL_SEND_BUFFER = 128 * 1024     # SO_SNDBUF of a WebSocket connection
 WS_SLOW_GRACE = 10.0                   # seconds a client may stay over its buffer before 1008
 MAX_WS_CLIENTS = 10_000
 WS_TICKET_TTL = 30.0
@@ -3115,7 +3116,6 @@ class WsSession:
         self.send_buffer, self.slow_grace = send_buffer, slow_grace
         self.ping_interval, self.pong_timeout = ping_interval, pong_timeout
         self.behind_since: Optional[float] = None
-        self.dropped = 0
         self.closed = False
         self.log_subscriptions: set = set()       # process names, or "*" for all
         self.type_filter: Optional[set] = None
@@ -3138,11 +3138,10 @@ class WsSession:
             if self.behind_since is None:
                 self.behind_since = now
             if now - self.behind_since > self.slow_grace or pending > 2 * self.send_buffer:
-                self.fail(CloseCode.POLICY_VIOLATION, "client too slow to read updates", abort=True)
+                self.fail(CloseCode.POLICY_VIOLATION, "client too slow to read updates", drop=True)
                 return
             if droppable:
-                self.dropped += 1       # the next tick carries the latest state anyway
-                return
+                return                  # the next tick carries the latest state anyway
         else:
             self.behind_since = None
         self.transport.write(frame)
@@ -3150,14 +3149,17 @@ class WsSession:
     def send_json(self, kind: str, data: Any) -> None:
         self.send(ws_message(kind, data))
 
-    def fail(self, code: int, reason: str = "", abort: bool = False) -> None:
-        """Start the closing handshake (RFC 6455 §7.1.7); abort drops a client that cannot read."""
+    def fail(self, code: int, reason: str = "", drop: bool = False) -> None:
+        """Start the closing handshake (RFC 6455 §7.1.7). drop: a client that does not read gets
+        the close frame behind what is queued, nothing more, and is cut off if it still lags."""
         if self.closed:
             return
         frame = self.protocol.close(code, reason)
-        if abort:
+        if drop:
             self.closed = True
-            self.transport.abort()
+            self.transport.write(frame)
+            self.transport.close()
+            self._loop.call_later(WS_CLOSE_TIMEOUT, self.transport.abort)
             return
         if frame:
             self.transport.write(frame)
@@ -3551,6 +3553,12 @@ class HttpServer:
             await self._answer_and_close(reader, writer, response)
             return
         writer.write(handshake_response(accept))
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # Bound the kernel's share too: autotuning would let 10,000 idle readers pin
+            # megabytes each; a status feed needs little.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_KERNEL_SEND_BUFFER)
         session = WsSession(reader, writer, WsProtocol(), broadcaster.on_client_message,
                             ping_interval=self.config.ws_ping_interval,
                             pong_timeout=self.config.ws_pong_timeout)

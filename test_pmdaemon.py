@@ -1426,8 +1426,12 @@ class TestDaemonLifecycle(unittest.TestCase):
 class WsClient:
     """A minimal RFC 6455 client for the tests: masked frames out, unmasked frames in."""
 
-    def __init__(self, port, path="/ws", headers=None, timeout=10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port, path="/ws", headers=None, timeout=10, receive_buffer=None):
+        self.sock = socket.socket()
+        if receive_buffer:              # a small window makes a client that stops reading visible
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
         lines = {"Host": "127.0.0.1:%d" % port, "Upgrade": "websocket", "Connection": "Upgrade",
                  "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}
@@ -1616,26 +1620,28 @@ class TestWebSocket(DaemonTestCase):
         self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 101)
 
     def test_a_client_that_stops_reading_does_not_hold_up_others(self):
-        stalled = socket.create_connection(("127.0.0.1", self.daemon.port))
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.addCleanup(stalled.close)
-        key = base64.b64encode(os.urandom(16)).decode()
-        stalled.sendall(("GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
         go = os.path.join(self.daemon.home, "go")
         script = ("import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
-                  "for i in range(20000): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % go)
+                  "for i in range(40000): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % go)
         self.daemon.start("ws-flood", PY, ["-c", script])
-        subscribe = pmdaemon.encode_frame(1, json.dumps({"type": "subscribe", "channel": "logs",
-                                                         "process": "ws-flood"}).encode(), True, b"abcd")
-        stalled.sendall(subscribe)
+        stalled = self.connect(receive_buffer=4096)
+        stalled.send_json({"type": "subscribe", "channel": "logs", "process": "ws-flood"})
         reader = self.connect()
         reader.send_json({"type": "subscribe", "channel": "logs", "process": "ws-flood"})
         reader.recv_message("subscribed")
-        open(go, "w").close()
-        reader.recv_message("log", timeout=10, match=lambda m: m["data"]["message"].endswith(" 19999"))
+        open(go, "w").close()                       # 8.8 MB of log lines for each subscriber
+        reader.recv_message("log", timeout=20, match=lambda m: m["data"]["message"].endswith(" 39999"))
         self.daemon.start("ws-after", "sleep", ["60"])
         reader.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-after")
+        # The stalled client was cut off: what was queued, then a 1008 close, never 8.8 MB.
+        received, code = 0, None
+        while code is None:
+            opcode, payload = stalled.recv()
+            received += len(payload)
+            if opcode == 8:
+                code = struct.unpack("!H", payload[:2])[0]
+        self.assertEqual(code, 1008)
+        self.assertLess(received, 3 * pmdaemon.WS_SEND_BUFFER)
         for name in ("ws-flood", "ws-after"):
             self.daemon.request("DELETE", "/api/processes/" + name)
 
