@@ -467,8 +467,9 @@ class ProcessConfig:
     depends_on: List[str] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, data: Any, base_dir: Optional[str] = None) -> "ProcessConfig":
-        """Validate a user's JSON object; raise ApiError(400) naming the first bad field."""
+    def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
+        """Validate a user's JSON object; raise ApiError(400) naming the first bad field.
+        check_cwd=False for saved state: a vanished cwd is reported when the start fails."""
         if not isinstance(data, dict):
             raise bad_request("request body must be a JSON object, got %s" % _json_type(data))
         for key in data:
@@ -480,7 +481,8 @@ class ProcessConfig:
         values = {key: CONFIG_FIELDS[key](value) for key, value in data.items()
                   if value is not None or key in NULLABLE_FIELDS}
         config = cls(**values)
-        config.cwd = _resolve_cwd(config.cwd, base_dir)
+        if check_cwd:
+            config.cwd = _resolve_cwd(config.cwd, base_dir)
         config.check_consistency()
         return config
 
@@ -1357,6 +1359,7 @@ class Supervisor:
         data = {"event": name, "process": mp.name, "id": mp.id}
         data.update(extra)
         data["timestamp"] = iso_time(self.wall())
+        log.info("%s %s%s", mp.name, name, "".join(" %s=%s" % item for item in extra.items()))
         self.emit("process_event", data)
 
     def _background(self, coroutine) -> asyncio.Task:
@@ -1874,14 +1877,18 @@ class Supervisor:
         if data is None:
             return
         self.next_id = int(data.get("next_id", 0))
-        to_start, leftovers = [], []
+        to_start, leftovers, rejected = [], [], []
         for entry in data["processes"]:
             try:
-                config = ProcessConfig(**entry["config"])
+                # Saved configs are validated like new ones: a hand-edited file cannot smuggle
+                # in a wrong type that would fail later, deep in the supervisor.
+                config = ProcessConfig.from_dict(entry["config"], check_cwd=False)
                 mp = self._register(config, int(entry.get("instance", 0)), entry.get("port"),
                                     process_id=int(entry["id"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("skipping a saved process that cannot be read: %r (%s)", entry, exc)
+            except (KeyError, TypeError, ValueError, ApiError) as exc:
+                rejected.append(entry)
+                log.error("cannot restore saved process %r: %s", entry.get("name"),
+                          exc.message if isinstance(exc, ApiError) else exc)
                 continue
             mp.restarts = int(entry.get("restarts", 0))
             mp.run_token = entry.get("run_token")
@@ -1892,6 +1899,11 @@ class Supervisor:
                 leftovers.append((entry.get("pid"), entry.get("pid_start_ticks"), entry.get("run_token"), config))
             if status == "online":
                 to_start.append(mp)
+        if rejected:
+            kept = "%s.rejected-%s" % (self.state_path, time.strftime("%Y%m%dT%H%M%S"))
+            atomic_write(kept, json.dumps(rejected, indent=1).encode())
+            log.error("the %d saved process(es) that could not be restored are kept in %s",
+                      len(rejected), kept)
         await asyncio.gather(*(self._stop_leftover(*item) for item in leftovers))
         for mp in to_start:
             await self.start(mp)

@@ -1410,6 +1410,27 @@ class TestDaemonLifecycle(unittest.TestCase):
         daemon.terminate()
         self.assertIn("state file %s is unreadable" % os.path.join(self.home, "state.json"), daemon.stderr_text)
 
+    def test_a_bad_saved_entry_is_kept_aside_and_the_rest_restored(self):
+        first = self.daemon()
+        first.start("good", "sleep", ["60"])
+        first.start("edited", "sleep", ["60"])
+        first.terminate()
+        path = os.path.join(self.home, "state.json")
+        with open(path) as handle:
+            state = json.load(handle)
+        state["processes"][1]["config"]["args"] = "not a list"
+        with open(path, "w") as handle:
+            json.dump(state, handle)
+        second = self.daemon()
+        self.assertEqual(second.process("good")["status"], "online")
+        self.assertIsNone(second.process("edited"))
+        kept = [f for f in os.listdir(self.home) if f.startswith("state.json.rejected-")]
+        self.assertEqual(len(kept), 1)
+        with open(os.path.join(self.home, kept[0])) as handle:
+            self.assertEqual(json.load(handle)[0]["name"], "edited")
+        second.terminate()
+        self.assertIn("cannot restore saved process 'edited': field 'args' must be an array", second.stderr_text)
+
     def test_second_daemon_on_the_same_home_refuses(self):
         first = self.daemon()
         environ = dict(os.environ, PMDAEMON_HOME=self.home)
