@@ -125,6 +125,7 @@ WS_CLOSE_TIMEOUT = 5.0
 WS_SEND_BUFFER = 1024 * 1024           # pending bytes per client before updates are dropped
 WS_KERNEL_SEND_BUFFER = 128 * 1024     # SO_SNDBUF of a WebSocket connection
 WS_SLOW_GRACE = 10.0                   # seconds a client may stay over its buffer before 1008
+WS_HARD_LIMIT = 4                      # x WS_SEND_BUFFER: closed at once (only events get there)
 MAX_WS_CLIENTS = 10_000
 WS_TICKET_TTL = 30.0
 MAX_WS_TICKETS = 1024
@@ -552,6 +553,7 @@ class DaemonConfig:
     max_ws_clients: int = MAX_WS_CLIENTS
     ws_ping_interval: float = WS_PING_INTERVAL
     ws_pong_timeout: float = WS_PONG_TIMEOUT
+    ws_slow_grace: float = WS_SLOW_GRACE
 
 
 # ==============================================================================================
@@ -3128,6 +3130,7 @@ class WsSession:
         self.send_buffer, self.slow_grace = send_buffer, slow_grace
         self.ping_interval, self.pong_timeout = ping_interval, pong_timeout
         self.behind_since: Optional[float] = None
+        self.dropped_log_lines = 0
         self.closed = False
         self.log_subscriptions: set = set()       # process names, or "*" for all
         self.type_filter: Optional[set] = None
@@ -3140,23 +3143,34 @@ class WsSession:
             return False
         return process is None or self.process_filter is None or process in self.process_filter
 
-    def send(self, frame: bytes, droppable: bool = False) -> None:
-        """Queue a frame; a client that stops reading loses state updates, then the connection."""
+    def send(self, frame: bytes, kind: str = "event") -> None:
+        """Queue a frame. Past the send buffer a client that does not read loses state updates
+        (the next tick has the latest) and log lines (counted, then reported), keeps events,
+        and is closed with 1008 once it has stayed behind for the grace period."""
         if self.closed or self.protocol.close_sent:
             return
         pending = self.transport.get_write_buffer_size()
-        if pending > self.send_buffer:
-            now = self._loop.time()
-            if self.behind_since is None:
-                self.behind_since = now
-            if now - self.behind_since > self.slow_grace or pending > 2 * self.send_buffer:
-                self.fail(CloseCode.POLICY_VIOLATION, "client too slow to read updates", drop=True)
-                return
-            if droppable:
-                return                  # the next tick carries the latest state anyway
-        else:
-            self.behind_since = None
-        self.transport.write(frame)
+        if pending <= self.send_buffer:
+            if self.behind_since is not None:
+                self.behind_since = None
+                self._report_dropped()
+            self.transport.write(frame)
+            return
+        now = self._loop.time()
+        if self.behind_since is None:
+            self.behind_since = now
+        if now - self.behind_since > self.slow_grace or pending > WS_HARD_LIMIT * self.send_buffer:
+            self.fail(CloseCode.POLICY_VIOLATION, "client too slow to read updates", drop=True)
+        elif kind == "log":
+            self.dropped_log_lines += 1
+        elif kind == "event":
+            self.transport.write(frame)
+
+    def _report_dropped(self) -> None:
+        if self.dropped_log_lines:
+            self.transport.write(ws_message("dropped", {"log_lines": self.dropped_log_lines,
+                                                        "timestamp": iso_time(time.time())}))
+            self.dropped_log_lines = 0
 
     def send_json(self, kind: str, data: Any) -> None:
         self.send(ws_message(kind, data))
@@ -3252,13 +3266,13 @@ class Broadcaster:
         self.log_subscribers: Dict[str, set] = {}     # process name or "*" -> clients
         supervisor.listeners.append(self.on_event)
 
-    def broadcast(self, kind: str, data: Any, process: Optional[str] = None, droppable: bool = False) -> None:
+    def broadcast(self, kind: str, data: Any, process: Optional[str] = None, priority: str = "event") -> None:
         if not self.clients:
             return
         frame = ws_message(kind, data)
         for client in list(self.clients):
             if client.wants(kind, process):
-                client.send(frame, droppable)
+                client.send(frame, priority)
 
     def on_event(self, kind: str, payload: Any) -> None:
         if kind == "log":
@@ -3274,14 +3288,14 @@ class Broadcaster:
         elif kind == "health_update":
             self.broadcast("health_update", payload, payload["process"])
         elif kind == "tick":
-            self.broadcast("system_update", payload.to_update(), droppable=True)
+            self.broadcast("system_update", payload.to_update(), priority="state")
             for mp in list(self.supervisor.processes.values()):
                 self.send_process(mp)
 
     def send_process(self, mp: ManagedProcess) -> None:
         if self.clients:
             data = mp.update_data(self.supervisor.wall(), self.supervisor.clock())
-            self.broadcast("process_update", data, mp.name, droppable=True)
+            self.broadcast("process_update", data, mp.name, priority="state")
 
     def send_log(self, name: str, entry: LogEntry) -> None:
         """A log line to its subscribers only: found through an index, never a scan of clients."""
@@ -3292,7 +3306,7 @@ class Broadcaster:
                                    "timestamp": entry.timestamp})
         for client in targets:
             if client.wants("log", name):
-                client.send(frame)
+                client.send(frame, "log")
 
     def subscribe_logs(self, client: WsSession, names: set) -> None:
         client.log_subscriptions |= names
@@ -3573,7 +3587,8 @@ class HttpServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_KERNEL_SEND_BUFFER)
         session = WsSession(reader, writer, WsProtocol(), broadcaster.on_client_message,
                             ping_interval=self.config.ws_ping_interval,
-                            pong_timeout=self.config.ws_pong_timeout)
+                            pong_timeout=self.config.ws_pong_timeout,
+                            slow_grace=self.config.ws_slow_grace)
         broadcaster.add_client(session)
         try:
             broadcaster.send_initial_state(session)
@@ -3691,7 +3706,7 @@ def command_web(args: argparse.Namespace) -> int:
                           allow_hosts=tuple(args.allow_host), cors_origins=tuple(args.cors_origin),
                           sample_interval=args.sample_interval, max_connections=args.max_connections,
                           max_ws_clients=args.max_ws_clients, ws_ping_interval=args.ws_ping_interval,
-                          ws_pong_timeout=args.ws_pong_timeout)
+                          ws_pong_timeout=args.ws_pong_timeout, ws_slow_grace=args.ws_slow_grace)
     daemon = Daemon(config)
     try:
         daemon.acquire_lock()
@@ -3806,6 +3821,9 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--ws-pong-timeout", type=float, default=WS_PONG_TIMEOUT, metavar="SECONDS",
                      help="close a WebSocket client (1008) that has not answered a ping within this "
                      "(default %(default)s)")
+    web.add_argument("--ws-slow-grace", type=float, default=WS_SLOW_GRACE, metavar="SECONDS",
+                     help="close a WebSocket client (1008) that stays this long behind its 1 MiB "
+                     "send buffer (default %(default)s)")
     web.add_argument("--max-ws-clients", type=int, default=MAX_WS_CLIENTS,
                      help="WebSocket clients at once (default %(default)s)")
     web.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -107,6 +107,11 @@ class Daemon:
         status, _, data = self.get("/api/processes/%s" % key)
         return data if status == 200 else None
 
+    def last_line(self, key):
+        """The newest stdout line of a process, or "" while it has none."""
+        logs = self.get("/api/logs/%s?lines=1&type=stdout" % key)[2]["logs"]
+        return logs[-1]["message"] if logs else ""
+
     def wait_status(self, key, wanted, timeout=10):
         return wait_until(lambda: (self.process(key) or {}).get("status") == wanted and self.process(key),
                           timeout, message="%s to be %s" % (key, wanted))
@@ -1252,9 +1257,7 @@ class TestSupervisionDepth(DaemonTestCase):
         script = "import sys\nfor i in range(40000): sys.stdout.write('line %06d %s\\n' % (i, 'y' * 60))\n" \
                  "sys.stdout.flush()\nimport time; time.sleep(60)"
         self.daemon.start("rot", PY, ["-c", script], log_max_size="256K", log_max_files=3)
-        wait_until(lambda: self.daemon.get("/api/logs/rot?lines=1&type=stdout")[2]["logs"][-1:] and
-                   self.daemon.get("/api/logs/rot?lines=1&type=stdout")[2]["logs"][-1]["message"].startswith("line 039999"),
-                   message="last line")
+        wait_until(lambda: self.daemon.last_line("rot").startswith("line 039999"), message="last line")
         files = sorted(f for f in os.listdir(os.path.join(self.daemon.home, "logs")) if f.startswith("rot-out.log"))
         self.assertEqual(files, ["rot-out.log", "rot-out.log.1", "rot-out.log.2"])
         for name in files:
@@ -1532,6 +1535,8 @@ class WsClient:
 
 
 class TestWebSocket(DaemonTestCase):
+    daemon_args = ("--ws-slow-grace", "1")
+
     def connect(self, **kwargs):
         return self.ws(**kwargs)
 
@@ -1645,16 +1650,18 @@ class TestWebSocket(DaemonTestCase):
         script = ("import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
                   "for i in range(40000): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % go)
         self.daemon.start("ws-flood", PY, ["-c", script])
-        stalled = self.connect(receive_buffer=4096)
+        stalled = self.connect(receive_buffer=65536)
         stalled.send_json({"type": "subscribe", "channel": "logs", "process": "ws-flood"})
         reader = self.connect()
-        reader.send_json({"type": "subscribe", "channel": "logs", "process": "ws-flood"})
-        reader.recv_message("subscribed")
-        open(go, "w").close()                       # 8.8 MB of log lines for each subscriber
-        reader.recv_message("log", timeout=20, match=lambda m: m["data"]["message"].endswith(" 39999"))
+        reader.send_json({"type": "ping"})
+        reader.recv_message("pong")                 # both sessions are set up
+        open(go, "w").close()                       # 8.8 MB of log lines for the stalled client
+        wait_until(lambda: self.daemon.last_line("ws-flood").endswith(" 39999"), message="the whole flood")
         self.daemon.start("ws-after", "sleep", ["60"])
         reader.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-after")
-        # The stalled client was cut off: what was queued, then a 1008 close, never 8.8 MB.
+        for _ in range(8):                          # 8 ticks of 0.2 s: past the 1 s grace
+            reader.recv_message("system_update")
+        # The stalled client is closed after the grace: what was queued, then 1008, never 8.8 MB.
         received, code = 0, None
         while code is None:
             opcode, payload = stalled.recv()
@@ -1665,6 +1672,27 @@ class TestWebSocket(DaemonTestCase):
         self.assertLess(received, 3 * pmdaemon.WS_SEND_BUFFER)
         for name in ("ws-flood", "ws-after"):
             self.daemon.request("DELETE", "/api/processes/" + name)
+
+    def test_a_reader_that_falls_behind_is_told_how_many_lines_it_lost(self):
+        go = os.path.join(self.daemon.home, "go-lag")
+        script = ("import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
+                  "for i in range(40000): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % go)
+        self.daemon.start("ws-lag", PY, ["-c", script])
+        lagging = self.connect(receive_buffer=65536)
+        lagging.send_json({"type": "subscribe", "channel": "logs", "process": "ws-lag"})
+        lagging.recv_message("subscribed")
+        open(go, "w").close()
+        wait_until(lambda: self.daemon.last_line("ws-lag").endswith(" 39999"), message="the whole flood")
+        lines = 0                                   # now read everything: lines, then the report
+        while True:
+            message = lagging.recv_message()
+            if message["type"] == "log":
+                lines += 1
+            elif message["type"] == "dropped":
+                break
+        self.assertGreater(message["data"]["log_lines"], 0)
+        self.assertLess(lines, 40000)
+        self.daemon.request("DELETE", "/api/processes/ws-lag")
 
 
 class TestWebSocketKeepalive(DaemonTestCase):
