@@ -3626,7 +3626,9 @@ class Daemon:
     async def run(self, ready: Optional[Callable[[int], None]] = None) -> int:
         loop = asyncio.get_event_loop()
         stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too: a daemon started from a terminal that closes shuts down cleanly (children
+        # stopped, state saved) instead of dying with its children orphaned.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
         supervisor = Supervisor(self.config.home)
         api = Api(supervisor, AccessPolicy(self.config.api_key, self.config.allow_hosts,
@@ -3749,6 +3751,27 @@ def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None)
             return error.code, None
 
 
+def follow_logs(args: argparse.Namespace, quoted: str) -> int:
+    """Print the last lines, then new ones as they come, until the process is deleted or ^C."""
+    import urllib.request
+    import urllib.error
+    request = urllib.request.Request("%s/api/logs/%s?lines=%d&follow=true" % (args.url.rstrip("/"), quoted, args.lines))
+    key = os.environ.get(API_KEY_ENV)
+    if key:
+        request.add_header("Authorization", "Bearer " + key)
+    try:
+        with urllib.request.urlopen(request) as reply:
+            for line in reply:
+                entry = json.loads(line)
+                print("%s %s %s" % (entry["timestamp"], entry["type"], entry["message"]), flush=True)
+    except urllib.error.HTTPError as error:
+        print(error.read().decode("utf-8", "replace"), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def print_table(processes: List[dict]) -> None:
     columns = ("id", "name", "status", "pid", "port", "cpu", "memory", "uptime", "restarts")
     rows = [[str(p["id"]), p["name"], p["status"], str(p["pid"] or "-"), str(p["port"] or "-"),
@@ -3780,6 +3803,8 @@ def command_client(args: argparse.Namespace) -> int:
         status, body = api_call(args, "DELETE", "/api/processes/" + quoted)
     elif args.command == "info":
         status, body = api_call(args, "GET", "/api/processes/" + quoted)
+    elif args.command == "logs" and args.follow:
+        return follow_logs(args, quoted)
     elif args.command == "logs":
         status, body = api_call(args, "GET", "/api/logs/%s?lines=%d" % (quoted, args.lines))
         if status == 200 and not args.json:
@@ -3841,6 +3866,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("target", metavar="NAME_OR_ID")
         if name == "logs":
             sub.add_argument("--lines", type=int, default=20)
+            sub.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
         if name == "start":
             sub.add_argument("name")
             sub.add_argument("script")

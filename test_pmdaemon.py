@@ -901,6 +901,28 @@ class TestRestApi(DaemonTestCase):
             self.daemon.request("DELETE", "/api/processes/" + name)
 
 
+class TestCli(DaemonTestCase):
+    def cli(self, *args):
+        result = subprocess.run([PY, PMDAEMON] + list(args[:1]) + ["--url", "http://127.0.0.1:%d" % self.daemon.port]
+                                + list(args[1:]), capture_output=True, text=True, timeout=30)
+        return result.returncode, result.stdout
+
+    def test_start_list_logs_stop_delete(self):
+        code, out = self.cli("start", "--port", "3801", "cli-a", PY, "-c", "print('hello from cli'); import time; time.sleep(60)")
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out)["message"], "Process 'cli-a' started successfully")
+        code, out = self.cli("list")
+        header, row = out.splitlines()[0], [line for line in out.splitlines() if " cli-a " in line][0]
+        self.assertEqual(header.split(), ["id", "name", "status", "pid", "port", "cpu", "memory", "uptime", "restarts"])
+        self.assertEqual(row.split()[1:3] + [row.split()[4]], ["cli-a", "online", "3801"])
+        wait_until(lambda: "hello from cli" in self.cli("logs", "cli-a")[1], message="the line via the CLI")
+        self.assertEqual(self.cli("stop", "cli-a")[0], 0)
+        self.assertEqual(self.daemon.process("cli-a")["status"], "stopped")
+        self.assertEqual(self.cli("delete", "cli-a")[0], 0)
+        code, out = self.cli("info", "cli-a")
+        self.assertEqual((code, json.loads(out)["error"]["code"]), (1, "PROCESS_NOT_FOUND"))
+
+
 class TestHttpServerBehaviour(DaemonTestCase):
     def test_pipelined_requests_are_answered_in_order(self):
         requests = b"".join(b"GET /api/processes/%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % name
