@@ -2787,7 +2787,7 @@ class Route(NamedTuple):
 
 
 def compile_route(template: str):
-    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + "$")
+    return re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + r"\Z", re.ASCII)
 
 
 def message(text: str, **extra: Any) -> dict:

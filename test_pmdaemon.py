@@ -149,6 +149,14 @@ def read_text(path):
         return ""
 
 
+def read_environ(pid):
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
 def recv_all(sock, timeout=5.0):
     sock.settimeout(timeout)
     chunks = []
@@ -860,6 +868,7 @@ class TestRestApi(DaemonTestCase):
                 self.assertIsInstance(body["error"]["details"]["available_processes"], list)
         self.assertError(self.daemon.get("/api/nothing"), 404, "NOT_FOUND", "no such endpoint: /api/nothing")
         self.assertError(self.daemon.get("/"), 404, "NOT_FOUND")
+        self.assertError(self.daemon.get("/api/processes%0A"), 404, "NOT_FOUND")
 
     def test_create_errors(self):
         self.daemon.start("api-dup", "sleep", ["60"])
@@ -1413,14 +1422,22 @@ class TestDaemonLifecycle(unittest.TestCase):
 
     def test_kill_9_then_restart_leaves_exactly_one_copy(self):
         first = self.daemon()
-        old_pid = first.start("survivor", "sleep", ["60"])["process"]["pid"]
+        first.start("before", "sleep", ["60"])
+        first.request("DELETE", "/api/processes/before")
+        first.start("survivor", "sleep", ["60"], env={"MODE": "kept"})
+        first.post("/api/processes/survivor/restart")
+        old_pid = first.process("survivor")["pid"]
         first.proc.kill()
         first.proc.wait()
         second = self.daemon()
         now = second.process("survivor")
-        self.assertEqual(now["status"], "online")
+        self.assertEqual((now["status"], now["id"], now["restarts"], now["config"]["env"]["MODE"]),
+                         ("online", 1, 1, "kept"))
         self.assertFalse(pid_alive(old_pid))            # the orphan of the old run was stopped
         self.assertTrue(pid_alive(now["pid"]))
+        copies = [p for p in os.listdir("/proc") if p.isdigit() and pid_alive(int(p))
+                  and b"PMDAEMON_PROCESS_NAME=survivor" in read_environ(int(p))]
+        self.assertEqual(copies, [str(now["pid"])])     # exactly one copy runs
         second.terminate()
 
     def test_corrupt_state_is_moved_aside(self):
