@@ -2,12 +2,15 @@
 """pmdaemon.py: a process manager with a REST + WebSocket API, in one standard-library file.
 
 Usage:
-    python3 pmdaemon.py web [--host 127.0.0.1] [--port 9615] [--api-key KEY]
+    python3 pmdaemon.py web [--host 127.0.0.1] [--port 9615] [--api-key KEY]   # the daemon
+    python3 pmdaemon.py list | start | stop | restart | delete | info | logs | system
     python3 pmdaemon.py --help | --version
 
-The daemon supervises child processes (restart on crash, process-group stops, logs, metrics)
-and serves the PMDaemon Web API (REST under /api, WebSocket at /ws). State and logs live in
-$PMDAEMON_HOME (default ~/.pmdaemon).
+The daemon supervises child processes (restart policies with backoff, process-group stops that
+leave nothing behind, memory limits, health checks, instances and ports, rolling reload, start
+order, rotating logs, metrics) and serves the PMDaemon Web API: REST under /api, WebSocket at
+/ws. State and logs live in $PMDAEMON_HOME (default ~/.pmdaemon). The other commands are a
+client of a running daemon. README.md documents every endpoint, setting and choice.
 
 Map of this file; each section uses only the sections above it:
      1. Constants and enums    limits, defaults, process states, WebSocket opcodes
