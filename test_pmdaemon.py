@@ -1099,11 +1099,22 @@ class TestSupervision(DaemonTestCase):
         self.daemon.request("DELETE", "/api/processes/sv-env")
 
     def test_instances_are_named_and_addressed_as_a_group(self):
-        created = self.daemon.post("/api/processes", {"name": "sv-grp", "script": "sleep", "args": ["60"],
-                                                      "instances": 3, "port": "3400-3405"})[2]
+        created = self.daemon.post("/api/processes", {"name": "sv-grp", "script": "sh", "instances": 3,
+                                                      "args": ["-c", "echo copy $PM2_INSTANCE_ID >&2; exec sleep 60"],
+                                                      "port": "3400-3405"})[2]
         self.assertEqual([p["name"] for p in created["processes"]], ["sv-grp-0", "sv-grp-1", "sv-grp-2"])
         self.assertEqual([p["port"] for p in created["processes"]], [3400, 3401, 3402])
         self.assertEqual(self.daemon.process("sv-grp-1")["config"]["env"]["PORT"], "3401")
+        status, _, stopped = self.daemon.post("/api/processes/sv-grp/stop")
+        self.assertEqual(stopped["message"], "Process 'sv-grp' stopped successfully")
+        self.assertEqual({p["status"] for p in self.daemon.get("/api/processes/sv-grp")[2]["processes"]}, {"stopped"})
+        self.daemon.post("/api/processes/sv-grp/start")
+        logs = wait_until(lambda: (lambda body: body if len(body["logs"]) == 6 else None)(
+            self.daemon.get("/api/logs/sv-grp?type=stderr&lines=100")[2]), message="two lines per copy")
+        self.assertEqual(logs["process"], "sv-grp")
+        self.assertEqual(sorted((e["process"], e["message"]) for e in logs["logs"]),
+                         sorted([("sv-grp-%d" % i, "copy %d" % i) for i in range(3)] * 2))
+        created["processes"] = self.daemon.get("/api/processes/sv-grp")[2]["processes"]
         status, _, body = self.daemon.post("/api/processes/sv-grp/restart", {"instances": 2})
         self.assertEqual(status, 200, body)
         names = [p["name"] for p in self.daemon.get("/api/processes")[2]["processes"] if p["name"].startswith("sv-grp")]
@@ -1204,6 +1215,16 @@ class TestSupervisionDepth(DaemonTestCase):
         self.assertEqual(online["health"], "healthy")
         self.daemon.request("DELETE", "/api/processes/hc-ready")
 
+    def test_listen_timeout_makes_a_never_ready_process_online(self):
+        self.daemon.start("hc-late", "sleep", ["60"], wait_ready=True, listen_timeout=400,
+                          restart_on_unhealthy=False, health_check={"type": "tcp", "port": 1, "interval": 5000})
+        self.assertEqual(self.daemon.process("hc-late")["status"], "starting")
+        online = self.daemon.wait_status("hc-late", "online")
+        self.assertEqual(online["health"], "unknown")
+        notes = [e["message"] for e in self.daemon.get("/api/logs/hc-late?type=stderr")[2]["logs"]]
+        self.assertIn("[pmdaemon] no healthy check within listen_timeout (400 ms); considered online", notes)
+        self.daemon.request("DELETE", "/api/processes/hc-late")
+
     def test_rolling_reload_keeps_n_minus_one_copies_ready(self):
         self.daemon.post("/api/processes", {"name": "hc-roll", "script": PY, "args": ["-c", HEALTH_SERVER],
                                             "instances": 3, "port": "auto:24000-24999", "wait_ready": True,
@@ -1299,6 +1320,15 @@ class TestSupervisionDepth(DaemonTestCase):
         numbers = [int(entry["message"].split()[1]) for entry in logs]
         self.assertEqual(numbers, list(range(40000 - len(logs), 40000)))
         self.daemon.request("DELETE", "/api/processes/rot")
+
+    def test_partial_and_binary_output_reach_the_log(self):
+        script = ("import sys, time\nsys.stdout.buffer.write(b'bin \\xff\\x00\\xfe end\\n')\n"
+                  "sys.stdout.buffer.write(b'prompt> ')\nsys.stdout.flush()\ntime.sleep(60)")
+        self.daemon.start("partial", PY, ["-c", script])
+        logs = wait_until(lambda: (lambda entries: entries if len(entries) == 2 else None)(
+            self.daemon.get("/api/logs/partial?type=stdout")[2]["logs"]), message="the unterminated line")
+        self.assertEqual([e["message"] for e in logs], ["bin \ufffd\ufffd\ufffd end", "prompt> "])
+        self.daemon.request("DELETE", "/api/processes/partial")
 
     def test_backoff_shows_restarting_with_the_next_try(self):
         self.daemon.start("boff", PY, ["-c", "raise SystemExit(1)"], exp_backoff_restart_delay=1500)
