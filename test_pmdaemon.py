@@ -1742,12 +1742,15 @@ class TestWebSocket(DaemonTestCase):
         for name in ("ws-flood", "ws-after"):
             self.daemon.request("DELETE", "/api/processes/" + name)
 
+class TestWebSocketLagging(DaemonTestCase):
+    daemon_args = ("--ws-slow-grace", "60")         # a lagging reader here is never closed
+
     def test_a_reader_that_falls_behind_is_told_how_many_lines_it_lost(self):
         go = os.path.join(self.daemon.home, "go-lag")
         script = ("import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
                   "for i in range(40000): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % go)
         self.daemon.start("ws-lag", PY, ["-c", script])
-        lagging = self.connect(receive_buffer=65536)
+        lagging = self.ws(receive_buffer=65536)
         lagging.send_json({"type": "subscribe", "channel": "logs", "process": "ws-lag"})
         lagging.recv_message("subscribed")
         open(go, "w").close()
