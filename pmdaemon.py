@@ -130,6 +130,7 @@ WS_KERNEL_SEND_BUFFER = 128 * 1024     # SO_SNDBUF of a WebSocket connection
 WS_SLOW_GRACE = 10.0                   # seconds a client may stay over its buffer before 1008
 WS_HARD_LIMIT = 4                      # x WS_SEND_BUFFER: closed at once (only events get there)
 MAX_WS_CLIENTS = 10_000
+FANOUT_CHUNK = 500                     # clients served per loop iteration when a tick fans out
 WS_TICKET_TTL = 30.0
 MAX_WS_TICKETS = 1024
 MAX_WS_SUBSCRIPTIONS = 64
@@ -3267,6 +3268,7 @@ class Broadcaster:
         self.api = api
         self.clients: set = set()
         self.log_subscribers: Dict[str, set] = {}     # process name or "*" -> clients
+        self._tick_task: Optional[asyncio.Task] = None
         supervisor.listeners.append(self.on_event)
 
     def broadcast(self, kind: str, data: Any, process: Optional[str] = None, priority: str = "event") -> None:
@@ -3291,12 +3293,50 @@ class Broadcaster:
         elif kind == "health_update":
             self.broadcast("health_update", payload, payload["process"])
         elif kind == "tick":
-            self.broadcast("system_update", payload.to_update(), priority="state")
-            for mp in list(self.supervisor.processes.values()):
-                self.send_process(mp)
+            self.send_tick(payload)
+
+    def send_tick(self, system: SystemMetrics) -> None:
+        """Every sample: system_update and a process_update per process. A client without
+        filters gets them as one write (one syscall rather than 1 + N per client)."""
+        if not self.clients:
+            return
+        now, wall = self.supervisor.clock(), self.supervisor.wall()
+        messages = [("system_update", None, ws_message("system_update", system.to_update()))]
+        messages += [("process_update", mp.name, ws_message("process_update", mp.update_data(wall, now)))
+                     for mp in self.supervisor.processes.values()]
+        batch = b"".join(frame for _, _, frame in messages)
+        clients = list(self.clients)
+        self._cancel_tick()
+        if len(clients) <= FANOUT_CHUNK:
+            self._deliver_tick(clients, messages, batch)
+        else:       # thousands of clients: let requests in between chunks
+            self._tick_task = asyncio.ensure_future(self._fan_out(clients, messages, batch))
+
+    async def _fan_out(self, clients: List[WsSession], messages, batch: bytes) -> None:
+        for start in range(0, len(clients), FANOUT_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            self._deliver_tick(clients[start:start + FANOUT_CHUNK], messages, batch)
+
+    @staticmethod
+    def _deliver_tick(clients: List[WsSession], messages, batch: bytes) -> None:
+        for client in clients:
+            if client.type_filter is None and client.process_filter is None:
+                client.send(batch, "state")
+            else:
+                for kind, process, frame in messages:
+                    if client.wants(kind, process):
+                        client.send(frame, "state")
+
+    def _cancel_tick(self) -> None:
+        """A newer state supersedes a tick still being fanned out (latest state wins)."""
+        if self._tick_task is not None and not self._tick_task.done():
+            self._tick_task.cancel()
+        self._tick_task = None
 
     def send_process(self, mp: ManagedProcess) -> None:
         if self.clients:
+            self._cancel_tick()
             data = mp.update_data(self.supervisor.wall(), self.supervisor.clock())
             self.broadcast("process_update", data, mp.name, priority="state")
 

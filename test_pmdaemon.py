@@ -1951,46 +1951,62 @@ def run_benchmark(seconds=5, rounds=3):
 
 
 def run_ws_load(count=10000):
-    """Open `count` WebSocket clients to one daemon; time how long a broadcast takes to reach all."""
+    """Open `count` WebSocket clients to a daemon managing 10 processes; time how long a tick
+    takes to reach all, and the REST latency meanwhile."""
     import asyncio
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
     daemon = Daemon(args=("--sample-interval", "1"))
+    for index in range(10):
+        daemon.start("load-%d" % index, "sleep", ["600"])
 
-    async def client(ready, counts):
+    async def client(ready, state):
         reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write(("GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                       "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
         await reader.readuntil(b"\r\n\r\n")
         ready.append(writer)
+        counted_mark = None
         while True:
             data = await reader.read(65536)
             if not data:
                 return
-            counts[0] += data.count(b'"system_update"')
+            if state["mark"] is not None and counted_mark != state["mark"] and b'"system_update"' in data:
+                counted_mark = state["mark"]            # first tick after the mark, once per client
+                state["reached"] += 1
+                state["last"] = time.monotonic()
 
     async def main():
-        ready, counts, tasks = [], [0], []
+        ready, tasks = [], []
+        state = {"mark": None, "reached": 0, "last": 0.0}
         started = time.monotonic()
         for index in range(count):
-            tasks.append(asyncio.ensure_future(client(ready, counts)))
+            tasks.append(asyncio.ensure_future(client(ready, state)))
             if index % 500 == 499:
                 await asyncio.sleep(0.05)
         while len(ready) < count and time.monotonic() - started < 120:
             await asyncio.sleep(0.1)
         print("%d clients connected in %.1f s" % (len(ready), time.monotonic() - started))
-        baseline = counts[0]
-        tick = time.monotonic()
-        while counts[0] < baseline + count and time.monotonic() - tick < 30:
+        await asyncio.sleep(2)                      # let the connection burst settle
+        state["mark"] = mark = time.monotonic()
+        while state["reached"] < len(ready) and time.monotonic() - mark < 30:
             await asyncio.sleep(0.01)
-        print("one system_update tick reached %d clients within %.2f s" % (counts[0] - baseline, time.monotonic() - tick))
+        print("the next tick (1 s period) reached %d clients, the last %.2f s after the mark"
+              % (state["reached"], state["last"] - mark))
         with open("/proc/%d/status" % daemon.proc.pid) as handle:
             rss = [line for line in handle if line.startswith("VmRSS")][0].split()[1]
         print("daemon RSS with %d clients: %.0f MiB" % (len(ready), int(rss) / 1024))
-        status, _, _ = daemon.get("/api/system")
-        print("GET /api/system meanwhile: %d" % status)
+        latencies = []
+        for _ in range(100):                      # REST latency while ticks go to every client
+            started = time.monotonic()
+            await asyncio.get_event_loop().run_in_executor(None, daemon.get, "/api/system")
+            latencies.append(time.monotonic() - started)
+            await asyncio.sleep(0.02)
+        latencies.sort()
+        print("GET /api/system over 3 s meanwhile: median %.1f ms, max %.1f ms"
+              % (latencies[50] * 1000, latencies[-1] * 1000))
         for writer in ready:
             writer.close()
         for task in tasks:
