@@ -1667,6 +1667,7 @@ class Supervisor:
         uptime_ms = mp.uptime_ms(self.clock())
         code = returncode if returncode >= 0 else None
         signame = signal.Signals(-returncode).name if returncode < 0 else None
+        self.sampler.forget((mp.id, mp.pid))       # its CPU history ends with the run
         mp.proc = mp.pid = None
         mp.cpu, mp.memory = 0.0, 0
         mp.last_exit = {"code": code, "signal": signame, "uptime": uptime_ms,
@@ -2916,9 +2917,6 @@ class Api:
 
     def not_found(self, request: Request) -> ApiError:
         return ApiError(404, "NOT_FOUND", "no such endpoint: %s" % request.path[:200])
-
-    def resolve_one(self, key: str) -> ManagedProcess:
-        return self.supervisor.resolve(key)[0]
 
     # -- handlers --------------------------------------------------------------------------------
 
