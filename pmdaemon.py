@@ -3385,10 +3385,12 @@ class Broadcaster:
             command = json.loads(event.data) if event.kind == "text" else None
             reply = self.run_command(client, command)
         except ValueError as exc:
-            reply = ("error", {"message": "invalid JSON: %s" % exc})
+            reply = ("error", {"code": "INVALID_JSON", "message": "invalid JSON: %s" % exc})
         except ApiError as error:
             reply = ("error", {"code": error.code, "message": error.message})
-        client.send_json(*reply)
+        kind, data = reply
+        data["timestamp"] = iso_time(self.supervisor.wall())   # every data carries one
+        client.send_json(kind, data)
 
     def run_command(self, client: WsSession, command: Any) -> Tuple[str, dict]:
         if not isinstance(command, dict) or not isinstance(command.get("type"), str):
@@ -3417,7 +3419,7 @@ class Broadcaster:
             return "filtered", {"types": sorted(client.type_filter) if client.type_filter is not None else None,
                                 "processes": sorted(client.process_filter) if client.process_filter is not None else None}
         if kind == "ping":
-            return "pong", {"timestamp": iso_time(self.supervisor.wall())}
+            return "pong", {}
         raise ApiError(400, "INVALID_COMMAND", "unknown command type %r (subscribe, unsubscribe, "
                        "filter, ping)" % kind[:40])
 

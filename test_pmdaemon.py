@@ -1651,6 +1651,7 @@ class TestWebSocket(DaemonTestCase):
         client = self.connect()
         client.send_json({"type": "subscribe", "channel": "logs", "process": "ws-log"})
         ack = client.recv_message("subscribed")
+        self.assertRegex(ack["data"].pop("timestamp"), r"Z$")
         self.assertEqual(ack["data"], {"channel": "logs", "process": "ws-log"})
         line = client.recv_message("log")
         self.assertEqual(line["data"]["process"], "ws-log")
@@ -1670,7 +1671,9 @@ class TestWebSocket(DaemonTestCase):
     def test_malformed_commands_get_errors_and_the_connection_stays(self):
         client = self.connect()
         client.send(1, b"not json")
-        self.assertTrue(client.recv_message("error")["data"]["message"].startswith("invalid JSON"))
+        error = client.recv_message("error")["data"]
+        self.assertEqual(error["code"], "INVALID_JSON")
+        self.assertTrue(error["message"].startswith("invalid JSON"))
         client.send_json({"type": "launch"})
         self.assertEqual(client.recv_message("error")["data"]["message"],
                          "unknown command type 'launch' (subscribe, unsubscribe, filter, ping)")
