@@ -1516,6 +1516,12 @@ class TestDaemonLifecycle(unittest.TestCase):
 # 10. WebSocket sessions against a live daemon
 # ----------------------------------------------------------------------------------------------
 
+def flood_script(go_file, lines=40000):
+    """A child that waits for go_file, then prints `lines` lines of ~220 bytes at full speed."""
+    return ("import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
+            "for i in range(%d): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % (go_file, lines))
+
+
 class WsClient:
     """A minimal RFC 6455 client for the tests: masked frames out, unmasked frames in."""
 
@@ -1719,9 +1725,7 @@ class TestWebSocket(DaemonTestCase):
 
     def test_a_client_that_stops_reading_does_not_hold_up_others(self):
         go = os.path.join(self.daemon.home, "go")
-        script = ("import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
-                  "for i in range(40000): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % go)
-        self.daemon.start("ws-flood", PY, ["-c", script])
+        self.daemon.start("ws-flood", PY, ["-c", flood_script(go)])
         stalled = self.connect(receive_buffer=65536)
         stalled.send_json({"type": "subscribe", "channel": "logs", "process": "ws-flood"})
         reader = self.connect()
@@ -1745,14 +1749,13 @@ class TestWebSocket(DaemonTestCase):
         for name in ("ws-flood", "ws-after"):
             self.daemon.request("DELETE", "/api/processes/" + name)
 
+
 class TestWebSocketLagging(DaemonTestCase):
     daemon_args = ("--ws-slow-grace", "60")         # a lagging reader here is never closed
 
     def test_a_reader_that_falls_behind_is_told_how_many_lines_it_lost(self):
         go = os.path.join(self.daemon.home, "go-lag")
-        script = ("import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
-                  "for i in range(40000): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % go)
-        self.daemon.start("ws-lag", PY, ["-c", script])
+        self.daemon.start("ws-lag", PY, ["-c", flood_script(go)])
         lagging = self.ws(receive_buffer=65536)
         lagging.send_json({"type": "subscribe", "channel": "logs", "process": "ws-lag"})
         lagging.recv_message("subscribed")
