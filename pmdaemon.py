@@ -3,7 +3,7 @@
 
 Usage:
     python3 pmdaemon.py web [--host 127.0.0.1] [--port 9615] [--api-key KEY]   # the daemon
-    python3 pmdaemon.py list | start | stop | restart | delete | info | logs | system
+    python3 pmdaemon.py list | start | stop | restart | delete | info | logs | system | apply
     python3 pmdaemon.py --help | --version
 
 The daemon supervises child processes (restart policies with backoff, process-group stops that
@@ -3794,6 +3794,45 @@ def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None)
             return error.code, None
 
 
+def load_apps(path: str) -> List[dict]:
+    """Process definitions from a JSON or TOML file: {"apps": [...]}, [[apps]] or a JSON list."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    if path.endswith(".toml"):
+        try:
+            import tomllib  # novm: Python 3.11+, guarded by the ImportError below
+        except ImportError:
+            raise ValueError("reading TOML needs Python 3.11 or newer; use a .json file") from None
+        data = tomllib.loads(raw.decode("utf-8"))
+    else:
+        data = json.loads(raw.decode("utf-8"))
+    apps = data.get("apps") if isinstance(data, dict) else data
+    if not isinstance(apps, list) or not all(isinstance(app, dict) for app in apps):
+        raise ValueError("expected a list of process objects under 'apps'")
+    return apps
+
+
+def apply_apps(args: argparse.Namespace) -> int:
+    """Create every process of a file that the daemon does not have yet; report each one."""
+    try:
+        apps = load_apps(args.file)
+    except (OSError, ValueError) as exc:
+        print("pmdaemon: cannot read %s: %s" % (args.file, exc), file=sys.stderr)
+        return 2
+    failed = 0
+    for app in apps:
+        status, body = api_call(args, "POST", "/api/processes", app)
+        name = app.get("name", "?")
+        if status == 201:
+            print("%s: %s" % (name, body["message"]))
+        elif status == 409 and body["error"]["code"] == "PROCESS_ALREADY_EXISTS":
+            print("%s: already managed, left as it is" % name)
+        else:
+            failed += 1
+            print("%s: %s" % (name, body["error"]["message"] if body else "HTTP %d" % status))
+    return 1 if failed else 0
+
+
 def follow_logs(args: argparse.Namespace, quoted: str) -> int:
     """Print the last lines, then new ones as they come, until the process is deleted or ^C."""
     import urllib.request
@@ -3827,6 +3866,8 @@ def print_table(processes: List[dict]) -> None:
 
 def command_client(args: argparse.Namespace) -> int:
     quoted = urllib.parse.quote(getattr(args, "target", "") or "", safe="")
+    if args.command == "apply":
+        return apply_apps(args)
     if args.command == "list":
         status, body = api_call(args, "GET", "/api/processes")
         if status == 200 and not args.json:
@@ -3898,7 +3939,8 @@ def build_parser() -> argparse.ArgumentParser:
     client_help = {"list": "list processes", "info": "show one process", "stop": "stop a process",
                    "restart": "restart a process", "delete": "stop and remove a process",
                    "logs": "print a process's last log lines", "system": "show system metrics",
-                   "start": "start a new process"}
+                   "start": "start a new process",
+                   "apply": "create the processes of a JSON or TOML file ({\"apps\": [...]})"}
     for name, text in client_help.items():
         sub = commands.add_parser(name, help=text + " (talks to a running daemon)", description=text)
         sub.add_argument("--url", default="http://127.0.0.1:%d" % DEFAULT_PORT,
@@ -3910,6 +3952,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             sub.add_argument("--lines", type=int, default=20)
             sub.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+        if name == "apply":
+            sub.add_argument("file", help="a .json file, or .toml with Python 3.11+")
         if name == "start":
             sub.add_argument("name")
             sub.add_argument("script")

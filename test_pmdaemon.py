@@ -932,6 +932,31 @@ class TestCli(DaemonTestCase):
         self.assertEqual((code, json.loads(out)["error"]["code"]), (1, "PROCESS_NOT_FOUND"))
 
 
+    def test_apply_creates_what_a_file_describes(self):
+        path = os.path.join(self.daemon.home, "apps.json")
+        with open(path, "w") as handle:
+            json.dump({"apps": [{"name": "file-a", "script": "sleep", "args": ["60"]},
+                                {"name": "file-b", "script": "sleep", "args": ["60"], "instances": 2},
+                                {"name": "file-c", "script": "sleep", "colour": "red"}]}, handle)
+        code, out = self.cli("apply", path)
+        self.assertEqual(code, 1)
+        self.assertEqual(out.splitlines(), ["file-a: Process 'file-a' started successfully",
+                                            "file-b: Process 'file-b' started successfully",
+                                            "file-c: unknown field 'colour'"])
+        code, out = self.cli("apply", path)
+        self.assertEqual(out.splitlines()[:2], ["file-a: already managed, left as it is",
+                                                "file-b: already managed, left as it is"])
+        self.assertEqual(self.daemon.process("file-b-1")["status"], "online")
+        if sys.version_info >= (3, 11):
+            toml = os.path.join(self.daemon.home, "apps.toml")
+            with open(toml, "w") as handle:
+                handle.write('[[apps]]\nname = "file-t"\nscript = "sleep"\nargs = ["60"]\n')
+            self.assertEqual(self.cli("apply", toml), (0, "file-t: Process 'file-t' started successfully\n"))
+            self.daemon.request("DELETE", "/api/processes/file-t")
+        for name in ("file-a", "file-b"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+
 class TestHttpServerBehaviour(DaemonTestCase):
     def test_pipelined_requests_are_answered_in_order(self):
         requests = b"".join(b"GET /api/processes/%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % name
