@@ -1147,7 +1147,7 @@ async def run_health_check(check: dict, port: Optional[int], cwd: Optional[str],
         return await asyncio.wait_for(probe(check, port, cwd, env), check["timeout"] / 1000)
     except asyncio.TimeoutError:
         return "no answer within %d ms" % check["timeout"]
-    except (OSError, ValueError) as exc:
+    except Exception as exc:    # whatever the probed program does, it is a failed check
         return "%s: %s" % (type(exc).__name__, exc)
 
 
