@@ -3758,6 +3758,10 @@ def command_web(args: argparse.Namespace) -> int:
     except SystemExit as exc:
         print(exc, file=sys.stderr)
         return 1
+    except OSError as exc:
+        print("pmdaemon: cannot use %s as the home directory: %s" % (home, exc.strerror or exc),
+              file=sys.stderr)
+        return 1
     setup_logging(home, args.log_level)
     raise_file_limit(config.max_connections + 1024)
     loop = asyncio.new_event_loop()

@@ -1528,6 +1528,14 @@ class TestDaemonLifecycle(unittest.TestCase):
         second.terminate()
         self.assertIn("cannot restore saved process 'edited': field 'args' must be an array", second.stderr_text)
 
+    def test_an_unusable_home_is_a_clear_error(self):
+        path = os.path.join(self.home, "a-file")
+        open(path, "w").close()
+        result = subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", path], capture_output=True,
+                                text=True, timeout=10)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip(), "pmdaemon: cannot use %s as the home directory: File exists" % path)
+
     def test_second_daemon_on_the_same_home_refuses(self):
         first = self.daemon()
         environ = dict(os.environ, PMDAEMON_HOME=self.home)
