@@ -3905,6 +3905,19 @@ def command_client(args: argparse.Namespace) -> int:
     return 0 if status < 400 else 1
 
 
+def bounded(kind: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
+    """An argparse type that also checks the range, so --port 70000 is a usage error."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a %s" % (text, "number" if kind is float else "whole number"))
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError("%s is not between %g and %g" % (text, low, high))
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pmdaemon.py", description="Process manager with a REST + WebSocket API "
@@ -3913,7 +3926,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     web = commands.add_parser("web", help="run the daemon and its web API",
                               description="Run the daemon: supervise processes, serve REST and WebSocket.")
-    web.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind (default %(default)s; 0 = any free port)")
+    web.add_argument("--port", type=bounded(int, 0, 65535), default=DEFAULT_PORT, help="port to bind (default %(default)s; 0 = any free port)")
     web.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s); "
                      "a non-loopback address requires an API key")
     web.add_argument("--api-key", help="API key required on every /api request and /ws handshake "
@@ -3925,19 +3938,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also accept this Host name without an API key (repeatable)")
     web.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                      help="also allow this browser Origin, e.g. https://dash.example (repeatable)")
-    web.add_argument("--sample-interval", type=float, default=SAMPLE_INTERVAL,
+    web.add_argument("--sample-interval", type=bounded(float, 0.05, 3600), default=SAMPLE_INTERVAL,
                      help="seconds between metric samples and WebSocket updates (default %(default)s)")
-    web.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+    web.add_argument("--max-connections", type=bounded(int, 1, 1_000_000), default=MAX_CONNECTIONS,
                      help="open connections at once (default %(default)s)")
-    web.add_argument("--ws-ping-interval", type=float, default=WS_PING_INTERVAL, metavar="SECONDS",
+    web.add_argument("--ws-ping-interval", type=bounded(float, 0.1, 86400), default=WS_PING_INTERVAL, metavar="SECONDS",
                      help="seconds between pings to each WebSocket client (default %(default)s)")
-    web.add_argument("--ws-pong-timeout", type=float, default=WS_PONG_TIMEOUT, metavar="SECONDS",
+    web.add_argument("--ws-pong-timeout", type=bounded(float, 0.1, 86400), default=WS_PONG_TIMEOUT, metavar="SECONDS",
                      help="close a WebSocket client (1008) that has not answered a ping within this "
                      "(default %(default)s)")
-    web.add_argument("--ws-slow-grace", type=float, default=WS_SLOW_GRACE, metavar="SECONDS",
+    web.add_argument("--ws-slow-grace", type=bounded(float, 0, 86400), default=WS_SLOW_GRACE, metavar="SECONDS",
                      help="close a WebSocket client (1008) that stays this long behind its 1 MiB "
                      "send buffer (default %(default)s)")
-    web.add_argument("--max-ws-clients", type=int, default=MAX_WS_CLIENTS,
+    web.add_argument("--max-ws-clients", type=bounded(int, 0, 1_000_000), default=MAX_WS_CLIENTS,
                      help="WebSocket clients at once (default %(default)s)")
     web.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     client_help = {"list": "list processes", "info": "show one process", "stop": "stop a process",

@@ -1536,6 +1536,15 @@ class TestDaemonLifecycle(unittest.TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr.strip(), "pmdaemon: cannot use %s as the home directory: File exists" % path)
 
+    def test_out_of_range_options_are_usage_errors(self):
+        for option, value, message in (("--port", "70000", "argument --port: 70000 is not between 0 and 65535"),
+                                        ("--sample-interval", "0", "argument --sample-interval: 0 is not between 0.05 and 3600"),
+                                        ("--port", "x", "argument --port: 'x' is not a whole number")):
+            result = subprocess.run([PY, PMDAEMON, "web", option, value], capture_output=True, text=True, timeout=10,
+                                    env=dict(os.environ, PMDAEMON_HOME=self.home))
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(message, result.stderr)
+
     def test_second_daemon_on_the_same_home_refuses(self):
         first = self.daemon()
         environ = dict(os.environ, PMDAEMON_HOME=self.home)
