@@ -1448,7 +1448,7 @@ class Supervisor:
         self.version += 1
         return mp
 
-    def _logs(self, mp: ManagedProcess) -> ProcessLogs:
+    def logs_of(self, mp: ManagedProcess) -> ProcessLogs:
         if mp.logs is None or mp.logs.name != mp.name:
             mp.logs = ProcessLogs(self.log_dir, mp.name, mp.config.log_max_size,
                                   mp.config.log_max_files, self._on_log_line, self.wall)
@@ -1459,7 +1459,7 @@ class Supervisor:
 
     def note(self, mp: ManagedProcess, message: str) -> None:
         """A line from pmdaemon itself in the process's stderr log, so users see why."""
-        self._logs(mp).write("stderr", ["[pmdaemon] " + message])
+        self.logs_of(mp).write("stderr", ["[pmdaemon] " + message])
 
     async def start(self, mp: ManagedProcess) -> bool:
         """Start a stopped, errored or restart-pending process; False if it already runs."""
@@ -1646,7 +1646,7 @@ class Supervisor:
         self.changed(mp)
 
     async def _watch(self, mp: ManagedProcess, proc) -> None:
-        logs = self._logs(mp)
+        logs = self.logs_of(mp)
         pumps = [self._background(pump_output(proc.stdout, lambda lines: logs.write("stdout", lines))),
                  self._background(pump_output(proc.stderr, lambda lines: logs.write("stderr", lines)))]
         returncode = await proc.wait()
@@ -3023,14 +3023,14 @@ class Api:
         entries = self.read_logs(members, int(lines_text), log_type)
         if follow in ("true", "1"):
             return Response(200, content_type="application/x-ndjson",
-                            stream=self.follow_logs(members, entries, log_type))
+                            stream=self.follow_logs(members, entries, log_type, self.add_follower(members)))
         name = display_name(key, members)
         return json_response(200, {"logs": entries, "total_lines": len(entries), "process": name})
 
     def read_logs(self, members: List[ManagedProcess], count: int, log_type: str) -> List[dict]:
         merged = []
         for mp in members:
-            for entry in self.supervisor._logs(mp).tail(count, log_type):
+            for entry in self.supervisor.logs_of(mp).tail(count, log_type):
                 item = entry.to_api()
                 if len(members) > 1:
                     item["process"] = mp.name
@@ -3045,29 +3045,41 @@ class Api:
 
     # -- log following (GET /api/logs/{key}?follow=true) -----------------------------------------
 
-    async def follow_logs(self, members: List[ManagedProcess], backlog: List[dict], log_type: str):
+    def add_follower(self, members: List[ManagedProcess]) -> asyncio.Queue:
+        """Register before the backlog is sent, so no line falls between backlog and stream."""
         queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
-        names = {mp.name for mp in members}
-        for name in names:
-            self.log_followers.setdefault(name, set()).add(queue)
+        for mp in members:
+            self.log_followers.setdefault(mp.name, set()).add(queue)
+        return queue
+
+    async def follow_logs(self, members: List[ManagedProcess], backlog: List[dict], log_type: str,
+                          queue: asyncio.Queue):
+        names = [mp.name for mp in members]
         try:
             for item in backlog:
                 yield json_bytes(item) + b"\n"
             while True:
-                item = await queue.get()
-                if item is None:
+                line = await queue.get()
+                if line is None:
                     return
-                if log_type == "all" or item["type"] == log_type:
+                name, entry = line
+                if log_type == "all" or entry.type == log_type:
+                    item = entry.to_api()
+                    if len(names) > 1:
+                        item["process"] = name
                     yield json_bytes(item) + b"\n"
         finally:
             for name in names:
-                self.log_followers.get(name, set()).discard(queue)
+                followers = self.log_followers.get(name)
+                if followers is not None:
+                    followers.discard(queue)
+                    if not followers:
+                        del self.log_followers[name]
 
     def on_log(self, name: str, entry: LogEntry) -> None:
         followers = self.log_followers.get(name)
         if not followers:
             return
-        item = entry.to_api()
         for queue in list(followers):
             if queue.full():          # a follower that cannot keep up is ended, not buffered forever
                 followers.discard(queue)
@@ -3075,7 +3087,7 @@ class Api:
                     queue.get_nowait()
                 queue.put_nowait(None)
             else:
-                queue.put_nowait(item)
+                queue.put_nowait((name, entry))
 
     def end_follows(self, name: str) -> None:
         """A deleted process ends the streams that follow it."""
