@@ -3472,11 +3472,15 @@ class HttpServer:
         self.server = None
         self._sweeper = None
 
-    async def start(self) -> int:
+    async def bind(self) -> int:
+        """Take the port (so a busy port fails before any child starts); serve later."""
         self.server = await asyncio.start_server(self.serve, self.config.host, self.config.port,
-                                                 backlog=1024, reuse_address=True)
-        self._sweeper = asyncio.ensure_future(self._sweep_deadlines())
+                                                 backlog=1024, reuse_address=True, start_serving=False)
         return self.server.sockets[0].getsockname()[1]
+
+    async def start_serving(self) -> None:
+        self._sweeper = asyncio.ensure_future(self._sweep_deadlines())
+        await self.server.start_serving()
 
     async def close(self) -> None:
         self.closing = True
@@ -3678,7 +3682,7 @@ class Daemon:
         handle.flush()
         self.lock_handle = handle
 
-    async def run(self, ready: Optional[Callable[[int], None]] = None) -> int:
+    async def run(self) -> int:
         loop = asyncio.get_event_loop()
         stop = asyncio.Event()
         # SIGHUP too: a daemon started from a terminal that closes shuts down cleanly (children
@@ -3690,15 +3694,14 @@ class Daemon:
                                            self.config.cors_origins))
         broadcaster = Broadcaster(supervisor, api)
         server = HttpServer(api, broadcaster, self.config)
+        port = await server.bind()
         await supervisor.restore()
         supervisor.sample()
-        port = await server.start()
+        await server.start_serving()
         sampler = asyncio.ensure_future(supervisor.run_sampler(self.config.sample_interval))
         print("pmdaemon %s listening on http://%s:%d (home %s)" % (
             __version__, self.config.host if ":" not in self.config.host else "[%s]" % self.config.host,
             port, self.config.home), flush=True)
-        if ready:
-            ready(port)
         await stop.wait()
         log.info("shutting down: stopping children and saving state")
         await server.close()

@@ -1528,6 +1528,22 @@ class TestDaemonLifecycle(unittest.TestCase):
         second.terminate()
         self.assertIn("cannot restore saved process 'edited': field 'args' must be an array", second.stderr_text)
 
+    def test_a_busy_port_fails_before_any_child_starts(self):
+        first = self.daemon()
+        first.start("keeper", "sleep", ["60"])
+        first.terminate()
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            result = subprocess.run([PY, PMDAEMON, "web", "--port", str(port)], capture_output=True, text=True,
+                                    timeout=20, env=dict(os.environ, PMDAEMON_HOME=self.home))
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("cannot listen on 127.0.0.1:%d" % port, result.stderr)
+        with open(os.path.join(self.home, "state.json")) as handle:
+            state = json.load(handle)
+        self.assertEqual([(p["name"], p["status"], p["pid"]) for p in state["processes"]], [("keeper", "online", None)])
+
     def test_an_unusable_home_is_a_clear_error(self):
         path = os.path.join(self.home, "a-file")
         open(path, "w").close()
