@@ -1112,6 +1112,16 @@ class TestSupervision(DaemonTestCase):
         self.assertEqual(self.daemon.process("sv-trap")["last_exit"]["signal"], "SIGKILL")
         self.daemon.request("DELETE", "/api/processes/sv-trap")
 
+    def test_no_shell_unless_asked(self):
+        line = "echo hi-$PM2_INSTANCE_ID; exec sleep 60"
+        plain = self.daemon.post("/api/processes", {"name": "sv-plain", "script": line})[2]
+        self.assertEqual(plain["process"]["status"], "errored")
+        self.assertEqual(plain["process"]["error"], "command %r not found in PATH" % line)
+        self.daemon.start("sv-shell", line, shell=True)
+        wait_until(lambda: self.daemon.last_line("sv-shell") == "hi-0", message="the shell's output")
+        for name in ("sv-plain", "sv-shell"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
     def test_child_environment_has_no_daemon_secret(self):
         created = self.daemon.start("sv-env", "sleep", ["60"], env={"APP_MODE": "prod"}, port=3301)
         with open("/proc/%d/environ" % created["process"]["pid"], "rb") as handle:
