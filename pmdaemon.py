@@ -43,6 +43,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import logging.handlers
 import math
 import os
 import re
@@ -3735,8 +3736,9 @@ def raise_file_limit(wanted: int) -> None:
 def setup_logging(home: str, level: str) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    with contextlib.suppress(OSError):
-        handlers.append(logging.FileHandler(os.path.join(home, "pmdaemon.log")))
+    with contextlib.suppress(OSError):     # rotated like the process logs: never fills the disk
+        handlers.append(logging.handlers.RotatingFileHandler(
+            os.path.join(home, "pmdaemon.log"), maxBytes=DEFAULT_LOG_MAX_SIZE, backupCount=DEFAULT_LOG_MAX_FILES - 1))
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
