@@ -3258,17 +3258,17 @@ class WsSession:
         self.protocol.outgoing.clear()
 
     async def _keepalive(self) -> None:
+        """A ping every ping_interval; each must be answered within pong_timeout."""
         while not self.closed:
             await asyncio.sleep(self.ping_interval)
-            if self._awaiting_pong is not None:
-                self.fail(CloseCode.POLICY_VIOLATION, "no pong within %g s" % self.pong_timeout)
-                return
-            self._awaiting_pong = secrets.token_bytes(4)
-            self.send(encode_frame(Opcode.PING, self._awaiting_pong))
-            await asyncio.sleep(self.pong_timeout)
-            if self._awaiting_pong is not None:
-                self.fail(CloseCode.POLICY_VIOLATION, "no pong within %g s" % self.pong_timeout)
-                return
+            if self._awaiting_pong is None:
+                token = self._awaiting_pong = secrets.token_bytes(4)
+                self.send(encode_frame(Opcode.PING, token))
+                self._loop.call_later(self.pong_timeout, self._check_pong, token)
+
+    def _check_pong(self, token: bytes) -> None:
+        if self._awaiting_pong == token:
+            self.fail(CloseCode.POLICY_VIOLATION, "no pong within %g s" % self.pong_timeout)
 
 
 class Broadcaster:

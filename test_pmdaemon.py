@@ -1242,7 +1242,7 @@ class TestSupervisionDepth(DaemonTestCase):
 
     def test_wait_ready_keeps_starting_until_healthy(self):
         created = self.daemon.start("hc-ready", PY, ["-c", HEALTH_SERVER], port="auto:23000-23999",
-                                    env={"DELAY": "1"}, wait_ready=True,
+                                    env={"DELAY": "2"}, wait_ready=True,
                                     health_check={"type": "tcp", "interval": 5000})
         self.assertEqual(created["process"]["status"], "starting")
         self.assertEqual(self.daemon.process("hc-ready")["status"], "starting")
@@ -1294,7 +1294,7 @@ class TestSupervisionDepth(DaemonTestCase):
                          400, "VALIDATION_ERROR", "depends_on names an unknown process 'nope'")
         self.assertError(self.daemon.post("/api/processes", {"name": "dep-x", "script": "sleep", "depends_on": ["dep-x"]}),
                          400, "VALIDATION_ERROR", "depends_on forms a cycle: dep-x -> dep-x")
-        self.daemon.start("dep-db", PY, ["-c", HEALTH_SERVER], port="auto:25000-25999", env={"DELAY": "1"},
+        self.daemon.start("dep-db", PY, ["-c", HEALTH_SERVER], port="auto:25000-25999", env={"DELAY": "2"},
                           wait_ready=True, health_check={"type": "tcp", "interval": 5000})
         app = self.daemon.start("dep-app", "sleep", ["60"], depends_on=["dep-db"])
         self.assertEqual((app["process"]["status"], app["process"]["pid"]), ("starting", None))
@@ -1842,7 +1842,7 @@ class TestWebSocketLagging(DaemonTestCase):
 
 
 class TestWebSocketKeepalive(DaemonTestCase):
-    daemon_args = ("--ws-ping-interval", "0.3", "--ws-pong-timeout", "0.3", "--max-connections", "6")
+    daemon_args = ("--ws-ping-interval", "0.3", "--ws-pong-timeout", "1", "--max-connections", "6")
 
     def test_server_pings_and_closes_a_silent_client(self):
         client = self.ws()
