@@ -2671,6 +2671,16 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def unindex(index: Dict[Any, set], keys, item: Any) -> None:
+    """Remove item from index[key] for each key, dropping sets that become empty."""
+    for key in keys:
+        members = index.get(key)
+        if members is not None:
+            members.discard(item)
+            if not members:
+                del index[key]
+
+
 class BoundedCache(dict):
     """A dict that forgets everything when full: cheap memoisation of per-request decisions."""
 
@@ -3070,12 +3080,7 @@ class Api:
                         item["process"] = name
                     yield json_bytes(item) + b"\n"
         finally:
-            for name in names:
-                followers = self.log_followers.get(name)
-                if followers is not None:
-                    followers.discard(queue)
-                    if not followers:
-                        del self.log_followers[name]
+            unindex(self.log_followers, names, queue)
 
     def on_log(self, name: str, entry: LogEntry) -> None:
         followers = self.log_followers.get(name)
@@ -3369,12 +3374,7 @@ class Broadcaster:
 
     def unsubscribe_logs(self, client: WsSession, names: set) -> None:
         client.log_subscriptions -= names
-        for name in names:
-            subscribers = self.log_subscribers.get(name)
-            if subscribers is not None:
-                subscribers.discard(client)
-                if not subscribers:
-                    del self.log_subscribers[name]
+        unindex(self.log_subscribers, names, client)
 
     def add_client(self, client: WsSession) -> None:
         self.clients.add(client)
