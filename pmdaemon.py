@@ -159,8 +159,6 @@ class Opcode(enum.IntEnum):
     PONG = 0xA
 
 
-CONTROL_OPCODES = frozenset({Opcode.CLOSE, Opcode.PING, Opcode.PONG})
-
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
