@@ -1467,10 +1467,10 @@ class Supervisor:
                 return False
             self._cancel_restart(mp)
             mp.unstable_restarts = mp.backoff_count = 0
-            if self.unready_dependencies(mp):
+            mp.waiting_for = self.unready_dependencies(mp)
+            if mp.waiting_for:
                 # STOPPED -> STARTING with no pid until what it depends on is ready.
                 mp.status, mp.error = ProcessState.STARTING, None
-                mp.waiting_for = self.unready_dependencies(mp)
                 mp.pending_start = self._background(self._start_after_dependencies(mp))
                 self.changed(mp)
             else:
