@@ -36,8 +36,8 @@ import contextlib
 import dataclasses
 import datetime
 import enum
-import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -60,6 +60,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 __version__ = "0.1.0"
 
+log = logging.getLogger("pmdaemon")
+
 
 # ==============================================================================================
 # 1. Constants and enums
@@ -74,6 +76,8 @@ HOME_ENV = "PMDAEMON_HOME"
 API_KEY_ENV = "PMDAEMON_API_KEY"
 # Variables of the daemon's own environment that never reach a child.
 SECRET_ENV_NAMES = frozenset({API_KEY_ENV})
+# Files are opened without following a link where the platform allows it.
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # Set in every child, inherited by everything it starts: how stop finds double-forked escapees.
 RUN_ID_ENV = "PMDAEMON_RUN_ID"
 
@@ -83,15 +87,19 @@ MAX_HEADER_BYTES = 16 * 1024           # whole header block -> 431
 MAX_HEADER_COUNT = 100                 # header fields -> 431
 MAX_BODY_BYTES = 1024 * 1024           # request body, declared or chunked -> 413
 MAX_CHUNK_LINE = 1024                  # chunk-size line with extensions -> 400
+MAX_BODY_CHUNKS = 1024                 # chunks in one chunked body -> 413 (bounds work per byte)
 READ_CHUNK = 64 * 1024                 # bytes asked of the socket per read
 HEADER_TIMEOUT = 10.0                  # seconds for a whole header block, from its first byte
 BODY_TIMEOUT = 30.0                    # seconds for a whole body, from the end of its header
 KEEPALIVE_TIMEOUT = 30.0               # seconds an idle keep-alive connection is kept
 WRITE_TIMEOUT = 30.0                   # seconds a client may take to accept our pending output
+LINGER_SECONDS = 1.0                   # after a refusal: how long unread input is discarded ...
+LINGER_BYTES = 256 * 1024              # ... and how much of it, before the connection is closed
 DEADLINE_SWEEP_INTERVAL = 0.25        # how often expired connections are looked for
 WRITE_BUFFER_HIGH = 256 * 1024         # pending output above which we wait for the client
 MAX_CONNECTIONS = 12_000               # HTTP + WebSocket connections at once
 MAX_LOG_REQUEST_LINES = 10_000         # upper bound of ?lines=
+FOLLOW_QUEUE_LINES = 10_000            # lines a ?follow=true stream may lag before it is ended
 
 # Supervision defaults (milliseconds where the API speaks milliseconds).
 DEFAULT_KILL_TIMEOUT_MS = 1600
@@ -106,6 +114,11 @@ DEFAULT_LISTEN_TIMEOUT_MS = 10_000     # wait_ready: longest wait for the first 
 HEALTH_STARTING_INTERVAL = 0.25        # seconds between checks while waiting to be ready
 MAX_HEALTH_RESPONSE_LINE = 8192
 STOP_POLL_INTERVAL = 0.02              # seconds between checks that a stopped group is gone
+KILL_GRACE = 5.0                       # seconds SIGKILLed processes get to disappear
+EXIT_OUTPUT_GRACE = 0.5                # seconds the last output of an exited child may take
+STATE_SAVE_INTERVAL = 1.0              # state.json: at most one write per this many seconds
+STATE_LAZY_INTERVAL = 60.0             # ... and for runtime details alone (pid, restart counts)
+LOG_ERROR_REPORT_INTERVAL = 10.0       # a process's log write errors are reported this seldom
 MAX_INSTANCES = 64
 MAX_PROCESSES = 1024
 MAX_ARGS = 1024
@@ -173,50 +186,85 @@ class CloseCode(enum.IntEnum):
 
 # ==============================================================================================
 # 2. Errors
-#    One root. ApiError carries its HTTP status, error code and details; WebSocketError its
-#    close code. Exactly one place turns each into bytes on the wire (Api.handle, WsSession).
+#    One root. Domain errors (below) say what went wrong in the words of processes and configs;
+#    the API section maps each class to an HTTP status and code, once. HttpError is the wire
+#    error of the HTTP codec and the API edge; WebSocketError carries its close code.
 # ==============================================================================================
 
 class PMDaemonError(Exception):
-    """Root of every error pmdaemon raises on purpose."""
+    """Root of every error pmdaemon raises on purpose; .details is shown to API clients."""
+
+    def __init__(self, message: str, details: Any = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
 
 
-class ApiError(PMDaemonError):
-    """An error answered with the spec's error body; close=True when framing is unreliable."""
+class BadRequest(PMDaemonError):
+    """The request as a whole is unusable (not JSON, not an object, a bad query)."""
+
+
+class ValidationError(PMDaemonError):
+    """One field of a request or config is wrong; names the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message, {"field": field})
+        self.field = field
+
+
+class ProcessNotFound(PMDaemonError):
+    def __init__(self, requested: str, available: List[str]):
+        super().__init__("Process %r not found" % requested,
+                         {"requested_process": requested, "available_processes": available})
+
+
+class AlreadyExists(PMDaemonError):
+    """A name (or a group member's name) is taken."""
+
+
+class PortConflict(PMDaemonError):
+    """A port a process wants is used by another managed process or by something else."""
+
+
+class TooManyProcesses(PMDaemonError):
+    pass
+
+
+class AlreadyRunning(PMDaemonError):
+    pass
+
+
+class CannotStart(PMDaemonError):
+    """The program could not be executed; the process stays, errored, with the reason."""
+
+
+class ReloadStopped(PMDaemonError):
+    """A rolling reload stopped at a copy that did not become ready."""
+
+
+class StateNotSaved(PMDaemonError):
+    """The state file could not be written, so a change would not survive a restart."""
+
+
+class HttpError(PMDaemonError):
+    """An error with its wire form already decided; close=True when framing is unreliable."""
 
     def __init__(self, status: int, code: str, message: str, details: Any = None,
                  headers: Tuple[Tuple[str, str], ...] = (), close: bool = False):
-        super().__init__(message)
+        super().__init__(message, details)
         self.status = status
         self.code = code
-        self.message = message
-        self.details = details
         self.headers = headers
         self.close = close
-
-    def to_body(self) -> dict:
-        error = {"code": self.code, "message": self.message}
-        if self.details is not None:
-            error["details"] = self.details
-        return {"success": False, "error": error}
-
-
-def bad_request(message: str, details: Any = None, close: bool = False) -> ApiError:
-    return ApiError(400, "BAD_REQUEST", message, details, close=close)
-
-
-def invalid_field(field: str, message: str) -> ApiError:
-    return ApiError(400, "VALIDATION_ERROR", message, {"field": field})
-
-
-def process_not_found(requested: str, available: List[str]) -> ApiError:
-    return ApiError(404, "PROCESS_NOT_FOUND", "Process %r not found" % requested,
-                    {"requested_process": requested, "available_processes": available})
+        self.request = None             # the head it concerns, when one was parsed (for CORS)
 
 
 class WebSocketError(PMDaemonError):
     """A protocol violation by the peer; the session closes with close_code."""
     close_code = CloseCode.PROTOCOL_ERROR
+
+    def __init__(self, message: str):
+        super().__init__(message)
 
 
 class InvalidUtf8(WebSocketError):
@@ -252,6 +300,10 @@ KILL_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def invalid_field(field: str, message: str) -> ValidationError:
+    return ValidationError(field, message)
 
 
 def _check_str(field: str, value: Any, allow_empty: bool = False) -> str:
@@ -290,6 +342,16 @@ def _json_type(value: Any) -> str:
     if isinstance(value, str):
         return "string %s" % json.dumps(value[:64])
     return {list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def log_safe(text: str, limit: int = 200) -> str:
+    """Client or child text for the daemon's log: control characters escaped, length bounded,
+    so a name with a newline cannot forge a log line."""
+    text = text[:limit]
+    return CONTROL_CHARS_RE.sub(lambda match: "\\x%02x" % ord(match.group()), text) if CONTROL_CHARS_RE.search(text) else text
 
 
 def parse_name(value: Any) -> str:
@@ -472,10 +534,10 @@ class ProcessConfig:
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
-        """Validate a user's JSON object; raise ApiError(400) naming the first bad field.
+        """Validate a user's JSON object; raise HttpError(400) naming the first bad field.
         check_cwd=False for saved state: a vanished cwd is reported when the start fails."""
         if not isinstance(data, dict):
-            raise bad_request("request body must be a JSON object, got %s" % _json_type(data))
+            raise BadRequest("request body must be a JSON object, got %s" % _json_type(data))
         for key in data:
             if key not in CONFIG_FIELDS:
                 raise invalid_field(key, "unknown field %r" % key[:80])
@@ -557,6 +619,10 @@ class DaemonConfig:
     ws_ping_interval: float = WS_PING_INTERVAL
     ws_pong_timeout: float = WS_PONG_TIMEOUT
     ws_slow_grace: float = WS_SLOW_GRACE
+    header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    write_timeout: float = WRITE_TIMEOUT
 
 
 # ==============================================================================================
@@ -674,21 +740,41 @@ class Sampler:
         self.wall = wall
         self._previous_cpu: Optional[Tuple[int, int]] = None
         self._previous_ticks: Dict[Any, Tuple[float, int]] = {}
+        self.unreadable: set = set()        # what could not be read last time (reported once)
 
     def _read(self, *parts: str) -> str:
         return self._read_bytes(*parts).decode("ascii", "replace")
 
     def system(self) -> SystemMetrics:
-        busy, total = parse_cpu_times(self._read("stat"))
-        usage = 0.0
-        if self._previous_cpu is not None:
-            usage = percent(busy - self._previous_cpu[0], total - self._previous_cpu[1])
-        self._previous_cpu = (busy, total)
-        memory_total, memory_available = parse_meminfo(self._read("meminfo"))
-        load = tuple(round(v, 2) for v in os.getloadavg())
-        uptime = int(float(self._read("uptime").split()[0]))
-        return SystemMetrics(usage, os.cpu_count() or 1, memory_total, memory_available,
-                             load, uptime, self.wall())
+        """System metrics; a /proc file that is missing, masked or odd degrades its own values
+        (to zero) and is reported once, never an exception: the daemon must outlive /proc."""
+        metrics = SystemMetrics(cores=os.cpu_count() or 1, wall_time=self.wall())
+        cpu = self._guarded("stat", lambda: parse_cpu_times(self._read("stat")))
+        if cpu is not None:
+            if self._previous_cpu is not None:
+                metrics.cpu_usage = percent(cpu[0] - self._previous_cpu[0], cpu[1] - self._previous_cpu[1])
+            self._previous_cpu = cpu
+        memory = self._guarded("meminfo", lambda: parse_meminfo(self._read("meminfo")))
+        if memory is not None:
+            metrics.memory_total, metrics.memory_available = memory
+        load = self._guarded("loadavg", os.getloadavg)
+        if load is not None:
+            metrics.load = tuple(round(value, 2) for value in load)
+        uptime = self._guarded("uptime", lambda: int(float(self._read("uptime").split()[0])))
+        if uptime is not None:
+            metrics.uptime = uptime
+        return metrics
+
+    def _guarded(self, what: str, read: Callable[[], Any]) -> Any:
+        try:
+            value = read()
+        except (OSError, ValueError, IndexError, KeyError, OverflowError) as exc:
+            if what not in self.unreadable:
+                self.unreadable.add(what)
+                log.warning("cannot read %s from %s (%s); its metrics show 0", what, self.proc_root, exc)
+            return None
+        self.unreadable.discard(what)
+        return value
 
     def stat(self, pid: int) -> Optional[PidStat]:
         try:
@@ -731,15 +817,24 @@ class Sampler:
             return handle.read()
 
 
-def descendants(table: Dict[int, PidStat], root: int) -> List[int]:
-    """Pids of root and everything below it by parent links (root first)."""
+def children_index(table: Dict[int, PidStat]) -> Dict[int, List[int]]:
+    """Parent pid -> child pids, built once per scan and shared by every tree walk."""
     children: Dict[int, List[int]] = {}
     for stat in table.values():
         children.setdefault(stat.ppid, []).append(stat.pid)
-    found, stack = [], [root]
+    return children
+
+
+def descendants(table: Dict[int, PidStat], root: int,
+                children: Optional[Dict[int, List[int]]] = None) -> List[int]:
+    """Pids of root and everything below it by parent links (root first); linear time."""
+    if children is None:
+        children = children_index(table)
+    found, seen, stack = [], set(), [root]
     while stack:
         pid = stack.pop()
-        if pid in table and pid not in found:
+        if pid in table and pid not in seen:
+            seen.add(pid)
             found.append(pid)
             stack.extend(children.get(pid, ()))
     return found
@@ -748,11 +843,14 @@ def descendants(table: Dict[int, PidStat], root: int) -> List[int]:
 # ==============================================================================================
 # 5. Logs
 #    Each process has two files (stdout, stderr) under $PMDAEMON_HOME/logs, one line per output
-#    line, prefixed by an ISO time with milliseconds. Files rotate by size. tail_lines reads
-#    backwards in blocks so GET /api/logs never reads a whole file.
+#    line, prefixed by an ISO time with milliseconds. Files rotate by size; tail_lines reads
+#    backwards so GET /api/logs never reads a whole file. Every line also goes to the LogHub,
+#    the one subscription mechanism for HTTP followers and WebSocket clients. A write error
+#    drops the line from the file and is reported; the child's pipe is always drained.
 # ==============================================================================================
 
 LOG_TYPES = ("stdout", "stderr")
+LOG_SUFFIXES = (("stdout", "out"), ("stderr", "err"))
 
 
 class LogEntry(NamedTuple):
@@ -809,25 +907,32 @@ class LogFile:
         self._size = 0
 
     def write(self, data: bytes) -> None:
-        if self._handle is None:
-            self._handle = open(self.path, "ab", buffering=0)
-            self._size = self._handle.seek(0, os.SEEK_END)
-        if self._size and self._size + len(data) > self.max_size:
-            self.rotate()
-            self._handle = open(self.path, "ab", buffering=0)
-            self._size = 0
-        self._handle.write(data)
-        self._size += len(data)
+        """Append data; on an error the file is closed so the next write starts afresh."""
+        try:
+            if self._handle is None:
+                self._handle = open(self.path, "ab", buffering=0)
+                self._size = self._handle.seek(0, os.SEEK_END)
+            if self._size and self._size + len(data) > self.max_size:
+                self.rotate()
+                self._handle = open(self.path, "ab", buffering=0)
+                self._size = 0
+            view = memoryview(data)
+            while view:                 # an unbuffered write may be short when the disk fills
+                written = self._handle.write(view)
+                self._size += written
+                view = view[written:]
+        except OSError:
+            self.close()
+            raise
 
     def rotate(self) -> None:
         self.close()
-        oldest = "%s.%d" % (self.path, self.max_files - 1)
         if self.max_files <= 1:      # nothing to keep: start the file afresh
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(oldest)
+            os.unlink("%s.%d" % (self.path, self.max_files - 1))
         for index in range(self.max_files - 2, 0, -1):
             with contextlib.suppress(FileNotFoundError):
                 os.replace("%s.%d" % (self.path, index), "%s.%d" % (self.path, index + 1))
@@ -846,9 +951,24 @@ class LogFile:
             lines = tail_lines(path, count - len(lines)) + lines
         return lines
 
+    def move_to(self, path: str) -> None:
+        """Rename the file and its rotations (a process renamed by scaling keeps its logs)."""
+        self.close()
+        for old, new in zip(self.files_newest_first(), LogFile(path, 0, self.max_files).files_newest_first()):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(old, new)
+        self.path = path
+
+    def remove(self) -> None:
+        self.close()
+        for path in self.files_newest_first():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
     def close(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            with contextlib.suppress(OSError):
+                self._handle.close()
             self._handle = None
 
 
@@ -879,23 +999,91 @@ def decode_output(line: bytes) -> str:
     return line.decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
-class ProcessLogs:
-    """The stdout and stderr files of one process plus the listener fed every line."""
+class LogLine:
+    """One published line; `memo` lets subscribers of one kind encode it once for all."""
+    __slots__ = ("process", "entry", "memo")
 
-    def __init__(self, directory: str, name: str, max_size: int, max_files: int,
-                 on_line: Callable[[str, LogEntry], None], wall: Callable[[], float] = time.time):
+    def __init__(self, process: str, entry: LogEntry):
+        self.process, self.entry, self.memo = process, entry, {}
+
+
+class LogHub:
+    """Who listens to which process's lines: subscribers by name, or "*" for every process.
+
+    A subscriber has on_log(LogLine) and on_log_end(name): name is the deleted process, or
+    None when the daemon shuts down. publish() costs a dict lookup when nobody listens."""
+
+    def __init__(self):
+        self._by_name: Dict[str, set] = {}
+
+    def subscribe(self, subscriber: Any, names) -> None:
+        for name in names:
+            self._by_name.setdefault(name, set()).add(subscriber)
+
+    def unsubscribe(self, subscriber: Any, names) -> None:
+        for name in names:
+            members = self._by_name.get(name)
+            if members is not None:
+                members.discard(subscriber)
+                if not members:
+                    del self._by_name[name]
+
+    def listening(self, name: str) -> bool:
+        return name in self._by_name or "*" in self._by_name
+
+    def publish(self, name: str, entries: List[LogEntry]) -> None:
+        direct, every = self._by_name.get(name), self._by_name.get("*")
+        if not direct and not every:
+            return
+        targets = (direct | every) if direct and every else (direct or every)
+        for entry in entries:
+            line = LogLine(name, entry)
+            for subscriber in list(targets):
+                subscriber.on_log(line)
+
+    def end(self, name: Optional[str]) -> None:
+        """A process was deleted (name) or the daemon stops (None): tell who follows it."""
+        if name is None:
+            subscribers = set().union(*self._by_name.values()) if self._by_name else set()
+            self._by_name.clear()
+        else:
+            subscribers = self._by_name.pop(name, set())
+        for subscriber in subscribers:
+            subscriber.on_log_end(name)
+
+
+class ProcessLogs:
+    """The stdout and stderr files of one process; every line is also published to the hub.
+    A write that fails drops the line from the file, counts it, and calls on_error."""
+
+    def __init__(self, directory: str, name: str, max_size: int, max_files: int, hub: LogHub,
+                 on_error: Callable[[OSError], None], wall: Callable[[], float] = time.time):
+        self.directory = directory
         self.name = name
-        self.files = {kind: LogFile(os.path.join(directory, "%s-%s.log" % (name, suffix)),
-                                    max_size, max_files)
-                      for kind, suffix in (("stdout", "out"), ("stderr", "err"))}
-        self.on_line = on_line
+        self.files = {kind: LogFile(self._path(name, suffix), max_size, max_files)
+                      for kind, suffix in LOG_SUFFIXES}
+        self.hub = hub
+        self.on_error = on_error
         self.wall = wall
+        self.write_errors = 0
+        self.dropped_lines = 0
+        self.bytes_written = 0
+
+    def _path(self, name: str, suffix: str) -> str:
+        return os.path.join(self.directory, "%s-%s.log" % (name, suffix))
 
     def write(self, log_type: str, messages: List[str]) -> None:
         timestamp = iso_time(self.wall(), milliseconds=True)
-        self.files[log_type].write(b"".join(format_log_line(timestamp, m) for m in messages))
-        for message in messages:
-            self.on_line(self.name, LogEntry(timestamp, log_type, message))
+        data = b"".join(format_log_line(timestamp, m) for m in messages)
+        try:
+            self.files[log_type].write(data)
+            self.bytes_written += len(data)
+        except OSError as exc:
+            self.write_errors += 1
+            self.dropped_lines += len(messages)
+            self.on_error(exc)
+        if self.hub.listening(self.name):
+            self.hub.publish(self.name, [LogEntry(timestamp, log_type, m) for m in messages])
 
     def tail(self, count: int, log_type: str = "all") -> List[LogEntry]:
         kinds = LOG_TYPES if log_type == "all" else (log_type,)
@@ -903,42 +1091,59 @@ class ProcessLogs:
         entries.sort(key=lambda entry: entry.timestamp)      # stable: keeps order within a type
         return entries[-count:] if count else []
 
+    def rename(self, name: str) -> None:
+        for kind, suffix in LOG_SUFFIXES:
+            self.files[kind].move_to(self._path(name, suffix))
+        self.name = name
+
+    def remove(self) -> None:
+        for log_file in self.files.values():
+            log_file.remove()
+
     def close(self) -> None:
         for log_file in self.files.values():
             log_file.close()
 
 
-async def pump_output(stream: asyncio.StreamReader, write: Callable[[List[str]], None]) -> None:
-    """Copy a child's pipe to its log, line by line; flush a partial line after a pause."""
+async def pump_output(stream: asyncio.StreamReader, write: Callable[[List[str]], None],
+                      flush_after: float = PARTIAL_LINE_FLUSH) -> None:
+    """Copy a child's pipe to its log, line by line; flush a partial line after a pause.
+    Whatever write does, the pipe keeps being read: a child must never block on us."""
     pending = b""
     while True:
         try:
             if pending:
-                chunk = await asyncio.wait_for(stream.read(READ_CHUNK), PARTIAL_LINE_FLUSH)
+                chunk = await asyncio.wait_for(stream.read(READ_CHUNK), flush_after)
             else:
                 chunk = await stream.read(READ_CHUNK)
         except asyncio.TimeoutError:
-            write([decode_output(pending)])
+            _write_safely(write, [pending])
             pending = b""
             continue
         if not chunk:
             break
         lines, pending = split_output(pending, chunk)
         if lines:
-            write([decode_output(line) for line in lines])
+            _write_safely(write, lines)
     if pending:
-        write([decode_output(pending)])
+        _write_safely(write, [pending])
+
+
+def _write_safely(write: Callable[[List[str]], None], lines: List[bytes]) -> None:
+    try:
+        write([decode_output(line) for line in lines])
+    except Exception:
+        log.exception("writing output failed; the lines were dropped")
 
 
 # ==============================================================================================
 # 6. Supervisor
-#    Owns the managed processes: their state machine, restart policy (pure functions below),
-#    spawning in a new session, stopping whole process groups, metrics sampling and the state
-#    file. Reports changes to listeners as (kind, payload); knows nothing of HTTP or WebSocket.
+#    Pure policy first (restart decisions, names, ports, argv). Then the pieces, each with one
+#    job: ProcessRunner owns one process's child, tasks and timers and is the only code that
+#    changes its state (change_state, checked against TRANSITIONS); Registry holds names, ids,
+#    groups and ports; StateStore writes state.json, coalesced; MetricsLoop samples /proc;
+#    Supervisor wires them and is what the API calls. Raises domain errors; knows no HTTP.
 # ==============================================================================================
-
-log = logging.getLogger("pmdaemon")
-
 
 class ExitDecision(NamedTuple):
     action: str            # "restart", "stop" or "errored"
@@ -997,30 +1202,37 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def assign_ports(spec: Optional[str], instances: int, taken: set) -> List[Optional[int]]:
-    """One port per instance: a single port counts up, a range must be large enough."""
+def assign_ports(spec: Optional[str], instances: int, taken: set,
+                 keep: Optional[Dict[int, int]] = None) -> List[Optional[int]]:
+    """One port per instance index: a single port counts up, a range must be large enough,
+    "auto" takes free ones. keep maps an index to the port it has and keeps (scaling)."""
     if spec is None:
         return [None] * instances
+    keep = keep or {}
     low, high, auto = port_bounds(spec)
-    if auto:
-        ports = []
-        for port in range(low, high + 1):
-            if port not in taken and port_is_free(port):
-                ports.append(port)
-                if len(ports) == instances:
-                    return ports
-        raise ApiError(409, "PORT_CONFLICT", "no %d free port(s) in %d-%d" % (instances, low, high),
-                       {"port": spec})
-    if low == high and "-" not in spec:
-        high = low + instances - 1
-    if high - low + 1 < instances:
-        raise invalid_field("port", "port range %r holds %d port(s) but instances is %d"
-                            % (spec, high - low + 1, instances))
-    ports = list(range(low, low + instances))
-    clash = [port for port in ports if port in taken]
-    if clash or ports[-1] > 65535:
-        raise ApiError(409, "PORT_CONFLICT", "port %d is already used by another managed process"
-                       % (clash[0] if clash else ports[-1]), {"port": spec})
+    if not auto:
+        if low == high and "-" not in spec:
+            high = low + instances - 1
+        if high - low + 1 < instances:
+            raise invalid_field("port", "port range %r holds %d port(s) but instances is %d"
+                                % (spec, high - low + 1, instances))
+        ports = list(range(low, low + instances))
+        clash = [port for port in ports if port in taken]
+        if clash or ports[-1] > 65535:
+            raise PortConflict("port %d is already used by another managed process"
+                               % (clash[0] if clash else ports[-1]), {"port": spec})
+        return ports
+    kept = {index: port for index, port in keep.items() if index < instances and low <= port <= high}
+    ports, candidates = [], (port for port in range(low, high + 1)
+                             if port not in taken and port not in kept.values())
+    for index in range(instances):
+        port = kept.get(index)
+        if port is None:
+            port = next((port for port in candidates if port_is_free(port)), None)
+            if port is None:
+                raise PortConflict("no %d free port(s) in %d-%d" % (instances - len(kept), low, high),
+                                   {"port": spec})
+        ports.append(port)
     return ports
 
 
@@ -1070,14 +1282,23 @@ def group_alive(pgid: int, sampler: Sampler) -> bool:
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write a file so that a crash at any moment leaves the old or the new content."""
+    """Write a file so that a crash at any moment leaves the old or the new content. The
+    temporary file is created exclusively (never through a planted link), mode 0600."""
     directory = os.path.dirname(path)
     temporary = "%s.tmp-%d" % (path, os.getpid())
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)                # our own leftover from a crash
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with open(descriptor, "wb", closefd=True) as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -1204,747 +1425,6 @@ async def _check_script(check: dict, port: Optional[int], cwd, env) -> Optional[
     return "exit code %d%s" % (proc.returncode, ": " + detail if detail else "")
 
 
-@dataclasses.dataclass(eq=False)
-class ManagedProcess:
-    """One supervised program (one instance of a group) and its runtime state."""
-    id: int
-    name: str
-    config: ProcessConfig
-    instance: int = 0
-    port: Optional[int] = None
-    status: ProcessState = ProcessState.STOPPED
-    pid: Optional[int] = None
-    pid_start_ticks: Optional[int] = None
-    run_token: Optional[str] = None         # PMDAEMON_RUN_ID of the current run: finds escapees
-    restarts: int = 0
-    unstable_restarts: int = 0
-    backoff_count: int = 0
-    started_at: float = 0.0                 # monotonic, for uptime
-    started_wall: Optional[float] = None    # wall clock, for display
-    cpu: float = 0.0
-    memory: int = 0
-    last_exit: Optional[dict] = None
-    error: Optional[str] = None
-    next_restart_wall: Optional[float] = None
-    stop_requested: bool = False
-    proc: Any = dataclasses.field(default=None, repr=False)
-    watch_task: Any = dataclasses.field(default=None, repr=False)
-    restart_handle: Any = dataclasses.field(default=None, repr=False)
-    lock: Any = dataclasses.field(default=None, repr=False)
-    logs: Any = dataclasses.field(default=None, repr=False)
-    health: HealthState = dataclasses.field(default_factory=HealthState)
-    health_task: Any = dataclasses.field(default=None, repr=False)
-    ready_handle: Any = dataclasses.field(default=None, repr=False)   # listen_timeout timer
-    pending_start: Any = dataclasses.field(default=None, repr=False)  # waiting for depends_on
-    waiting_for: List[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def checked(self) -> bool:
-        return bool(self.config.health_check and self.config.health_check["enabled"])
-
-    def is_ready(self) -> bool:
-        """Online, and healthy when a health check is configured."""
-        return self.status == ProcessState.ONLINE and (not self.checked or self.health.status == "healthy")
-
-    def health_body(self) -> dict:
-        check = self.config.health_check
-        return self.health.to_api(check, health_target(check, self.port) if check else None)
-
-    def uptime_ms(self, now: float) -> int:
-        return int((now - self.started_at) * 1000) if self.pid is not None else 0
-
-    def desired_status(self) -> str:
-        """The status this process should have after a daemon restart."""
-        if self.status in (ProcessState.STOPPED, ProcessState.STOPPING):
-            return ProcessState.STOPPED.value
-        if self.status == ProcessState.ERRORED:
-            return ProcessState.ERRORED.value
-        return ProcessState.ONLINE.value
-
-    def summary(self, now: float) -> dict:
-        """The entry of GET /api/processes."""
-        return {"id": self.id, "name": self.name, "status": self.status.value, "pid": self.pid,
-                "port": self.port, "cpu": self.cpu, "memory": self.memory,
-                "uptime": self.uptime_ms(now), "restarts": self.restarts, "health": self.health.status}
-
-    def details(self, now: float) -> dict:
-        """GET /api/processes/{name_or_id}: the summary, the config and what happened last."""
-        entry = self.summary(now)
-        config = self.config.to_dict()
-        config["env"] = dict(config["env"])
-        if self.port is not None:
-            config["env"]["PORT"] = str(self.port)
-        entry.update({
-            "config": config,
-            "instance": self.instance,
-            "started_at": iso_time(self.started_wall) if self.pid and self.started_wall else None,
-            "last_exit": self.last_exit,
-            "error": self.error,
-            "next_restart_at": (iso_time(self.next_restart_wall, milliseconds=True)
-                                if self.next_restart_wall else None),
-            "log_files": {kind: self.logs.files[kind].path for kind in LOG_TYPES} if self.logs else None,
-            "waiting_for": self.waiting_for,
-        })
-        return entry
-
-    def update_data(self, wall: float, now: float) -> dict:
-        """The data of a WebSocket process_update message."""
-        return {"id": self.id, "name": self.name, "status": self.status.value, "pid": self.pid,
-                "port": self.port, "cpu": self.cpu, "memory": self.memory,
-                "uptime": self.uptime_ms(now), "restarts": self.restarts,
-                "timestamp": iso_time(wall)}
-
-    def to_state(self, status: Optional[str] = None) -> dict:
-        return {"id": self.id, "name": self.name, "instance": self.instance, "port": self.port,
-                "config": self.config.to_dict(), "restarts": self.restarts,
-                "status": status or self.desired_status(), "error": self.error,
-                "pid": self.pid, "pid_start_ticks": self.pid_start_ticks,
-                "run_token": self.run_token}
-
-
-Listener = Callable[[str, Any], None]
-
-
-class Supervisor:
-    """All managed processes, their lifecycle, their metrics and their persisted state."""
-
-    def __init__(self, home: str, sampler: Optional[Sampler] = None,
-                 environ: Optional[Dict[str, str]] = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
-        self.home = home
-        self.log_dir = os.path.join(home, "logs")
-        self.state_path = os.path.join(home, "state.json")
-        self.sampler = sampler or Sampler()
-        self.base_env = child_base_environment(os.environ if environ is None else environ)
-        self.clock = clock
-        self.wall = wall
-        self.processes: Dict[int, ManagedProcess] = {}
-        self.next_id = 0
-        self.version = 0             # bumped on every visible change; keys the API's caches
-        self.system = SystemMetrics(wall_time=wall())
-        self.listeners: List[Listener] = []
-        self._tasks: set = set()
-        self._change: Optional[asyncio.Event] = None
-        self._saving_blocked = False
-        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
-
-    # -- notifications -------------------------------------------------------------------------
-
-    def emit(self, kind: str, payload: Any) -> None:
-        for listener in list(self.listeners):
-            try:
-                listener(kind, payload)
-            except Exception:
-                log.exception("listener failed on %s", kind)
-
-    def changed(self, mp: ManagedProcess) -> None:
-        self.version += 1
-        self.emit("process_update", mp)
-        if self._change is not None:
-            self._change.set()          # wake wait_until(); the next waiter gets a fresh event
-            self._change = None
-
-    async def wait_until(self, predicate: Callable[[], bool], timeout: Optional[float]) -> bool:
-        """Wait for a process change that makes predicate true; False at the timeout."""
-        loop = asyncio.get_event_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while not predicate():
-            if self._change is None:
-                self._change = asyncio.Event()
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self._change.wait(), remaining)
-            except asyncio.TimeoutError:
-                return predicate()
-        return True
-
-    def event(self, mp: ManagedProcess, name: str, **extra: Any) -> None:
-        data = {"event": name, "process": mp.name, "id": mp.id}
-        data.update(extra)
-        data["timestamp"] = iso_time(self.wall())
-        log.info("%s %s%s", mp.name, name, "".join(" %s=%s" % item for item in extra.items()))
-        self.emit("process_event", data)
-
-    def _background(self, coroutine) -> asyncio.Task:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)               # the loop keeps only weak references to tasks
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
-
-    # -- lookup --------------------------------------------------------------------------------
-
-    def names(self) -> List[str]:
-        return [mp.name for mp in self.processes.values()]
-
-    def resolve(self, key: str) -> List[ManagedProcess]:
-        """A process by exact name, then all instances of a group by base name, then by id."""
-        members = [mp for mp in self.processes.values() if mp.name == key]
-        if not members:
-            members = [mp for mp in self.processes.values() if mp.config.name == key]
-        if not members and key.isdigit() and key.isascii() and int(key) in self.processes:
-            members = [self.processes[int(key)]]
-        if not members:
-            raise process_not_found(key, self.names())
-        return members
-
-    def group(self, base: str) -> List[ManagedProcess]:
-        return sorted((mp for mp in self.processes.values() if mp.config.name == base),
-                      key=lambda mp: mp.instance)
-
-    def _ports_in_use(self, excluding: str = "") -> set:
-        return {mp.port for mp in self.processes.values()
-                if mp.port is not None and mp.config.name != excluding}
-
-    def _name_taken(self, base: str, instances: int, excluding: Optional[str] = None) -> Optional[str]:
-        """A name (or group) in the way of `base` with this many instances, if any."""
-        wanted = {base} | {member_name(base, i, instances) for i in range(instances)}
-        for mp in self.processes.values():
-            if mp.config.name == excluding:
-                continue
-            if mp.name in wanted or mp.config.name in wanted or mp.config.name == base:
-                return mp.name
-        return None
-
-    # -- lifecycle: add, start, stop, restart, delete -------------------------------------------
-
-    async def add(self, config: ProcessConfig) -> List[ManagedProcess]:
-        """Register a new process (or group of instances) and start it."""
-        clash = self._name_taken(config.name, config.instances)
-        if clash is not None:
-            raise ApiError(409, "PROCESS_ALREADY_EXISTS",
-                           "Process %r already exists" % config.name,
-                           {"name": config.name, "existing_process": clash})
-        if len(self.processes) + config.instances > MAX_PROCESSES:
-            raise ApiError(409, "TOO_MANY_PROCESSES", "at most %d processes can be managed"
-                           % MAX_PROCESSES)
-        for dependency in config.depends_on:
-            try:
-                self.resolve(dependency)
-            except ApiError:
-                raise invalid_field("depends_on", "depends_on names an unknown process %r" % dependency) from None
-        ports = assign_ports(config.port, config.instances, self._ports_in_use())
-        members = [self._register(config, index, ports[index]) for index in range(config.instances)]
-        self.save_state()
-        for mp in members:
-            await self.start(mp)
-        return members
-
-    def _register(self, config: ProcessConfig, index: int, port: Optional[int],
-                  process_id: Optional[int] = None) -> ManagedProcess:
-        if process_id is None:
-            process_id = self.next_id
-        self.next_id = max(self.next_id, process_id + 1)
-        mp = ManagedProcess(id=process_id, name=member_name(config.name, index, config.instances),
-                            config=config, instance=index, port=port, lock=asyncio.Lock())
-        self.processes[process_id] = mp
-        self.version += 1
-        return mp
-
-    def logs_of(self, mp: ManagedProcess) -> ProcessLogs:
-        if mp.logs is None or mp.logs.name != mp.name:
-            mp.logs = ProcessLogs(self.log_dir, mp.name, mp.config.log_max_size,
-                                  mp.config.log_max_files, self._on_log_line, self.wall)
-        return mp.logs
-
-    def _on_log_line(self, name: str, entry: LogEntry) -> None:
-        self.emit("log", (name, entry))
-
-    def note(self, mp: ManagedProcess, message: str) -> None:
-        """A line from pmdaemon itself in the process's stderr log, so users see why."""
-        self.logs_of(mp).write("stderr", ["[pmdaemon] " + message])
-
-    async def start(self, mp: ManagedProcess) -> bool:
-        """Start a stopped, errored or restart-pending process; False if it already runs."""
-        async with mp.lock:
-            if mp.status in RUNNING_STATES:
-                return False
-            self._cancel_restart(mp)
-            mp.unstable_restarts = mp.backoff_count = 0
-            mp.waiting_for = self.unready_dependencies(mp)
-            if mp.waiting_for:
-                # STOPPED -> STARTING with no pid until what it depends on is ready.
-                mp.status, mp.error = ProcessState.STARTING, None
-                mp.pending_start = self._background(self._start_after_dependencies(mp))
-                self.changed(mp)
-            else:
-                await self._spawn(mp)
-            self.save_state()
-            return True
-
-    def unready_dependencies(self, mp: ManagedProcess) -> List[str]:
-        """Names in depends_on whose processes are not online (and healthy when checked).
-        A dependency deleted since is no longer waited for."""
-        waiting = []
-        for name in mp.config.depends_on:
-            members = [other for other in self.processes.values() if name in (other.name, other.config.name)]
-            waiting.extend(other.name for other in members if not other.is_ready())
-        return waiting
-
-    async def _start_after_dependencies(self, mp: ManagedProcess) -> None:
-        def dependencies_ready() -> bool:
-            mp.waiting_for = self.unready_dependencies(mp)
-            return not mp.waiting_for
-        await self.wait_until(dependencies_ready, None)
-        async with mp.lock:
-            if mp.pending_start is not asyncio.current_task() or mp.id not in self.processes:
-                return
-            mp.pending_start = None
-            await self._spawn(mp)
-            self.save_state()
-
-    async def stop(self, mp: ManagedProcess) -> bool:
-        """Stop a process and everything in its group; False if it was not running."""
-        async with mp.lock:
-            was_running = (mp.proc is not None or mp.pending_start is not None
-                           or mp.status == ProcessState.RESTARTING)
-            await self._stop_locked(mp)
-            self.save_state()
-            return was_running
-
-    async def restart(self, mp: ManagedProcess) -> None:
-        async with mp.lock:
-            await self._stop_locked(mp, quiet=True)
-            mp.restarts += 1
-            mp.unstable_restarts = mp.backoff_count = 0
-            await self._spawn(mp, event="restarted")
-            self.save_state()
-
-    async def restart_group(self, key: str, port: Any = None, instances: Optional[int] = None) -> List[ManagedProcess]:
-        """POST .../restart: optionally move to new ports and scale a group, then restart all."""
-        members = self.resolve(key)
-        base = members[0].config.name
-        whole_group = len(members) == len(self.group(base))
-        if instances is not None or port is not None:
-            if not whole_group:
-                raise bad_request("port and instances apply to the whole group %r, not to one "
-                                  "instance" % base)
-            members = await self._reshape(base, port, instances)
-        for mp in members:
-            if mp.started_wall is None and mp.status == ProcessState.STOPPED:
-                await self.start(mp)            # a copy added by scaling up: its first start
-            else:
-                await self.restart(mp)
-        return members
-
-    async def _reshape(self, base: str, port: Optional[str], instances: Optional[int]) -> List[ManagedProcess]:
-        members = self.group(base)
-        config = dataclasses.replace(members[0].config)
-        if port is not None:
-            config.port = port
-        if instances is not None:
-            config.instances = instances
-        clash = self._name_taken(base, config.instances, excluding=base)
-        if clash is not None:
-            raise ApiError(409, "PROCESS_ALREADY_EXISTS", "cannot scale %r to %d instances: the name "
-                           "%r is taken" % (base, config.instances, clash), {"existing_process": clash})
-        ports = assign_ports(config.port, config.instances, self._ports_in_use(excluding=base))
-        for mp in reversed(members[config.instances:]):       # scale down: highest first
-            await self._remove(mp)
-        for mp in members[:config.instances]:
-            old_name = mp.name
-            mp.config, mp.port = config, ports[mp.instance]
-            mp.name = member_name(base, mp.instance, config.instances)
-            if mp.name != old_name and mp.logs is not None:
-                mp.logs.close()
-                mp.logs = None
-        for index in range(len(members), config.instances):   # scale up
-            self._register(config, index, ports[index])
-        self.save_state()
-        return self.group(base)
-
-    async def reload(self, key: str) -> List[ManagedProcess]:
-        """Zero-downtime restart of a group: one copy at a time, each ready before the next.
-
-        Every copy has its own port, so a copy is replaced in place (stop, start, wait until
-        online and healthy when checked): at every moment at least N-1 copies serve."""
-        members = self.resolve(key)
-        for mp in members:
-            await self.restart(mp)
-            if len(members) == 1:
-                break
-            check = mp.config.health_check
-            patience = (mp.config.listen_timeout + (check["interval"] * (check["retries"] + 1)
-                                                    if mp.checked else 0)) / 1000
-            if not await self.wait_until(mp.is_ready, patience):
-                raise ApiError(409, "RELOAD_STOPPED", "reload stopped: %r did not become ready within "
-                               "%d ms; the copies not yet reloaded were left running"
-                               % (mp.name, patience * 1000), {"process": mp.name, "status": mp.status.value})
-        return members
-
-    async def delete(self, key: str) -> List[ManagedProcess]:
-        members = self.resolve(key)
-        for mp in members:
-            await self._remove(mp)
-        self.save_state()
-        return members
-
-    async def _remove(self, mp: ManagedProcess) -> None:
-        async with mp.lock:
-            await self._stop_locked(mp, quiet=True)
-            self.processes.pop(mp.id, None)
-            if mp.logs is not None:
-                mp.logs.close()
-            self.version += 1
-            self.event(mp, "deleted")
-
-    # -- spawning and exits ---------------------------------------------------------------------
-
-    def child_environment(self, mp: ManagedProcess) -> Dict[str, str]:
-        env = dict(self.base_env)
-        env.update(mp.config.env)
-        if mp.port is not None:
-            env["PORT"] = str(mp.port)
-        env["PM2_INSTANCE_ID"] = env["NODE_APP_INSTANCE"] = str(mp.instance)
-        env["PMDAEMON_PROCESS_NAME"] = mp.name
-        env[RUN_ID_ENV] = mp.run_token or ""
-        return env
-
-    async def _spawn(self, mp: ManagedProcess, event: str = "started") -> None:
-        """STOPPED/ERRORED/RESTARTING -> STARTING -> ONLINE, or -> ERRORED with the reason."""
-        mp.status, mp.stop_requested, mp.error = ProcessState.STARTING, False, None
-        mp.next_restart_wall = None
-        mp.run_token = secrets.token_hex(8)
-        env = self.child_environment(mp)
-        try:
-            argv = build_argv(mp.config, env)
-            proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=mp.config.cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True)        # own session and process group: pgid == pid
-        except (OSError, SpawnError, ValueError) as exc:
-            reason = str(exc) if isinstance(exc, SpawnError) else "cannot execute %r: %s" % (
-                mp.config.script, exc.strerror or exc)
-            mp.status, mp.error = ProcessState.ERRORED, reason
-            self.note(mp, "failed to start: " + reason)
-            self.event(mp, "errored", reason=reason)
-            self.changed(mp)
-            return
-        mp.proc, mp.pid = proc, proc.pid
-        mp.started_at, mp.started_wall = self.clock(), self.wall()
-        stat = self.sampler.stat(proc.pid)
-        mp.pid_start_ticks = stat.start_ticks if stat else None
-        mp.cpu, mp.memory = 0.0, stat.rss_bytes if stat else 0
-        mp.health.reset(mp.checked)
-        if mp.config.wait_ready:
-            # STARTING -> ONLINE at the first healthy check, or when listen_timeout passes.
-            mp.ready_handle = asyncio.get_event_loop().call_later(
-                mp.config.listen_timeout / 1000, self._listen_timeout_passed, mp, mp.run_token)
-        else:
-            mp.status = ProcessState.ONLINE
-        if mp.checked:
-            mp.health_task = self._background(self._health_loop(mp, mp.run_token))
-        mp.watch_task = self._background(self._watch(mp, proc))
-        self.event(mp, event, pid=proc.pid)
-        self.changed(mp)
-
-    async def _watch(self, mp: ManagedProcess, proc) -> None:
-        logs = self.logs_of(mp)
-        pumps = [self._background(pump_output(proc.stdout, lambda lines: logs.write("stdout", lines))),
-                 self._background(pump_output(proc.stderr, lambda lines: logs.write("stderr", lines)))]
-        returncode = await proc.wait()
-        if not mp.stop_requested:
-            # The main process is gone on its own: what it left behind would hold its port and
-            # outlive the restart, so it is stopped too.
-            await terminate_group(proc.pid, self.escapees(proc.pid, mp.run_token),
-                                  signal.Signals[mp.config.kill_signal],
-                                  mp.config.kill_timeout / 1000, None, self.sampler)
-        # Let the last output land before the exit is logged; a grandchild may keep the pipe open.
-        await asyncio.wait(pumps, timeout=0.5)
-        self._on_exit(mp, proc, returncode)
-
-    def _on_exit(self, mp: ManagedProcess, proc, returncode: int) -> None:
-        if mp.proc is not proc:
-            return
-        self._end_run_timers(mp)
-        uptime_ms = mp.uptime_ms(self.clock())
-        code = returncode if returncode >= 0 else None
-        signame = signal.Signals(-returncode).name if returncode < 0 else None
-        self.sampler.forget((mp.id, mp.pid))       # its CPU history ends with the run
-        mp.proc = mp.pid = None
-        mp.cpu, mp.memory = 0.0, 0
-        mp.last_exit = {"code": code, "signal": signame, "uptime": uptime_ms,
-                        "at": iso_time(self.wall())}
-        if mp.stop_requested:
-            return                          # _stop_locked finishes STOPPING -> STOPPED
-        how = "with code %d" % code if code is not None else "by signal %s" % signame
-        self.note(mp, "process exited %s after %d ms" % (how, uptime_ms))
-        self.event(mp, "exited", exit_code=code, signal=signame)
-        if code != 0:
-            self.event(mp, "crashed", exit_code=code, signal=signame)
-        decision = decide_after_exit(mp.config, code, uptime_ms, mp.unstable_restarts,
-                                     mp.backoff_count)
-        mp.unstable_restarts, mp.backoff_count = decision.unstable_restarts, decision.backoff_count
-        if decision.action == "restart":
-            # ONLINE -> RESTARTING; the timer brings it back to STARTING.
-            mp.status = ProcessState.RESTARTING
-            mp.next_restart_wall = self.wall() + decision.delay_ms / 1000
-            mp.restart_handle = asyncio.get_event_loop().call_later(
-                decision.delay_ms / 1000, lambda: self._background(self._restart_due(mp)))
-        elif decision.action == "errored":
-            # ONLINE -> ERRORED: stays down, no spinning, until started again.
-            mp.status, mp.error = ProcessState.ERRORED, decision.reason
-            self.note(mp, "not restarting: " + decision.reason)
-            self.event(mp, "errored", reason=decision.reason)
-        else:
-            mp.status = ProcessState.STOPPED
-            self.note(mp, "not restarting: " + decision.reason)
-        self.changed(mp)
-        self.save_state()
-
-    async def _restart_due(self, mp: ManagedProcess) -> None:
-        async with mp.lock:
-            if mp.status != ProcessState.RESTARTING or mp.id not in self.processes:
-                return
-            mp.restart_handle = None
-            mp.restarts += 1
-            await self._spawn(mp, event="restarted")
-            self.save_state()
-
-    def _cancel_restart(self, mp: ManagedProcess) -> None:
-        """Forget a pending automatic restart or a start waiting for its dependencies."""
-        if mp.restart_handle is not None:
-            mp.restart_handle.cancel()
-            mp.restart_handle = None
-        if mp.pending_start is not None and mp.pending_start is not asyncio.current_task():
-            mp.pending_start.cancel()
-        mp.pending_start = None
-        mp.waiting_for = []
-        mp.next_restart_wall = None
-
-    def _end_run_timers(self, mp: ManagedProcess) -> None:
-        """Health checks and the listen_timeout belong to one run."""
-        for name in ("health_task", "ready_handle"):
-            handle = getattr(mp, name)
-            if handle is not None:
-                handle.cancel()
-                setattr(mp, name, None)
-
-    # -- readiness and health -------------------------------------------------------------------
-
-    def _listen_timeout_passed(self, mp: ManagedProcess, token: str) -> None:
-        if mp.run_token == token and mp.status == ProcessState.STARTING and mp.proc is not None:
-            self.note(mp, "no healthy check within listen_timeout (%d ms); considered online"
-                      % mp.config.listen_timeout)
-            self._become_online(mp, "ready")
-
-    def _become_online(self, mp: ManagedProcess, event: str) -> None:
-        if mp.ready_handle is not None:
-            mp.ready_handle.cancel()
-            mp.ready_handle = None
-        mp.status = ProcessState.ONLINE
-        self.event(mp, event)
-        self.changed(mp)
-
-    async def _health_loop(self, mp: ManagedProcess, token: str) -> None:
-        check = mp.config.health_check
-        while True:
-            starting = mp.status == ProcessState.STARTING
-            await asyncio.sleep(HEALTH_STARTING_INTERVAL if starting else check["interval"] / 1000)
-            if mp.run_token != token or mp.proc is None:
-                return
-            error = await run_health_check(check, mp.port, mp.config.cwd, self.child_environment(mp))
-            if mp.run_token != token or mp.proc is None:
-                return
-            self.record_health(mp, error)
-
-    def record_health(self, mp: ManagedProcess, error: Optional[str]) -> None:
-        """Apply one check result: events, readiness, and a restart when unhealthy."""
-        starting = mp.status == ProcessState.STARTING
-        # While waiting to be ready, failures are expected and do not make it unhealthy.
-        transition = mp.health.record(error, self.wall(), mp.config.health_check["retries"],
-                                      may_fail=not starting)
-        self.emit("health_update", {"process": mp.name, "status": mp.health.status,
-                                    "error": error, "timestamp": iso_time(self.wall())})
-        if transition:
-            self.event(mp, transition, **({"error": error} if error else {}))
-        if starting and error is None:
-            self._become_online(mp, "ready")
-        elif transition == "unhealthy" and mp.config.restart_on_unhealthy and mp.status == ProcessState.ONLINE:
-            self.note(mp, "restarting: unhealthy after %d failed checks (%s)"
-                      % (mp.health.consecutive_failures, error))
-            self._background(self.restart(mp))
-        if transition:
-            self.changed(mp)
-
-    # -- stopping -------------------------------------------------------------------------------
-
-    async def _stop_locked(self, mp: ManagedProcess, quiet: bool = False) -> None:
-        """ONLINE -> STOPPING -> STOPPED once the whole group is gone; RESTARTING -> STOPPED."""
-        self._cancel_restart(mp)
-        self._end_run_timers(mp)
-        was_running = mp.proc is not None
-        if was_running:
-            mp.stop_requested = True
-            mp.status = ProcessState.STOPPING
-            self.changed(mp)
-            await self._terminate(mp)
-        if mp.status != ProcessState.STOPPED:
-            mp.status = ProcessState.STOPPED
-            self.changed(mp)
-        if was_running and not quiet:
-            self.event(mp, "stopped")
-
-    def escapees(self, pgid: Optional[int], run_token: Optional[str]) -> List[Tuple[int, int]]:
-        """(pid, start) of processes a run started outside its group: by parent links, or by the
-        PMDAEMON_RUN_ID they inherited (a double-forked daemon has neither parent nor group)."""
-        table = self.sampler.scan()
-        found = set(descendants(table, pgid)) if pgid else set()
-        if run_token:
-            marker = ("%s=%s" % (RUN_ID_ENV, run_token)).encode()
-            found.update(pid for pid in table if pid != os.getpid() and self.sampler.environ_has(pid, marker))
-        return [(pid, table[pid].start_ticks) for pid in sorted(found)
-                if table[pid].pgid != pgid and table[pid].state != "Z"]
-
-    async def _terminate(self, mp: ManagedProcess) -> None:
-        """Signal the process group (and escaped descendants), SIGKILL after kill_timeout."""
-        proc, pgid = mp.proc, mp.proc.pid
-        await terminate_group(pgid, self.escapees(pgid, mp.run_token),
-                              signal.Signals[mp.config.kill_signal],
-                              mp.config.kill_timeout / 1000, proc.wait, self.sampler)
-        if mp.watch_task is not None:
-            await asyncio.wait({mp.watch_task}, timeout=2.0)
-
-
-    # -- metrics --------------------------------------------------------------------------------
-
-    def sample(self) -> None:
-        """One sampling tick: system metrics, per-process-tree CPU and memory."""
-        self.system = self.sampler.system()
-        running = [mp for mp in self.processes.values() if mp.pid is not None]
-        if running:
-            table = self.sampler.scan()
-            for mp in running:
-                tree = descendants(table, mp.pid)
-                mp.memory = sum(table[pid].rss_bytes for pid in tree)
-                mp.cpu = self.sampler.tree_cpu((mp.id, mp.pid),
-                                               sum(table[pid].cpu_ticks for pid in tree))
-                self._check_memory(mp)
-        self.version += 1
-        self.emit("tick", self.system)
-
-    def _check_memory(self, mp: ManagedProcess) -> None:
-        limit = mp.config.max_memory_restart
-        if limit and mp.memory > limit and mp.status == ProcessState.ONLINE:
-            reason = "memory %d bytes is above max_memory_restart %d" % (mp.memory, limit)
-            self.note(mp, "restarting: " + reason)
-            self.event(mp, "memory_limit", reason=reason, memory=mp.memory)
-            self._background(self.restart(mp))
-
-    async def run_sampler(self, interval: float) -> None:
-        while True:
-            try:
-                self.sample()
-            except Exception:
-                log.exception("sampling failed")
-            await asyncio.sleep(interval)
-
-    # -- persistence ----------------------------------------------------------------------------
-
-    def save_state(self, statuses: Optional[Dict[int, str]] = None) -> None:
-        """Persist the process list atomically; called on every change."""
-        if self._saving_blocked:
-            return
-        statuses = statuses or {}
-        data = {"version": STATE_FILE_VERSION, "pmdaemon": __version__, "next_id": self.next_id,
-                "processes": [mp.to_state(statuses.get(mp.id)) for mp in self.processes.values()]}
-        try:
-            atomic_write(self.state_path, json.dumps(data, indent=1).encode())
-        except OSError:
-            log.exception("could not save state to %s", self.state_path)
-
-    def load_state(self) -> Optional[dict]:
-        """The saved state, or None; a corrupt file is moved aside, never silently emptied."""
-        try:
-            with open(self.state_path, "rb") as handle:
-                data = json.loads(handle.read().decode("utf-8"))
-            if not isinstance(data, dict) or not isinstance(data.get("processes"), list):
-                raise ValueError("not a pmdaemon state object")
-            return data
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            aside = "%s.corrupt-%s" % (self.state_path, time.strftime("%Y%m%dT%H%M%S"))
-            with contextlib.suppress(OSError):
-                os.replace(self.state_path, aside)
-            log.error("state file %s is unreadable (%s); moved it to %s and started empty",
-                      self.state_path, exc, aside)
-            return None
-
-    async def restore(self) -> None:
-        """Bring back the saved list: leftovers of the last run are stopped, online ones started."""
-        data = self.load_state()
-        if data is None:
-            return
-        self.next_id = int(data.get("next_id", 0))
-        to_start, leftovers, rejected = [], [], []
-        for entry in data["processes"]:
-            try:
-                # Saved configs are validated like new ones: a hand-edited file cannot smuggle
-                # in a wrong type that would fail later, deep in the supervisor.
-                config = ProcessConfig.from_dict(entry["config"], check_cwd=False)
-                mp = self._register(config, int(entry.get("instance", 0)), entry.get("port"),
-                                    process_id=int(entry["id"]))
-            except (KeyError, TypeError, ValueError, ApiError) as exc:
-                rejected.append(entry)
-                log.error("cannot restore saved process %r: %s", entry.get("name"),
-                          exc.message if isinstance(exc, ApiError) else exc)
-                continue
-            mp.restarts = int(entry.get("restarts", 0))
-            mp.run_token = entry.get("run_token")
-            mp.error = entry.get("error")
-            status = entry.get("status")
-            mp.status = ProcessState.ERRORED if status == "errored" else ProcessState.STOPPED
-            if entry.get("pid") or entry.get("run_token"):
-                leftovers.append((entry.get("pid"), entry.get("pid_start_ticks"), entry.get("run_token"), config))
-            if status == "online":
-                to_start.append(mp)
-        if rejected:
-            kept = "%s.rejected-%s" % (self.state_path, time.strftime("%Y%m%dT%H%M%S"))
-            atomic_write(kept, json.dumps(rejected, indent=1).encode())
-            log.error("the %d saved process(es) that could not be restored are kept in %s",
-                      len(rejected), kept)
-        await asyncio.gather(*(self._stop_leftover(*item) for item in leftovers))
-        for mp in to_start:
-            await self.start(mp)
-        self.save_state()
-
-    async def _stop_leftover(self, pid: Optional[int], start_ticks: Optional[int],
-                             run_token: Optional[str], config: ProcessConfig) -> None:
-        """Processes of a daemon that died: its child if (pid, start time) still names it, and
-        everything carrying that run's PMDAEMON_RUN_ID."""
-        stat = self.sampler.stat(pid) if pid else None
-        leader = pid if stat and stat.start_ticks == start_ticks and stat.pgid == pid else None
-        escaped = self.escapees(leader, run_token)
-        if leader is None and not escaped:
-            return                      # all gone, or the pid now belongs to someone else
-        log.info("stopping what %s left running under a previous daemon (pid %s)", config.name, pid)
-        await terminate_group(leader, escaped, signal.Signals[config.kill_signal],
-                              config.kill_timeout / 1000, None, self.sampler)
-
-    async def shutdown(self) -> None:
-        """Daemon exit: stop every child, but remember which ones should come back."""
-        statuses = {mp.id: mp.desired_status() for mp in self.processes.values()}
-        self._saving_blocked = True
-        try:
-            await asyncio.gather(*(self._stop_for_shutdown(mp) for mp in list(self.processes.values())))
-        finally:
-            self._saving_blocked = False
-            self.save_state(statuses)
-
-    async def _stop_for_shutdown(self, mp: ManagedProcess) -> None:
-        async with mp.lock:
-            await self._stop_locked(mp, quiet=True)
-        if mp.logs is not None:
-            mp.logs.close()
-
-
 def _signal_escaped(escaped: List[Tuple[int, int]], signum: int, sampler: Sampler) -> List[Tuple[int, int]]:
     """Signal each (pid, start_ticks) still alive as that same process; return those alive."""
     alive = []
@@ -1960,7 +1440,7 @@ def _signal_escaped(escaped: List[Tuple[int, int]], signum: int, sampler: Sample
 
 async def terminate_group(pgid: Optional[int], escaped: List[Tuple[int, int]], signum: int,
                           timeout: float, wait_leader, sampler: Sampler,
-                          kill_grace: float = 5.0) -> bool:
+                          kill_grace: float = KILL_GRACE, poll_interval: float = STOP_POLL_INTERVAL) -> bool:
     """Stop a group and escapees: signum now, SIGKILL at timeout; True once all are gone."""
     if pgid is not None:
         signal_group(pgid, signum)
@@ -1988,15 +1468,993 @@ async def terminate_group(pgid: Optional[int], escaped: List[Tuple[int, int]], s
                     await asyncio.wait_for(wait_leader(), kill_grace)
             deadline = loop.time() + kill_grace
         elif killed and loop.time() >= deadline:
-            log.warning("process group %d still has members after SIGKILL", pgid)
+            log.warning("process group %s still has members after SIGKILL", pgid)
             return False
-        await asyncio.sleep(STOP_POLL_INTERVAL)
+        await asyncio.sleep(poll_interval)
+
+
+# -- one run of a program, and the default spawner ---------------------------------------------
+
+class Run:
+    """One execution of a process's program. Exits and timers carry the run they belong to, so
+    an event of a run that was already replaced is recognised (run is not runner.run) and
+    ignored in one place."""
+    __slots__ = ("token", "proc", "pid", "start_ticks", "started_at", "started_wall",
+                 "stop_requested", "watch")
+
+    def __init__(self, token: Optional[str], pid: Optional[int] = None, start_ticks: Optional[int] = None):
+        self.token = token
+        self.proc: Any = None
+        self.pid = pid
+        self.start_ticks = start_ticks
+        self.started_at = 0.0                   # monotonic, for uptime
+        self.started_wall: Optional[float] = None
+        self.stop_requested = False             # an exit we asked for: no restart decision
+        self.watch: Optional[asyncio.Task] = None
+
+
+async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str]):
+    """Start a child in its own session and process group (pgid == pid), output piped to us."""
+    return await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+
+
+@dataclasses.dataclass
+class SupervisorSettings:
+    """Timings of supervision and persistence; tests shorten them, the daemon uses defaults."""
+    stop_poll_interval: float = STOP_POLL_INTERVAL
+    kill_grace: float = KILL_GRACE
+    partial_line_flush: float = PARTIAL_LINE_FLUSH
+    health_starting_interval: float = HEALTH_STARTING_INTERVAL
+    exit_output_grace: float = EXIT_OUTPUT_GRACE
+    state_save_interval: float = STATE_SAVE_INTERVAL
+    state_lazy_interval: float = STATE_LAZY_INTERVAL
+    log_error_report_interval: float = LOG_ERROR_REPORT_INTERVAL
+
+
+async def terminate_run(run: Run, config: ProcessConfig, sampler: Sampler, settings: SupervisorSettings,
+                        leader_alive: bool = True) -> bool:
+    """Stop a run's process group and whatever it started outside it: kill_signal now,
+    SIGKILL after kill_timeout. The one place a run is stopped, whoever asks."""
+    pgid = run.pid if leader_alive else None
+    wait = run.proc.wait if run.proc is not None else None
+    return await terminate_group(pgid, escapees(sampler, run.pid, run.token),
+                                 signal.Signals[config.kill_signal], config.kill_timeout / 1000,
+                                 wait, sampler, settings.kill_grace, settings.stop_poll_interval)
+
+
+def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str]) -> List[Tuple[int, int]]:
+    """(pid, start) of processes a run started outside its group: by parent links, or by the
+    PMDAEMON_RUN_ID they inherited (a double-forked daemon has neither parent nor group)."""
+    table = sampler.scan()
+    found = set(descendants(table, pgid)) if pgid else set()
+    if run_token:
+        marker = ("%s=%s" % (RUN_ID_ENV, run_token)).encode()
+        found.update(pid for pid in table if pid != os.getpid() and sampler.environ_has(pid, marker))
+    return [(pid, table[pid].start_ticks) for pid in sorted(found)
+            if table[pid].pgid != pgid and table[pid].state != "Z"]
+
+
+# -- the per-process state machine --------------------------------------------------------------
+
+S = ProcessState
+# Every transition a process may make; change_state refuses (and logs loudly) any other.
+TRANSITIONS: Dict[ProcessState, frozenset] = {
+    S.STOPPED: frozenset({S.STARTING}),                       # start
+    S.STARTING: frozenset({S.ONLINE,                          # spawned, or ready (wait_ready)
+                           S.STOPPING,                        # stop while not yet ready
+                           S.STOPPED,                         # stop while waiting for depends_on
+                           S.RESTARTING, S.ERRORED}),         # exited before ready; cannot exec
+    S.ONLINE: frozenset({S.STOPPING,                          # stop, restart, delete
+                         S.RESTARTING, S.ERRORED, S.STOPPED}),  # exited: decide_after_exit
+    S.STOPPING: frozenset({S.STOPPED}),                       # the whole group is gone
+    S.RESTARTING: frozenset({S.STARTING,                      # the restart delay passed
+                             S.STOPPED}),                     # stop cancels the pending restart
+    S.ERRORED: frozenset({S.STARTING, S.STOPPED}),            # start again; stop
+}
+del S
+
+
+class ProcessRunner:
+    """One managed process (one instance of a group): its config, its current run, its timers.
+
+    Only this object changes its state, through change_state(). Its public coroutines (start,
+    stop, restart, remove) are serialised by one lock. It reports to its host (the Supervisor)
+    through host.runner_changed / host.process_event and asks it for what is shared (clock,
+    sampler, spawner, environment, dependencies)."""
+
+    def __init__(self, host: "Supervisor", process_id: int, name: str, config: ProcessConfig,
+                 instance: int, port: Optional[int], state: ProcessState = ProcessState.STOPPED):
+        self.host = host
+        self.id, self.name, self.config, self.instance, self.port = process_id, name, config, instance, port
+        self.state = state                      # STOPPED, or ERRORED when restored so
+        self.run: Optional[Run] = None
+        self.manual_restarts = 0                # asked for: saved soon (see StateStore)
+        self.auto_restarts = 0                  # after exits: saved lazily (flash wear)
+        self.unstable_restarts = 0
+        self.backoff_count = 0
+        self.cpu = 0.0
+        self.memory = 0
+        self.last_exit: Optional[dict] = None
+        self.error: Optional[str] = None
+        self.next_restart_wall: Optional[float] = None
+        self.waiting_for: List[str] = []
+        self.health = HealthState()
+        self.ever_started = False
+        self.wanted = False                     # should it run (after a daemon restart, too)?
+        self.deleted = False
+        self.logs = ProcessLogs(host.log_dir, name, config.log_max_size, config.log_max_files,
+                                host.hub, self._log_write_failed, host.wall)
+        self.lock = asyncio.Lock()
+        self._pending: Dict[str, Any] = {}      # "restart", "dependencies", "ready", "health"
+        self._log_error_reported = -math.inf
+
+    # -- what it is --------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.run.pid if self.run is not None else None
+
+    @property
+    def restarts(self) -> int:
+        return self.manual_restarts + self.auto_restarts
+
+    @property
+    def checked(self) -> bool:
+        return bool(self.config.health_check and self.config.health_check["enabled"])
+
+    def is_ready(self) -> bool:
+        """Online, and healthy when a health check is configured."""
+        return self.state is ProcessState.ONLINE and (not self.checked or self.health.status == "healthy")
+
+    def uptime_ms(self, now: float) -> int:
+        return int((now - self.run.started_at) * 1000) if self.run is not None and self.run.pid else 0
+
+    def desired_status(self) -> str:
+        """The status this process should have after a daemon restart."""
+        if self.state is ProcessState.ERRORED:
+            return ProcessState.ERRORED.value
+        return (ProcessState.ONLINE if self.wanted else ProcessState.STOPPED).value
+
+    # -- the one way state changes -----------------------------------------------------------
+
+    def change_state(self, new: ProcessState) -> bool:
+        """Move to `new` if TRANSITIONS allows it; anything else is a bug, logged, not applied."""
+        old = self.state
+        if new is old:
+            return True
+        if new not in TRANSITIONS[old]:
+            log.error("bug: %s cannot go from %s to %s; the transition was refused",
+                      self.name, old.value, new.value, stack_info=True)
+            return False
+        self.state = new
+        self.host.runner_changed(self)
+        return True
+
+    def event(self, name: str, **extra: Any) -> None:
+        self.host.process_event(self, name, extra)
+
+    def note(self, message: str) -> None:
+        """A line from pmdaemon itself in the process's stderr log, so users see why."""
+        self.logs.write("stderr", ["[pmdaemon] " + message])
+
+    # -- commands (each under the lock) ------------------------------------------------------
+
+    async def start(self) -> bool:
+        """Start a stopped, errored or restart-pending process; False if it already runs."""
+        async with self.lock:
+            if self.state in RUNNING_STATES or self.deleted:
+                return False
+            self.wanted = True
+            self._cancel("restart", "dependencies")
+            self.unstable_restarts = self.backoff_count = 0
+            self.next_restart_wall = None
+            self.waiting_for = self.host.unready_dependencies(self)
+            if self.waiting_for:
+                # -> STARTING with no pid until what it depends on is ready.
+                self.error = None
+                self.change_state(ProcessState.STARTING)
+                self._pending["dependencies"] = self.host.background(self._start_after_dependencies())
+            else:
+                await self._spawn("started")
+            return True
+
+    async def stop(self) -> bool:
+        """Stop the process and everything in its group; False if it was not running."""
+        async with self.lock:
+            was_running = self.run is not None or self.state in (ProcessState.STARTING, ProcessState.RESTARTING)
+            self.wanted = False
+            await self._stop_locked(quiet=False)
+            return was_running
+
+    async def restart(self) -> None:
+        """Stop (if running) and start again; counts as a restart."""
+        async with self.lock:
+            if self.deleted:
+                return
+            self.wanted = True
+            await self._stop_locked(quiet=True)
+            self.manual_restarts += 1
+            self.unstable_restarts = self.backoff_count = 0
+            await self._spawn("restarted")
+
+    async def remove(self) -> None:
+        """Stop for good: the process is being deleted; its log files go with it."""
+        async with self.lock:
+            await self._stop_locked(quiet=True)
+            self.deleted = True
+            self.logs.close()
+            self.logs.remove()
+
+    async def shut_down(self) -> None:
+        """Daemon exit: stop, keep the logs, and keep `wanted` and ERRORED for the next daemon."""
+        async with self.lock:
+            if self.state is not ProcessState.ERRORED:
+                await self._stop_locked(quiet=True)
+            self.logs.close()
+
+    def rename(self, name: str, port: Optional[int], config: ProcessConfig) -> None:
+        """A group was reshaped: new name (base <-> base-0), port or config; logs move along."""
+        if name != self.name:
+            self.logs.rename(name)
+            self.name = name
+        self.port, self.config = port, config
+        self.host.runner_changed(self)
+
+    # -- starting ----------------------------------------------------------------------------
+
+    async def _start_after_dependencies(self) -> None:
+        def dependencies_ready() -> bool:
+            self.waiting_for = self.host.unready_dependencies(self)
+            return not self.waiting_for
+        await self.host.wait_for_change(dependencies_ready, None)
+        async with self.lock:
+            if self._pending.get("dependencies") is not asyncio.current_task() or self.deleted:
+                return
+            del self._pending["dependencies"]
+            await self._spawn("started")
+
+    async def _spawn(self, event: str) -> None:
+        """-> STARTING -> ONLINE (or stays STARTING until ready), or -> ERRORED with the reason."""
+        self.change_state(ProcessState.STARTING)
+        self.error, self.waiting_for, self.next_restart_wall = None, [], None
+        self.ever_started = True
+        run = Run(self.host.run_token(self))
+        env = self.host.child_environment(self, run.token)
+        try:
+            argv = build_argv(self.config, env)
+            run.proc = await self.host.spawner(argv, self.config.cwd, env)
+        except (OSError, SpawnError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, SpawnError) else "cannot execute %r: %s" % (
+                self.config.script, exc.strerror or exc if isinstance(exc, OSError) else exc)
+            self.error = reason
+            self.note("failed to start: " + reason)
+            self.event("errored", reason=reason)
+            self.change_state(ProcessState.ERRORED)
+            return
+        run.pid = run.proc.pid
+        run.started_at, run.started_wall = self.host.clock(), self.host.wall()
+        stat = self.host.sampler.stat(run.pid)
+        run.start_ticks = stat.start_ticks if stat else None
+        self.run = run
+        self.cpu, self.memory = 0.0, stat.rss_bytes if stat else 0
+        self.health.reset(self.checked)
+        run.watch = self.host.background(self._watch(run))
+        if self.checked:
+            self._pending["health"] = self.host.background(self._health_loop(run))
+        self.event(event, pid=run.pid)
+        if self.config.wait_ready:
+            # STARTING -> ONLINE at the first healthy check, or when listen_timeout passes.
+            self._pending["ready"] = asyncio.get_event_loop().call_later(
+                self.config.listen_timeout / 1000, self._listen_timeout_passed, run)
+            self.host.runner_changed(self)      # the pid is news even before it is ready
+        else:
+            self.change_state(ProcessState.ONLINE)
+
+    def _become_online(self, event: str) -> None:
+        self._cancel("ready")
+        self.event(event)
+        self.change_state(ProcessState.ONLINE)
+
+    def _listen_timeout_passed(self, run: Run) -> None:
+        if run is self.run and self.state is ProcessState.STARTING:
+            self.note("no healthy check within listen_timeout (%d ms); considered online"
+                      % self.config.listen_timeout)
+            self._become_online("ready")
+
+    # -- exits -------------------------------------------------------------------------------
+
+    async def _watch(self, run: Run) -> None:
+        proc = run.proc
+        flush = self.host.settings.partial_line_flush
+        pumps = [self.host.background(pump_output(proc.stdout, functools.partial(self.logs.write, "stdout"), flush)),
+                 self.host.background(pump_output(proc.stderr, functools.partial(self.logs.write, "stderr"), flush))]
+        returncode = await proc.wait()
+        if not run.stop_requested:
+            # The main process is gone on its own: what it left behind would hold its port and
+            # outlive the restart, so it is stopped too.
+            await terminate_run(run, self.config, self.host.sampler, self.host.settings)
+        # Let the last output land before the exit is logged; a grandchild may keep the pipe open.
+        await asyncio.wait(pumps, timeout=self.host.settings.exit_output_grace)
+        self._on_exit(run, returncode)
+
+    def _on_exit(self, run: Run, returncode: int) -> None:
+        """What happens when a run's main process has exited: the one place that decides."""
+        if run is not self.run:
+            return                              # a stale exit: that run was already replaced
+        self._end_run(run, returncode)
+        if run.stop_requested:
+            return                              # _stop_locked finishes STOPPING -> STOPPED
+        code, signame = self.last_exit["code"], self.last_exit["signal"]
+        uptime_ms = self.last_exit["uptime"]
+        how = "with code %d" % code if code is not None else "by signal %s" % signame
+        self.note("process exited %s after %d ms" % (how, uptime_ms))
+        self.event("exited", exit_code=code, signal=signame)
+        if code != 0:
+            self.event("crashed", exit_code=code, signal=signame)
+        decision = decide_after_exit(self.config, code, uptime_ms, self.unstable_restarts, self.backoff_count)
+        self.unstable_restarts, self.backoff_count = decision.unstable_restarts, decision.backoff_count
+        if decision.action == "restart":
+            # -> RESTARTING; the timer brings it back to STARTING.
+            self.next_restart_wall = self.host.wall() + decision.delay_ms / 1000
+            self._pending["restart"] = asyncio.get_event_loop().call_later(
+                decision.delay_ms / 1000, lambda: self.host.background(self._restart_due()))
+            self.change_state(ProcessState.RESTARTING)
+        elif decision.action == "errored":
+            # -> ERRORED: stays down, no spinning, until started again.
+            self.error = decision.reason
+            self.note("not restarting: " + decision.reason)
+            self.event("errored", reason=decision.reason)
+            self.change_state(ProcessState.ERRORED)
+        else:
+            self.note("not restarting: " + decision.reason)
+            self.wanted = False
+            self.change_state(ProcessState.STOPPED)
+
+    def _end_run(self, run: Run, returncode: Optional[int]) -> None:
+        """The run is over: record how it ended, forget its timers and usage."""
+        self._cancel("health", "ready")
+        uptime_ms = self.uptime_ms(self.host.clock())
+        code = returncode if returncode is not None and returncode >= 0 else None
+        signame = signal.Signals(-returncode).name if returncode is not None and returncode < 0 else None
+        self.host.sampler.forget((self.id, run.pid))     # its CPU history ends with the run
+        self.run = None
+        self.cpu, self.memory = 0.0, 0
+        self.last_exit = {"code": code, "signal": signame, "uptime": uptime_ms, "at": iso_time(self.host.wall())}
+
+    async def _restart_due(self) -> None:
+        async with self.lock:
+            if self.state is not ProcessState.RESTARTING or self.deleted:
+                return
+            self._pending.pop("restart", None)
+            self.auto_restarts += 1
+            await self._spawn("restarted")
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    async def _stop_locked(self, quiet: bool) -> None:
+        """ONLINE/STARTING -> STOPPING -> STOPPED once the whole group is gone;
+        RESTARTING, ERRORED or a start waiting for dependencies -> STOPPED."""
+        self._cancel("restart", "dependencies", "health", "ready")
+        self.waiting_for, self.next_restart_wall = [], None
+        run = self.run
+        if run is not None:
+            run.stop_requested = True
+            self.change_state(ProcessState.STOPPING)
+            await terminate_run(run, self.config, self.host.sampler, self.host.settings)
+            if run.watch is not None:
+                await asyncio.wait({run.watch}, timeout=self.host.settings.exit_output_grace + 1)
+            if self.run is run:                 # the watcher did not finish: end the run here
+                self._end_run(run, run.proc.returncode)
+        if self.state is not ProcessState.STOPPED:
+            self.change_state(ProcessState.STOPPED)
+        if run is not None and not quiet:
+            self.event("stopped")
+
+    def _cancel(self, *names: str) -> None:
+        """Cancel pending timers or tasks by name (never the task that is running this)."""
+        for name in names:
+            handle = self._pending.pop(name, None)
+            if handle is not None and handle is not asyncio.current_task():
+                handle.cancel()
+
+    # -- readiness, health, limits -----------------------------------------------------------
+
+    async def _health_loop(self, run: Run) -> None:
+        check = self.config.health_check
+        while True:
+            starting = self.state is ProcessState.STARTING
+            await asyncio.sleep(self.host.settings.health_starting_interval if starting
+                                else check["interval"] / 1000)
+            if run is not self.run:
+                return
+            error = await run_health_check(check, self.port, self.config.cwd,
+                                           self.host.child_environment(self, run.token))
+            if run is not self.run:
+                return
+            self.record_health(error)
+
+    def record_health(self, error: Optional[str]) -> None:
+        """Apply one check result: events, readiness, and a restart when unhealthy."""
+        starting = self.state is ProcessState.STARTING
+        # While waiting to be ready, failures are expected and do not make it unhealthy.
+        transition = self.health.record(error, self.host.wall(), self.config.health_check["retries"],
+                                        may_fail=not starting)
+        self.host.health_checked(self, error)
+        if transition:
+            self.event(transition, **({"error": error} if error else {}))
+        if starting and error is None:
+            self._become_online("ready")
+        elif (transition == "unhealthy" and self.config.restart_on_unhealthy
+              and self.state is ProcessState.ONLINE):
+            self.note("restarting: unhealthy after %d failed checks (%s)"
+                      % (self.health.consecutive_failures, error))
+            self.host.background(self.restart())
+        if transition:
+            self.host.runner_changed(self)
+
+    def record_usage(self, cpu: float, memory: int) -> None:
+        """A metrics sample of the process tree; restarts it past max_memory_restart."""
+        self.cpu, self.memory = cpu, memory
+        limit = self.config.max_memory_restart
+        if limit and memory > limit and self.state is ProcessState.ONLINE and not self.lock.locked():
+            reason = "memory %d bytes is above max_memory_restart %d" % (memory, limit)
+            self.note("restarting: " + reason)
+            self.event("memory_limit", reason=reason, memory=memory)
+            self.host.background(self.restart())
+
+    def _log_write_failed(self, error: OSError) -> None:
+        """A log line could not be written: it is dropped, counted, and reported now and then."""
+        now = self.host.clock()
+        if now - self._log_error_reported < self.host.settings.log_error_report_interval:
+            return
+        self._log_error_reported = now
+        reason = error.strerror or str(error)
+        log.warning("%s: cannot write its log (%s); %d line(s) dropped so far, the process keeps "
+                    "running", self.name, reason, self.logs.dropped_lines)
+        self.event("log_write_error", error=reason, dropped_lines=self.logs.dropped_lines)
+
+
+# -- the registry: names, ids, groups, ports ----------------------------------------------------
+
+class Registry:
+    """Which processes exist: by id, by name, by group (base name). Knows nothing of children."""
+
+    def __init__(self):
+        self.by_id: Dict[int, ProcessRunner] = {}
+        self.next_id = 0
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def runners(self) -> List[ProcessRunner]:
+        return list(self.by_id.values())
+
+    def names(self) -> List[str]:
+        return [runner.name for runner in self.by_id.values()]
+
+    def find(self, key: str) -> List[ProcessRunner]:
+        """A process by exact name, then all instances of a group by base name, then by id."""
+        members = [runner for runner in self.by_id.values() if runner.name == key]
+        if not members:
+            members = self.group(key)
+        if not members and key.isdigit() and key.isascii() and len(key) <= 9 and int(key) in self.by_id:
+            members = [self.by_id[int(key)]]
+        return members
+
+    def group(self, base: str) -> List[ProcessRunner]:
+        return sorted((runner for runner in self.by_id.values() if runner.config.name == base),
+                      key=lambda runner: runner.instance)
+
+    def ports_in_use(self, excluding_group: Optional[str] = None) -> set:
+        return {runner.port for runner in self.by_id.values()
+                if runner.port is not None and runner.config.name != excluding_group}
+
+    def name_clash(self, base: str, names: List[str], excluding_group: Optional[str] = None) -> Optional[str]:
+        """The first existing process in the way of a group `base` whose members are `names`."""
+        wanted = {base} | set(names)
+        for runner in self.by_id.values():
+            if runner.config.name == excluding_group:
+                continue
+            if runner.name in wanted or runner.config.name in wanted:
+                return runner.name
+        return None
+
+    def take_id(self, wanted: Optional[int] = None) -> int:
+        process_id = self.next_id if wanted is None else wanted
+        self.next_id = max(self.next_id, process_id + 1)
+        return process_id
+
+    def add(self, runner: ProcessRunner) -> None:
+        self.by_id[runner.id] = runner
+
+    def remove(self, runner: ProcessRunner) -> None:
+        self.by_id.pop(runner.id, None)
+
+
+# -- persistence ----------------------------------------------------------------------------------
+
+class StateStore:
+    """state.json, written atomically and sparingly (flash wear on edge boxes): what matters after
+    a restart (configs, desired states) within save_interval of a change; runtime details
+    (pid, restart counts) alone at most every lazy_interval; nothing while nothing changed;
+    everything on flush(). What to write is derived from the snapshot itself, not flagged."""
+
+    def __init__(self, path: str, snapshot: Callable[[], Tuple[list, dict]], save_interval: float,
+                 lazy_interval: float, clock: Callable[[], float] = time.monotonic):
+        self.path = path
+        self.snapshot = snapshot
+        self.save_interval = save_interval
+        self.lazy_interval = lazy_interval
+        self.clock = clock
+        self.writes = 0
+        self.last_error: Optional[str] = None
+        self._written: Tuple[Optional[bytes], Optional[bytes]] = (None, None)
+        self._last_write = -math.inf
+        self._timer = None
+
+    def touch(self) -> None:
+        """Something may have changed: look within save_interval (one timer, however many calls)."""
+        if self._timer is None:
+            with contextlib.suppress(RuntimeError):      # no loop (a synchronous caller): flush() saves
+                self._timer = asyncio.get_event_loop().call_later(self.save_interval, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        durable, lazy = self._encode()
+        if durable == self._written[0] and lazy == self._written[1]:
+            return
+        wait = self._last_write + self.lazy_interval - self.clock()
+        if durable != self._written[0] or wait <= 0:
+            self._save(durable, lazy, quiet=True)
+        else:
+            self._timer = asyncio.get_event_loop().call_later(wait, self._check)
+
+    def _encode(self) -> Tuple[bytes, bytes]:
+        durable, lazy = self.snapshot()
+        return json.dumps(durable, sort_keys=True).encode(), json.dumps(lazy, sort_keys=True).encode()
+
+    def save_now(self) -> None:
+        """Write at once; StateNotSaved when the file cannot be written."""
+        self._save(*self._encode(), quiet=False)
+
+    def flush(self) -> None:
+        """Write what is unwritten (shutdown); errors are logged."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        durable, lazy = self._encode()
+        if (durable, lazy) != self._written:
+            self._save(durable, lazy, quiet=True)
+
+    def _save(self, durable: bytes, lazy: bytes, quiet: bool) -> None:
+        entries, runtime = json.loads(durable), json.loads(lazy)
+        for entry in entries["processes"]:
+            entry.update(runtime.get(str(entry["id"]), {}))
+        try:
+            atomic_write(self.path, json.dumps(entries, indent=1).encode())
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if reason != self.last_error:
+                log.error("cannot save state to %s: %s (retrying)", self.path, reason)
+            self.last_error = reason
+            self._timer = self._timer or asyncio.get_event_loop().call_later(self.save_interval, self._check)
+            if not quiet:
+                raise StateNotSaved("cannot save state to %s: %s" % (self.path, reason)) from None
+            return
+        if self.last_error is not None:
+            log.info("state saved to %s again", self.path)
+        self.last_error = None
+        self.writes += 1
+        self._written, self._last_write = (durable, lazy), self.clock()
+
+    def load(self) -> Optional[dict]:
+        """The saved state, or None; a corrupt file is moved aside, never silently emptied."""
+        try:
+            with open(self.path, "rb") as handle:
+                data = json.loads(handle.read().decode("utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("processes"), list):
+                raise ValueError("not a pmdaemon state object")
+            return data
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            aside = "%s.corrupt-%s" % (self.path, time.strftime("%Y%m%dT%H%M%S"))
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            log.error("state file %s is unreadable (%s); moved it to %s and started empty",
+                      self.path, exc, aside)
+            return None
+
+    def keep_rejected(self, rejected: List[dict]) -> None:
+        kept = "%s.rejected-%s" % (self.path, time.strftime("%Y%m%dT%H%M%S"))
+        atomic_write(kept, json.dumps(rejected, indent=1).encode())
+        log.error("the %d saved process(es) that could not be restored are kept in %s", len(rejected), kept)
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+class MetricsLoop:
+    """Every interval: system metrics, and cpu/memory of each running process's tree from one
+    scan of /proc. Never raises: a sample that fails is logged and the next one tried."""
+
+    def __init__(self, sampler: Sampler, registry: Registry, announce: Callable[[str, Any], None],
+                 wall: Callable[[], float] = time.time):
+        self.sampler = sampler
+        self.registry = registry
+        self.announce = announce
+        self.system = SystemMetrics(wall_time=wall())
+
+    def sample(self) -> None:
+        self.system = self.sampler.system()
+        running = [runner for runner in self.registry.runners() if runner.pid is not None]
+        if running:
+            table = self.sampler.scan()
+            children = children_index(table)
+            for runner in running:
+                tree = descendants(table, runner.pid, children)
+                cpu = self.sampler.tree_cpu((runner.id, runner.pid), sum(table[pid].cpu_ticks for pid in tree))
+                runner.record_usage(cpu, sum(table[pid].rss_bytes for pid in tree))
+        self.announce("tick", self.system)
+
+    async def run(self, interval: float) -> None:
+        while True:
+            try:
+                self.sample()
+            except Exception:
+                log.exception("sampling failed")
+            await asyncio.sleep(interval)
+
+
+# -- the supervisor: what the API calls ---------------------------------------------------------
+
+Listener = Callable[[str, Any], None]
+
+
+class Supervisor:
+    """The managed processes as a whole: creates, finds, reshapes and deletes them, hosts their
+    runners, persists them and announces every change to listeners as (kind, payload)."""
+
+    def __init__(self, home: str, sampler: Optional[Sampler] = None,
+                 environ: Optional[Dict[str, str]] = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 spawner: Callable = spawn_child, settings: Optional[SupervisorSettings] = None,
+                 hub: Optional[LogHub] = None):
+        self.home = home
+        self.log_dir = os.path.join(home, "logs")
+        self.sampler = sampler or Sampler()
+        self.base_env = child_base_environment(os.environ if environ is None else environ)
+        self.clock, self.wall, self.spawner = clock, wall, spawner
+        self.settings = settings or SupervisorSettings()
+        self.hub = hub or LogHub()
+        self.registry = Registry()
+        self.store = StateStore(os.path.join(home, "state.json"), self.snapshot,
+                                self.settings.state_save_interval, self.settings.state_lazy_interval, clock)
+        self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall)
+        self.session = secrets.token_hex(6)     # run tokens of this daemon: SESSION-ID
+        self.generation = 0                     # counts announcements: keys the API's caches
+        self.listeners: List[Listener] = []
+        self._tasks: set = set()
+        self._change: Optional[asyncio.Event] = None
+        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+
+    @property
+    def system(self) -> SystemMetrics:
+        return self.metrics.system
+
+    # -- announcements: the one path of every visible change ----------------------------------
+
+    def _announce(self, kind: str, payload: Any) -> None:
+        self.generation += 1
+        if kind != "tick":
+            self.store.touch()
+        for listener in list(self.listeners):
+            try:
+                listener(kind, payload)
+            except Exception:
+                log.exception("listener failed on %s", kind)
+        if self._change is not None:
+            self._change.set()          # wake wait_for_change(); the next waiter gets a fresh event
+            self._change = None
+
+    # -- the host interface of runners -----------------------------------------------------------
+
+    def runner_changed(self, runner: ProcessRunner) -> None:
+        self._announce("process_update", runner)
+
+    def process_event(self, runner: ProcessRunner, name: str, extra: Dict[str, Any]) -> None:
+        data = {"event": name, "process": runner.name, "id": runner.id}
+        data.update(extra)
+        data["timestamp"] = iso_time(self.wall())
+        log.info("%s %s%s", log_safe(runner.name), name,
+                 "".join(" %s=%s" % (key, log_safe(str(value))) for key, value in extra.items()))
+        self._announce("process_event", data)
+
+    def health_checked(self, runner: ProcessRunner, error: Optional[str]) -> None:
+        self._announce("health_update", {"process": runner.name, "status": runner.health.status,
+                                         "error": error, "timestamp": iso_time(self.wall())})
+
+    def background(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)               # the loop keeps only weak references to tasks
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    def run_token(self, runner: ProcessRunner) -> str:
+        """PMDAEMON_RUN_ID: the same for every run of a process under this daemon, so that
+        finding what a run left behind needs no state write per restart."""
+        return "%s-%d" % (self.session, runner.id)
+
+    def child_environment(self, runner: ProcessRunner, token: Optional[str]) -> Dict[str, str]:
+        env = dict(self.base_env)
+        env.update(runner.config.env)
+        if runner.port is not None:
+            env["PORT"] = str(runner.port)
+        env["PM2_INSTANCE_ID"] = env["NODE_APP_INSTANCE"] = str(runner.instance)
+        env["PMDAEMON_PROCESS_NAME"] = runner.name
+        env[RUN_ID_ENV] = token or ""
+        return env
+
+    def unready_dependencies(self, runner: ProcessRunner) -> List[str]:
+        """Names in depends_on whose processes are not online (and healthy when checked).
+        A dependency deleted since is no longer waited for."""
+        waiting = []
+        for name in runner.config.depends_on:
+            waiting.extend(other.name for other in self.registry.find(name) if not other.is_ready())
+        return waiting
+
+    async def wait_for_change(self, predicate: Callable[[], bool], timeout: Optional[float]) -> bool:
+        """Wait for announcements until predicate is true; False at the timeout."""
+        loop = asyncio.get_event_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not predicate():
+            if self._change is None:
+                self._change = asyncio.Event()
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._change.wait(), remaining)
+            except asyncio.TimeoutError:
+                return predicate()
+        return True
+
+    # -- lookup ----------------------------------------------------------------------------------
+
+    def resolve(self, key: str) -> List[ProcessRunner]:
+        members = self.registry.find(key)
+        if not members:
+            raise ProcessNotFound(key, self.registry.names())
+        return members
+
+    # -- create, start, stop, restart, reshape, reload, delete ------------------------------------
+
+    async def add(self, config: ProcessConfig) -> List[ProcessRunner]:
+        """Register a new process (or group of instances), save, then start it."""
+        names = [member_name(config.name, index, config.instances) for index in range(config.instances)]
+        clash = self.registry.name_clash(config.name, names)
+        if clash is not None:
+            raise AlreadyExists("Process %r already exists" % config.name,
+                                {"name": config.name, "existing_process": clash})
+        if len(self.registry) + config.instances > MAX_PROCESSES:
+            raise TooManyProcesses("at most %d processes can be managed" % MAX_PROCESSES)
+        for dependency in config.depends_on:
+            if not self.registry.find(dependency):
+                raise invalid_field("depends_on", "depends_on names an unknown process %r" % dependency)
+        ports = assign_ports(config.port, config.instances, self.registry.ports_in_use())
+        members = [self._register(config, index, ports[index]) for index in range(config.instances)]
+        for runner in members:
+            runner.wanted = True                # saved as online: a daemon killed now restarts it
+        try:
+            self.store.save_now()               # a process the next daemon would not know is lost
+        except StateNotSaved:
+            for runner in members:
+                self.registry.remove(runner)
+            raise
+        for runner in members:
+            await runner.start()
+        return members
+
+    def _register(self, config: ProcessConfig, index: int, port: Optional[int],
+                  process_id: Optional[int] = None, state: ProcessState = ProcessState.STOPPED) -> ProcessRunner:
+        runner = ProcessRunner(self, self.registry.take_id(process_id),
+                               member_name(config.name, index, config.instances), config, index, port, state)
+        self.registry.add(runner)
+        self.runner_changed(runner)
+        return runner
+
+    async def start(self, members: List[ProcessRunner]) -> List[ProcessRunner]:
+        """Start each; AlreadyRunning if none was stopped, CannotStart if one cannot exec."""
+        started = [runner for runner in members if await runner.start()]
+        if not started:
+            raise AlreadyRunning("Process %r is already running" % group_label(members))
+        self._check_started(started)
+        return started
+
+    async def stop(self, members: List[ProcessRunner]) -> bool:
+        """Stop each; True if any was running."""
+        return any([await runner.stop() for runner in members])
+
+    async def restart(self, key: str, port: Optional[str] = None, instances: Optional[int] = None) -> List[ProcessRunner]:
+        """POST .../restart: optionally move to new ports and scale a group, then restart all."""
+        members = self.resolve(key)
+        base = members[0].config.name
+        if instances is not None or port is not None:
+            if len(members) != len(self.registry.group(base)):
+                raise BadRequest("port and instances apply to the whole group %r, not to one "
+                                 "instance" % base)
+            members = await self._reshape(base, port, instances)
+        for runner in members:
+            if runner.ever_started or runner.state is not ProcessState.STOPPED:
+                await runner.restart()
+            else:
+                await runner.start()            # a copy added by scaling up: its first start
+        self._check_started(members)
+        return members
+
+    def _check_started(self, members: List[ProcessRunner]) -> None:
+        failed = [runner for runner in members if runner.state is ProcessState.ERRORED]
+        if failed:
+            raise CannotStart("Process %r could not start: %s" % (failed[0].name, failed[0].error),
+                              {"process": failed[0].name, "status": "errored", "reason": failed[0].error})
+
+    async def _reshape(self, base: str, port: Optional[str], instances: Optional[int]) -> List[ProcessRunner]:
+        """Scale a group and/or change its port: copies are identified by their index, so the
+        group keeps indexes 0..N-1 (names unique, whatever was deleted before), kept copies keep
+        their ports unless the port changes, and the highest indexes go first."""
+        members = self.registry.group(base)
+        config = dataclasses.replace(members[0].config)
+        if port is not None:
+            config.port = port
+        if instances is not None:
+            config.instances = instances
+        count = config.instances
+        names = [member_name(base, index, count) for index in range(count)]
+        clash = self.registry.name_clash(base, names, excluding_group=base)
+        if clash is not None:
+            raise AlreadyExists("cannot scale %r to %d instances: the name %r is taken"
+                                % (base, count, clash), {"existing_process": clash})
+        keep = {runner.instance: runner.port for runner in members if runner.port is not None} if port is None else {}
+        ports = assign_ports(config.port, count, self.registry.ports_in_use(excluding_group=base), keep)
+        for runner in sorted(members, key=lambda r: -r.instance):
+            if runner.instance >= count:        # scale down: highest first
+                await self._delete_runner(runner)
+        present = {runner.instance: runner for runner in members if runner.instance < count}
+        for index in range(count):
+            if index in present:
+                present[index].rename(names[index], ports[index], config)
+            else:                               # scale up, or fill a gap left by a delete
+                self._register(config, index, ports[index])
+        self.store.save_now()
+        return self.registry.group(base)
+
+    async def reload(self, key: str) -> List[ProcessRunner]:
+        """Zero-downtime restart of a group: one copy at a time, each ready before the next.
+
+        Every copy has its own port, so a copy is replaced in place (stop, start, wait until
+        online and healthy when checked): at every moment at least N-1 copies serve."""
+        members = self.resolve(key)
+        for runner in members:
+            await runner.restart()
+            self._check_started([runner])
+            if len(members) == 1:
+                break
+            check = runner.config.health_check
+            patience = (runner.config.listen_timeout + (check["interval"] * (check["retries"] + 1)
+                                                        if runner.checked else 0)) / 1000
+            if not await self.wait_for_change(runner.is_ready, patience):
+                raise ReloadStopped("reload stopped: %r did not become ready within %d ms; the copies "
+                                    "not yet reloaded were left running" % (runner.name, patience * 1000),
+                                    {"process": runner.name, "status": runner.state.value})
+        return members
+
+    async def delete(self, key: str) -> List[ProcessRunner]:
+        members = self.resolve(key)
+        for runner in members:
+            await self._delete_runner(runner)
+        self.store.save_now()
+        return members
+
+    async def _delete_runner(self, runner: ProcessRunner) -> None:
+        await runner.remove()
+        self.registry.remove(runner)
+        self.hub.end(runner.name)
+        runner.event("deleted")
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def snapshot(self) -> Tuple[dict, dict]:
+        """(durable part, runtime part by id) of what state.json says; see StateStore."""
+        durable = {"version": STATE_FILE_VERSION, "pmdaemon": __version__, "next_id": self.registry.next_id,
+                   "processes": [{"id": runner.id, "name": runner.name, "instance": runner.instance,
+                                  "port": runner.port, "config": runner.config.to_dict(),
+                                  "status": runner.desired_status(),
+                                  "error": runner.error, "run_token": self.run_token(runner),
+                                  "manual_restarts": runner.manual_restarts}
+                                 for runner in self.registry.runners()]}
+        runtime = {str(runner.id): {"restarts": runner.restarts, "pid": runner.pid,
+                                    "pid_start_ticks": runner.run.start_ticks if runner.run else None}
+                   for runner in self.registry.runners()}
+        return durable, runtime
+
+    async def restore(self) -> None:
+        """Bring back the saved list: leftovers of the last run are stopped, online ones started."""
+        data = self.store.load()
+        if data is None:
+            return
+        self.registry.next_id = _saved_int(data.get("next_id", 0), 1 << 30)
+        to_start, leftovers, rejected = [], [], []
+        for entry in data["processes"]:
+            try:
+                # Saved configs are validated like new ones: a hand-edited file cannot smuggle
+                # in a wrong type that would fail later, deep in the supervisor.
+                config = ProcessConfig.from_dict(entry["config"], check_cwd=False)
+                port, status = entry.get("port"), entry.get("status")
+                runner = self._register(config, _saved_int(entry.get("instance", 0), MAX_INSTANCES),
+                                        port if _is_int(port) else None,
+                                        process_id=_saved_int(entry["id"], 1 << 30),
+                                        state=ProcessState.ERRORED if status == "errored" else ProcessState.STOPPED)
+            except (KeyError, TypeError, ValueError, PMDaemonError) as exc:
+                rejected.append(entry)
+                log.error("cannot restore saved process %r: %s", log_safe(str(entry.get("name")))
+                          if isinstance(entry, dict) else None, exc)
+                continue
+            runner.manual_restarts = _saved_int(entry.get("manual_restarts", 0), 1 << 40)
+            runner.auto_restarts = max(0, _saved_int(entry.get("restarts", 0), 1 << 40) - runner.manual_restarts)
+            if status == "errored":
+                runner.error = str(entry.get("error"))[:1000]
+            if entry.get("pid") or entry.get("run_token"):
+                leftovers.append((Run(entry.get("run_token"), entry.get("pid"), entry.get("pid_start_ticks")), config))
+            if status == "online":
+                to_start.append(runner)
+        if rejected:
+            self.store.keep_rejected(rejected)
+        await asyncio.gather(*(self._stop_leftover(run, config) for run, config in leftovers))
+        for runner in to_start:
+            await runner.start()
+        self.store.flush()
+
+    async def _stop_leftover(self, run: Run, config: ProcessConfig) -> None:
+        """Processes of a daemon that died: its child if (pid, start time) still names it, and
+        everything carrying that run's PMDAEMON_RUN_ID."""
+        stat = self.sampler.stat(run.pid) if _is_int(run.pid) and run.pid > 0 else None
+        leader_alive = bool(stat and stat.start_ticks == run.start_ticks and stat.pgid == run.pid)
+        if not leader_alive:
+            run.pid = None
+        if not leader_alive and not escapees(self.sampler, None, run.token):
+            return                      # all gone, or the pid now belongs to someone else
+        log.info("stopping what %s left running under a previous daemon (pid %s)", config.name, run.pid)
+        await terminate_run(run, config, self.sampler, self.settings, leader_alive)
+
+    async def shutdown(self) -> None:
+        """Daemon exit: stop every child, but remember which ones should come back."""
+        await asyncio.gather(*(runner.shut_down() for runner in self.registry.runners()))
+        self.hub.end(None)
+        self.store.flush()
+
+
+def _saved_int(value: Any, high: int) -> int:
+    """An integer from the state file, within bounds (a hand-edited file is checked, not trusted)."""
+    if not _is_int(value) or not 0 <= value <= high:
+        raise ValueError("expected an integer from 0 to %d, got %r" % (high, value))
+    return value
+
+
+def group_label(members: List[ProcessRunner]) -> str:
+    """The name to show in messages: the process's name even when addressed by id."""
+    return members[0].name if len(members) == 1 else members[0].config.name
 
 
 # ==============================================================================================
 # 7. HTTP/1.1 codec (RFC 9112)
-#    RequestParser is fed bytes and hands out complete requests (head + body) in order, or
-#    None when it needs more, or raises ApiError with the status to answer (always closing).
+#    RequestParser is fed bytes and hands out heads, then complete requests, in order, or
+#    None when it needs more, or raises HttpError with the status to answer (always closing).
 #    serialize_response turns a Response into bytes. No sockets, no asyncio.
 # ==============================================================================================
 
@@ -2006,7 +2464,10 @@ REQUEST_LINE_RE = re.compile(rb"([" + TCHAR + rb"]+) ([\x21-\x7e]+) HTTP/([0-9])
 FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
 HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 REQUEST_LINE_JUNK_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\xff]|\r[^\n]")  # never in a request line
-HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
+QUOTED_STRING = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+# chunk-size [ chunk-ext ]: 1*HEXDIG, then *( BWS ";" BWS name [ BWS "=" BWS token / quoted ) ]
+CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*[" + TCHAR + rb"]+(?:[ \t]*=[ \t]*(?:[" + TCHAR
+                           + rb"]+|" + QUOTED_STRING + rb"))?)*)\Z")
 HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:[0-9]{0,5})?\Z", re.ASCII)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
                            "TRACE", "CONNECT"})
@@ -2022,15 +2483,15 @@ REASONS = {
 }
 
 
-def http_error(status: int, code: str, message: str) -> ApiError:
+def http_error(status: int, code: str, message: str) -> HttpError:
     """A framing-level error: after answering it the connection is closed."""
-    return ApiError(status, code, message, close=True)
+    return HttpError(status, code, message, close=True)
 
 
 class Request:
     """One parsed HTTP request; header names are lowercase."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "fields", "body",
-                 "keep_alive", "content_length", "chunked")
+                 "keep_alive", "content_length", "chunked", "route")
 
     def __init__(self, method: str, target: str, path: str, query: str, version: str,
                  headers: List[Tuple[str, str]]):
@@ -2043,6 +2504,7 @@ class Request:
         self.keep_alive = True
         self.content_length = 0
         self.chunked = False
+        self.route: Any = None          # (Route, params) once the API has admitted the head
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.fields.get(name)
@@ -2053,8 +2515,8 @@ class Request:
 
     def tokens(self, name: str) -> List[str]:
         """Comma-separated tokens of all fields `name`, lowercase (Connection, Upgrade...)."""
-        return [item.strip().lower() for value in self.header_values(name)
-                for item in value.split(",") if item.strip()]
+        return [item.strip(" \t").lower() for value in self.header_values(name)
+                for item in value.split(",") if item.strip(" \t")]
 
 
 def parse_head(head: bytes) -> Request:
@@ -2067,7 +2529,11 @@ def parse_head(head: bytes) -> Request:
     headers = [parse_header_line(line) for line in lines[1:]]
     path, query = parse_target(method, target)
     request = Request(method, target, path, query, "HTTP/%d.%d" % version, headers)
-    apply_framing(request)
+    try:
+        apply_framing(request)
+    except HttpError as error:
+        error.request = request         # the head is known: the answer can carry CORS headers
+        raise
     return request
 
 
@@ -2169,7 +2635,7 @@ def apply_transfer_encoding(request: Request) -> None:
 def apply_content_length(request: Request) -> None:
     """Digits only; repeated values must agree; the limit is decided before reading the body."""
     values = request.header_values("content-length")
-    lengths = [item.strip() for value in values for item in value.split(",")]
+    lengths = [item.strip(" \t") for value in values for item in value.split(",")]   # only SP/HTAB
     if not all(item.isdigit() and item.isascii() and len(item) <= 18 for item in lengths):
         raise http_error(400, "BAD_REQUEST", "invalid Content-Length %r" % ", ".join(values)[:100])
     if len(set(int(item) for item in lengths)) > 1:
@@ -2180,20 +2646,119 @@ def apply_content_length(request: Request) -> None:
                          "the %d byte limit" % (request.content_length, MAX_BODY_BYTES))
 
 
+class ContentLengthReader:
+    """The body of one request framed by Content-Length (RFC 9112 §6.2)."""
+    __slots__ = ("length",)
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def read(self, buffer: bytearray) -> Optional[bytes]:
+        """The whole body once buffered (taken out of buffer), else None."""
+        if len(buffer) < self.length:
+            return None
+        body = bytes(buffer[:self.length])
+        del buffer[:self.length]
+        return body
+
+
+class ChunkedReader:
+    """The body of one request in chunked coding (RFC 9112 §7.1): strict CRLFs, chunk sizes
+    of hex digits only, extensions as the grammar allows, a cap on chunks and bytes. Each byte
+    is looked at a bounded number of times, so a body costs time linear in its size."""
+    __slots__ = ("max_body", "state", "remaining", "chunks", "size", "count", "trailer_bytes")
+
+    def __init__(self, max_body: int):
+        self.max_body = max_body
+        self.state = "size"                 # size -> data -> data-end -> size ... -> trailer
+        self.remaining = 0
+        self.chunks: List[bytes] = []
+        self.size = 0
+        self.count = 0
+        self.trailer_bytes = 0
+
+    def read(self, buffer: bytearray) -> Optional[bytes]:
+        while True:
+            if self.state == "data":
+                if not buffer:
+                    return None
+                piece = bytes(buffer[:self.remaining])
+                del buffer[:len(piece)]
+                self.chunks.append(piece)
+                self.remaining -= len(piece)
+                if self.remaining:
+                    return None
+                self.state = "data-end"
+            if self.state == "data-end":
+                if len(buffer) < 2:
+                    if buffer[:1] not in (b"", b"\r"):
+                        raise http_error(400, "BAD_REQUEST", "chunk data not followed by CRLF")
+                    return None
+                if buffer[:2] != b"\r\n":
+                    raise http_error(400, "BAD_REQUEST", "chunk data not followed by CRLF")
+                del buffer[:2]
+                self.state = "size"
+            line = take_crlf_line(buffer, MAX_CHUNK_LINE if self.state == "size" else MAX_HEADER_BYTES)
+            if line is None:
+                return None
+            if self.state == "size":
+                self._start_chunk(line)
+            elif line == b"":                    # end of the (ignored) trailer section
+                return b"".join(self.chunks)
+            else:
+                self.trailer_bytes += len(line)
+                if self.trailer_bytes > MAX_HEADER_BYTES:
+                    raise http_error(431, "HEADERS_TOO_LARGE", "trailer section is too large")
+                parse_header_line(line)
+
+    def _start_chunk(self, line: bytes) -> None:
+        match = CHUNK_LINE_RE.match(line)
+        if not match:
+            raise http_error(400, "BAD_REQUEST", "invalid chunk size line %r" % line[:40].decode("latin-1"))
+        size = int(match.group(1), 16)
+        self.size += size
+        self.count += 1
+        if self.size > self.max_body:
+            raise http_error(413, "PAYLOAD_TOO_LARGE", "chunked request body is larger than "
+                             "the %d byte limit" % self.max_body)
+        if self.count > MAX_BODY_CHUNKS:
+            raise http_error(413, "PAYLOAD_TOO_LARGE", "chunked request body has more than %d chunks"
+                             % MAX_BODY_CHUNKS)
+        self.remaining = size
+        self.state = "data" if size else "trailer"
+
+
+def take_crlf_line(buffer: bytearray, limit: int) -> Optional[bytes]:
+    """A line ended by CRLF taken out of buffer (without it); None until it is complete.
+    Chunked framing allows no bare LF and no bare CR (RFC 9112 §7.1, §2.2)."""
+    end = buffer.find(b"\n", 0, limit + 2)
+    if end == -1:
+        if len(buffer) > limit + 1:
+            raise http_error(400, "BAD_REQUEST", "chunk line is longer than %d bytes" % limit)
+        return None
+    if end == 0 or buffer[end - 1] != 0x0D:
+        raise http_error(400, "BAD_REQUEST", "bare LF in chunked framing (CRLF required)")
+    line = bytes(buffer[:end - 1])
+    del buffer[:end + 1]
+    if b"\r" in line:
+        raise http_error(400, "BAD_REQUEST", "bare CR in chunked framing")
+    return line
+
+
 class RequestParser:
-    """Incremental request reader: feed() bytes, then next_request() until it returns None."""
+    """Incremental request reader: feed() bytes, then next_request() until it returns None.
+
+    head() hands out a request whose head is complete before its body is read, so access can
+    be decided from the header block alone; each request gets a fresh body reader, so nothing
+    of one request's framing leaks into the next on a keep-alive connection."""
 
     def __init__(self, max_body: int = MAX_BODY_BYTES):
         self.buffer = bytearray()
         self.max_body = max_body
         self._request: Optional[Request] = None      # head parsed, body pending
+        self._body: Any = None                       # its ContentLengthReader or ChunkedReader
         self._scanned = 0                            # bytes already searched for the head end
         self._line_checked = False                   # request line of the pending head validated
-        self._chunk_state = "size"
-        self._chunk_remaining = 0
-        self._chunks: List[bytes] = []
-        self._body_size = 0
-        self._trailer_bytes = 0
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -2202,38 +2767,34 @@ class RequestParser:
     def in_body(self) -> bool:
         return self._request is not None
 
-    def wants_continue(self) -> bool:
-        """True once for a head that asked "Expect: 100-continue" and waits for our go."""
-        request = self._request
-        if request is None or request.header("expect", "").lower() != "100-continue":
-            return False
-        request.fields["expect"] = ["answered"]
-        return True
-
     @property
     def has_partial(self) -> bool:
         return self._request is not None or bool(self.buffer)
 
+    def head_or_none(self) -> Optional[Request]:
+        """The pending head, without parsing anything more (for error answers)."""
+        return self._request
+
+    def head(self) -> Optional[Request]:
+        """The request whose head is complete and whose body is still to come, if any."""
+        if self._request is None:
+            self._read_head()
+        return self._request
+
     def next_request(self) -> Optional[Request]:
-        if self._request is None and not self._read_head():
+        request = self.head()
+        if request is None:
             return None
-        request = self._request
-        if request.chunked:
-            if not self._read_chunked():
-                return None
-            request.body = b"".join(self._chunks)
-            self._chunks, self._body_size, self._chunk_state = [], 0, "size"
-        else:
-            if len(self.buffer) < request.content_length:
-                return None
-            request.body = bytes(self.buffer[:request.content_length])
-            del self.buffer[:request.content_length]
-        self._request = None
+        body = self._body.read(self.buffer)
+        if body is None:
+            return None
+        request.body = body
+        self._request = self._body = None
         return request
 
-    def _read_head(self) -> bool:
+    def _read_head(self) -> None:
         if not self.buffer:
-            return False
+            return
         # RFC 9112 §2.2: ignore empty lines before a request line.
         while self.buffer[:2] == b"\r\n" or self.buffer[:1] == b"\n":
             del self.buffer[:2 if self.buffer[:1] == b"\r" else 1]
@@ -2241,15 +2802,15 @@ class RequestParser:
         if match is None:
             self._scanned = len(self.buffer)
             self._check_head_size()
-            return False
+            return
         if match.start() > MAX_HEADER_BYTES + MAX_REQUEST_LINE:
             self._check_head_size()
         head = bytes(self.buffer[:match.start()])
         del self.buffer[:match.end()]
-        self._scanned = 0
-        self._line_checked = False
-        self._request = parse_head(head)
-        return True
+        self._scanned, self._line_checked = 0, False
+        request = parse_head(head)
+        self._body = ChunkedReader(self.max_body) if request.chunked else ContentLengthReader(request.content_length)
+        self._request = request
 
     def _check_head_size(self) -> None:
         """While a head is incomplete: answer a bad request line now, not at the timeout."""
@@ -2264,58 +2825,6 @@ class RequestParser:
         if len(self.buffer) - max(line_end, 0) > MAX_HEADER_BYTES:
             raise http_error(431, "HEADERS_TOO_LARGE", "header block is larger than %d bytes"
                              % MAX_HEADER_BYTES)
-
-    def _read_chunked(self) -> bool:
-        """Advance through chunked framing (RFC 9112 §7.1); True once the body is complete."""
-        while True:
-            if self._chunk_state == "data":
-                needed = self._chunk_remaining
-                if len(self.buffer) < needed + 1:
-                    return False
-                ending = 1 if self.buffer[needed:needed + 1] == b"\n" else 2
-                if ending == 2 and len(self.buffer) < needed + 2:
-                    return False
-                if self.buffer[needed:needed + ending] not in (b"\n", b"\r\n"):
-                    raise http_error(400, "BAD_REQUEST", "chunk data not followed by CRLF")
-                self._chunks.append(bytes(self.buffer[:needed]))
-                del self.buffer[:needed + ending]
-                self._chunk_state = "size"
-                continue
-            line = self._take_line(MAX_CHUNK_LINE if self._chunk_state == "size" else MAX_HEADER_BYTES)
-            if line is None:
-                return False
-            if self._chunk_state == "size":
-                size_text = line.split(b";", 1)[0].strip(b" \t")
-                if not HEX_RE.match(size_text):
-                    raise http_error(400, "BAD_REQUEST", "invalid chunk size %r" % size_text[:20].decode("latin-1"))
-                size = int(size_text, 16)
-                self._body_size += size
-                if self._body_size > self.max_body:
-                    raise http_error(413, "PAYLOAD_TOO_LARGE", "chunked request body is larger than "
-                                     "the %d byte limit" % self.max_body)
-                self._chunk_remaining = size
-                self._chunk_state = "data" if size else "trailer"
-            elif line == b"":                    # end of the (ignored) trailer section
-                return True
-            else:
-                self._trailer_bytes += len(line)
-                if self._trailer_bytes > MAX_HEADER_BYTES:
-                    raise http_error(431, "HEADERS_TOO_LARGE", "trailer section is too large")
-                parse_header_line(line)
-
-    def _take_line(self, limit: int) -> Optional[bytes]:
-        end = self.buffer.find(b"\n", 0, limit + 2)
-        if end == -1:
-            if len(self.buffer) > limit + 1:
-                raise http_error(400, "BAD_REQUEST", "chunk line is longer than %d bytes" % limit)
-            return None
-        line = bytes(self.buffer[:end])
-        del self.buffer[:end + 1]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if b"\r" in line:
-            raise http_error(400, "BAD_REQUEST", "bare CR in chunked framing")
-        return line
 
 
 class Response:
@@ -2338,11 +2847,6 @@ def json_bytes(value: Any) -> bytes:
 
 def json_response(status: int, value: Any, headers: Optional[List[Tuple[str, str]]] = None) -> Response:
     return Response(status, json_bytes(value), headers=headers)
-
-
-def error_response(error: ApiError) -> Response:
-    return Response(error.status, json_bytes(error.to_body()), headers=list(error.headers),
-                    close=error.close)
 
 
 # Sent on every response: the spec's security headers, and no caching of live data.
@@ -2395,11 +2899,11 @@ def ws_accept_key(key: str) -> str:
 def check_handshake(request: Request) -> str:
     """Validate an opening handshake (RFC 6455 §4.2.1); return the accept value."""
     if request.method != "GET" or request.version != "HTTP/1.1":
-        raise bad_request("a WebSocket handshake must be an HTTP/1.1 GET")
+        raise BadRequest("a WebSocket handshake must be an HTTP/1.1 GET")
     if "websocket" not in request.tokens("upgrade") or "upgrade" not in request.tokens("connection"):
-        raise bad_request("expected 'Upgrade: websocket' and 'Connection: Upgrade'")
+        raise BadRequest("expected 'Upgrade: websocket' and 'Connection: Upgrade'")
     if request.header_values("sec-websocket-version") != ["13"]:
-        raise ApiError(426, "UPGRADE_REQUIRED", "unsupported Sec-WebSocket-Version; use 13",
+        raise HttpError(426, "UPGRADE_REQUIRED", "unsupported Sec-WebSocket-Version; use 13",
                        headers=(("Sec-WebSocket-Version", "13"),))
     keys = request.header_values("sec-websocket-key")
     try:
@@ -2407,9 +2911,9 @@ def check_handshake(request: Request) -> str:
     except ValueError:
         decoded = b""
     if len(decoded) != 16:
-        raise bad_request("Sec-WebSocket-Key must be base64 of 16 bytes")
+        raise BadRequest("Sec-WebSocket-Key must be base64 of 16 bytes")
     if request.body or request.chunked:
-        raise bad_request("a WebSocket handshake has no body")
+        raise BadRequest("a WebSocket handshake has no body")
     return ws_accept_key(keys[0])
 
 
@@ -2642,9 +3146,10 @@ class WsProtocol:
 
 # ==============================================================================================
 # 9. API
-#    AccessPolicy decides Host, Origin, API key and CORS (pure). Api maps (method, path) to
-#    handlers that return Responses or raise ApiError; Api.handle is the one place where errors
-#    become responses. Knows the Supervisor, never sockets.
+#    AccessPolicy decides Host, Origin, API key and CORS (pure). Domain errors get their status
+#    and code here (ERROR_WIRE_FORM), and error_response is the one place any error becomes a
+#    response. Views shape processes for REST and WebSocket. Api maps (method, path) to handlers,
+#    /ws included. Knows the Supervisor, never sockets.
 # ==============================================================================================
 
 LOOPBACK_NAMES = ("localhost",)
@@ -2720,7 +3225,7 @@ class AccessPolicy:
             name = split_host(host)
             allowed = self._host_verdicts.remember(host, is_loopback_host(name) or name in self.allow_hosts)
         if not allowed:
-            raise ApiError(403, "FORBIDDEN_HOST", "Host %r is not allowed; without an API key only "
+            raise HttpError(403, "FORBIDDEN_HOST", "Host %r is not allowed; without an API key only "
                            "loopback names are served (see --allow-host)" % host[:100])
 
     def origin_allowed(self, origin: str) -> bool:
@@ -2741,7 +3246,7 @@ class AccessPolicy:
     def check_origin(self, request: Request) -> None:
         origin = request.header("origin")
         if origin is not None and not self.origin_allowed(origin):
-            raise ApiError(403, "FORBIDDEN_ORIGIN", "Origin %r is not allowed (see --cors-origin)"
+            raise HttpError(403, "FORBIDDEN_ORIGIN", "Origin %r is not allowed (see --cors-origin)"
                            % origin[:100])
 
     def check_key(self, request: Request, ticket_ok: bool = False) -> None:
@@ -2754,7 +3259,7 @@ class AccessPolicy:
             if scheme.lower() == "bearer":
                 supplied = token.strip()
         if supplied is None or not hmac.compare_digest(key_digest(supplied), self.key_digest):
-            raise ApiError(401, "UNAUTHORIZED", "missing or invalid API key (send 'Authorization: "
+            raise HttpError(401, "UNAUTHORIZED", "missing or invalid API key (send 'Authorization: "
                            "Bearer KEY' or 'X-API-Key: KEY')",
                            headers=(("WWW-Authenticate", 'Bearer realm="pmdaemon"'),))
 
@@ -2784,7 +3289,7 @@ class TicketBook:
         now = self.clock()
         self._tickets = {t: expiry for t, expiry in self._tickets.items() if expiry > now}
         if len(self._tickets) >= MAX_WS_TICKETS:
-            raise ApiError(503, "TOO_MANY_TICKETS", "too many unused WebSocket tickets; retry later")
+            raise HttpError(503, "TOO_MANY_TICKETS", "too many unused WebSocket tickets; retry later")
         ticket = secrets.token_urlsafe(24)
         self._tickets[ticket] = now + self.ttl
         return ticket
@@ -2798,6 +3303,7 @@ class Route(NamedTuple):
     method: str
     pattern: Any
     handler: Callable
+    ticket_ok: bool = False         # /ws: a single-use ticket may stand in for the key
 
 
 def compile_route(template: str):
@@ -2813,14 +3319,14 @@ def message(text: str, **extra: Any) -> dict:
 def parse_json_body(request: Request, required: bool = True) -> Any:
     if not request.body:
         if required:
-            raise bad_request("request body required: a JSON object")
+            raise BadRequest("request body required: a JSON object")
         return None
     try:
         return json.loads(request.body.decode("utf-8"))
     except UnicodeDecodeError:
-        raise bad_request("request body is not valid UTF-8") from None
+        raise BadRequest("request body is not valid UTF-8") from None
     except ValueError as exc:
-        raise bad_request("request body is not valid JSON: %s" % exc) from None
+        raise BadRequest("request body is not valid JSON: %s" % exc) from None
 
 
 def parse_query(query: str, allowed: Tuple[str, ...]) -> Dict[str, str]:
@@ -2828,29 +3334,165 @@ def parse_query(query: str, allowed: Tuple[str, ...]) -> Dict[str, str]:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query),
                                        errors="strict")
     except (ValueError, UnicodeDecodeError):
-        raise bad_request("malformed query string") from None
+        raise BadRequest("malformed query string") from None
     params: Dict[str, str] = {}
     for key, value in pairs:
         if key not in allowed:
-            raise bad_request("unknown query parameter %r (allowed: %s)" % (key[:40], ", ".join(allowed)))
+            raise BadRequest("unknown query parameter %r (allowed: %s)" % (key[:40], ", ".join(allowed)))
         if key in params:
-            raise bad_request("query parameter %r given twice" % key)
+            raise BadRequest("query parameter %r given twice" % key)
         params[key] = value
     return params
 
 
+# -- errors on the wire: the one place an error becomes a status, a code and bytes -------------
+
+ERROR_WIRE_FORM: Dict[type, Tuple[int, str]] = {
+    BadRequest: (400, "BAD_REQUEST"),
+    ValidationError: (400, "VALIDATION_ERROR"),
+    ProcessNotFound: (404, "PROCESS_NOT_FOUND"),
+    AlreadyExists: (409, "PROCESS_ALREADY_EXISTS"),
+    AlreadyRunning: (409, "PROCESS_ALREADY_RUNNING"),
+    PortConflict: (409, "PORT_CONFLICT"),
+    TooManyProcesses: (409, "TOO_MANY_PROCESSES"),
+    ReloadStopped: (409, "RELOAD_STOPPED"),
+    CannotStart: (422, "START_FAILED"),
+    StateNotSaved: (507, "STATE_NOT_SAVED"),
+}
+INTERNAL_ERROR = HttpError(500, "INTERNAL_ERROR", "internal server error")
+
+
+def wire_error(error: BaseException) -> HttpError:
+    """Any error as an HttpError: domain errors by ERROR_WIRE_FORM, anything else a bare 500
+    (the traceback goes to the daemon's log, never to the client)."""
+    if isinstance(error, HttpError):
+        return error
+    form = ERROR_WIRE_FORM.get(type(error))
+    if form is None:
+        log.error("internal error", exc_info=error)
+        return INTERNAL_ERROR
+    return HttpError(form[0], form[1], error.message, error.details)
+
+
+def error_body(error: HttpError) -> dict:
+    """The spec's error format; the same object goes over WebSocket as an error's data."""
+    body = {"code": error.code, "message": error.message}
+    if error.details is not None:
+        body["details"] = error.details
+    return body
+
+
+def error_response(error: BaseException, cors: List[Tuple[str, str]] = ()) -> Response:
+    wire = wire_error(error)
+    return Response(wire.status, json_bytes({"success": False, "error": error_body(wire)}),
+                    headers=list(wire.headers) + list(cors), close=wire.close)
+
+
+# -- views: how a process looks in REST bodies and WebSocket updates -----------------------------
+
+def process_summary(runner: ProcessRunner, now: float) -> dict:
+    """The entry of GET /api/processes."""
+    return {"id": runner.id, "name": runner.name, "status": runner.state.value, "pid": runner.pid,
+            "port": runner.port, "cpu": runner.cpu, "memory": runner.memory,
+            "uptime": runner.uptime_ms(now), "restarts": runner.restarts, "health": runner.health.status}
+
+
+def process_update(runner: ProcessRunner, wall: float, now: float) -> dict:
+    """The data of a WebSocket process_update message: the summary, stamped."""
+    data = process_summary(runner, now)
+    data["timestamp"] = iso_time(wall)
+    return data
+
+
+def health_body(runner: ProcessRunner) -> dict:
+    check = runner.config.health_check
+    return runner.health.to_api(check, health_target(check, runner.port) if check else None)
+
+
+def process_details(runner: ProcessRunner, now: float) -> dict:
+    """GET /api/processes/{name_or_id}: the summary, the config and what happened last."""
+    entry = process_summary(runner, now)
+    config = runner.config.to_dict()
+    config["env"] = dict(config["env"])
+    if runner.port is not None:
+        config["env"]["PORT"] = str(runner.port)
+    run = runner.run
+    entry.update({
+        "config": config,
+        "instance": runner.instance,
+        "started_at": iso_time(run.started_wall) if run is not None and run.started_wall else None,
+        "last_exit": runner.last_exit,
+        "error": runner.error,
+        "next_restart_at": (iso_time(runner.next_restart_wall, milliseconds=True)
+                            if runner.next_restart_wall else None),
+        "log_files": {kind: runner.logs.files[kind].path for kind in LOG_TYPES},
+        "log_write_errors": runner.logs.write_errors,
+        "waiting_for": runner.waiting_for,
+    })
+    return entry
+
+
+# -- HTTP log following --------------------------------------------------------------------------
+
+class LogFollower:
+    """One GET /api/logs/{key}?follow=true stream: a LogHub subscriber with a bounded queue.
+    A follower that cannot keep up is ended rather than buffered without bound."""
+
+    def __init__(self, hub: LogHub, names: List[str], log_type: str, label_lines: bool):
+        self.hub, self.names, self.log_type, self.label_lines = hub, names, log_type, label_lines
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=FOLLOW_QUEUE_LINES)
+        hub.subscribe(self, names)              # before the backlog is read: no line falls between
+
+    def on_log(self, line: LogLine) -> None:
+        if self.log_type != "all" and line.entry.type != self.log_type:
+            return
+        if self.queue.full():
+            self.on_log_end(None)
+        else:
+            self.queue.put_nowait(line)
+
+    def on_log_end(self, name: Optional[str]) -> None:
+        self.hub.unsubscribe(self, self.names)
+        while self.queue.full():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+    def encode(self, item: dict, process: str) -> bytes:
+        if self.label_lines:
+            item["process"] = process
+        return json_bytes(item) + b"\n"
+
+    async def stream(self, backlog: List[bytes]):
+        """NDJSON: the backlog, then each new line, until the process is deleted or we stop."""
+        try:
+            for chunk in backlog:
+                yield chunk
+            while True:
+                line = await self.queue.get()
+                if line is None:
+                    return
+                yield self.encode(line.entry.to_api(), line.process)
+        finally:
+            self.hub.unsubscribe(self, self.names)
+
+
+# -- the REST API ---------------------------------------------------------------------------------
+
 class Api:
-    """The REST API of the spec, plus start/stop, ws-ticket; one instance per daemon."""
+    """The REST API of the spec plus start/stop, ws-ticket and the /ws handshake.
+
+    admit() decides from the head alone (Host, Origin, key, route, method, media type), before
+    a body is read; handle() runs the handler; every error becomes a response in error_response."""
 
     def __init__(self, supervisor: Supervisor, policy: AccessPolicy, tickets: Optional[TicketBook] = None):
         self.supervisor = supervisor
         self.policy = policy
         self.tickets = tickets or TicketBook()
-        self.log_followers: Dict[str, set] = {}
         self._list_cache: Tuple[int, bytes] = (-1, b"")
         self._system_cache: Tuple[Any, bytes] = (None, b"")
         self._route_cache = BoundedCache()
-        self.routes = [Route(method, compile_route(template), handler) for method, template, handler in (
+        self.routes = [Route(method, compile_route(template), handler, template == "/ws")
+                       for method, template, handler in (
             ("GET", "/api/processes", self.list_processes),
             ("POST", "/api/processes", self.create_process),
             ("GET", "/api/processes/{key}", self.get_process),
@@ -2863,20 +3505,68 @@ class Api:
             ("GET", "/api/system", self.get_system),
             ("GET", "/api/logs/{key}", self.get_logs),
             ("POST", "/api/ws-ticket", self.create_ticket),
+            ("GET", "/ws", self.open_websocket),
         )]
 
-    # -- dispatch --------------------------------------------------------------------------------
+    # -- admission and dispatch -----------------------------------------------------------------
+
+    def cors(self, request: Optional[Request]) -> List[Tuple[str, str]]:
+        if request is None:
+            return []
+        return self.policy.cors_headers(request, preflight=request.method == "OPTIONS")
+
+    def error_response(self, error: BaseException, request: Optional[Request] = None) -> Response:
+        """Any error, for any caller (REST, framing, handshake, limits), with CORS when known."""
+        return error_response(error, self.cors(request))
+
+    def admit(self, request: Request) -> Optional[Response]:
+        """Decide from the head: raise to refuse; a Response when the head alone is answered
+        (OPTIONS); None when the handler may run once the body is in."""
+        self.policy.check_host(request)
+        self.policy.check_origin(request)
+        method = "GET" if request.method == "HEAD" else request.method
+        route, params, allowed = self.find_route(method, request.path)
+        if request.method == "OPTIONS":
+            if request.path != "*" and not allowed:
+                raise self.not_found(request)
+            return Response(204, headers=[("Allow", ", ".join(allowed + ["OPTIONS"]) if allowed
+                                           else "GET, HEAD, POST, DELETE, OPTIONS")] + self.cors(request))
+        if request.path.startswith("/api/") or request.path == "/api" or (route and route.ticket_ok):
+            self.policy.check_key(request, ticket_ok=route is not None and route.ticket_ok
+                                  and self._ticket_redeemed(request))
+        if route is None:
+            if allowed:
+                raise HttpError(405, "METHOD_NOT_ALLOWED", "method %s is not allowed on %s"
+                                % (request.method, request.path), {"allowed_methods": allowed + ["OPTIONS"]},
+                                headers=(("Allow", ", ".join(allowed + ["OPTIONS"])),))
+            raise self.not_found(request)
+        if request.chunked or request.content_length:
+            content_type = (request.header("content-type") or "").split(";")[0].strip(" \t").lower()
+            if content_type != "application/json":
+                raise HttpError(415, "UNSUPPORTED_MEDIA_TYPE", "request body must be sent with "
+                                "'Content-Type: application/json', got %r" % (request.header("content-type") or "")[:80])
+        request.route = (route, params)
+        return None
+
+    def _ticket_redeemed(self, request: Request) -> bool:
+        ticket = parse_query(request.query, ("ticket",)).get("ticket")
+        return ticket is not None and self.tickets.redeem(ticket)
 
     async def handle(self, request: Request) -> Response:
         """Answer a request; every error, expected or not, becomes the spec's error body."""
         try:
-            response = await self._dispatch(request)
-        except ApiError as error:
-            response = error_response(error)
-        except Exception:
-            log.exception("internal error on %s %s", request.method, request.path)
-            response = error_response(ApiError(500, "INTERNAL_ERROR", "internal server error"))
-        response.headers.extend(self.policy.cors_headers(request, preflight=request.method == "OPTIONS"))
+            if request.route is None:
+                early = self.admit(request)
+                if early is not None:
+                    return early
+            route, params = request.route
+            response = await route.handler(request, **params)
+        except Exception as error:
+            if not isinstance(error, PMDaemonError):
+                log.error("internal error on %s %s", request.method, log_safe(request.path), exc_info=error)
+                error = INTERNAL_ERROR
+            return self.error_response(error, request)
+        response.headers.extend(self.cors(request))
         return response
 
     def find_route(self, method: str, path: str) -> Tuple[Optional[Route], Dict[str, str], List[str]]:
@@ -2898,60 +3588,34 @@ class Api:
             allowed.append("HEAD")
         return chosen, params, allowed
 
-    async def _dispatch(self, request: Request) -> Response:
-        self.policy.check_host(request)
-        self.policy.check_origin(request)
-        method = "GET" if request.method == "HEAD" else request.method
-        route, params, allowed = self.find_route(method, request.path)
-        if request.method == "OPTIONS":
-            if request.path != "*" and not allowed:
-                raise self.not_found(request)
-            return Response(204, headers=[("Allow", ", ".join(allowed + ["OPTIONS"]) if allowed
-                                           else "GET, HEAD, POST, DELETE, OPTIONS")])
-        if request.path.startswith("/api/") or request.path == "/api":
-            self.policy.check_key(request)
-        if route is None:
-            if allowed:
-                raise ApiError(405, "METHOD_NOT_ALLOWED", "method %s is not allowed on %s"
-                               % (request.method, request.path),
-                               {"allowed_methods": allowed + ["OPTIONS"]},
-                               headers=(("Allow", ", ".join(allowed + ["OPTIONS"])),))
-            raise self.not_found(request)
-        if request.body:
-            content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
-            if content_type != "application/json":
-                raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "request body must be sent with "
-                               "'Content-Type: application/json', got %r" % (request.header("content-type") or "")[:80])
-        return await route.handler(request, **params)
-
-    def not_found(self, request: Request) -> ApiError:
-        return ApiError(404, "NOT_FOUND", "no such endpoint: %s" % request.path[:200])
+    def not_found(self, request: Request) -> HttpError:
+        return HttpError(404, "NOT_FOUND", "no such endpoint: %s" % request.path[:200])
 
     # -- handlers --------------------------------------------------------------------------------
 
     async def list_processes(self, request: Request) -> Response:
-        version = self.supervisor.version
-        if self._list_cache[0] != version:
+        generation = self.supervisor.generation
+        if self._list_cache[0] != generation:
             now = self.supervisor.clock()
-            entries = [mp.summary(now) for mp in self.supervisor.processes.values()]
-            self._list_cache = (version, json_bytes({"processes": entries, "total": len(entries)}))
+            entries = [process_summary(runner, now) for runner in self.supervisor.registry.runners()]
+            self._list_cache = (generation, json_bytes({"processes": entries, "total": len(entries)}))
         return Response(200, self._list_cache[1])
 
     async def get_process(self, request: Request, key: str) -> Response:
         members = self.supervisor.resolve(key)
         now = self.supervisor.clock()
         if len(members) == 1:
-            return json_response(200, members[0].details(now))
+            return json_response(200, process_details(members[0], now))
         return json_response(200, {"name": key, "instances": len(members),
-                                   "processes": [mp.details(now) for mp in members]})
+                                   "processes": [process_details(runner, now) for runner in members]})
 
     async def create_process(self, request: Request) -> Response:
         config = ProcessConfig.from_dict(parse_json_body(request))
         members = await self.supervisor.add(config)
         first = members[0]
-        brief = [{"id": mp.id, "name": mp.name, "status": mp.status.value, "pid": mp.pid,
-                  "port": mp.port} for mp in members]
-        failed = [mp for mp in members if mp.status == ProcessState.ERRORED]
+        brief = [{"id": runner.id, "name": runner.name, "status": runner.state.value, "pid": runner.pid,
+                  "port": runner.port} for runner in members]
+        failed = [runner for runner in members if runner.state is ProcessState.ERRORED]
         text = ("Process %r started successfully" % config.name if not failed else
                 "Process %r created but failed to start: %s" % (config.name, failed[0].error))
         body = message(text, process=brief[0])
@@ -2963,51 +3627,45 @@ class Api:
 
     async def delete_process(self, request: Request, key: str) -> Response:
         members = await self.supervisor.delete(key)
-        return json_response(200, message("Process %r stopped successfully" % display_name(key, members)))
+        return json_response(200, message("Process %r stopped successfully" % group_label(members)))
 
     async def stop_process(self, request: Request, key: str) -> Response:
         members = self.supervisor.resolve(key)
-        stopped = [await self.supervisor.stop(mp) for mp in members]
-        name = display_name(key, members)
-        text = "Process %r stopped successfully" % name if any(stopped) else "Process %r was not running" % name
-        return json_response(200, message(text))
+        name = group_label(members)
+        if await self.supervisor.stop(members):
+            return json_response(200, message("Process %r stopped successfully" % name))
+        return json_response(200, message("Process %r was not running" % name))
 
     async def start_process(self, request: Request, key: str) -> Response:
         members = self.supervisor.resolve(key)
-        started = [await self.supervisor.start(mp) for mp in members]
-        name = display_name(key, members)
-        if not any(started):
-            raise ApiError(409, "PROCESS_ALREADY_RUNNING", "Process %r is already running" % name)
-        failed = [mp for mp in members if mp.status == ProcessState.ERRORED]
-        if failed:
-            raise ApiError(500, "START_FAILED", "Process %r failed to start: %s" % (failed[0].name, failed[0].error))
-        return json_response(200, message("Process %r started successfully" % name))
+        await self.supervisor.start(members)
+        return json_response(200, message("Process %r started successfully" % group_label(members)))
 
     async def restart_process(self, request: Request, key: str) -> Response:
         body = parse_json_body(request, required=False) or {}
         if not isinstance(body, dict):
-            raise bad_request("request body must be a JSON object, got %s" % _json_type(body))
+            raise BadRequest("request body must be a JSON object, got %s" % _json_type(body))
         for field in body:
             if field not in ("port", "instances"):
                 raise invalid_field(field, "unknown field %r (restart accepts 'port' and 'instances')" % field[:80])
         port = parse_port_value("port", body["port"]) if body.get("port") is not None else None
         instances = (CONFIG_FIELDS["instances"](body["instances"])
                      if body.get("instances") is not None else None)
-        members = await self.supervisor.restart_group(key, port, instances)
-        return json_response(200, message("Process %r restarted successfully" % display_name(key, members)))
+        members = await self.supervisor.restart(key, port, instances)
+        return json_response(200, message("Process %r restarted successfully" % group_label(members)))
 
     async def reload_process(self, request: Request, key: str) -> Response:
         if parse_json_body(request, required=False) not in (None, {}):
-            raise bad_request("reload takes no body; use restart to change port or instances")
+            raise BadRequest("reload takes no body; use restart to change port or instances")
         members = await self.supervisor.reload(key)
-        return json_response(200, message("Process %r reloaded successfully" % display_name(key, members)))
+        return json_response(200, message("Process %r reloaded successfully" % group_label(members)))
 
     async def get_health(self, request: Request, key: str) -> Response:
         members = self.supervisor.resolve(key)
         if len(members) == 1:
-            return json_response(200, {"process": members[0].name, "health": members[0].health_body()})
+            return json_response(200, {"process": members[0].name, "health": health_body(members[0])})
         return json_response(200, {"process": key, "instances": [
-            {"process": mp.name, "health": mp.health_body()} for mp in members]})
+            {"process": runner.name, "health": health_body(runner)} for runner in members]})
 
     async def get_system(self, request: Request) -> Response:
         system = self.supervisor.system
@@ -3018,7 +3676,8 @@ class Api:
     async def get_logs(self, request: Request, key: str) -> Response:
         params = parse_query(request.query, ("lines", "type", "follow"))
         lines_text = params.get("lines", "20")
-        if not (lines_text.isdigit() and lines_text.isascii()) or int(lines_text) > MAX_LOG_REQUEST_LINES:
+        if not (lines_text.isdigit() and lines_text.isascii()) or len(lines_text) > 6 \
+                or int(lines_text) > MAX_LOG_REQUEST_LINES:
             raise invalid_field("lines", "query parameter 'lines' must be an integer from 0 to %d, got %r"
                                 % (MAX_LOG_REQUEST_LINES, lines_text[:40]))
         log_type = params.get("type", "all")
@@ -3029,20 +3688,22 @@ class Api:
         if follow not in ("true", "false", "1", "0"):
             raise invalid_field("follow", "query parameter 'follow' must be true or false, got %r" % follow[:40])
         members = self.supervisor.resolve(key)
-        entries = self.read_logs(members, int(lines_text), log_type)
+        count = int(lines_text)
         if follow in ("true", "1"):
-            return Response(200, content_type="application/x-ndjson",
-                            stream=self.follow_logs(members, entries, log_type, self.add_follower(members)))
-        name = display_name(key, members)
-        return json_response(200, {"logs": entries, "total_lines": len(entries), "process": name})
+            follower = LogFollower(self.supervisor.hub, [runner.name for runner in members], log_type,
+                                   len(members) > 1)
+            backlog = [json_bytes(item) + b"\n" for item in self.read_logs(members, count, log_type)]
+            return Response(200, content_type="application/x-ndjson", stream=follower.stream(backlog))
+        entries = self.read_logs(members, count, log_type)
+        return json_response(200, {"logs": entries, "total_lines": len(entries), "process": group_label(members)})
 
-    def read_logs(self, members: List[ManagedProcess], count: int, log_type: str) -> List[dict]:
+    def read_logs(self, members: List[ProcessRunner], count: int, log_type: str) -> List[dict]:
         merged = []
-        for mp in members:
-            for entry in self.supervisor.logs_of(mp).tail(count, log_type):
+        for runner in members:
+            for entry in runner.logs.tail(count, log_type):
                 item = entry.to_api()
                 if len(members) > 1:
-                    item["process"] = mp.name
+                    item["process"] = runner.name
                 merged.append(item)
         if len(members) > 1:
             merged.sort(key=lambda item: item["timestamp"])
@@ -3052,57 +3713,9 @@ class Api:
         return json_response(201, {"success": True, "ticket": self.tickets.issue(),
                                    "expires_in": int(self.tickets.ttl)})
 
-    # -- log following (GET /api/logs/{key}?follow=true) -----------------------------------------
-
-    def add_follower(self, members: List[ManagedProcess]) -> asyncio.Queue:
-        """Register before the backlog is sent, so no line falls between backlog and stream."""
-        queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
-        for mp in members:
-            self.log_followers.setdefault(mp.name, set()).add(queue)
-        return queue
-
-    async def follow_logs(self, members: List[ManagedProcess], backlog: List[dict], log_type: str,
-                          queue: asyncio.Queue):
-        names = [mp.name for mp in members]
-        try:
-            for item in backlog:
-                yield json_bytes(item) + b"\n"
-            while True:
-                line = await queue.get()
-                if line is None:
-                    return
-                name, entry = line
-                if log_type == "all" or entry.type == log_type:
-                    item = entry.to_api()
-                    if len(names) > 1:
-                        item["process"] = name
-                    yield json_bytes(item) + b"\n"
-        finally:
-            unindex(self.log_followers, names, queue)
-
-    def on_log(self, name: str, entry: LogEntry) -> None:
-        followers = self.log_followers.get(name)
-        if not followers:
-            return
-        for queue in list(followers):
-            if queue.full():          # a follower that cannot keep up is ended, not buffered forever
-                followers.discard(queue)
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()
-                queue.put_nowait(None)
-            else:
-                queue.put_nowait((name, entry))
-
-    def end_follows(self, name: str) -> None:
-        """A deleted process ends the streams that follow it."""
-        for queue in self.log_followers.pop(name, set()):
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(None)
-
-
-def display_name(key: str, members: List[ManagedProcess]) -> str:
-    """The name to show in messages: the process's name even when addressed by id."""
-    return members[0].name if len(members) == 1 else members[0].config.name
+    async def open_websocket(self, request: Request) -> Response:
+        """GET /ws: a valid handshake is answered 101 by the server glue, which runs the session."""
+        return Response(101, handshake_response(check_handshake(request)), content_type=None)
 
 
 # ==============================================================================================
@@ -3155,6 +3768,20 @@ class WsSession:
         self.process_filter: Optional[set] = None
         self._awaiting_pong: Optional[bytes] = None
         self._loop = asyncio.get_event_loop()
+
+    def on_log(self, line: LogLine) -> None:
+        """A LogHub subscriber: the frame is built once per line for all WebSocket clients."""
+        if not self.wants("log", line.process):
+            return
+        frame = line.memo.get("ws")
+        if frame is None:
+            entry = line.entry
+            frame = line.memo["ws"] = ws_message("log", {"process": line.process, "type": entry.type,
+                                                         "message": entry.message, "timestamp": entry.timestamp})
+        self.send(frame, "log")
+
+    def on_log_end(self, name: Optional[str]) -> None:
+        self.log_subscriptions.discard(name)
 
     def wants(self, kind: str, process: Optional[str]) -> bool:
         if self.type_filter is not None and kind not in self.type_filter:
@@ -3274,50 +3901,51 @@ class WsSession:
             self.fail(CloseCode.POLICY_VIOLATION, "no pong within %g s" % self.pong_timeout)
 
 
-class Broadcaster:
-    """Supervisor events -> WebSocket messages, each encoded once and sent to every client."""
+def invalid_command(text: str) -> HttpError:
+    return HttpError(400, "INVALID_COMMAND", text)
 
-    def __init__(self, supervisor: Supervisor, api: Api):
+
+class Broadcaster:
+    """Supervisor announcements -> WebSocket messages, each encoded once for every client;
+    log subscriptions go through the supervisor's LogHub like every other log reader."""
+
+    def __init__(self, supervisor: Supervisor):
         self.supervisor = supervisor
-        self.api = api
+        self.hub = supervisor.hub
         self.clients: set = set()
-        self.log_subscribers: Dict[str, set] = {}     # process name or "*" -> clients
         self._tick_task: Optional[asyncio.Task] = None
-        supervisor.listeners.append(self.on_event)
+        self._handlers = {"process_update": self.send_process, "process_event": self.send_event,
+                          "health_update": self.send_health, "tick": self.send_tick}
+        supervisor.listeners.append(self.on_announcement)
+
+    def on_announcement(self, kind: str, payload: Any) -> None:
+        if self.clients:
+            self._handlers[kind](payload)
 
     def broadcast(self, kind: str, data: Any, process: Optional[str] = None, priority: str = "event") -> None:
-        if not self.clients:
-            return
         frame = ws_message(kind, data)
         for client in list(self.clients):
             if client.wants(kind, process):
                 client.send(frame, priority)
 
-    def on_event(self, kind: str, payload: Any) -> None:
-        if kind == "log":
-            name, entry = payload
-            self.api.on_log(name, entry)
-            self.send_log(name, entry)
-        elif kind == "process_update":
-            self.send_process(payload)
-        elif kind == "process_event":
-            self.broadcast("process_event", payload, payload["process"])
-            if payload["event"] == "deleted":
-                self.api.end_follows(payload["process"])
-        elif kind == "health_update":
-            self.broadcast("health_update", payload, payload["process"])
-        elif kind == "tick":
-            self.send_tick(payload)
+    def send_event(self, data: dict) -> None:
+        self.broadcast("process_event", data, data["process"])
+
+    def send_health(self, data: dict) -> None:
+        self.broadcast("health_update", data, data["process"])
+
+    def send_process(self, runner: ProcessRunner) -> None:
+        self._cancel_tick()
+        data = process_update(runner, self.supervisor.wall(), self.supervisor.clock())
+        self.broadcast("process_update", data, runner.name, priority="state")
 
     def send_tick(self, system: SystemMetrics) -> None:
         """Every sample: system_update and a process_update per process. A client without
         filters gets them as one write (one syscall rather than 1 + N per client)."""
-        if not self.clients:
-            return
         now, wall = self.supervisor.clock(), self.supervisor.wall()
         messages = [("system_update", None, ws_message("system_update", system.to_update()))]
-        messages += [("process_update", mp.name, ws_message("process_update", mp.update_data(wall, now)))
-                     for mp in self.supervisor.processes.values()]
+        messages += [("process_update", runner.name, ws_message("process_update", process_update(runner, wall, now)))
+                     for runner in self.supervisor.registry.runners()]
         batch = b"".join(frame for _, _, frame in messages)
         clients = list(self.clients)
         self._cancel_tick()
@@ -3326,14 +3954,14 @@ class Broadcaster:
         else:       # thousands of clients: let requests in between chunks
             self._tick_task = asyncio.ensure_future(self._fan_out(clients, messages, batch))
 
-    async def _fan_out(self, clients: List[WsSession], messages, batch: bytes) -> None:
+    async def _fan_out(self, clients: List["WsSession"], messages, batch: bytes) -> None:
         for start in range(0, len(clients), FANOUT_CHUNK):
             if start:
                 await asyncio.sleep(0)
             self._deliver_tick(clients[start:start + FANOUT_CHUNK], messages, batch)
 
     @staticmethod
-    def _deliver_tick(clients: List[WsSession], messages, batch: bytes) -> None:
+    def _deliver_tick(clients: List["WsSession"], messages, batch: bytes) -> None:
         for client in clients:
             if client.type_filter is None and client.process_filter is None:
                 client.send(batch, "state")
@@ -3348,82 +3976,41 @@ class Broadcaster:
             self._tick_task.cancel()
         self._tick_task = None
 
-    def send_process(self, mp: ManagedProcess) -> None:
-        if self.clients:
-            self._cancel_tick()
-            data = mp.update_data(self.supervisor.wall(), self.supervisor.clock())
-            self.broadcast("process_update", data, mp.name, priority="state")
-
-    def send_log(self, name: str, entry: LogEntry) -> None:
-        """A log line to its subscribers only: found through an index, never a scan of clients."""
-        targets = self.log_subscribers.get(name, set()) | self.log_subscribers.get("*", set())
-        if not targets:
-            return
-        frame = ws_message("log", {"process": name, "type": entry.type, "message": entry.message,
-                                   "timestamp": entry.timestamp})
-        for client in targets:
-            if client.wants("log", name):
-                client.send(frame, "log")
-
-    def subscribe_logs(self, client: WsSession, names: set) -> None:
-        client.log_subscriptions |= names
-        for name in names:
-            self.log_subscribers.setdefault(name, set()).add(client)
-
-    def unsubscribe_logs(self, client: WsSession, names: set) -> None:
-        client.log_subscriptions -= names
-        unindex(self.log_subscribers, names, client)
-
-    def add_client(self, client: WsSession) -> None:
+    def add_client(self, client: "WsSession") -> None:
         self.clients.add(client)
 
-    def remove_client(self, client: WsSession) -> None:
+    def remove_client(self, client: "WsSession") -> None:
         self.clients.discard(client)
-        self.unsubscribe_logs(client, set(client.log_subscriptions))
+        self.hub.unsubscribe(client, client.log_subscriptions)
+        client.log_subscriptions.clear()
 
-    def send_initial_state(self, client: WsSession) -> None:
+    def send_initial_state(self, client: "WsSession") -> None:
         """A new client gets the current state at once rather than at the next tick."""
         now, wall = self.supervisor.clock(), self.supervisor.wall()
-        for mp in list(self.supervisor.processes.values()):
-            if client.wants("process_update", mp.name):
-                client.send(ws_message("process_update", mp.update_data(wall, now)))
+        for runner in self.supervisor.registry.runners():
+            if client.wants("process_update", runner.name):
+                client.send(ws_message("process_update", process_update(runner, wall, now)))
         if client.wants("system_update", None):
             client.send(ws_message("system_update", self.supervisor.system.to_update()))
 
-    def on_client_message(self, client: WsSession, event: WsEvent) -> None:
-        """Client commands: subscribe/unsubscribe to logs, filter updates."""
+    def on_client_message(self, client: "WsSession", event: WsEvent) -> None:
+        """Client commands: subscribe/unsubscribe to logs, filter updates, ping."""
         try:
             command = json.loads(event.data) if event.kind == "text" else None
-            reply = self.run_command(client, command)
+            kind, data = self.run_command(client, command)
         except ValueError as exc:
-            reply = ("error", {"code": "INVALID_JSON", "message": "invalid JSON: %s" % exc})
-        except ApiError as error:
-            reply = ("error", {"code": error.code, "message": error.message})
-        kind, data = reply
+            kind, data = "error", {"code": "INVALID_JSON", "message": "invalid JSON: %s" % exc}
+        except PMDaemonError as error:
+            kind, data = "error", error_body(wire_error(error))
         data["timestamp"] = iso_time(self.supervisor.wall())   # every data carries one
         client.send_json(kind, data)
 
-    def run_command(self, client: WsSession, command: Any) -> Tuple[str, dict]:
+    def run_command(self, client: "WsSession", command: Any) -> Tuple[str, dict]:
         if not isinstance(command, dict) or not isinstance(command.get("type"), str):
-            raise ApiError(400, "INVALID_COMMAND", "a command is a JSON object with a string 'type'")
+            raise invalid_command("a command is a JSON object with a string 'type'")
         kind = command["type"]
         if kind in ("subscribe", "unsubscribe"):
-            if command.get("channel") != "logs":
-                raise ApiError(400, "INVALID_COMMAND", "unknown channel %r; the channel is 'logs'"
-                               % str(command.get("channel"))[:40])
-            name = command.get("process", "*")
-            if not isinstance(name, str):
-                raise ApiError(400, "INVALID_COMMAND", "'process' must be a process name or '*'")
-            if kind == "subscribe":
-                names = {"*"} if name == "*" else {mp.name for mp in self.supervisor.resolve(name)}
-                if len(client.log_subscriptions | names) > MAX_WS_SUBSCRIPTIONS:
-                    raise ApiError(400, "TOO_MANY_SUBSCRIPTIONS", "at most %d log subscriptions"
-                                   % MAX_WS_SUBSCRIPTIONS)
-                self.subscribe_logs(client, names)
-            else:                       # a group name, or a name that no longer exists, both work
-                self.unsubscribe_logs(client, {name} | {mp.name for mp in self.supervisor.processes.values()
-                                                        if mp.config.name == name})
-            return kind + "d", {"channel": "logs", "process": command.get("process", "*")}
+            return self._subscription(client, kind, command)
         if kind == "filter":
             client.type_filter = self._string_set(command, "types")
             client.process_filter = self._string_set(command, "processes")
@@ -3431,8 +4018,25 @@ class Broadcaster:
                                 "processes": sorted(client.process_filter) if client.process_filter is not None else None}
         if kind == "ping":
             return "pong", {}
-        raise ApiError(400, "INVALID_COMMAND", "unknown command type %r (subscribe, unsubscribe, "
-                       "filter, ping)" % kind[:40])
+        raise invalid_command("unknown command type %r (subscribe, unsubscribe, filter, ping)" % kind[:40])
+
+    def _subscription(self, client: "WsSession", kind: str, command: dict) -> Tuple[str, dict]:
+        if command.get("channel") != "logs":
+            raise invalid_command("unknown channel %r; the channel is 'logs'" % str(command.get("channel"))[:40])
+        name = command.get("process", "*")
+        if not isinstance(name, str):
+            raise invalid_command("'process' must be a process name or '*'")
+        if kind == "subscribe":
+            names = {"*"} if name == "*" else {runner.name for runner in self.supervisor.resolve(name)}
+            if len(client.log_subscriptions | names) > MAX_WS_SUBSCRIPTIONS:
+                raise HttpError(400, "TOO_MANY_SUBSCRIPTIONS", "at most %d log subscriptions" % MAX_WS_SUBSCRIPTIONS)
+            client.log_subscriptions |= names
+            self.hub.subscribe(client, names)
+        else:                       # a group name, or a name that no longer exists, both work
+            names = {name} | {runner.name for runner in self.supervisor.registry.group(name)}
+            client.log_subscriptions -= names
+            self.hub.unsubscribe(client, names)
+        return kind + "d", {"channel": "logs", "process": command.get("process", "*")}
 
     @staticmethod
     def _string_set(command: dict, field: str) -> Optional[set]:
@@ -3440,21 +4044,20 @@ class Broadcaster:
         if value is None:
             return None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(value) > 1024:
-            raise ApiError(400, "INVALID_COMMAND", "%r must be an array of strings or null" % field)
+            raise invalid_command("%r must be an array of strings or null" % field)
         return set(value)
 
 
 class ConnectionDeadline:
     """When a connection's current phase must end, and what to do when it does not."""
-    __slots__ = ("transport", "parser", "deadline")
+    __slots__ = ("transport", "parser", "deadline", "answer")
 
-    def __init__(self, transport, parser: RequestParser, deadline: float):
-        self.transport, self.parser, self.deadline = transport, parser, deadline
+    def __init__(self, transport, parser: RequestParser, deadline: float, answer: Callable[[], bytes]):
+        self.transport, self.parser, self.deadline, self.answer = transport, parser, deadline, answer
 
     def expire(self) -> None:
         if self.parser.has_partial:         # a request was under way: say why we hang up
-            self.transport.write(serialize_response(error_response(ApiError(
-                408, "REQUEST_TIMEOUT", "request not received in time")), http_date(), False))
+            self.transport.write(self.answer())
         self.transport.close()
 
 
@@ -3466,10 +4069,17 @@ class HttpServer:
         self.broadcaster = broadcaster
         self.config = config
         self.connections: set = set()
+        self.streams: set = set()           # tasks serving ?follow=true: ended cleanly on close
         self.deadlines: set = set()
         self.closing = False
         self.server = None
         self._sweeper = None
+
+    def _error_bytes(self, error: BaseException, request: Optional[Request] = None) -> bytes:
+        return serialize_response(self.api.error_response(error, request), http_date(), False)
+
+    def _timeout_bytes(self) -> bytes:
+        return self._error_bytes(HttpError(408, "REQUEST_TIMEOUT", "request not received in time"))
 
     async def bind(self) -> int:
         """Take the port (so a busy port fails before any child starts); serve later."""
@@ -3482,20 +4092,23 @@ class HttpServer:
         await self.server.start_serving()
 
     async def close(self) -> None:
+        """Stop accepting; end follow streams with their final chunk and WebSockets with 1001."""
         self.closing = True
         if self.server is not None:
             self.server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self.api.supervisor.hub.end(None)
         for session in list(self.broadcaster.clients if self.broadcaster else ()):
             session.fail(CloseCode.GOING_AWAY, "daemon shutting down")
+        if self.streams:
+            await asyncio.wait(set(self.streams), timeout=self.config.write_timeout)
         for writer in list(self.connections):
             writer.close()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self.connections) >= self.config.max_connections or self.closing:
-            writer.write(serialize_response(error_response(ApiError(
-                503, "SERVICE_UNAVAILABLE", "too many connections")), http_date(), False))
+            writer.write(self._error_bytes(HttpError(503, "SERVICE_UNAVAILABLE", "too many connections")))
             writer.close()
             return
         self.connections.add(writer)
@@ -3512,56 +4125,71 @@ class HttpServer:
             writer.close()
 
     async def _http_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Requests in order on one connection. A head is admitted (or refused and answered)
+        before any of its body is read; deadlines are absolute per phase: a header block within
+        header_timeout of its first byte, a body within body_timeout of its head."""
         loop = asyncio.get_event_loop()
-        transport = writer.transport
+        config = self.config
         parser = RequestParser()
-        watch = ConnectionDeadline(transport, parser, loop.time() + HEADER_TIMEOUT)
+        watch = ConnectionDeadline(writer.transport, parser, loop.time() + config.header_timeout,
+                                   self._timeout_bytes)
         self.deadlines.add(watch)
+        phase = "idle"
         try:
-            phase = "idle"
             while True:
                 try:
+                    head = parser.head()
+                    if head is not None and head.route is None:
+                        early = self.api.admit(head)
+                        if early is not None:
+                            head.route = early
+                        elif head.header("expect", "").lower() == "100-continue":
+                            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")     # RFC 9110 §10.1.1
                     request = parser.next_request()
-                except ApiError as error:
+                except PMDaemonError as error:
                     watch.deadline = math.inf
-                    await self._answer_and_close(reader, writer, error_response(error))
+                    await self._answer_and_close(reader, writer, self.api.error_response(
+                        error, getattr(error, "request", None) or parser.head_or_none()))
                     return
                 if request is None:
-                    # Deadlines are absolute per phase: a header block within HEADER_TIMEOUT of its
-                    # first byte, a body within BODY_TIMEOUT of its header, however it trickles in.
                     now_phase = "body" if parser.in_body else ("head" if parser.has_partial else "idle")
                     if now_phase != phase:
                         phase = now_phase
-                        watch.deadline = loop.time() + (BODY_TIMEOUT if phase == "body" else HEADER_TIMEOUT)
-                    if phase == "body" and parser.wants_continue():
-                        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")     # RFC 9110 §10.1.1
+                        watch.deadline = loop.time() + (config.body_timeout if phase == "body" else config.header_timeout)
                     data = await reader.read(READ_CHUNK)
                     if not data:
                         return
                     parser.feed(data)
                     continue
                 watch.deadline = math.inf               # our turn: the client is not late
-                if request.path == "/ws":
-                    self.deadlines.discard(watch)
-                    await self._websocket(request, parser, reader, writer)
+                if not await self._respond(request, parser, reader, writer):
                     return
-                if not await self._respond(request, reader, writer):
-                    return
-                phase, watch.deadline = "idle", loop.time() + KEEPALIVE_TIMEOUT
+                phase, watch.deadline = "idle", loop.time() + config.keepalive_timeout
         finally:
             self.deadlines.discard(watch)
 
-    async def _respond(self, request: Request, reader, writer) -> bool:
+    async def _respond(self, request: Request, parser: RequestParser, reader, writer) -> bool:
         """Answer one request; True when the connection stays open for the next."""
-        response = await self.api.handle(request)
+        if isinstance(request.route, Response):
+            response = request.route             # answered from the head alone (OPTIONS)
+        else:
+            response = await self.api.handle(request)
+        if response.status == 101:
+            await self._websocket(request, response, parser, reader, writer)
+            return False
         if response.stream is not None:
-            await self._stream(request, response, reader, writer)
+            task = asyncio.current_task()
+            self.streams.add(task)
+            try:
+                await self._stream(request, response, reader, writer)
+            finally:
+                self.streams.discard(task)
             return False
         keep_alive = request.keep_alive and not response.close and not self.closing
         writer.write(serialize_response(response, http_date(), keep_alive,
                                         request.version == "HTTP/1.0", request.method == "HEAD"))
         if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            await asyncio.wait_for(writer.drain(), self.config.write_timeout)
         if not keep_alive and response.close:
             await self._answer_and_close(reader, writer, None)
         return keep_alive
@@ -3577,16 +4205,17 @@ class HttpServer:
                 watch.expire()
 
     async def _answer_and_close(self, reader, writer, response: Optional[Response]) -> None:
-        """Answer, half-close, and drain what the client still sends so it can read our answer."""
+        """Answer, half-close, and discard (never parse or keep) what the client still sends
+        for a moment, so that it can read our answer rather than a reset."""
         if response is not None:
             writer.write(serialize_response(response, http_date(), False))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.drain(), 5)
             if writer.can_write_eof():
                 writer.write_eof()
-            deadline = asyncio.get_event_loop().time() + 2
+            deadline = asyncio.get_event_loop().time() + LINGER_SECONDS
             discarded = 0
-            while discarded < MAX_BODY_BYTES * 2:
+            while discarded < LINGER_BYTES:
                 chunk = await asyncio.wait_for(reader.read(READ_CHUNK),
                                                deadline - asyncio.get_event_loop().time())
                 if not chunk:
@@ -3594,7 +4223,8 @@ class HttpServer:
                 discarded += len(chunk)
 
     async def _stream(self, request: Request, response: Response, reader, writer) -> None:
-        """Chunked transfer (raw for HTTP/1.0) of an async iterator until it ends or the client leaves."""
+        """Chunked transfer (raw for HTTP/1.0) of an async iterator until it ends or the client
+        leaves; an ended stream always gets its final chunk."""
         http10 = request.version == "HTTP/1.0"
         writer.write(serialize_response(response, http_date(), False, http10))
         client_gone = asyncio.ensure_future(reader.read(1))
@@ -3611,32 +4241,23 @@ class HttpServer:
                 except StopAsyncIteration:
                     break
                 writer.write(chunk if http10 else b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+                await asyncio.wait_for(writer.drain(), self.config.write_timeout)
             if not http10:
                 writer.write(b"0\r\n\r\n")
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            await asyncio.wait_for(writer.drain(), self.config.write_timeout)
         finally:
             client_gone.cancel()
             with contextlib.suppress(Exception):
                 await chunks.aclose()
 
-    async def _websocket(self, request: Request, parser: RequestParser, reader, writer) -> None:
+    async def _websocket(self, request: Request, response: Response, parser: RequestParser, reader, writer) -> None:
+        """Run a WebSocket session on a connection whose handshake the API accepted."""
         broadcaster = self.broadcaster
-        try:
-            accept = check_handshake(request)
-            policy = self.api.policy
-            policy.check_host(request)
-            policy.check_origin(request)
-            ticket = parse_query(request.query, ("ticket",)).get("ticket")
-            policy.check_key(request, ticket_ok=ticket is not None and self.api.tickets.redeem(ticket))
-            if broadcaster is None or len(broadcaster.clients) >= self.config.max_ws_clients:
-                raise ApiError(503, "SERVICE_UNAVAILABLE", "too many WebSocket clients")
-        except ApiError as error:
-            response = error_response(error)
-            response.headers.extend(self.api.policy.cors_headers(request))
-            await self._answer_and_close(reader, writer, response)
+        if broadcaster is None or len(broadcaster.clients) >= self.config.max_ws_clients:
+            await self._answer_and_close(reader, writer, self.api.error_response(
+                HttpError(503, "SERVICE_UNAVAILABLE", "too many WebSocket clients"), request))
             return
-        writer.write(handshake_response(accept))
+        writer.write(response.body)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             # Bound the kernel's share too: autotuning would let 10,000 idle readers pin
@@ -3691,13 +4312,15 @@ class Daemon:
         supervisor = Supervisor(self.config.home)
         api = Api(supervisor, AccessPolicy(self.config.api_key, self.config.allow_hosts,
                                            self.config.cors_origins))
-        broadcaster = Broadcaster(supervisor, api)
+        broadcaster = Broadcaster(supervisor)
         server = HttpServer(api, broadcaster, self.config)
         port = await server.bind()
+        # The first sample after the port is bound and before children are restored: a /proc
+        # that cannot be read degrades metrics, it can neither orphan children nor stop us.
+        supervisor.metrics.sample()
         await supervisor.restore()
-        supervisor.sample()
         await server.start_serving()
-        sampler = asyncio.ensure_future(supervisor.run_sampler(self.config.sample_interval))
+        sampler = asyncio.ensure_future(supervisor.metrics.run(self.config.sample_interval))
         print("pmdaemon %s listening on http://%s:%d (home %s)" % (
             __version__, self.config.host if ":" not in self.config.host else "[%s]" % self.config.host,
             port, self.config.home), flush=True)
@@ -3766,7 +4389,9 @@ def command_web(args: argparse.Namespace) -> int:
                           allow_hosts=tuple(args.allow_host), cors_origins=tuple(args.cors_origin),
                           sample_interval=args.sample_interval, max_connections=args.max_connections,
                           max_ws_clients=args.max_ws_clients, ws_ping_interval=args.ws_ping_interval,
-                          ws_pong_timeout=args.ws_pong_timeout, ws_slow_grace=args.ws_slow_grace)
+                          ws_pong_timeout=args.ws_pong_timeout, ws_slow_grace=args.ws_slow_grace,
+                          header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                          keepalive_timeout=args.keepalive_timeout)
     daemon = Daemon(config)
     try:
         daemon.acquire_lock()
@@ -3967,6 +4592,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "send buffer (default %(default)s)")
     web.add_argument("--max-ws-clients", type=bounded(int, 0, 1_000_000), default=MAX_WS_CLIENTS,
                      help="WebSocket clients at once (default %(default)s)")
+    web.add_argument("--header-timeout", type=bounded(float, 0.1, 3600), default=HEADER_TIMEOUT, metavar="SECONDS",
+                     help="a request's header block must arrive within this, from its first byte; "
+                     "else 408 (default %(default)s)")
+    web.add_argument("--body-timeout", type=bounded(float, 0.1, 3600), default=BODY_TIMEOUT, metavar="SECONDS",
+                     help="a request's body must arrive within this, from the end of its head "
+                     "(default %(default)s)")
+    web.add_argument("--keepalive-timeout", type=bounded(float, 0.1, 3600), default=KEEPALIVE_TIMEOUT,
+                     metavar="SECONDS", help="idle keep-alive connections are closed after this "
+                     "(default %(default)s)")
     web.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     client_help = {"list": "list processes", "info": "show one process", "stop": "stop a process",
                    "restart": "restart a process", "delete": "stop and remove a process",

@@ -225,9 +225,9 @@ class TestProcessConfig(unittest.TestCase):
         return pmdaemon.ProcessConfig.from_dict(body)
 
     def assertFieldError(self, field, message, **fields):
-        with self.assertRaises(pmdaemon.ApiError) as caught:
+        with self.assertRaises(pmdaemon.ValidationError) as caught:
             self.parse(**fields)
-        self.assertEqual(caught.exception.status, 400)
+        self.assertEqual(pmdaemon.wire_error(caught.exception).status, 400)
         self.assertEqual(caught.exception.details, {"field": field})
         self.assertEqual(caught.exception.message, message)
 
@@ -268,10 +268,10 @@ class TestProcessConfig(unittest.TestCase):
                               cwd="/nonexistent-dir")
         self.assertFieldError("kill_signal", "field 'kill_signal' must be one of SIGTERM, SIGINT, "
                               "SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGKILL, got 'SIGFOO'", kill_signal="SIGFOO")
-        with self.assertRaises(pmdaemon.ApiError) as caught:
+        with self.assertRaises(pmdaemon.PMDaemonError) as caught:
             pmdaemon.ProcessConfig.from_dict({"name": "x"})
         self.assertEqual(caught.exception.message, "field 'script' is required")
-        with self.assertRaises(pmdaemon.ApiError) as caught:
+        with self.assertRaises(pmdaemon.PMDaemonError) as caught:
             pmdaemon.ProcessConfig.from_dict([1])
         self.assertEqual(caught.exception.message, "request body must be a JSON object, got array")
 
@@ -370,10 +370,10 @@ class TestLogs(unittest.TestCase):
         self.assertEqual(pmdaemon.decode_output(b"\xff\x00ok"), "\ufffd\ufffdok")
 
     def test_process_logs_merge_types_in_time_order(self):
-        seen = []
+        hub, seen = pmdaemon.LogHub(), Subscriber()
+        hub.subscribe(seen, ["web"])
         wall = [1000.0]
-        logs = pmdaemon.ProcessLogs(self.dir, "web", 10 ** 6, 2, lambda n, e: seen.append((n, e)),
-                                    wall=lambda: wall[0])
+        logs = pmdaemon.ProcessLogs(self.dir, "web", 10 ** 6, 2, hub, self.fail, wall=lambda: wall[0])
         logs.write("stdout", ["one"])
         wall[0] += 1
         logs.write("stderr", ["two"])
@@ -384,8 +384,53 @@ class TestLogs(unittest.TestCase):
                          [("stderr", "two"), ("stdout", "three"), ("stdout", "four")])
         self.assertEqual(entries[0].timestamp, "1970-01-01T00:16:41.000Z")
         self.assertEqual([e.message for e in logs.tail(10, "stdout")], ["one", "three", "four"])
-        self.assertEqual(len(seen), 4)
+        self.assertEqual([(line.process, line.entry.message) for line in seen.lines],
+                         [("web", "one"), ("web", "two"), ("web", "three"), ("web", "four")])
         logs.close()
+
+    def test_hub_delivers_by_name_and_to_everyone_and_ends_follows(self):
+        hub, web, every = pmdaemon.LogHub(), Subscriber(), Subscriber()
+        hub.subscribe(web, ["web"])
+        hub.subscribe(every, ["*"])
+        entry = pmdaemon.LogEntry("t", "stdout", "m")
+        hub.publish("web", [entry])
+        hub.publish("db", [entry])
+        self.assertEqual([line.process for line in web.lines], ["web"])
+        self.assertEqual([line.process for line in every.lines], ["web", "db"])
+        hub.end("web")
+        self.assertEqual((web.ended, every.ended), (["web"], []))
+        self.assertTrue(hub.listening("web"))           # "*" still listens to every process
+        hub.end(None)
+        self.assertEqual(every.ended, [None])
+        self.assertFalse(hub.listening("web"))
+
+    def test_a_failing_log_write_is_counted_reported_and_still_published(self):
+        hub, seen, errors = pmdaemon.LogHub(), Subscriber(), []
+        hub.subscribe(seen, ["app"])
+        os.mkdir(os.path.join(self.dir, "app-out.log"))      # the log path is unusable: EISDIR
+        logs = pmdaemon.ProcessLogs(self.dir, "app", 10 ** 6, 2, hub, errors.append)
+        logs.write("stdout", ["a", "b"])
+        logs.write("stderr", ["c"])
+        self.assertEqual((logs.write_errors, logs.dropped_lines), (1, 2))
+        self.assertIsInstance(errors[0], IsADirectoryError)
+        self.assertEqual([line.entry.message for line in seen.lines], ["a", "b", "c"])
+        os.rmdir(os.path.join(self.dir, "app-out.log"))      # the problem goes away: writes resume
+        logs.write("stdout", ["d"])
+        self.assertEqual([e.message for e in logs.tail(5, "stdout")], ["d"])
+        logs.close()
+
+
+class Subscriber:
+    """A LogHub subscriber that keeps what it gets."""
+
+    def __init__(self):
+        self.lines, self.ended = [], []
+
+    def on_log(self, line):
+        self.lines.append(line)
+
+    def on_log_end(self, name):
+        self.ended.append(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,12 +479,18 @@ class TestRestartPolicy(unittest.TestCase):
         self.assertEqual(pmdaemon.assign_ports("3000", 3, set()), [3000, 3001, 3002])
         self.assertEqual(pmdaemon.assign_ports("3000-3003", 2, set()), [3000, 3001])
         self.assertEqual(pmdaemon.assign_ports(None, 2, set()), [None, None])
-        with self.assertRaises(pmdaemon.ApiError) as caught:
+        with self.assertRaises(pmdaemon.ValidationError):
             pmdaemon.assign_ports("3000-3001", 3, set())
-        self.assertEqual(caught.exception.status, 400)
-        with self.assertRaises(pmdaemon.ApiError) as caught:
+        with self.assertRaises(pmdaemon.PortConflict) as caught:
             pmdaemon.assign_ports("3001", 1, {3001})
-        self.assertEqual(caught.exception.code, "PORT_CONFLICT")
+        self.assertEqual(pmdaemon.wire_error(caught.exception).code, "PORT_CONFLICT")
+        # Scaling keeps what each kept copy has; only new copies get new ports.
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", 0))
+        self.addCleanup(blocker.close)
+        free = blocker.getsockname()[1]
+        spec = "auto:%d-%d" % (free, free + 50)
+        self.assertEqual(pmdaemon.assign_ports(spec, 1, set(), keep={0: free, 1: free + 1, 2: free + 2}), [free])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,7 +522,7 @@ class TestHttpParser(unittest.TestCase):
 
     def assertRejected(self, data, status, message=None):
         for byte_by_byte in (False, True):
-            with self.assertRaises(pmdaemon.ApiError) as caught:
+            with self.assertRaises(pmdaemon.PMDaemonError) as caught:
                 parse_all(data, byte_by_byte)
             self.assertEqual(caught.exception.status, status, (data[:80], caught.exception.message))
             self.assertTrue(caught.exception.close)
@@ -523,7 +574,7 @@ class TestHttpParser(unittest.TestCase):
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501,
              "transfer coding 'gzip' is not supported"),
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400,
-             "invalid chunk size 'zz'"),
+             "invalid chunk size line 'zz'"),
             (b"BREW / HTTP/1.1\r\nHost: a\r\n\r\n", 501, "method 'BREW' is not implemented"),
             (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, "HTTP/2.0 is not supported; use HTTP/1.1"),
             (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n", 413,
@@ -537,6 +588,36 @@ class TestHttpParser(unittest.TestCase):
         for data, status, message in cases:
             with self.subTest(data=data[:60]):
                 self.assertRejected(data, status, message)
+
+    def test_strict_framing_rfc9112(self):
+        chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        cases = [
+            (chunked + b"2\nab\r\n0\r\n\r\n", "bare LF in chunked framing (CRLF required)"),
+            (chunked + b"2\r\nab\n0\r\n\r\n", "chunk data not followed by CRLF"),
+            (chunked + b"2\r\nab\r\n0\n\r\n", "bare LF in chunked framing (CRLF required)"),
+            (chunked + b"2\r\nab\r\n0\r\n\n", "bare LF in chunked framing (CRLF required)"),
+            (chunked + b" 2\r\nab\r\n0\r\n\r\n", "invalid chunk size line ' 2'"),
+            (chunked + b"2 \r\nab\r\n0\r\n\r\n", "invalid chunk size line '2 '"),
+            (chunked + b"2\t\r\nab\r\n0\r\n\r\n", "invalid chunk size line '2\\t'"),
+            (chunked + b"2;a\x01b\r\nab\r\n0\r\n\r\n", "invalid chunk size line '2;a\\x01b'"),
+            (chunked + b"2;=x\r\nab\r\n0\r\n\r\n", "invalid chunk size line '2;=x'"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \xa05\r\n\r\nhello", "invalid Content-Length '\\xa05'"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\x85\r\n\r\nhello", "invalid Content-Length '5\\x85'"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\xa0\r\n\r\n", None),
+        ]
+        for data, message in cases:
+            with self.subTest(data=data[-30:]):
+                self.assertRejected(data, 501 if message is None else 400, message)
+        self.assertRejected(chunked + b"1\r\na\r\n" * 1025, 413, "chunked request body has more than 1024 chunks")
+        # What the grammar allows is accepted: extensions with BWS, quoted values.
+        body = self.both(chunked + b'2 ; name = "q\\"x" ;flag\r\nab\r\n0\r\n\r\n')[0].body
+        self.assertEqual(body, b"ab")
+
+    def test_each_request_gets_fresh_body_state(self):
+        trailer = b"T: " + b"x" * 6000 + b"\r\n"
+        one = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\n" + trailer + b"\r\n"
+        requests = self.both(one * 4)
+        self.assertEqual([r.body for r in requests], [b"z"] * 4)
 
     def test_garbage_is_refused_before_the_head_ends(self):
         for data in (b"\x16\x03\x01\x02\x00", b"GET / HTTP/1.1\r\x00", b"GE T / HTTP/1.1\r\nHost: a"):
@@ -701,10 +782,10 @@ class TestWsCodec(unittest.TestCase):
         self.assertEqual(pmdaemon.check_handshake(request()), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
         for headers, status in (({"Sec-WebSocket-Version": "8"}, 426), ({"Sec-WebSocket-Key": "c2hvcnQ="}, 400),
                                 ({"Upgrade": None}, 400), ({"Connection": "keep-alive"}, 400)):
-            with self.assertRaises(pmdaemon.ApiError) as caught:
+            with self.assertRaises(pmdaemon.PMDaemonError) as caught:
                 pmdaemon.check_handshake(request(**headers))
-            self.assertEqual(caught.exception.status, status, headers)
-        with self.assertRaises(pmdaemon.ApiError) as caught:
+            self.assertEqual(pmdaemon.wire_error(caught.exception).status, status, headers)
+        with self.assertRaises(pmdaemon.PMDaemonError) as caught:
             pmdaemon.check_handshake(request(**{"Sec-WebSocket-Version": "8"}))
         self.assertEqual(caught.exception.headers, (("Sec-WebSocket-Version", "13"),))
 
@@ -1493,6 +1574,9 @@ class TestDaemonLifecycle(unittest.TestCase):
         first.start("survivor", "sleep", ["60"], env={"MODE": "kept"})
         first.post("/api/processes/survivor/restart")
         old_pid = first.process("survivor")["pid"]
+        # A restart is saved within the coalescing interval (a second), not at once.
+        wait_until(lambda: '"manual_restarts": 1' in read_text(os.path.join(self.home, "state.json")),
+                   message="the restart to be saved")
         first.proc.kill()
         first.proc.wait()
         second = self.daemon()
@@ -1934,7 +2018,7 @@ async def serve_echo_connection(reader, writer):
             parser.feed(data)
             request = parser.next_request()
         accept = pmdaemon.check_handshake(request)
-    except pmdaemon.ApiError as error:
+    except pmdaemon.PMDaemonError as error:
         writer.write(pmdaemon.serialize_response(pmdaemon.error_response(error), pmdaemon.http_date(), False))
         writer.close()
         return
