@@ -1992,7 +1992,8 @@ class StateStore:
         self.last_error: Optional[str] = None
         self._written: Tuple[Optional[bytes], Optional[bytes]] = (None, None)
         self._last_write = -math.inf
-        self._timer = None
+        self._timer = None                      # a prompt look after a change
+        self._lazy_timer = None                 # the look when runtime details alone are due
 
     def touch(self) -> None:
         """Something may have changed: look within save_interval (one timer, however many calls)."""
@@ -2003,13 +2004,17 @@ class StateStore:
     def _check(self) -> None:
         self._timer = None
         durable, lazy = self._encode()
-        if durable == self._written[0] and lazy == self._written[1]:
+        if (durable, lazy) == self._written:
             return
-        wait = self._last_write + self.lazy_interval - self.clock()
-        if durable != self._written[0] or wait <= 0:
+        due = self._last_write + self.lazy_interval - self.clock()
+        if durable != self._written[0] or due <= 0:
             self._save(durable, lazy, quiet=True)
-        else:
-            self._timer = asyncio.get_event_loop().call_later(wait, self._check)
+        elif self._lazy_timer is None:
+            self._lazy_timer = asyncio.get_event_loop().call_later(due, self._lazy_due)
+
+    def _lazy_due(self) -> None:
+        self._lazy_timer = None
+        self._check()
 
     def _encode(self) -> Tuple[bytes, bytes]:
         durable, lazy = self.snapshot()
@@ -2021,9 +2026,10 @@ class StateStore:
 
     def flush(self) -> None:
         """Write what is unwritten (shutdown); errors are logged."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._lazy_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._lazy_timer = None
         durable, lazy = self._encode()
         if (durable, lazy) != self._written:
             self._save(durable, lazy, quiet=True)
@@ -2039,7 +2045,7 @@ class StateStore:
             if reason != self.last_error:
                 log.error("cannot save state to %s: %s (retrying)", self.path, reason)
             self.last_error = reason
-            self._timer = self._timer or asyncio.get_event_loop().call_later(self.save_interval, self._check)
+            self.touch()                        # try again: space may be freed
             if not quiet:
                 raise StateNotSaved("cannot save state to %s: %s" % (self.path, reason)) from None
             return
@@ -4542,7 +4548,9 @@ def command_client(args: argparse.Namespace) -> int:
     else:
         status, body = api_call(args, "GET", "/api/system")
     print(json.dumps(body, indent=2))
-    return 0 if status < 400 else 1
+    # Created but unable to run (POST answers 201 with status errored) is a failure to the user.
+    errored = isinstance(body, dict) and (body.get("process") or {}).get("status") == "errored"
+    return 0 if status < 400 and not errored else 1
 
 
 def bounded(kind: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
