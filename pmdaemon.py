@@ -13,17 +13,29 @@ order, rotating logs, metrics) and serves the PMDaemon Web API: REST under /api,
 client of a running daemon. README.md documents every endpoint, setting and choice.
 
 Map of this file; each section uses only the sections above it:
-     1. Constants and enums    limits, defaults, process states, WebSocket opcodes
-     2. Errors                 PMDaemonError and its leaves, each carrying its wire form
+     1. Constants and enums    limits, defaults, process states, WebSocket opcodes and states
+     2. Errors                 PMDaemonError; domain errors (ProcessNotFound, CannotStart, ...);
+                               HttpError and WebSocketError, which carry their wire form
      3. Configuration          ProcessConfig and DaemonConfig: validation, persistence form
-     4. Metrics                /proc parsers and the sampler that computes CPU % between samples
-     5. Logs                   timestamped log files, rotation, tail without reading the file
-     6. Supervisor             process state machine, restart policy, spawn/stop, state file
-     7. HTTP/1.1 codec         request parser and response serialiser (no I/O)
-     8. WebSocket codec        handshake, frames, messages, close codes (no I/O)
-     9. API                    route table, Host/Origin/auth rules, JSON shaping
-    10. Server glue            the only code touching sockets: keep-alive, timeouts, /ws sessions
+     4. Metrics                /proc parsers; Sampler (CPU % between samples, degrades, never raises)
+     5. Logs                   LogFile (rotation, tail without reading the file), ProcessLogs,
+                               LogHub: the one subscription path for every reader of live lines
+     6. Supervisor             pure policy (exits, ports, argv); ProcessRunner, one per process,
+                               the only code that changes its state (TRANSITIONS); Registry (names,
+                               ids, groups, ports); StateStore (coalesced state.json); MetricsLoop;
+                               Supervisor, the facade the API calls
+     7. HTTP/1.1 codec         request parser (heads first, a body reader per request) and
+                               response serialiser (no I/O)
+     8. WebSocket codec        handshake, frames, messages, closing handshake (no I/O)
+     9. API                    access rules, ERROR_WIRE_FORM and error_response (the one place an
+                               error becomes bytes), views, the route table with /ws in it
+    10. Server glue            the only code touching sockets: keep-alive, deadlines, /ws sessions,
+                               the Broadcaster, the Daemon
     11. CLI                    argument parsing and main()
+
+What happens when a child exits: ProcessRunner._watch (the run's task) awaits the exit, stops
+what the run left behind, then calls ProcessRunner._on_exit(run, code), which ignores a stale
+run and asks decide_after_exit (pure) whether to restart, stop or give up.
 """
 
 from __future__ import annotations
@@ -171,6 +183,14 @@ class Opcode(enum.IntEnum):
     PING = 0x9
     PONG = 0xA
 
+
+
+class WsState(enum.Enum):
+    """Where a WebSocket connection is in its closing handshake (RFC 6455 §7)."""
+    OPEN = "open"
+    CLOSE_SENT = "close_sent"           # we sent a close frame; the peer's is awaited
+    CLOSE_RECEIVED = "close_received"   # the peer's close arrived; ours is not out yet
+    CLOSED = "closed"                   # both sent: the TCP connection can go
 
 
 class CloseCode(enum.IntEnum):
@@ -2969,9 +2989,8 @@ class WsProtocol:
         self.max_message = max_message
         self.buffer = bytearray()
         self.outgoing: List[bytes] = []
-        self.close_sent = False
-        self.close_received = False
-        self.failed = False
+        self.state = WsState.OPEN
+        self.failure: Optional[WebSocketError] = None   # the peer's violation, once found
         self._skip = 0                          # bytes of a refused frame still to discard
         self._probe = None                      # UTF-8 check of a text frame still arriving
         self._probed = 0
@@ -2983,17 +3002,17 @@ class WsProtocol:
     def receive_data(self, data: bytes) -> List[WsEvent]:
         """Parse frames from data; a violation ends the list with an "error" event."""
         self.buffer += data
-        if self.failed:
+        if self.failure is not None:
             return self._await_close()
         events = []
-        while not self.close_received and not self.failed:
+        while not self.close_received and self.failure is None:
             try:
                 frame = self._next_frame()
                 if frame is None:
                     break
                 event = self._handle_frame(*frame)
             except WebSocketError as error:
-                self.failed = True
+                self.failure = error
                 self._opcode, self._parts, self._size = None, [], 0
                 self._skip_after_failure()
                 event = WsEvent("error", error)
@@ -3024,7 +3043,7 @@ class WsProtocol:
             if frame is None:
                 return []
             if frame[1] == Opcode.CLOSE:
-                self.close_received = True
+                self._closed_by(peer=True)
                 return [WsEvent("close", (1005, ""))]
         return []
 
@@ -3042,7 +3061,7 @@ class WsProtocol:
             raise WebSocketError("client frame is not masked")
         if opcode >= 0x8:
             if opcode == Opcode.CLOSE and (not fin or length > MAX_WS_CONTROL_PAYLOAD):
-                self.close_received = True      # a bad close is still the peer's last frame
+                self._closed_by(peer=True)      # a bad close is still the peer's last frame
             if not fin:
                 raise WebSocketError("fragmented control frame")
             if length > MAX_WS_CONTROL_PAYLOAD:
@@ -3125,7 +3144,7 @@ class WsProtocol:
 
     def _handle_close(self, payload: bytes) -> WsEvent:
         # Even an invalid close ends the peer's side: after our close the server drops TCP.
-        self.close_received = True
+        self._closed_by(peer=True)
         if len(payload) == 1:
             raise WebSocketError("close frame with a 1-byte payload")
         code, reason = 1005, ""                 # 1005: no status code was present
@@ -3138,7 +3157,7 @@ class WsProtocol:
             except UnicodeDecodeError:
                 raise InvalidUtf8("invalid UTF-8 in close reason") from None
         if not self.close_sent:                 # echo the code (RFC 6455 §5.5.1)
-            self.close_sent = True
+            self._closed_by(us=True)
             self.outgoing.append(encode_close(code) if code != 1005 else encode_frame(Opcode.CLOSE))
         return WsEvent("close", (code, reason))
 
@@ -3146,8 +3165,26 @@ class WsProtocol:
         """The close frame to send when we start the closing handshake (b"" if already sent)."""
         if self.close_sent:
             return b""
-        self.close_sent = True
+        self._closed_by(us=True)
         return encode_close(code, reason)
+
+    # The closing handshake (RFC 6455 §7): OPEN -> CLOSE_SENT or CLOSE_RECEIVED -> CLOSED.
+    @property
+    def close_sent(self) -> bool:
+        return self.state in (WsState.CLOSE_SENT, WsState.CLOSED)
+
+    @property
+    def close_received(self) -> bool:
+        return self.state in (WsState.CLOSE_RECEIVED, WsState.CLOSED)
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
+    def _closed_by(self, us: bool = False, peer: bool = False) -> None:
+        sent, received = us or self.close_sent, peer or self.close_received
+        self.state = (WsState.CLOSED if sent and received else WsState.CLOSE_SENT if sent
+                      else WsState.CLOSE_RECEIVED)
 
 
 # ==============================================================================================
@@ -4566,6 +4603,24 @@ def bounded(kind: Callable[[str], Any], low: float, high: float) -> Callable[[st
     return parse
 
 
+# The numeric options of `web`: flag, type, lowest, highest, default, help.
+WEB_NUMBER_OPTIONS = (
+    ("--sample-interval", float, 0.05, 3600, SAMPLE_INTERVAL, "seconds between metric samples and WebSocket updates"),
+    ("--max-connections", int, 1, 1_000_000, MAX_CONNECTIONS, "open connections at once"),
+    ("--max-ws-clients", int, 0, 1_000_000, MAX_WS_CLIENTS, "WebSocket clients at once"),
+    ("--ws-ping-interval", float, 0.1, 86400, WS_PING_INTERVAL, "seconds between pings to each WebSocket client"),
+    ("--ws-pong-timeout", float, 0.1, 86400, WS_PONG_TIMEOUT,
+     "close a WebSocket client (1008) that has not answered a ping within this"),
+    ("--ws-slow-grace", float, 0, 86400, WS_SLOW_GRACE,
+     "close a WebSocket client (1008) that stays this long behind its 1 MiB send buffer"),
+    ("--header-timeout", float, 0.1, 3600, HEADER_TIMEOUT,
+     "a request's header block must arrive within this, from its first byte; else 408"),
+    ("--body-timeout", float, 0.1, 3600, BODY_TIMEOUT,
+     "a request's body must arrive within this, from the end of its head; else 408"),
+    ("--keepalive-timeout", float, 0.1, 3600, KEEPALIVE_TIMEOUT, "idle keep-alive connections are closed after this"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pmdaemon.py", description="Process manager with a REST + WebSocket API "
@@ -4586,29 +4641,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also accept this Host name without an API key (repeatable)")
     web.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                      help="also allow this browser Origin, e.g. https://dash.example (repeatable)")
-    web.add_argument("--sample-interval", type=bounded(float, 0.05, 3600), default=SAMPLE_INTERVAL,
-                     help="seconds between metric samples and WebSocket updates (default %(default)s)")
-    web.add_argument("--max-connections", type=bounded(int, 1, 1_000_000), default=MAX_CONNECTIONS,
-                     help="open connections at once (default %(default)s)")
-    web.add_argument("--ws-ping-interval", type=bounded(float, 0.1, 86400), default=WS_PING_INTERVAL, metavar="SECONDS",
-                     help="seconds between pings to each WebSocket client (default %(default)s)")
-    web.add_argument("--ws-pong-timeout", type=bounded(float, 0.1, 86400), default=WS_PONG_TIMEOUT, metavar="SECONDS",
-                     help="close a WebSocket client (1008) that has not answered a ping within this "
-                     "(default %(default)s)")
-    web.add_argument("--ws-slow-grace", type=bounded(float, 0, 86400), default=WS_SLOW_GRACE, metavar="SECONDS",
-                     help="close a WebSocket client (1008) that stays this long behind its 1 MiB "
-                     "send buffer (default %(default)s)")
-    web.add_argument("--max-ws-clients", type=bounded(int, 0, 1_000_000), default=MAX_WS_CLIENTS,
-                     help="WebSocket clients at once (default %(default)s)")
-    web.add_argument("--header-timeout", type=bounded(float, 0.1, 3600), default=HEADER_TIMEOUT, metavar="SECONDS",
-                     help="a request's header block must arrive within this, from its first byte; "
-                     "else 408 (default %(default)s)")
-    web.add_argument("--body-timeout", type=bounded(float, 0.1, 3600), default=BODY_TIMEOUT, metavar="SECONDS",
-                     help="a request's body must arrive within this, from the end of its head "
-                     "(default %(default)s)")
-    web.add_argument("--keepalive-timeout", type=bounded(float, 0.1, 3600), default=KEEPALIVE_TIMEOUT,
-                     metavar="SECONDS", help="idle keep-alive connections are closed after this "
-                     "(default %(default)s)")
+    for flag, kind, low, high, default, text in WEB_NUMBER_OPTIONS:
+        web.add_argument(flag, type=bounded(kind, low, high), default=default,
+                         metavar="SECONDS" if kind is float else "N", help=text + " (default %(default)s)")
     web.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     client_help = {"list": "list processes", "info": "show one process", "stop": "stop a process",
                    "restart": "restart a process", "delete": "stop and remove a process",

@@ -906,6 +906,17 @@ class TestWsCodec(unittest.TestCase):
         events, protocol = self.both(client_frame(8))
         self.assertEqual(protocol.outgoing, [b"\x88\x00"])
         self.assertEqual(protocol.close(1000), b"")
+        self.assertIs(protocol.state, pmdaemon.WsState.CLOSED)
+
+    def test_closing_handshake_started_by_us(self):
+        protocol = pmdaemon.WsProtocol()
+        self.assertIs(protocol.state, pmdaemon.WsState.OPEN)
+        self.assertEqual(protocol.close(1001, "bye"), pmdaemon.encode_close(1001, "bye"))
+        self.assertIs(protocol.state, pmdaemon.WsState.CLOSE_SENT)
+        self.assertEqual(protocol.receive_data(client_frame(1, b"late") + client_frame(8, struct.pack("!H", 1001))),
+                         [pmdaemon.WsEvent("text", "late"), pmdaemon.WsEvent("close", (1001, ""))])
+        self.assertEqual(protocol.outgoing, [])                 # our close is not sent twice
+        self.assertIs(protocol.state, pmdaemon.WsState.CLOSED)
 
     def test_handshake_validation(self):
         def request(**headers):
