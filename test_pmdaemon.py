@@ -58,14 +58,14 @@ def pid_alive(pid):
 class Daemon:
     """A real `pmdaemon.py web` subprocess on an ephemeral port with its own home."""
 
-    def __init__(self, home=None, args=(), env=None):
+    def __init__(self, home=None, args=(), env=None, wrapper=()):
         self.home = home or tempfile.mkdtemp(prefix="pmd-test-")
         self.owns_home = home is None
         environ = dict(os.environ)
         environ.pop("PMDAEMON_API_KEY", None)
         environ.update(env or {})
         environ["PMDAEMON_HOME"] = self.home
-        self.proc = subprocess.Popen([PY, PMDAEMON, "web", "--port", "0", "--sample-interval", "0.2"]
+        self.proc = subprocess.Popen(list(wrapper) + [PY, PMDAEMON, "web", "--port", "0", "--sample-interval", "0.2"]
                                      + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=environ, cwd=HERE)
         line = self.proc.stdout.readline().decode()
@@ -1768,6 +1768,13 @@ class TestHostAndOrigin(DaemonTestCase):
         for host in ("localhost:9615", "127.0.0.1", "[::1]:9615", "app.localhost"):
             self.assertEqual(self.daemon.get("/api/system", headers={"Host": host})[0], 200, host)
 
+    def test_framing_errors_carry_cors_headers_too(self):
+        raw = self.daemon.raw(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost:8080\r\n"
+                              b"Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n")
+        self.assertEqual(status_of(raw), 413)
+        self.assertIn(b"\r\nAccess-Control-Allow-Origin: http://localhost:8080\r\n", raw)
+        self.assertEqual(json_of(raw)["error"]["code"], "PAYLOAD_TOO_LARGE")
+
     def test_cors_only_for_loopback_origins(self):
         status, response, _ = self.daemon.get("/api/system", headers={"Origin": "http://127.0.0.1:8080"})
         self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "http://127.0.0.1:8080")
@@ -1818,6 +1825,27 @@ class TestDaemonLifecycle(unittest.TestCase):
         self.assertIsNone(second.process("gone"))
         self.assertEqual(second.start("fresh", "sleep", ["1"])["process"]["id"], 3)   # ids never reused
         second.terminate()
+
+    @unittest.skipUnless(os.geteuid() == 0 and shutil.which("unshare"), "needs root to mask /proc files")
+    def test_masked_proc_files_degrade_metrics_and_orphan_nothing(self):
+        first = self.daemon()
+        first.start("keep", "sleep", ["60"])
+        self.assertEqual(first.terminate(), 0)
+        mask = ("mount --bind /dev/null /proc/uptime && mount --bind /dev/null /proc/meminfo "
+                "&& exec \"$0\" \"$@\"")
+        if subprocess.run(["unshare", "-m", "sh", "-c", mask, "true"]).returncode:
+            self.skipTest("cannot make a mount namespace here")
+        second = Daemon(home=self.home, wrapper=["unshare", "-m", "sh", "-c", mask])
+        self.addCleanup(second.cleanup)
+        keep = second.process("keep")
+        self.assertEqual(keep["status"], "online")
+        self.assertTrue(pid_alive(keep["pid"]))
+        system = second.get("/api/system")[2]
+        self.assertEqual((system["uptime"], system["memory"]["total"]), (0, 0))
+        self.assertGreater(system["cpu"]["cores"], 0)
+        self.assertEqual(second.terminate(), 0)
+        self.assertFalse(pid_alive(keep["pid"]))
+        self.assertIn("cannot read uptime from /proc", second.stderr_text)
 
     def test_kill_9_then_restart_leaves_exactly_one_copy(self):
         first = self.daemon()
