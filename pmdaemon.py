@@ -52,6 +52,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
@@ -64,6 +65,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat as stat_module
 import struct
 import sys
 import time
@@ -86,10 +88,13 @@ DEFAULT_PORT = 9615
 DEFAULT_HOME = "~/.pmdaemon"
 HOME_ENV = "PMDAEMON_HOME"
 API_KEY_ENV = "PMDAEMON_API_KEY"
+URL_ENV = "PMDAEMON_URL"
 # Variables of the daemon's own environment that never reach a child.
 SECRET_ENV_NAMES = frozenset({API_KEY_ENV})
 # Files are opened without following a link where the platform allows it.
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)       # Linux: struct ucred of a Unix socket peer
+SOCKET_NAME = "pmdaemon.sock"          # the API on a Unix socket in the home, mode 0600
 # Set in every child, inherited by everything it starts: how stop finds double-forked escapees.
 RUN_ID_ENV = "PMDAEMON_RUN_ID"
 
@@ -364,6 +369,8 @@ def _json_type(value: Any) -> str:
     return {list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
+# What a terminal would obey in child output: C0 controls but tab, DEL, C1 (with CSI), ESC.
+TERMINAL_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -3249,12 +3256,30 @@ def key_digest(key: str) -> bytes:
 class AccessPolicy:
     """Who may talk to the API: API key, Host (DNS rebinding) and Origin (CORS, CSWSH)."""
 
-    def __init__(self, api_key: Optional[str], allow_hosts=(), cors_origins=()):
+    def __init__(self, api_key: Optional[str], allow_hosts=(), cors_origins=(),
+                 trusted_uids: Tuple[int, ...] = ()):
         self.key_digest = key_digest(api_key) if api_key else None
+        # Without a key, only these users may connect: loopback proves the machine, not the user.
+        self.trusted_uids = frozenset(trusted_uids or (os.getuid(), 0))
         self.allow_hosts = {host.lower() for host in allow_hosts}
         self.cors_origins = {origin.rstrip("/").lower() for origin in cors_origins}
         self._host_verdicts = BoundedCache()
         self._origin_verdicts = BoundedCache()
+
+    @property
+    def checks_peers(self) -> bool:
+        return self.key_digest is None
+
+    def check_peer(self, uid: Optional[int]) -> None:
+        """Without a key: the connecting user must be the daemon's own (or root); fail closed."""
+        if uid is None:
+            raise HttpError(403, "FORBIDDEN_USER", "cannot tell which user opened this connection, "
+                            "so it is refused; set an API key (--api-key-file or $%s) to allow "
+                            "other clients" % API_KEY_ENV)
+        if uid not in self.trusted_uids:
+            raise HttpError(403, "FORBIDDEN_USER", "connections from other users (uid %d) are refused "
+                            "without an API key; set one (--api-key-file or $%s) to allow them"
+                            % (uid, API_KEY_ENV))
 
     def check_host(self, request: Request) -> None:
         """Without a key, only loopback Host names are served (stops DNS rebinding)."""
@@ -3768,6 +3793,108 @@ class Api:
 #     WebSocket messages encoded once for all clients. Daemon wires it all and handles signals.
 # ==============================================================================================
 
+# -- who opened a connection: the kernel's answer, never the client's ---------------------------
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 1
+TCP_STATES_ALL = 0xFFFFFFFF
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+INET_DIAG_MSG_UID_OFFSET = 16 + 64      # nlmsghdr, then inet_diag_msg up to idiag_uid
+
+
+def _raw_address(family: int, host: str) -> bytes:
+    return socket.inet_pton(family, host.split("%")[0]).ljust(16, b"\0")
+
+
+def sock_diag_request(family: int, client: Tuple, server: Tuple, sequence: int = 1) -> bytes:
+    """A SOCK_DIAG_BY_FAMILY request for the one TCP socket whose local end is `client` and
+    remote end is `server`: the client's own socket, whose owner is the connecting user."""
+    sockid = (struct.pack("!HH", client[1], server[1]) + _raw_address(family, client[0])
+              + _raw_address(family, server[0]) + struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+    body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, TCP_STATES_ALL) + sockid
+    return struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, sequence, 0) + body
+
+
+def sock_diag_uid(reply: bytes) -> Optional[int]:
+    """The uid in a sock_diag answer; None for an error or an empty answer."""
+    if len(reply) < INET_DIAG_MSG_UID_OFFSET + 4:
+        return None
+    length, kind = struct.unpack_from("=IH", reply)
+    if kind != SOCK_DIAG_BY_FAMILY or length > len(reply):
+        return None
+    return struct.unpack_from("=I", reply, INET_DIAG_MSG_UID_OFFSET)[0]
+
+
+def proc_net_address(family: int, host: str, port: int) -> str:
+    """An address as /proc/net/tcp{,6} writes it: 32-bit words in host order, then the port."""
+    raw = socket.inet_pton(family, host.split("%")[0])
+    words = struct.unpack("=%dI" % (len(raw) // 4), raw)
+    return "%s:%04X" % ("".join("%08X" % word for word in words), port)
+
+
+def proc_net_tcp_uid(text: str, family: int, client: Tuple, server: Tuple) -> Optional[int]:
+    """The uid of the client's socket in /proc/net/tcp{,6} text (the fallback of sock_diag)."""
+    local, remote = proc_net_address(family, *client[:2]), proc_net_address(family, *server[:2])
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 7 and fields[1] == local and fields[2] == remote and fields[7].isdigit():
+            return int(fields[7])
+    return None
+
+
+class PeerUsers:
+    """Which user opened a connection: SO_PEERCRED on the Unix socket; for loopback TCP the
+    kernel's socket table (sock_diag over netlink, else /proc/net/tcp{,6}). None when it
+    cannot be told, which the caller treats as a refusal."""
+
+    def __init__(self, proc_root: str = "/proc"):
+        self.proc_root = proc_root
+        self._netlink: Optional[socket.socket] = None
+        self._netlink_broken = False
+        self._sequence = 0
+
+    def close(self) -> None:
+        if self._netlink is not None:
+            self._netlink.close()
+            self._netlink = None
+
+    def uid_of(self, sock: Optional[socket.socket]) -> Optional[int]:
+        if sock is None:
+            return None
+        try:
+            if sock.family == socket.AF_UNIX:
+                return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERCRED, 12))[1]
+            client, server = sock.getpeername(), sock.getsockname()
+        except OSError:
+            return None
+        uid = self._ask_netlink(sock.family, client, server)
+        return uid if uid is not None else self._ask_proc(sock.family, client, server)
+
+    def _ask_netlink(self, family: int, client: Tuple, server: Tuple) -> Optional[int]:
+        if self._netlink_broken:
+            return None
+        try:
+            if self._netlink is None:
+                self._netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+                self._netlink.settimeout(1.0)
+            self._sequence += 1
+            self._netlink.send(sock_diag_request(family, client, server, self._sequence))
+            return sock_diag_uid(self._netlink.recv(8192))
+        except (OSError, AttributeError, ValueError):
+            self._netlink_broken = True         # no netlink here (a sandbox): use /proc from now on
+            return None
+
+    def _ask_proc(self, family: int, client: Tuple, server: Tuple) -> Optional[int]:
+        name = "tcp6" if family == socket.AF_INET6 else "tcp"
+        try:
+            with open(os.path.join(self.proc_root, "net", name), "r") as handle:
+                return proc_net_tcp_uid(handle.read(), family, client, server)
+        except (OSError, ValueError):
+            return None
+
+
 class HttpDate:
     """The Date header value, formatted once per second."""
 
@@ -4113,6 +4240,9 @@ class HttpServer:
         self.config = config
         self.connections: set = set()
         self.streams: set = set()           # tasks serving ?follow=true: ended cleanly on close
+        self.peer_users = PeerUsers()
+        self.socket_path = os.path.join(config.home, SOCKET_NAME)
+        self.unix_server = None
         self.deadlines: set = set()
         self.closing = False
         self.server = None
@@ -4125,20 +4255,43 @@ class HttpServer:
         return self._error_bytes(HttpError(408, "REQUEST_TIMEOUT", "request not received in time"))
 
     async def bind(self) -> int:
-        """Take the port (so a busy port fails before any child starts); serve later."""
+        """Take the port (so a busy port fails before any child starts) and the Unix socket;
+        serve later."""
         self.server = await asyncio.start_server(self.serve, self.config.host, self.config.port,
                                                  backlog=1024, reuse_address=True, start_serving=False)
+        await self._bind_unix_socket()
         return self.server.sockets[0].getsockname()[1]
+
+    async def _bind_unix_socket(self) -> None:
+        """$PMDAEMON_HOME/pmdaemon.sock, mode 0600 from its creation (the home lock is ours,
+        so a socket file left there is a leftover of ours)."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat_module.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                os.unlink(self.socket_path)
+        previous = os.umask(0o177)
+        try:
+            self.unix_server = await asyncio.start_unix_server(self.serve, self.socket_path, start_serving=False)
+        except OSError as exc:                  # a path too long for sun_path, say: TCP still works
+            log.warning("no Unix socket at %s: %s", self.socket_path, exc.strerror or exc)
+        finally:
+            os.umask(previous)
 
     async def start_serving(self) -> None:
         self._sweeper = asyncio.ensure_future(self._sweep_deadlines())
         await self.server.start_serving()
+        if self.unix_server is not None:
+            await self.unix_server.start_serving()
 
     async def close(self) -> None:
         """Stop accepting; end follow streams with their final chunk and WebSockets with 1001."""
         self.closing = True
         if self.server is not None:
             self.server.close()
+        if self.unix_server is not None:
+            self.unix_server.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+        self.peer_users.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.api.supervisor.hub.end(None)
@@ -4154,6 +4307,13 @@ class HttpServer:
             writer.write(self._error_bytes(HttpError(503, "SERVICE_UNAVAILABLE", "too many connections")))
             writer.close()
             return
+        if self.api.policy.checks_peers:
+            try:                                # decided before a single byte is read
+                self.api.policy.check_peer(self.peer_users.uid_of(writer.get_extra_info("socket")))
+            except HttpError as refusal:
+                await self._answer_and_close(reader, writer, self.api.error_response(refusal))
+                writer.close()
+                return
         self.connections.add(writer)
         try:
             await self._http_loop(reader, writer)
@@ -4461,24 +4621,60 @@ def command_web(args: argparse.Namespace) -> int:
 
 # -- client commands -------------------------------------------------------------------------
 
-def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
-    import urllib.request
-    import urllib.error
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over the daemon's Unix socket (the CLI's way to a local daemon)."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def daemon_address(args: argparse.Namespace) -> str:
+    """--url, else $PMDAEMON_URL, else the home's Unix socket when there is one, else the default port."""
+    url = args.url or os.environ.get(URL_ENV)
+    if url:
+        return url
+    home = os.path.abspath(os.path.expanduser(os.environ.get(HOME_ENV) or DEFAULT_HOME))
+    path = os.path.join(home, SOCKET_NAME)
+    if os.path.exists(path):
+        return "unix:" + path
+    return "http://127.0.0.1:%d" % DEFAULT_PORT
+
+
+def open_api(args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: Optional[float] = None):
+    """Send one request to the daemon; the http.client response (the caller reads it)."""
+    address = daemon_address(args)
+    if address.startswith("unix:"):
+        connection = UnixConnection(address[5:], timeout or args.timeout)
+    else:
+        parts = urllib.parse.urlsplit(address)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OSError("--url must look like http://HOST:PORT, got %r" % address)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=timeout or args.timeout)
+        path = parts.path.rstrip("/") + path
+    headers = {"Host": "localhost"} if address.startswith("unix:") else {}
     data = json_bytes(body) if body is not None else None
-    request = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method)
     if data is not None:
-        request.add_header("Content-Type", "application/json")
+        headers["Content-Type"] = "application/json"
     key = os.environ.get(API_KEY_ENV)
     if key:
-        request.add_header("Authorization", "Bearer " + key)
+        headers["Authorization"] = "Bearer " + key
+    connection.request(method, path, body=data, headers=headers)
+    return connection.getresponse()
+
+
+def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
+    reply = open_api(args, method, path, body)
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as reply:
-            return reply.status, json.loads(reply.read() or b"null")
-    except urllib.error.HTTPError as error:
-        try:
-            return error.code, json.loads(error.read() or b"null")
-        except ValueError:
-            return error.code, None
+        return reply.status, json.loads(reply.read() or b"null")
+    except ValueError:
+        return reply.status, None
 
 
 def load_apps(path: str) -> List[dict]:
@@ -4522,23 +4718,24 @@ def apply_apps(args: argparse.Namespace) -> int:
 
 def follow_logs(args: argparse.Namespace, quoted: str) -> int:
     """Print the last lines, then new ones as they come, until the process is deleted or ^C."""
-    import urllib.request
-    import urllib.error
-    request = urllib.request.Request("%s/api/logs/%s?lines=%d&follow=true" % (args.url.rstrip("/"), quoted, args.lines))
-    key = os.environ.get(API_KEY_ENV)
-    if key:
-        request.add_header("Authorization", "Bearer " + key)
     try:
-        with urllib.request.urlopen(request) as reply:
-            for line in reply:
-                entry = json.loads(line)
-                print("%s %s %s" % (entry["timestamp"], entry["type"], entry["message"]), flush=True)
-    except urllib.error.HTTPError as error:
-        print(error.read().decode("utf-8", "replace"), file=sys.stderr)
-        return 1
+        reply = open_api(args, "GET", "/api/logs/%s?lines=%d&follow=true" % (quoted, args.lines), timeout=3600 * 24)
+        if reply.status != 200:
+            print(reply.read().decode("utf-8", "replace"), file=sys.stderr)
+            return 1
+        for line in reply:
+            print_log_entry(json.loads(line), flush=True)
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def print_log_entry(entry: dict, flush: bool = False) -> None:
+    """One log line; on a terminal, control sequences from the child are shown, not obeyed."""
+    text = "%s %s %s" % (entry["timestamp"], entry["type"], entry["message"])
+    if sys.stdout.isatty():
+        text = TERMINAL_CONTROL_RE.sub(lambda match: repr(match.group())[1:-1], text)
+    print(text, flush=flush)
 
 
 def print_table(processes: List[dict]) -> None:
@@ -4580,7 +4777,7 @@ def command_client(args: argparse.Namespace) -> int:
         status, body = api_call(args, "GET", "/api/logs/%s?lines=%d" % (quoted, args.lines))
         if status == 200 and not args.json:
             for entry in body["logs"]:
-                print("%s %s %s" % (entry["timestamp"], entry["type"], entry["message"]))
+                print_log_entry(entry)
             return 0
     else:
         status, body = api_call(args, "GET", "/api/system")
@@ -4652,8 +4849,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "apply": "create the processes of a JSON or TOML file ({\"apps\": [...]})"}
     for name, text in client_help.items():
         sub = commands.add_parser(name, help=text + " (talks to a running daemon)", description=text)
-        sub.add_argument("--url", default="http://127.0.0.1:%d" % DEFAULT_PORT,
-                         help="daemon URL (default %(default)s); key from $" + API_KEY_ENV)
+        sub.add_argument("--url", help="daemon URL (default $%s, else the Unix socket of $%s, else "
+                         "http://127.0.0.1:%d); key from $%s" % (URL_ENV, HOME_ENV, DEFAULT_PORT, API_KEY_ENV))
         sub.add_argument("--timeout", type=float, default=30.0)
         sub.add_argument("--json", action="store_true", help="print the raw JSON")
         if name in ("info", "stop", "restart", "delete", "logs"):
@@ -4685,7 +4882,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return command_client(args)
     except OSError as exc:
-        print("pmdaemon: cannot reach the daemon at %s: %s" % (args.url, exc), file=sys.stderr)
+        print("pmdaemon: cannot reach the daemon at %s: %s" % (daemon_address(args), exc), file=sys.stderr)
         return 1
 
 

@@ -1231,6 +1231,36 @@ class TestCli(DaemonTestCase):
         code, out = self.cli("info", "cli-a")
         self.assertEqual((code, json.loads(out)["error"]["code"]), (1, "PROCESS_NOT_FOUND"))
 
+    def test_without_a_url_the_cli_uses_the_unix_socket(self):
+        environ = dict(os.environ, PMDAEMON_HOME=self.daemon.home)
+        environ.pop("PMDAEMON_URL", None)
+        result = subprocess.run([PY, PMDAEMON, "list", "--json"], env=environ, capture_output=True,
+                                text=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("processes", json.loads(result.stdout))
+
+    def test_logs_on_a_terminal_show_control_sequences_instead_of_obeying_them(self):
+        import pty
+        self.daemon.start("cli-esc", PY, ["-c", r"print('\x1b[2J\x1b]0;owned\x07red\rX'); import time; time.sleep(60)"])
+        wait_until(lambda: "red" in self.daemon.last_line("cli-esc"), message="the line")
+        leader, follower = pty.openpty()
+        with subprocess.Popen([PY, PMDAEMON, "logs", "--url", "http://127.0.0.1:%d" % self.daemon.port,
+                               "cli-esc"], stdout=follower, stderr=subprocess.DEVNULL) as cli:
+            os.close(follower)
+            cli.wait(timeout=30)
+            output = b""
+            with contextlib.suppress(OSError):
+                while True:
+                    chunk = os.read(leader, 65536)
+                    if not chunk:
+                        break
+                    output += chunk
+        os.close(leader)
+        self.assertIn(b"\\x1b[2J\\x1b]0;owned\\x07red\\rX", output)
+        self.assertNotIn(b"\x1b", output)
+        self.assertIn("\x1b[2J\x1b]0;owned\x07red", self.cli("logs", "cli-esc")[1])    # to a pipe: as it is
+        self.daemon.request("DELETE", "/api/processes/cli-esc")
+
     def test_start_and_restart_exit_1_when_the_program_cannot_start(self):
         script = os.path.join(self.daemon.home, "cli-app.sh")
         with open(script, "w") as handle:
@@ -1718,8 +1748,119 @@ class TestSupervisionDepth(DaemonTestCase):
 # 9. Auth, Host and Origin rules
 # ----------------------------------------------------------------------------------------------
 
+NOBODY = 65534
+AS_OTHER_USER = unittest.skipUnless(os.geteuid() == 0, "needs root to run a client as another user")
+
+def request_as(uid, family, address, extra_header=""):
+    """A raw GET /api/processes from a forked child that has become `uid` (needs root): what the
+    server answered, or "CONNECT-ERROR errno" when the connection itself was refused."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the child: never returns into unittest
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                sock = socket.socket(socket.AF_UNIX) if family == "unix" else socket.socket()
+                sock.settimeout(10)
+                sock.connect(address if family == "unix" else ("127.0.0.1", address))
+                sock.sendall(("GET /api/processes HTTP/1.1\r\nHost: localhost\r\n%sConnection: close\r\n\r\n"
+                              % extra_header).encode())
+                answer = recv_all(sock, 10)
+            except OSError as exc:
+                answer = ("CONNECT-ERROR %s" % exc.errno).encode()
+            os.write(write_end, answer)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    return answer.decode("latin-1")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout=10):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+class TestPeerUsers(DaemonTestCase):
+    """Without a key, only the daemon's own user (and root) may connect, by TCP or Unix socket."""
+
+    @AS_OTHER_USER
+    def test_another_user_is_refused_over_loopback_tcp(self):
+        raw = request_as(NOBODY, "tcp", self.daemon.port).encode()
+        self.assertEqual(status_of(raw), 403, raw)
+        self.assertEqual(json_of(raw)["error"], {"code": "FORBIDDEN_USER", "message":
+                         "connections from other users (uid 65534) are refused without an API key; "
+                         "set one (--api-key-file or $PMDAEMON_API_KEY) to allow them"})
+        self.assertEqual(status_of(self.daemon.raw(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n"
+                                                   b"Connection: close\r\n\r\n")), 200)   # our own user
+
+    def test_the_unix_socket_serves_the_same_api_to_its_owner_only(self):
+        path = os.path.join(self.daemon.home, "pmdaemon.sock")
+        self.assertEqual(oct(os.stat(path).st_mode & 0o777), "0o600")
+        conn = UnixHTTPConnection(path)
+        conn.request("GET", "/api/processes")
+        response = conn.getresponse()
+        self.assertEqual((response.status, json.loads(response.read())["total"]), (200, 0))
+        conn.close()
+        if os.geteuid() != 0:
+            return
+        self.assertEqual(request_as(NOBODY, "unix", path).split()[0], "CONNECT-ERROR")   # mode 0600
+        os.chmod(self.daemon.home, 0o711)
+        os.chmod(path, 0o666)                       # even if someone opens it up, SO_PEERCRED decides
+        try:
+            raw = request_as(NOBODY, "unix", path).encode()
+        finally:
+            os.chmod(path, 0o600)
+            os.chmod(self.daemon.home, 0o700)
+        self.assertEqual((status_of(raw), json_of(raw)["error"]["code"]), (403, "FORBIDDEN_USER"))
+
+    def test_the_kernel_names_the_user_of_a_loopback_connection(self):
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        self.addCleanup(server.close)
+        client = socket.create_connection(server.getsockname())
+        self.addCleanup(client.close)
+        accepted, _ = server.accept()
+        self.addCleanup(accepted.close)
+        users = pmdaemon.PeerUsers()
+        self.assertEqual(users.uid_of(accepted), os.getuid())               # sock_diag
+        with open("/proc/net/tcp") as handle:                                # the fallback, same answer
+            table = handle.read()
+        self.assertEqual(pmdaemon.proc_net_tcp_uid(table, socket.AF_INET, accepted.getpeername(),
+                                                   accepted.getsockname()), os.getuid())
+        users._netlink_broken = True
+        self.assertEqual(users.uid_of(accepted), os.getuid())
+        self.assertIsNone(pmdaemon.proc_net_tcp_uid(table, socket.AF_INET, ("127.0.0.1", 1), ("127.0.0.1", 2)))
+
+    def test_an_unknown_user_is_refused(self):
+        policy = pmdaemon.AccessPolicy(None)
+        with self.assertRaises(pmdaemon.HttpError) as caught:
+            policy.check_peer(None)
+        self.assertEqual((caught.exception.status, caught.exception.code), (403, "FORBIDDEN_USER"))
+        self.assertIn("set an API key", caught.exception.message)
+        self.assertFalse(pmdaemon.AccessPolicy("key").checks_peers)
+
+
 class TestApiKey(DaemonTestCase):
     daemon_env = {"PMDAEMON_API_KEY": "s3cret-key"}
+
+    @AS_OTHER_USER
+    def test_with_a_key_other_users_are_judged_by_the_key(self):
+        self.assertEqual(status_of(request_as(NOBODY, "tcp", self.daemon.port).encode()), 401)
+        raw = request_as(NOBODY, "tcp", self.daemon.port, "Authorization: Bearer s3cret-key\r\n").encode()
+        self.assertEqual(status_of(raw), 200)
 
     def test_key_required_and_accepted_both_ways(self):
         body = self.assertError(self.daemon.get("/api/processes"), 401, "UNAUTHORIZED")
