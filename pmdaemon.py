@@ -103,6 +103,7 @@ MAX_REQUEST_LINE = 8 * 1024            # request line longer than this -> 414
 MAX_HEADER_BYTES = 16 * 1024           # whole header block -> 431
 MAX_HEADER_COUNT = 100                 # header fields -> 431
 MAX_BODY_BYTES = 1024 * 1024           # request body, declared or chunked -> 413
+MAX_BODY_MEMORY = 64 * 1024 * 1024     # all bodies being received at once, daemon-wide -> 503
 MAX_CHUNK_LINE = 1024                  # chunk-size line with extensions -> 400
 MAX_BODY_CHUNKS = 1024                 # chunks in one chunked body -> 413 (bounds work per byte)
 READ_CHUNK = 64 * 1024                 # bytes asked of the socket per read
@@ -648,6 +649,8 @@ class DaemonConfig:
     ws_slow_grace: float = WS_SLOW_GRACE
     header_timeout: float = HEADER_TIMEOUT
     body_timeout: float = BODY_TIMEOUT
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_body_memory: int = MAX_BODY_MEMORY
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
     write_timeout: float = WRITE_TIMEOUT
 
@@ -4241,6 +4244,7 @@ class HttpServer:
         self.connections: set = set()
         self.streams: set = set()           # tasks serving ?follow=true: ended cleanly on close
         self.peer_users = PeerUsers()
+        self.body_memory = 0                # bytes reserved by request bodies being received
         self.socket_path = os.path.join(config.home, SOCKET_NAME)
         self.unix_server = None
         self.deadlines: set = set()
@@ -4333,21 +4337,18 @@ class HttpServer:
         header_timeout of its first byte, a body within body_timeout of its head."""
         loop = asyncio.get_event_loop()
         config = self.config
-        parser = RequestParser()
+        parser = RequestParser(config.max_body_bytes)
         watch = ConnectionDeadline(writer.transport, parser, loop.time() + config.header_timeout,
                                    self._timeout_bytes)
         self.deadlines.add(watch)
         phase = "idle"
+        reserved = 0                            # bytes of the body budget this request holds
         try:
             while True:
                 try:
                     head = parser.head()
                     if head is not None and head.route is None:
-                        early = self.api.admit(head)
-                        if early is not None:
-                            head.route = early
-                        elif head.header("expect", "").lower() == "100-continue":
-                            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")     # RFC 9110 §10.1.1
+                        reserved = self._admit(head, writer)
                     request = parser.next_request()
                 except PMDaemonError as error:
                     watch.deadline = math.inf
@@ -4365,11 +4366,38 @@ class HttpServer:
                     parser.feed(data)
                     continue
                 watch.deadline = math.inf               # our turn: the client is not late
+                self.body_memory -= reserved
+                reserved = 0
                 if not await self._respond(request, parser, reader, writer):
                     return
                 phase, watch.deadline = "idle", loop.time() + config.keepalive_timeout
         finally:
             self.deadlines.discard(watch)
+            self.body_memory -= reserved
+
+    def _admit(self, head: Request, writer) -> int:
+        """Decide a request from its head alone: refuse it (raise: answered, then closed, its
+        body never read), answer it at once (a refusal without a body keeps the connection),
+        or let its body come: reserve the body's bytes in the daemon-wide budget, then say
+        100 Continue if asked (RFC 9110 §10.1.1). Returns the bytes reserved."""
+        has_body = head.chunked or head.content_length > 0
+        try:
+            early = self.api.admit(head)
+        except PMDaemonError as error:
+            if has_body:
+                raise
+            early = self.api.error_response(error, head)
+        if early is not None:
+            head.route = early
+            return 0
+        wanted = self.config.max_body_bytes if head.chunked else head.content_length
+        if self.body_memory + wanted > self.config.max_body_memory:
+            raise HttpError(503, "SERVICE_UNAVAILABLE", "too many request bodies in flight; retry shortly",
+                            headers=(("Retry-After", "1"),), close=True)
+        self.body_memory += wanted
+        if has_body and head.header("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return wanted
 
     async def _respond(self, request: Request, parser: RequestParser, reader, writer) -> bool:
         """Answer one request; True when the connection stays open for the next."""
@@ -4594,7 +4622,7 @@ def command_web(args: argparse.Namespace) -> int:
                           max_ws_clients=args.max_ws_clients, ws_ping_interval=args.ws_ping_interval,
                           ws_pong_timeout=args.ws_pong_timeout, ws_slow_grace=args.ws_slow_grace,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                          keepalive_timeout=args.keepalive_timeout)
+                          keepalive_timeout=args.keepalive_timeout, max_body_memory=args.max_body_memory)
     daemon = Daemon(config)
     try:
         daemon.acquire_lock()
@@ -4815,6 +4843,8 @@ WEB_NUMBER_OPTIONS = (
     ("--body-timeout", float, 0.1, 3600, BODY_TIMEOUT,
      "a request's body must arrive within this, from the end of its head; else 408"),
     ("--keepalive-timeout", float, 0.1, 3600, KEEPALIVE_TIMEOUT, "idle keep-alive connections are closed after this"),
+    ("--max-body-memory", int, 1024, 1 << 40, MAX_BODY_MEMORY,
+     "bytes that request bodies being received may hold, all connections together; above it 503"),
 )
 
 

@@ -9,6 +9,7 @@ policy, HTTP codec, WebSocket codec, then end-to-end tests against a daemon run 
 """
 
 import base64
+import re
 import contextlib
 import http.client
 import json
@@ -1350,6 +1351,24 @@ class TestHttpServerBehaviour(DaemonTestCase):
         self.assertEqual(status_of(raw), 400)
         self.assertEqual(raw.count(b"HTTP/1.1 "), 2)
 
+    def test_a_refusal_is_decided_from_the_head(self):
+        # A body for a route that does not exist, with the wrong media type or too large: answered
+        # at once, no 100 Continue, and the body is never waited for.
+        for head, status in ((b"POST /api/nope HTTP/1.1\r\nContent-Type: application/json\r\n", 404),
+                             (b"POST /api/processes HTTP/1.1\r\nContent-Type: text/plain\r\n", 415),
+                             (b"DELETE /api/system HTTP/1.1\r\nContent-Type: application/json\r\n", 405)):
+            with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5) as sock:
+                sock.sendall(head + b"Host: localhost\r\nExpect: 100-continue\r\nContent-Length: 900000\r\n\r\n")
+                raw = recv_all(sock, 5)
+            self.assertEqual(status_of(raw), status, raw[:200])
+            self.assertNotIn(b"100 Continue", raw)
+            self.assertIn(b"Connection: close\r\n", raw)
+        # Without a body, a refusal leaves the connection open for the next request.
+        raw = self.daemon.raw(b"GET /api/nope HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                              b"GET /api/processes/nope HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                              b"GET /api/system HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        self.assertEqual(re.findall(rb"HTTP/1\.1 (\d{3}) ", raw), [b"404", b"404", b"200"])
+
     def test_slow_client_does_not_block_others(self):
         with socket.create_connection(("127.0.0.1", self.daemon.port)) as slow:
             slow.sendall(b"GET /api/system HTTP/1.1\r\nHo")          # and then nothing
@@ -1380,6 +1399,30 @@ class TestHttpServerBehaviour(DaemonTestCase):
                 self.assertEqual(status_line, b"HTTP/1.1 200 OK\r\n")
                 self.assertNotIn("connection", headers)
                 self.assertIn("processes", json.loads(body))
+
+
+class TestBodyMemory(DaemonTestCase):
+    daemon_args = ("--max-body-memory", "2500000")
+
+    def test_bodies_in_flight_share_one_budget(self):
+        head = (b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: 1000000\r\n\r\n")
+        holders = []
+        for _ in range(2):                              # 2 x 1 MB of the 2.5 MB budget
+            sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5)
+            self.addCleanup(sock.close)
+            sock.sendall(head)
+            self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b"{" * 1000)
+            holders.append(sock)
+        raw = self.daemon.raw(head)
+        self.assertEqual(status_of(raw), 503)
+        self.assertEqual(json_of(raw)["error"]["message"], "too many request bodies in flight; retry shortly")
+        self.assertIn(b"Retry-After: 1\r\n", raw)
+        self.assertEqual(self.daemon.get("/api/system")[0], 200)           # bodiless requests still served
+        holders[0].close()                              # its reservation is returned
+        whole = head.replace(b"Expect: 100-continue\r\n", b"Connection: close\r\n") + b"x" * 1000000
+        wait_until(lambda: status_of(self.daemon.raw(whole)) == 400, message="the budget to be returned")
 
 
 class TestTimeouts(DaemonTestCase):
@@ -1855,6 +1898,15 @@ class TestPeerUsers(DaemonTestCase):
 
 class TestApiKey(DaemonTestCase):
     daemon_env = {"PMDAEMON_API_KEY": "s3cret-key"}
+
+    def test_no_key_no_body_read_and_no_100_continue(self):
+        for framing in (b"Content-Length: 1000000\r\nExpect: 100-continue\r\n", b"Transfer-Encoding: chunked\r\n"):
+            with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5) as sock:
+                sock.sendall(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                             + framing + b"\r\n" + b"1\r\nx\r\n" * 200)
+                raw = recv_all(sock, 5)
+            self.assertEqual(status_of(raw), 401, raw[:100])
+            self.assertNotIn(b"100 Continue", raw)
 
     @AS_OTHER_USER
     def test_with_a_key_other_users_are_judged_by_the_key(self):
