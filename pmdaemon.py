@@ -926,6 +926,11 @@ def tail_lines(path: str, count: int, block_size: int = TAIL_BLOCK) -> List[byte
     return lines[-count:]
 
 
+def open_private(path: str, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int:
+    """A descriptor for a file of ours: created 0600, never through a symbolic link (ELOOP)."""
+    return os.open(path, flags | O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
 class LogFile:
     """One append-only, size-rotated log file: path, path.1, ... path.(max_files - 1)."""
 
@@ -940,11 +945,11 @@ class LogFile:
         """Append data; on an error the file is closed so the next write starts afresh."""
         try:
             if self._handle is None:
-                self._handle = open(self.path, "ab", buffering=0)
+                self._handle = open(open_private(self.path), "ab", buffering=0)
                 self._size = self._handle.seek(0, os.SEEK_END)
             if self._size and self._size + len(data) > self.max_size:
                 self.rotate()
-                self._handle = open(self.path, "ab", buffering=0)
+                self._handle = open(open_private(self.path), "ab", buffering=0)
                 self._size = 0
             view = memoryview(data)
             while view:                 # an unbuffered write may be short when the disk fills
@@ -2088,7 +2093,7 @@ class StateStore:
     def load(self) -> Optional[dict]:
         """The saved state, or None; a corrupt file is moved aside, never silently emptied."""
         try:
-            with open(self.path, "rb") as handle:
+            with open(open_private(self.path, os.O_RDONLY), "rb") as handle:
                 data = json.loads(handle.read().decode("utf-8"))
             if not isinstance(data, dict) or not isinstance(data.get("processes"), list):
                 raise ValueError("not a pmdaemon state object")
@@ -4507,6 +4512,54 @@ class HttpServer:
             broadcaster.remove_client(session)
 
 
+class HomeError(PMDaemonError):
+    """The home directory cannot be trusted or used; the message names the fix."""
+
+
+def secure_home(home: str, uid: Optional[int] = None) -> None:
+    """Make sure the home is ours before anything in it is read or written: created 0700; it
+    and everything in it (and in logs/) owned by this user, not writable by group or others,
+    and no symbolic links, which the daemon never writes through. Our own files are tightened
+    to 0600 (an older version left them to the umask); anything else is a HomeError."""
+    uid = os.getuid() if uid is None else uid
+    logs = os.path.join(home, "logs")
+    for directory in (home, logs):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise HomeError("cannot create %s: %s" % (directory, exc.strerror or exc)) from None
+        info = _check_owned(directory, uid)
+        if not stat_module.S_ISDIR(info.st_mode):
+            raise HomeError("%s is not a directory" % directory)
+        if info.st_mode & 0o077:
+            os.chmod(directory, 0o700)
+    for directory in (home, logs):
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    raise HomeError("%s is a symbolic link; pmdaemon never writes through links: "
+                                    "remove it" % entry.path)
+                info = _check_owned(entry.path, uid)
+                if stat_module.S_ISREG(info.st_mode) and info.st_mode & 0o077:
+                    os.chmod(entry.path, 0o600)
+
+
+def _check_owned(path: str, uid: int) -> os.stat_result:
+    info = os.lstat(path)
+    if stat_module.S_ISLNK(info.st_mode):
+        raise HomeError("%s is a symbolic link; pmdaemon never writes through links: remove it, or "
+                        "give the directory it points to with --home" % path)
+    if info.st_uid != uid:
+        raise HomeError("%s belongs to uid %d, not to this user (uid %d): another user could plant "
+                        "processes or read secrets there; use a home of your own" % (path, info.st_uid, uid))
+    if info.st_mode & 0o022:
+        raise HomeError("%s is writable by group or others (mode %o); run: chmod go-w %s"
+                        % (path, info.st_mode & 0o777, path))
+    return info
+
+
 class Daemon:
     """pmdaemon web: lock the home, restore state, serve, and shut down cleanly on a signal."""
 
@@ -4516,9 +4569,8 @@ class Daemon:
 
     def acquire_lock(self) -> None:
         """One daemon per home; the second names the first one's pid and exits."""
-        os.makedirs(self.config.home, mode=0o700, exist_ok=True)
         path = os.path.join(self.config.home, "pmdaemon.lock")
-        handle = open(path, "a+")
+        handle = open(open_private(path, os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -4585,12 +4637,23 @@ def raise_file_limit(wanted: int) -> None:
         pass
 
 
+class DaemonLogFile(logging.handlers.RotatingFileHandler):
+    """pmdaemon.log: rotated like the process logs (never fills the disk), created 0600 and
+    never through a link; a failed write (a full disk) is dropped, stderr still has the line."""
+
+    def _open(self):
+        return open(open_private(self.baseFilename), "a", encoding="utf-8")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def setup_logging(home: str, level: str) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    with contextlib.suppress(OSError):     # rotated like the process logs: never fills the disk
-        handlers.append(logging.handlers.RotatingFileHandler(
-            os.path.join(home, "pmdaemon.log"), maxBytes=DEFAULT_LOG_MAX_SIZE, backupCount=DEFAULT_LOG_MAX_FILES - 1))
+    with contextlib.suppress(OSError):
+        handlers.append(DaemonLogFile(os.path.join(home, "pmdaemon.log"), maxBytes=DEFAULT_LOG_MAX_SIZE,
+                                      backupCount=DEFAULT_LOG_MAX_FILES - 1))
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
@@ -4625,9 +4688,13 @@ def command_web(args: argparse.Namespace) -> int:
                           keepalive_timeout=args.keepalive_timeout, max_body_memory=args.max_body_memory)
     daemon = Daemon(config)
     try:
+        secure_home(home)
         daemon.acquire_lock()
     except SystemExit as exc:
         print(exc, file=sys.stderr)
+        return 1
+    except HomeError as exc:
+        print("pmdaemon: refusing to use %s as the home: %s" % (home, exc), file=sys.stderr)
         return 1
     except OSError as exc:
         print("pmdaemon: cannot use %s as the home directory: %s" % (home, exc.strerror or exc),

@@ -2171,7 +2171,66 @@ class TestDaemonLifecycle(unittest.TestCase):
         result = subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", path], capture_output=True,
                                 text=True, timeout=10)
         self.assertEqual(result.returncode, 1)
-        self.assertEqual(result.stderr.strip(), "pmdaemon: cannot use %s as the home directory: File exists" % path)
+        self.assertEqual(result.stderr.strip(), "pmdaemon: refusing to use %s as the home: %s is not a directory"
+                         % (path, path))
+
+    def start_web(self, home):
+        return subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", home], capture_output=True,
+                              text=True, timeout=10)
+
+    def test_a_new_home_and_everything_in_it_is_private(self):
+        home = os.path.join(self.home, "fresh")
+        daemon = Daemon(home=home)
+        self.addCleanup(daemon.cleanup)
+        daemon.start("private", "sh", ["-c", "echo hi; exec sleep 60"])
+        wait_until(lambda: daemon.last_line("private") == "hi", message="a log line")
+        self.assertEqual(daemon.terminate(), 0)
+        modes = {name: oct(os.stat(os.path.join(home, name)).st_mode & 0o777)
+                 for name in ("", "logs", "state.json", "pmdaemon.lock", "pmdaemon.log", "logs/private-out.log")}
+        self.assertEqual(modes, {"": "0o700", "logs": "0o700", "state.json": "0o600", "pmdaemon.lock": "0o600",
+                                 "pmdaemon.log": "0o600", "logs/private-out.log": "0o600"})
+
+    def test_a_home_others_can_write_is_refused(self):
+        os.chmod(self.home, 0o777)
+        result = self.start_web(self.home)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip(), "pmdaemon: refusing to use %s as the home: %s is writable by "
+                         "group or others (mode 777); run: chmod go-w %s" % (self.home, self.home, self.home))
+        os.chmod(self.home, 0o755)                  # readable is fixable: it is tightened, files too
+        with open(os.path.join(self.home, "state.json"), "w") as handle:
+            handle.write('{"processes": []}')
+        os.chmod(os.path.join(self.home, "state.json"), 0o644)
+        daemon = self.daemon()
+        daemon.terminate()
+        self.assertEqual(oct(os.stat(self.home).st_mode & 0o777), "0o700")
+        self.assertEqual(oct(os.stat(os.path.join(self.home, "state.json")).st_mode & 0o777), "0o600")
+
+    def test_links_in_the_home_are_refused_never_followed(self):
+        target = os.path.join(tempfile.mkdtemp(prefix="pmd-target-"), "victim")
+        self.addCleanup(shutil.rmtree, os.path.dirname(target))
+        with open(target, "w") as handle:
+            handle.write("precious\n")
+        for name in ("pmdaemon.lock", "logs/app-out.log", "state.json.tmp-1234", "state.json"):
+            with self.subTest(name=name):
+                os.makedirs(os.path.join(self.home, "logs"), exist_ok=True)
+                link = os.path.join(self.home, name)
+                os.symlink(target, link)
+                result = self.start_web(self.home)
+                os.unlink(link)
+                self.assertEqual(result.returncode, 1)
+                self.assertIn("%s is a symbolic link; pmdaemon never writes through links: remove it" % link,
+                              result.stderr)
+                self.assertEqual(read_text(target), "precious\n")
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to plant a file as another user")
+    def test_a_file_planted_by_another_user_is_refused(self):
+        planted = os.path.join(self.home, "state.json")
+        with open(planted, "w") as handle:
+            json.dump({"processes": [{"id": 0, "name": "evil", "config": {"name": "evil", "script": "sh"}}]}, handle)
+        os.chown(planted, NOBODY, NOBODY)
+        result = self.start_web(self.home)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("%s belongs to uid 65534, not to this user (uid 0)" % planted, result.stderr)
 
     def test_out_of_range_options_are_usage_errors(self):
         for option, value, message in (("--port", "70000", "argument --port: 70000 is not between 0 and 65535"),
