@@ -149,6 +149,8 @@ DEFAULT_LOG_MAX_FILES = 5
 MAX_LOG_LINE = 16 * 1024               # longer output lines are split into pieces of this size
 PARTIAL_LINE_FLUSH = 0.2               # seconds before an unterminated line is written anyway
 TAIL_BLOCK = 64 * 1024
+MAX_LOG_READ_BYTES = 8 * 1024 * 1024   # log text one GET /api/logs reads per stream at most
+LOG_READERS = 4                        # log reads running at once (in threads, off the loop)
 
 # WebSocket (RFC 6455).
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -902,23 +904,28 @@ def parse_log_line(line: bytes, log_type: str) -> LogEntry:
     return LogEntry(timestamp, log_type, message)
 
 
-def tail_lines(path: str, count: int, block_size: int = TAIL_BLOCK) -> List[bytes]:
-    """The last `count` lines of a file, oldest first, reading backwards block by block."""
-    if count <= 0:
+def tail_lines(path: str, count: int, max_bytes: int = MAX_LOG_READ_BYTES,
+               block_size: int = TAIL_BLOCK) -> List[bytes]:
+    """The last `count` lines of a file, oldest first, reading backwards block by block: the
+    cost follows the lines returned, never the file's size (and stops at max_bytes read)."""
+    if count <= 0 or max_bytes <= 0:
         return []
     try:
-        handle = open(path, "rb")
+        handle = open(open_private(path, os.O_RDONLY), "rb")
     except FileNotFoundError:
         return []
+    blocks: List[bytes] = []
+    newlines = 0
     with handle:
-        position = handle.seek(0, os.SEEK_END)
-        data = b""
-        while position > 0 and data.count(b"\n") <= count:
-            step = min(block_size, position)
+        position = end = handle.seek(0, os.SEEK_END)
+        while position > 0 and newlines <= count and end - position < max_bytes:
+            step = min(block_size, position, max_bytes - (end - position))
             position -= step
             handle.seek(position)
-            data = handle.read(step) + data
-    lines = data.split(b"\n")
+            block = handle.read(step)
+            newlines += block.count(b"\n")        # each block is counted once: linear
+            blocks.append(block)
+    lines = b"".join(reversed(blocks)).split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     if position > 0:        # the first piece may be the tail of a line we did not read whole
@@ -977,13 +984,15 @@ class LogFile:
     def files_newest_first(self) -> List[str]:
         return [self.path] + ["%s.%d" % (self.path, i) for i in range(1, self.max_files)]
 
-    def tail(self, count: int) -> List[bytes]:
-        """Last `count` lines across the rotation boundary, oldest first."""
+    def tail(self, count: int, max_bytes: int = MAX_LOG_READ_BYTES) -> List[bytes]:
+        """Last `count` lines across the rotation boundary, oldest first, reading at most
+        about max_bytes in all."""
         lines: List[bytes] = []
         for path in self.files_newest_first():
-            if len(lines) >= count or not os.path.exists(path):
+            budget = max_bytes - sum(len(line) + 1 for line in lines)
+            if len(lines) >= count or budget <= 0 or not os.path.exists(path):
                 break
-            lines = tail_lines(path, count - len(lines)) + lines
+            lines = tail_lines(path, count - len(lines), budget) + lines
         return lines
 
     def move_to(self, path: str) -> None:
@@ -3567,6 +3576,7 @@ class Api:
         self._list_cache: Tuple[int, bytes] = (-1, b"")
         self._system_cache: Tuple[Any, bytes] = (None, b"")
         self._route_cache = BoundedCache()
+        self._log_readers: Optional[asyncio.Semaphore] = None
         self.routes = [Route(method, compile_route(template), handler, template == "/ws")
                        for method, template, handler in (
             ("GET", "/api/processes", self.list_processes),
@@ -3768,10 +3778,18 @@ class Api:
         if follow in ("true", "1"):
             follower = LogFollower(self.supervisor.hub, [runner.name for runner in members], log_type,
                                    len(members) > 1)
-            backlog = [json_bytes(item) + b"\n" for item in self.read_logs(members, count, log_type)]
+            backlog = [json_bytes(item) + b"\n" for item in await self.read_logs_off_loop(members, count, log_type)]
             return Response(200, content_type="application/x-ndjson", stream=follower.stream(backlog))
-        entries = self.read_logs(members, count, log_type)
+        entries = await self.read_logs_off_loop(members, count, log_type)
         return json_response(200, {"logs": entries, "total_lines": len(entries), "process": group_label(members)})
+
+    async def read_logs_off_loop(self, members: List[ProcessRunner], count: int, log_type: str) -> List[dict]:
+        """Files are read in a worker thread, a few at a time: a large read never stalls the
+        event loop, so every other request and every child's pipe keep being served."""
+        if self._log_readers is None:
+            self._log_readers = asyncio.Semaphore(LOG_READERS)
+        async with self._log_readers:
+            return await asyncio.get_event_loop().run_in_executor(None, self.read_logs, members, count, log_type)
 
     def read_logs(self, members: List[ProcessRunner], count: int, log_type: str) -> List[dict]:
         merged = []

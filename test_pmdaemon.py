@@ -367,10 +367,24 @@ class TestLogs(unittest.TestCase):
         with open(path, "wb") as handle:
             handle.write(b"".join(b"line %d\n" % i for i in range(1000)))
         for block in (3, 7, 64, 65536):
-            self.assertEqual(pmdaemon.tail_lines(path, 3, block), [b"line 997", b"line 998", b"line 999"])
-        self.assertEqual(len(pmdaemon.tail_lines(path, 5000, 10)), 1000)
+            self.assertEqual(pmdaemon.tail_lines(path, 3, block_size=block), [b"line 997", b"line 998", b"line 999"])
+        self.assertEqual(len(pmdaemon.tail_lines(path, 5000, block_size=10)), 1000)
         self.assertEqual(pmdaemon.tail_lines(path, 0), [])
         self.assertEqual(pmdaemon.tail_lines(os.path.join(self.dir, "missing"), 5), [])
+        # At most max_bytes are read: only whole lines inside that window come back.
+        self.assertEqual(pmdaemon.tail_lines(path, 100, max_bytes=20), [b"line 998", b"line 999"])
+
+    def test_tail_reads_what_it_returns_not_the_file(self):
+        # A 64 GiB sparse file: a reader that scans the file (or rescans what it read) never ends.
+        path = os.path.join(self.dir, "huge.log")
+        with open(path, "wb") as handle:
+            handle.truncate(64 << 30)
+            handle.seek(0, os.SEEK_END)
+            handle.write(b"\n" + b"".join(b"line %d\n" % i for i in range(100)))
+        self.assertEqual(pmdaemon.tail_lines(path, 2), [b"line 98", b"line 99"])
+        lines = pmdaemon.tail_lines(path, 10000)        # more than there are: stops at the byte cap
+        self.assertEqual(lines, [b"line %d" % i for i in range(100)])     # the NUL run was cut, not read
+        self.assertLessEqual(sum(len(line) + 1 for line in lines), pmdaemon.MAX_LOG_READ_BYTES)
 
     def test_rotation_keeps_max_files_and_tail_crosses_it(self):
         log_file = pmdaemon.LogFile(os.path.join(self.dir, "a.log"), max_size=100, max_files=3)
