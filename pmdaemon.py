@@ -155,6 +155,7 @@ LOG_READERS = 4                        # log reads running at once (in threads, 
 # WebSocket (RFC 6455).
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_WS_MESSAGE = 1024 * 1024           # reassembled message -> close 1009
+MAX_WS_FRAGMENTS = 4096                # frames of one message (empty ones too) -> close 1008
 MAX_WS_CONTROL_PAYLOAD = 125           # RFC 6455 §5.5
 WS_PING_INTERVAL = 30.0
 WS_PONG_TIMEOUT = 20.0
@@ -301,6 +302,10 @@ class InvalidUtf8(WebSocketError):
 
 class MessageTooBig(WebSocketError):
     close_code = CloseCode.MESSAGE_TOO_BIG
+
+
+class TooManyFragments(WebSocketError):
+    close_code = CloseCode.POLICY_VIOLATION
 
 
 class SpawnError(PMDaemonError):
@@ -3009,8 +3014,9 @@ class WsEvent(NamedTuple):
 class WsProtocol:
     """Server side of a WebSocket connection, without I/O."""
 
-    def __init__(self, max_message: int = MAX_WS_MESSAGE):
+    def __init__(self, max_message: int = MAX_WS_MESSAGE, max_fragments: int = MAX_WS_FRAGMENTS):
         self.max_message = max_message
+        self.max_fragments = max_fragments      # frames of one message: empty ones cost too
         self.buffer = bytearray()
         self.outgoing: List[bytes] = []
         self.state = WsState.OPEN
@@ -3021,6 +3027,7 @@ class WsProtocol:
         self._opcode: Optional[int] = None      # opcode of the fragmented message in progress
         self._parts: List[Any] = []
         self._size = 0
+        self._fragments = 0
         self._decoder = None
 
     def receive_data(self, data: bytes) -> List[WsEvent]:
@@ -3037,7 +3044,7 @@ class WsProtocol:
                 event = self._handle_frame(*frame)
             except WebSocketError as error:
                 self.failure = error
-                self._opcode, self._parts, self._size = None, [], 0
+                self._opcode, self._parts, self._size, self._fragments = None, [], 0, 0
                 self._skip_after_failure()
                 event = WsEvent("error", error)
             if event is not None:
@@ -3152,18 +3159,23 @@ class WsProtocol:
             self._opcode = opcode
             self._decoder = codecs.getincrementaldecoder("utf-8")() if opcode == Opcode.TEXT else None
         self._size += len(payload)
+        self._fragments += 1
+        if self._fragments > self.max_fragments:
+            raise TooManyFragments("message in more than %d frames" % self.max_fragments)
         if self._decoder is not None:
             try:   # checked per fragment so invalid UTF-8 fails fast (RFC 6455 §8.1)
-                self._parts.append(self._decoder.decode(payload, final=fin))
+                part = self._decoder.decode(payload, final=fin)
             except UnicodeDecodeError:
                 raise InvalidUtf8("invalid UTF-8 in text message") from None
         else:
-            self._parts.append(payload)
+            part = payload
+        if part:
+            self._parts.append(part)
         if not fin:
             return None
         kind = "text" if self._opcode == Opcode.TEXT else "binary"
         message = ("" if kind == "text" else b"").join(self._parts)
-        self._opcode, self._parts, self._size, self._decoder = None, [], 0, None
+        self._opcode, self._parts, self._size, self._fragments, self._decoder = None, [], 0, 0, None
         return WsEvent(kind, message)
 
     def _handle_close(self, payload: bytes) -> WsEvent:
@@ -4022,19 +4034,14 @@ class WsSession:
         if self.closed:
             return
         frame = self.protocol.close(code, reason)
-        if drop:
-            self.closed = True
-            self.transport.write(frame)
-            self.transport.close()
-            self._loop.call_later(WS_CLOSE_TIMEOUT, self.transport.abort)
+        if not frame:
             return
-        if frame:
-            self.transport.write(frame)
-            if self.protocol.failed and self.transport.can_write_eof():
-                # Failing (RFC 6455 §7.1.7): our close, then FIN; what the peer still sends is
-                # read and dropped until it closes, so the close frame is never lost to a RST.
-                self.transport.write_eof()
-            self._loop.call_later(WS_CLOSE_TIMEOUT, self._force_close)
+        self.transport.write(frame)
+        if (drop or self.protocol.failed) and self.transport.can_write_eof():
+            # Our close, then FIN; what the peer still sends is read and dropped until it
+            # closes (closing with unread input would reset the connection and lose the frame).
+            self.transport.write_eof()
+        self._loop.call_later(WS_CLOSE_TIMEOUT, self._force_close)
 
     def _force_close(self) -> None:
         if not self.closed:
@@ -4079,8 +4086,14 @@ class WsSession:
         return True
 
     def _flush(self) -> None:
+        """Send the codec's replies. Pongs count against the send buffer like everything else
+        (past it they are dropped: RFC 6455 §5.5.3 lets us answer only the latest ping); a
+        close frame always goes."""
         for frame in self.protocol.outgoing:
-            self.transport.write(frame)
+            if frame[0] & 0x0F == Opcode.PONG:
+                self.send(frame, "state")
+            else:
+                self.transport.write(frame)
         self.protocol.outgoing.clear()
 
     async def _keepalive(self) -> None:

@@ -835,6 +835,13 @@ class TestWsCodec(unittest.TestCase):
             self.assertEqual(str(events[-1].data), message)
             self.assertTrue(protocol.failed)
 
+    def test_frames_per_message_are_bounded_even_when_empty(self):
+        empties = client_frame(1, b"", fin=False) + client_frame(0, b"", fin=False) * 4096
+        self.assertCloses(empties, 1008, "message in more than 4096 frames")
+        events, _ = self.feed(client_frame(1, b"a", fin=False) + client_frame(0, b"", fin=False) * 4094
+                              + client_frame(0, b"b"))
+        self.assertEqual(events, [pmdaemon.WsEvent("text", "ab")])      # 4096 frames: still fine
+
     def test_rfc6455_accept_key_vector(self):           # RFC 6455 §1.3
         self.assertEqual(pmdaemon.ws_accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
 
@@ -2302,7 +2309,8 @@ class WsClient:
             if not chunk:
                 break
             self.buffer += chunk
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        self.buffer = bytearray(rest)
         self.head = head.decode("latin-1")
         self.status = int(self.head.split(" ", 2)[1])
         if self.status == 101:
@@ -2338,8 +2346,8 @@ class WsClient:
             self._need(10)
             length, offset = struct.unpack("!Q", self.buffer[2:10])[0], 10
         self._need(offset + length)
-        payload = self.buffer[offset:offset + length]
-        self.buffer = self.buffer[offset + length:]
+        payload = bytes(self.buffer[offset:offset + length])
+        del self.buffer[:offset + length]           # O(1) at the front: a long stream stays linear
         return opcode, payload
 
     def recv_message(self, wanted=None, timeout=10, match=lambda message: True):
@@ -2481,6 +2489,33 @@ class TestWebSocket(DaemonTestCase):
         status, _, body = self.daemon.get("/ws")
         self.assertEqual((status, body["error"]["message"]), (400, "expected 'Upgrade: websocket' and 'Connection: Upgrade'"))
         self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 101)
+
+    def test_a_ping_flood_from_a_client_that_does_not_read_is_bounded(self):
+        flooder = self.connect(receive_buffer=65536)
+        flooder.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        flood = client_frame(9, b"p" * 125) * 20000         # 2.6 MB of pongs if all were kept
+        flooder.sock.setblocking(False)             # send until the daemon stops taking them
+        sent, deadline = 0, time.monotonic() + 3
+        while sent < len(flood) and time.monotonic() < deadline:
+            try:
+                sent += flooder.sock.send(flood[sent:sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break
+        flooder.sock.settimeout(10)
+        self.assertGreater(sent, len(flood) // 2)
+        watcher = self.connect()
+        for _ in range(4):                          # 4 ticks of 0.2 s: past the 0.5 s grace
+            watcher.recv_message("system_update")
+        received, code = 0, None
+        while code is None:                         # the pongs queued, then a 1008 close
+            opcode, payload = flooder.recv()
+            received += len(payload)
+            if opcode == 8:
+                code = struct.unpack("!H", payload[:2])[0]
+        self.assertEqual(code, 1008)
+        self.assertLess(received, 3 * pmdaemon.WS_SEND_BUFFER)
 
     def test_a_client_that_stops_reading_does_not_hold_up_others(self):
         go = os.path.join(self.daemon.home, "go")
@@ -2635,7 +2670,7 @@ async def serve_echo_connection(reader, writer):
         payload = event.data.encode("utf-8") if event.kind == "text" else event.data
         session.send(pmdaemon.encode_frame(opcode, payload))
 
-    session = pmdaemon.WsSession(reader, writer, pmdaemon.WsProtocol(ECHO_MAX_MESSAGE), echo,
+    session = pmdaemon.WsSession(reader, writer, pmdaemon.WsProtocol(ECHO_MAX_MESSAGE, 1 << 20), echo,
                                  send_buffer=4 * ECHO_MAX_MESSAGE)
     await session.run(bytes(parser.buffer))
 
