@@ -93,7 +93,8 @@ URL_ENV = "PMDAEMON_URL"
 SECRET_ENV_NAMES = frozenset({API_KEY_ENV})
 # Files are opened without following a link where the platform allows it.
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)       # Linux: struct ucred of a Unix socket peer
+SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
+PR_SET_DUMPABLE = 4                    # prctl(2): not dumpable, /proc/PID/* not readable by peers       # Linux: struct ucred of a Unix socket peer
 SOCKET_NAME = "pmdaemon.sock"          # the API on a Unix socket in the home, mode 0600
 # Set in every child, inherited by everything it starts: how stop finds double-forked escapees.
 RUN_ID_ENV = "PMDAEMON_RUN_ID"
@@ -117,6 +118,7 @@ DEADLINE_SWEEP_INTERVAL = 0.25        # how often expired connections are looked
 WRITE_BUFFER_HIGH = 256 * 1024         # pending output above which we wait for the client
 MAX_CONNECTIONS = 12_000               # HTTP + WebSocket connections at once
 MAX_LOG_REQUEST_LINES = 10_000         # upper bound of ?lines=
+MAX_JSON_DEPTH = 32                    # nesting of a client's JSON (REST body, WebSocket command)
 FOLLOW_QUEUE_LINES = 10_000            # lines a ?follow=true stream may lag before it is ended
 
 # Supervision defaults (milliseconds where the API speaks milliseconds).
@@ -2546,7 +2548,7 @@ def http_error(status: int, code: str, message: str) -> HttpError:
 class Request:
     """One parsed HTTP request; header names are lowercase."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "fields", "body",
-                 "keep_alive", "content_length", "chunked", "route")
+                 "keep_alive", "content_length", "chunked", "route", "authority")
 
     def __init__(self, method: str, target: str, path: str, query: str, version: str,
                  headers: List[Tuple[str, str]]):
@@ -2560,6 +2562,7 @@ class Request:
         self.content_length = 0
         self.chunked = False
         self.route: Any = None          # (Route, params) once the API has admitted the head
+        self.authority: Optional[str] = None    # host[:port] of an absolute-form target
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.fields.get(name)
@@ -2582,8 +2585,9 @@ def parse_head(head: bytes) -> Request:
     if len(lines) - 1 > MAX_HEADER_COUNT:
         raise http_error(431, "HEADERS_TOO_LARGE", "more than %d header fields" % MAX_HEADER_COUNT)
     headers = [parse_header_line(line) for line in lines[1:]]
-    path, query = parse_target(method, target)
+    path, query, authority = parse_target(method, target)
     request = Request(method, target, path, query, "HTTP/%d.%d" % version, headers)
+    request.authority = authority
     try:
         apply_framing(request)
     except HttpError as error:
@@ -2626,28 +2630,34 @@ def parse_header_line(line: bytes) -> Tuple[str, str]:
     return name.decode("ascii").lower(), value.decode("latin-1")
 
 
-def parse_target(method: str, target: str) -> Tuple[str, str]:
-    """(decoded path, raw query) of origin-form, absolute-form or "*" (OPTIONS only)."""
+def parse_target(method: str, target: str) -> Tuple[str, str, Optional[str]]:
+    """(decoded path, raw query, authority) of origin-form, absolute-form or "*" (OPTIONS
+    only); the authority is None unless the target is in absolute-form."""
     if target == "*":
         if method != "OPTIONS":
             raise http_error(400, "BAD_REQUEST", "request target '*' is only valid for OPTIONS")
-        return "*", ""
+        return "*", "", None
+    authority = None
     if not target.startswith("/"):
         if not target.lower().startswith(("http://", "https://")):
             raise http_error(400, "BAD_REQUEST", "invalid request target %r" % target[:100])
-        target = urllib.parse.urlsplit(target)._replace(scheme="", netloc="").geturl() or "/"
+        parts = urllib.parse.urlsplit(target)
+        authority = parts.netloc
+        if "@" in authority or not HOST_RE.match(authority):
+            raise http_error(400, "BAD_REQUEST", "invalid authority in request target %r" % target[:100])
+        target = parts._replace(scheme="", netloc="").geturl() or "/"
     raw_path, _, query = target.partition("?")
     if "#" in raw_path:
         raise http_error(400, "BAD_REQUEST", "request target must not contain a fragment")
     if "%" not in raw_path:
-        return raw_path, query
+        return raw_path, query, authority
     try:
         path = urllib.parse.unquote(raw_path, errors="strict")
     except UnicodeDecodeError:
         raise http_error(400, "BAD_REQUEST", "request path is not valid UTF-8 once decoded") from None
     if "\x00" in path:
         raise http_error(400, "BAD_REQUEST", "request path must not contain NUL")
-    return path, query
+    return path, query, authority
 
 
 def apply_framing(request: Request) -> None:
@@ -3311,12 +3321,14 @@ class AccessPolicy:
                             % (uid, API_KEY_ENV))
 
     def check_host(self, request: Request) -> None:
-        """Without a key, only loopback Host names are served (stops DNS rebinding)."""
+        """Without a key, only loopback Host names are served (stops DNS rebinding). The
+        authority of an absolute-form target stands for Host (RFC 9112 §3.2.2)."""
         if self.key_digest is not None:
             return
-        host = request.header("host")
-        if host is None:            # HTTP/1.0 without Host: not a browser
-            return
+        host = request.authority if request.authority is not None else request.header("host")
+        if host is None:
+            raise HttpError(403, "FORBIDDEN_HOST", "a request without Host is refused without an API key "
+                            "(HTTP/1.0 clients: send a Host header)")
         allowed = self._host_verdicts.get(host)
         if allowed is None:
             name = split_host(host)
@@ -3341,6 +3353,8 @@ class AccessPolicy:
         return parsed.scheme in ("http", "https") and is_loopback_host(split_host(parsed.netloc))
 
     def check_origin(self, request: Request) -> None:
+        if len(request.header_values("origin")) > 1:
+            raise HttpError(400, "BAD_REQUEST", "more than one Origin header")
         origin = request.header("origin")
         if origin is not None and not self.origin_allowed(origin):
             raise HttpError(403, "FORBIDDEN_ORIGIN", "Origin %r is not allowed (see --cors-origin)"
@@ -3413,17 +3427,47 @@ def message(text: str, **extra: Any) -> dict:
     return body
 
 
+class InvalidJson(BadRequest):
+    """A client's JSON that cannot be used: malformed, not UTF-8, or nested too deeply."""
+
+
+def parse_json_text(data: Any) -> Any:
+    """A client's JSON (bytes or str): any failure is an InvalidJson, never a 500, and nesting
+    is limited to MAX_JSON_DEPTH (the C decoder's recursion guard is caught too)."""
+    try:
+        value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except UnicodeDecodeError:
+        raise InvalidJson("not valid UTF-8") from None
+    except RecursionError:
+        raise InvalidJson("nested deeper than %d levels" % MAX_JSON_DEPTH) from None
+    except ValueError as exc:
+        raise InvalidJson("not valid JSON: %s" % exc) from None
+    if json_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise InvalidJson("nested deeper than %d levels" % MAX_JSON_DEPTH)
+    return value
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deeply containers nest in value, counting no further than limit + 1."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        containers = [item for item in level if isinstance(item, (list, dict))]
+        if not containers:
+            break
+        depth += 1
+        level = [child for item in containers for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
 def parse_json_body(request: Request, required: bool = True) -> Any:
     if not request.body:
         if required:
             raise BadRequest("request body required: a JSON object")
         return None
     try:
-        return json.loads(request.body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BadRequest("request body is not valid UTF-8") from None
-    except ValueError as exc:
-        raise BadRequest("request body is not valid JSON: %s" % exc) from None
+        return parse_json_text(request.body)
+    except InvalidJson as exc:
+        raise BadRequest("request body is " + exc.message) from None
 
 
 def parse_query(query: str, allowed: Tuple[str, ...]) -> Dict[str, str]:
@@ -3464,7 +3508,7 @@ def wire_error(error: BaseException) -> HttpError:
     (the traceback goes to the daemon's log, never to the client)."""
     if isinstance(error, HttpError):
         return error
-    form = ERROR_WIRE_FORM.get(type(error))
+    form = next((ERROR_WIRE_FORM[kind] for kind in type(error).__mro__ if kind in ERROR_WIRE_FORM), None)
     if form is None:
         log.error("internal error", exc_info=error)
         return INTERNAL_ERROR
@@ -4205,10 +4249,10 @@ class Broadcaster:
     def on_client_message(self, client: "WsSession", event: WsEvent) -> None:
         """Client commands: subscribe/unsubscribe to logs, filter updates, ping."""
         try:
-            command = json.loads(event.data) if event.kind == "text" else None
+            command = parse_json_text(event.data) if event.kind == "text" else None
             kind, data = self.run_command(client, command)
-        except ValueError as exc:
-            kind, data = "error", {"code": "INVALID_JSON", "message": "invalid JSON: %s" % exc}
+        except InvalidJson as exc:
+            kind, data = "error", {"code": "INVALID_JSON", "message": "invalid JSON: %s" % exc.message}
         except PMDaemonError as error:
             kind, data = "error", error_body(wire_error(error))
         data["timestamp"] = iso_time(self.supervisor.wall())   # every data carries one
@@ -4653,7 +4697,25 @@ class Daemon:
 # ==============================================================================================
 
 def is_loopback_bind(host: str) -> bool:
-    return is_loopback_host(host.strip("[]").lower())
+    """True when every address the name resolves to is a loopback one (a name is judged by
+    where it points, not by how it is spelled); a name that does not resolve is not."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses) and all(is_loopback_host(address.split("%")[0]) for address in addresses)
+
+
+def forbid_inspection() -> bool:
+    """prctl(PR_SET_DUMPABLE, 0): the daemon's /proc files (environ, mem, ...) become root's
+    only, so a child running as the same user cannot read the API key from its parent's
+    environment; no core dump holds it either. Children are dumpable again once they exec."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (ImportError, OSError, AttributeError):
+        return False
 
 
 def raise_file_limit(wanted: int) -> None:
@@ -4732,6 +4794,9 @@ def command_web(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     setup_logging(home, args.log_level)
+    if not forbid_inspection():
+        log.warning("prctl(PR_SET_DUMPABLE) is not available: children of this user could read "
+                    "the daemon's environment; prefer --api-key-file to $%s" % API_KEY_ENV)
     raise_file_limit(config.max_connections + 1024)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

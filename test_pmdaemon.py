@@ -1162,6 +1162,35 @@ class TestRestApi(DaemonTestCase):
 
 
 class TestRestFixes(DaemonTestCase):
+    def test_hostile_inputs_get_a_4xx_never_a_500(self):
+        self.assertError(self.daemon.get("/api/processes/" + "9" * 5000), 404, "PROCESS_NOT_FOUND")
+        deep = b"[" * 100000 + b"]" * 100000
+        self.assertError(self.daemon.post("/api/processes", raw_body=deep, headers={"Content-Type": "application/json"}),
+                         400, "BAD_REQUEST", "request body is nested deeper than 32 levels")
+        nested = '{"name": "x", "script": "sleep", "env": {"A": ' + "[" * 33 + "]" * 33 + "}}"
+        self.assertError(self.daemon.post("/api/processes", raw_body=nested.encode(),
+                                          headers={"Content-Type": "application/json"}),
+                         400, "BAD_REQUEST", "request body is nested deeper than 32 levels")
+        self.assertError(self.daemon.get("/api/logs/x?lines=" + "9" * 5000), 400, "VALIDATION_ERROR")
+        client = WsClient(self.daemon.port)
+        self.addCleanup(client.close)
+        client.send(1, deep)
+        error = client.recv_message("error")["data"]
+        self.assertEqual((error["code"], error["message"]), ("INVALID_JSON", "invalid JSON: nested deeper than 32 levels"))
+        client.send_json({"type": "ping"})
+        client.recv_message("pong")                         # the connection stays
+
+    def test_client_text_cannot_forge_lines_in_the_daemon_log(self):
+        forged = "/nonexistent\n2026-01-01 00:00:00,000 INFO forged-line"
+        self.daemon.post("/api/processes", {"name": "fix-forge", "script": forged})
+        wait_until(lambda: "fix-forge errored" in read_text(os.path.join(self.daemon.home, "pmdaemon.log")),
+                   message="the event in the daemon log")
+        text = read_text(os.path.join(self.daemon.home, "pmdaemon.log"))
+        self.assertFalse([line for line in text.splitlines() if line.startswith("2026-01-01")], text)
+        self.assertIn("fix-forge errored reason=script '/nonexistent\\n2026-01-01", text)
+        self.assertEqual(pmdaemon.log_safe("a\nb\x1b[2J\u2028c"), "a\\x0ab\\x1b[2J\\x2028c")
+        self.daemon.request("DELETE", "/api/processes/fix-forge")
+
     def test_start_and_restart_of_a_program_that_cannot_start_answer_422(self):
         script = os.path.join(self.daemon.home, "app.sh")
         with open(script, "w") as handle:
@@ -1355,7 +1384,7 @@ class TestHttpServerBehaviour(DaemonTestCase):
         raw = self.daemon.raw(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                               b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked)
         self.assertEqual(status_of(raw), 201, raw)
-        raw = self.daemon.raw(b"GET /api/processes/chunky HTTP/1.0\r\n\r\n")
+        raw = self.daemon.raw(b"GET /api/processes/chunky HTTP/1.0\r\nHost: localhost\r\n\r\n")
         self.assertEqual(status_of(raw), 200)
         self.assertIn(b"Connection: close", raw)
         self.assertEqual(json_of(raw)["name"], "chunky")
@@ -1963,6 +1992,37 @@ class TestApiKey(DaemonTestCase):
         self.assertEqual(self.ws(path="/ws?ticket=" + ticket).status, 101)
         self.assertEqual(self.ws(path="/ws?ticket=" + ticket).status, 401)   # single use
 
+    @unittest.skipUnless(os.geteuid() == 0 and os.access("/usr/bin/python3", os.X_OK),
+                         "needs root and a system python3 to run a daemon as another user")
+    def test_a_child_cannot_read_the_key_from_its_parent(self):
+        home = tempfile.mkdtemp(prefix="pmd-nobody-")
+        self.addCleanup(shutil.rmtree, home, True)
+        os.chown(home, NOBODY, NOBODY)
+        environ = dict(os.environ, PMDAEMON_API_KEY="s3cret-key", PMDAEMON_HOME=home)
+        daemon = subprocess.Popen(["/usr/bin/python3", PMDAEMON, "web", "--port", "0"], cwd=home, env=environ,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  preexec_fn=lambda: (os.setgroups([]), os.setgid(NOBODY), os.setuid(NOBODY)))
+        try:
+            line = daemon.stdout.readline().decode()
+            port = int(line.split("http://127.0.0.1:")[1].split()[0])
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            headers = {"Authorization": "Bearer s3cret-key", "Content-Type": "application/json"}
+            spy = ("import os\ntry:\n    data = open('/proc/%d/environ' % os.getppid(), 'rb').read()\n"
+                   "    print('LEAKED' if b's3cret' in data else 'READ')\nexcept OSError as exc:\n"
+                   "    print('DENIED', exc.errno)\nimport time; time.sleep(30)")
+            conn.request("POST", "/api/processes", json.dumps({"name": "spy", "script": "/usr/bin/python3",
+                                                                "args": ["-c", spy], "cwd": home}), headers)
+            self.assertEqual(conn.getresponse().read() and None, None)
+
+            def spy_said():
+                conn.request("GET", "/api/logs/spy?type=stdout", headers=headers)
+                logs = json.loads(conn.getresponse().read())["logs"]
+                return logs[0]["message"] if logs else None
+            self.assertEqual(wait_until(spy_said, message="the spy's answer"), "DENIED 13")
+        finally:
+            daemon.terminate()
+            daemon.communicate(timeout=15)
+
     def test_key_never_reaches_children(self):
         headers = {"X-API-Key": "s3cret-key"}
         self.daemon.headers = headers
@@ -1999,10 +2059,30 @@ class TestHostAndOrigin(DaemonTestCase):
         environ = dict(os.environ, PMDAEMON_HOME=tempfile.mkdtemp())
         environ.pop("PMDAEMON_API_KEY", None)
         self.addCleanup(shutil.rmtree, environ["PMDAEMON_HOME"])
-        result = subprocess.run([PY, PMDAEMON, "web", "--host", "0.0.0.0", "--port", "0"], env=environ,
-                                capture_output=True, timeout=10)
-        self.assertEqual(result.returncode, 2)
-        self.assertIn(b"refusing to listen on 0.0.0.0 without an API key", result.stderr)
+        for host in ("0.0.0.0", "no-such-host.invalid"):       # judged by what the name resolves to
+            result = subprocess.run([PY, PMDAEMON, "web", "--host", host, "--port", "0"], env=environ,
+                                    capture_output=True, timeout=10)
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(b"refusing to listen on %s without an API key" % host.encode(), result.stderr)
+        self.assertTrue(pmdaemon.is_loopback_bind("localhost"))
+        self.assertTrue(pmdaemon.is_loopback_bind("[::1]"))
+        self.assertFalse(pmdaemon.is_loopback_bind("0.0.0.0"))
+
+    def test_the_authority_of_an_absolute_target_is_the_host(self):
+        raw = self.daemon.raw(b"GET http://evil.example/api/system HTTP/1.1\r\nHost: localhost\r\n"
+                              b"Connection: close\r\n\r\n")
+        self.assertEqual((status_of(raw), json_of(raw)["error"]["code"]), (403, "FORBIDDEN_HOST"))
+        raw = self.daemon.raw(b"GET http://localhost:9615/api/system HTTP/1.1\r\nHost: evil.example\r\n"
+                              b"Connection: close\r\n\r\n")
+        self.assertEqual(status_of(raw), 200)
+
+    def test_a_request_without_host_or_with_two_origins_is_refused(self):
+        raw = self.daemon.raw(b"GET /api/system HTTP/1.0\r\n\r\n")
+        self.assertEqual((status_of(raw), json_of(raw)["error"]["message"]), (403, "a request without Host is "
+                         "refused without an API key (HTTP/1.0 clients: send a Host header)"))
+        raw = self.daemon.raw(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n"
+                              b"Origin: https://evil.example\r\nConnection: close\r\n\r\n")
+        self.assertEqual((status_of(raw), json_of(raw)["error"]["message"]), (400, "more than one Origin header"))
 
 
 # ----------------------------------------------------------------------------------------------
