@@ -2486,7 +2486,8 @@ class Supervisor:
             run.pid = None
         if not leader_alive and not escapees(self.sampler, None, run.token):
             return                      # all gone, or the pid now belongs to someone else
-        log.info("stopping what %s left running under a previous daemon (pid %s)", config.name, run.pid)
+        log.info("stopping what %s left running under a previous daemon (%s)", config.name,
+                 "pid %d" % run.pid if run.pid else "found by %s=%s" % (RUN_ID_ENV, run.token))
         await terminate_run(run, config, self.sampler, self.settings, leader_alive)
 
     async def shutdown(self) -> None:
