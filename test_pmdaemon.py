@@ -142,6 +142,14 @@ class Daemon:
             shutil.rmtree(self.home, ignore_errors=True)
 
 
+def write_script(path, body):
+    """An executable shell script; its path."""
+    with open(path, "w") as handle:
+        handle.write("#!/bin/sh\n%s\n" % body)
+    os.chmod(path, 0o755)
+    return path
+
+
 def read_text(path):
     """A file's content, or "" while it does not exist."""
     try:
@@ -1199,10 +1207,7 @@ class TestRestFixes(DaemonTestCase):
         self.daemon.request("DELETE", "/api/processes/fix-forge")
 
     def test_start_and_restart_of_a_program_that_cannot_start_answer_422(self):
-        script = os.path.join(self.daemon.home, "app.sh")
-        with open(script, "w") as handle:
-            handle.write("#!/bin/sh\nexec sleep 60\n")
-        os.chmod(script, 0o755)
+        script = write_script(os.path.join(self.daemon.home, "app.sh"), "exec sleep 60")
         self.daemon.start("fix-exec", script)
         os.chmod(script, 0o644)                             # no longer executable
         reason = "script %r is not executable (chmod +x, or run it through an interpreter)" % script
@@ -1320,10 +1325,7 @@ class TestCli(DaemonTestCase):
         self.daemon.request("DELETE", "/api/processes/cli-esc")
 
     def test_start_and_restart_exit_1_when_the_program_cannot_start(self):
-        script = os.path.join(self.daemon.home, "cli-app.sh")
-        with open(script, "w") as handle:
-            handle.write("#!/bin/sh\nexec sleep 60\n")
-        os.chmod(script, 0o755)
+        script = write_script(os.path.join(self.daemon.home, "cli-app.sh"), "exec sleep 60")
         self.assertEqual(self.cli("start", "cli-x", script)[0], 0)
         os.chmod(script, 0o644)
         code, out = self.cli("restart", "cli-x")
@@ -2577,6 +2579,17 @@ class TestWebSocket(DaemonTestCase):
         self.assertEqual((status, body["error"]["message"]), (400, "expected 'Upgrade: websocket' and 'Connection: Upgrade'"))
         self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 101)
 
+    def assertClosedAfterItsQueue(self, client):
+        """A slow client reads what was queued for it (bounded), then a 1008 close."""
+        received, code = 0, None
+        while code is None:
+            opcode, payload = client.recv()
+            received += len(payload)
+            if opcode == 8:
+                code = struct.unpack("!H", payload[:2])[0]
+        self.assertEqual(code, 1008)
+        self.assertLess(received, 3 * pmdaemon.WS_SEND_BUFFER)
+
     def test_a_ping_flood_from_a_client_that_does_not_read_is_bounded(self):
         flooder = self.connect(receive_buffer=65536)
         flooder.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -2595,14 +2608,7 @@ class TestWebSocket(DaemonTestCase):
         watcher = self.connect()
         for _ in range(4):                          # 4 ticks of 0.2 s: past the 0.5 s grace
             watcher.recv_message("system_update")
-        received, code = 0, None
-        while code is None:                         # the pongs queued, then a 1008 close
-            opcode, payload = flooder.recv()
-            received += len(payload)
-            if opcode == 8:
-                code = struct.unpack("!H", payload[:2])[0]
-        self.assertEqual(code, 1008)
-        self.assertLess(received, 3 * pmdaemon.WS_SEND_BUFFER)
+        self.assertClosedAfterItsQueue(flooder)         # the pongs queued, then a 1008 close
 
     def test_a_client_that_stops_reading_does_not_hold_up_others(self):
         go = os.path.join(self.daemon.home, "go")
@@ -2618,15 +2624,8 @@ class TestWebSocket(DaemonTestCase):
         reader.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-after")
         for _ in range(4):                          # 4 ticks of 0.2 s: past the 0.5 s grace
             reader.recv_message("system_update")
-        # The stalled client is closed after the grace: what was queued, then 1008, never 8.8 MB.
-        received, code = 0, None
-        while code is None:
-            opcode, payload = stalled.recv()
-            received += len(payload)
-            if opcode == 8:
-                code = struct.unpack("!H", payload[:2])[0]
-        self.assertEqual(code, 1008)
-        self.assertLess(received, 3 * pmdaemon.WS_SEND_BUFFER)
+        # The stalled client is closed after the grace: what was queued, then 1008, never 3.5 MB.
+        self.assertClosedAfterItsQueue(stalled)
         for name in ("ws-flood", "ws-after"):
             self.daemon.request("DELETE", "/api/processes/" + name)
 
