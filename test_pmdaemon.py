@@ -1937,6 +1937,7 @@ class TestPeerUsers(DaemonTestCase):
         accepted, _ = server.accept()
         self.addCleanup(accepted.close)
         users = pmdaemon.PeerUsers()
+        self.addCleanup(users.close)
         self.assertEqual(users.uid_of(accepted), os.getuid())               # sock_diag
         with open("/proc/net/tcp") as handle:                                # the fallback, same answer
             table = handle.read()
@@ -2015,6 +2016,7 @@ class TestApiKey(DaemonTestCase):
             line = daemon.stdout.readline().decode()
             port = int(line.split("http://127.0.0.1:")[1].split()[0])
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            self.addCleanup(conn.close)
             headers = {"Authorization": "Bearer s3cret-key", "Content-Type": "application/json"}
             spy = ("import os\ntry:\n    data = open('/proc/%d/environ' % os.getppid(), 'rb').read()\n"
                    "    print('LEAKED' if b's3cret' in data else 'READ')\nexcept OSError as exc:\n"
