@@ -322,7 +322,7 @@ class SpawnError(PMDaemonError):
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", re.ASCII)
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,255}\Z", re.ASCII)
-SIZE_RE = re.compile(r"([0-9]{1,15})\s*([KMG]?)B?\Z", re.ASCII | re.IGNORECASE)
+SIZE_RE = re.compile(r"([0-9]{1,15}(?:\.[0-9]{1,6})?)\s*([KMG]?)B?\Z", re.ASCII | re.IGNORECASE)
 PORT_RANGE_RE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})\Z", re.ASCII)
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
 DURATION_RE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,3})?)\s*(ms|s|m)?\Z", re.ASCII)
@@ -461,9 +461,10 @@ def parse_size(field: str, value: Any) -> Optional[int]:
         return _check_int(field, value, 1, 2 ** 50)
     if isinstance(value, str):
         match = SIZE_RE.match(value.strip())
-        if match and int(match.group(1)) > 0:
-            return int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
-    raise invalid_field(field, "field %r must be a size in bytes or like \"150M\", got %s"
+        size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()]) if match else 0
+        if 0 < size <= 2 ** 50:
+            return size
+    raise invalid_field(field, "field %r must be a size in bytes or like \"150M\" or \"1.5G\", got %s"
                         % (field, _json_type(value)))
 
 
@@ -568,6 +569,7 @@ class ProcessConfig:
     wait_ready: bool = False
     listen_timeout: int = DEFAULT_LISTEN_TIMEOUT_MS
     depends_on: List[str] = dataclasses.field(default_factory=list)
+    autostart: bool = True
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
@@ -637,6 +639,7 @@ CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "wait_ready": lambda v: _check_bool("wait_ready", v),
     "listen_timeout": lambda v: parse_duration("listen_timeout", v),
     "depends_on": lambda v: parse_names("depends_on", v),
+    "autostart": lambda v: _check_bool("autostart", v),
 }
 NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check"})
 
@@ -1148,6 +1151,11 @@ class ProcessLogs:
         self.name = name
 
     def remove(self) -> None:
+        for log_file in self.files.values():
+            log_file.remove()
+
+    def flush(self) -> None:
+        """Empty the logs (pm2 flush): rotated files go, the current ones start again at 0."""
         for log_file in self.files.values():
             log_file.remove()
 
@@ -1750,6 +1758,8 @@ class ProcessRunner:
         if name != self.name:
             self.logs.rename(name)
             self.name = name
+        for log_file in self.logs.files.values():
+            log_file.max_size, log_file.max_files = config.log_max_size, config.log_max_files
         self.port, self.config = port, config
         self.host.runner_changed(self)
 
@@ -2301,21 +2311,20 @@ class Supervisor:
                                 {"name": config.name, "existing_process": clash})
         if len(self.registry) + config.instances > MAX_PROCESSES:
             raise TooManyProcesses("at most %d processes can be managed" % MAX_PROCESSES)
-        for dependency in config.depends_on:
-            if not self.registry.find(dependency):
-                raise invalid_field("depends_on", "depends_on names an unknown process %r" % dependency)
+        self._check_dependencies(config)
         ports = assign_ports(config.port, config.instances, self.registry.ports_in_use())
         members = [self._register(config, index, ports[index]) for index in range(config.instances)]
         for runner in members:
-            runner.wanted = True                # saved as online: a daemon killed now restarts it
+            runner.wanted = config.autostart    # saved as online: a daemon killed now starts it
         try:
             self.store.save_now()               # a process the next daemon would not know is lost
         except StateNotSaved:
             for runner in members:
                 self.registry.remove(runner)
             raise
-        for runner in members:
-            await runner.start()
+        if config.autostart:
+            for runner in members:
+                await runner.start()
         return members
 
     def _register(self, config: ProcessConfig, index: int, port: Optional[int],
@@ -2346,7 +2355,10 @@ class Supervisor:
             if len(members) != len(self.registry.group(base)):
                 raise BadRequest("port and instances apply to the whole group %r, not to one "
                                  "instance" % base)
-            members = await self._reshape(base, port, instances)
+            config = dataclasses.replace(members[0].config)
+            config.port = port if port is not None else config.port
+            config.instances = instances if instances is not None else config.instances
+            members = await self._reshape(base, config, keep_ports=port is None)
         for runner in members:
             if runner.ever_started or runner.state is not ProcessState.STOPPED:
                 await runner.restart()
@@ -2355,29 +2367,61 @@ class Supervisor:
         self._check_started(members)
         return members
 
+    async def update(self, key: str, changes: Any) -> Tuple[List[ProcessRunner], str]:
+        """PATCH: change any settings of a process or group in place (its id, logs and restart
+        count stay). Returns the members and how it was applied: "unchanged"; "saved" (nothing
+        runs); "scaled" (only instances changed: copies added or removed, the others left
+        running); "restarted" (the running copies were restarted with the new settings)."""
+        if not isinstance(changes, dict):
+            raise BadRequest("request body must be a JSON object, got %s" % _json_type(changes))
+        members = self.resolve(key)
+        base, old = members[0].config.name, members[0].config
+        if len(members) != len(self.registry.group(base)):
+            raise BadRequest("settings belong to the whole group %r; address it by that name" % base)
+        if changes.get("name", base) != base:
+            raise invalid_field("name", "a process cannot be renamed; delete it and create it anew")
+        merged = old.to_dict()
+        merged.update(changes)
+        config = ProcessConfig.from_dict(merged, base_dir=old.cwd)
+        self._check_dependencies(config)
+        if config == old:
+            return members, "unchanged"
+        running = {runner.instance for runner in members if runner.wanted or runner.run is not None}
+        members = await self._reshape(base, config, keep_ports=config.port == old.port)
+        if not running:
+            return members, "saved"
+        only_scaled = dataclasses.replace(config, instances=old.instances) == old
+        for runner in members:
+            if runner.instance not in running:
+                await runner.start()            # a new copy
+            elif not only_scaled:
+                await runner.restart()
+        self._check_started(members)
+        return members, "scaled" if only_scaled else "restarted"
+
+    def _check_dependencies(self, config: ProcessConfig) -> None:
+        for dependency in config.depends_on:
+            if not self.registry.find(dependency):
+                raise invalid_field("depends_on", "depends_on names an unknown process %r" % dependency)
+
     def _check_started(self, members: List[ProcessRunner]) -> None:
         failed = [runner for runner in members if runner.state is ProcessState.ERRORED]
         if failed:
             raise CannotStart("Process %r could not start: %s" % (failed[0].name, failed[0].error),
                               {"process": failed[0].name, "status": "errored", "reason": failed[0].error})
 
-    async def _reshape(self, base: str, port: Optional[str], instances: Optional[int]) -> List[ProcessRunner]:
-        """Scale a group and/or change its port: copies are identified by their index, so the
-        group keeps indexes 0..N-1 (names unique, whatever was deleted before), kept copies keep
-        their ports unless the port changes, and the highest indexes go first."""
+    async def _reshape(self, base: str, config: ProcessConfig, keep_ports: bool) -> List[ProcessRunner]:
+        """Give a group a new config, scaling it and/or changing its port: copies are identified
+        by their index, so the group keeps indexes 0..N-1 (names unique, whatever was deleted
+        before), kept copies keep their ports unless the port changes, the highest go first."""
         members = self.registry.group(base)
-        config = dataclasses.replace(members[0].config)
-        if port is not None:
-            config.port = port
-        if instances is not None:
-            config.instances = instances
         count = config.instances
         names = [member_name(base, index, count) for index in range(count)]
         clash = self.registry.name_clash(base, names, excluding_group=base)
         if clash is not None:
             raise AlreadyExists("cannot scale %r to %d instances: the name %r is taken"
                                 % (base, count, clash), {"existing_process": clash})
-        keep = {runner.instance: runner.port for runner in members if runner.port is not None} if port is None else {}
+        keep = {runner.instance: runner.port for runner in members if runner.port is not None} if keep_ports else {}
         ports = assign_ports(config.port, count, self.registry.ports_in_use(excluding_group=base), keep)
         for runner in sorted(members, key=lambda r: -r.instance):
             if runner.instance >= count:        # scale down: highest first
@@ -3243,7 +3287,7 @@ class WsProtocol:
 # ==============================================================================================
 
 LOOPBACK_NAMES = ("localhost",)
-CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 CORS_HEADERS = "Content-Type, Authorization, X-API-Key"
 
 
@@ -3640,6 +3684,7 @@ class Api:
             ("POST", "/api/processes", self.create_process),
             ("GET", "/api/processes/{key}", self.get_process),
             ("DELETE", "/api/processes/{key}", self.delete_process),
+            ("PATCH", "/api/processes/{key}", self.update_process),
             ("POST", "/api/processes/{key}/start", self.start_process),
             ("POST", "/api/processes/{key}/stop", self.stop_process),
             ("POST", "/api/processes/{key}/restart", self.restart_process),
@@ -3647,6 +3692,7 @@ class Api:
             ("GET", "/api/processes/{key}/health", self.get_health),
             ("GET", "/api/system", self.get_system),
             ("GET", "/api/logs/{key}", self.get_logs),
+            ("DELETE", "/api/logs/{key}", self.flush_logs),
             ("POST", "/api/ws-ticket", self.create_ticket),
             ("GET", "/ws", self.open_websocket),
         )]
@@ -3673,7 +3719,7 @@ class Api:
             if request.path != "*" and not allowed:
                 raise self.not_found(request)
             return Response(204, headers=[("Allow", ", ".join(allowed + ["OPTIONS"]) if allowed
-                                           else "GET, HEAD, POST, DELETE, OPTIONS")] + self.cors(request))
+                                           else "GET, HEAD, POST, PATCH, DELETE, OPTIONS")] + self.cors(request))
         if request.path.startswith("/api/") or request.path == "/api" or (route and route.ticket_ok):
             self.policy.check_key(request, ticket_ok=route is not None and route.ticket_ok
                                   and self._ticket_redeemed(request))
@@ -3759,7 +3805,8 @@ class Api:
         brief = [{"id": runner.id, "name": runner.name, "status": runner.state.value, "pid": runner.pid,
                   "port": runner.port} for runner in members]
         failed = [runner for runner in members if runner.state is ProcessState.ERRORED]
-        text = ("Process %r started successfully" % config.name if not failed else
+        text = ("Process %r created (not started: autostart is false)" % config.name if not config.autostart
+                else "Process %r started successfully" % config.name if not failed else
                 "Process %r created but failed to start: %s" % (config.name, failed[0].error))
         body = message(text, process=brief[0])
         if failed:
@@ -3767,6 +3814,21 @@ class Api:
         if len(members) > 1:
             body["processes"] = brief
         return json_response(201, body)
+
+    async def update_process(self, request: Request, key: str) -> Response:
+        members, applied = await self.supervisor.update(key, parse_json_body(request))
+        name = group_label(members)
+        text = {"unchanged": "Process %r is unchanged", "saved": "Process %r updated (not running)",
+                "scaled": "Process %r scaled", "restarted": "Process %r updated and restarted"}[applied] % name
+        now = self.supervisor.clock()
+        return json_response(200, message(text, applied=applied,
+                                          processes=[process_summary(runner, now) for runner in members]))
+
+    async def flush_logs(self, request: Request, key: str) -> Response:
+        members = self.supervisor.resolve(key)
+        for runner in members:
+            runner.logs.flush()
+        return json_response(200, message("Logs of %r flushed" % group_label(members)))
 
     async def delete_process(self, request: Request, key: str) -> Response:
         members = await self.supervisor.delete(key)

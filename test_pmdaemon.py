@@ -261,8 +261,10 @@ class TestProcessConfig(unittest.TestCase):
         self.assertEqual(self.parse(max_memory_restart="150M").max_memory_restart, 150 * 1024 ** 2)
         self.assertEqual(self.parse(max_memory_restart="1G").max_memory_restart, 1024 ** 3)
         self.assertEqual(self.parse(max_memory_restart=4096).max_memory_restart, 4096)
-        self.assertFieldError("max_memory_restart", "field 'max_memory_restart' must be a size in "
-                              "bytes or like \"150M\", got string \"lots\"", max_memory_restart="lots")
+        self.assertEqual(self.parse(max_memory_restart="1.5G").max_memory_restart, 3 * 1024 ** 3 // 2)
+        for bad in ("lots", "0M", "0.0001K", "1.5.5G"):
+            self.assertFieldError("max_memory_restart", "field 'max_memory_restart' must be a size in "
+                                  "bytes or like \"150M\" or \"1.5G\", got string \"%s\"" % bad, max_memory_restart=bad)
 
     def test_bad_fields_are_named(self):
         self.assertFieldError("colour", "unknown field 'colour'", colour="red")
@@ -1030,7 +1032,7 @@ class TestRestApi(DaemonTestCase):
                                                            "Access-Control-Request-Method": "POST"})
         self.assertEqual(status, 204)
         self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "http://localhost:3000")
-        self.assertEqual(response.getheader("Access-Control-Allow-Methods"), "GET, POST, DELETE, OPTIONS")
+        self.assertEqual(response.getheader("Access-Control-Allow-Methods"), "GET, POST, PATCH, DELETE, OPTIONS")
         self.assertIn("Authorization", response.getheader("Access-Control-Allow-Headers"))
         self.assertSecurityHeaders(response)
 
@@ -1177,6 +1179,48 @@ class TestRestApi(DaemonTestCase):
 
 
 class TestRestFixes(DaemonTestCase):
+    def test_patch_changes_a_process_in_place(self):
+        created = self.daemon.start("up-a", "sh", ["-c", "echo v=$V; exec sleep 60"], env={"V": "1"})["process"]
+        wait_until(lambda: self.daemon.last_line("up-a") == "v=1", message="the first run")
+        status, _, body = self.daemon.request("PATCH", "/api/processes/up-a", body={"env": {"V": "2"}})
+        self.assertEqual((status, body["applied"], body["message"]), (200, "restarted", "Process 'up-a' updated and restarted"))
+        wait_until(lambda: self.daemon.last_line("up-a") == "v=2", message="the new setting")
+        details = self.daemon.process("up-a")
+        self.assertEqual((details["id"], details["restarts"], details["config"]["env"]["V"]), (created["id"], 1, "2"))
+        logs = [e["message"] for e in self.daemon.get("/api/logs/up-a?type=stdout")[2]["logs"]]
+        self.assertEqual(logs, ["v=1", "v=2"])                      # the same logs
+        status, _, body = self.daemon.request("PATCH", "/api/processes/up-a", body={"env": {"V": "2"}})
+        self.assertEqual((body["applied"], body["message"]), ("unchanged", "Process 'up-a' is unchanged"))
+        self.assertError(self.daemon.request("PATCH", "/api/processes/up-a", body={"kill_timeout": "soon"}),
+                         400, "VALIDATION_ERROR")
+        self.assertError(self.daemon.request("PATCH", "/api/processes/up-a", body={"name": "other"}),
+                         400, "VALIDATION_ERROR", "a process cannot be renamed; delete it and create it anew")
+        self.assertError(self.daemon.request("PATCH", "/api/processes/nope", body={}), 404, "PROCESS_NOT_FOUND")
+        self.daemon.request("DELETE", "/api/processes/up-a")
+
+    def test_patch_instances_scales_without_restarting_the_others(self):
+        self.daemon.post("/api/processes", {"name": "up-g", "script": "sleep", "args": ["60"], "instances": 2})
+        before = [p["pid"] for p in self.daemon.get("/api/processes/up-g")[2]["processes"]]
+        status, _, body = self.daemon.request("PATCH", "/api/processes/up-g", body={"instances": 3})
+        self.assertEqual((status, body["applied"]), (200, "scaled"))
+        after = self.daemon.get("/api/processes/up-g")[2]["processes"]
+        self.assertEqual([p["pid"] for p in after][:2], before)
+        self.assertEqual([(p["name"], p["status"]) for p in after],
+                         [("up-g-0", "online"), ("up-g-1", "online"), ("up-g-2", "online")])
+        self.daemon.request("DELETE", "/api/processes/up-g")
+
+    def test_autostart_false_and_flush(self):
+        status, _, body = self.daemon.post("/api/processes", {"name": "up-idle", "script": "sh", "autostart": False,
+                                                              "args": ["-c", "echo started; exec sleep 60"]})
+        self.assertEqual((status, body["message"], body["process"]["status"]),
+                         (201, "Process 'up-idle' created (not started: autostart is false)", "stopped"))
+        self.daemon.post("/api/processes/up-idle/start")
+        wait_until(lambda: self.daemon.last_line("up-idle") == "started", message="the line")
+        status, _, body = self.daemon.request("DELETE", "/api/logs/up-idle")
+        self.assertEqual((status, body["message"]), (200, "Logs of 'up-idle' flushed"))
+        self.assertEqual(self.daemon.get("/api/logs/up-idle")[2]["logs"], [])
+        self.daemon.request("DELETE", "/api/processes/up-idle")
+
     def test_hostile_inputs_get_a_4xx_never_a_500(self):
         self.assertError(self.daemon.get("/api/processes/" + "9" * 5000), 404, "PROCESS_NOT_FOUND")
         deep = b"[" * 100000 + b"]" * 100000
