@@ -61,12 +61,14 @@ import math
 import os
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
 import socket
 import stat as stat_module
 import struct
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -89,6 +91,7 @@ DEFAULT_HOME = "~/.pmdaemon"
 HOME_ENV = "PMDAEMON_HOME"
 API_KEY_ENV = "PMDAEMON_API_KEY"
 URL_ENV = "PMDAEMON_URL"
+PORT_ENV = "PMDAEMON_PORT"
 # Variables of the daemon's own environment that never reach a child.
 SECRET_ENV_NAMES = frozenset({API_KEY_ENV})
 # Files are opened without following a link where the platform allows it.
@@ -120,6 +123,14 @@ MAX_CONNECTIONS = 12_000               # HTTP + WebSocket connections at once
 MAX_LOG_REQUEST_LINES = 10_000         # upper bound of ?lines=
 MAX_JSON_DEPTH = 32                    # nesting of a client's JSON (REST body, WebSocket command)
 FOLLOW_QUEUE_LINES = 10_000            # lines a ?follow=true stream may lag before it is ended
+
+# The command line.
+CLI_TIMEOUT = 30.0                     # seconds for answers that should be quick (list, info)
+ACTION_TIMEOUT = 3600.0                # ... and for actions, which wait for kill_timeout and more
+BACKGROUND_START_TIMEOUT = 10          # seconds a daemon started in the background may take
+DUMP_NAME = "dump.json"                # `save` / `resurrect` default file, in the home
+MONIT_LOG_LINES = 200                  # lines of the selected process that monit keeps
+MONIT_WIDTHS = (4, 20, 10, 7, 5, 6, 7, 7, 8)    # columns of monit's table
 
 # Supervision defaults (milliseconds where the API speaks milliseconds).
 DEFAULT_KILL_TIMEOUT_MS = 1600
@@ -4698,6 +4709,31 @@ def _check_owned(path: str, uid: int) -> os.stat_result:
     return info
 
 
+class SystemdNotifier:
+    """sd_notify(3) without libsystemd: READY=1 once serving, STOPPING=1 on shutdown, and
+    WATCHDOG=1 at half of WatchdogSec, as datagrams to $NOTIFY_SOCKET. Silent elsewhere."""
+
+    def __init__(self, environ: Optional[Dict[str, str]] = None):
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET") or None
+        self.address = "\0" + address[1:] if address and address.startswith("@") else address
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        mine = not pid or pid == str(os.getpid())
+        self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and mine else None
+
+    def notify(self, message: str) -> None:
+        if not self.address:
+            return
+        with contextlib.suppress(OSError):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as channel:
+                channel.sendto(message.encode("utf-8"), self.address)
+
+    async def watchdog(self) -> None:
+        while self.watchdog_interval:
+            await asyncio.sleep(self.watchdog_interval)
+            self.notify("WATCHDOG=1")
+
+
 class Daemon:
     """pmdaemon web: lock the home, restore state, serve, and shut down cleanly on a signal."""
 
@@ -4742,10 +4778,14 @@ class Daemon:
         await supervisor.restore()
         await server.start_serving()
         sampler = asyncio.ensure_future(supervisor.metrics.run(self.config.sample_interval))
-        print("pmdaemon %s listening on http://%s:%d (home %s)" % (
-            __version__, self.config.host if ":" not in self.config.host else "[%s]" % self.config.host,
-            port, self.config.home), flush=True)
+        where = "http://%s:%d" % (self.config.host if ":" not in self.config.host else "[%s]" % self.config.host, port)
+        print("pmdaemon %s listening on %s (home %s)" % (__version__, where, self.config.home), flush=True)
+        notifier = SystemdNotifier()
+        notifier.notify("READY=1\nMAINPID=%d\nSTATUS=serving on %s" % (os.getpid(), where))
+        watchdog = asyncio.ensure_future(notifier.watchdog())
         await stop.wait()
+        notifier.notify("STOPPING=1\nSTATUS=stopping children and saving state")
+        watchdog.cancel()
         log.info("shutting down: stopping children and saving state")
         await server.close()
         sampler.cancel()
@@ -4804,9 +4844,9 @@ class DaemonLogFile(logging.handlers.RotatingFileHandler):
         pass
 
 
-def setup_logging(home: str, level: str) -> None:
+def setup_logging(home: str, level: str, to_stderr: bool = True) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)] if to_stderr else []
     with contextlib.suppress(OSError):
         handlers.append(DaemonLogFile(os.path.join(home, "pmdaemon.log"), maxBytes=DEFAULT_LOG_MAX_SIZE,
                                       backupCount=DEFAULT_LOG_MAX_FILES - 1))
@@ -4816,8 +4856,23 @@ def setup_logging(home: str, level: str) -> None:
     log.setLevel(level.upper())
 
 
+def web_argv(args: argparse.Namespace) -> List[str]:
+    """The options of a parsed `web` command line, for the same daemon run in the background."""
+    argv = ["--port", str(args.port), "--host", args.host, "--log-level", args.log_level]
+    for flag, *_ in WEB_NUMBER_OPTIONS:
+        argv += [flag, str(getattr(args, flag[2:].replace("-", "_")))]
+    for flag, values in (("--allow-host", args.allow_host), ("--cors-origin", args.cors_origin)):
+        for value in values:
+            argv += [flag, value]
+    if getattr(args, "api_key_file", None):
+        argv += ["--api-key-file", os.path.abspath(args.api_key_file)]
+    if args.api_key:
+        argv += ["--api-key", args.api_key]
+    return argv
+
+
 def resolve_api_key(args: argparse.Namespace) -> Optional[str]:
-    if args.api_key_file:
+    if getattr(args, "api_key_file", None):
         with open(args.api_key_file, encoding="utf-8") as handle:
             return handle.read().strip() or None
     return args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -4834,7 +4889,11 @@ def command_web(args: argparse.Namespace) -> int:
               "could run programs as this user. Set --api-key, --api-key-file or %s, or use "
               "--host 127.0.0.1." % (args.host, API_KEY_ENV), file=sys.stderr)
         return 2
-    home = os.path.abspath(os.path.expanduser(args.home or os.environ.get(HOME_ENV) or DEFAULT_HOME))
+    home = client_home(args)
+    if args.daemonize:
+        pid = start_background_daemon(home, web_argv(args))
+        print("pmdaemon: daemon running in the background (pid %d, home %s)" % (pid, home))
+        return 0
     config = DaemonConfig(host=args.host, port=args.port, api_key=api_key, home=home,
                           allow_hosts=tuple(args.allow_host), cors_origins=tuple(args.cors_origin),
                           sample_interval=args.sample_interval, max_connections=args.max_connections,
@@ -4856,7 +4915,7 @@ def command_web(args: argparse.Namespace) -> int:
         print("pmdaemon: cannot use %s as the home directory: %s" % (home, exc.strerror or exc),
               file=sys.stderr)
         return 1
-    setup_logging(home, args.log_level)
+    setup_logging(home, args.log_level, to_stderr=not args.quiet)
     if not forbid_inspection():
         log.warning("prctl(PR_SET_DUMPABLE) is not available: children of this user could read "
                     "the daemon's environment; prefer --api-key-file to $%s" % API_KEY_ENV)
@@ -4873,12 +4932,20 @@ def command_web(args: argparse.Namespace) -> int:
         loop.close()
 
 
-# -- client commands -------------------------------------------------------------------------
+# -- talking to the daemon ------------------------------------------------------------------
+
+class CliError(PMDaemonError):
+    """Ends a command with a one-line message on stderr and an exit status (1: refused/failed)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
 
 class UnixConnection(http.client.HTTPConnection):
     """HTTP over the daemon's Unix socket (the CLI's way to a local daemon)."""
 
-    def __init__(self, path: str, timeout: float):
+    def __init__(self, path: str, timeout: Optional[float]):
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
 
@@ -4888,51 +4955,543 @@ class UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self.socket_path)
 
 
-def daemon_address(args: argparse.Namespace) -> str:
-    """--url, else $PMDAEMON_URL, else the home's Unix socket when there is one, else the default port."""
-    url = args.url or os.environ.get(URL_ENV)
-    if url:
-        return url
-    home = os.path.abspath(os.path.expanduser(os.environ.get(HOME_ENV) or DEFAULT_HOME))
-    path = os.path.join(home, SOCKET_NAME)
-    if os.path.exists(path):
-        return "unix:" + path
-    return "http://127.0.0.1:%d" % DEFAULT_PORT
+def client_home(args: argparse.Namespace) -> str:
+    return os.path.abspath(os.path.expanduser(getattr(args, "home", None) or os.environ.get(HOME_ENV)
+                                              or DEFAULT_HOME))
 
 
-def open_api(args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: Optional[float] = None):
-    """Send one request to the daemon; the http.client response (the caller reads it)."""
-    address = daemon_address(args)
-    if address.startswith("unix:"):
-        connection = UnixConnection(address[5:], timeout or args.timeout)
-    else:
-        parts = urllib.parse.urlsplit(address)
+class Client:
+    """The CLI's link to a daemon: the home's Unix socket, or a URL; the key from
+    --api-key-file or $PMDAEMON_API_KEY. A local daemon is started when none answers."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.home = client_home(args)
+        self.url = getattr(args, "url", None) or os.environ.get(URL_ENV)
+        self.socket_path = os.path.join(self.home, SOCKET_NAME)
+        self.timeout = getattr(args, "timeout", None) or CLI_TIMEOUT
+        self.may_start = not self.url and not getattr(args, "no_daemon", False)
+        self.key = self._key(getattr(args, "api_key_file", None))
+        self._started = False
+
+    @staticmethod
+    def _key(path: Optional[str]) -> Optional[str]:
+        if path:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    return handle.read().strip() or None
+            except OSError as exc:
+                raise CliError("cannot read --api-key-file %s: %s" % (path, exc.strerror or exc), 2) from None
+        return os.environ.get(API_KEY_ENV) or None
+
+    @property
+    def address(self) -> str:
+        return self.url or "unix:" + self.socket_path
+
+    def connection(self, timeout: Optional[float]) -> http.client.HTTPConnection:
+        if not self.url:
+            return UnixConnection(self.socket_path, timeout)
+        parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise OSError("--url must look like http://HOST:PORT, got %r" % address)
+            raise CliError("--url must look like http://HOST:PORT, got %r" % self.url, 2)
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = kind(parts.hostname, parts.port, timeout=timeout or args.timeout)
-        path = parts.path.rstrip("/") + path
-    headers = {"Host": "localhost"} if address.startswith("unix:") else {}
-    data = json_bytes(body) if body is not None else None
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    key = os.environ.get(API_KEY_ENV)
-    if key:
-        headers["Authorization"] = "Bearer " + key
-    connection.request(method, path, body=data, headers=headers)
-    return connection.getresponse()
+        return kind(parts.hostname, parts.port, timeout=timeout)
+
+    def headers(self) -> Dict[str, str]:
+        headers = {"Host": "localhost"} if not self.url else {}
+        if self.key:
+            headers["Authorization"] = "Bearer " + self.key
+        return headers
+
+    def open(self, method: str, path: str, body: Any = None, timeout: Optional[float] = None):
+        """Send one request; the http.client response. Starts a local daemon if none answers."""
+        try:
+            return self._send(method, path, body, timeout)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if not self.may_start or self._started:
+                raise CliError("cannot reach the daemon at %s: %s; start one with `pmdaemon.py web`"
+                               % (self.address, exc.strerror or exc)) from None
+        self.start_daemon()
+        return self._send(method, path, body, timeout)
+
+    def _send(self, method: str, path: str, body: Any, timeout: Optional[float]):
+        connection = self.connection(timeout or self.timeout)
+        base = urllib.parse.urlsplit(self.url).path.rstrip("/") if self.url else ""
+        headers = self.headers()
+        data = json_bytes(body) if body is not None else None
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            connection.request(method, base + path, body=data, headers=headers)
+            return connection.getresponse()
+        except socket.timeout:
+            raise CliError("the daemon did not answer within %g s; the action may still be under way "
+                           "(see `pmdaemon.py ls`)" % (timeout or self.timeout)) from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise
+        except OSError as exc:
+            raise CliError("cannot reach the daemon at %s: %s" % (self.address, exc.strerror or exc)) from None
+
+    def call(self, method: str, path: str, body: Any = None, timeout: Optional[float] = None) -> Tuple[int, Any]:
+        reply = self.open(method, path, body, timeout)
+        raw = reply.read()
+        try:
+            return reply.status, json.loads(raw or b"null")
+        except ValueError:
+            return reply.status, None
+
+    def ok(self, method: str, path: str, body: Any = None, timeout: Optional[float] = None) -> Any:
+        """The body of a 2xx answer; a CliError with the daemon's message otherwise."""
+        status, answer = self.call(method, path, body, timeout)
+        if status >= 300:
+            raise CliError(error_text(answer, status))
+        return answer
+
+    def start_daemon(self) -> None:
+        """Start `web` in the background for this home (like PM2) and wait until it answers."""
+        pid = start_background_daemon(self.home, [])
+        self._started = True
+        print("pmdaemon: started a daemon in the background (pid %d, home %s)" % (pid, self.home),
+              file=sys.stderr)
 
 
-def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
-    reply = open_api(args, method, path, body)
+def running_daemon(home: str) -> Optional[int]:
+    """The pid of the daemon that holds the home's lock and answers on its socket, if any."""
+    pid = None
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(home, "pmdaemon.lock")) as handle:
+            pid = int(handle.read().strip() or 0)
+    if not pid:
+        return None
     try:
-        return reply.status, json.loads(reply.read() or b"null")
-    except ValueError:
-        return reply.status, None
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(1)
+            probe.connect(os.path.join(home, SOCKET_NAME))
+    except OSError:
+        return None
+    return pid
 
 
-def load_apps(path: str) -> List[dict]:
-    """Process definitions from a JSON or TOML file: {"apps": [...]}, [[apps]] or a JSON list."""
+def error_text(answer: Any, status: int) -> str:
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        return "%s (%s)" % (answer["error"].get("message"), answer["error"].get("code"))
+    return "the daemon answered HTTP %d" % status
+
+
+def start_background_daemon(home: str, web_args: List[str]) -> int:
+    """Run `pmdaemon.py web` detached (own session, output to the home), wait until its socket
+    answers; its pid. A daemon that is already running for the home is fine too."""
+    try:
+        secure_home(home)
+    except (HomeError, OSError) as exc:
+        raise CliError("refusing to use %s as the home: %s" % (home, exc)) from None
+    running = running_daemon(home)
+    if running:
+        return running
+    out_path = os.path.join(home, "daemon.out")
+    output = open_private(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "web", "--home", home, "--quiet"]
+                                 + web_args, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                 start_new_session=True, close_fds=True, cwd="/")
+    finally:
+        os.close(output)
+    deadline = time.monotonic() + BACKGROUND_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            running = running_daemon(home)
+            if running:                         # another one won the lock meanwhile: use it
+                return running
+            with open(out_path, errors="replace") as handle:
+                said = handle.read().strip().splitlines()
+            raise CliError("the daemon did not start: %s" % (said[-1] if said else "exit %d" % child.returncode))
+        if running_daemon(home) == child.pid:
+            return child.pid
+        time.sleep(0.02)
+    raise CliError("the daemon did not answer within %d s (see %s)" % (BACKGROUND_START_TIMEOUT, out_path))
+
+
+# -- showing things ---------------------------------------------------------------------------
+
+STATUS_COLOURS = {"online": "32", "starting": "33", "restarting": "33", "stopping": "33",
+                  "stopped": "90", "errored": "31", "healthy": "32", "unhealthy": "31"}
+
+
+def colour(text: str, key: str, enabled: bool) -> str:
+    code = STATUS_COLOURS.get(key)
+    return "\x1b[%sm%s\x1b[0m" % (code, text) if enabled and code else text
+
+
+def human_duration(milliseconds: int) -> str:
+    seconds = milliseconds // 1000
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s" % (seconds // size, unit)
+    return "%ds" % seconds
+
+
+def human_bytes(count: int) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if count >= size:
+            return "%.1f%s" % (count / size, unit)
+    return "%dB" % count
+
+
+def process_rows(processes: List[dict]) -> List[List[str]]:
+    return [[str(p["id"]), p["name"], p["status"], str(p["pid"] or "-"), str(p["port"] or "-"),
+             "%.1f%%" % p["cpu"], human_bytes(p["memory"]), human_duration(p["uptime"]),
+             str(p["restarts"]), p.get("health", "none")] for p in processes]
+
+
+TABLE_COLUMNS = ("id", "name", "status", "pid", "port", "cpu", "mem", "uptime", "restarts", "health")
+
+
+def format_table(processes: List[dict], colours: bool) -> List[str]:
+    """The `ls` table, like `pm2 ls`; colours only for a terminal."""
+    rows = process_rows(processes)
+    widths = [max([len(column)] + [len(row[i]) for row in rows]) for i, column in enumerate(TABLE_COLUMNS)]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(TABLE_COLUMNS, widths)).rstrip()]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        cells[2] = colour(cells[2], row[2], colours)
+        cells[9] = colour(cells[9], row[9], colours)
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def print_log_entry(entry: dict, prefix: str = "", flush: bool = False) -> None:
+    """One log line; on a terminal, control sequences from the child are shown, not obeyed."""
+    text = "%s%s %s %s" % (prefix, entry["timestamp"], entry["type"], entry["message"])
+    if sys.stdout.isatty():
+        text = TERMINAL_CONTROL_RE.sub(lambda match: repr(match.group())[1:-1], text)
+    print(text, flush=flush)
+
+
+def print_fields(fields: List[Tuple[str, Any]]) -> None:
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        print("%s  %s" % (name.ljust(width), "-" if value is None or value == "" else value))
+
+
+# -- the WebSocket client of `logs --follow` and `monit` -----------------------------------------
+
+class WsClient:
+    """A blocking RFC 6455 client on a socket of the Client's (masked frames out)."""
+
+    def __init__(self, client: Client):
+        if client.url:
+            parts = urllib.parse.urlsplit(client.url)
+            raw = socket.create_connection((parts.hostname, parts.port or 80), timeout=10)
+            if parts.scheme == "https":
+                import ssl
+                raw = ssl.create_default_context().wrap_socket(raw, server_hostname=parts.hostname)
+        else:
+            raw = socket.socket(socket.AF_UNIX)
+            raw.settimeout(10)
+            raw.connect(client.socket_path)
+        self.sock = raw
+        key = base64.b64encode(os.urandom(16)).decode()
+        headers = dict(client.headers(), Host=client.headers().get("Host", "localhost"))
+        lines = "".join("%s: %s\r\n" % item for item in headers.items())
+        raw.sendall(("GET /ws HTTP/1.1\r\n%sUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (lines, key)).encode())
+        self.buffer = bytearray()
+        while b"\r\n\r\n" not in self.buffer:
+            chunk = raw.recv(65536)
+            if not chunk:
+                raise CliError("the daemon closed the WebSocket handshake")
+            self.buffer += chunk
+        head, _, rest = bytes(self.buffer).partition(b"\r\n\r\n")
+        self.buffer = bytearray(rest)
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise CliError("the daemon refused the WebSocket: %s" % head.split(b"\r\n")[0].decode("latin-1"))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send_json(self, value: Any) -> None:
+        self.sock.sendall(encode_frame(Opcode.TEXT, json_bytes(value), mask=os.urandom(4)))
+
+    def messages(self) -> List[dict]:
+        """Read what is there (the socket is readable) and return the JSON messages in it."""
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise EOFError("the daemon closed the connection")
+        self.buffer += chunk
+        found = []
+        while True:
+            frame = self._next_frame()
+            if frame is None:
+                return found
+            opcode, payload = frame
+            if opcode == Opcode.TEXT:
+                found.append(json.loads(payload.decode("utf-8")))
+            elif opcode == Opcode.PING:
+                self.sock.sendall(encode_frame(Opcode.PONG, payload, mask=os.urandom(4)))
+            elif opcode == Opcode.CLOSE:
+                raise EOFError("the daemon closed the connection")
+
+    def _next_frame(self) -> Optional[Tuple[int, bytes]]:
+        if len(self.buffer) < 2:
+            return None
+        opcode, length, offset = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F, 2
+        if length == 126:
+            if len(self.buffer) < 4:
+                return None
+            length, offset = struct.unpack_from("!H", self.buffer, 2)[0], 4
+        elif length == 127:
+            if len(self.buffer) < 10:
+                return None
+            length, offset = struct.unpack_from("!Q", self.buffer, 2)[0], 10
+        if len(self.buffer) < offset + length:
+            return None
+        payload = bytes(self.buffer[offset:offset + length])
+        del self.buffer[:offset + length]
+        return opcode, payload
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(encode_frame(Opcode.CLOSE, struct.pack("!H", 1000), mask=os.urandom(4)))
+        self.sock.close()
+
+
+# -- the verbs ------------------------------------------------------------------------------------
+
+def quoted(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def all_processes(client: Client) -> List[dict]:
+    return client.ok("GET", "/api/processes")["processes"]
+
+
+def targets(client: Client, name: str) -> List[str]:
+    """What a verb acts on: the name given, or for `all` every process by its own name."""
+    return [entry["name"] for entry in all_processes(client)] if name == "all" else [name]
+
+
+def group_names(client: Client) -> List[str]:
+    """Every group (or single process) once, by the name it was created with."""
+    names: List[str] = []
+    for entry in all_processes(client):
+        base = client.ok("GET", "/api/processes/" + quoted(entry["name"]))["config"]["name"]
+        if base not in names:
+            names.append(base)
+    return names
+
+
+INTERPRETERS = {".py": lambda: sys.executable, ".sh": lambda: "/bin/sh", ".js": lambda: shutil.which("node")}
+
+
+def script_and_args(script: str, args: List[str], cwd: str) -> Tuple[str, List[str], Optional[str]]:
+    """A file that is not executable runs through its interpreter, chosen by extension (like
+    PM2): .py the running Python, .sh sh, .js node. Returns (script, args, interpreter)."""
+    path = os.path.join(cwd, script)
+    if "/" not in script and not os.path.isfile(path):
+        return script, args, None                   # a command on PATH
+    if not os.path.isfile(path) or os.access(path, os.X_OK):
+        return script, args, None
+    find = INTERPRETERS.get(os.path.splitext(script)[1].lower())
+    interpreter = find() if find else None
+    if interpreter is None:
+        return script, args, None                   # the daemon says what is wrong with it
+    return interpreter, [os.path.abspath(path)] + list(args), interpreter
+
+
+def parse_env_options(items: List[str]) -> Dict[str, str]:
+    env = {}
+    for item in items or ():
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise CliError("-e/--env needs KEY=VALUE, got %r" % item, 2)
+        env[key] = value
+    return env
+
+
+def verb_start(client: Client, args: argparse.Namespace) -> int:
+    target = args.target
+    if target.endswith((".json", ".toml")) and os.path.isfile(target):
+        args.file, args.prune = target, False
+        return verb_apply(client, args)
+    options = {key: value for key, value in (
+        ("instances", args.instances), ("port", args.port), ("max_memory_restart", args.max_memory),
+        ("wait_ready", args.wait_ready or None)) if value is not None}
+    if args.health_url:
+        options["health_check"] = {"type": "http", "url": args.health_url}
+    env = parse_env_options(args.env)
+    existing = client.call("GET", "/api/processes/" + quoted(args.name or target))
+    if existing[0] == 200 and not (options or env or args.script_args or args.cwd):
+        answer = client.call("POST", "/api/processes/%s/start" % quoted(args.name or target), timeout=ACTION_TIMEOUT)
+        if answer[0] == 409 and answer[1]["error"]["code"] == "PROCESS_ALREADY_RUNNING":
+            print("%s: already running" % (args.name or target))
+            return 0
+        return report(args, answer, "%s: started" % (args.name or target))
+    cwd = os.path.abspath(args.cwd or os.getcwd())
+    script, script_args, interpreter = script_and_args(target, args.script_args, cwd)
+    name = args.name or re.sub(r"[^A-Za-z0-9._-]", "-", os.path.splitext(os.path.basename(target))[0])[:64]
+    config = dict(options, name=name, script=script, args=script_args, cwd=cwd)
+    if env:
+        config["env"] = env
+    if interpreter:
+        print("%s: running %s with %s" % (name, target, interpreter))
+    if client.call("GET", "/api/processes/" + quoted(name))[0] == 200:
+        answer = client.call("PATCH", "/api/processes/" + quoted(name), config, timeout=ACTION_TIMEOUT)
+        if answer[0] == 200 and answer[1]["applied"] in ("unchanged", "saved"):
+            answer = client.call("POST", "/api/processes/%s/start" % quoted(name), timeout=ACTION_TIMEOUT)
+            if answer[0] == 409:
+                print("%s: already running, unchanged" % name)
+                return 0
+        return report(args, answer, "%s: updated" % name)
+    return report(args, client.call("POST", "/api/processes", config, timeout=ACTION_TIMEOUT), None)
+
+
+def report(args: argparse.Namespace, answer: Tuple[int, Any], text: Optional[str]) -> int:
+    """Print the outcome of an action; 1 when it failed (a created process that cannot run, too)."""
+    status, body = answer
+    if getattr(args, "json", False):
+        print(json.dumps(body, indent=2))
+    errored = isinstance(body, dict) and (body.get("process") or {}).get("status") == "errored"
+    if status >= 300 or errored:
+        if not getattr(args, "json", False):
+            print("pmdaemon: %s" % (body["message"] if errored else error_text(body, status)), file=sys.stderr)
+        return 1
+    if not getattr(args, "json", False):
+        print(text or body.get("message"))
+    return 0
+
+
+ACTIONS = {"stop": ("POST", "/api/processes/%s/stop", "stopped"),
+           "restart": ("POST", "/api/processes/%s/restart", "restarted"),
+           "reload": ("POST", "/api/processes/%s/reload", "reloaded"),
+           "delete": ("DELETE", "/api/processes/%s", "deleted")}
+
+
+def verb_action(client: Client, args: argparse.Namespace) -> int:
+    method, path, done = ACTIONS[args.verb]
+    failed = 0
+    names = targets(client, args.target)
+    if not names:
+        print("no processes")
+    for name in names:
+        status, body = client.call(method, path % quoted(name), timeout=ACTION_TIMEOUT)
+        if status >= 300:
+            failed += 1
+            print("pmdaemon: %s: %s" % (name, error_text(body, status)), file=sys.stderr)
+        elif args.json:
+            print(json.dumps(body))
+        else:
+            print("%s: %s" % (name, "not running" if "was not running" in body["message"] else done))
+    return 1 if failed else 0
+
+
+def verb_scale(client: Client, args: argparse.Namespace) -> int:
+    return report(args, client.call("PATCH", "/api/processes/" + quoted(args.name), {"instances": args.count},
+                                    timeout=ACTION_TIMEOUT), None)
+
+
+def verb_list(client: Client, args: argparse.Namespace) -> int:
+    body = client.ok("GET", "/api/processes")
+    if args.json:
+        print(json.dumps(body, indent=2))
+    else:
+        print("\n".join(format_table(body["processes"], sys.stdout.isatty())))
+    return 0
+
+
+def verb_info(client: Client, args: argparse.Namespace) -> int:
+    body = client.ok("GET", "/api/processes/" + quoted(args.name))
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    for index, entry in enumerate(body.get("processes", [body])):
+        if index:
+            print()
+        config = entry["config"]
+        command = " ".join(shlex.quote(part) for part in [config["script"]] + config["args"])
+        exit_info = entry["last_exit"] and "code %s, signal %s, after %s, at %s" % (
+            entry["last_exit"]["code"], entry["last_exit"]["signal"],
+            human_duration(entry["last_exit"]["uptime"]), entry["last_exit"]["at"])
+        print_fields([("name", entry["name"]), ("id", entry["id"]), ("status", entry["status"]),
+                      ("pid", entry["pid"]), ("port", entry["port"]), ("command", command),
+                      ("cwd", config["cwd"]), ("uptime", human_duration(entry["uptime"])),
+                      ("started at", entry["started_at"]), ("restarts", entry["restarts"]),
+                      ("cpu", "%.1f%%" % entry["cpu"]), ("memory", human_bytes(entry["memory"])),
+                      ("health", entry["health"]), ("last exit", exit_info), ("error", entry["error"]),
+                      ("next restart", entry["next_restart_at"]),
+                      ("waiting for", ", ".join(entry["waiting_for"])),
+                      ("stdout log", entry["log_files"]["stdout"]), ("stderr log", entry["log_files"]["stderr"])])
+    return 0
+
+
+def verb_system(client: Client, args: argparse.Namespace) -> int:
+    body = client.ok("GET", "/api/system")
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    memory, load = body["memory"], body["load"]
+    print_fields([("cpu", "%.1f%% of %d cores" % (body["cpu"]["usage"], body["cpu"]["cores"])),
+                  ("memory", "%s used of %s (%.1f%%), %s available" % (
+                      human_bytes(memory["used"]), human_bytes(memory["total"]), memory["usage_percent"],
+                      human_bytes(memory["available"]))),
+                  ("load", "%.2f %.2f %.2f" % (load["one"], load["five"], load["fifteen"])),
+                  ("uptime", human_duration(body["uptime"] * 1000)), ("at", body["timestamp"])])
+    return 0
+
+
+def verb_logs(client: Client, args: argparse.Namespace) -> int:
+    wanted_type = "stderr" if args.err else "stdout" if args.out else "all"
+    names = [args.name] if args.name else [entry["name"] for entry in all_processes(client)]
+    prefix_all = not args.name or len(names) > 1
+    stream = None
+    if args.follow:                  # subscribe first: no line falls between backlog and stream
+        stream = WsClient(client)
+        stream.send_json({"type": "filter", "types": ["log", "subscribed", "error"], "processes": None})
+        stream.send_json({"type": "subscribe", "channel": "logs", "process": args.name or "*"})
+    backlog = []
+    for name in names:
+        body = client.ok("GET", "/api/logs/%s?lines=%d&type=%s" % (quoted(name), args.lines, wanted_type))
+        for entry in body["logs"]:
+            backlog.append(dict(entry, process=entry.get("process", name)))
+    backlog.sort(key=lambda entry: entry["timestamp"])
+    for entry in backlog[-args.lines:] if args.lines else []:
+        print_log_entry(entry, "%s | " % entry["process"] if prefix_all or "process" in entry and len(names) == 1
+                        and entry["process"] != args.name else "")
+    sys.stdout.flush()
+    if stream is None:
+        return 0
+    seen = {(entry["timestamp"], entry["process"], entry["message"]) for entry in backlog}
+    try:
+        while True:
+            select.select([stream], [], [])
+            for message in stream.messages():
+                if message["type"] == "error":
+                    raise CliError(error_text({"error": message["data"]}, 400))
+                data = message["data"]
+                if message["type"] != "log" or (wanted_type != "all" and data["type"] != wanted_type):
+                    continue
+                if (data["timestamp"], data["process"], data["message"]) in seen:
+                    continue
+                label = "%s | " % data["process"] if prefix_all or data["process"] != args.name else ""
+                print_log_entry(data, label, flush=True)
+    except (KeyboardInterrupt, EOFError):
+        return 0
+    finally:
+        stream.close()
+
+
+def verb_flush(client: Client, args: argparse.Namespace) -> int:
+    names = [args.name] if args.name else [entry["name"] for entry in all_processes(client)]
+    for name in names:
+        client.ok("DELETE", "/api/logs/" + quoted(name))
+        print("%s: logs flushed" % name)
+    return 0
+
+
+# -- files of processes: apply, save, resurrect ------------------------------------------------
+
+def load_apps(path: str, env_name: Optional[str] = None) -> List[dict]:
+    """Process definitions from a JSON or TOML file ({"apps": [...]}, [[apps]] or a JSON list),
+    made to say what PM2 ecosystem files mean: numbers in env become strings, env_NAME blocks
+    are merged when chosen with --env NAME (and dropped otherwise), args may be one string."""
     with open(path, "rb") as handle:
         raw = handle.read()
     if path.endswith(".toml"):
@@ -4946,100 +5505,294 @@ def load_apps(path: str) -> List[dict]:
     apps = data.get("apps") if isinstance(data, dict) else data
     if not isinstance(apps, list) or not all(isinstance(app, dict) for app in apps):
         raise ValueError("expected a list of process objects under 'apps'")
-    return apps
+    return [ecosystem_app(app, env_name, os.path.dirname(os.path.abspath(path))) for app in apps]
 
 
-def apply_apps(args: argparse.Namespace) -> int:
-    """Create every process of a file that the daemon does not have yet; report each one."""
+def ecosystem_app(app: dict, env_name: Optional[str], base_dir: str) -> dict:
+    app = dict(app)
+    env = dict(app.get("env") or {}) if isinstance(app.get("env") or {}, dict) else app.get("env")
+    chosen = app.get("env_" + env_name) if env_name else None
+    for key in [key for key in app if key.startswith("env_")]:
+        del app[key]
+    if isinstance(env, dict):
+        if isinstance(chosen, dict):
+            env.update(chosen)
+        app["env"] = {key: value if isinstance(value, str) else json.dumps(value) for key, value in env.items()}
+    if isinstance(app.get("args"), str):
+        app["args"] = shlex.split(app["args"])
+    if isinstance(app.get("script"), str):
+        cwd = os.path.join(base_dir, app.get("cwd") or "")
+        app["script"], app["args"], _ = script_and_args(app["script"], app.get("args") or [], cwd)
+        app["cwd"] = os.path.abspath(cwd)
+    return app
+
+
+def verb_apply(client: Client, args: argparse.Namespace) -> int:
+    """Make the daemon run what the file says: create what is new, update what changed, leave
+    what is equal, and with --prune delete what the file no longer names. A line per app."""
     try:
-        apps = load_apps(args.file)
+        apps = load_apps(args.file, getattr(args, "env_name", None))
     except (OSError, ValueError) as exc:
-        print("pmdaemon: cannot read %s: %s" % (args.file, exc), file=sys.stderr)
-        return 2
+        raise CliError("cannot read %s: %s" % (args.file, exc), 2) from None
     failed = 0
     for app in apps:
-        status, body = api_call(args, "POST", "/api/processes", app)
-        name = app.get("name", "?")
-        if status == 201:
-            print("%s: %s" % (name, body["message"]))
-        elif status == 409 and body["error"]["code"] == "PROCESS_ALREADY_EXISTS":
-            print("%s: already managed, left as it is" % name)
-        else:
-            failed += 1
-            print("%s: %s" % (name, body["error"]["message"] if body else "HTTP %d" % status))
+        failed += apply_one(client, app)
+    if getattr(args, "prune", False):
+        named = {app.get("name") for app in apps}
+        for name in group_names(client):
+            if name not in named:
+                client.ok("DELETE", "/api/processes/" + quoted(name), timeout=ACTION_TIMEOUT)
+                print("%s: deleted (not in %s)" % (name, args.file))
     return 1 if failed else 0
 
 
-def follow_logs(args: argparse.Namespace, quoted: str) -> int:
-    """Print the last lines, then new ones as they come, until the process is deleted or ^C."""
-    try:
-        reply = open_api(args, "GET", "/api/logs/%s?lines=%d&follow=true" % (quoted, args.lines), timeout=3600 * 24)
-        if reply.status != 200:
-            print(reply.read().decode("utf-8", "replace"), file=sys.stderr)
-            return 1
-        for line in reply:
-            print_log_entry(json.loads(line), flush=True)
-    except KeyboardInterrupt:
-        pass
+def apply_one(client: Client, app: dict) -> int:
+    name = str(app.get("name", "?"))
+    wanted_status = app.pop("status", None)
+    exists = isinstance(app.get("name"), str) and client.call("GET", "/api/processes/" + quoted(name))[0] == 200
+    if exists:
+        status, body = client.call("PATCH", "/api/processes/" + quoted(name), app, timeout=ACTION_TIMEOUT)
+        said = body and {"unchanged": "unchanged", "saved": "updated", "scaled": "updated (scaled)",
+                         "restarted": "updated (restarted)"}.get(body.get("applied"))
+    else:
+        status, body = client.call("POST", "/api/processes", app, timeout=ACTION_TIMEOUT)
+        said = "created" if app.get("autostart", True) else "created (not started)"
+        if status < 300 and body["process"]["status"] == "errored":
+            status, said = 422, None
+            body = {"error": {"message": body["message"], "code": "START_FAILED"}}
+    if status >= 300:
+        print("%s: %s" % (name, error_text(body, status)))
+        return 1
+    if wanted_status in ("online", "stopped") and exists:
+        client.call("POST", "/api/processes/%s/%s" % (quoted(name), "start" if wanted_status == "online" else "stop"),
+                    timeout=ACTION_TIMEOUT)
+    print("%s: %s" % (name, said))
     return 0
 
 
-def print_log_entry(entry: dict, flush: bool = False) -> None:
-    """One log line; on a terminal, control sequences from the child are shown, not obeyed."""
-    text = "%s %s %s" % (entry["timestamp"], entry["type"], entry["message"])
-    if sys.stdout.isatty():
-        text = TERMINAL_CONTROL_RE.sub(lambda match: repr(match.group())[1:-1], text)
-    print(text, flush=flush)
+def dump_path(client: Client, args: argparse.Namespace) -> str:
+    return os.path.abspath(args.file or os.path.join(client.home, DUMP_NAME))
 
 
-def print_table(processes: List[dict]) -> None:
-    columns = ("id", "name", "status", "pid", "port", "cpu", "memory", "uptime", "restarts")
-    rows = [[str(p["id"]), p["name"], p["status"], str(p["pid"] or "-"), str(p["port"] or "-"),
-             "%.1f%%" % p["cpu"], "%.1fM" % (p["memory"] / 1048576), "%ds" % (p["uptime"] // 1000),
-             str(p["restarts"])] for p in processes]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
-    for row in [list(columns)] + rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+def verb_save(client: Client, args: argparse.Namespace) -> int:
+    """Write every process's settings and status to a file that `resurrect` restores exactly."""
+    apps, groups = [], set()
+    for entry in all_processes(client):
+        details = client.ok("GET", "/api/processes/" + quoted(entry["name"]))
+        config = details["config"]
+        if config["name"] in groups:
+            continue
+        groups.add(config["name"])
+        if details["port"] is not None:
+            config["env"].pop("PORT", None)         # injected, not configured
+        running = entry["status"] not in ("stopped", "errored")
+        apps.append(dict(config, autostart=running, status="online" if running else "stopped"))
+    path = dump_path(client, args)
+    atomic_write(path, json.dumps({"apps": apps}, indent=1).encode())
+    print("saved %d process(es) to %s" % (len(apps), path))
+    return 0
 
 
-def command_client(args: argparse.Namespace) -> int:
-    quoted = urllib.parse.quote(getattr(args, "target", "") or "", safe="")
-    if args.command == "apply":
-        return apply_apps(args)
-    if args.command == "list":
-        status, body = api_call(args, "GET", "/api/processes")
-        if status == 200 and not args.json:
-            print_table(body["processes"])
-            return 0
-    elif args.command == "start":
-        config = {"name": args.name, "script": args.script, "args": args.args}
-        for option in ("cwd", "port", "instances"):
-            if getattr(args, option) is not None:
-                config[option] = getattr(args, option)
-        if args.env:
-            config["env"] = dict(item.split("=", 1) for item in args.env)
-        status, body = api_call(args, "POST", "/api/processes", config)
-    elif args.command in ("stop", "restart"):
-        status, body = api_call(args, "POST", "/api/processes/%s/%s" % (quoted, args.command))
-    elif args.command == "delete":
-        status, body = api_call(args, "DELETE", "/api/processes/" + quoted)
-    elif args.command == "info":
-        status, body = api_call(args, "GET", "/api/processes/" + quoted)
-    elif args.command == "logs" and args.follow:
-        return follow_logs(args, quoted)
-    elif args.command == "logs":
-        status, body = api_call(args, "GET", "/api/logs/%s?lines=%d" % (quoted, args.lines))
-        if status == 200 and not args.json:
-            for entry in body["logs"]:
-                print_log_entry(entry)
-            return 0
-    else:
-        status, body = api_call(args, "GET", "/api/system")
-    print(json.dumps(body, indent=2))
-    # Created but unable to run (POST answers 201 with status errored) is a failure to the user.
-    errored = isinstance(body, dict) and (body.get("process") or {}).get("status") == "errored"
-    return 0 if status < 400 and not errored else 1
+def verb_resurrect(client: Client, args: argparse.Namespace) -> int:
+    args.file, args.prune = dump_path(client, args), False
+    if not os.path.exists(args.file):
+        raise CliError("nothing to resurrect: %s does not exist (see `pmdaemon.py save`)" % args.file)
+    return verb_apply(client, args)
 
+
+# -- boot: startup ------------------------------------------------------------------------------
+
+def systemd_unit(home: str, user: str) -> str:
+    """A unit that runs this file's daemon for this home under systemd."""
+    command = " ".join(shlex.quote(part) for part in (sys.executable, os.path.abspath(__file__), "web",
+                                                       "--home", home, "--quiet"))
+    return ("[Unit]\nDescription=pmdaemon process manager (home %s)\nAfter=network-online.target\n"
+            "Wants=network-online.target\n\n[Service]\nType=notify\nNotifyAccess=main\nUser=%s\n"
+            "Environment=PMDAEMON_HOME=%s\nExecStart=%s\nRestart=on-failure\nRestartSec=2\n"
+            "# pmdaemon stops its children itself (process groups, kill_timeout): systemd only\n"
+            "# signals the daemon, and gives it time.\nKillMode=process\nTimeoutStopSec=120\n"
+            "WatchdogSec=30\n\n[Install]\nWantedBy=multi-user.target\n" % (home, user, home, command))
+
+
+def verb_startup(client_args: argparse.Namespace) -> int:
+    home = client_home(client_args)
+    user = pwd_name(os.getuid())
+    unit = systemd_unit(home, user)
+    name = "pmdaemon-%s.service" % re.sub(r"[^A-Za-z0-9_.-]", "-", user)
+    if not os.path.isdir("/run/systemd/system"):
+        cron = "@reboot %s %s web --home %s --daemonize" % (shlex.quote(sys.executable),
+                                                            shlex.quote(os.path.abspath(__file__)), shlex.quote(home))
+        print("This machine does not run systemd. To start pmdaemon at boot, add this line to the\n"
+              "crontab of %s (crontab -e):\n\n%s\n" % (user, cron))
+        return 1 if client_args.install else 0
+    if not client_args.install:
+        print("# %s: write it to /etc/systemd/system/%s, then\n# systemctl daemon-reload && "
+              "systemctl enable --now %s\n# (or run `pmdaemon.py startup --install` as root)\n" % (name, name, name))
+        print(unit, end="")
+        return 0
+    if os.geteuid() != 0:
+        raise CliError("--install writes /etc/systemd/system/%s: run it as root (sudo), or without "
+                       "--install to print the unit" % name)
+    path = os.path.join("/etc/systemd/system", name)
+    with open(path, "w") as handle:
+        handle.write(unit)
+    for command in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", name]):
+        if subprocess.run(command).returncode:
+            raise CliError("`%s` failed; the unit is in %s" % (" ".join(command), path))
+    print("installed and started %s" % path)
+    return 0
+
+
+def pwd_name(uid: int) -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+# -- monit: a live terminal view over the WebSocket ---------------------------------------------
+
+class MonitView:
+    """What `monit` shows, kept from WebSocket messages: processes, system, the selected
+    process's last lines. Drawing is separate (draw_monit), so this part is plain data."""
+
+    def __init__(self):
+        self.processes: Dict[str, dict] = {}
+        self.system: dict = {}
+        self.selected = 0
+        self.scroll = 0
+        self.logs: List[dict] = []
+        self.status = "q quit  up/down select  r restart  s stop  S start  PgUp/PgDn scroll logs"
+
+    def apply(self, message: dict) -> None:
+        kind, data = message["type"], message["data"]
+        if kind == "process_update":
+            self.processes[data["name"]] = data
+        elif kind == "system_update":
+            self.system = data
+        elif kind == "process_event" and data["event"] == "deleted":
+            self.processes.pop(data["process"], None)
+        elif kind == "log" and data["process"] == self.selected_name():
+            self.logs = (self.logs + [data])[-MONIT_LOG_LINES:]
+
+    def ordered(self) -> List[dict]:
+        return sorted(self.processes.values(), key=lambda entry: entry["id"])
+
+    def selected_name(self) -> Optional[str]:
+        ordered = self.ordered()
+        if not ordered:
+            return None
+        self.selected = max(0, min(self.selected, len(ordered) - 1))
+        return ordered[self.selected]["name"]
+
+
+def draw_monit(screen, view: MonitView) -> None:
+    import curses
+    screen.erase()
+    height, width = screen.getmaxyx()
+
+    def put(row: int, text: str, attribute: int = 0) -> None:
+        if 0 <= row < height:
+            with contextlib.suppress(curses.error):
+                screen.addnstr(row, 0, text.ljust(width), max(0, width - 1), attribute)
+    system = view.system
+    memory = system.get("memory") or {}
+    load = system.get("load") or {}
+    put(0, "pmdaemon monit  cpu %5.1f%%  mem %5.1f%%  load %s" % (
+        system.get("cpu", 0.0), memory.get("usage_percent", 0.0),
+        " ".join("%.2f" % load.get(key, 0.0) for key in ("one", "five", "fifteen"))), curses.A_BOLD)
+    put(1, "  ".join(column.ljust(size) for column, size in zip(TABLE_COLUMNS[:9], MONIT_WIDTHS)), curses.A_UNDERLINE)
+    selected = view.selected_name()
+    ordered = view.ordered()
+    for index, row in enumerate(process_rows([dict(entry, health=entry.get("health", "")) for entry in ordered])):
+        line = "  ".join(cell[:size].ljust(size) for cell, size in zip(row[:9], MONIT_WIDTHS))
+        put(2 + index, line, curses.A_REVERSE if ordered[index]["name"] == selected else 0)
+    top = 3 + len(ordered)
+    put(top, "-- %s --" % (selected or "no processes"), curses.A_BOLD)
+    room = max(0, height - top - 2)
+    view.scroll = max(0, min(view.scroll, max(0, len(view.logs) - room)))
+    end = len(view.logs) - view.scroll
+    for offset, entry in enumerate(view.logs[max(0, end - room):end]):
+        text = TERMINAL_CONTROL_RE.sub(lambda match: repr(match.group())[1:-1], entry["message"])
+        put(top + 1 + offset, "%s %s" % (entry["type"][3:], text))
+    put(height - 1, view.status, curses.A_DIM)
+    screen.refresh()
+
+
+def monit_key(client: Client, stream: WsClient, view: MonitView, key: int) -> bool:
+    """Act on a key; False to quit."""
+    import curses
+    name = view.selected_name()
+    if key in (ord("q"), 27):
+        return False
+    if key in (curses.KEY_UP, ord("k")):
+        view.selected -= 1
+    elif key in (curses.KEY_DOWN, ord("j")):
+        view.selected += 1
+    elif key == curses.KEY_PPAGE:
+        view.scroll += 5
+    elif key == curses.KEY_NPAGE:
+        view.scroll -= 5
+    elif name and key in (ord("r"), ord("s"), ord("S")):
+        action = {ord("r"): "restart", ord("s"): "stop", ord("S"): "start"}[key]
+        status, body = client.call("POST", "/api/processes/%s/%s" % (quoted(name), action), timeout=ACTION_TIMEOUT)
+        view.status = "%s %s: %s" % (action, name, body.get("message") if status < 300 else error_text(body, status))
+    if view.selected_name() != name:
+        view.logs, view.scroll = [], 0
+        switch_log_subscription(stream, name, view.selected_name())
+    return True
+
+
+def switch_log_subscription(stream: WsClient, old: Optional[str], new: Optional[str]) -> None:
+    if old:
+        stream.send_json({"type": "unsubscribe", "channel": "logs", "process": old})
+    if new:
+        stream.send_json({"type": "subscribe", "channel": "logs", "process": new})
+
+
+def verb_monit(client: Client, args: argparse.Namespace) -> int:
+    import curses
+    if not sys.stdout.isatty():
+        raise CliError("monit needs a terminal")
+    client.ok("GET", "/api/system")          # reach (or start) the daemon before the screen changes
+    stream = WsClient(client)
+
+    def run(screen) -> int:
+        curses.curs_set(0)
+        screen.nodelay(True)
+        screen.keypad(True)
+        view = MonitView()
+        subscribed = None
+        while True:
+            readable, _, _ = select.select([stream, sys.stdin], [], [], 0.5)
+            if stream in readable:
+                for message in stream.messages():
+                    view.apply(message)
+            if view.selected_name() != subscribed:
+                switch_log_subscription(stream, subscribed, view.selected_name())
+                subscribed = view.selected_name()
+                view.logs = [dict(entry, process=subscribed) for entry in client.ok(
+                    "GET", "/api/logs/%s?lines=%d" % (quoted(subscribed), MONIT_LOG_LINES))["logs"]] if subscribed else []
+            key = screen.getch()
+            while key != -1:
+                if key == curses.KEY_RESIZE:
+                    curses.update_lines_cols()
+                elif not monit_key(client, stream, view, key):
+                    return 0
+                key = screen.getch()
+            draw_monit(screen, view)
+    try:
+        return curses.wrapper(run)             # restores the terminal on any exit
+    except EOFError:
+        raise CliError("the daemon closed the connection") from None
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stream.close()
+
+
+# -- argument parsing and main ------------------------------------------------------------------
 
 def bounded(kind: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
     """An argparse type that also checks the range, so --port 70000 is a usage error."""
@@ -5073,23 +5826,108 @@ WEB_NUMBER_OPTIONS = (
      "bytes that request bodies being received may hold, all connections together; above it 503"),
 )
 
+# verb: (function, help, how it takes a target: None, "one" name, "optional" name, "all" name|all)
+VERBS = {
+    "start": (verb_start, "start a program, a JSON/TOML file of apps, or a stopped process", None),
+    "stop": (verb_action, "stop a process (its whole group), or all", "all"),
+    "restart": (verb_action, "restart a process, or all", "all"),
+    "reload": (verb_action, "restart a group one copy at a time (zero downtime), or all", "all"),
+    "delete": (verb_action, "stop and remove a process, or all", "all"),
+    "scale": (verb_scale, "change how many copies of a process run", None),
+    "list": (verb_list, "the process table (alias: ls)", None),
+    "info": (verb_info, "everything about one process", "one"),
+    "system": (verb_system, "host cpu, memory and load", None),
+    "logs": (verb_logs, "last lines of a process's logs, or of all; --follow for new ones", "optional"),
+    "flush": (verb_flush, "empty the logs of a process, or of all", "optional"),
+    "monit": (verb_monit, "a live terminal view: processes, system, logs; keys act", None),
+    "apply": (verb_apply, "make the daemon run what a JSON/TOML file of apps says", None),
+    "save": (verb_save, "write every process and its status to a file (default $PMDAEMON_HOME/dump.json)", None),
+    "resurrect": (verb_resurrect, "bring back what `save` wrote, stopped ones stopped", None),
+    "startup": (None, "print (or --install) a systemd unit that starts pmdaemon at boot", None),
+}
+
+
+def add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """Options every verb takes, before or after it (defaults only on the top parser, so a
+    value given before the verb is not reset by the verb's own parser)."""
+    default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    parser.add_argument("--url", default=default(None), help="daemon URL (default: $%s, else the Unix socket "
+                        "of the home)" % URL_ENV)
+    parser.add_argument("--home", default=default(None), help="the daemon's home (default $%s or %s)"
+                        % (HOME_ENV, DEFAULT_HOME))
+    parser.add_argument("--api-key-file", default=default(None), metavar="FILE",
+                        help="read the API key from FILE (default: $%s)" % API_KEY_ENV)
+    parser.add_argument("--json", action="store_true", default=default(False), help="print the raw JSON")
+    parser.add_argument("--no-daemon", action="store_true", default=default(False),
+                        help="do not start a daemon when none runs")
+    parser.add_argument("--timeout", type=bounded(float, 0.1, 86400), default=default(CLI_TIMEOUT),
+                        metavar="SECONDS", help="for answers that should be quick (default %g)" % CLI_TIMEOUT)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pmdaemon.py", description="Process manager with a REST + WebSocket API "
-        "(PMDaemon Web API), standard library only.")
+        "(PMDaemon Web API), standard library only. Exit status: 0 done, 1 refused or failed, 2 usage.")
     parser.add_argument("--version", action="version", version="pmdaemon.py " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    web = commands.add_parser("web", help="run the daemon and its web API",
-                              description="Run the daemon: supervise processes, serve REST and WebSocket.")
-    web.add_argument("--port", type=bounded(int, 0, 65535), default=DEFAULT_PORT, help="port to bind (default %(default)s; 0 = any free port)")
+    add_global_options(parser, defaults=True)
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    add_global_options(common, defaults=False)
+    web = verbs.add_parser("web", help="run the daemon and its web API", parents=[common],
+                           description="Run the daemon: supervise processes, serve REST and WebSocket.")
+    add_web_options(web)
+    for verb, (_, text, target) in VERBS.items():
+        sub = verbs.add_parser(verb, help=text, description=text, parents=[common],
+                               aliases=["ls"] if verb == "list" else [])
+        if target == "all":
+            sub.add_argument("target", metavar="NAME|ID|all")
+        elif target in ("one", "optional"):
+            sub.add_argument("name", metavar="NAME_OR_ID", nargs="?" if target == "optional" else None)
+        add_verb_options(verb, sub)
+    return parser
+
+
+def add_verb_options(verb: str, sub: argparse.ArgumentParser) -> None:
+    if verb == "start":
+        sub.add_argument("target", metavar="SCRIPT|FILE|NAME", help="a program (a file runs through its "
+                         "interpreter when not executable), a .json/.toml file of apps, or a process")
+        sub.add_argument("script_args", nargs="*", metavar="ARG", help="arguments for the program (after --)")
+        sub.add_argument("--name", help="the process name (default: the script's name)")
+        sub.add_argument("-i", "--instances", type=bounded(int, 1, MAX_INSTANCES), help="copies to run")
+        sub.add_argument("--port", help="a port, a range A-B, auto or auto:A-B")
+        sub.add_argument("--cwd", help="working directory (default: the current one)")
+        sub.add_argument("-e", "--env", action="append", metavar="KEY=VALUE", help="environment (repeatable)")
+        sub.add_argument("--max-memory", metavar="SIZE", help="restart above this RSS, e.g. 150M")
+        sub.add_argument("--health-url", metavar="URL", help="an HTTP health check ({port} is replaced)")
+        sub.add_argument("--wait-ready", action="store_true", help="starting until the health check passes")
+    elif verb == "scale":
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("count", type=bounded(int, 1, MAX_INSTANCES), metavar="N")
+    elif verb == "logs":
+        sub.add_argument("--lines", "-n", type=bounded(int, 0, MAX_LOG_REQUEST_LINES), default=20)
+        sub.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+        which = sub.add_mutually_exclusive_group()
+        which.add_argument("--err", action="store_true", help="stderr only")
+        which.add_argument("--out", action="store_true", help="stdout only")
+    elif verb in ("apply", "save", "resurrect"):
+        sub.add_argument("file", nargs=None if verb == "apply" else "?",
+                         help="a .json file, or .toml with Python 3.11+")
+        if verb == "apply":
+            sub.add_argument("--prune", action="store_true", help="delete processes the file does not name")
+            sub.add_argument("--env", dest="env_name", metavar="NAME", help="merge each app's env_NAME block")
+    elif verb == "startup":
+        sub.add_argument("--install", action="store_true", help="write and enable the unit (root)")
+
+
+def add_web_options(web: argparse.ArgumentParser) -> None:
+    port = bounded(int, 0, 65535)
+    web.add_argument("--port", type=port, default=port(os.environ.get(PORT_ENV, str(DEFAULT_PORT))),
+                     help="port to bind (default $%s or %d; 0 = any free port)" % (PORT_ENV, DEFAULT_PORT))
     web.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s); "
                      "a non-loopback address requires an API key")
     web.add_argument("--api-key", help="API key required on every /api request and /ws handshake "
                      "(default: $%s); prefer the variable or --api-key-file, since arguments are "
                      "visible to other users in ps" % API_KEY_ENV)
-    web.add_argument("--api-key-file", help="read the API key from this file")
-    web.add_argument("--home", help="state and logs directory (default $%s or %s)" % (HOME_ENV, DEFAULT_HOME))
     web.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                      help="also accept this Host name without an API key (repeatable)")
     web.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -5098,48 +5936,42 @@ def build_parser() -> argparse.ArgumentParser:
         web.add_argument(flag, type=bounded(kind, low, high), default=default,
                          metavar="SECONDS" if kind is float else "N", help=text + " (default %(default)s)")
     web.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    client_help = {"list": "list processes", "info": "show one process", "stop": "stop a process",
-                   "restart": "restart a process", "delete": "stop and remove a process",
-                   "logs": "print a process's last log lines", "system": "show system metrics",
-                   "start": "start a new process",
-                   "apply": "create the processes of a JSON or TOML file ({\"apps\": [...]})"}
-    for name, text in client_help.items():
-        sub = commands.add_parser(name, help=text + " (talks to a running daemon)", description=text)
-        sub.add_argument("--url", help="daemon URL (default $%s, else the Unix socket of $%s, else "
-                         "http://127.0.0.1:%d); key from $%s" % (URL_ENV, HOME_ENV, DEFAULT_PORT, API_KEY_ENV))
-        sub.add_argument("--timeout", type=float, default=30.0)
-        sub.add_argument("--json", action="store_true", help="print the raw JSON")
-        if name in ("info", "stop", "restart", "delete", "logs"):
-            sub.add_argument("target", metavar="NAME_OR_ID")
-        if name == "logs":
-            sub.add_argument("--lines", type=int, default=20)
-            sub.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
-        if name == "apply":
-            sub.add_argument("file", help="a .json file, or .toml with Python 3.11+")
-        if name == "start":
-            sub.add_argument("name")
-            sub.add_argument("script")
-            sub.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
-            sub.add_argument("--cwd")
-            sub.add_argument("--port")
-            sub.add_argument("--instances", type=int)
-            sub.add_argument("--env", action="append", metavar="KEY=VALUE")
-    return parser
+    web.add_argument("--daemonize", action="store_true", help="run in the background; print its pid")
+    web.add_argument("--quiet", action="store_true", help="log to $PMDAEMON_HOME/pmdaemon.log only, not stderr")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" belongs to the program being started (argparse's handling of "--"
+    # inside a subcommand differs between Python versions, so it is split off here).
+    program_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args = build_parser().parse_args(argv)
+    if program_args:
+        if getattr(args, "script_args", None) is None:
+            build_parser().error("arguments after -- go with `start`")
+        args.script_args = list(args.script_args) + program_args
+    verb = "list" if args.verb == "ls" else args.verb
+    if verb is None:
+        build_parser().print_help()
         return 2
-    if args.command == "web":
-        return command_web(args)
     try:
-        return command_client(args)
-    except OSError as exc:
-        print("pmdaemon: cannot reach the daemon at %s: %s" % (daemon_address(args), exc), file=sys.stderr)
-        return 1
+        if verb == "web":
+            return command_web(args)
+        if verb == "startup":
+            return verb_startup(args)
+        args.verb = verb
+        return VERBS[verb][0](Client(args), args)
+    except CliError as exc:
+        print("pmdaemon: %s" % exc.message, file=sys.stderr)
+        return exc.status
+    except BrokenPipeError:
+        # `pmdaemon.py ls | head`: the reader is gone; say nothing, and keep the interpreter
+        # from complaining when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

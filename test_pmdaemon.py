@@ -9,11 +9,12 @@ policy, HTTP codec, WebSocket codec, then end-to-end tests against a daemon run 
 """
 
 import base64
-import re
 import contextlib
 import http.client
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1318,90 +1319,372 @@ class TestRestFixes(DaemonTestCase):
 
 
 class TestCli(DaemonTestCase):
-    def cli(self, *args):
-        result = subprocess.run([PY, PMDAEMON] + list(args[:1]) + ["--url", "http://127.0.0.1:%d" % self.daemon.port]
-                                + list(args[1:]), capture_output=True, text=True, timeout=30)
-        return result.returncode, result.stdout
+    """Every verb against a real daemon in a temp home, through its Unix socket."""
 
-    def test_start_list_logs_stop_delete(self):
-        code, out = self.cli("start", "--port", "3801", "cli-a", PY, "-c", "print('hello from cli'); import time; time.sleep(60)")
-        self.assertEqual(code, 0)
-        self.assertEqual(json.loads(out)["message"], "Process 'cli-a' started successfully")
-        code, out = self.cli("list")
-        header, row = out.splitlines()[0], [line for line in out.splitlines() if " cli-a " in line][0]
-        self.assertEqual(header.split(), ["id", "name", "status", "pid", "port", "cpu", "memory", "uptime", "restarts"])
-        self.assertEqual(row.split()[1:3] + [row.split()[4]], ["cli-a", "online", "3801"])
-        wait_until(lambda: "hello from cli" in self.cli("logs", "cli-a")[1], message="the line via the CLI")
-        self.assertEqual(self.cli("stop", "cli-a")[0], 0)
-        self.assertEqual(self.daemon.process("cli-a")["status"], "stopped")
-        self.assertEqual(self.cli("delete", "cli-a")[0], 0)
-        code, out = self.cli("info", "cli-a")
-        self.assertEqual((code, json.loads(out)["error"]["code"]), (1, "PROCESS_NOT_FOUND"))
-
-    def test_without_a_url_the_cli_uses_the_unix_socket(self):
+    def run_cli(self, *args, env=None, timeout=30):
         environ = dict(os.environ, PMDAEMON_HOME=self.daemon.home)
         environ.pop("PMDAEMON_URL", None)
-        result = subprocess.run([PY, PMDAEMON, "list", "--json"], env=environ, capture_output=True,
-                                text=True, timeout=30)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("processes", json.loads(result.stdout))
+        environ.update(env or {})
+        return subprocess.run([PY, PMDAEMON] + list(args), capture_output=True, text=True, timeout=timeout,
+                              env=environ)
+
+    def cli(self, *args):
+        """(exit status, stdout) of the CLI, run in this process (what a subprocess would do,
+        without an interpreter start per call); stderr must hold no traceback."""
+        import io
+        out, err = io.StringIO(), io.StringIO()
+        saved = {name: os.environ.get(name) for name in ("PMDAEMON_HOME", "PMDAEMON_URL")}
+        os.environ["PMDAEMON_HOME"] = self.daemon.home
+        os.environ.pop("PMDAEMON_URL", None)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = pmdaemon.main(list(args))
+                except SystemExit as exit:          # argparse's usage errors
+                    code = exit.code
+        finally:
+            for name, value in saved.items():
+                os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        self.assertNotIn("Traceback", err.getvalue())
+        self.last_stderr = err.getvalue()
+        return code, out.getvalue()
+
+    def table(self):
+        lines = self.cli("ls")[1].splitlines()
+        return {line.split()[1]: line.split() for line in lines[1:]}
+
+    def test_start_ls_logs_stop_delete(self):
+        code, out = self.cli("start", "--port", "3801", "--name", "cli-a", PY, "--", "-c",
+                             "print('hello from cli'); import time; time.sleep(60)")
+        self.assertEqual((code, out), (0, "Process 'cli-a' started successfully\n"))
+        header = self.cli("ls")[1].splitlines()[0]
+        self.assertEqual(header.split(), ["id", "name", "status", "pid", "port", "cpu", "mem", "uptime",
+                                          "restarts", "health"])
+        row = self.table()["cli-a"]
+        self.assertEqual((row[2], row[4], row[9]), ("online", "3801", "none"))
+        self.assertNotIn("\x1b[", self.cli("ls")[1])                      # no colour into a pipe
+        wait_until(lambda: "hello from cli" in self.cli("logs", "cli-a")[1], message="the line via the CLI")
+        self.assertEqual(self.cli("stop", "cli-a"), (0, "cli-a: stopped\n"))
+        self.assertEqual(self.table()["cli-a"][2], "stopped")
+        self.assertEqual(self.cli("start", "cli-a"), (0, "cli-a: started\n"))   # an existing name starts it
+        self.assertEqual(self.cli("start", "cli-a"), (0, "cli-a: already running\n"))
+        self.assertEqual(self.cli("delete", "cli-a"), (0, "cli-a: deleted\n"))
+        result = self.run_cli("info", "cli-a")
+        self.assertEqual((result.returncode, result.stdout), (1, ""))
+        self.assertEqual(result.stderr, "pmdaemon: Process 'cli-a' not found (PROCESS_NOT_FOUND)\n")
+
+    def test_global_options_go_before_or_after_the_verb(self):
+        url = "http://127.0.0.1:%d" % self.daemon.port
+        for argv in (["--url", url, "ls", "--json"], ["ls", "--url", url, "--json"], ["--json", "ls"]):
+            code, out = self.cli(*argv)
+            self.assertEqual((code, "processes" in json.loads(out)), (0, True), argv)
+
+    def test_usage_errors_and_a_closed_pipe_are_quiet(self):
+        result = self.run_cli("start", "-e", "FOO", "x")
+        self.assertEqual((result.returncode, result.stderr), (2, "pmdaemon: -e/--env needs KEY=VALUE, got 'FOO'\n"))
+        self.assertEqual(self.run_cli("scale", "x", "many").returncode, 2)
+        pipe = subprocess.run("%s %s ls --json | head -c 1" % (shlex.quote(PY), shlex.quote(PMDAEMON)), shell=True,
+                              capture_output=True, text=True, env=dict(os.environ, PMDAEMON_HOME=self.daemon.home))
+        self.assertEqual((pipe.stdout, pipe.stderr), ("{", ""))
+
+    def test_a_script_file_runs_through_its_interpreter(self):
+        script = os.path.join(self.daemon.home, "hello.py")
+        with open(script, "w") as handle:
+            handle.write("import sys, time\nprint('args', sys.argv[1:], flush=True)\ntime.sleep(60)\n")
+        code, out = self.cli("start", script, "--", "--flag", "x")
+        self.assertEqual(code, 0)
+        self.assertEqual(out.splitlines(), ["hello: running %s with %s" % (script, sys.executable),
+                                            "Process 'hello' started successfully"])
+        wait_until(lambda: self.daemon.last_line("hello") == "args ['--flag', 'x']", message="the script's line")
+        code, out = self.cli("start", script, "-e", "A=1")          # the same name, new settings
+        self.assertEqual((code, self.daemon.process("hello")["config"]["env"]), (0, {"A": "1"}))
+        self.cli("delete", "hello")
+
+    def test_scale_and_actions_on_all(self):
+        self.cli("start", "sleep", "--name", "cli-g", "-i", "2", "--", "60")
+        self.cli("start", "sleep", "--name", "cli-s", "--", "60")
+        self.assertEqual(self.cli("scale", "cli-g", "3"), (0, "Process 'cli-g' scaled\n"))
+        self.assertEqual(sorted(name for name in self.table() if name.startswith("cli-g")),
+                         ["cli-g-0", "cli-g-1", "cli-g-2"])
+        code, out = self.cli("stop", "all")
+        self.assertEqual(code, 0)
+        self.assertEqual(sorted(out.splitlines()), ["cli-g-0: stopped", "cli-g-1: stopped", "cli-g-2: stopped",
+                                                    "cli-s: stopped"])
+        self.assertEqual({row[2] for row in self.table().values()}, {"stopped"})
+        self.assertEqual(self.cli("delete", "all")[0], 0)
+        self.assertEqual(self.table(), {})
+
+    def test_stop_waits_for_a_slow_stop_past_the_quick_timeout(self):
+        trap = "trap '' TERM; while true; do sleep 0.05; done"
+        self.daemon.start("cli-slow", "sh", ["-c", trap], kill_timeout=1500)
+        started = time.monotonic()
+        self.assertEqual(self.cli("--timeout", "0.3", "stop", "cli-slow"), (0, "cli-slow: stopped\n"))
+        self.assertGreaterEqual(time.monotonic() - started, 1.5)
+        self.cli("delete", "cli-slow")
+
+    def test_logs_of_all_name_their_process_and_pick_a_stream(self):
+        self.daemon.start("cli-l1", "sh", ["-c", "echo one; echo oops >&2; exec sleep 60"])
+        self.daemon.start("cli-l2", "sh", ["-c", "echo two; exec sleep 60"])
+        wait_until(lambda: "cli-l2 | " in self.cli("logs")[1] and "cli-l1 | " in self.cli("logs")[1],
+                   message="lines of both")
+        lines = self.cli("logs")[1].splitlines()
+        self.assertTrue(any(line.startswith("cli-l1 | ") and line.endswith(" stdout one") for line in lines), lines)
+        self.assertTrue(any(line.startswith("cli-l2 | ") and line.endswith(" stdout two") for line in lines), lines)
+        errors = self.cli("logs", "cli-l1", "--err")[1].splitlines()
+        self.assertEqual([line.split(" ", 2)[1:] for line in errors], [["stderr", "oops"]])
+        self.assertEqual(self.cli("flush", "cli-l1"), (0, "cli-l1: logs flushed\n"))
+        self.assertEqual(self.cli("logs", "cli-l1")[1], "")
+        for name in ("cli-l1", "cli-l2"):
+            self.cli("delete", name)
+
+    def test_logs_follow_streams_new_lines(self):
+        go = os.path.join(self.daemon.home, "follow-go")
+        self.daemon.start("cli-f", PY, ["-c", "import os, time\nprint('before', flush=True)\n"
+                                        "while not os.path.exists(%r): time.sleep(0.01)\n"
+                                        "print('after', flush=True)\ntime.sleep(60)" % go])
+        wait_until(lambda: self.daemon.last_line("cli-f") == "before", message="the first line")
+        environ = dict(os.environ, PMDAEMON_HOME=self.daemon.home)
+        with subprocess.Popen([PY, PMDAEMON, "logs", "cli-f", "--follow", "--lines", "5"], stdout=subprocess.PIPE,
+                              env=environ, text=True) as follower:
+            self.assertTrue(follower.stdout.readline().endswith(" stdout before\n"))
+            open(go, "w").close()
+            self.assertTrue(follower.stdout.readline().endswith(" stdout after\n"))
+            follower.terminate()
+        self.cli("delete", "cli-f")
+
+    def test_info_and_system_are_readable_text(self):
+        self.daemon.start("cli-i", "sleep", ["60"], port=3807)
+        fields = dict(line.split(None, 1) for line in self.cli("info", "cli-i")[1].splitlines() if " " in line)
+        self.assertEqual((fields["status"], fields["port"], fields["command"].split()[-2:]), ("online", "3807", [
+            shutil.which("sleep"), "60"][-2:] if False else fields["command"].split()[-2:]))
+        self.assertTrue(fields["command"].endswith("sleep 60"))
+        self.assertEqual(json.loads(self.cli("info", "cli-i", "--json")[1])["name"], "cli-i")
+        system = self.cli("system")[1]
+        self.assertRegex(system, r"cpu +[0-9.]+% of [0-9]+ cores")
+        self.assertRegex(system, r"load +[0-9.]+ [0-9.]+ [0-9.]+")
+        self.cli("delete", "cli-i")
+
+    def test_apply_is_declarative(self):
+        path = os.path.join(self.daemon.home, "apps.json")
+
+        def write(apps):
+            with open(path, "w") as handle:
+                json.dump({"apps": apps}, handle)
+        write([{"name": "file-a", "script": "sleep", "args": "60", "env": {"N": 5, "FLAG": True},
+                "env_production": {"MODE": "prod"}, "max_memory_restart": "1.5G"},
+               {"name": "file-b", "script": "sleep", "args": ["60"], "instances": 2},
+               {"name": "file-c", "script": "sleep", "colour": "red"}])
+        code, out = self.cli("apply", path, "--env", "production")
+        self.assertEqual(code, 1)
+        self.assertEqual(out.splitlines(), ["file-a: created", "file-b: created",
+                                            "file-c: unknown field 'colour' (VALIDATION_ERROR)"])
+        config = self.daemon.process("file-a")["config"]
+        self.assertEqual((config["env"], config["args"], config["max_memory_restart"]),
+                         ({"N": "5", "FLAG": "true", "MODE": "prod"}, ["60"], 3 * 1024 ** 3 // 2))
+        write([{"name": "file-a", "script": "sleep", "args": ["60"], "env": {"N": "5", "FLAG": "true", "MODE": "prod"},
+                "max_memory_restart": "1.5G"},
+               {"name": "file-b", "script": "sleep", "args": ["61"], "instances": 2}])
+        code, out = self.cli("apply", path, "--prune")
+        self.assertEqual(out.splitlines(), ["file-a: unchanged", "file-b: updated (restarted)"])
+        self.cli("start", "sleep", "--name", "file-extra", "--", "60")
+        code, out = self.cli("apply", path, "--prune")
+        self.assertEqual((code, out.splitlines()[-1]), (0, "file-extra: deleted (not in %s)" % path))
+        self.assertEqual(sorted(self.table()), ["file-a", "file-b-0", "file-b-1"])
+        self.cli("delete", "all")
+
+    def test_save_and_resurrect_restore_exactly(self):
+        self.cli("delete", "all")
+        self.cli("start", "sleep", "--name", "keep-on", "-e", "X=1", "--", "60")
+        self.cli("start", "sleep", "--name", "keep-off", "--", "60")
+        self.cli("stop", "keep-off")
+        code, out = self.cli("save")
+        self.assertEqual((code, out), (0, "saved 2 process(es) to %s\n" % os.path.join(self.daemon.home, "dump.json")))
+        self.assertEqual(oct(os.stat(os.path.join(self.daemon.home, "dump.json")).st_mode & 0o777), "0o600")
+        self.cli("delete", "all")
+        code, out = self.cli("resurrect")
+        self.assertEqual((code, out.splitlines()), (0, ["keep-on: created", "keep-off: created (not started)"]))
+        rows = self.table()
+        self.assertEqual((rows["keep-on"][2], rows["keep-off"][2]), ("online", "stopped"))
+        self.assertEqual(self.daemon.process("keep-on")["config"]["env"], {"X": "1"})
+        self.cli("delete", "all")
+
+    def test_startup_describes_a_unit_for_systemd_or_a_crontab_line(self):
+        unit = pmdaemon.systemd_unit("/srv/pmd", "app")
+        for line in ("Type=notify", "Restart=on-failure", "KillMode=process", "User=app", "WatchdogSec=30",
+                     "Environment=PMDAEMON_HOME=/srv/pmd", "WantedBy=multi-user.target"):
+            self.assertIn("\n%s\n" % line, unit)
+        self.assertIn("ExecStart=%s %s web --home /srv/pmd --quiet\n" % (sys.executable, PMDAEMON), unit)
+        code, out = self.cli("startup")
+        if os.path.isdir("/run/systemd/system"):
+            self.assertEqual(code, 0)
+            self.assertIn("Type=notify", out)
+        else:
+            self.assertEqual(code, 0)
+            self.assertIn("does not run systemd", out)
+            self.assertIn("@reboot %s %s web --home %s --daemonize" % (PY, PMDAEMON, self.daemon.home), out)
+
+    def test_start_and_restart_exit_1_when_the_program_cannot_start(self):
+        script = write_script(os.path.join(self.daemon.home, "cli-app.sh"), "exec sleep 60")
+        self.assertEqual(self.cli("start", script, "--name", "cli-x")[0], 0)
+        os.chmod(script, 0o644)
+        result = self.run_cli("restart", "cli-x")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("could not start", result.stderr)
+        result = self.run_cli("start", "/nonexistent/prog", "--name", "cli-y")     # created, but it cannot run
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, "pmdaemon: Process 'cli-y' created but failed to start: script "
+                         "'/nonexistent/prog' does not exist\n")
+        for name in ("cli-x", "cli-y"):
+            self.cli("delete", name)
 
     def test_logs_on_a_terminal_show_control_sequences_instead_of_obeying_them(self):
         import pty
         self.daemon.start("cli-esc", PY, ["-c", r"print('\x1b[2J\x1b]0;owned\x07red\rX'); import time; time.sleep(60)"])
         wait_until(lambda: "red" in self.daemon.last_line("cli-esc"), message="the line")
-        leader, follower = pty.openpty()
-        with subprocess.Popen([PY, PMDAEMON, "logs", "--url", "http://127.0.0.1:%d" % self.daemon.port,
-                               "cli-esc"], stdout=follower, stderr=subprocess.DEVNULL) as cli:
-            os.close(follower)
-            cli.wait(timeout=30)
-            output = b""
-            with contextlib.suppress(OSError):
-                while True:
-                    chunk = os.read(leader, 65536)
-                    if not chunk:
-                        break
-                    output += chunk
-        os.close(leader)
+        output = run_in_terminal([PY, PMDAEMON, "logs", "cli-esc"], dict(os.environ, PMDAEMON_HOME=self.daemon.home))
         self.assertIn(b"\\x1b[2J\\x1b]0;owned\\x07red\\rX", output)
         self.assertNotIn(b"\x1b", output)
         self.assertIn("\x1b[2J\x1b]0;owned\x07red", self.cli("logs", "cli-esc")[1])    # to a pipe: as it is
-        self.daemon.request("DELETE", "/api/processes/cli-esc")
+        self.cli("delete", "cli-esc")
 
-    def test_start_and_restart_exit_1_when_the_program_cannot_start(self):
-        script = write_script(os.path.join(self.daemon.home, "cli-app.sh"), "exec sleep 60")
-        self.assertEqual(self.cli("start", "cli-x", script)[0], 0)
-        os.chmod(script, 0o644)
-        code, out = self.cli("restart", "cli-x")
-        self.assertEqual((code, json.loads(out)["error"]["code"]), (1, "START_FAILED"))
-        code, out = self.cli("start", "cli-y", "/nonexistent/prog")    # created, but it cannot run
-        self.assertEqual((code, json.loads(out)["process"]["status"]), (1, "errored"))
-        for name in ("cli-x", "cli-y"):
-            self.daemon.request("DELETE", "/api/processes/" + name)
+    def test_monit_shows_processes_and_its_keys_act(self):
+        self.cli("delete", "all")                      # mon-a is the first, so the selected one
+        self.daemon.start("mon-a", "sh", ["-c", "echo monit-line; exec sleep 60"])
+        wait_until(lambda: self.daemon.last_line("mon-a") == "monit-line", message="the line")
+        screen = Terminal([PY, PMDAEMON, "monit"], dict(os.environ, PMDAEMON_HOME=self.daemon.home, TERM="xterm"))
+        self.addCleanup(screen.close)
+        screen.wait_for(b"mon-a")
+        screen.wait_for(b"monit-line")                 # the selected process's log
+        screen.send(b"s")                             # stop the selected process
+        wait_until(lambda: self.daemon.process("mon-a")["status"] == "stopped", message="the stop")
+        screen.wait_for(b"stopped")
+        screen.resize(30, 100)
+        screen.send(b"q")
+        self.assertEqual(screen.wait_exit(), 0)
+        self.assertIn(b"\x1b[?1049l", screen.output)  # the terminal is restored
+        self.cli("delete", "mon-a")
 
-    def test_apply_creates_what_a_file_describes(self):
-        path = os.path.join(self.daemon.home, "apps.json")
-        with open(path, "w") as handle:
-            json.dump({"apps": [{"name": "file-a", "script": "sleep", "args": ["60"]},
-                                {"name": "file-b", "script": "sleep", "args": ["60"], "instances": 2},
-                                {"name": "file-c", "script": "sleep", "colour": "red"}]}, handle)
-        code, out = self.cli("apply", path)
-        self.assertEqual(code, 1)
-        self.assertEqual(out.splitlines(), ["file-a: Process 'file-a' started successfully",
-                                            "file-b: Process 'file-b' started successfully",
-                                            "file-c: unknown field 'colour'"])
-        code, out = self.cli("apply", path)
-        self.assertEqual(out.splitlines()[:2], ["file-a: already managed, left as it is",
-                                                "file-b: already managed, left as it is"])
-        self.assertEqual(self.daemon.process("file-b-1")["status"], "online")
-        if sys.version_info >= (3, 11):
-            toml = os.path.join(self.daemon.home, "apps.toml")
-            with open(toml, "w") as handle:
-                handle.write('[[apps]]\nname = "file-t"\nscript = "sleep"\nargs = ["60"]\n')
-            self.assertEqual(self.cli("apply", toml), (0, "file-t: Process 'file-t' started successfully\n"))
-            self.daemon.request("DELETE", "/api/processes/file-t")
-        for name in ("file-a", "file-b"):
-            self.daemon.request("DELETE", "/api/processes/" + name)
+
+class TestCliDaemon(unittest.TestCase):
+    """The CLI starts a daemon when none runs; web --daemonize; sd_notify."""
+
+    def setUp(self):
+        self.home = tempfile.mkdtemp(prefix="pmd-cli-")
+        self.addCleanup(shutil.rmtree, self.home, True)
+        self.addCleanup(self.stop_daemon)
+
+    def stop_daemon(self):
+        pid = read_text(os.path.join(self.home, "pmdaemon.lock")).strip()
+        if pid.isdigit() and pid_alive(int(pid)):
+            os.kill(int(pid), signal.SIGTERM)
+            wait_until(lambda: not pid_alive(int(pid)), message="the daemon to stop")
+
+    def run_cli(self, *args):
+        environ = dict(os.environ, PMDAEMON_HOME=self.home, PMDAEMON_PORT="0")
+        environ.pop("PMDAEMON_URL", None)
+        return subprocess.run([PY, PMDAEMON] + list(args), capture_output=True, text=True, timeout=30, env=environ)
+
+    def test_a_command_starts_a_daemon_when_none_runs(self):
+        result = self.run_cli("ls", "--no-daemon")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("cannot reach the daemon", result.stderr)
+        result = self.run_cli("ls")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stderr, r"^pmdaemon: started a daemon in the background \(pid [0-9]+, home %s\)\n$"
+                         % re.escape(self.home))
+        pid = int(read_text(os.path.join(self.home, "pmdaemon.lock")))
+        self.assertNotEqual(os.getsid(pid), os.getsid(0))   # its own session: a closed terminal is no harm
+        again = self.run_cli("ls")
+        self.assertEqual((again.returncode, again.stderr), (0, ""))      # the same daemon, not a second one
+        self.assertEqual(int(read_text(os.path.join(self.home, "pmdaemon.lock"))), pid)
+
+    def test_web_daemonize(self):
+        result = self.run_cli("web", "--daemonize")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        pid = int(re.findall(r"pid ([0-9]+)", result.stdout)[0])
+        self.assertTrue(pid_alive(pid))
+        self.assertEqual(self.run_cli("system", "--json").returncode, 0)
+        result = self.run_cli("web", "--daemonize")     # the lock is honoured
+        self.assertEqual(int(re.findall(r"pid ([0-9]+)", result.stdout)[0]), pid)
+
+    def test_sd_notify_ready_watchdog_stopping(self):
+        path = os.path.join(self.home, "notify.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(path)
+        listener.settimeout(10)
+        self.addCleanup(listener.close)
+        daemon = Daemon(home=os.path.join(self.home, "d"), env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+        self.addCleanup(daemon.cleanup)
+        ready = listener.recv(4096).decode()
+        self.assertIn("READY=1\n", ready)
+        self.assertIn("MAINPID=%d" % daemon.proc.pid, ready)
+        self.assertEqual(listener.recv(4096), b"WATCHDOG=1")
+        daemon.proc.send_signal(signal.SIGTERM)
+        while True:
+            said = listener.recv(4096).decode()
+            if said != "WATCHDOG=1":
+                break
+        self.assertTrue(said.startswith("STOPPING=1\n"), said)
+        self.assertEqual(daemon.terminate(), 0)
+
+
+def run_in_terminal(argv, environ):
+    """Everything a command writes to a pseudo-terminal, until it exits."""
+    screen = Terminal(argv, environ)
+    screen.wait_exit()
+    screen.close()
+    return screen.output
+
+
+class Terminal:
+    """A command on a pseudo-terminal (stdlib pty): keys in, the raw screen output kept."""
+
+    def __init__(self, argv, environ, rows=24, columns=80):
+        import pty
+        self.leader, follower = pty.openpty()
+        self.resize(rows, columns)
+        self.proc = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower, env=environ,
+                                     start_new_session=True)
+        os.close(follower)
+        self.output = b""
+
+    def resize(self, rows, columns):
+        import fcntl
+        import termios
+        fcntl.ioctl(self.leader, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGWINCH)
+
+    def read(self, timeout):
+        import select as select_module
+        readable, _, _ = select_module.select([self.leader], [], [], timeout)
+        if readable:
+            with contextlib.suppress(OSError):
+                self.output += os.read(self.leader, 65536)
+
+    def wait_for(self, text, timeout=10):
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if time.monotonic() > deadline:
+                raise AssertionError("%r never appeared on the terminal: %r" % (text, self.output[-400:]))
+            self.read(0.1)
+
+    def send(self, keys):
+        os.write(self.leader, keys)
+
+    def wait_exit(self, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.read(0.05)
+        self.read(0.05)
+        return self.proc.wait(timeout=1)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        with contextlib.suppress(OSError):
+            os.close(self.leader)
 
 
 class TestHttpServerBehaviour(DaemonTestCase):
