@@ -41,7 +41,6 @@ run and asks decide_after_exit (pure) whether to restart, stop or give up.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import codecs
 import contextlib
@@ -53,10 +52,10 @@ import functools
 import hashlib
 import hmac
 import http.client
+import importlib.util
 import ipaddress
 import json
 import logging
-import logging.handlers
 import math
 import os
 import re
@@ -75,6 +74,22 @@ import urllib.parse
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 __version__ = "0.1.0"
+
+
+def lazy_module(name: str):
+    """A module loaded on its first use (importlib.util.LazyLoader): the CLI's commands never
+    touch asyncio, and importing it is a third of their start-up."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+asyncio = lazy_module("asyncio")
 
 log = logging.getLogger("pmdaemon")
 
@@ -4833,23 +4848,25 @@ def raise_file_limit(wanted: int) -> None:
         pass
 
 
-class DaemonLogFile(logging.handlers.RotatingFileHandler):
+def daemon_log_file(path: str) -> logging.Handler:
     """pmdaemon.log: rotated like the process logs (never fills the disk), created 0600 and
     never through a link; a failed write (a full disk) is dropped, stderr still has the line."""
+    import logging.handlers                 # the daemon's only: not loaded by CLI commands
 
-    def _open(self):
-        return open(open_private(self.baseFilename), "a", encoding="utf-8")
+    class DaemonLogFile(logging.handlers.RotatingFileHandler):
+        def _open(self):
+            return open(open_private(self.baseFilename), "a", encoding="utf-8")
 
-    def handleError(self, record: logging.LogRecord) -> None:
-        pass
+        def handleError(self, record: logging.LogRecord) -> None:
+            pass
+    return DaemonLogFile(path, maxBytes=DEFAULT_LOG_MAX_SIZE, backupCount=DEFAULT_LOG_MAX_FILES - 1)
 
 
 def setup_logging(home: str, level: str, to_stderr: bool = True) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)] if to_stderr else []
     with contextlib.suppress(OSError):
-        handlers.append(DaemonLogFile(os.path.join(home, "pmdaemon.log"), maxBytes=DEFAULT_LOG_MAX_SIZE,
-                                      backupCount=DEFAULT_LOG_MAX_FILES - 1))
+        handlers.append(daemon_log_file(os.path.join(home, "pmdaemon.log")))
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
