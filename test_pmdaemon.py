@@ -1406,6 +1406,9 @@ class TestCli(DaemonTestCase):
         self.assertEqual(self.cli("scale", "cli-g", "3"), (0, "Process 'cli-g' scaled\n"))
         self.assertEqual(sorted(name for name in self.table() if name.startswith("cli-g")),
                          ["cli-g-0", "cli-g-1", "cli-g-2"])
+        self.assertEqual(self.cli("reload", "cli-g"), (0, "cli-g: reloaded\n"))
+        self.assertEqual(self.cli("restart", "cli-s"), (0, "cli-s: restarted\n"))
+        self.assertEqual(self.daemon.process("cli-s")["restarts"], 1)
         code, out = self.cli("stop", "all")
         self.assertEqual(code, 0)
         self.assertEqual(sorted(out.splitlines()), ["cli-g-0: stopped", "cli-g-1: stopped", "cli-g-2: stopped",
