@@ -51,7 +51,6 @@ import fcntl
 import functools
 import hashlib
 import hmac
-import http.client
 import importlib.util
 import ipaddress
 import json
@@ -4959,17 +4958,19 @@ class CliError(PMDaemonError):
         self.status = status
 
 
-class UnixConnection(http.client.HTTPConnection):
-    """HTTP over the daemon's Unix socket (the CLI's way to a local daemon)."""
-
-    def __init__(self, path: str, timeout: Optional[float]):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
+def parse_response(data: bytes) -> Tuple[int, bytes]:
+    """(status, body) of a whole HTTP/1.1 response read until the server closed. The CLI's
+    own few lines: http.client costs more start-up than everything else a command imports."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    match = re.match(rb"HTTP/1\.[01] ([0-9]{3}) ", lines[0] + b" ")
+    if not match:
+        raise CliError("the daemon sent something that is not HTTP: %r" % lines[0][:60])
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            body = body[:int(value)]
+    return int(match.group(1)), body
 
 
 def client_home(args: argparse.Namespace) -> str:
@@ -5004,14 +5005,26 @@ class Client:
     def address(self) -> str:
         return self.url or "unix:" + self.socket_path
 
-    def connection(self, timeout: Optional[float]) -> http.client.HTTPConnection:
+    def connect(self, timeout: Optional[float]) -> socket.socket:
+        """A socket to the daemon: its Unix socket, or the URL's host (TLS for https)."""
         if not self.url:
-            return UnixConnection(self.socket_path, timeout)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self.socket_path)
+            except OSError:
+                sock.close()
+                raise
+            return sock
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CliError("--url must look like http://HOST:PORT, got %r" % self.url, 2)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        return kind(parts.hostname, parts.port, timeout=timeout)
+        sock = socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                        timeout=timeout)
+        if parts.scheme == "https":
+            import ssl
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+        return sock
 
     def headers(self) -> Dict[str, str]:
         headers = {"Host": "localhost"} if not self.url else {}
@@ -5019,8 +5032,8 @@ class Client:
             headers["Authorization"] = "Bearer " + self.key
         return headers
 
-    def open(self, method: str, path: str, body: Any = None, timeout: Optional[float] = None):
-        """Send one request; the http.client response. Starts a local daemon if none answers."""
+    def open(self, method: str, path: str, body: Any = None, timeout: Optional[float] = None) -> Tuple[int, bytes]:
+        """Send one request; (status, body). Starts a local daemon if none answers."""
         try:
             return self._send(method, path, body, timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -5030,16 +5043,27 @@ class Client:
         self.start_daemon()
         return self._send(method, path, body, timeout)
 
-    def _send(self, method: str, path: str, body: Any, timeout: Optional[float]):
-        connection = self.connection(timeout or self.timeout)
+    def _send(self, method: str, path: str, body: Any, timeout: Optional[float]) -> Tuple[int, bytes]:
         base = urllib.parse.urlsplit(self.url).path.rstrip("/") if self.url else ""
-        headers = self.headers()
-        data = json_bytes(body) if body is not None else None
-        if data is not None:
+        headers = dict(self.headers(), Connection="close")
+        if self.url:
+            headers["Host"] = urllib.parse.urlsplit(self.url).netloc
+        data = json_bytes(body) if body is not None else b""
+        if body is not None:
             headers["Content-Type"] = "application/json"
+        headers["Content-Length"] = str(len(data))
+        request = ("%s %s HTTP/1.1\r\n%s\r\n" % (method, base + path, "".join(
+            "%s: %s\r\n" % item for item in headers.items()))).encode("latin-1") + data
         try:
-            connection.request(method, base + path, body=data, headers=headers)
-            return connection.getresponse()
+            with self.connect(timeout or self.timeout) as sock:
+                sock.sendall(request)
+                chunks = []
+                while True:
+                    chunk = sock.recv(262144)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            return parse_response(b"".join(chunks))
         except socket.timeout:
             raise CliError("the daemon did not answer within %g s; the action may still be under way "
                            "(see `pmdaemon.py ls`)" % (timeout or self.timeout)) from None
@@ -5049,12 +5073,11 @@ class Client:
             raise CliError("cannot reach the daemon at %s: %s" % (self.address, exc.strerror or exc)) from None
 
     def call(self, method: str, path: str, body: Any = None, timeout: Optional[float] = None) -> Tuple[int, Any]:
-        reply = self.open(method, path, body, timeout)
-        raw = reply.read()
+        status, raw = self.open(method, path, body, timeout)
         try:
-            return reply.status, json.loads(raw or b"null")
+            return status, json.loads(raw or b"null")
         except ValueError:
-            return reply.status, None
+            return status, None
 
     def ok(self, method: str, path: str, body: Any = None, timeout: Optional[float] = None) -> Any:
         """The body of a 2xx answer; a CliError with the daemon's message otherwise."""
@@ -5195,19 +5218,10 @@ class WsClient:
     """A blocking RFC 6455 client on a socket of the Client's (masked frames out)."""
 
     def __init__(self, client: Client):
-        if client.url:
-            parts = urllib.parse.urlsplit(client.url)
-            raw = socket.create_connection((parts.hostname, parts.port or 80), timeout=10)
-            if parts.scheme == "https":
-                import ssl
-                raw = ssl.create_default_context().wrap_socket(raw, server_hostname=parts.hostname)
-        else:
-            raw = socket.socket(socket.AF_UNIX)
-            raw.settimeout(10)
-            raw.connect(client.socket_path)
+        raw = client.connect(10)
         self.sock = raw
         key = base64.b64encode(os.urandom(16)).decode()
-        headers = dict(client.headers(), Host=client.headers().get("Host", "localhost"))
+        headers = dict(client.headers(), Host=urllib.parse.urlsplit(client.url).netloc if client.url else "localhost")
         lines = "".join("%s: %s\r\n" % item for item in headers.items())
         raw.sendall(("GET /ws HTTP/1.1\r\n%sUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (lines, key)).encode())
