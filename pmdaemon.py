@@ -2,15 +2,17 @@
 """pmdaemon.py: a process manager with a REST + WebSocket API, in one standard-library file.
 
 Usage:
-    python3 pmdaemon.py web [--host 127.0.0.1] [--port 9615] [--api-key KEY]   # the daemon
-    python3 pmdaemon.py list | start | stop | restart | delete | info | logs | system | apply
+    python3 pmdaemon.py web [--host 127.0.0.1] [--port 9615] [--daemonize]    # the daemon
+    python3 pmdaemon.py start | stop | restart | reload | delete | scale | ls | info | system
+                        | logs | flush | monit | apply | save | resurrect | startup
     python3 pmdaemon.py --help | --version
 
 The daemon supervises child processes (restart policies with backoff, process-group stops that
 leave nothing behind, memory limits, health checks, instances and ports, rolling reload, start
 order, rotating logs, metrics) and serves the PMDaemon Web API: REST under /api, WebSocket at
-/ws. State and logs live in $PMDAEMON_HOME (default ~/.pmdaemon). The other commands are a
-client of a running daemon. README.md documents every endpoint, setting and choice.
+/ws, on a port and on a Unix socket in $PMDAEMON_HOME (default ~/.pmdaemon), which also holds
+the state and logs. The other commands are a client of the daemon (they start one when none
+runs). README.md documents every endpoint, setting, command and choice.
 
 Map of this file; each section uses only the sections above it:
      1. Constants and enums    limits, defaults, process states, WebSocket opcodes and states
@@ -31,7 +33,8 @@ Map of this file; each section uses only the sections above it:
                                error becomes bytes), views, the route table with /ws in it
     10. Server glue            the only code touching sockets: keep-alive, deadlines, /ws sessions,
                                the Broadcaster, the Daemon
-    11. CLI                    argument parsing and main()
+    11. CLI                    `web` (foreground, background, systemd); the client: Client (HTTP and
+                               the daemon started on demand), the verbs, monit, argument parsing
 
 What happens when a child exits: ProcessRunner._watch (the run's task) awaits the exit, stops
 what the run left behind, then calls ProcessRunner._on_exit(run, code), which ignores a stale
@@ -4809,8 +4812,9 @@ class Daemon:
 
 # ==============================================================================================
 # 11. CLI
-#     `web` runs the daemon; the other commands are a thin client of a running daemon's REST API
-#     (urllib, same key rules). main(argv) returns the exit status.
+#     `web` runs the daemon; every other verb is a client of its API (the home's Unix socket, or
+#     a URL), which starts a local daemon when none answers. Nothing above calls into this
+#     section. main(argv) returns the exit status: 0 done, 1 refused or failed, 2 usage.
 # ==============================================================================================
 
 def is_loopback_bind(host: str) -> bool:
