@@ -678,6 +678,7 @@ class DaemonConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_key: Optional[str] = None
+    read_keys: Tuple[str, ...] = ()
     home: str = os.path.expanduser(DEFAULT_HOME)
     allow_hosts: Tuple[str, ...] = ()
     cors_origins: Tuple[str, ...] = ()
@@ -1402,6 +1403,7 @@ class HealthState:
     successful: int = 0
     consecutive_failures: int = 0
     last_error: Optional[str] = None
+    last_duration: Optional[float] = None   # seconds the last check took
 
     def reset(self, enabled: bool) -> None:
         """A new run starts with an unknown health (counters are kept for success_rate)."""
@@ -1958,10 +1960,12 @@ class ProcessRunner:
                                 else check["interval"] / 1000)
             if run is not self.run:
                 return
+            began = self.host.clock()
             error = await run_health_check(check, self.port, self.config.cwd,
                                            self.host.child_environment(self, run.token))
             if run is not self.run:
                 return
+            self.health.last_duration = round(self.host.clock() - began, 6)
             self.record_health(error)
 
     def record_health(self, error: Optional[str]) -> None:
@@ -3369,8 +3373,9 @@ class AccessPolicy:
     """Who may talk to the API: API key, Host (DNS rebinding) and Origin (CORS, CSWSH)."""
 
     def __init__(self, api_key: Optional[str], allow_hosts=(), cors_origins=(),
-                 trusted_uids: Tuple[int, ...] = ()):
+                 trusted_uids: Tuple[int, ...] = (), read_keys: Tuple[str, ...] = ()):
         self.key_digest = key_digest(api_key) if api_key else None
+        self.read_digests = tuple(key_digest(key) for key in read_keys)   # may look, not act
         # Without a key, only these users may connect: loopback proves the machine, not the user.
         self.trusted_uids = frozenset(trusted_uids or (os.getuid(), 0))
         self.allow_hosts = {host.lower() for host in allow_hosts}
@@ -3433,19 +3438,27 @@ class AccessPolicy:
             raise HttpError(403, "FORBIDDEN_ORIGIN", "Origin %r is not allowed (see --cors-origin)"
                            % origin[:100])
 
-    def check_key(self, request: Request, ticket_ok: bool = False) -> None:
+    def check_key(self, request: Request, ticket_ok: bool = False) -> str:
+        """The access a request has: "full", or "read" for a read-only key; 401 without a key."""
         if self.key_digest is None or ticket_ok:
-            return
+            return "full"
         supplied = request.header("x-api-key")
         authorization = request.header("authorization")
         if supplied is None and authorization is not None:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() == "bearer":
                 supplied = token.strip()
-        if supplied is None or not hmac.compare_digest(key_digest(supplied), self.key_digest):
-            raise HttpError(401, "UNAUTHORIZED", "missing or invalid API key (send 'Authorization: "
-                           "Bearer KEY' or 'X-API-Key: KEY')",
-                           headers=(("WWW-Authenticate", 'Bearer realm="pmdaemon"'),))
+        digest = key_digest(supplied) if supplied is not None else b""
+        # Every digest is compared, whichever matches: the time says nothing about which.
+        full = hmac.compare_digest(digest, self.key_digest)
+        read = [hmac.compare_digest(digest, other) for other in self.read_digests]
+        if full:
+            return "full"
+        if any(read):
+            return "read"
+        raise HttpError(401, "UNAUTHORIZED", "missing or invalid API key (send 'Authorization: "
+                        "Bearer KEY' or 'X-API-Key: KEY')",
+                        headers=(("WWW-Authenticate", 'Bearer realm="pmdaemon"'),))
 
     def cors_headers(self, request: Request, preflight: bool = False) -> List[Tuple[str, str]]:
         origin = request.header("origin")
@@ -3488,6 +3501,7 @@ class Route(NamedTuple):
     pattern: Any
     handler: Callable
     ticket_ok: bool = False         # /ws: a single-use ticket may stand in for the key
+    acts: bool = False              # changes something: refused to a read-only key
 
 
 def compile_route(template: str):
@@ -3646,6 +3660,107 @@ def process_details(runner: ProcessRunner, now: float) -> dict:
     return entry
 
 
+# -- Prometheus metrics (text exposition format 0.0.4) ------------------------------------------
+
+@dataclasses.dataclass
+class ServerStats:
+    """What the server glue counts for /metrics."""
+    requests: Dict[int, int] = dataclasses.field(default_factory=dict)     # by status code
+    connections: int = 0
+    ws_clients: int = 0
+    ws_dropped: int = 0
+
+    def answered(self, status: int) -> None:
+        self.requests[status] = self.requests.get(status, 0) + 1
+
+
+def metric_labels(labels: Dict[str, Any]) -> str:
+    """{a="x",b="y"} with values escaped as the exposition format wants (\\, \", \n)."""
+    if not labels:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (key, str(value).replace("\\", "\\\\").replace('"', '\\"')
+                                         .replace("\n", "\\n")) for key, value in labels.items())
+
+
+def metric_value(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class MetricsText:
+    """Families in order, each with its HELP and TYPE once, then its samples."""
+
+    def __init__(self):
+        self.lines: List[str] = []
+
+    def family(self, name: str, kind: str, text: str, samples: List[Tuple[Dict[str, Any], float]]) -> None:
+        self.lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+        self.lines += ["%s%s %s" % (name, metric_labels(labels), metric_value(value)) for labels, value in samples]
+
+    def render(self) -> bytes:
+        return ("\n".join(self.lines) + "\n").encode("utf-8")
+
+
+def daemon_usage(proc_root: str = "/proc") -> Tuple[int, int]:
+    """(resident bytes, open descriptors) of this process; zeros where /proc says nothing."""
+    rss = fds = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(os.path.join(proc_root, "self", "statm")) as handle:
+            rss = int(handle.read().split()[1]) * PAGE_SIZE
+    with contextlib.suppress(OSError):
+        fds = len(os.listdir(os.path.join(proc_root, "self", "fd")))
+    return rss, fds
+
+
+def prometheus_metrics(runners: List[ProcessRunner], system: SystemMetrics, stats: ServerStats,
+                       now: float) -> bytes:
+    """GET /metrics: every process, the host and the daemon itself."""
+    out = MetricsText()
+
+    def each(value: Callable[[ProcessRunner], Any]) -> List[Tuple[Dict[str, Any], float]]:
+        return [({"name": r.name, "id": r.id, "instance": r.instance}, value(r)) for r in runners
+                if value(r) is not None]
+    out.family("pmdaemon_process_status", "gauge", "1 for the status the process is in, else 0.",
+               [({"name": r.name, "id": r.id, "instance": r.instance, "status": state.value},
+                 int(r.state is state)) for r in runners for state in ProcessState])
+    out.family("pmdaemon_process_cpu_percent", "gauge", "CPU of the process tree, % of one core.", each(lambda r: r.cpu))
+    out.family("pmdaemon_process_memory_bytes", "gauge", "Resident memory of the process tree.", each(lambda r: r.memory))
+    out.family("pmdaemon_process_uptime_seconds", "gauge", "Seconds since the current run started.",
+               each(lambda r: r.uptime_ms(now) / 1000))
+    out.family("pmdaemon_process_restarts_total", "counter", "Restarts, automatic and asked for.",
+               each(lambda r: r.restarts))
+    out.family("pmdaemon_process_unstable_restarts", "gauge", "Exits before min_uptime in a row.",
+               each(lambda r: r.unstable_restarts))
+    out.family("pmdaemon_process_health_status", "gauge", "1 for the health the process is in, else 0.",
+               [({"name": r.name, "id": r.id, "instance": r.instance, "health": health},
+                 int(r.health.status == health)) for r in runners
+                for health in ("none", "unknown", "healthy", "unhealthy")])
+    out.family("pmdaemon_process_health_check_duration_seconds", "gauge", "How long the last check took.",
+               each(lambda r: r.health.last_duration))
+    out.family("pmdaemon_process_last_exit_code", "gauge", "Exit code of the last run (absent when none "
+               "or killed by a signal).", each(lambda r: (r.last_exit or {}).get("code")))
+    out.family("pmdaemon_process_log_bytes_written_total", "counter", "Bytes written to the log files.",
+               each(lambda r: r.logs.bytes_written))
+    out.family("pmdaemon_process_log_write_errors_total", "counter", "Log writes that failed (lines dropped).",
+               each(lambda r: r.logs.write_errors))
+    out.family("pmdaemon_system_cpu_percent", "gauge", "Host CPU busy over the last sample.", [({}, system.cpu_usage)])
+    out.family("pmdaemon_system_memory_total_bytes", "gauge", "Host memory.", [({}, system.memory_total)])
+    out.family("pmdaemon_system_memory_available_bytes", "gauge", "Host memory available.",
+               [({}, system.memory_available)])
+    out.family("pmdaemon_system_load", "gauge", "Host load average.",
+               [({"period": period}, value) for period, value in zip(("1m", "5m", "15m"), system.load)])
+    rss, fds = daemon_usage()
+    out.family("pmdaemon_daemon_resident_memory_bytes", "gauge", "The daemon's own resident memory.", [({}, rss)])
+    out.family("pmdaemon_daemon_open_fds", "gauge", "The daemon's open file descriptors.", [({}, fds)])
+    out.family("pmdaemon_http_requests_total", "counter", "HTTP requests answered, by status code.",
+               [({"code": code}, count) for code, count in sorted(stats.requests.items())])
+    out.family("pmdaemon_http_connections", "gauge", "Open connections (HTTP and WebSocket).",
+               [({}, stats.connections)])
+    out.family("pmdaemon_websocket_clients", "gauge", "WebSocket clients.", [({}, stats.ws_clients)])
+    out.family("pmdaemon_websocket_dropped_messages_total", "counter", "Updates and log lines dropped for "
+               "WebSocket clients that read too slowly.", [({}, stats.ws_dropped)])
+    return out.render()
+
+
 # -- HTTP log following --------------------------------------------------------------------------
 
 class LogFollower:
@@ -3706,7 +3821,8 @@ class Api:
         self._system_cache: Tuple[Any, bytes] = (None, b"")
         self._route_cache = BoundedCache()
         self._log_readers: Optional[asyncio.Semaphore] = None
-        self.routes = [Route(method, compile_route(template), handler, template == "/ws")
+        self.routes = [Route(method, compile_route(template), handler, template == "/ws",
+                             method != "GET" and template != "/api/ws-ticket")
                        for method, template, handler in (
             ("GET", "/api/processes", self.list_processes),
             ("POST", "/api/processes", self.create_process),
@@ -3723,7 +3839,9 @@ class Api:
             ("DELETE", "/api/logs/{key}", self.flush_logs),
             ("POST", "/api/ws-ticket", self.create_ticket),
             ("GET", "/ws", self.open_websocket),
+            ("GET", "/metrics", self.get_metrics),
         )]
+        self.server_stats = ServerStats()     # kept by the server glue, shown by /metrics
 
     # -- admission and dispatch -----------------------------------------------------------------
 
@@ -3748,15 +3866,17 @@ class Api:
                 raise self.not_found(request)
             return Response(204, headers=[("Allow", ", ".join(allowed + ["OPTIONS"]) if allowed
                                            else "GET, HEAD, POST, PATCH, DELETE, OPTIONS")] + self.cors(request))
-        if request.path.startswith("/api/") or request.path == "/api" or (route and route.ticket_ok):
-            self.policy.check_key(request, ticket_ok=route is not None and route.ticket_ok
-                                  and self._ticket_redeemed(request))
+        access = self.policy.check_key(request, ticket_ok=route is not None and route.ticket_ok
+                                       and self._ticket_redeemed(request))
         if route is None:
             if allowed:
                 raise HttpError(405, "METHOD_NOT_ALLOWED", "method %s is not allowed on %s"
                                 % (request.method, request.path), {"allowed_methods": allowed + ["OPTIONS"]},
                                 headers=(("Allow", ", ".join(allowed + ["OPTIONS"])),))
             raise self.not_found(request)
+        if access == "read" and route.acts:
+            raise HttpError(403, "FORBIDDEN_READ_ONLY", "this key can only read: %s %s needs the API key"
+                            % (request.method, request.path[:200]))
         if request.chunked or request.content_length:
             content_type = (request.header("content-type") or "").split(";")[0].strip(" \t").lower()
             if content_type != "application/json":
@@ -3950,6 +4070,11 @@ class Api:
             merged.sort(key=lambda item: item["timestamp"])
         return merged[-count:] if count else []
 
+    async def get_metrics(self, request: Request) -> Response:
+        body = prometheus_metrics(self.supervisor.registry.runners(), self.supervisor.system,
+                                  self.server_stats, self.supervisor.clock())
+        return Response(200, body, content_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def create_ticket(self, request: Request) -> Response:
         return json_response(201, {"success": True, "ticket": self.tickets.issue(),
                                    "expires_in": int(self.tickets.ttl)})
@@ -4097,8 +4222,10 @@ class WsSession:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  protocol: WsProtocol, on_message: Callable[["WsSession", WsEvent], None],
                  send_buffer: int = WS_SEND_BUFFER, ping_interval: float = WS_PING_INTERVAL,
-                 pong_timeout: float = WS_PONG_TIMEOUT, slow_grace: float = WS_SLOW_GRACE):
+                 pong_timeout: float = WS_PONG_TIMEOUT, slow_grace: float = WS_SLOW_GRACE,
+                 stats: Optional[ServerStats] = None):
         self.reader, self.writer, self.protocol = reader, writer, protocol
+        self.stats = stats or ServerStats()
         self.transport = writer.transport
         self.on_message = on_message
         self.send_buffer, self.slow_grace = send_buffer, slow_grace
@@ -4149,10 +4276,12 @@ class WsSession:
             self.behind_since = now
         if now - self.behind_since > self.slow_grace or pending > WS_HARD_LIMIT * self.send_buffer:
             self.fail(CloseCode.POLICY_VIOLATION, "client too slow to read updates", drop=True)
-        elif kind == "log":
-            self.dropped_log_lines += 1
         elif kind == "event":
             self.transport.write(frame)
+            return
+        elif kind == "log":
+            self.dropped_log_lines += 1
+        self.stats.ws_dropped += 1
 
     def _report_dropped(self) -> None:
         if self.dropped_log_lines:
@@ -4490,6 +4619,7 @@ class HttpServer:
                 writer.close()
                 return
         self.connections.add(writer)
+        self.api.server_stats.connections = len(self.connections)
         try:
             await self._http_loop(reader, writer)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
@@ -4500,6 +4630,7 @@ class HttpServer:
             log.exception("connection handler failed")
         finally:
             self.connections.discard(writer)
+            self.api.server_stats.connections = len(self.connections)
             writer.close()
 
     async def _http_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -4588,6 +4719,7 @@ class HttpServer:
                 self.streams.discard(task)
             return False
         keep_alive = request.keep_alive and not response.close and not self.closing
+        self.api.server_stats.answered(response.status)
         writer.write(serialize_response(response, http_date(), keep_alive,
                                         request.version == "HTTP/1.0", request.method == "HEAD"))
         if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
@@ -4610,6 +4742,7 @@ class HttpServer:
         """Answer, half-close, and discard (never parse or keep) what the client still sends
         for a moment, so that it can read our answer rather than a reset."""
         if response is not None:
+            self.api.server_stats.answered(response.status)
             writer.write(serialize_response(response, http_date(), False))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.drain(), 5)
@@ -4666,16 +4799,19 @@ class HttpServer:
             # megabytes each; a status feed needs little.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_KERNEL_SEND_BUFFER)
+        stats = self.api.server_stats
         session = WsSession(reader, writer, WsProtocol(), broadcaster.on_client_message,
                             ping_interval=self.config.ws_ping_interval,
                             pong_timeout=self.config.ws_pong_timeout,
-                            slow_grace=self.config.ws_slow_grace)
+                            slow_grace=self.config.ws_slow_grace, stats=stats)
         broadcaster.add_client(session)
+        stats.ws_clients = len(broadcaster.clients)
         try:
             broadcaster.send_initial_state(session)
             await session.run(bytes(parser.buffer))
         finally:
             broadcaster.remove_client(session)
+            stats.ws_clients = len(broadcaster.clients)
 
 
 class HomeError(PMDaemonError):
@@ -4785,7 +4921,7 @@ class Daemon:
             loop.add_signal_handler(signum, stop.set)
         supervisor = Supervisor(self.config.home)
         api = Api(supervisor, AccessPolicy(self.config.api_key, self.config.allow_hosts,
-                                           self.config.cors_origins))
+                                           self.config.cors_origins, read_keys=self.config.read_keys))
         broadcaster = Broadcaster(supervisor)
         server = HttpServer(api, broadcaster, self.config)
         port = await server.bind()
@@ -4886,6 +5022,8 @@ def web_argv(args: argparse.Namespace) -> List[str]:
             argv += [flag, value]
     if getattr(args, "api_key_file", None):
         argv += ["--api-key-file", os.path.abspath(args.api_key_file)]
+    for path in args.read_key_file:
+        argv += ["--read-key-file", os.path.abspath(path)]
     if args.api_key:
         argv += ["--api-key", args.api_key]
     return argv
@@ -4898,11 +5036,27 @@ def resolve_api_key(args: argparse.Namespace) -> Optional[str]:
     return args.api_key or os.environ.get(API_KEY_ENV) or None
 
 
+def read_key_files(paths: List[str]) -> Tuple[str, ...]:
+    keys = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            key = handle.read().strip()
+        if not key:
+            raise OSError("%s is empty" % path)
+        keys.append(key)
+    return tuple(keys)
+
+
 def command_web(args: argparse.Namespace) -> int:
     try:
         api_key = resolve_api_key(args)
+        read_keys = read_key_files(args.read_key_file)
     except OSError as exc:
-        print("pmdaemon: cannot read --api-key-file: %s" % exc, file=sys.stderr)
+        print("pmdaemon: cannot read a key file: %s" % exc, file=sys.stderr)
+        return 2
+    if read_keys and not api_key:
+        print("pmdaemon: --read-key-file needs an API key too (without one, access is by user, "
+              "not by key)", file=sys.stderr)
         return 2
     if not api_key and not is_loopback_bind(args.host):
         print("pmdaemon: refusing to listen on %s without an API key: anyone who can reach it "
@@ -4914,7 +5068,7 @@ def command_web(args: argparse.Namespace) -> int:
         pid = start_background_daemon(home, web_argv(args))
         print("pmdaemon: daemon running in the background (pid %d, home %s)" % (pid, home))
         return 0
-    config = DaemonConfig(host=args.host, port=args.port, api_key=api_key, home=home,
+    config = DaemonConfig(host=args.host, port=args.port, api_key=api_key, read_keys=read_keys, home=home,
                           allow_hosts=tuple(args.allow_host), cors_origins=tuple(args.cors_origin),
                           sample_interval=args.sample_interval, max_connections=args.max_connections,
                           max_ws_clients=args.max_ws_clients, ws_ping_interval=args.ws_ping_interval,
@@ -5963,6 +6117,8 @@ def add_web_options(web: argparse.ArgumentParser) -> None:
     web.add_argument("--api-key", help="API key required on every /api request and /ws handshake "
                      "(default: $%s); prefer the variable or --api-key-file, since arguments are "
                      "visible to other users in ps" % API_KEY_ENV)
+    web.add_argument("--read-key-file", action="append", default=[], metavar="FILE",
+                     help="a key that may read (GETs, /metrics, /ws) but not act (repeatable)")
     web.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                      help="also accept this Host name without an API key (repeatable)")
     web.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",

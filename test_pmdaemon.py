@@ -2376,6 +2376,85 @@ class TestApiKey(DaemonTestCase):
             self.daemon.headers = {}
 
 
+METRIC_SAMPLE_RE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+                              r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")*)?\})? (\S+)\Z')
+
+
+def parse_exposition(text):
+    """Samples of a Prometheus 0.0.4 text, checked against the grammar: name -> [(labels, value)]."""
+    families, samples = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            _, keyword, name, rest = line.split(" ", 3)
+            families.setdefault(name, {})[keyword] = rest
+            continue
+        match = METRIC_SAMPLE_RE.match(line)
+        assert match, "not an exposition line: %r" % line
+        name, labels, value = match.group(1), match.group(2) or "", match.group(3)
+        assert set(families.get(name, {})) == {"HELP", "TYPE"}, "no HELP and TYPE before %s" % name
+        assert families[name]["TYPE"] in ("counter", "gauge"), name
+        assert name.endswith("_total") == (families[name]["TYPE"] == "counter"), name
+        float(value)
+        samples.setdefault(name, []).append((labels, float(value)))
+    return samples
+
+
+class TestMetricsAndReadKeys(DaemonTestCase):
+    daemon_env = {"PMDAEMON_API_KEY": "full-key"}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.key_dir = tempfile.mkdtemp(prefix="pmd-keys-")
+        with open(os.path.join(cls.key_dir, "read"), "w") as handle:
+            handle.write("look-only\n")
+        cls.daemon_args = ("--read-key-file", os.path.join(cls.key_dir, "read"))
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        shutil.rmtree(cls.key_dir, ignore_errors=True)
+
+    def test_metrics_in_the_prometheus_text_format(self):
+        full = {"Authorization": "Bearer full-key"}
+        status, _, _ = self.daemon.post("/api/processes", {"name": "met-a", "script": "sh",
+                                                           "args": ["-c", "echo hi; exec sleep 60"]}, headers=full)
+        self.assertEqual(status, 201)
+        self.assertEqual(self.daemon.get("/metrics")[0], 401)             # the same access rules
+        status, response, body = self.daemon.get("/metrics", headers=full)
+        self.assertEqual((status, response.getheader("Content-Type")), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        samples = parse_exposition(body.decode())
+        labels = '{name="met-a",id="0",instance="0"'
+        self.assertIn((labels + ',status="online"}', 1.0), samples["pmdaemon_process_status"])
+        self.assertIn((labels + ',status="stopped"}', 0.0), samples["pmdaemon_process_status"])
+        self.assertIn((labels + "}", 0.0), samples["pmdaemon_process_restarts_total"])
+        for family in ("pmdaemon_process_cpu_percent", "pmdaemon_process_memory_bytes", "pmdaemon_system_load",
+                       "pmdaemon_daemon_resident_memory_bytes", "pmdaemon_daemon_open_fds",
+                       "pmdaemon_http_requests_total", "pmdaemon_websocket_clients",
+                       "pmdaemon_websocket_dropped_messages_total", "pmdaemon_process_log_write_errors_total",
+                       "pmdaemon_process_health_status", "pmdaemon_system_memory_total_bytes"):
+            self.assertIn(family, samples)
+        self.assertGreater(dict(samples["pmdaemon_http_requests_total"])['{code="401"}'], 0)
+        self.assertGreater(dict(samples["pmdaemon_daemon_resident_memory_bytes"])[""], 1 << 20)
+        self.assertEqual(pmdaemon.metric_labels({"a": 'x"y\\z\nw'}), '{a="x\\"y\\\\z\\nw"}')
+        self.daemon.request("DELETE", "/api/processes/met-a", headers=full)
+
+    def test_a_read_key_reads_and_never_acts(self):
+        read = {"Authorization": "Bearer look-only"}
+        for path in ("/api/processes", "/api/system", "/metrics"):
+            self.assertEqual(self.daemon.get(path, headers=read)[0], 200, path)
+        body = self.assertError(self.daemon.post("/api/processes", {"name": "ro", "script": "sleep"}, headers=read),
+                                403, "FORBIDDEN_READ_ONLY")
+        self.assertEqual(body["error"]["message"], "this key can only read: POST /api/processes needs the API key")
+        self.assertError(self.daemon.request("DELETE", "/api/processes/x", headers=read), 403, "FORBIDDEN_READ_ONLY")
+        self.assertError(self.daemon.request("PATCH", "/api/processes/x", body={}, headers=read),
+                         403, "FORBIDDEN_READ_ONLY")
+        self.assertError(self.daemon.get("/api/system", headers={"Authorization": "Bearer nope"}), 401, "UNAUTHORIZED")
+        client = self.ws(headers={"Authorization": "Bearer look-only"})    # state and logs over /ws too
+        self.assertEqual(client.status, 101)
+        client.recv_message("system_update")
+
+
 class TestHostAndOrigin(DaemonTestCase):
     def test_non_loopback_host_is_refused_without_key(self):
         self.assertError(self.daemon.get("/api/processes", headers={"Host": "evil.example:9615"}), 403,
