@@ -690,6 +690,7 @@ class DaemonConfig:
     ws_slow_grace: float = WS_SLOW_GRACE
     header_timeout: float = HEADER_TIMEOUT
     body_timeout: float = BODY_TIMEOUT
+    tls: Any = None                         # TlsFiles when serving HTTPS
     max_body_bytes: int = MAX_BODY_BYTES
     max_body_memory: int = MAX_BODY_MEMORY
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
@@ -4521,6 +4522,28 @@ class Broadcaster:
         return set(value)
 
 
+class TlsFiles:
+    """HTTPS and WSS on the same port: TLS 1.2+ with forward-secret AEAD ciphers. reload()
+    re-reads the files (SIGUSR1): new handshakes get the new certificate, open connections stay."""
+
+    def __init__(self, cert: str, key: str):
+        import ssl
+        self.cert, self.key = cert, key
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")       # TLS 1.2; 1.3 has its own
+        self.context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        self.context.load_cert_chain(cert, key)
+
+    def reload(self) -> None:
+        try:
+            self.context.load_cert_chain(self.cert, self.key)
+        except (OSError, ValueError) as exc:
+            log.error("TLS files not reloaded, the old certificate stays: %s", exc)
+            return
+        log.info("TLS certificate reloaded from %s", self.cert)
+
+
 class ConnectionDeadline:
     """When a connection's current phase must end, and what to do when it does not."""
     __slots__ = ("transport", "parser", "deadline", "answer")
@@ -4561,8 +4584,10 @@ class HttpServer:
     async def bind(self) -> int:
         """Take the port (so a busy port fails before any child starts) and the Unix socket;
         serve later."""
-        self.server = await asyncio.start_server(self.serve, self.config.host, self.config.port,
-                                                 backlog=1024, reuse_address=True, start_serving=False)
+        tls = {"ssl": self.config.tls.context, "ssl_handshake_timeout": self.config.header_timeout} \
+            if self.config.tls else {}
+        self.server = await asyncio.start_server(self.serve, self.config.host, self.config.port, backlog=1024,
+                                                 reuse_address=True, start_serving=False, **tls)
         await self._bind_unix_socket()
         return self.server.sockets[0].getsockname()[1]
 
@@ -4919,6 +4944,8 @@ class Daemon:
         # stopped, state saved) instead of dying with its children orphaned.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
+        if self.config.tls is not None:             # SIGUSR1: re-read the certificate files
+            loop.add_signal_handler(signal.SIGUSR1, self.config.tls.reload)
         supervisor = Supervisor(self.config.home)
         api = Api(supervisor, AccessPolicy(self.config.api_key, self.config.allow_hosts,
                                            self.config.cors_origins, read_keys=self.config.read_keys))
@@ -4931,7 +4958,8 @@ class Daemon:
         await supervisor.restore()
         await server.start_serving()
         sampler = asyncio.ensure_future(supervisor.metrics.run(self.config.sample_interval))
-        where = "http://%s:%d" % (self.config.host if ":" not in self.config.host else "[%s]" % self.config.host, port)
+        host = self.config.host if ":" not in self.config.host else "[%s]" % self.config.host
+        where = "%s://%s:%d" % ("https" if self.config.tls else "http", host, port)
         print("pmdaemon %s listening on %s (home %s)" % (__version__, where, self.config.home), flush=True)
         notifier = SystemdNotifier()
         notifier.notify("READY=1\nMAINPID=%d\nSTATUS=serving on %s" % (os.getpid(), where))
@@ -5024,6 +5052,8 @@ def web_argv(args: argparse.Namespace) -> List[str]:
         argv += ["--api-key-file", os.path.abspath(args.api_key_file)]
     for path in args.read_key_file:
         argv += ["--read-key-file", os.path.abspath(path)]
+    if args.tls_cert:
+        argv += ["--tls-cert", os.path.abspath(args.tls_cert), "--tls-key", os.path.abspath(args.tls_key)]
     if args.api_key:
         argv += ["--api-key", args.api_key]
     return argv
@@ -5054,6 +5084,17 @@ def command_web(args: argparse.Namespace) -> int:
     except OSError as exc:
         print("pmdaemon: cannot read a key file: %s" % exc, file=sys.stderr)
         return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("pmdaemon: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    try:
+        tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
+    except (OSError, ValueError) as exc:
+        print("pmdaemon: cannot use the TLS files: %s" % exc, file=sys.stderr)
+        return 2
+    if api_key and not tls and not is_loopback_bind(args.host):
+        print("pmdaemon: warning: %s is not loopback and there is no TLS: the key and everything "
+              "else cross the network in clear text (use --tls-cert/--tls-key)" % args.host, file=sys.stderr)
     if read_keys and not api_key:
         print("pmdaemon: --read-key-file needs an API key too (without one, access is by user, "
               "not by key)", file=sys.stderr)
@@ -5068,7 +5109,7 @@ def command_web(args: argparse.Namespace) -> int:
         pid = start_background_daemon(home, web_argv(args))
         print("pmdaemon: daemon running in the background (pid %d, home %s)" % (pid, home))
         return 0
-    config = DaemonConfig(host=args.host, port=args.port, api_key=api_key, read_keys=read_keys, home=home,
+    config = DaemonConfig(host=args.host, port=args.port, api_key=api_key, read_keys=read_keys, home=home, tls=tls,
                           allow_hosts=tuple(args.allow_host), cors_origins=tuple(args.cors_origin),
                           sample_interval=args.sample_interval, max_connections=args.max_connections,
                           max_ws_clients=args.max_ws_clients, ws_ping_interval=args.ws_ping_interval,
@@ -6117,6 +6158,9 @@ def add_web_options(web: argparse.ArgumentParser) -> None:
     web.add_argument("--api-key", help="API key required on every /api request and /ws handshake "
                      "(default: $%s); prefer the variable or --api-key-file, since arguments are "
                      "visible to other users in ps" % API_KEY_ENV)
+    web.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS and WSS with this certificate (PEM, "
+                     "chain included); re-read on SIGUSR1")
+    web.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     web.add_argument("--read-key-file", action="append", default=[], metavar="FILE",
                      help="a key that may read (GETs, /metrics, /ws) but not act (repeatable)")
     web.add_argument("--allow-host", action="append", default=[], metavar="NAME",

@@ -74,7 +74,7 @@ class Daemon:
         if "listening on" not in line:
             self.proc.kill()
             raise AssertionError("daemon did not start: %r %r" % (line, self.proc.stderr.read()))
-        self.port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        self.port = int(line.split("://127.0.0.1:")[1].split()[0])
         self.headers = {}
 
     def request(self, method, path, body=None, headers=None, raw_body=None):
@@ -2453,6 +2453,101 @@ class TestMetricsAndReadKeys(DaemonTestCase):
         client = self.ws(headers={"Authorization": "Bearer look-only"})    # state and logs over /ws too
         self.assertEqual(client.status, 101)
         client.recv_message("system_update")
+
+
+def make_certificate(directory, name, common_name="localhost"):
+    """A throwaway self-signed certificate made with openssl: (cert path, key path)."""
+    cert, key = os.path.join(directory, name + ".crt"), os.path.join(directory, name + ".key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=" + common_name,
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs openssl to make a throwaway certificate")
+class TestTls(unittest.TestCase):
+    def setUp(self):
+        import ssl
+        self.dir = tempfile.mkdtemp(prefix="pmd-tls-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.cert, self.key = make_certificate(self.dir, "one")
+        self.daemon = Daemon(args=("--tls-cert", self.cert, "--tls-key", self.key),
+                             env={"PMDAEMON_API_KEY": "tls-key"})
+        self.addCleanup(self.daemon.cleanup)
+        self.ssl = ssl
+
+    def client_context(self, cafile, **versions):
+        context = self.ssl.create_default_context(cafile=cafile)
+        for name, value in versions.items():
+            setattr(context, name, value)
+        return context
+
+    def https_get(self, path, cafile, headers=None):
+        conn = http.client.HTTPSConnection("127.0.0.1", self.daemon.port, timeout=10,
+                                           context=self.client_context(cafile))
+        self.addCleanup(conn.close)
+        conn.request("GET", path, headers=dict({"Authorization": "Bearer tls-key"}, **(headers or {})))
+        response = conn.getresponse()
+        return response.status, response.read(), conn
+
+    def test_https_and_wss_on_one_port_tls_1_2_or_newer(self):
+        status, body, _ = self.https_get("/api/system", self.cert)
+        self.assertEqual(status, 200)
+        self.assertIn(b'"cpu"', body)
+        import warnings
+        with warnings.catch_warnings():             # old versions are deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old = self.client_context(self.cert, maximum_version=self.ssl.TLSVersion.TLSv1_1,
+                                      minimum_version=self.ssl.TLSVersion.TLSv1)
+        with self.assertRaises(self.ssl.SSLError):
+            with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5) as raw:
+                old.wrap_socket(raw, server_hostname="localhost").close()
+        with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5) as raw:
+            tls = self.client_context(self.cert).wrap_socket(raw, server_hostname="localhost")
+            key = base64.b64encode(os.urandom(16)).decode()
+            tls.sendall(("GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer tls-key\r\n\r\n"
+                         % key).encode())
+            self.assertTrue(tls.recv(4096).startswith(b"HTTP/1.1 101 Switching Protocols\r\n"))
+            tls.close()
+
+    def test_sigusr1_reloads_the_certificate_and_keeps_connections(self):
+        _, _, kept = self.https_get("/api/system", self.cert)
+        new_cert, new_key = make_certificate(self.dir, "two")
+        os.replace(new_cert, self.cert)
+        os.replace(new_key, self.key)
+        self.daemon.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: self.served_certificate() == read_text(self.cert), message="the new certificate")
+        kept.request("GET", "/api/system", headers={"Authorization": "Bearer tls-key"})   # the old connection
+        self.assertEqual(kept.getresponse().status, 200)
+
+    def served_certificate(self):
+        with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5) as raw:
+            context = self.ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, self.ssl.CERT_NONE
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                return self.ssl.DER_cert_to_PEM_cert(tls.getpeercert(binary_form=True))
+
+    def test_a_key_without_tls_off_loopback_is_warned_about(self):
+        home = tempfile.mkdtemp(prefix="pmd-warn-")
+        self.addCleanup(shutil.rmtree, home, True)
+        proc = subprocess.Popen([PY, PMDAEMON, "web", "--host", "0.0.0.0", "--port", "0", "--home", home],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PMDAEMON_API_KEY="k"))
+        try:
+            self.assertIn("listening on http://0.0.0.0:", proc.stdout.readline())
+        finally:
+            proc.terminate()
+            _, errors = proc.communicate(timeout=15)
+        self.assertIn("warning: 0.0.0.0 is not loopback and there is no TLS", errors)
+
+    def test_the_cli_speaks_https(self):
+        result = subprocess.run([PY, PMDAEMON, "ls", "--url", "https://localhost:%d" % self.daemon.port],
+                                capture_output=True, text=True, timeout=30,
+                                env=dict(os.environ, SSL_CERT_FILE=self.cert, PMDAEMON_API_KEY="tls-key"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith("id  name"))
 
 
 class TestHostAndOrigin(DaemonTestCase):
