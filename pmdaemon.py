@@ -3661,6 +3661,27 @@ def process_details(runner: ProcessRunner, now: float) -> dict:
     return entry
 
 
+def pm2_entry(runner: ProcessRunner, now: float, wall: float) -> dict:
+    """A process as `pm2 jlist` shows it, for tools that speak PM2 (never its env)."""
+    run = runner.run
+    started = run.started_wall if run is not None and run.started_wall else None
+    status = {"starting": "launching", "restarting": "waiting restart"}.get(runner.state.value, runner.state.value)
+    return {"pid": runner.pid or 0, "name": runner.name, "pm_id": runner.id,
+            "monit": {"memory": runner.memory, "cpu": runner.cpu},
+            "pm2_env": {"name": runner.name, "pm_id": runner.id, "status": status,
+                        "pm_uptime": int((started or wall) * 1000), "restart_time": runner.restarts,
+                        "unstable_restarts": runner.unstable_restarts, "exec_mode": "fork_mode",
+                        "instances": runner.config.instances, "instance_var": "NODE_APP_INSTANCE",
+                        "NODE_APP_INSTANCE": runner.instance, "pm_exec_path": runner.config.script,
+                        "pm_cwd": runner.config.cwd, "args": runner.config.args,
+                        "exec_interpreter": "none", "autorestart": runner.config.autorestart,
+                        "max_memory_restart": runner.config.max_memory_restart,
+                        "pm_out_log_path": runner.logs.files["stdout"].path,
+                        "pm_err_log_path": runner.logs.files["stderr"].path,
+                        "port": runner.port, "health": runner.health.status,
+                        "uptime": runner.uptime_ms(now)}}
+
+
 # -- Prometheus metrics (text exposition format 0.0.4) ------------------------------------------
 
 @dataclasses.dataclass
@@ -3841,6 +3862,8 @@ class Api:
             ("POST", "/api/ws-ticket", self.create_ticket),
             ("GET", "/ws", self.open_websocket),
             ("GET", "/metrics", self.get_metrics),
+            ("GET", "/api/pm2/jlist", self.get_pm2_jlist),
+            ("GET", "/api/pm2", self.get_pm2_web),
         )]
         self.server_stats = ServerStats()     # kept by the server glue, shown by /metrics
 
@@ -4070,6 +4093,23 @@ class Api:
         if len(members) > 1:
             merged.sort(key=lambda item: item["timestamp"])
         return merged[-count:] if count else []
+
+    def pm2_processes(self) -> List[dict]:
+        now, wall = self.supervisor.clock(), self.supervisor.wall()
+        return [pm2_entry(runner, now, wall) for runner in self.supervisor.registry.runners()]
+
+    async def get_pm2_jlist(self, request: Request) -> Response:
+        return json_response(200, self.pm2_processes())
+
+    async def get_pm2_web(self, request: Request) -> Response:
+        """The shape of the old `pm2 web` (HttpInterface): system_info, monit, processes."""
+        system = self.supervisor.system
+        return json_response(200, {
+            "system_info": {"hostname": socket.gethostname(), "uptime": system.uptime},
+            "monit": {"loadavg": list(system.load), "total_mem": system.memory_total,
+                      "free_mem": system.memory_available, "cpu": [{"usage": system.cpu_usage}] * system.cores,
+                      "interfaces": {}},
+            "processes": self.pm2_processes()})
 
     async def get_metrics(self, request: Request) -> Response:
         body = prometheus_metrics(self.supervisor.registry.runners(), self.supervisor.system,

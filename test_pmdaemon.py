@@ -1222,6 +1222,22 @@ class TestRestFixes(DaemonTestCase):
         self.assertEqual(self.daemon.get("/api/logs/up-idle")[2]["logs"], [])
         self.daemon.request("DELETE", "/api/processes/up-idle")
 
+    def test_pm2_views_without_any_env(self):
+        self.daemon.start("pm2-a", "sleep", ["60"], env={"SECRET": "hunter2"})
+        status, _, jlist = self.daemon.get("/api/pm2/jlist")
+        entry = [e for e in jlist if e["name"] == "pm2-a"][0]
+        self.assertEqual(status, 200)
+        self.assertEqual((entry["pm2_env"]["status"], entry["pm2_env"]["restart_time"], entry["pm2_env"]["exec_mode"]),
+                         ("online", 0, "fork_mode"))
+        self.assertEqual(set(entry["monit"]), {"memory", "cpu"})
+        self.assertEqual(entry["pid"], self.daemon.process("pm2-a")["pid"])
+        self.assertGreater(entry["pm2_env"]["pm_uptime"], 1.6e12)            # ms since the epoch, like PM2
+        status, _, web = self.daemon.get("/api/pm2")
+        self.assertEqual(set(web), {"system_info", "monit", "processes"})
+        self.assertEqual(set(web["monit"]), {"loadavg", "total_mem", "free_mem", "cpu", "interfaces"})
+        self.assertNotIn("hunter2", json.dumps([jlist, web]))
+        self.daemon.request("DELETE", "/api/processes/pm2-a")
+
     def test_hostile_inputs_get_a_4xx_never_a_500(self):
         self.assertError(self.daemon.get("/api/processes/" + "9" * 5000), 404, "PROCESS_NOT_FOUND")
         deep = b"[" * 100000 + b"]" * 100000
