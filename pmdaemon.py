@@ -2609,7 +2609,7 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "P
 
 REASONS = {
     101: "Switching Protocols", 200: "OK", 201: "Created", 204: "No Content",
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    304: "Not Modified", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
     413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
     426: "Upgrade Required", 431: "Request Header Fields Too Large",
@@ -2626,7 +2626,7 @@ def http_error(status: int, code: str, message: str) -> HttpError:
 class Request:
     """One parsed HTTP request; header names are lowercase."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "fields", "body",
-                 "keep_alive", "content_length", "chunked", "route", "authority")
+                 "keep_alive", "content_length", "chunked", "route", "authority", "access")
 
     def __init__(self, method: str, target: str, path: str, query: str, version: str,
                  headers: List[Tuple[str, str]]):
@@ -2641,6 +2641,7 @@ class Request:
         self.chunked = False
         self.route: Any = None          # (Route, params) once the API has admitted the head
         self.authority: Optional[str] = None    # host[:port] of an absolute-form target
+        self.access = "full"                    # or "read": what the request's key allows
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.fields.get(name)
@@ -2972,16 +2973,18 @@ class RequestParser:
 
 class Response:
     """What a handler returns; serialize_response makes the bytes."""
-    __slots__ = ("status", "body", "content_type", "headers", "close", "stream")
+    __slots__ = ("status", "body", "content_type", "headers", "close", "stream", "cache")
 
     def __init__(self, status: int = 200, body: bytes = b"", content_type: Optional[str] = "application/json",
-                 headers: List[Tuple[str, str]] = None, close: bool = False, stream: Any = None):
+                 headers: List[Tuple[str, str]] = None, close: bool = False, stream: Any = None,
+                 cache: str = "no-store"):
         self.status = status
         self.body = body
         self.content_type = content_type if body or stream or status not in (101, 204, 304) else None
         self.headers = headers if headers is not None else []
         self.close = close
         self.stream = stream       # an async iterator of bytes: sent chunked, body unused
+        self.cache = cache         # Cache-Control: live data is never stored
 
 
 def json_bytes(value: Any) -> bytes:
@@ -2994,7 +2997,7 @@ def json_response(status: int, value: Any, headers: Optional[List[Tuple[str, str
 
 # Sent on every response: the spec's security headers, and no caching of live data.
 FIXED_HEADERS = (b"X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\n"
-                 b"X-XSS-Protection: 1; mode=block\r\nCache-Control: no-store\r\n")
+                 b"X-XSS-Protection: 1; mode=block\r\n")
 STATUS_LINES = {status: ("HTTP/1.1 %d %s\r\n" % (status, reason)).encode() for status, reason in REASONS.items()}
 
 
@@ -3002,13 +3005,13 @@ def serialize_response(response: Response, date: bytes, keep_alive: bool, http10
                        head_only: bool = False) -> bytes:
     """Status line, headers (Date, type, length, security, extra, Connection) and body."""
     parts = [STATUS_LINES.get(response.status) or b"HTTP/1.1 %d Unknown\r\n" % response.status,
-             b"Date: ", date, b"\r\n", FIXED_HEADERS]
+             b"Date: ", date, b"\r\n", FIXED_HEADERS, b"Cache-Control: ", response.cache.encode(), b"\r\n"]
     if response.content_type:
         parts += [b"Content-Type: ", response.content_type.encode("latin-1"), b"\r\n"]
     if response.stream is not None:
         if not http10:
             parts.append(b"Transfer-Encoding: chunked\r\n")
-    elif response.status >= 200 and response.status != 204:
+    elif response.status >= 200 and response.status not in (204, 304):
         parts += [b"Content-Length: ", str(len(response.body)).encode(), b"\r\n"]
     for name, value in response.headers:
         parts += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
@@ -3018,7 +3021,7 @@ def serialize_response(response: Response, date: bytes, keep_alive: bool, http10
         elif http10:
             parts.append(b"Connection: keep-alive\r\n")
     parts.append(b"\r\n")
-    if not head_only and response.status != 204:
+    if not head_only and response.status not in (204, 304):
         parts.append(response.body)
     return b"".join(parts)
 
@@ -3503,6 +3506,8 @@ class Route(NamedTuple):
     handler: Callable
     ticket_ok: bool = False         # /ws: a single-use ticket may stand in for the key
     acts: bool = False              # changes something: refused to a read-only key
+    public: bool = False            # the dashboard's files: no data, no key needed
+    template: str = ""
 
 
 def compile_route(template: str):
@@ -3659,6 +3664,477 @@ def process_details(runner: ProcessRunner, now: float) -> dict:
         "waiting_for": runner.waiting_for,
     })
     return entry
+
+
+# -- the dashboard: one page, its stylesheet and script, nothing fetched from elsewhere ------------
+
+DASHBOARD_HTML = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pmdaemon</title>
+<link rel="stylesheet" href="/dashboard.css">
+<script src="/dashboard.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>pmdaemon</h1>
+  <span id="connection" class="badge" role="status">connecting</span>
+  <span id="access" class="badge"></span>
+</header>
+<form id="login" hidden>
+  <label for="key">API key</label>
+  <input id="key" type="password" autocomplete="current-password" required>
+  <button type="submit">Use this key</button>
+  <span id="login-error" class="error" role="alert"></span>
+  <p class="hint">The key is kept in this tab only (sessionStorage).</p>
+</form>
+<main id="app" hidden>
+  <section aria-label="System">
+    <div class="charts">
+      <figure><figcaption>CPU <span id="sys-cpu"></span></figcaption><canvas id="chart-cpu" width="300" height="60"></canvas></figure>
+      <figure><figcaption>Memory <span id="sys-mem"></span></figcaption><canvas id="chart-mem" width="300" height="60"></canvas></figure>
+      <figure><figcaption>Load <span id="sys-load"></span></figcaption><canvas id="chart-load" width="300" height="60"></canvas></figure>
+    </div>
+  </section>
+  <section aria-label="Processes">
+    <h2>Processes</h2>
+    <div class="scroll">
+      <table>
+        <thead><tr><th>id</th><th>name</th><th>status</th><th>pid</th><th>port</th><th>cpu</th><th>memory</th><th>uptime</th><th>restarts</th><th>health</th><th>history</th><th class="acts">actions</th></tr></thead>
+        <tbody id="processes"></tbody>
+      </table>
+    </div>
+    <p id="action-error" class="error" role="alert"></p>
+  </section>
+  <section aria-label="New process" class="acts">
+    <details>
+      <summary>New process</summary>
+      <form id="create">
+        <label>name <input name="name" required></label>
+        <label>script <input name="script" required></label>
+        <label>args <input name="args" placeholder="space separated"></label>
+        <label>cwd <input name="cwd"></label>
+        <label>port <input name="port" placeholder="3000, 3000-3003, auto"></label>
+        <label>instances <input name="instances" type="number" min="1" max="64" value="1"></label>
+        <label>env <textarea name="env" rows="2" placeholder="KEY=value, one a line"></textarea></label>
+        <button type="submit">Create</button>
+        <span id="create-error" class="error" role="alert"></span>
+      </form>
+    </details>
+  </section>
+  <section aria-label="Logs">
+    <h2>Logs <span id="log-name"></span></h2>
+    <pre id="logs" tabindex="0" aria-live="polite"></pre>
+  </section>
+  <section aria-label="Events">
+    <h2>Events</h2>
+    <ol id="events"></ol>
+  </section>
+</main>
+</body>
+</html>
+'''
+
+DASHBOARD_CSS = r''':root { color-scheme: light dark; --ok: #1a7f37; --bad: #cf222e; --warn: #9a6700; --dim: #6e7781; }
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; padding: 0 12px 24px; max-width: 1200px; }
+header { display: flex; gap: 8px; align-items: center; flex-wrap: wrap; }
+h1 { font-size: 20px; margin: 12px 8px 12px 0; } h2 { font-size: 16px; margin: 16px 0 6px; }
+.badge { border: 1px solid var(--dim); border-radius: 10px; padding: 1px 8px; font-size: 12px; }
+.charts { display: flex; flex-wrap: wrap; gap: 12px; } figure { margin: 0; } figcaption { font-size: 12px; }
+canvas { width: 300px; max-width: 100%; height: 60px; border: 1px solid #8884; }
+.scroll { overflow-x: auto; } table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 4px 6px; border-bottom: 1px solid #8883; white-space: nowrap; }
+tr.selected { background: #8882; } tr:focus { outline: 2px solid #0969da; }
+.online, .healthy { color: var(--ok); } .errored, .unhealthy { color: var(--bad); }
+.starting, .restarting, .stopping { color: var(--warn); } .stopped { color: var(--dim); }
+button { font: inherit; padding: 2px 8px; margin: 1px; cursor: pointer; }
+.error { color: var(--bad); } .hint { color: var(--dim); font-size: 12px; }
+pre#logs { max-height: 320px; overflow: auto; background: #8881; padding: 6px; white-space: pre-wrap; word-break: break-all; }
+ol#events { max-height: 200px; overflow: auto; padding-left: 20px; font-size: 13px; }
+form#create { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 6px; margin-top: 6px; }
+form#create label { display: flex; flex-direction: column; font-size: 12px; }
+body.read-only .acts { display: none; }
+@media (max-width: 600px) { th:nth-child(4), td:nth-child(4), th:nth-child(11), td:nth-child(11) { display: none; } }
+'''
+
+DASHBOARD_JS = r'''"use strict";
+// The pmdaemon dashboard: REST for actions, /ws for everything live. No external resources.
+const state = { key: sessionStorage.getItem("pmdaemon-key"), processes: new Map(), history: new Map(),
+  system: { cpu: [], mem: [], load: [] }, selected: null, ws: null, retry: 500, readOnly: false };
+const $ = (id) => document.getElementById(id);
+const HISTORY = 60;
+
+async function api(method, path, body) {
+  const headers = {};
+  if (state.key) headers["Authorization"] = "Bearer " + state.key;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = new Error(data && data.error ? data.error.message : "HTTP " + response.status);
+    error.status = response.status;
+    throw error;
+  }
+  return data;
+}
+
+async function start() {
+  try {
+    const access = await api("GET", "/api/access");
+    state.readOnly = access.access === "read";
+    document.body.classList.toggle("read-only", state.readOnly);
+    $("access").textContent = state.readOnly ? "read-only key" : (state.key ? "key" : "local user");
+    $("login").hidden = true;
+    $("app").hidden = false;
+    connect();
+  } catch (error) {
+    if (error.status === 401) {
+      $("login").hidden = false;
+      $("app").hidden = true;
+      $("login-error").textContent = state.key ? "That key was refused." : "";
+      $("key").focus();
+    } else {
+      $("connection").textContent = "cannot reach the daemon: " + error.message;
+      setTimeout(start, reconnectDelay());
+    }
+  }
+}
+
+function reconnectDelay() {
+  state.retry = Math.min(state.retry * 2, 10000);
+  return state.retry;
+}
+
+async function connect() {
+  let url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+  if (state.key) {
+    try { url += "?ticket=" + encodeURIComponent((await api("POST", "/api/ws-ticket")).ticket); }
+    catch (error) { setTimeout(start, reconnectDelay()); return; }
+  }
+  const ws = new WebSocket(url);
+  state.ws = ws;
+  ws.onopen = () => {
+    state.retry = 500;
+    $("connection").textContent = "live";
+    if (state.selected) subscribe(state.selected);
+  };
+  ws.onmessage = (event) => receive(JSON.parse(event.data));
+  ws.onclose = () => {
+    $("connection").textContent = "reconnecting";
+    state.ws = null;
+    setTimeout(start, reconnectDelay());
+  };
+}
+
+function send(message) { if (state.ws && state.ws.readyState === 1) state.ws.send(JSON.stringify(message)); }
+function subscribe(name) { send({ type: "subscribe", channel: "logs", process: name }); }
+
+function receive(message) {
+  const data = message.data;
+  if (message.type === "process_update") {
+    state.processes.set(data.name, Object.assign(state.processes.get(data.name) || {}, data));
+    const history = state.history.get(data.name) || { cpu: [], mem: [] };
+    push(history.cpu, data.cpu); push(history.mem, data.memory);
+    state.history.set(data.name, history);
+    render();
+  } else if (message.type === "system_update") {
+    push(state.system.cpu, data.cpu); push(state.system.mem, data.memory.usage_percent); push(state.system.load, data.load.one);
+    $("sys-cpu").textContent = data.cpu.toFixed(1) + "%";
+    $("sys-mem").textContent = data.memory.usage_percent.toFixed(1) + "%";
+    $("sys-load").textContent = [data.load.one, data.load.five, data.load.fifteen].join(" ");
+    chart($("chart-cpu"), state.system.cpu, 100); chart($("chart-mem"), state.system.mem, 100); chart($("chart-load"), state.system.load);
+  } else if (message.type === "health_update") {
+    const entry = state.processes.get(data.process);
+    if (entry) { entry.health = data.status; render(); }
+  } else if (message.type === "process_event") {
+    const item = document.createElement("li");
+    item.textContent = data.timestamp + " " + data.process + " " + data.event +
+      (data.reason ? ": " + data.reason : data.exit_code !== undefined ? " (code " + data.exit_code + ")" : "");
+    $("events").prepend(item);
+    while ($("events").children.length > 100) $("events").lastChild.remove();
+    if (data.event === "deleted") { state.processes.delete(data.process); render(); }
+  } else if (message.type === "log" && data.process === state.selected) {
+    appendLog(data);
+  }
+}
+
+function push(list, value) { list.push(value); if (list.length > HISTORY) list.shift(); }
+
+function chart(canvas, values, top) {
+  const context = canvas.getContext("2d");
+  const width = canvas.width, height = canvas.height;
+  context.clearRect(0, 0, width, height);
+  if (!values.length) return;
+  const max = top || Math.max(1, ...values);
+  context.strokeStyle = "#0969da";
+  context.beginPath();
+  values.forEach((value, index) => {
+    const x = width * index / Math.max(1, HISTORY - 1), y = height - 2 - (height - 4) * value / max;
+    index ? context.lineTo(x, y) : context.moveTo(x, y);
+  });
+  context.stroke();
+}
+
+function human(bytes) {
+  for (const [unit, size] of [["G", 1 << 30], ["M", 1 << 20], ["K", 1 << 10]]) if (bytes >= size) return (bytes / size).toFixed(1) + unit;
+  return bytes + "B";
+}
+
+function duration(ms) {
+  const s = Math.floor(ms / 1000);
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["m", 60]]) if (s >= size) return Math.floor(s / size) + unit;
+  return s + "s";
+}
+
+function cell(row, text, className) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (className) td.className = className;
+  row.appendChild(td);
+  return td;
+}
+
+function button(parent, label, action) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.addEventListener("click", (event) => { event.stopPropagation(); action(); });
+  parent.appendChild(b);
+}
+
+function render() {
+  const body = $("processes");
+  const rows = [...state.processes.values()].sort((a, b) => a.id - b.id);
+  body.replaceChildren();
+  for (const p of rows) {
+    const row = document.createElement("tr");
+    row.tabIndex = 0;
+    if (p.name === state.selected) row.className = "selected";
+    row.addEventListener("click", () => select(p.name));
+    row.addEventListener("keydown", (event) => { if (event.key === "Enter") select(p.name); });
+    cell(row, p.id); cell(row, p.name); cell(row, p.status, p.status); cell(row, p.pid || "-"); cell(row, p.port || "-");
+    cell(row, p.cpu.toFixed(1) + "%"); cell(row, human(p.memory)); cell(row, duration(p.uptime)); cell(row, p.restarts);
+    cell(row, p.health || "none", p.health);
+    const spark = document.createElement("canvas");
+    spark.width = 90; spark.height = 20; spark.style.width = "90px"; spark.style.height = "20px";
+    cell(row, "").appendChild(spark);
+    chart(spark, (state.history.get(p.name) || { cpu: [] }).cpu);
+    const actions = cell(row, "", "acts");
+    for (const verb of ["start", "stop", "restart", "reload"]) button(actions, verb, () => act("POST", "/api/processes/" + encodeURIComponent(p.name) + "/" + verb));
+    button(actions, "scale", () => {
+      const count = prompt("How many copies of " + p.name.replace(/-\d+$/, "") + "?", "2");
+      if (count) act("PATCH", "/api/processes/" + encodeURIComponent(p.name.replace(/-\d+$/, "")), { instances: Number(count) });
+    });
+    button(actions, "delete", () => { if (confirm("Delete " + p.name + "? It is stopped and removed.")) act("DELETE", "/api/processes/" + encodeURIComponent(p.name)); });
+    body.appendChild(row);
+  }
+}
+
+async function act(method, path, body) {
+  $("action-error").textContent = "";
+  try { await api(method, path, body); } catch (error) { $("action-error").textContent = error.message; }
+}
+
+async function select(name) {
+  if (state.selected) send({ type: "unsubscribe", channel: "logs", process: state.selected });
+  state.selected = name;
+  $("log-name").textContent = name;
+  $("logs").textContent = "";
+  render();
+  subscribe(name);
+  try {
+    const data = await api("GET", "/api/logs/" + encodeURIComponent(name) + "?lines=100");
+    data.logs.forEach(appendLog);
+  } catch (error) { $("logs").textContent = error.message; }
+}
+
+function appendLog(entry) {
+  const view = $("logs");
+  const atEnd = view.scrollTop + view.clientHeight >= view.scrollHeight - 4;
+  view.append(entry.timestamp + " " + entry.type + " " + entry.message + "\n");
+  while (view.childNodes.length > 1000) view.firstChild.remove();
+  if (atEnd) view.scrollTop = view.scrollHeight;
+}
+
+$("login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.key = $("key").value;
+  sessionStorage.setItem("pmdaemon-key", state.key);
+  start();
+});
+
+$("create").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  const body = { name: form.get("name"), script: form.get("script") };
+  if (form.get("args").trim()) body.args = form.get("args").trim().split(/\s+/);
+  if (form.get("cwd").trim()) body.cwd = form.get("cwd").trim();
+  if (form.get("port").trim()) body.port = form.get("port").trim();
+  if (Number(form.get("instances")) > 1) body.instances = Number(form.get("instances"));
+  const env = {};
+  for (const line of form.get("env").split("\n")) { const at = line.indexOf("="); if (at > 0) env[line.slice(0, at).trim()] = line.slice(at + 1); }
+  if (Object.keys(env).length) body.env = env;
+  $("create-error").textContent = "";
+  try { await api("POST", "/api/processes", body); event.target.reset(); }
+  catch (error) { $("create-error").textContent = error.message; }
+});
+
+start();
+'''
+
+# Scripts and styles only from the page's own origin (no inline code at all), no framing.
+DASHBOARD_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+                 "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+class StaticFile(NamedTuple):
+    """A page or asset served with a strong ETag, so a browser revalidates instead of refetching."""
+    body: bytes
+    content_type: str
+    etag: str
+
+    @classmethod
+    def of(cls, text: str, content_type: str) -> "StaticFile":
+        body = text.encode("utf-8")
+        return cls(body, content_type, '"%s"' % hashlib.sha256(body).hexdigest()[:32])
+
+
+DASHBOARD_FILES = {"/": StaticFile.of(DASHBOARD_HTML, "text/html; charset=utf-8"),
+                   "/dashboard.css": StaticFile.of(DASHBOARD_CSS, "text/css; charset=utf-8"),
+                   "/dashboard.js": StaticFile.of(DASHBOARD_JS, "text/javascript; charset=utf-8")}
+
+
+# -- the OpenAPI 3.1 document: every route, described in one table ------------------------------
+
+def _object(properties: Dict[str, Any], required: Tuple[str, ...] = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required)}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": "#/components/schemas/" + name}
+
+
+NULLABLE_INT = {"type": ["integer", "null"]}
+OPENAPI_SCHEMAS = {
+    "Error": _object({"success": {"const": False}, "error": _object(
+        {"code": {"type": "string"}, "message": {"type": "string"}, "details": {}}, ("code", "message"))},
+        ("success", "error")),
+    "Message": _object({"success": {"const": True}, "message": {"type": "string"}}, ("success", "message")),
+    "ProcessSummary": _object({"id": {"type": "integer"}, "name": {"type": "string"},
+                               "status": {"enum": [state.value for state in ProcessState]},
+                               "pid": NULLABLE_INT, "port": NULLABLE_INT, "cpu": {"type": "number"},
+                               "memory": {"type": "integer"}, "uptime": {"type": "integer"},
+                               "restarts": {"type": "integer"},
+                               "health": {"enum": ["none", "unknown", "healthy", "unhealthy"]}},
+                              ("id", "name", "status", "pid", "port", "cpu", "memory", "uptime", "restarts", "health")),
+    "ProcessList": _object({"processes": {"type": "array", "items": _ref("ProcessSummary")},
+                            "total": {"type": "integer"}}, ("processes", "total")),
+    "ProcessDetails": {"allOf": [_ref("ProcessSummary"), _object({
+        "config": _ref("ProcessConfig"), "instance": {"type": "integer"}, "started_at": {"type": ["string", "null"]},
+        "last_exit": {"type": ["object", "null"]}, "error": {"type": ["string", "null"]},
+        "next_restart_at": {"type": ["string", "null"]}, "log_files": {"type": "object"},
+        "log_write_errors": {"type": "integer"}, "waiting_for": {"type": "array", "items": {"type": "string"}}})]},
+    "ProcessGroup": _object({"name": {"type": "string"}, "instances": {"type": "integer"},
+                             "processes": {"type": "array", "items": _ref("ProcessDetails")}}),
+    "ProcessConfig": {"type": "object", "additionalProperties": False, "required": ["name", "script"],
+                      "description": "Process settings; README 'Process settings' gives each default.",
+                      "properties": {field: {} for field in CONFIG_FIELDS}},
+    "ProcessPatch": {"type": "object", "additionalProperties": False, "description": "Any subset of ProcessConfig.",
+                     "properties": {field: {} for field in CONFIG_FIELDS}},
+    "Created": {"allOf": [_ref("Message"), _object({"process": _object({}), "processes": {"type": "array"}})]},
+    "Updated": {"allOf": [_ref("Message"), _object({"applied": {"enum": ["unchanged", "saved", "scaled", "restarted"]},
+                                                    "processes": {"type": "array", "items": _ref("ProcessSummary")}})]},
+    "RestartBody": _object({"port": {"type": ["string", "integer"]}, "instances": {"type": "integer"}}),
+    "System": _object({"cpu": _object({"usage": {"type": "number"}, "cores": {"type": "integer"}}),
+                       "memory": _object({}), "load": _object({}), "uptime": {"type": "integer"},
+                       "timestamp": {"type": "string"}}, ("cpu", "memory", "load", "uptime", "timestamp")),
+    "Logs": _object({"logs": {"type": "array", "items": _object(
+        {"timestamp": {"type": "string"}, "type": {"enum": ["stdout", "stderr"]}, "message": {"type": "string"},
+         "process": {"type": "string"}})}, "total_lines": {"type": "integer"}, "process": {"type": "string"}},
+        ("logs", "total_lines", "process")),
+    "Health": _object({"process": {"type": "string"}, "health": {"type": "object"}}),
+    "Ticket": _object({"success": {"const": True}, "ticket": {"type": "string"}, "expires_in": {"type": "integer"}}),
+    "Pm2Process": _object({"pid": {"type": "integer"}, "name": {"type": "string"}, "pm_id": {"type": "integer"},
+                           "monit": _object({"memory": {"type": "integer"}, "cpu": {"type": "number"}}),
+                           "pm2_env": {"type": "object"}}),
+}
+
+# (method, route template) -> (summary, request body schema or None, 2xx status, response schema, errors)
+OPENAPI_OPERATIONS = {
+    ("GET", "/api/processes"): ("List processes", None, 200, "ProcessList", ()),
+    ("POST", "/api/processes"): ("Create and start a process (or a group)", "ProcessConfig", 201, "Created",
+                                 (400, 409, 415, 507)),
+    ("GET", "/api/processes/{key}"): ("One process, or a group by its base name", None, 200, "ProcessDetails", (404,)),
+    ("DELETE", "/api/processes/{key}"): ("Stop and remove", None, 200, "Message", (404,)),
+    ("PATCH", "/api/processes/{key}"): ("Change settings in place", "ProcessPatch", 200, "Updated",
+                                        (400, 404, 409, 415, 422)),
+    ("POST", "/api/processes/{key}/start"): ("Start", None, 200, "Message", (404, 409, 422)),
+    ("POST", "/api/processes/{key}/stop"): ("Stop, keeping the entry", None, 200, "Message", (404,)),
+    ("POST", "/api/processes/{key}/restart"): ("Restart; optionally a new port or instances", "RestartBody", 200,
+                                               "Message", (400, 404, 409, 422)),
+    ("POST", "/api/processes/{key}/reload"): ("Rolling restart, one copy at a time", None, 200, "Message",
+                                              (404, 409, 422)),
+    ("GET", "/api/processes/{key}/health"): ("Health check state", None, 200, "Health", (404,)),
+    ("GET", "/api/system"): ("Host metrics", None, 200, "System", ()),
+    ("GET", "/api/logs/{key}"): ("Last log lines; ?follow=true streams NDJSON", None, 200, "Logs", (400, 404)),
+    ("DELETE", "/api/logs/{key}"): ("Empty the logs", None, 200, "Message", (404,)),
+    ("POST", "/api/ws-ticket"): ("A single-use ticket for a browser's WebSocket", None, 201, "Ticket", (503,)),
+    ("GET", "/ws"): ("WebSocket (RFC 6455): see x-websocket", None, 101, None, (400, 426, 503)),
+    ("GET", "/metrics"): ("Prometheus text exposition 0.0.4", None, 200, None, ()),
+    ("GET", "/api/pm2/jlist"): ("Processes in the shape of pm2 jlist", None, 200, "Pm2Process", ()),
+    ("GET", "/api/pm2"): ("The old pm2 web shape: system_info, monit, processes", None, 200, None, ()),
+    ("GET", "/api/openapi.json"): ("This document", None, 200, None, ()),
+    ("GET", "/"): ("The dashboard (HTML)", None, 200, None, ()),
+    ("GET", "/dashboard.css"): ("The dashboard's stylesheet", None, 200, None, ()),
+    ("GET", "/dashboard.js"): ("The dashboard's script", None, 200, None, ()),
+    ("GET", "/api/access"): ("What the caller may do: full, or read (a read-only key)", None, 200, None, ()),
+}
+
+WEBSOCKET_MESSAGES = {
+    "server": {kind: "see README 'WebSocket API'" for kind in (
+        "process_update", "system_update", "health_update", "process_event", "log", "dropped", "subscribed",
+        "unsubscribed", "filtered", "pong", "error")},
+    "client": {"subscribe": {"channel": "logs", "process": "NAME or *"},
+               "unsubscribe": {"channel": "logs", "process": "NAME or *"},
+               "filter": {"types": "array or null", "processes": "array or null"}, "ping": {}},
+}
+
+
+def openapi_document(routes: List[Any]) -> dict:
+    """The OpenAPI 3.1 description of every route in the table (the test fails on a gap)."""
+    paths: Dict[str, dict] = {}
+    errors = {"4XX": {"description": "the spec's error body",
+                      "content": {"application/json": {"schema": _ref("Error")}}}}
+    for route in routes:
+        template = route.template
+        summary, body, status, schema, statuses = OPENAPI_OPERATIONS[(route.method, template)]
+        operation = {"summary": summary, "responses": {str(status): {"description": summary}}}
+        if schema:
+            operation["responses"][str(status)]["content"] = {"application/json": {"schema": _ref(schema)}}
+        for code in statuses:
+            operation["responses"][str(code)] = {"description": REASONS.get(code, "error"),
+                                                 "content": errors["4XX"]["content"]}
+        operation["responses"].update(errors)
+        if body:
+            operation["requestBody"] = {"required": route.method == "POST" and body == "ProcessConfig",
+                                        "content": {"application/json": {"schema": _ref(body)}}}
+        if "{key}" in template:
+            operation["parameters"] = [{"name": "key", "in": "path", "required": True,
+                                        "description": "process name, group base name, or id",
+                                        "schema": {"type": "string"}}]
+        if template == "/ws":
+            operation["x-websocket"] = WEBSOCKET_MESSAGES
+        paths.setdefault(template, {})[route.method.lower()] = operation
+    return {"openapi": "3.1.0",
+            "info": {"title": "pmdaemon.py API", "version": __version__,
+                     "description": "The PMDaemon Web API as pmdaemon.py serves it; see README.md."},
+            "components": {"schemas": OPENAPI_SCHEMAS, "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
+            "security": [{}, {"bearer": []}, {"apiKey": []}],
+            "paths": paths}
 
 
 def pm2_entry(runner: ProcessRunner, now: float, wall: float) -> dict:
@@ -3844,7 +4320,7 @@ class Api:
         self._route_cache = BoundedCache()
         self._log_readers: Optional[asyncio.Semaphore] = None
         self.routes = [Route(method, compile_route(template), handler, template == "/ws",
-                             method != "GET" and template != "/api/ws-ticket")
+                             method != "GET" and template != "/api/ws-ticket", template in DASHBOARD_FILES, template)
                        for method, template, handler in (
             ("GET", "/api/processes", self.list_processes),
             ("POST", "/api/processes", self.create_process),
@@ -3864,6 +4340,11 @@ class Api:
             ("GET", "/metrics", self.get_metrics),
             ("GET", "/api/pm2/jlist", self.get_pm2_jlist),
             ("GET", "/api/pm2", self.get_pm2_web),
+            ("GET", "/api/openapi.json", self.get_openapi),
+            ("GET", "/api/access", self.get_access),
+            ("GET", "/", self.get_static),
+            ("GET", "/dashboard.css", self.get_static),
+            ("GET", "/dashboard.js", self.get_static),
         )]
         self.server_stats = ServerStats()     # kept by the server glue, shown by /metrics
 
@@ -3890,8 +4371,8 @@ class Api:
                 raise self.not_found(request)
             return Response(204, headers=[("Allow", ", ".join(allowed + ["OPTIONS"]) if allowed
                                            else "GET, HEAD, POST, PATCH, DELETE, OPTIONS")] + self.cors(request))
-        access = self.policy.check_key(request, ticket_ok=route is not None and route.ticket_ok
-                                       and self._ticket_redeemed(request))
+        access = "full" if route is not None and route.public else self.policy.check_key(
+            request, ticket_ok=route is not None and route.ticket_ok and self._ticket_redeemed(request))
         if route is None:
             if allowed:
                 raise HttpError(405, "METHOD_NOT_ALLOWED", "method %s is not allowed on %s"
@@ -3907,6 +4388,7 @@ class Api:
                 raise HttpError(415, "UNSUPPORTED_MEDIA_TYPE", "request body must be sent with "
                                 "'Content-Type: application/json', got %r" % (request.header("content-type") or "")[:80])
         request.route = (route, params)
+        request.access = access
         return None
 
     def _ticket_redeemed(self, request: Request) -> bool:
@@ -4110,6 +4592,24 @@ class Api:
                       "free_mem": system.memory_available, "cpu": [{"usage": system.cpu_usage}] * system.cores,
                       "interfaces": {}},
             "processes": self.pm2_processes()})
+
+    async def get_static(self, request: Request) -> Response:
+        """The dashboard's files: HEAD, ETag and If-None-Match (304), the page under a strict CSP."""
+        static = DASHBOARD_FILES[request.path]
+        headers = [("ETag", static.etag)]
+        if request.path == "/":
+            headers.append(("Content-Security-Policy", DASHBOARD_CSP))
+        if static.etag in [tag.strip() for tag in (request.header("if-none-match") or "").split(",")]:
+            return Response(304, headers=headers, cache="no-cache")
+        return Response(200, static.body, content_type=static.content_type, headers=headers, cache="no-cache")
+
+    async def get_access(self, request: Request) -> Response:
+        """What the caller may do: "full", or "read" with a read-only key (the dashboard hides
+        the buttons it cannot use)."""
+        return json_response(200, {"access": request.access, "key": self.policy.key_digest is not None})
+
+    async def get_openapi(self, request: Request) -> Response:
+        return json_response(200, openapi_document(self.routes))
 
     async def get_metrics(self, request: Request) -> Response:
         body = prometheus_metrics(self.supervisor.registry.runners(), self.supervisor.system,

@@ -1136,7 +1136,7 @@ class TestRestApi(DaemonTestCase):
                 self.assertEqual(body["error"]["details"]["requested_process"], "ghost")
                 self.assertIsInstance(body["error"]["details"]["available_processes"], list)
         self.assertError(self.daemon.get("/api/nothing"), 404, "NOT_FOUND", "no such endpoint: /api/nothing")
-        self.assertError(self.daemon.get("/"), 404, "NOT_FOUND")
+        self.assertError(self.daemon.get("/nope"), 404, "NOT_FOUND")
         self.assertError(self.daemon.get("/api/processes%0A"), 404, "NOT_FOUND")
 
     def test_create_errors(self):
@@ -1221,6 +1221,52 @@ class TestRestFixes(DaemonTestCase):
         self.assertEqual((status, body["message"]), (200, "Logs of 'up-idle' flushed"))
         self.assertEqual(self.daemon.get("/api/logs/up-idle")[2]["logs"], [])
         self.daemon.request("DELETE", "/api/processes/up-idle")
+
+    def test_the_dashboard_is_served_self_contained_with_its_headers(self):
+        status, response, page = self.daemon.get("/")
+        self.assertEqual((status, response.getheader("Content-Type")), (200, "text/html; charset=utf-8"))
+        csp = response.getheader("Content-Security-Policy")
+        self.assertIn("default-src 'self'", csp)
+        self.assertIn("frame-ancestors 'none'", csp)
+        self.assertNotIn("unsafe-inline", csp)
+        self.assertEqual(response.getheader("X-Frame-Options"), "DENY")
+        self.assertEqual(response.getheader("Cache-Control"), "no-cache")
+        for path, kind in (("/dashboard.js", "text/javascript; charset=utf-8"), ("/dashboard.css", "text/css; charset=utf-8")):
+            status, response, body = self.daemon.get(path)
+            self.assertEqual((status, response.getheader("Content-Type")), (200, kind))
+            page += body
+        text = page.decode()
+        self.assertNotRegex(text, r"(?i)(https?:)?//[a-z0-9.-]+\.[a-z]{2,}")     # nothing from elsewhere
+        self.assertNotRegex(text, r"(?i)<script>|<style>| on[a-z]+=|style=")     # no inline code
+        self.assertIn('<script src="/dashboard.js" defer></script>', text)
+        etag = self.daemon.get("/")[1].getheader("ETag")
+        status, response, body = self.daemon.get("/", headers={"If-None-Match": etag})
+        self.assertEqual((status, body, response.getheader("ETag")), (304, b"", etag))
+        status, response, body = self.daemon.request("HEAD", "/")
+        self.assertEqual((status, body, int(response.getheader("Content-Length"))), (200, b"", len(page) - len(
+            self.daemon.get("/dashboard.js")[2]) - len(self.daemon.get("/dashboard.css")[2])))
+        self.assertEqual(self.daemon.get("/api/access")[2], {"access": "full", "key": False})
+
+    def test_openapi_describes_every_route(self):
+        status, _, document = self.daemon.get("/api/openapi.json")
+        self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
+        supervisor = pmdaemon.Supervisor(tempfile.mkdtemp(prefix="pmd-openapi-"))
+        self.addCleanup(shutil.rmtree, supervisor.home, True)
+        api = pmdaemon.Api(supervisor, pmdaemon.AccessPolicy(None))
+        missing = [(route.method, route.template) for route in api.routes
+                   if route.method.lower() not in document["paths"].get(route.template, {})]
+        self.assertEqual(missing, [])
+        documented = {(method.upper(), path) for path, item in document["paths"].items() for method in item}
+        self.assertEqual(documented, {(route.method, route.template) for route in api.routes})
+        create = document["paths"]["/api/processes"]["post"]
+        self.assertEqual(create["requestBody"]["content"]["application/json"]["schema"],
+                         {"$ref": "#/components/schemas/ProcessConfig"})
+        self.assertEqual(sorted(document["components"]["schemas"]["ProcessConfig"]["properties"]),
+                         sorted(pmdaemon.CONFIG_FIELDS))
+        self.assertIn("x-websocket", document["paths"]["/ws"]["get"])
+        for path, item in document["paths"].items():               # every reference resolves
+            for ref in re.findall(r'"\$ref": "#/components/schemas/([A-Za-z0-9]+)"', json.dumps(item)):
+                self.assertIn(ref, document["components"]["schemas"], path)
 
     def test_pm2_views_without_any_env(self):
         self.daemon.start("pm2-a", "sleep", ["60"], env={"SECRET": "hunter2"})
