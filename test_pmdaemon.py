@@ -3479,8 +3479,44 @@ def run_ws_load(count=10000):
         daemon.cleanup()
 
 
+# ----------------------------------------------------------------------------------------------
+# `python3 test_pmdaemon.py browser [SCREENSHOT.png]`: the dashboard in headless Chromium
+# ----------------------------------------------------------------------------------------------
+
+def run_browser_check(screenshot=None):
+    """Load the dashboard in a real browser and check what it rendered (outside the unittest
+    suite, which must run on a bare machine)."""
+    browser = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                    if shutil.which(name)), None)
+    if browser is None:
+        print("browser: no chromium found (apt-get install chromium); nothing checked")
+        return 2
+    daemon = Daemon()
+    try:
+        daemon.start("browser-demo", "sh", ["-c", "echo hello from the dashboard check; exec sleep 60"], port=3990)
+        url = "http://127.0.0.1:%d/" % daemon.port
+        flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=4000",
+                 "--window-size=360,900"]
+        dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
+        checks = {"the process row": "<td>browser-demo</td>" in dom,
+                  "its status": '<td class="online">online</td>' in dom,
+                  "the live badge": 'id="connection" class="badge" role="status">live<' in dom,
+                  "the access badge": ">local user<" in dom,
+                  "system figures": re.search(r'id="sys-cpu">[0-9.]+%<', dom) is not None}
+        if screenshot:
+            subprocess.run(flags + ["--screenshot=" + screenshot, url], capture_output=True, timeout=60)
+        for what, ok in checks.items():
+            print("browser: %-18s %s" % (what, "ok" if ok else "MISSING"))
+        return 0 if all(checks.values()) else 1
+    finally:
+        daemon.terminate()
+        daemon.cleanup()
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "ws-echo":
+    if len(sys.argv) >= 2 and sys.argv[1] == "browser":
+        sys.exit(run_browser_check(*sys.argv[2:3]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "ws-echo":
         run_echo_server(int(sys.argv[2]))
     elif len(sys.argv) >= 2 and sys.argv[1] == "ws-load":
         run_ws_load(*[int(value) for value in sys.argv[2:3]])
