@@ -2604,8 +2604,6 @@ QUOTED_STRING = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-
 CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*[" + TCHAR + rb"]+(?:[ \t]*=[ \t]*(?:[" + TCHAR
                            + rb"]+|" + QUOTED_STRING + rb"))?)*)\Z")
 HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:[0-9]{0,5})?\Z", re.ASCII)
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
-                           "TRACE", "CONNECT"})
 
 REASONS = {
     101: "Switching Protocols", 200: "OK", 201: "Created", 204: "No Content",
@@ -2686,8 +2684,6 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
     version = (int(match.group(3)), int(match.group(4)))
     if version not in ((1, 0), (1, 1)):
         raise http_error(505, "HTTP_VERSION_NOT_SUPPORTED", "HTTP/%d.%d is not supported; use HTTP/1.1" % version)
-    if method not in KNOWN_METHODS:
-        raise http_error(501, "NOT_IMPLEMENTED", "method %r is not implemented" % method)
     return method, match.group(2).decode("ascii"), version
 
 
@@ -4017,6 +4013,38 @@ def _ref(name: str) -> dict:
 
 
 NULLABLE_INT = {"type": ["integer", "null"]}
+_DURATION = {"type": ["integer", "string", "null"], "minimum": 0, "description": "milliseconds, or \"500ms\", \"5s\", \"2m\""}
+_SIZE = {"type": ["integer", "string", "null"], "minimum": 1, "description": "bytes, or \"512K\", \"150M\", \"1.5G\""}
+_FLAG = {"type": ["boolean", "null"]}
+_NAMES = {"type": ["array", "null"], "items": {"type": "string", "pattern": NAME_RE.pattern.rstrip("\\Z")}}
+
+
+def _count(low: int, high: int) -> dict:
+    return {"type": ["integer", "null"], "minimum": low, "maximum": high}
+
+
+# What each setting takes; null means "the default" (README 'Process settings').
+CONFIG_SCHEMA = {
+    "name": {"type": "string", "pattern": "^" + NAME_RE.pattern.rstrip("\\Z") + "$"},
+    "script": {"type": "string", "minLength": 1},
+    "args": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": MAX_ARGS},
+    "cwd": {"type": ["string", "null"], "minLength": 1},
+    "env": {"type": ["object", "null"], "additionalProperties": {"type": "string"}, "maxProperties": MAX_ENV_VARS},
+    "port": {"type": ["integer", "string", "null"], "minimum": 1, "maximum": 65535,
+             "pattern": "^(auto|auto:[0-9]{1,5}-[0-9]{1,5}|[0-9]{1,5}(-[0-9]{1,5})?)$",
+             "description": "3000, \"3000-3003\", \"auto\" or \"auto:3000-3100\""},
+    "instances": _count(1, MAX_INSTANCES), "shell": _FLAG, "autorestart": _FLAG,
+    "max_restarts": _count(0, 1_000_000), "min_uptime": _DURATION, "restart_delay": _DURATION,
+    "exp_backoff_restart_delay": _DURATION,
+    "stop_exit_codes": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0, "maximum": 255}},
+    "kill_signal": {"type": ["string", "null"], "enum": list(KILL_SIGNALS) + [None]},
+    "kill_timeout": _DURATION, "max_memory_restart": _SIZE, "log_max_size": _SIZE,
+    "log_max_files": _count(1, 100), "health_check": {"type": ["object", "null"]},
+    "restart_on_unhealthy": _FLAG, "wait_ready": _FLAG, "listen_timeout": _DURATION,
+    "depends_on": _NAMES, "autostart": _FLAG,
+}
+assert set(CONFIG_SCHEMA) == set(CONFIG_FIELDS), "every setting is described"
+
 OPENAPI_SCHEMAS = {
     "Error": _object({"success": {"const": False}, "error": _object(
         {"code": {"type": "string"}, "message": {"type": "string"}, "details": {}}, ("code", "message"))},
@@ -4040,13 +4068,14 @@ OPENAPI_SCHEMAS = {
                              "processes": {"type": "array", "items": _ref("ProcessDetails")}}),
     "ProcessConfig": {"type": "object", "additionalProperties": False, "required": ["name", "script"],
                       "description": "Process settings; README 'Process settings' gives each default.",
-                      "properties": {field: {} for field in CONFIG_FIELDS}},
+                      "properties": CONFIG_SCHEMA},
     "ProcessPatch": {"type": "object", "additionalProperties": False, "description": "Any subset of ProcessConfig.",
-                     "properties": {field: {} for field in CONFIG_FIELDS}},
+                     "properties": CONFIG_SCHEMA},
     "Created": {"allOf": [_ref("Message"), _object({"process": _object({}), "processes": {"type": "array"}})]},
     "Updated": {"allOf": [_ref("Message"), _object({"applied": {"enum": ["unchanged", "saved", "scaled", "restarted"]},
                                                     "processes": {"type": "array", "items": _ref("ProcessSummary")}})]},
-    "RestartBody": _object({"port": {"type": ["string", "integer"]}, "instances": {"type": "integer"}}),
+    "RestartBody": {"type": "object", "additionalProperties": False, "properties": {
+        "port": CONFIG_SCHEMA["port"], "instances": CONFIG_SCHEMA["instances"]}},
     "System": _object({"cpu": _object({"usage": {"type": "number"}, "cores": {"type": "integer"}}),
                        "memory": _object({}), "load": _object({}), "uptime": {"type": "integer"},
                        "timestamp": {"type": "string"}}, ("cpu", "memory", "load", "uptime", "timestamp")),
@@ -4056,6 +4085,7 @@ OPENAPI_SCHEMAS = {
         ("logs", "total_lines", "process")),
     "Health": _object({"process": {"type": "string"}, "health": {"type": "object"}}),
     "Ticket": _object({"success": {"const": True}, "ticket": {"type": "string"}, "expires_in": {"type": "integer"}}),
+    "Pm2List": {"type": "array", "items": _ref("Pm2Process")},
     "Pm2Process": _object({"pid": {"type": "integer"}, "name": {"type": "string"}, "pm_id": {"type": "integer"},
                            "monit": _object({"memory": {"type": "integer"}, "cpu": {"type": "number"}}),
                            "pm2_env": {"type": "object"}}),
@@ -4083,7 +4113,7 @@ OPENAPI_OPERATIONS = {
     ("POST", "/api/ws-ticket"): ("A single-use ticket for a browser's WebSocket", None, 201, "Ticket", (503,)),
     ("GET", "/ws"): ("WebSocket (RFC 6455): see x-websocket", None, 101, None, (400, 426, 503)),
     ("GET", "/metrics"): ("Prometheus text exposition 0.0.4", None, 200, None, ()),
-    ("GET", "/api/pm2/jlist"): ("Processes in the shape of pm2 jlist", None, 200, "Pm2Process", ()),
+    ("GET", "/api/pm2/jlist"): ("Processes in the shape of pm2 jlist", None, 200, "Pm2List", ()),
     ("GET", "/api/pm2"): ("The old pm2 web shape: system_info, monit, processes", None, 200, None, ()),
     ("GET", "/api/openapi.json"): ("This document", None, 200, None, ()),
     ("GET", "/"): ("The dashboard (HTML)", None, 200, None, ()),
@@ -4118,7 +4148,7 @@ def openapi_document(routes: List[Any]) -> dict:
                                                  "content": errors["4XX"]["content"]}
         operation["responses"].update(errors)
         if body:
-            operation["requestBody"] = {"required": route.method == "POST" and body == "ProcessConfig",
+            operation["requestBody"] = {"required": body in ("ProcessConfig", "ProcessPatch"),
                                         "content": {"application/json": {"schema": _ref(body)}}}
         if "{key}" in template:
             operation["parameters"] = [{"name": "key", "in": "path", "required": True,

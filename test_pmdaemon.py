@@ -743,7 +743,6 @@ class TestHttpParser(unittest.TestCase):
              "transfer coding 'gzip' is not supported"),
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400,
              "invalid chunk size line 'zz'"),
-            (b"BREW / HTTP/1.1\r\nHost: a\r\n\r\n", 501, "method 'BREW' is not implemented"),
             (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, "HTTP/2.0 is not supported; use HTTP/1.1"),
             (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n", 413,
              "request body of 2000000 bytes is larger than the 1048576 byte limit"),
@@ -1764,9 +1763,14 @@ class TestHttpServerBehaviour(DaemonTestCase):
                          [1, 1, 1])
         self.assertTrue(responses[3].startswith(b"200 OK"))
 
+    def test_a_method_nobody_knows_is_not_allowed_rather_than_a_server_error(self):
+        raw = self.daemon.raw(b"QUERY /api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                              b"BREW /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        self.assertEqual(re.findall(rb"HTTP/1\.1 (\d{3}) ", raw), [b"405", b"404"])
+        self.assertIn(b"Allow: GET, POST, HEAD, OPTIONS\r\n", raw)
+
     def test_framing_errors_are_answered_in_the_error_format_and_closed(self):
         for data, status in ((b"GET / HTTP/1.1\r\n\r\n", 400), (b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", 505),
-                             (b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n", 501),
                              (b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Length: 9999999\r\n\r\n", 413),
                              (b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
                              (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431),
