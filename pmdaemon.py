@@ -171,6 +171,9 @@ MAX_INSTANCES = 64
 MAX_PROCESSES = 1024
 MAX_ARGS = 1024
 MAX_ENV_VARS = 1024
+MAX_ENV_FILE_BYTES = 1024 * 1024
+MAX_STDIN_WRITE = 64 * 1024            # bytes one POST .../stdin may send
+STDIN_WRITE_TIMEOUT = 5.0              # seconds a child may take to read what was written
 STATE_FILE_VERSION = 1
 
 # Logs.
@@ -291,6 +294,14 @@ class TooManyProcesses(PMDaemonError):
 
 class AlreadyRunning(PMDaemonError):
     pass
+
+
+class NotRunning(PMDaemonError):
+    """An action that needs a running process (a signal, stdin) found none."""
+
+
+class StdinUnavailable(PMDaemonError):
+    """stdin was not asked for, is closed, or is not being read."""
 
 
 class CannotStart(PMDaemonError):
@@ -560,6 +571,18 @@ def parse_exit_codes(value: Any) -> List[int]:
     return [_check_int("stop_exit_codes", code, 0, 255) for code in value]
 
 
+def parse_any_signal(value: Any) -> int:
+    """A signal by name ("SIGUSR1", "usr1") or number, for POST .../signal."""
+    try:
+        if _is_int(value):
+            return signal.Signals(value).value
+        name = _check_str("signal", value).upper()
+        return signal.Signals[name if name.startswith("SIG") else "SIG" + name].value
+    except (KeyError, ValueError):
+        raise invalid_field("signal", "field 'signal' must be a signal name like \"SIGUSR1\" or its number, "
+                            "got %s" % _json_type(value)) from None
+
+
 def parse_signal_name(value: Any) -> str:
     name = _check_str("kill_signal", value).upper()
     if not name.startswith("SIG"):
@@ -568,6 +591,67 @@ def parse_signal_name(value: Any) -> str:
         raise invalid_field("kill_signal", "field 'kill_signal' must be one of %s, got %r"
                             % (", ".join(KILL_SIGNALS), value))
     return name
+
+
+RLIMIT_NAMES = ("as", "core", "cpu", "data", "fsize", "memlock", "nofile", "nproc", "rss", "stack")
+NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", re.ASCII)
+
+
+def parse_umask(value: Any) -> Optional[int]:
+    """An umask as an octal string ("022") or a number from 0 to 0o777."""
+    if value is None:
+        return None
+    if isinstance(value, str) and re.match(r"0?[0-7]{1,3}\Z", value.strip()):
+        value = int(value.strip(), 8)
+    if not _is_int(value) or not 0 <= value <= 0o777:
+        raise invalid_field("umask", "field 'umask' must be octal like \"022\" (0 to 777), got %s" % _json_type(value))
+    return value
+
+
+def parse_rlimits(value: Any) -> Dict[str, List[int]]:
+    """{"nofile": 4096, "core": 0, "nproc": [256, 512]}: soft (= hard) or [soft, hard]; -1 = unlimited."""
+    if not isinstance(value, dict):
+        raise invalid_field("rlimits", "field 'rlimits' must be an object like {\"nofile\": 4096}, got %s"
+                            % _json_type(value))
+    limits = {}
+    for name, limit in value.items():
+        if name not in RLIMIT_NAMES:
+            raise invalid_field("rlimits", "unknown rlimit %r (one of %s)" % (name[:40], ", ".join(RLIMIT_NAMES)))
+        pair = limit if isinstance(limit, list) else [limit, limit]
+        if len(pair) != 2 or not all(_is_int(item) and -1 <= item <= 2 ** 62 for item in pair) \
+                or (-1 not in pair and pair[0] > pair[1]) or (pair[1] != -1 and pair[0] == -1):
+            raise invalid_field("rlimits", "rlimit %r must be a number or [soft, hard] (-1 = unlimited, "
+                                "soft <= hard), got %s" % (name, _json_type(limit)))
+        limits[name] = pair
+    return limits
+
+
+def parse_namespace(value: Any) -> str:
+    text = _check_str("namespace", value)
+    if not NAMESPACE_RE.match(text):
+        raise invalid_field("namespace", "field 'namespace' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}, got %r"
+                            % text[:80])
+    return text
+
+
+def parse_env_file(text: str) -> Dict[str, str]:
+    """KEY=VALUE lines of a .env file: blank lines and # comments skipped, `export ` allowed,
+    a value in matching single or double quotes taken as it is inside them."""
+    env = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, equals, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not equals or not ENV_NAME_RE.match(key):
+            raise ValueError("line %d is not KEY=VALUE" % number)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key] = value.replace("\x00", "")
+    return env
 
 
 @dataclasses.dataclass
@@ -598,6 +682,13 @@ class ProcessConfig:
     listen_timeout: int = DEFAULT_LISTEN_TIMEOUT_MS
     depends_on: List[str] = dataclasses.field(default_factory=list)
     autostart: bool = True
+    namespace: str = "default"
+    stdin: bool = False
+    env_file: Optional[str] = None
+    interpreter: Optional[str] = None
+    interpreter_args: List[str] = dataclasses.field(default_factory=list)
+    umask: Optional[int] = None
+    rlimits: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
@@ -668,8 +759,15 @@ CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "listen_timeout": lambda v: parse_duration("listen_timeout", v),
     "depends_on": lambda v: parse_names("depends_on", v),
     "autostart": lambda v: _check_bool("autostart", v),
+    "namespace": parse_namespace,
+    "stdin": lambda v: _check_bool("stdin", v),
+    "env_file": lambda v: None if v is None else _check_str("env_file", v),
+    "interpreter": lambda v: None if v is None else _check_str("interpreter", v),
+    "interpreter_args": lambda v: [_check_str("interpreter_args", item, allow_empty=True) for item in parse_args(v)],
+    "umask": parse_umask,
+    "rlimits": parse_rlimits,
 }
-NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check"})
+NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_file", "interpreter", "umask"})
 
 
 @dataclasses.dataclass
@@ -1334,6 +1432,16 @@ def build_argv(config: ProcessConfig, env: Dict[str, str]) -> List[str]:
     """The argv to exec: the script directly (found like a shell would), or sh -c when asked."""
     if config.shell:
         return ["/bin/sh", "-c", " ".join([config.script] + [shlex.quote(a) for a in config.args])]
+    if config.interpreter:
+        # The script is the interpreter's argument: it need not be executable, only there.
+        interpreter = config.interpreter if "/" in config.interpreter else \
+            shutil.which(config.interpreter, path=env.get("PATH", os.defpath))
+        if interpreter is None or not os.access(interpreter, os.X_OK):
+            raise SpawnError("interpreter %r not found or not executable" % config.interpreter)
+        path = os.path.join(config.cwd or ".", config.script)
+        if not os.path.isfile(path):
+            raise SpawnError("script %r does not exist" % path)
+        return [interpreter] + list(config.interpreter_args) + [path] + list(config.args)
     script = config.script
     if "/" in script:
         path = os.path.join(config.cwd or ".", script)
@@ -1570,7 +1678,7 @@ class Run:
     an event of a run that was already replaced is recognised (run is not runner.run) and
     ignored in one place."""
     __slots__ = ("token", "proc", "pid", "start_ticks", "started_at", "started_wall",
-                 "stop_requested", "watch")
+                 "stop_requested", "watch", "env")
 
     def __init__(self, token: Optional[str], pid: Optional[int] = None, start_ticks: Optional[int] = None):
         self.token = token
@@ -1581,13 +1689,36 @@ class Run:
         self.started_wall: Optional[float] = None
         self.stop_requested = False             # an exit we asked for: no restart decision
         self.watch: Optional[asyncio.Task] = None
+        self.env: Dict[str, str] = {}           # what the child got (health scripts get it too)
 
 
-async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str]):
-    """Start a child in its own session and process group (pgid == pid), output piped to us."""
+async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], config: ProcessConfig):
+    """Start a child in its own session and process group (pgid == pid), output piped to us,
+    stdin a pipe when asked for; its umask and rlimits set between fork and exec."""
+    setup = child_setup(config)
     return await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.PIPE if config.stdin else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        **({"preexec_fn": setup} if setup else {}))
+
+
+def child_setup(config: ProcessConfig) -> Optional[Callable[[], None]]:
+    """What runs in the child before exec (nothing when nothing is asked for: preexec_fn has
+    a cost). Only system calls: no allocation-heavy work between fork and exec."""
+    if config.umask is None and not config.rlimits:
+        return None
+    import resource
+    limits = [(getattr(resource, "RLIMIT_" + name.upper()),
+               tuple(resource.RLIM_INFINITY if value == -1 else value for value in pair))
+              for name, pair in config.rlimits.items() if hasattr(resource, "RLIMIT_" + name.upper())]
+    umask = config.umask
+
+    def setup() -> None:
+        if umask is not None:
+            os.umask(umask)
+        for which, pair in limits:
+            resource.setrlimit(which, pair)
+    return setup
 
 
 @dataclasses.dataclass
@@ -1784,6 +1915,30 @@ class ProcessRunner:
                 await self._stop_locked(quiet=True)
             self.logs.close()
 
+    def send_signal(self, signum: int) -> bool:
+        """Signal the main process of the current run (supervisorctl signal, pm2 sendSignal)."""
+        if self.run is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.run.pid, signum)
+        return True
+
+    async def write_stdin(self, data: bytes) -> None:
+        """Write to the child's stdin (created with "stdin": true); the child must read it soon."""
+        if not self.config.stdin:
+            raise StdinUnavailable("Process %r was not created with \"stdin\": true" % self.name)
+        if self.run is None or self.run.proc.stdin is None:
+            raise NotRunning("Process %r is not running" % self.name)
+        stream = self.run.proc.stdin
+        try:
+            stream.write(data)
+            await asyncio.wait_for(stream.drain(), STDIN_WRITE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise StdinUnavailable("Process %r did not read its stdin within %g s"
+                                   % (self.name, STDIN_WRITE_TIMEOUT)) from None
+        except (ConnectionError, OSError):
+            raise StdinUnavailable("Process %r has closed its stdin" % self.name) from None
+
     def rename(self, name: str, port: Optional[int], config: ProcessConfig) -> None:
         """A group was reshaped: new name (base <-> base-0), port or config; logs move along."""
         if name != self.name:
@@ -1813,11 +1968,11 @@ class ProcessRunner:
         self.error, self.waiting_for, self.next_restart_wall = None, [], None
         self.ever_started = True
         run = Run(self.host.run_token(self))
-        env = self.host.child_environment(self, run.token)
         try:
+            env = run.env = self.host.child_environment(self, run.token)
             argv = build_argv(self.config, env)
-            run.proc = await self.host.spawner(argv, self.config.cwd, env)
-        except (OSError, SpawnError, ValueError) as exc:
+            run.proc = await self.host.spawner(argv, self.config.cwd, env, self.config)
+        except (OSError, SpawnError, ValueError, subprocess.SubprocessError) as exc:
             reason = str(exc) if isinstance(exc, SpawnError) else "cannot execute %r: %s" % (
                 self.config.script, exc.strerror or exc if isinstance(exc, OSError) else exc)
             self.error = reason
@@ -1962,8 +2117,7 @@ class ProcessRunner:
             if run is not self.run:
                 return
             began = self.host.clock()
-            error = await run_health_check(check, self.port, self.config.cwd,
-                                           self.host.child_environment(self, run.token))
+            error = await run_health_check(check, self.port, self.config.cwd, run.env)
             if run is not self.run:
                 return
             self.health.last_duration = round(self.host.clock() - began, 6)
@@ -2292,7 +2446,16 @@ class Supervisor:
         return "%s-%d" % (self.session, runner.id)
 
     def child_environment(self, runner: ProcessRunner, token: Optional[str]) -> Dict[str, str]:
+        """The daemon's environment (minus its secrets) < env_file (read now, at each start) <
+        the config's env < what pmdaemon sets."""
         env = dict(self.base_env)
+        if runner.config.env_file:
+            path = os.path.join(runner.config.cwd or ".", runner.config.env_file)
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    env.update(parse_env_file(handle.read(MAX_ENV_FILE_BYTES)))
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise SpawnError("env_file %r cannot be used: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
         env.update(runner.config.env)
         if runner.port is not None:
             env["PORT"] = str(runner.port)
@@ -3587,6 +3750,8 @@ ERROR_WIRE_FORM: Dict[type, Tuple[int, str]] = {
     TooManyProcesses: (409, "TOO_MANY_PROCESSES"),
     ReloadStopped: (409, "RELOAD_STOPPED"),
     CannotStart: (422, "START_FAILED"),
+    NotRunning: (409, "PROCESS_NOT_RUNNING"),
+    StdinUnavailable: (409, "STDIN_UNAVAILABLE"),
     StateNotSaved: (507, "STATE_NOT_SAVED"),
 }
 INTERNAL_ERROR = HttpError(500, "INTERNAL_ERROR", "internal server error")
@@ -4042,8 +4207,13 @@ CONFIG_SCHEMA = {
     "log_max_files": _count(1, 100), "health_check": {"type": ["object", "null"]},
     "restart_on_unhealthy": _FLAG, "wait_ready": _FLAG, "listen_timeout": _DURATION,
     "depends_on": _NAMES, "autostart": _FLAG,
+    "namespace": {"type": ["string", "null"], "pattern": "^" + NAMESPACE_RE.pattern.rstrip("\\Z") + "$"},
+    "stdin": _FLAG, "env_file": {"type": ["string", "null"], "minLength": 1},
+    "interpreter": {"type": ["string", "null"], "minLength": 1},
+    "interpreter_args": {"type": ["array", "null"], "items": {"type": "string"}},
+    "umask": {"type": ["string", "integer", "null"], "minimum": 0, "maximum": 511, "pattern": "^0?[0-7]{1,3}$"},
+    "rlimits": {"type": ["object", "null"], "propertyNames": {"enum": list(RLIMIT_NAMES)}},
 }
-assert set(CONFIG_SCHEMA) == set(CONFIG_FIELDS), "every setting is described"
 
 OPENAPI_SCHEMAS = {
     "Error": _object({"success": {"const": False}, "error": _object(
@@ -4074,6 +4244,10 @@ OPENAPI_SCHEMAS = {
     "Created": {"allOf": [_ref("Message"), _object({"process": _object({}), "processes": {"type": "array"}})]},
     "Updated": {"allOf": [_ref("Message"), _object({"applied": {"enum": ["unchanged", "saved", "scaled", "restarted"]},
                                                     "processes": {"type": "array", "items": _ref("ProcessSummary")}})]},
+    "SignalBody": {"type": "object", "required": ["signal"], "additionalProperties": False,
+                   "properties": {"signal": {"type": ["string", "integer"]}}},
+    "StdinBody": {"type": "object", "required": ["data"], "additionalProperties": False,
+                  "properties": {"data": {"type": "string", "maxLength": MAX_STDIN_WRITE}}},
     "RestartBody": {"type": "object", "additionalProperties": False, "properties": {
         "port": CONFIG_SCHEMA["port"], "instances": CONFIG_SCHEMA["instances"]}},
     "System": _object({"cpu": _object({"usage": {"type": "number"}, "cores": {"type": "integer"}}),
@@ -4106,6 +4280,10 @@ OPENAPI_OPERATIONS = {
                                                "Message", (400, 404, 409, 422)),
     ("POST", "/api/processes/{key}/reload"): ("Rolling restart, one copy at a time", None, 200, "Message",
                                               (404, 409, 422)),
+    ("POST", "/api/processes/{key}/signal"): ("Send a signal to the main process", "SignalBody", 200, "Message",
+                                              (400, 404, 409)),
+    ("POST", "/api/processes/{key}/stdin"): ("Write to the process's stdin (created with stdin: true)",
+                                             "StdinBody", 200, "Message", (400, 404, 409)),
     ("GET", "/api/processes/{key}/health"): ("Health check state", None, 200, "Health", (404,)),
     ("GET", "/api/system"): ("Host metrics", None, 200, "System", ()),
     ("GET", "/api/logs/{key}"): ("Last log lines; ?follow=true streams NDJSON", None, 200, "Logs", (400, 404)),
@@ -4148,7 +4326,7 @@ def openapi_document(routes: List[Any]) -> dict:
                                                  "content": errors["4XX"]["content"]}
         operation["responses"].update(errors)
         if body:
-            operation["requestBody"] = {"required": body in ("ProcessConfig", "ProcessPatch"),
+            operation["requestBody"] = {"required": body in ("ProcessConfig", "ProcessPatch", "SignalBody", "StdinBody"),
                                         "content": {"application/json": {"schema": _ref(body)}}}
         if "{key}" in template:
             operation["parameters"] = [{"name": "key", "in": "path", "required": True,
@@ -4361,6 +4539,8 @@ class Api:
             ("POST", "/api/processes/{key}/stop", self.stop_process),
             ("POST", "/api/processes/{key}/restart", self.restart_process),
             ("POST", "/api/processes/{key}/reload", self.reload_process),
+            ("POST", "/api/processes/{key}/signal", self.signal_process),
+            ("POST", "/api/processes/{key}/stdin", self.write_stdin),
             ("GET", "/api/processes/{key}/health", self.get_health),
             ("GET", "/api/system", self.get_system),
             ("GET", "/api/logs/{key}", self.get_logs),
@@ -4467,12 +4647,28 @@ class Api:
     # -- handlers --------------------------------------------------------------------------------
 
     async def list_processes(self, request: Request) -> Response:
+        if request.query:
+            return self.filtered_list(parse_query(request.query, ("status", "namespace", "name")))
         generation = self.supervisor.generation
         if self._list_cache[0] != generation:
             now = self.supervisor.clock()
             entries = [process_summary(runner, now) for runner in self.supervisor.registry.runners()]
             self._list_cache = (generation, json_bytes({"processes": entries, "total": len(entries)}))
         return Response(200, self._list_cache[1])
+
+    def filtered_list(self, params: Dict[str, str]) -> Response:
+        """?status=online&namespace=api&name=web-* (shell-style wildcards in name)."""
+        status = params.get("status")
+        if status is not None and status not in {state.value for state in ProcessState}:
+            raise invalid_field("status", "query parameter 'status' must be one of %s, got %r"
+                                % (", ".join(state.value for state in ProcessState), status[:40]))
+        import fnmatch
+        now = self.supervisor.clock()
+        entries = [process_summary(runner, now) for runner in self.supervisor.registry.runners()
+                   if (status is None or runner.state.value == status)
+                   and params.get("namespace", runner.config.namespace) == runner.config.namespace
+                   and fnmatch.fnmatchcase(runner.name, params.get("name", "*"))]
+        return json_response(200, {"processes": entries, "total": len(entries)})
 
     async def get_process(self, request: Request, key: str) -> Response:
         members = self.supervisor.resolve(key)
@@ -4548,6 +4744,28 @@ class Api:
             raise BadRequest("reload takes no body; use restart to change port or instances")
         members = await self.supervisor.reload(key)
         return json_response(200, message("Process %r reloaded successfully" % group_label(members)))
+
+    async def signal_process(self, request: Request, key: str) -> Response:
+        body = parse_json_body(request)
+        if not isinstance(body, dict) or set(body) != {"signal"}:
+            raise BadRequest('the body is {"signal": "SIGUSR1"} (any signal name, or a number)')
+        signum = parse_any_signal(body["signal"])
+        members = self.supervisor.resolve(key)
+        if not [runner.send_signal(signum) for runner in members if runner.run is not None]:
+            raise NotRunning("Process %r is not running" % group_label(members))
+        return json_response(200, message("Signal %s sent to %r" % (signal.Signals(signum).name, group_label(members))))
+
+    async def write_stdin(self, request: Request, key: str) -> Response:
+        body = parse_json_body(request)
+        if not isinstance(body, dict) or set(body) != {"data"} or not isinstance(body["data"], str):
+            raise BadRequest('the body is {"data": "text to write"}')
+        data = body["data"].encode("utf-8")
+        if len(data) > MAX_STDIN_WRITE:
+            raise invalid_field("data", "at most %d bytes at a time" % MAX_STDIN_WRITE)
+        members = self.supervisor.resolve(key)
+        for runner in members:
+            await runner.write_stdin(data)
+        return json_response(200, message("%d bytes written to the stdin of %r" % (len(data), group_label(members))))
 
     async def get_health(self, request: Request, key: str) -> Response:
         members = self.supervisor.resolve(key)

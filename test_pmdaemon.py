@@ -597,7 +597,7 @@ class TestProcessRunner(unittest.TestCase):
         run_async(scenario())
 
     def test_an_injected_spawner_that_fails_leaves_the_process_errored(self):
-        async def refuse(argv, cwd, env):
+        async def refuse(argv, cwd, env, config):
             raise OSError(11, "Resource temporarily unavailable")
 
         async def scenario():
@@ -1377,6 +1377,83 @@ class TestRestFixes(DaemonTestCase):
         self.daemon.post("/api/processes/fix-p/restart", {"instances": 2})
         self.assertEqual([p["port"] for p in self.daemon.get("/api/processes/fix-p")[2]["processes"]][0], ports[0])
         self.daemon.request("DELETE", "/api/processes/fix-p")
+
+
+class TestProcessSettings(DaemonTestCase):
+    """The settings PM2 and supervisord users rely on, observed by the children themselves."""
+
+    def last(self, name, text):
+        return wait_until(lambda: self.daemon.last_line(name) if text in self.daemon.last_line(name) else None,
+                          message="%s to say %r" % (name, text))
+
+    def test_umask_and_rlimits_reach_the_child(self):
+        probe = ("import os, resource\nmask = os.umask(0)\n"
+                 "print('umask %03o nofile %s core %s' % (mask, resource.getrlimit(resource.RLIMIT_NOFILE), "
+                 "resource.getrlimit(resource.RLIMIT_CORE)), flush=True)\nimport time; time.sleep(60)")
+        self.daemon.start("set-lim", PY, ["-c", probe], umask="027", rlimits={"nofile": [256, 512], "core": 0})
+        self.assertEqual(self.last("set-lim", "umask"), "umask 027 nofile (256, 512) core (0, 0)")
+        config = self.daemon.process("set-lim")["config"]
+        self.assertEqual((config["umask"], config["rlimits"]), (0o27, {"nofile": [256, 512], "core": [0, 0]}))
+        for bad, message in (({"umask": "999"}, "field 'umask' must be octal like \"022\" (0 to 777), got string \"999\""),
+                             ({"rlimits": {"files": 1}}, "unknown rlimit 'files' (one of as, core, cpu, data, fsize, "
+                                                         "memlock, nofile, nproc, rss, stack)"),
+                             ({"rlimits": {"nofile": [10, 5]}}, "rlimit 'nofile' must be a number or [soft, hard] "
+                                                               "(-1 = unlimited, soft <= hard), got array")):
+            self.assertError(self.daemon.post("/api/processes", dict({"name": "set-bad", "script": "sleep"}, **bad)),
+                             400, "VALIDATION_ERROR", message)
+        self.daemon.request("DELETE", "/api/processes/set-lim")
+
+    def test_signal_and_stdin_reach_the_child(self):
+        echo = ("import signal, sys\nsignal.signal(signal.SIGUSR1, lambda *a: print('got USR1', flush=True))\n"
+                "print('ready', flush=True)\nfor line in sys.stdin:\n    print('read ' + line.strip(), flush=True)")
+        self.daemon.start("set-io", PY, ["-c", echo], stdin=True)
+        self.last("set-io", "ready")
+        status, _, body = self.daemon.post("/api/processes/set-io/signal", {"signal": "SIGUSR1"})
+        self.assertEqual((status, body["message"]), (200, "Signal SIGUSR1 sent to 'set-io'"))
+        self.last("set-io", "got USR1")
+        status, _, body = self.daemon.post("/api/processes/set-io/stdin", {"data": "hello child\n"})
+        self.assertEqual((status, body["message"]), (200, "12 bytes written to the stdin of 'set-io'"))
+        self.assertEqual(self.last("set-io", "read"), "read hello child")
+        self.assertError(self.daemon.post("/api/processes/set-io/signal", {"signal": "SIGNOPE"}), 400, "VALIDATION_ERROR")
+        self.daemon.start("set-noin", "sleep", ["60"])
+        self.assertError(self.daemon.post("/api/processes/set-noin/stdin", {"data": "x"}), 409, "STDIN_UNAVAILABLE",
+                         "Process 'set-noin' was not created with \"stdin\": true")
+        self.daemon.post("/api/processes/set-noin/stop")
+        self.assertError(self.daemon.post("/api/processes/set-noin/signal", {"signal": 10}), 409, "PROCESS_NOT_RUNNING")
+        for name in ("set-io", "set-noin"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+    def test_env_file_and_interpreter(self):
+        directory = tempfile.mkdtemp(prefix="pmd-set-", dir=self.daemon.home)
+        with open(os.path.join(directory, ".env"), "w") as handle:
+            handle.write("# secrets stay out of the API\nexport TOKEN='s3cret value'\nLEVEL=2\n")
+        with open(os.path.join(directory, "app.py"), "w") as handle:
+            handle.write("import os, sys, time\nprint(os.environ['TOKEN'], os.environ['LEVEL'], sys.argv[1:], "
+                         "sys.flags.optimize, flush=True)\ntime.sleep(60)\n")
+        self.daemon.start("set-env", "app.py", ["x"], cwd=directory, env_file=".env", env={"LEVEL": "3"},
+                          interpreter=PY, interpreter_args=["-O"])
+        self.assertEqual(self.last("set-env", "s3cret"), "s3cret value 3 ['x'] 1")
+        self.assertNotIn("s3cret", json.dumps(self.daemon.process("set-env")))
+        os.unlink(os.path.join(directory, ".env"))       # read at each start: a missing file is the reason
+        self.assertError(self.daemon.post("/api/processes/set-env/restart"), 422, "START_FAILED")
+        self.assertIn("env_file", self.daemon.process("set-env")["error"])
+        self.daemon.request("DELETE", "/api/processes/set-env")
+
+    def test_namespaces_and_list_filters(self):
+        self.daemon.start("ns-api-1", "sleep", ["60"], namespace="api")
+        self.daemon.start("ns-api-2", "sleep", ["60"], namespace="api", autostart=False)
+        self.daemon.start("ns-web-1", "sleep", ["60"])
+
+        def names(query):
+            return sorted(p["name"] for p in self.daemon.get("/api/processes?" + query)[2]["processes"])
+        self.assertEqual(names("namespace=api"), ["ns-api-1", "ns-api-2"])
+        self.assertEqual(names("namespace=api&status=online"), ["ns-api-1"])
+        self.assertEqual(names("name=ns-*-1"), ["ns-api-1", "ns-web-1"])
+        self.assertError(self.daemon.get("/api/processes?colour=red"), 400, "BAD_REQUEST",
+                         "unknown query parameter 'colour' (allowed: status, namespace, name)")
+        self.assertError(self.daemon.get("/api/processes?status=asleep"), 400, "VALIDATION_ERROR")
+        for name in ("ns-api-1", "ns-api-2", "ns-web-1"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
 
 
 class TestCli(DaemonTestCase):
