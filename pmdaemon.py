@@ -654,6 +654,93 @@ def parse_env_file(text: str) -> Dict[str, str]:
     return env
 
 
+CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+               ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+               ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+
+
+class CronSchedule(NamedTuple):
+    """A parsed five-field cron expression: the allowed values of each field."""
+    minutes: frozenset
+    hours: frozenset
+    days: frozenset
+    months: frozenset
+    weekdays: frozenset          # 0 = Sunday (7 is folded into 0)
+    any_day: bool                # day of month was "*"
+    any_weekday: bool            # day of week was "*"
+
+    def matches_day(self, day: datetime.date) -> bool:
+        """Cron's rule: when both day fields are restricted, either may match."""
+        in_month = day.day in self.days
+        in_week = (day.isoweekday() % 7) in self.weekdays
+        if self.any_day or self.any_weekday:
+            return in_month and in_week
+        return in_month or in_week
+
+    def next_after(self, moment: datetime.datetime) -> datetime.datetime:
+        """The first minute strictly after `moment` that the schedule names (naive local time)."""
+        start = moment.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+        day = start.date()
+        for _ in range(366 * 5):                 # e.g. "0 0 29 2 *" waits for a leap year
+            if day.month in self.months and self.matches_day(day):
+                first = (start.hour, start.minute) if day == start.date() else (0, 0)
+                for hour in sorted(self.hours):
+                    for minute in sorted(self.minutes):
+                        if (hour, minute) >= first:
+                            return datetime.datetime.combine(day, datetime.time(hour, minute))
+            day += datetime.timedelta(days=1)
+        raise ValueError("the schedule names no time in the next five years")
+
+
+def parse_cron(text: str) -> CronSchedule:
+    """Five fields (minute hour day-of-month month day-of-week) with *, ranges a-b, steps /n,
+    lists a,b and names (jan-dec, sun-sat); raises ValueError naming what is wrong."""
+    fields = text.split()
+    if len(fields) != 5:
+        raise ValueError("a cron expression has 5 fields (minute hour day month weekday), got %d" % len(fields))
+    sets = [_cron_field(field, *spec) for field, spec in zip(fields, CRON_FIELDS)]
+    weekdays = frozenset(day % 7 for day in sets[4])
+    return CronSchedule(sets[0], sets[1], sets[2], sets[3], weekdays, fields[2] == "*", fields[4] == "*")
+
+
+def _cron_field(field: str, what: str, low: int, high: int, names: Tuple[str, ...]) -> frozenset:
+    values = set()
+    for part in field.lower().split(","):
+        body, _, step_text = part.partition("/")
+        step = int(step_text) if step_text.isdigit() and int(step_text) > 0 else None
+        if step_text and step is None:
+            raise ValueError("bad step %r in the %s field" % (step_text, what))
+        if body == "*":
+            first, last = low, high
+        else:
+            start_text, dash, end_text = body.partition("-")
+            first = _cron_value(start_text, what, low, high, names)
+            last = _cron_value(end_text, what, low, high, names) if dash else (high if step else first)
+            if last < first:
+                raise ValueError("range %r runs backwards in the %s field" % (body, what))
+        values.update(range(first, last + 1, step or 1))
+    return frozenset(values)
+
+
+def _cron_value(text: str, what: str, low: int, high: int, names: Tuple[str, ...]) -> int:
+    if text in names:
+        return names.index(text) + (1 if what == "month" else 0)
+    if not (text.isdigit() and text.isascii()) or not low <= int(text) <= high:
+        raise ValueError("%r is not a %s (%d-%d%s)" % (text, what, low, high, ", or a name" if names else ""))
+    return int(text)
+
+
+def parse_cron_field(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    text = _check_str("cron_restart", value)
+    try:
+        parse_cron(text)
+    except ValueError as exc:
+        raise invalid_field("cron_restart", "field 'cron_restart': %s" % exc) from None
+    return " ".join(text.split())
+
+
 @dataclasses.dataclass
 class ProcessConfig:
     """Everything a user can set for a managed process (the POST /api/processes body)."""
@@ -689,6 +776,7 @@ class ProcessConfig:
     interpreter_args: List[str] = dataclasses.field(default_factory=list)
     umask: Optional[int] = None
     rlimits: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
+    cron_restart: Optional[str] = None
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
@@ -766,8 +854,10 @@ CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "interpreter_args": lambda v: [_check_str("interpreter_args", item, allow_empty=True) for item in parse_args(v)],
     "umask": parse_umask,
     "rlimits": parse_rlimits,
+    "cron_restart": parse_cron_field,
 }
-NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_file", "interpreter", "umask"})
+NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_file", "interpreter", "umask",
+                             "cron_restart"})
 
 
 @dataclasses.dataclass
@@ -1988,6 +2078,7 @@ class ProcessRunner:
         self.cpu, self.memory = 0.0, stat.rss_bytes if stat else 0
         self.health.reset(self.checked)
         run.watch = self.host.background(self._watch(run))
+        self._schedule_cron()
         if self.checked:
             self._pending["health"] = self.host.background(self._health_loop(run))
         self.event(event, pid=run.pid)
@@ -1998,6 +2089,24 @@ class ProcessRunner:
             self.host.runner_changed(self)      # the pid is news even before it is ready
         else:
             self.change_state(ProcessState.ONLINE)
+
+    def _schedule_cron(self) -> None:
+        """cron_restart: a timer to the next minute the schedule names, set at every start."""
+        self._cancel("cron")
+        if not self.config.cron_restart:
+            return
+        now = self.host.wall()
+        due = parse_cron(self.config.cron_restart).next_after(datetime.datetime.fromtimestamp(now))
+        self._pending["cron"] = asyncio.get_event_loop().call_later(
+            max(0.0, due.timestamp() - now), lambda: self.host.background(self._cron_due()))
+
+    async def _cron_due(self) -> None:
+        self._pending.pop("cron", None)
+        if self.run is None or self.deleted:
+            return
+        self.note("restarting: cron_restart %r" % self.config.cron_restart)
+        self.event("cron_restart", schedule=self.config.cron_restart)
+        await self.restart()
 
     def _become_online(self, event: str) -> None:
         self._cancel("ready")
@@ -2083,7 +2192,7 @@ class ProcessRunner:
     async def _stop_locked(self, quiet: bool) -> None:
         """ONLINE/STARTING -> STOPPING -> STOPPED once the whole group is gone;
         RESTARTING, ERRORED or a start waiting for dependencies -> STOPPED."""
-        self._cancel("restart", "dependencies", "health", "ready")
+        self._cancel("restart", "dependencies", "health", "ready", "cron")
         self.waiting_for, self.next_restart_wall = [], None
         run = self.run
         if run is not None:
@@ -4213,6 +4322,7 @@ CONFIG_SCHEMA = {
     "interpreter_args": {"type": ["array", "null"], "items": {"type": "string"}},
     "umask": {"type": ["string", "integer", "null"], "minimum": 0, "maximum": 511, "pattern": "^0?[0-7]{1,3}$"},
     "rlimits": {"type": ["object", "null"], "propertyNames": {"enum": list(RLIMIT_NAMES)}},
+    "cron_restart": {"type": ["string", "null"], "description": "five cron fields, e.g. \"0 3 * * *\""},
 }
 
 OPENAPI_SCHEMAS = {

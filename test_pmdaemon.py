@@ -630,6 +630,62 @@ class TestProcessRunner(unittest.TestCase):
         run_async(scenario())
 
 
+class TestCron(unittest.TestCase):
+    """cron_restart: a pure parser and next-time function, checked against a table."""
+
+    TABLE = [   # expression, after, next
+        ("* * * * *", "2026-11-30 10:15:30", "2026-11-30 10:16"),
+        ("0 3 * * *", "2026-11-30 10:15", "2026-12-01 03:00"),
+        ("*/15 9-17 * * mon-fri", "2026-11-27 17:50", "2026-11-30 09:00"),     # Friday evening -> Monday
+        ("30 2 1,15 * *", "2026-11-15 02:30", "2026-12-01 02:30"),
+        ("0 0 * feb sun", "2026-11-30 00:00", "2027-02-07 00:00"),             # first Sunday of February
+        ("0 12 13 * 5", "2026-11-30 00:00", "2026-12-04 12:00"),              # 13th OR a Friday
+        ("5/20 * * * *", "2026-11-30 10:46", "2026-11-30 11:05"),
+        ("0 0 29 2 *", "2026-03-01 00:00", "2028-02-29 00:00"),               # the next leap day
+        ("59 23 31 12 7", "2026-12-31 23:59", "2027-12-05 23:59"),            # December only; 7 is Sunday
+    ]
+
+    def test_next_times(self):
+        import datetime
+        parse = lambda text: datetime.datetime.strptime(text, "%Y-%m-%d %H:%M" if text.count(":") == 1 else "%Y-%m-%d %H:%M:%S")
+        for expression, after, expected in self.TABLE:
+            with self.subTest(expression=expression):
+                self.assertEqual(pmdaemon.parse_cron(expression).next_after(parse(after)), parse(expected))
+
+    def test_bad_expressions_say_what_is_wrong(self):
+        for expression, message in (("* * * *", "a cron expression has 5 fields (minute hour day month weekday), got 4"),
+                                     ("60 * * * *", "'60' is not a minute (0-59)"),
+                                     ("* * * smarch *", "'smarch' is not a month (1-12, or a name)"),
+                                     ("*/0 * * * *", "bad step '0' in the minute field"),
+                                     ("5-1 * * * *", "range '5-1' runs backwards in the minute field")):
+            with self.subTest(expression=expression):
+                with self.assertRaises(ValueError) as caught:
+                    pmdaemon.parse_cron(expression)
+                self.assertEqual(str(caught.exception), message)
+        with self.assertRaises(pmdaemon.ValidationError) as caught:
+            pmdaemon.ProcessConfig.from_dict({"name": "c", "script": "sleep", "cron_restart": "61 * * * *"})
+        self.assertEqual(caught.exception.message, "field 'cron_restart': '61' is not a minute (0-59)")
+
+    def test_a_scheduled_restart_happens_at_its_minute(self):
+        import asyncio
+        home = tempfile.mkdtemp(prefix="pmd-cron-")
+        self.addCleanup(shutil.rmtree, home, True)
+        offset = [(60 - time.time() % 60) - 0.3]       # the clock reads 0.3 s before a minute starts
+
+        async def scenario():
+            supervisor = pmdaemon.Supervisor(home, wall=lambda: time.time() + offset[0])
+            events = []
+            supervisor.listeners.append(lambda kind, data: events.append(data["event"]) if kind == "process_event" else None)
+            [runner] = await supervisor.add(pmdaemon.ProcessConfig.from_dict(
+                {"name": "cron", "script": "sleep", "args": ["30"], "cron_restart": "* * * * *"}))
+            first_pid = runner.pid
+            await supervisor.wait_for_change(lambda: runner.restarts == 1 and runner.pid not in (None, first_pid), 10)
+            self.assertEqual((runner.manual_restarts, runner.state.value), (1, "online"))
+            self.assertIn("cron_restart", events)
+            await supervisor.shutdown()
+        run_async(scenario())
+
+
 class TestStateStore(unittest.TestCase):
     def test_runtime_details_alone_wait_for_the_lazy_interval(self):
         import asyncio
