@@ -172,6 +172,10 @@ MAX_PROCESSES = 1024
 MAX_ARGS = 1024
 MAX_ENV_VARS = 1024
 MAX_ENV_FILE_BYTES = 1024 * 1024
+WATCH_DELAY_MS = 1000                  # watch: quiet time after the last change before a restart
+WATCH_POLL_INTERVAL = 0.5              # seconds between looks at the watched files
+WATCH_MAX_FILES = 20_000               # files one process may watch (past it: a warning, no more)
+WATCH_IGNORE_DEFAULT = ("node_modules", ".git", "__pycache__", "*.log", "*.pyc", ".*.swp")
 MAX_STDIN_WRITE = 64 * 1024            # bytes one POST .../stdin may send
 STDIN_WRITE_TIMEOUT = 5.0              # seconds a child may take to read what was written
 STATE_FILE_VERSION = 1
@@ -730,6 +734,21 @@ def _cron_value(text: str, what: str, low: int, high: int, names: Tuple[str, ...
     return int(text)
 
 
+def parse_watch(value: Any) -> List[str]:
+    """watch: true (the cwd), false, or paths relative to the cwd."""
+    if value is True:
+        return ["."]
+    if value is False:
+        return []
+    return [_check_str("watch", item) for item in parse_names_list("watch", value)]
+
+
+def parse_names_list(field: str, value: Any) -> List[str]:
+    if not isinstance(value, list) or len(value) > 256 or not all(isinstance(item, str) for item in value):
+        raise invalid_field(field, "field %r must be true, false or an array of paths, got %s" % (field, _json_type(value)))
+    return value
+
+
 def parse_cron_field(value: Any) -> Optional[str]:
     if value is None:
         return None
@@ -777,6 +796,9 @@ class ProcessConfig:
     umask: Optional[int] = None
     rlimits: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
     cron_restart: Optional[str] = None
+    watch: List[str] = dataclasses.field(default_factory=list)
+    watch_ignore: List[str] = dataclasses.field(default_factory=lambda: list(WATCH_IGNORE_DEFAULT))
+    watch_delay: int = WATCH_DELAY_MS
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
@@ -855,6 +877,9 @@ CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "umask": parse_umask,
     "rlimits": parse_rlimits,
     "cron_restart": parse_cron_field,
+    "watch": parse_watch,
+    "watch_ignore": lambda v: [_check_str("watch_ignore", item) for item in parse_names_list("watch_ignore", v)],
+    "watch_delay": lambda v: parse_duration("watch_delay", v, 600_000),
 }
 NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_file", "interpreter", "umask",
                              "cron_restart"})
@@ -1761,6 +1786,35 @@ async def terminate_group(pgid: Optional[int], escaped: List[Tuple[int, int]], s
         await asyncio.sleep(poll_interval)
 
 
+def file_snapshot(roots: List[str], ignore: List[str], limit: int = WATCH_MAX_FILES) -> Dict[str, Tuple[int, int]]:
+    """(mtime in ns, size) of every file under roots whose name or relative path matches no
+    ignore pattern; at most `limit` files. Links are not followed."""
+    import fnmatch
+    found: Dict[str, Tuple[int, int]] = {}
+    stack = list(roots)
+    while stack and len(found) < limit:
+        path = stack.pop()
+        try:
+            entries = list(os.scandir(path)) if os.path.isdir(path) and not os.path.islink(path) else None
+        except OSError:
+            continue
+        if entries is None:
+            with contextlib.suppress(OSError):
+                info = os.lstat(path)
+                found[path] = (info.st_mtime_ns, info.st_size)
+            continue
+        for entry in entries:
+            if any(fnmatch.fnmatch(entry.name, pattern) for pattern in ignore):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            elif len(found) < limit:
+                with contextlib.suppress(OSError):
+                    info = entry.stat(follow_symlinks=False)
+                    found[entry.path] = (info.st_mtime_ns, info.st_size)
+    return found
+
+
 # -- one run of a program, and the default spawner ---------------------------------------------
 
 class Run:
@@ -1893,6 +1947,7 @@ class ProcessRunner:
         self.waiting_for: List[str] = []
         self.health = HealthState()
         self.ever_started = False
+        self.watch_status: Optional[dict] = None  # files watched and scans made (watch)
         self.wanted = False                     # should it run (after a daemon restart, too)?
         self.deleted = False
         self.logs = ProcessLogs(host.log_dir, name, config.log_max_size, config.log_max_files,
@@ -1993,6 +2048,7 @@ class ProcessRunner:
     async def remove(self) -> None:
         """Stop for good: the process is being deleted; its log files go with it."""
         async with self.lock:
+            self.wanted = False
             await self._stop_locked(quiet=True)
             self.deleted = True
             self.logs.close()
@@ -2003,6 +2059,7 @@ class ProcessRunner:
         async with self.lock:
             if self.state is not ProcessState.ERRORED:
                 await self._stop_locked(quiet=True)
+            self._cancel("files")
             self.logs.close()
 
     def send_signal(self, signum: int) -> bool:
@@ -2079,6 +2136,8 @@ class ProcessRunner:
         self.health.reset(self.checked)
         run.watch = self.host.background(self._watch(run))
         self._schedule_cron()
+        if self.config.watch and "files" not in self._pending:
+            self._pending["files"] = self.host.background(self._follow_files())
         if self.checked:
             self._pending["health"] = self.host.background(self._health_loop(run))
         self.event(event, pid=run.pid)
@@ -2089,6 +2148,29 @@ class ProcessRunner:
             self.host.runner_changed(self)      # the pid is news even before it is ready
         else:
             self.change_state(ProcessState.ONLINE)
+
+    async def _follow_files(self) -> None:
+        """watch: restart once the watched files have been quiet for watch_delay after a change."""
+        roots = [os.path.join(self.config.cwd or ".", path) for path in self.config.watch]
+        loop = asyncio.get_event_loop()
+        snapshot = await loop.run_in_executor(None, file_snapshot, roots, self.config.watch_ignore)
+        self.watch_status = {"files": len(snapshot), "scans": 0}
+        if len(snapshot) >= WATCH_MAX_FILES:
+            self.note("watching only the first %d files (add watch_ignore patterns)" % WATCH_MAX_FILES)
+        changed_at = None
+        while True:
+            await asyncio.sleep(min(WATCH_POLL_INTERVAL, self.config.watch_delay / 2000 or WATCH_POLL_INTERVAL))
+            current = await loop.run_in_executor(None, file_snapshot, roots, self.config.watch_ignore)
+            self.watch_status = {"files": len(current), "scans": self.watch_status["scans"] + 1}
+            if current != snapshot:
+                changed = sorted(set(current.items()) ^ set(snapshot.items()))[0][0]
+                snapshot, changed_at, first_change = current, loop.time(), changed
+            elif changed_at is not None and loop.time() - changed_at >= self.config.watch_delay / 1000:
+                changed_at = None
+                if self.run is not None:
+                    self.note("restarting: %s changed" % os.path.relpath(first_change, self.config.cwd or "."))
+                    self.event("watch_restart", file=first_change)
+                    await self.restart()
 
     def _schedule_cron(self) -> None:
         """cron_restart: a timer to the next minute the schedule names, set at every start."""
@@ -2162,10 +2244,12 @@ class ProcessRunner:
             self.error = decision.reason
             self.note("not restarting: " + decision.reason)
             self.event("errored", reason=decision.reason)
+            self._cancel("files")
             self.change_state(ProcessState.ERRORED)
         else:
             self.note("not restarting: " + decision.reason)
             self.wanted = False
+            self._cancel("files")
             self.change_state(ProcessState.STOPPED)
 
     def _end_run(self, run: Run, returncode: Optional[int]) -> None:
@@ -2193,6 +2277,8 @@ class ProcessRunner:
         """ONLINE/STARTING -> STOPPING -> STOPPED once the whole group is gone;
         RESTARTING, ERRORED or a start waiting for dependencies -> STOPPED."""
         self._cancel("restart", "dependencies", "health", "ready", "cron")
+        if not self.wanted or self.deleted:
+            self._cancel("files")               # a restart keeps watching; a stop does not
         self.waiting_for, self.next_restart_wall = [], None
         run = self.run
         if run is not None:
@@ -3931,6 +4017,7 @@ def process_details(runner: ProcessRunner, now: float) -> dict:
                             if runner.next_restart_wall else None),
         "log_files": {kind: runner.logs.files[kind].path for kind in LOG_TYPES},
         "log_write_errors": runner.logs.write_errors,
+        "watching": runner.watch_status,
         "waiting_for": runner.waiting_for,
     })
     return entry
@@ -4323,6 +4410,9 @@ CONFIG_SCHEMA = {
     "umask": {"type": ["string", "integer", "null"], "minimum": 0, "maximum": 511, "pattern": "^0?[0-7]{1,3}$"},
     "rlimits": {"type": ["object", "null"], "propertyNames": {"enum": list(RLIMIT_NAMES)}},
     "cron_restart": {"type": ["string", "null"], "description": "five cron fields, e.g. \"0 3 * * *\""},
+    "watch": {"type": ["boolean", "array", "null"], "items": {"type": "string"}},
+    "watch_ignore": {"type": ["array", "null"], "items": {"type": "string"}},
+    "watch_delay": _DURATION,
 }
 
 OPENAPI_SCHEMAS = {

@@ -1495,6 +1495,32 @@ class TestProcessSettings(DaemonTestCase):
         self.assertIn("env_file", self.daemon.process("set-env")["error"])
         self.daemon.request("DELETE", "/api/processes/set-env")
 
+    def test_watch_restarts_once_after_the_debounce_and_ignores_what_it_should(self):
+        directory = tempfile.mkdtemp(prefix="pmd-watch-", dir=self.daemon.home)
+        with open(os.path.join(directory, "app.txt"), "w") as handle:
+            handle.write("v1")
+        self.daemon.start("set-watch", "sleep", ["60"], cwd=directory, watch=True, watch_delay=300,
+                          watch_ignore=["*.tmp"])
+
+        def scans():
+            return (self.daemon.process("set-watch")["watching"] or {}).get("scans", 0)
+        wait_until(lambda: scans() >= 1, message="the first look at the files")
+        for version in ("v2", "v3", "v4"):              # a burst of changes: one restart
+            with open(os.path.join(directory, "app.txt"), "w") as handle:
+                handle.write(version + " " * len(version))
+        wait_until(lambda: self.daemon.process("set-watch")["restarts"] == 1, message="the restart")
+        settled = scans()
+        wait_until(lambda: scans() >= settled + 3, message="three more looks")
+        self.assertEqual(self.daemon.process("set-watch")["restarts"], 1)
+        with open(os.path.join(directory, "scratch.tmp"), "w") as handle:   # ignored
+            handle.write("x")
+        settled = scans()
+        wait_until(lambda: scans() >= settled + 3, message="three looks after the ignored change")
+        self.assertEqual(self.daemon.process("set-watch")["restarts"], 1)
+        notes = [e["message"] for e in self.daemon.get("/api/logs/set-watch?type=stderr")[2]["logs"]]
+        self.assertIn("[pmdaemon] restarting: app.txt changed", notes)
+        self.daemon.request("DELETE", "/api/processes/set-watch")
+
     def test_namespaces_and_list_filters(self):
         self.daemon.start("ns-api-1", "sleep", ["60"], namespace="api")
         self.daemon.start("ns-api-2", "sleep", ["60"], namespace="api", autostart=False)
