@@ -799,6 +799,8 @@ class ProcessConfig:
     watch: List[str] = dataclasses.field(default_factory=list)
     watch_ignore: List[str] = dataclasses.field(default_factory=lambda: list(WATCH_IGNORE_DEFAULT))
     watch_delay: int = WATCH_DELAY_MS
+    user: Optional[str] = None
+    group: Optional[str] = None
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
@@ -880,9 +882,11 @@ CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "watch": parse_watch,
     "watch_ignore": lambda v: [_check_str("watch_ignore", item) for item in parse_names_list("watch_ignore", v)],
     "watch_delay": lambda v: parse_duration("watch_delay", v, 600_000),
+    "user": lambda v: None if v is None else _check_str("user", v if isinstance(v, str) else str(_check_int("user", v, 0, 2 ** 31))),
+    "group": lambda v: None if v is None else _check_str("group", v if isinstance(v, str) else str(_check_int("group", v, 0, 2 ** 31))),
 }
 NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_file", "interpreter", "umask",
-                             "cron_restart"})
+                             "cron_restart", "user", "group"})
 
 
 @dataclasses.dataclass
@@ -1673,18 +1677,18 @@ def health_target(check: dict, port: Optional[int]) -> Optional[str]:
 
 
 async def run_health_check(check: dict, port: Optional[int], cwd: Optional[str],
-                           env: Dict[str, str]) -> Optional[str]:
+                           env: Dict[str, str], setup: Optional[Callable[[], None]] = None) -> Optional[str]:
     """Run one check within its timeout; None when healthy, else why not."""
     probe = {"http": _check_http, "tcp": _check_tcp, "script": _check_script}[check["type"]]
     try:
-        return await asyncio.wait_for(probe(check, port, cwd, env), check["timeout"] / 1000)
+        return await asyncio.wait_for(probe(check, port, cwd, env, setup), check["timeout"] / 1000)
     except asyncio.TimeoutError:
         return "no answer within %d ms" % check["timeout"]
     except Exception as exc:    # whatever the probed program does, it is a failed check
         return "%s: %s" % (type(exc).__name__, exc)
 
 
-async def _check_http(check: dict, port: Optional[int], cwd, env) -> Optional[str]:
+async def _check_http(check: dict, port: Optional[int], cwd, env, setup) -> Optional[str]:
     """A real HTTP GET; any 2xx status is healthy."""
     url = health_target(check, port)
     parts = urllib.parse.urlsplit(url)
@@ -1709,15 +1713,15 @@ async def _check_http(check: dict, port: Optional[int], cwd, env) -> Optional[st
     return None if 200 <= status < 300 else "HTTP status %d" % status
 
 
-async def _check_tcp(check: dict, port: Optional[int], cwd, env) -> Optional[str]:
+async def _check_tcp(check: dict, port: Optional[int], cwd, env, setup) -> Optional[str]:
     """Healthy when a TCP connection is accepted."""
     _, writer = await asyncio.open_connection(check["host"], check["port"] or port)
     writer.close()
     return None
 
 
-async def _check_script(check: dict, port: Optional[int], cwd, env) -> Optional[str]:
-    """Healthy when the script exits 0; it runs with the process's cwd and environment."""
+async def _check_script(check: dict, port: Optional[int], cwd, env, setup) -> Optional[str]:
+    """Healthy when the script exits 0; it runs with the process's cwd, environment and user."""
     script = check["script"]
     path = script if "/" in script else shutil.which(script, path=env.get("PATH", os.defpath))
     if path is None:
@@ -1725,7 +1729,7 @@ async def _check_script(check: dict, port: Optional[int], cwd, env) -> Optional[
     proc = await asyncio.create_subprocess_exec(
         os.path.join(cwd or ".", path), *check["args"], cwd=cwd, env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        stderr=asyncio.subprocess.PIPE, start_new_session=True, **({"preexec_fn": setup} if setup else {}))
     try:
         _, stderr = await proc.communicate()
     except asyncio.CancelledError:
@@ -1846,10 +1850,45 @@ async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], 
         **({"preexec_fn": setup} if setup else {}))
 
 
+class Identity(NamedTuple):
+    """Who a child runs as (user/group): ids, supplementary groups, its HOME and names."""
+    uid: int
+    gid: int
+    groups: List[int]
+    name: str
+    home: str
+
+
+def resolve_identity(config: ProcessConfig, daemon_uid: Optional[int] = None) -> Optional[Identity]:
+    """The user and group a process asks for, checked: the daemon must be root (only root can
+    become someone else) and both must exist. ValidationError names what is wrong."""
+    if config.user is None and config.group is None:
+        return None
+    daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
+    field = "user" if config.user is not None else "group"
+    if daemon_uid != 0:
+        raise invalid_field(field, "running a process as another %s needs the daemon to run as root" % field)
+    import grp
+    import pwd
+    try:
+        who = pwd.getpwnam(config.user) if config.user and not config.user.isdigit() else \
+            pwd.getpwuid(int(config.user) if config.user else daemon_uid)
+    except KeyError:
+        raise invalid_field("user", "no such user %r" % config.user) from None
+    try:
+        group = grp.getgrnam(config.group) if config.group and not config.group.isdigit() else \
+            grp.getgrgid(int(config.group) if config.group else who.pw_gid)
+    except KeyError:
+        raise invalid_field("group", "no such group %r" % config.group) from None
+    groups = os.getgrouplist(who.pw_name, group.gr_gid) if config.user else [group.gr_gid]
+    return Identity(who.pw_uid, group.gr_gid, groups, who.pw_name, who.pw_dir)
+
+
 def child_setup(config: ProcessConfig) -> Optional[Callable[[], None]]:
     """What runs in the child before exec (nothing when nothing is asked for: preexec_fn has
     a cost). Only system calls: no allocation-heavy work between fork and exec."""
-    if config.umask is None and not config.rlimits:
+    identity = resolve_identity(config)
+    if config.umask is None and not config.rlimits and identity is None:
         return None
     import resource
     limits = [(getattr(resource, "RLIMIT_" + name.upper()),
@@ -1862,6 +1901,10 @@ def child_setup(config: ProcessConfig) -> Optional[Callable[[], None]]:
             os.umask(umask)
         for which, pair in limits:
             resource.setrlimit(which, pair)
+        if identity is not None:            # last: the limits above may need root
+            os.setgroups(identity.groups)
+            os.setgid(identity.gid)
+            os.setuid(identity.uid)
     return setup
 
 
@@ -2119,8 +2162,8 @@ class ProcessRunner:
             env = run.env = self.host.child_environment(self, run.token)
             argv = build_argv(self.config, env)
             run.proc = await self.host.spawner(argv, self.config.cwd, env, self.config)
-        except (OSError, SpawnError, ValueError, subprocess.SubprocessError) as exc:
-            reason = str(exc) if isinstance(exc, SpawnError) else "cannot execute %r: %s" % (
+        except (OSError, PMDaemonError, ValueError, subprocess.SubprocessError) as exc:
+            reason = str(exc) if isinstance(exc, PMDaemonError) else "cannot execute %r: %s" % (
                 self.config.script, exc.strerror or exc if isinstance(exc, OSError) else exc)
             self.error = reason
             self.note("failed to start: " + reason)
@@ -2312,7 +2355,7 @@ class ProcessRunner:
             if run is not self.run:
                 return
             began = self.host.clock()
-            error = await run_health_check(check, self.port, self.config.cwd, run.env)
+            error = await run_health_check(check, self.port, self.config.cwd, run.env, child_setup(self.config))
             if run is not self.run:
                 return
             self.health.last_duration = round(self.host.clock() - began, 6)
@@ -2651,6 +2694,9 @@ class Supervisor:
                     env.update(parse_env_file(handle.read(MAX_ENV_FILE_BYTES)))
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 raise SpawnError("env_file %r cannot be used: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+        identity = resolve_identity(runner.config) if runner.config.user else None
+        if identity is not None:
+            env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name)
         env.update(runner.config.env)
         if runner.port is not None:
             env["PORT"] = str(runner.port)
@@ -2791,6 +2837,7 @@ class Supervisor:
         return members, "scaled" if only_scaled else "restarted"
 
     def _check_dependencies(self, config: ProcessConfig) -> None:
+        resolve_identity(config)                # user/group: root only, and they must exist
         for dependency in config.depends_on:
             if not self.registry.find(dependency):
                 raise invalid_field("depends_on", "depends_on names an unknown process %r" % dependency)
@@ -4413,6 +4460,8 @@ CONFIG_SCHEMA = {
     "watch": {"type": ["boolean", "array", "null"], "items": {"type": "string"}},
     "watch_ignore": {"type": ["array", "null"], "items": {"type": "string"}},
     "watch_delay": _DURATION,
+    "user": {"type": ["string", "integer", "null"], "description": "run as this user (the daemon must be root)"},
+    "group": {"type": ["string", "integer", "null"], "description": "and this group (default: the user's)"},
 }
 
 OPENAPI_SCHEMAS = {

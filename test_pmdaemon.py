@@ -1521,6 +1521,27 @@ class TestProcessSettings(DaemonTestCase):
         self.assertIn("[pmdaemon] restarting: app.txt changed", notes)
         self.daemon.request("DELETE", "/api/processes/set-watch")
 
+    @unittest.skipUnless(os.geteuid() == 0 and os.access("/usr/bin/python3", os.X_OK),
+                         "needs root (and a python3 every user can run) to run a child as another user")
+    def test_user_and_group(self):
+        probe = ("import os\ntry:\n    open(%r).read(); state = 'state READ'\nexcept OSError:\n    state = 'state denied'\n"
+                 "print(os.getuid(), os.getgid(), os.getgroups(), os.environ['USER'], os.environ['HOME'], state, "
+                 "flush=True)\nimport time; time.sleep(60)" % os.path.join(self.daemon.home, "state.json"))
+        self.daemon.start("set-user", "/usr/bin/python3", ["-c", probe], user="nobody", cwd="/")
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        self.assertEqual(self.last("set-user", "state"), "%d %d %s nobody %s state denied" % (
+            nobody.pw_uid, nobody.pw_gid, os.getgrouplist("nobody", nobody.pw_gid), nobody.pw_dir))
+        self.assertError(self.daemon.post("/api/processes", {"name": "set-who", "script": "sleep", "user": "no-such-user"}),
+                         400, "VALIDATION_ERROR", "no such user 'no-such-user'")
+        self.daemon.request("DELETE", "/api/processes/set-user")
+
+    def test_user_needs_a_root_daemon(self):
+        config = pmdaemon.ProcessConfig.from_dict({"name": "u", "script": "sleep", "user": "nobody"})
+        with self.assertRaises(pmdaemon.ValidationError) as caught:
+            pmdaemon.resolve_identity(config, daemon_uid=1000)
+        self.assertEqual(caught.exception.message, "running a process as another user needs the daemon to run as root")
+
     def test_namespaces_and_list_filters(self):
         self.daemon.start("ns-api-1", "sleep", ["60"], namespace="api")
         self.daemon.start("ns-api-2", "sleep", ["60"], namespace="api", autostart=False)
