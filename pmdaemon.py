@@ -1996,7 +1996,8 @@ class ProcessRunner:
         self.logs = ProcessLogs(host.log_dir, name, config.log_max_size, config.log_max_files,
                                 host.hub, self._log_write_failed, host.wall)
         self.lock = asyncio.Lock()
-        self._pending: Dict[str, Any] = {}      # "restart", "dependencies", "ready", "health"
+        self._pending: Dict[str, Any] = {}      # timers and tasks by name: restart, dependencies,
+                                                # ready, health, cron, files
         self._log_error_reported = -math.inf
 
     # -- what it is --------------------------------------------------------------------------
