@@ -3746,16 +3746,6 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def unindex(index: Dict[Any, set], keys, item: Any) -> None:
-    """Remove item from index[key] for each key, dropping sets that become empty."""
-    for key in keys:
-        members = index.get(key)
-        if members is not None:
-            members.discard(item)
-            if not members:
-                del index[key]
-
-
 class BoundedCache(dict):
     """A dict that forgets everything when full: cheap memoisation of per-request decisions."""
 
@@ -5134,7 +5124,6 @@ class Api:
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLMSG_ERROR = 2
 NLM_F_REQUEST = 1
 TCP_STATES_ALL = 0xFFFFFFFF
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
