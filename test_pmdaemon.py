@@ -3668,33 +3668,90 @@ def run_ws_load(count=10000):
 # ----------------------------------------------------------------------------------------------
 
 def run_browser_check(screenshot=None):
-    """Load the dashboard in a real browser and check what it rendered (outside the unittest
-    suite, which must run on a bare machine)."""
-    browser = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
-                    if shutil.which(name)), None)
-    if browser is None:
-        print("browser: no chromium found (apt-get install chromium); nothing checked")
+    """Load the dashboard in real browsers and check what it rendered (outside the unittest
+    suite, which must run on a bare machine): headless Chromium (--dump-dom) and Firefox
+    (driven over its Marionette protocol, no driver needed)."""
+    chromium = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                     if shutil.which(name)), None)
+    firefox = shutil.which("firefox-esr") or shutil.which("firefox")
+    if not chromium and not firefox:
+        print("browser: neither chromium nor firefox found (apt-get install chromium firefox-esr)")
         return 2
     daemon = Daemon()
+    results = {}
     try:
         daemon.start("browser-demo", "sh", ["-c", "echo hello from the dashboard check; exec sleep 60"], port=3990)
         url = "http://127.0.0.1:%d/" % daemon.port
-        flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=4000",
-                 "--window-size=360,900"]
-        dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
-        checks = {"the process row": "<td>browser-demo</td>" in dom,
-                  "its status": '<td class="online">online</td>' in dom,
-                  "the live badge": 'id="connection" class="badge" role="status">live<' in dom,
-                  "the access badge": ">local user<" in dom,
-                  "system figures": re.search(r'id="sys-cpu">[0-9.]+%<', dom) is not None}
-        if screenshot:
-            subprocess.run(flags + ["--screenshot=" + screenshot, url], capture_output=True, timeout=60)
-        for what, ok in checks.items():
-            print("browser: %-18s %s" % (what, "ok" if ok else "MISSING"))
-        return 0 if all(checks.values()) else 1
+        if chromium:
+            results["chromium"] = chromium_check(chromium, url, screenshot)
+        if firefox:
+            results["firefox"] = firefox_check(firefox, url)
     finally:
         daemon.terminate()
         daemon.cleanup()
+    for browser, checks in results.items():
+        for what, ok in checks.items():
+            print("browser: %-8s %-18s %s" % (browser, what, "ok" if ok else "MISSING"))
+    return 0 if all(all(checks.values()) for checks in results.values()) else 1
+
+
+def chromium_check(chromium, url, screenshot):
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=4000",
+             "--window-size=360,900"]
+    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
+    if screenshot:
+        subprocess.run(flags + ["--screenshot=" + screenshot, url], capture_output=True, timeout=60)
+    return {"the process row": "<td>browser-demo</td>" in dom,
+            "its status": '<td class="online">online</td>' in dom,
+            "the live badge": 'id="connection" class="badge" role="status">live<' in dom,
+            "the access badge": ">local user<" in dom,
+            "system figures": re.search(r'id="sys-cpu">[0-9.]+%<', dom) is not None}
+
+
+def firefox_check(firefox, url):
+    profile = tempfile.mkdtemp(prefix="pmd-firefox-")
+    browser = subprocess.Popen([firefox, "--headless", "--marionette", "--no-remote", "--profile", profile],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HOME=profile))
+    try:
+        sock = wait_until(lambda: _connect_or_none(("127.0.0.1", 2828)), 30, 0.2, "Firefox's Marionette port")
+        channel = {"buffer": b"", "id": 0}
+
+        def receive():
+            while b":" not in channel["buffer"]:
+                channel["buffer"] += sock.recv(65536)
+            size, _, rest = channel["buffer"].partition(b":")
+            while len(rest) < int(size):
+                rest += sock.recv(65536)
+            channel["buffer"] = rest[int(size):]
+            return json.loads(rest[:int(size)])
+
+        def command(name, parameters):
+            channel["id"] += 1
+            data = json.dumps([0, channel["id"], name, parameters]).encode()
+            sock.sendall(b"%d:%s" % (len(data), data))
+            return receive()
+        receive()                                     # the greeting
+        command("WebDriver:NewSession", {"capabilities": {}})
+        command("WebDriver:Navigate", {"url": url})
+        script = ("return [document.getElementById('connection').textContent, "
+                  "document.getElementById('processes').textContent, document.getElementById('access').textContent]")
+        seen = wait_until(lambda: (lambda value: value if value and value[0] == "live" and "browser-demo" in value[1]
+                                   else None)(command("WebDriver:ExecuteScript", {"script": script, "args": []})[3]["value"]),
+                          20, 0.1, "the dashboard in Firefox")
+        sock.close()
+        return {"the process row": "browser-demo" in seen[1], "its status": "online" in seen[1],
+                "the live badge": seen[0] == "live", "the access badge": seen[2] == "local user"}
+    finally:
+        browser.kill()
+        browser.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _connect_or_none(address):
+    try:
+        return socket.create_connection(address, timeout=10)
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":
