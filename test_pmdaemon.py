@@ -2598,7 +2598,8 @@ class TestApiKey(DaemonTestCase):
                    "    print('DENIED', exc.errno)\nimport time; time.sleep(30)")
             conn.request("POST", "/api/processes", json.dumps({"name": "spy", "script": "/usr/bin/python3",
                                                                 "args": ["-c", spy], "cwd": home}), headers)
-            self.assertEqual(conn.getresponse().read() and None, None)
+            created = conn.getresponse()
+            self.assertEqual((created.status, json.loads(created.read())["process"]["status"]), (201, "online"))
 
             def spy_said():
                 conn.request("GET", "/api/logs/spy?type=stdout", headers=headers)
