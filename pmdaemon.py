@@ -749,6 +749,22 @@ def parse_names_list(field: str, value: Any) -> List[str]:
     return value
 
 
+def parse_log_path(field: str, value: Any) -> Optional[str]:
+    """out_file/error_file: an absolute path (where it may be is checked against the others)."""
+    if value is None:
+        return None
+    path = _check_str(field, value)
+    if not os.path.isabs(path) or os.path.normpath(path) != path or path.endswith("/"):
+        raise invalid_field(field, "field %r must be an absolute, normalised file path, got %r" % (field, path[:200]))
+    return path
+
+
+def _check_choice(field: str, value: Any, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise invalid_field(field, "field %r must be one of %s, got %s" % (field, ", ".join(choices), _json_type(value)))
+    return value
+
+
 def parse_cron_field(value: Any) -> Optional[str]:
     if value is None:
         return None
@@ -801,6 +817,10 @@ class ProcessConfig:
     watch_delay: int = WATCH_DELAY_MS
     user: Optional[str] = None
     group: Optional[str] = None
+    out_file: Optional[str] = None
+    error_file: Optional[str] = None
+    merge_logs: bool = False
+    log_date_format: str = "iso"
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
@@ -884,9 +904,13 @@ CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "watch_delay": lambda v: parse_duration("watch_delay", v, 600_000),
     "user": lambda v: None if v is None else _check_str("user", v if isinstance(v, str) else str(_check_int("user", v, 0, 2 ** 31))),
     "group": lambda v: None if v is None else _check_str("group", v if isinstance(v, str) else str(_check_int("group", v, 0, 2 ** 31))),
+    "out_file": lambda v: parse_log_path("out_file", v),
+    "error_file": lambda v: parse_log_path("error_file", v),
+    "merge_logs": lambda v: _check_bool("merge_logs", v),
+    "log_date_format": lambda v: _check_choice("log_date_format", v, ("iso", "none")),
 }
 NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_file", "interpreter", "umask",
-                             "cron_restart", "user", "group"})
+                             "cron_restart", "user", "group", "out_file", "error_file"})
 
 
 @dataclasses.dataclass
@@ -1139,26 +1163,15 @@ def descendants(table: Dict[int, PidStat], root: int,
 # ==============================================================================================
 
 LOG_TYPES = ("stdout", "stderr")
-LOG_SUFFIXES = (("stdout", "out"), ("stderr", "err"))
 
 
 class LogEntry(NamedTuple):
-    timestamp: str
+    timestamp: Optional[str]            # None for a log written without timestamps
     type: str
     message: str
 
     def to_api(self) -> dict:
         return {"timestamp": self.timestamp, "type": self.type, "message": self.message}
-
-
-def format_log_line(timestamp: str, message: str) -> bytes:
-    return ("%s %s\n" % (timestamp, message)).encode("utf-8", "replace")
-
-
-def parse_log_line(line: bytes, log_type: str) -> LogEntry:
-    text = line.decode("utf-8", "replace")
-    timestamp, _, message = text.partition(" ")
-    return LogEntry(timestamp, log_type, message)
 
 
 def tail_lines(path: str, count: int, max_bytes: int = MAX_LOG_READ_BYTES,
@@ -1198,22 +1211,29 @@ def open_private(path: str, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 class LogFile:
     """One append-only, size-rotated log file: path, path.1, ... path.(max_files - 1)."""
 
-    def __init__(self, path: str, max_size: int, max_files: int):
+    def __init__(self, path: str, max_size: int, max_files: int, owner: Optional[Tuple[int, int]] = None):
         self.path = path
         self.max_size = max_size
         self.max_files = max_files
+        self.owner = owner                      # (uid, gid) a file outside the home is given to
         self._handle = None
         self._size = 0
+
+    def _open(self):
+        handle = open(open_private(self.path), "ab", buffering=0)
+        if self.owner is not None:
+            os.fchown(handle.fileno(), *self.owner)
+        return handle
 
     def write(self, data: bytes) -> None:
         """Append data; on an error the file is closed so the next write starts afresh."""
         try:
             if self._handle is None:
-                self._handle = open(open_private(self.path), "ab", buffering=0)
+                self._handle = self._open()
                 self._size = self._handle.seek(0, os.SEEK_END)
             if self._size and self._size + len(data) > self.max_size:
                 self.rotate()
-                self._handle = open(open_private(self.path), "ab", buffering=0)
+                self._handle = self._open()
                 self._size = 0
             view = memoryview(data)
             while view:                 # an unbuffered write may be short when the disk fills
@@ -1353,16 +1373,31 @@ class LogHub:
             subscriber.on_log_end(name)
 
 
+class LogLayout(NamedTuple):
+    """Where a process's output goes and how its lines look (out_file, error_file, merge_logs,
+    log_date_format): by default two files in the home, each line stamped."""
+    out_path: Optional[str] = None          # None: NAME-out.log in the logs directory
+    err_path: Optional[str] = None
+    merged: bool = False                    # both streams in the stdout file, each line typed
+    stamped: bool = True                    # "none" date format: the message alone
+    owner: Optional[Tuple[int, int]] = None  # who out_path/err_path belong to (user/group)
+
+
 class ProcessLogs:
     """The stdout and stderr files of one process; every line is also published to the hub.
     A write that fails drops the line from the file, counts it, and calls on_error."""
 
     def __init__(self, directory: str, name: str, max_size: int, max_files: int, hub: LogHub,
-                 on_error: Callable[[OSError], None], wall: Callable[[], float] = time.time):
+                 on_error: Callable[[OSError], None], wall: Callable[[], float] = time.time,
+                 layout: LogLayout = LogLayout()):
         self.directory = directory
         self.name = name
-        self.files = {kind: LogFile(self._path(name, suffix), max_size, max_files)
-                      for kind, suffix in LOG_SUFFIXES}
+        self.layout = layout
+        out = LogFile(layout.out_path or self._path(name, "out"), max_size, max_files,
+                      layout.owner if layout.out_path else None)
+        err = out if layout.merged else LogFile(layout.err_path or self._path(name, "err"), max_size, max_files,
+                                                layout.owner if layout.err_path else None)
+        self.files = {"stdout": out, "stderr": err}
         self.hub = hub
         self.on_error = on_error
         self.wall = wall
@@ -1375,7 +1410,9 @@ class ProcessLogs:
 
     def write(self, log_type: str, messages: List[str]) -> None:
         timestamp = iso_time(self.wall(), milliseconds=True)
-        data = b"".join(format_log_line(timestamp, m) for m in messages)
+        prefix = (timestamp + " " if self.layout.stamped else "") + \
+            (log_type + " " if self.layout.merged and self.layout.stamped else "")
+        data = b"".join(("%s%s\n" % (prefix, m)).encode("utf-8", "replace") for m in messages)
         try:
             self.files[log_type].write(data)
             self.bytes_written += len(data)
@@ -1387,23 +1424,45 @@ class ProcessLogs:
             self.hub.publish(self.name, [LogEntry(timestamp, log_type, m) for m in messages])
 
     def tail(self, count: int, log_type: str = "all") -> List[LogEntry]:
-        kinds = LOG_TYPES if log_type == "all" else (log_type,)
-        entries = [parse_log_line(line, kind) for kind in kinds for line in self.files[kind].tail(count)]
-        entries.sort(key=lambda entry: entry.timestamp)      # stable: keeps order within a type
+        if self.layout.merged:
+            entries = [self._parse(line, "stdout") for line in self.files["stdout"].tail(count * 2 if log_type != "all" else count)]
+            entries = [entry for entry in entries if log_type in ("all", entry.type)]
+        else:
+            kinds = LOG_TYPES if log_type == "all" else (log_type,)
+            entries = [self._parse(line, kind) for kind in kinds for line in self.files[kind].tail(count)]
+            entries.sort(key=lambda entry: entry.timestamp or "")   # stable: keeps order within a type
         return entries[-count:] if count else []
 
+    def _parse(self, line: bytes, log_type: str) -> LogEntry:
+        text = line.decode("utf-8", "replace")
+        timestamp = None
+        if self.layout.stamped:
+            timestamp, _, text = text.partition(" ")
+            if self.layout.merged:
+                kind, _, rest = text.partition(" ")
+                if kind in LOG_TYPES:
+                    log_type, text = kind, rest
+        return LogEntry(timestamp, log_type, text)
+
+    def own_files(self) -> List[LogFile]:
+        """The files in the logs directory (what a rename moves and a delete removes); files the
+        operator placed with out_file/error_file are theirs and stay."""
+        return [log_file for log_file in {id(f): f for f in self.files.values()}.values()
+                if os.path.dirname(log_file.path) == self.directory]
+
     def rename(self, name: str) -> None:
-        for kind, suffix in LOG_SUFFIXES:
-            self.files[kind].move_to(self._path(name, suffix))
+        for log_file in self.own_files():
+            suffix = "out" if log_file is self.files["stdout"] else "err"
+            log_file.move_to(self._path(name, suffix))
         self.name = name
 
     def remove(self) -> None:
-        for log_file in self.files.values():
+        for log_file in self.own_files():
             log_file.remove()
 
     def flush(self) -> None:
         """Empty the logs (pm2 flush): rotated files go, the current ones start again at 0."""
-        for log_file in self.files.values():
+        for log_file in {id(f): f for f in self.files.values()}.values():
             log_file.remove()
 
     def close(self) -> None:
@@ -1993,12 +2052,18 @@ class ProcessRunner:
         self.watch_status: Optional[dict] = None  # files watched and scans made (watch)
         self.wanted = False                     # should it run (after a daemon restart, too)?
         self.deleted = False
-        self.logs = ProcessLogs(host.log_dir, name, config.log_max_size, config.log_max_files,
-                                host.hub, self._log_write_failed, host.wall)
+        self.logs = self._make_logs(name, config)
         self.lock = asyncio.Lock()
         self._pending: Dict[str, Any] = {}      # timers and tasks by name: restart, dependencies,
                                                 # ready, health, cron, files
         self._log_error_reported = -math.inf
+
+    def _make_logs(self, name: str, config: ProcessConfig) -> ProcessLogs:
+        identity = resolve_identity(config) if config.user or config.group else None
+        layout = LogLayout(config.out_file, config.error_file, config.merge_logs, config.log_date_format != "none",
+                           (identity.uid, identity.gid) if identity else None)
+        return ProcessLogs(self.host.log_dir, name, config.log_max_size, config.log_max_files,
+                           self.host.hub, self._log_write_failed, self.host.wall, layout)
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -2135,6 +2200,10 @@ class ProcessRunner:
         if name != self.name:
             self.logs.rename(name)
             self.name = name
+        if (config.out_file, config.error_file, config.merge_logs, config.log_date_format) != \
+                (self.config.out_file, self.config.error_file, self.config.merge_logs, self.config.log_date_format):
+            self.logs.close()
+            self.logs = self._make_logs(name, config)
         for log_file in self.logs.files.values():
             log_file.max_size, log_file.max_files = config.log_max_size, config.log_max_files
         self.port, self.config = port, config
@@ -2838,10 +2907,31 @@ class Supervisor:
         return members, "scaled" if only_scaled else "restarted"
 
     def _check_dependencies(self, config: ProcessConfig) -> None:
-        resolve_identity(config)                # user/group: root only, and they must exist
+        identity = resolve_identity(config)     # user/group: root only, and they must exist
+        self._check_log_paths(config, identity)
         for dependency in config.depends_on:
             if not self.registry.find(dependency):
                 raise invalid_field("depends_on", "depends_on names an unknown process %r" % dependency)
+
+    def _check_log_paths(self, config: ProcessConfig, identity: Optional[Identity]) -> None:
+        """out_file/error_file: never a file another process logs to (or the daemon's home),
+        in an existing directory owned by the daemon's user or the process's user."""
+        owners = {os.getuid()} | ({identity.uid} if identity else set())
+        taken = {log_file.path for runner in self.registry.runners() if runner.config.name != config.name
+                 for log_file in runner.logs.files.values()}
+        for field in ("out_file", "error_file"):
+            path = getattr(config, field)
+            if path is None:
+                continue
+            if path in taken or path.startswith(self.home + os.sep):
+                raise invalid_field(field, "%s %r is another process's log or inside the daemon's home" % (field, path))
+            try:
+                info = os.stat(os.path.dirname(path))
+            except OSError:
+                raise invalid_field(field, "the directory of %s %r does not exist" % (field, path)) from None
+            if not stat_module.S_ISDIR(info.st_mode) or info.st_uid not in owners:
+                raise invalid_field(field, "the directory of %s %r must belong to the daemon's user or the "
+                                    "process's user" % (field, path))
 
     def _check_started(self, members: List[ProcessRunner]) -> None:
         failed = [runner for runner in members if runner.state is ProcessState.ERRORED]
@@ -4452,6 +4542,10 @@ CONFIG_SCHEMA = {
     "watch_ignore": {"type": ["array", "null"], "items": {"type": "string"}},
     "watch_delay": _DURATION,
     "user": {"type": ["string", "integer", "null"], "description": "run as this user (the daemon must be root)"},
+    "out_file": {"type": ["string", "null"], "pattern": "^/"},
+    "error_file": {"type": ["string", "null"], "pattern": "^/"},
+    "merge_logs": _FLAG,
+    "log_date_format": {"type": ["string", "null"], "enum": ["iso", "none", None]},
     "group": {"type": ["string", "integer", "null"], "description": "and this group (default: the user's)"},
 }
 

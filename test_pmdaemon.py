@@ -1542,6 +1542,44 @@ class TestProcessSettings(DaemonTestCase):
             pmdaemon.resolve_identity(config, daemon_uid=1000)
         self.assertEqual(caught.exception.message, "running a process as another user needs the daemon to run as root")
 
+    def test_log_files_where_the_operator_wants_them(self):
+        directory = tempfile.mkdtemp(prefix="pmd-logs-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        out, err = os.path.join(directory, "app.out"), os.path.join(directory, "app.err")
+        script = "echo to-out; echo to-err >&2; exec sleep 60"
+        self.daemon.start("set-files", "sh", ["-c", script], out_file=out, error_file=err)
+        wait_until(lambda: "to-err" in read_text(err) and "to-out" in read_text(out), message="both files")
+        self.assertRegex(read_text(out), r"^\d{4}-\d\d-\d\dT[0-9:.]+Z to-out\n$")
+        logs = self.daemon.get("/api/logs/set-files")[2]["logs"]
+        self.assertEqual(sorted((e["type"], e["message"]) for e in logs), [("stderr", "to-err"), ("stdout", "to-out")])
+        merged = os.path.join(directory, "merged.log")
+        self.daemon.start("set-merged", "sh", ["-c", script], out_file=merged, merge_logs=True)
+        wait_until(lambda: read_text(merged).count("\n") == 2, message="the merged file")
+        self.assertEqual(sorted(line.split(" ", 1)[1] for line in read_text(merged).splitlines()),
+                         ["stderr to-err", "stdout to-out"])
+        logs = self.daemon.get("/api/logs/set-merged?type=stderr")[2]["logs"]
+        self.assertEqual([(e["type"], e["message"]) for e in logs], [("stderr", "to-err")])
+        plain = os.path.join(directory, "plain.log")
+        self.daemon.start("set-plain", "sh", ["-c", "echo [12:00] stamped by the app; exec sleep 60"],
+                          out_file=plain, log_date_format="none")
+        wait_until(lambda: read_text(plain) == "[12:00] stamped by the app\n", message="the plain file")
+        self.assertEqual(self.daemon.get("/api/logs/set-plain?type=stdout")[2]["logs"],
+                         [{"timestamp": None, "type": "stdout", "message": "[12:00] stamped by the app"}])
+        for body, message in (({"out_file": "relative.log"}, "field 'out_file' must be an absolute, normalised "
+                                                            "file path, got 'relative.log'"),
+                              ({"out_file": "/nonexistent-dir/x.log"}, "the directory of out_file "
+                                                                        "'/nonexistent-dir/x.log' does not exist"),
+                              ({"error_file": out}, "error_file %r is another process's log or inside the "
+                                                    "daemon's home" % out),
+                              ({"log_date_format": "%H:%M"}, "field 'log_date_format' must be one of iso, none, "
+                                                            "got string \"%H:%M\"")):
+            self.assertError(self.daemon.post("/api/processes", dict({"name": "set-bad-log", "script": "sleep"}, **body)),
+                             400, "VALIDATION_ERROR", message)
+        self.daemon.request("DELETE", "/api/processes/set-files")
+        self.assertTrue(os.path.exists(out))            # the operator's files are theirs: kept on delete
+        for name in ("set-merged", "set-plain"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
     def test_namespaces_and_list_filters(self):
         self.daemon.start("ns-api-1", "sleep", ["60"], namespace="api")
         self.daemon.start("ns-api-2", "sleep", ["60"], namespace="api", autostart=False)
