@@ -821,6 +821,8 @@ class ProcessConfig:
     error_file: Optional[str] = None
     merge_logs: bool = False
     log_date_format: str = "iso"
+    memory_limit: Optional[int] = None
+    cpu_limit: Optional[int] = None
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
@@ -908,9 +910,12 @@ CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "error_file": lambda v: parse_log_path("error_file", v),
     "merge_logs": lambda v: _check_bool("merge_logs", v),
     "log_date_format": lambda v: _check_choice("log_date_format", v, ("iso", "none")),
+    "memory_limit": lambda v: parse_size("memory_limit", v),
+    "cpu_limit": lambda v: None if v is None else _check_int("cpu_limit", v, 1, 100 * 1024),
 }
 NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_file", "interpreter", "umask",
-                             "cron_restart", "user", "group", "out_file", "error_file"})
+                             "cron_restart", "user", "group", "out_file", "error_file", "memory_limit",
+                             "cpu_limit"})
 
 
 @dataclasses.dataclass
@@ -1878,6 +1883,79 @@ def file_snapshot(roots: List[str], ignore: List[str], limit: int = WATCH_MAX_FI
     return found
 
 
+class Cgroups:
+    """Hard memory and CPU caps for a process tree, one cgroup per process: cgroup v2 where
+    the daemon's own cgroup is delegated to it (the daemon moves itself into a leaf, as v2
+    wants), else the v1 memory and cpu controllers as root. `usable` is None when neither
+    can be written, with `why` saying so. Cgroups are named by process id, so a restarted
+    daemon reuses them; they are removed with their process."""
+
+    def __init__(self, home: str, root: str = "/sys/fs/cgroup", proc_self: str = "/proc/self/cgroup"):
+        self.why = "no writable cgroup hierarchy"
+        self.usable: Optional[str] = None
+        self.places: Dict[str, str] = {}        # controller -> directory holding our cgroups
+        self.tag = "pmdaemon-" + hashlib.sha256(home.encode()).hexdigest()[:8]
+        with contextlib.suppress(OSError):
+            self._find(root, proc_self)
+
+    def _find(self, root: str, proc_self: str) -> None:
+        with open(proc_self) as handle:
+            lines = [line.strip().split(":", 2) for line in handle if line.count(":") >= 2]
+        v1 = {controller: path for _, controllers, path in lines for controller in controllers.split(",") if controller}
+        if os.path.exists(os.path.join(root, "memory", "memory.limit_in_bytes")) and "memory" in v1 and "cpu" in v1:
+            places = {name: os.path.join(root, name, v1[name].lstrip("/"), self.tag) for name in ("memory", "cpu")}
+            for place in places.values():
+                os.makedirs(place, exist_ok=True)
+            self.places, self.usable = places, "v1"
+            return
+        own = next((path for number, controllers, path in lines if number == "0" and not controllers), None)
+        base = os.path.join(root, own.lstrip("/")) if own is not None else None
+        if base and os.path.exists(os.path.join(base, "cgroup.subtree_control")):
+            with open(os.path.join(base, "cgroup.controllers")) as handle:
+                available = handle.read().split()
+            if not {"memory", "cpu"} <= set(available):
+                self.why = "the daemon's cgroup %s does not offer memory and cpu (delegate them)" % base
+                return
+            leaf = os.path.join(base, "daemon")      # v2: no processes in a cgroup with children
+            os.makedirs(leaf, exist_ok=True)
+            with open(os.path.join(leaf, "cgroup.procs"), "w") as handle:
+                handle.write(str(os.getpid()))
+            with open(os.path.join(base, "cgroup.subtree_control"), "w") as handle:
+                handle.write("+memory +cpu")
+            self.places, self.usable = {"memory": base, "cpu": base}, "v2"
+
+    def paths(self, process_id: int) -> List[str]:
+        return sorted({os.path.join(place, "proc-%d" % process_id) for place in self.places.values()})
+
+    def prepare(self, process_id: int, memory: Optional[int], cpu_percent: Optional[int]) -> List[str]:
+        """Create (or reuse) the process's cgroup(s) and write its limits; the cgroup.procs files
+        a child writes its pid to before exec."""
+        if not self.usable:
+            raise CannotStart("cgroup limits cannot be applied: %s" % self.why)
+        for path in self.paths(process_id):
+            os.makedirs(path, exist_ok=True)
+        memory_dir = os.path.join(self.places["memory"], "proc-%d" % process_id)
+        cpu_dir = os.path.join(self.places["cpu"], "proc-%d" % process_id)
+        if self.usable == "v2":
+            self._write(memory_dir, "memory.max", str(memory) if memory else "max")
+            self._write(cpu_dir, "cpu.max", "%d 100000" % (cpu_percent * 1000) if cpu_percent else "max 100000")
+        else:
+            self._write(memory_dir, "memory.limit_in_bytes", str(memory) if memory else "-1")
+            self._write(cpu_dir, "cpu.cfs_period_us", "100000")
+            self._write(cpu_dir, "cpu.cfs_quota_us", str(cpu_percent * 1000) if cpu_percent else "-1")
+        return [os.path.join(path, "cgroup.procs") for path in self.paths(process_id)]
+
+    @staticmethod
+    def _write(directory: str, name: str, value: str) -> None:
+        with open(os.path.join(directory, name), "w") as handle:
+            handle.write(value)
+
+    def remove(self, process_id: int) -> None:
+        for path in self.paths(process_id):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+
 # -- one run of a program, and the default spawner ---------------------------------------------
 
 class Run:
@@ -1899,10 +1977,11 @@ class Run:
         self.env: Dict[str, str] = {}           # what the child got (health scripts get it too)
 
 
-async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], config: ProcessConfig):
+async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], config: ProcessConfig,
+                      cgroup_procs: List[str] = ()):
     """Start a child in its own session and process group (pgid == pid), output piped to us,
-    stdin a pipe when asked for; its umask and rlimits set between fork and exec."""
-    setup = child_setup(config)
+    stdin a pipe when asked for; its cgroups, umask, rlimits and user set between fork and exec."""
+    setup = child_setup(config, cgroup_procs)
     return await asyncio.create_subprocess_exec(
         *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.PIPE if config.stdin else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
@@ -1943,11 +2022,11 @@ def resolve_identity(config: ProcessConfig, daemon_uid: Optional[int] = None) ->
     return Identity(who.pw_uid, group.gr_gid, groups, who.pw_name, who.pw_dir)
 
 
-def child_setup(config: ProcessConfig) -> Optional[Callable[[], None]]:
+def child_setup(config: ProcessConfig, cgroup_procs: List[str] = ()) -> Optional[Callable[[], None]]:
     """What runs in the child before exec (nothing when nothing is asked for: preexec_fn has
     a cost). Only system calls: no allocation-heavy work between fork and exec."""
     identity = resolve_identity(config)
-    if config.umask is None and not config.rlimits and identity is None:
+    if config.umask is None and not config.rlimits and identity is None and not cgroup_procs:
         return None
     import resource
     limits = [(getattr(resource, "RLIMIT_" + name.upper()),
@@ -1956,6 +2035,10 @@ def child_setup(config: ProcessConfig) -> Optional[Callable[[], None]]:
     umask = config.umask
 
     def setup() -> None:
+        for path in cgroup_procs:           # first: everything the child starts is capped too
+            descriptor = os.open(path, os.O_WRONLY)
+            os.write(descriptor, b"0")      # "0": the writing process itself
+            os.close(descriptor)
         if umask is not None:
             os.umask(umask)
         for which, pair in limits:
@@ -2231,7 +2314,8 @@ class ProcessRunner:
         try:
             env = run.env = self.host.child_environment(self, run.token)
             argv = build_argv(self.config, env)
-            run.proc = await self.host.spawner(argv, self.config.cwd, env, self.config)
+            cgroups = self.host.cgroup_procs(self)
+            run.proc = await self.host.spawner(argv, self.config.cwd, env, self.config, *([cgroups] if cgroups else []))
         except (OSError, PMDaemonError, ValueError, subprocess.SubprocessError) as exc:
             reason = str(exc) if isinstance(exc, PMDaemonError) else "cannot execute %r: %s" % (
                 self.config.script, exc.strerror or exc if isinstance(exc, OSError) else exc)
@@ -2695,6 +2779,7 @@ class Supervisor:
                                 self.settings.state_save_interval, self.settings.state_lazy_interval, clock)
         self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall)
         self.session = secrets.token_hex(6)     # run tokens of this daemon: SESSION-ID
+        self._cgroups: Optional[Cgroups] = None
         self.generation = 0                     # counts announcements: keys the API's caches
         self.listeners: List[Listener] = []
         self._tasks: set = set()
@@ -2747,6 +2832,18 @@ class Supervisor:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
+
+    @property
+    def cgroups(self) -> Cgroups:
+        if self._cgroups is None:               # looked for once, when first needed
+            self._cgroups = Cgroups(self.home)
+        return self._cgroups
+
+    def cgroup_procs(self, runner: ProcessRunner) -> List[str]:
+        config = runner.config
+        if config.memory_limit is None and config.cpu_limit is None:
+            return []
+        return self.cgroups.prepare(runner.id, config.memory_limit, config.cpu_limit)
 
     def run_token(self, runner: ProcessRunner) -> str:
         """PMDAEMON_RUN_ID: the same for every run of a process under this daemon, so that
@@ -2909,6 +3006,10 @@ class Supervisor:
     def _check_dependencies(self, config: ProcessConfig) -> None:
         identity = resolve_identity(config)     # user/group: root only, and they must exist
         self._check_log_paths(config, identity)
+        if (config.memory_limit or config.cpu_limit) and not self.cgroups.usable:
+            field = "memory_limit" if config.memory_limit else "cpu_limit"
+            raise invalid_field(field, "%s needs a cgroup the daemon can write (cgroup v2 delegated to it, "
+                                "or v1 as root): %s" % (field, self.cgroups.why))
         for dependency in config.depends_on:
             if not self.registry.find(dependency):
                 raise invalid_field("depends_on", "depends_on names an unknown process %r" % dependency)
@@ -2993,6 +3094,8 @@ class Supervisor:
 
     async def _delete_runner(self, runner: ProcessRunner) -> None:
         await runner.remove()
+        if runner.config.memory_limit or runner.config.cpu_limit:
+            self.cgroups.remove(runner.id)
         self.registry.remove(runner)
         self.hub.end(runner.name)
         runner.event("deleted")
@@ -4545,6 +4648,8 @@ CONFIG_SCHEMA = {
     "out_file": {"type": ["string", "null"], "pattern": "^/"},
     "error_file": {"type": ["string", "null"], "pattern": "^/"},
     "merge_logs": _FLAG,
+    "memory_limit": _SIZE,
+    "cpu_limit": {"type": ["integer", "null"], "minimum": 1, "maximum": 102400, "description": "% of one core"},
     "log_date_format": {"type": ["string", "null"], "enum": ["iso", "none", None]},
     "group": {"type": ["string", "integer", "null"], "description": "and this group (default: the user's)"},
 }

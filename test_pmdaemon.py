@@ -610,6 +610,24 @@ class TestProcessRunner(unittest.TestCase):
             await supervisor.shutdown()
         run_async(scenario())
 
+    def test_cgroup_limits_are_refused_where_no_cgroup_can_be_written(self):
+        fake = tempfile.mkdtemp(prefix="pmd-nocg-")
+        self.addCleanup(shutil.rmtree, fake, True)
+        with open(os.path.join(fake, "self-cgroup"), "w") as handle:
+            handle.write("0::/user.slice\n")
+        cgroups = pmdaemon.Cgroups(self.home, root=fake, proc_self=os.path.join(fake, "self-cgroup"))
+        self.assertIsNone(cgroups.usable)
+
+        async def scenario():
+            supervisor = self.supervisor()
+            supervisor._cgroups = cgroups
+            with self.assertRaises(pmdaemon.ValidationError) as caught:
+                await supervisor.add(self.config(memory_limit="64M"))
+            self.assertEqual(caught.exception.message, "memory_limit needs a cgroup the daemon can write (cgroup v2 "
+                             "delegated to it, or v1 as root): no writable cgroup hierarchy")
+            await supervisor.shutdown()
+        run_async(scenario())
+
     def test_a_crash_loop_does_not_rewrite_the_state_file(self):
         async def scenario():
             supervisor = self.supervisor(state_save_interval=0.02)
@@ -1579,6 +1597,31 @@ class TestProcessSettings(DaemonTestCase):
         self.assertTrue(os.path.exists(out))            # the operator's files are theirs: kept on delete
         for name in ("set-merged", "set-plain"):
             self.daemon.request("DELETE", "/api/processes/" + name)
+
+    def test_cgroup_limits_cap_the_process_tree(self):
+        probe = ("import os\ncg = dict(line.strip().split(':', 2)[1:] for line in open('/proc/self/cgroup'))\n"
+                 "def read(controller, name):\n"
+                 "    path = cg.get(controller) or cg.get('')\n"
+                 "    sub = controller if controller in cg else ''\n"
+                 "    return open(os.path.join('/sys/fs/cgroup', sub, path.lstrip('/'), name)).read().split()[0]\n"
+                 "v1 = 'memory' in cg\n"
+                 "print('limits', read('memory', 'memory.limit_in_bytes' if v1 else 'memory.max'),"
+                 " read('cpu', 'cpu.cfs_quota_us' if v1 else 'cpu.max'), flush=True)\n"
+                 "import time; time.sleep(60)")
+        status, _, body = self.daemon.post("/api/processes", {"name": "set-cg", "script": PY, "args": ["-c", probe],
+                                                              "memory_limit": "64M", "cpu_limit": 50})
+        if status == 400:
+            self.skipTest("no writable cgroups here: " + body["error"]["message"])
+        self.assertEqual(self.last("set-cg", "limits"), "limits 67108864 50000")
+        hog = "x = bytearray(256 * 1024 * 1024)\nimport time; time.sleep(60)"      # over the cap: killed
+        self.daemon.start("set-cg-hog", PY, ["-c", hog], memory_limit="64M", autorestart=False)
+        exited = wait_until(lambda: (self.daemon.process("set-cg-hog") or {}).get("last_exit"), message="the OOM kill")
+        self.assertEqual(exited["signal"], "SIGKILL")
+        paths = pmdaemon.Cgroups(self.daemon.home).paths(self.daemon.process("set-cg")["id"])
+        self.assertTrue(paths and all(os.path.isdir(path) for path in paths), paths)
+        self.daemon.request("DELETE", "/api/processes/set-cg")
+        self.daemon.request("DELETE", "/api/processes/set-cg-hog")
+        self.assertEqual([path for path in paths if os.path.exists(path)], [])     # removed with the process
 
     def test_namespaces_and_list_filters(self):
         self.daemon.start("ns-api-1", "sleep", ["60"], namespace="api")
