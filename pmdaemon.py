@@ -2575,7 +2575,11 @@ class Registry:
         return [runner.name for runner in self.by_id.values()]
 
     def find(self, key: str) -> List[ProcessRunner]:
-        """A process by exact name, then all instances of a group by base name, then by id."""
+        """A process by exact name, then all instances of a group by base name, then by id;
+        "ns:NAME" is every process of a namespace (a name never holds a colon)."""
+        if key.startswith("ns:"):
+            return sorted((runner for runner in self.by_id.values() if runner.config.namespace == key[3:]),
+                          key=lambda runner: runner.id)
         members = [runner for runner in self.by_id.values() if runner.name == key]
         if not members:
             members = self.group(key)

@@ -1636,6 +1636,10 @@ class TestProcessSettings(DaemonTestCase):
         self.assertError(self.daemon.get("/api/processes?colour=red"), 400, "BAD_REQUEST",
                          "unknown query parameter 'colour' (allowed: status, namespace, name)")
         self.assertError(self.daemon.get("/api/processes?status=asleep"), 400, "VALIDATION_ERROR")
+        status, _, body = self.daemon.post("/api/processes/ns:api/stop")       # actions on a namespace
+        self.assertEqual(status, 200, body)
+        self.assertEqual([name for name in names("status=online") if name.startswith("ns-")], ["ns-web-1"])
+        self.assertEqual(names("namespace=api&status=stopped"), ["ns-api-1", "ns-api-2"])
         for name in ("ns-api-1", "ns-api-2", "ns-web-1"):
             self.daemon.request("DELETE", "/api/processes/" + name)
 
@@ -2982,6 +2986,24 @@ class TestDaemonLifecycle(unittest.TestCase):
         self.assertEqual(second.terminate(), 0)
         self.assertFalse(pid_alive(keep["pid"]))
         self.assertIn("cannot read uptime from /proc", second.stderr_text)
+
+    def test_every_setting_survives_a_daemon_restart(self):
+        logs = tempfile.mkdtemp(prefix="pmd-restore-")
+        self.addCleanup(shutil.rmtree, logs, True)
+        first = self.daemon()
+        settings = {"namespace": "batch", "stdin": True, "interpreter": "sh", "interpreter_args": ["-e"],
+                    "umask": "027", "rlimits": {"nofile": 512}, "cron_restart": "0 3 * * *", "watch": ["."],
+                    "watch_ignore": ["*.tmp"], "watch_delay": "2s", "out_file": os.path.join(logs, "o.log"),
+                    "merge_logs": True, "log_date_format": "none", "autostart": False, "cwd": logs}
+        with open(os.path.join(logs, "job.sh"), "w") as handle:
+            handle.write("sleep 60\n")
+        first.start("keep-all", "job.sh", **settings)
+        before = first.process("keep-all")["config"]
+        self.assertEqual(first.terminate(), 0)
+        second = self.daemon()
+        self.assertEqual(second.process("keep-all")["config"], before)
+        self.assertEqual(second.process("keep-all")["status"], "stopped")      # autostart false stays
+        second.terminate()
 
     def test_kill_9_then_restart_leaves_exactly_one_copy(self):
         first = self.daemon()
