@@ -628,6 +628,27 @@ class TestProcessRunner(unittest.TestCase):
             await supervisor.shutdown()
         run_async(scenario())
 
+    def test_cgroup_v2_layout_where_the_daemon_is_delegated_a_subtree(self):
+        # This box has cgroup v1 (the real v1 path is tested end to end); v2's file layout is
+        # checked on a directory shaped like a delegated v2 cgroup.
+        fake = tempfile.mkdtemp(prefix="pmd-cgv2-")
+        self.addCleanup(shutil.rmtree, fake, True)
+        base = os.path.join(fake, "system.slice", "pmd.service")
+        os.makedirs(base)
+        for name, text in (("cgroup.controllers", "cpuset cpu io memory pids"), ("cgroup.subtree_control", "")):
+            with open(os.path.join(base, name), "w") as handle:
+                handle.write(text)
+        with open(os.path.join(fake, "self-cgroup"), "w") as handle:
+            handle.write("0::/system.slice/pmd.service\n")
+        cgroups = pmdaemon.Cgroups(self.home, root=fake, proc_self=os.path.join(fake, "self-cgroup"))
+        self.assertEqual(cgroups.usable, "v2")
+        self.assertEqual(read_text(os.path.join(base, "daemon", "cgroup.procs")), str(os.getpid()))
+        self.assertEqual(read_text(os.path.join(base, "cgroup.subtree_control")), "+memory +cpu")
+        procs = cgroups.prepare(5, 64 * 1024 * 1024, 50)
+        self.assertEqual(procs, [os.path.join(base, "proc-5", "cgroup.procs")])
+        self.assertEqual((read_text(os.path.join(base, "proc-5", "memory.max")),
+                          read_text(os.path.join(base, "proc-5", "cpu.max"))), ("67108864", "50000 100000"))
+
     def test_a_crash_loop_does_not_rewrite_the_state_file(self):
         async def scenario():
             supervisor = self.supervisor(state_save_interval=0.02)
