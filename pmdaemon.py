@@ -2069,19 +2069,24 @@ async def terminate_run(run: Run, config: ProcessConfig, sampler: Sampler, setti
     SIGKILL after kill_timeout. The one place a run is stopped, whoever asks."""
     pgid = run.pid if leader_alive else None
     wait = run.proc.wait if run.proc is not None else None
-    return await terminate_group(pgid, escapees(sampler, run.pid, run.token),
+    return await terminate_group(pgid, escapees(sampler, run.pid, run.token, run.start_ticks),
                                  signal.Signals[config.kill_signal], config.kill_timeout / 1000,
                                  wait, sampler, settings.kill_grace, settings.stop_poll_interval)
 
 
-def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str]) -> List[Tuple[int, int]]:
+def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str],
+             since_ticks: Optional[int] = None) -> List[Tuple[int, int]]:
     """(pid, start) of processes a run started outside its group: by parent links, or by the
-    PMDAEMON_RUN_ID they inherited (a double-forked daemon has neither parent nor group)."""
+    PMDAEMON_RUN_ID they inherited (a double-forked daemon has neither parent nor group).
+    Only processes started since the run began can carry its token: only their environment
+    is read (reading every process's is costly on a busy box)."""
     table = sampler.scan()
     found = set(descendants(table, pgid)) if pgid else set()
     if run_token:
         marker = ("%s=%s" % (RUN_ID_ENV, run_token)).encode()
-        found.update(pid for pid in table if pid != os.getpid() and sampler.environ_has(pid, marker))
+        found.update(pid for pid, stat in table.items()
+                     if pid != os.getpid() and (since_ticks is None or stat.start_ticks >= since_ticks)
+                     and sampler.environ_has(pid, marker))
     return [(pid, table[pid].start_ticks) for pid in sorted(found)
             if table[pid].pgid != pgid and table[pid].state != "Z"]
 
