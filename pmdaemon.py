@@ -50,6 +50,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import errno
 import fcntl
 import functools
 import hashlib
@@ -1226,6 +1227,13 @@ class LogFile:
 
     def _open(self):
         handle = open(open_private(self.path), "ab", buffering=0)
+        info = os.fstat(handle.fileno())
+        owners = {os.getuid()} | ({self.owner[0]} if self.owner else set())
+        # A file in a directory someone else can write may be a planted hard link to another
+        # file (O_NOFOLLOW only stops symbolic ones): write only to a plain, singly linked file.
+        if not stat_module.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid not in owners:
+            handle.close()
+            raise OSError(errno.EPERM, "%s is not a plain log file of ours (a link, or someone else's)" % self.path)
         if self.owner is not None:
             os.fchown(handle.fileno(), *self.owner)
         return handle

@@ -1614,6 +1614,15 @@ class TestProcessSettings(DaemonTestCase):
                                                             "got string \"%H:%M\"")):
             self.assertError(self.daemon.post("/api/processes", dict({"name": "set-bad-log", "script": "sleep"}, **body)),
                              400, "VALIDATION_ERROR", message)
+        victim = os.path.join(directory, "victim")
+        with open(victim, "w") as handle:
+            handle.write("precious\n")
+        planted = os.path.join(directory, "planted.log")
+        os.link(victim, planted)                        # a hard link where a log file will go
+        self.daemon.start("set-linked", "sh", ["-c", script], out_file=planted)
+        wait_until(lambda: self.daemon.process("set-linked")["log_write_errors"] > 0, message="the refused write")
+        self.assertEqual(read_text(victim), "precious\n")
+        self.daemon.request("DELETE", "/api/processes/set-linked")
         self.daemon.request("DELETE", "/api/processes/set-files")
         self.assertTrue(os.path.exists(out))            # the operator's files are theirs: kept on delete
         for name in ("set-merged", "set-plain"):
