@@ -3723,9 +3723,46 @@ def run_benchmark(seconds=5, rounds=3):
             ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
             print("%-16s pmdaemon %8.0f req/s   baseline %8.0f req/s   ratio %.2f   (%d x %ds, wrk -t1 -c50)"
                   % (path, ours_median, theirs_median, ours_median / theirs_median, rounds, seconds))
+        print("kill -9 -> new pid in the API: median %.1f ms of 20" % restart_latency(daemon))
+        bare, script, module = cli_startup(daemon.home)
+        print("CLI ls: bare interpreter %.0f ms; `python3 pmdaemon.py ls` +%.0f ms; `python3 -m pmdaemon ls` +%.0f ms"
+              " (medians of 20)" % (bare, script - bare, module - bare))
     finally:
         daemon.terminate()
         daemon.cleanup()
+
+
+def restart_latency(daemon, count=20):
+    """From SIGKILL of a child to its new pid shown by GET /api/processes/NAME, median in ms
+    (min_uptime 0 and a high max_restarts, so that the kills are no crash loop to give up on)."""
+    import statistics
+    daemon.start("bench-restart", "sleep", ["600"], min_uptime=0, max_restarts=1000)
+    times = []
+    for _ in range(count):
+        pid = wait_until(lambda: daemon.process("bench-restart")["pid"], message="a pid")
+        started = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: daemon.process("bench-restart")["pid"] not in (None, pid), interval=0.0005,
+                   message="the new pid")
+        times.append((time.perf_counter() - started) * 1000)
+    daemon.request("DELETE", "/api/processes/bench-restart")
+    return statistics.median(times)
+
+
+def cli_startup(home, count=20):
+    """Medians (ms) of the bare interpreter, `python3 pmdaemon.py ls` and `python3 -m pmdaemon ls`,
+    interleaved, with bytecode caching on (as on a user's machine)."""
+    import statistics
+    environ = dict(os.environ, PMDAEMON_HOME=home)
+    environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    commands = ([PY, "-c", "pass"], [PY, PMDAEMON, "ls"], [PY, "-m", "pmdaemon", "ls"])
+    times = [[], [], []]
+    for _ in range(count):
+        for index, command in enumerate(commands):
+            started = time.perf_counter()
+            subprocess.run(command, stdout=subprocess.DEVNULL, env=environ, cwd=HERE, check=True)
+            times[index].append((time.perf_counter() - started) * 1000)
+    return [statistics.median(values) for values in times]
 
 
 def run_ws_load(count=10000):
