@@ -657,7 +657,8 @@ class TestProcessRunner(unittest.TestCase):
             self.assertEqual(supervisor.store.writes, 1)            # the creation, at once
             await supervisor.wait_for_change(lambda: runner.auto_restarts >= 10, 15)
             import asyncio
-            await asyncio.sleep(0.1)                                # several save intervals
+            while supervisor.store._timer is not None:              # until a look at the state ran
+                await asyncio.sleep(0.005)
             self.assertEqual(supervisor.store.writes, 1)            # nothing durable changed
             await supervisor.stop([runner])
             while supervisor.store.writes < 2:                      # the stop is saved promptly
@@ -738,7 +739,8 @@ class TestStateStore(unittest.TestCase):
             store.save_now()
             first_write = time.monotonic()
             store.touch()
-            await asyncio.sleep(0.05)
+            while store._timer is not None:                         # until the look has run
+                await asyncio.sleep(0.005)
             self.assertEqual(store.writes, 1)                       # nothing changed: no write
             state["lazy"] = {"0": {"pid": 2}}
             store.touch()
