@@ -4110,6 +4110,7 @@ class Route(NamedTuple):
     acts: bool = False              # changes something: refused to a read-only key
     public: bool = False            # the dashboard's files: no data, no key needed
     template: str = ""
+    snapshot: Optional[Callable[[], bytes]] = None   # body of a plain GET, for RepeatedAnswers
 
 
 def compile_route(template: str):
@@ -4969,6 +4970,65 @@ class LogFollower:
 
 # -- the REST API ---------------------------------------------------------------------------------
 
+class AnswerPlan:
+    """How to answer one learned head: the snapshot that gives the body, and everything else
+    the full path put in its response (headers, CORS, keep-alive, HEAD). The bytes are kept
+    until the snapshot or the Date second changes."""
+    __slots__ = ("snapshot", "content_type", "cache", "headers", "http10", "head_only", "_body", "_date", "_bytes")
+
+    def __init__(self, snapshot: Callable[[], bytes], response: Response, http10: bool, head_only: bool):
+        self.snapshot = snapshot
+        self.content_type, self.cache = response.content_type, response.cache
+        self.headers = tuple(response.headers)
+        self.http10, self.head_only = http10, head_only
+        self._body = self._date = None
+        self._bytes = b""
+
+    def render(self, date: bytes) -> bytes:
+        body = self.snapshot()
+        if body is not self._body or date is not self._date:
+            response = Response(200, body, self.content_type, list(self.headers), cache=self.cache)
+            self._bytes = serialize_response(response, date, True, self.http10, self.head_only)
+            self._body, self._date = body, date
+        return self._bytes
+
+
+class RepeatedAnswers:
+    """Answers a header block seen before, byte for byte as the full path would, without
+    parsing it again.
+
+    Pollers (scripts, dashboards, load tools, Prometheus) send the very same head over and
+    over. Once the full parser and admission have accepted a keep-alive GET or HEAD of a
+    snapshot route (no body, no query, no ticket) and answered it 200, its exact bytes become
+    a key: the verdict of parser and admission depends only on those bytes and on settings
+    fixed at start (keys, hosts, origins; the peer is checked per connection), so the next
+    identical head is answered from the same snapshot by the same serializer. Anything else
+    (another head, pipelined requests, a head split over reads) takes the full path. Bounded:
+    `limit` heads of at most `max_head` bytes, oldest forgotten first."""
+    __slots__ = ("plans", "limit", "max_head")
+
+    def __init__(self, limit: int = 64, max_head: int = 2048):
+        self.plans: Dict[bytes, AnswerPlan] = {}
+        self.limit, self.max_head = limit, max_head
+
+    def learn(self, raw: bytes, request: Request, response: Response, keep_alive: bool) -> None:
+        """Remember `raw` (the whole head, as read) if its answer is a pure function of it."""
+        route = request.route[0] if isinstance(request.route, tuple) else None
+        if (route is None or route.snapshot is None or route.ticket_ok or not keep_alive
+                or len(raw) > self.max_head or request.query or request.body or request.chunked
+                or request.method not in ("GET", "HEAD") or response.status != 200
+                or response.stream is not None or response.close or raw in self.plans):
+            return
+        if len(self.plans) >= self.limit:
+            del self.plans[next(iter(self.plans))]
+        self.plans[raw] = AnswerPlan(route.snapshot, response, request.version == "HTTP/1.0",
+                                     request.method == "HEAD")
+
+    def answer(self, raw: bytes, date: bytes) -> Optional[bytes]:
+        plan = self.plans.get(raw)
+        return plan.render(date) if plan is not None else None
+
+
 class Api:
     """The REST API of the spec plus start/stop, ws-ticket and the /ws handshake.
 
@@ -4983,8 +5043,10 @@ class Api:
         self._system_cache: Tuple[Any, bytes] = (None, b"")
         self._route_cache = BoundedCache()
         self._log_readers: Optional[asyncio.Semaphore] = None
+        snapshots = {"/api/processes": self.process_list_body, "/api/system": self.system_body}
         self.routes = [Route(method, compile_route(template), handler, template == "/ws",
-                             method != "GET" and template != "/api/ws-ticket", template in DASHBOARD_FILES, template)
+                             method != "GET" and template != "/api/ws-ticket", template in DASHBOARD_FILES, template,
+                             snapshots.get(template) if method == "GET" else None)
                        for method, template, handler in (
             ("GET", "/api/processes", self.list_processes),
             ("POST", "/api/processes", self.create_process),
@@ -5105,12 +5167,17 @@ class Api:
     async def list_processes(self, request: Request) -> Response:
         if request.query:
             return self.filtered_list(parse_query(request.query, ("status", "namespace", "name")))
+        return Response(200, self.process_list_body())
+
+    def process_list_body(self) -> bytes:
+        """The unfiltered list, serialised once per announcement (the same bytes object until
+        something changes: RepeatedAnswers relies on that identity)."""
         generation = self.supervisor.generation
         if self._list_cache[0] != generation:
             now = self.supervisor.clock()
             entries = [process_summary(runner, now) for runner in self.supervisor.registry.runners()]
             self._list_cache = (generation, json_bytes({"processes": entries, "total": len(entries)}))
-        return Response(200, self._list_cache[1])
+        return self._list_cache[1]
 
     def filtered_list(self, params: Dict[str, str]) -> Response:
         """?status=online&namespace=api&name=web-* (shell-style wildcards in name)."""
@@ -5231,10 +5298,13 @@ class Api:
             {"process": runner.name, "health": health_body(runner)} for runner in members]})
 
     async def get_system(self, request: Request) -> Response:
+        return Response(200, self.system_body())
+
+    def system_body(self) -> bytes:
         system = self.supervisor.system
         if self._system_cache[0] is not system:
             self._system_cache = (system, json_bytes(system.to_api()))
-        return Response(200, self._system_cache[1])
+        return self._system_cache[1]
 
     async def get_logs(self, request: Request, key: str) -> Response:
         params = parse_query(request.query, ("lines", "type", "follow"))
@@ -5817,6 +5887,7 @@ class HttpServer:
         self.closing = False
         self.server = None
         self._sweeper = None
+        self.repeated = RepeatedAnswers()
 
     def _error_bytes(self, error: BaseException, request: Optional[Request] = None) -> bytes:
         return serialize_response(self.api.error_response(error, request), http_date(), False)
@@ -5913,6 +5984,8 @@ class HttpServer:
         self.deadlines.add(watch)
         phase = "idle"
         reserved = 0                            # bytes of the body budget this request holds
+        fresh = None                            # one read that began a request on an empty buffer
+        repeated, stats = self.repeated, self.api.server_stats
         try:
             while True:
                 try:
@@ -5931,14 +6004,27 @@ class HttpServer:
                         phase = now_phase
                         watch.deadline = loop.time() + (config.body_timeout if phase == "body" else config.header_timeout)
                     data = await reader.read(READ_CHUNK)
+                    while phase == "idle" and data and not self.closing:    # a head answered before?
+                        answer = repeated.answer(data, http_date())
+                        if answer is None:
+                            break
+                        stats.answered(200)
+                        writer.write(answer)
+                        if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                            await asyncio.wait_for(writer.drain(), config.write_timeout)
+                        watch.deadline = loop.time() + config.keepalive_timeout
+                        data = await reader.read(READ_CHUNK)
                     if not data:
                         return
+                    fresh = data if phase == "idle" else None
                     parser.feed(data)
                     continue
                 watch.deadline = math.inf               # our turn: the client is not late
                 self.body_memory -= reserved
                 reserved = 0
-                if not await self._respond(request, parser, reader, writer):
+                learnable = fresh if not parser.buffer else None    # the request was that one read
+                fresh = None
+                if not await self._respond(request, parser, reader, writer, learnable):
                     return
                 phase, watch.deadline = "idle", loop.time() + config.keepalive_timeout
         finally:
@@ -5969,8 +6055,10 @@ class HttpServer:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return wanted
 
-    async def _respond(self, request: Request, parser: RequestParser, reader, writer) -> bool:
-        """Answer one request; True when the connection stays open for the next."""
+    async def _respond(self, request: Request, parser: RequestParser, reader, writer,
+                       learnable: Optional[bytes] = None) -> bool:
+        """Answer one request; True when the connection stays open for the next. `learnable`:
+        the request's exact bytes, when it came in one read of its own (RepeatedAnswers)."""
         if isinstance(request.route, Response):
             response = request.route             # answered from the head alone (OPTIONS)
         else:
@@ -5987,6 +6075,8 @@ class HttpServer:
                 self.streams.discard(task)
             return False
         keep_alive = request.keep_alive and not response.close and not self.closing
+        if learnable is not None:
+            self.repeated.learn(learnable, request, response, keep_alive)
         self.api.server_stats.answered(response.status)
         writer.write(serialize_response(response, http_date(), keep_alive,
                                         request.version == "HTTP/1.0", request.method == "HEAD"))

@@ -2059,6 +2059,22 @@ class TestHttpServerBehaviour(DaemonTestCase):
                          [1, 1, 1])
         self.assertTrue(responses[3].startswith(b"200 OK"))
 
+    def test_a_repeated_head_sees_every_change(self):
+        """The fast path answers from the live snapshot: a process created meanwhile (on another
+        connection) is in the very next answer on a connection that keeps asking the same."""
+        head = b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nX-Probe: change\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5) as sock:
+            answers = []
+            for _ in range(3):
+                sock.sendall(head)
+                answers.append(json_of(read_one_response(sock)))
+            self.daemon.start("fast-path-new", "sleep", ["60"])
+            sock.sendall(head)
+            names = [entry["name"] for entry in json_of(read_one_response(sock))["processes"]]
+        self.assertNotIn("fast-path-new", [entry["name"] for entry in answers[-1]["processes"]])
+        self.assertIn("fast-path-new", names)
+        self.daemon.request("DELETE", "/api/processes/fast-path-new")
+
     def test_a_method_nobody_knows_is_not_allowed_rather_than_a_server_error(self):
         raw = self.daemon.raw(b"QUERY /api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n"
                               b"BREW /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -3583,6 +3599,135 @@ class TestWebSocketKeepalive(DaemonTestCase):
         wait_until(lambda: self.daemon.get("/api/system")[0] == 200, message="service after the cap")
 
 
+def read_one_response(sock, head_only=False):
+    """One HTTP response from a blocking socket: its exact bytes (Content-Length framed, or
+    until the server closes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"\r\nContent-Length: (\d+)", head)
+    wanted = 0 if head_only or length is None else int(length.group(1))
+    while len(body) < wanted:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+class TestRepeatedAnswers(unittest.TestCase):
+    """The fast path for a head seen before answers exactly what the full path answers."""
+
+    CORPUS = [
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/system HTTP/1.1\r\nHost: 127.0.0.1:9615\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
+        b"HEAD /api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost:3000\r\n\r\n",
+        b"\r\nGET /api/system HTTP/1.1\r\nhost: [::1]\r\n\r\n",
+        b"GET http://localhost/api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\nHost: localhost\n\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+        b"GET /api/processes?status=online HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"GET /api/processes HTTP/1.0\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://evil.example\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://a\r\nOrigin: http://b\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nHost: other\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /api/processes/none HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"POST /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nBad Header: x\r\n\r\n",
+        b"GET /api/processes HTTP/2.0\r\nHost: localhost\r\n\r\n",
+        b"OPTIONS /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    ]
+    LEARNED = {0, 1, 2, 3, 4, 5, 6, 7, 8}
+    KEYED_CORPUS = [
+        b"GET /api/processes HTTP/1.1\r\nHost: anything\r\nX-API-Key: the-key\r\n\r\n",
+        b"GET /api/system HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer read-key\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: anything\r\nX-API-Key: the-kez\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: anything\r\n\r\n",
+    ]
+
+    def exchange(self, corpus, **config):
+        """Each head twice on one connection (a new one when the first answer closed it):
+        [(first answer, second answer)], and the heads the server learned."""
+        import asyncio
+        home = tempfile.mkdtemp(prefix="pmd-fast-")
+        self.addCleanup(shutil.rmtree, home, True)
+
+        async def scenario():
+            supervisor = pmdaemon.Supervisor(home)
+            settings = pmdaemon.DaemonConfig(port=0, home=home, host="127.0.0.1", **config)
+            policy = pmdaemon.AccessPolicy(settings.api_key, read_keys=settings.read_keys)
+            server = pmdaemon.HttpServer(pmdaemon.Api(supervisor, policy), None, settings)
+            port = await server.bind()
+            await server.start_serving()
+            loop = asyncio.get_event_loop()
+            answers = await loop.run_in_executor(None, self.send_corpus, port, corpus)
+            await server.close()
+            return answers, set(server.repeated.plans)
+        return run_async(scenario())
+
+    @staticmethod
+    def send_corpus(port, corpus):
+        answers = []
+        for head in corpus:
+            head_only = head.startswith(b"HEAD")
+            pair = []
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            for _ in range(2):
+                sock.sendall(head)
+                answer = read_one_response(sock, head_only)
+                pair.append(answer)
+                if b"\r\nConnection: close\r\n" in answer or not answer.startswith(b"HTTP/1.1 200"):
+                    sock.close()
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.close()
+            answers.append(pair)
+        return answers
+
+    def assertSameAnswers(self, corpus, answers):
+        for head, (first, second) in zip(corpus, answers):
+            self.assertTrue(first.startswith(b"HTTP/1.1 "), (head, first))
+            self.assertEqual(re.sub(rb"Date: [^\r]+", b"", first), re.sub(rb"Date: [^\r]+", b"", second), head)
+
+    def test_learned_heads_are_answered_as_the_full_path_answers(self):
+        answers, learned = self.exchange(self.CORPUS)
+        self.assertSameAnswers(self.CORPUS, answers)
+        self.assertEqual(learned, {self.CORPUS[index] for index in self.LEARNED})
+        by_head = dict(zip(self.CORPUS, answers))
+        self.assertIn(b"\r\nAccess-Control-Allow-Origin: http://localhost:3000\r\nVary: Origin\r\n",
+                      by_head[self.CORPUS[4]][1])
+        self.assertTrue(by_head[self.CORPUS[2]][1].endswith(b"\r\n\r\n"))          # HEAD: no body
+        self.assertIn(b"\r\nConnection: keep-alive\r\n", by_head[self.CORPUS[3]][1])
+        self.assertTrue(by_head[self.CORPUS[12]][1].startswith(b"HTTP/1.1 403"))
+
+    def test_with_keys_only_admitted_heads_are_learned(self):
+        answers, learned = self.exchange(self.KEYED_CORPUS, api_key="the-key", read_keys=("read-key",))
+        self.assertSameAnswers(self.KEYED_CORPUS, answers)
+        self.assertEqual(learned, set(self.KEYED_CORPUS[:2]))
+        self.assertEqual([status_of(pair[1]) for pair in answers], [200, 200, 401, 401])
+
+    def test_bounded_and_oldest_forgotten(self):
+        answers = pmdaemon.RepeatedAnswers(limit=2, max_head=60)
+        heads = [b"GET /api/system HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % port for port in (1, 2, 3)]
+        for head in heads + [b"GET /api/system HTTP/1.1\r\nHost: localhost\r\nX-Padding: %s\r\n\r\n" % b"x" * 40]:
+            request = parse_all(head)[0][0]
+            request.route = (pmdaemon.Route("GET", None, None, snapshot=lambda: b"{}"), {})
+            answers.learn(head, request, pmdaemon.Response(200, b"{}"), keep_alive=True)
+        self.assertEqual(list(answers.plans), heads[1:])
+        self.assertIsNone(answers.answer(heads[0], b"date"))
+        self.assertTrue(answers.answer(heads[2], b"date").endswith(b"\r\n\r\n{}"))
+
+
 class TestInternalErrors(unittest.TestCase):
     def test_a_failing_handler_answers_500_without_details(self):
         import asyncio
@@ -3692,7 +3837,7 @@ asyncio.run(main())
 
 
 def wrk_rate(port, path, seconds):
-    output = subprocess.run(["wrk", "-t1", "-c50", "-d%ds" % seconds, "http://127.0.0.1:%d%s" % (port, path)],
+    output = subprocess.run(["wrk", "-t2", "-c50", "-d%ds" % seconds, "http://127.0.0.1:%d%s" % (port, path)],
                             capture_output=True, text=True, check=True).stdout
     errors = [line for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line]
     rate = float([line for line in output.splitlines() if line.startswith("Requests/sec")][0].split()[1])
@@ -3704,7 +3849,7 @@ def run_benchmark(seconds=5, rounds=3):
     import statistics
     daemon = Daemon(args=("--sample-interval", "1"))
     try:
-        for index in range(10):
+        for index in range(20):
             daemon.start("bench-%d" % index, "sleep", ["600"])
         for path in ("/api/processes", "/api/system"):
             raw = daemon.raw(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path.encode(), read_timeout=1)
@@ -3723,7 +3868,7 @@ def run_benchmark(seconds=5, rounds=3):
             baseline.wait()
             os.unlink(handle.name)
             ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
-            print("%-16s pmdaemon %8.0f req/s   baseline %8.0f req/s   ratio %.2f   (%d x %ds, wrk -t1 -c50)"
+            print("%-16s pmdaemon %8.0f req/s   baseline %8.0f req/s   ratio %.2f   (%d x %ds, wrk -t2 -c50)"
                   % (path, ours_median, theirs_median, ours_median / theirs_median, rounds, seconds))
         print("kill -9 -> new pid in the API: median %.1f ms of 20" % restart_latency(daemon))
         bare, script, module = cli_startup(daemon.home)
