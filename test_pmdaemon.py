@@ -3811,7 +3811,8 @@ def run_echo_server(port):
 
 
 # ----------------------------------------------------------------------------------------------
-# `python3 test_pmdaemon.py bench [SECONDS] [ROUNDS]`: wrk against the daemon and a baseline
+# `python3 test_pmdaemon.py bench [SECONDS [ROUNDS]] [ROW...]`: every performance row of the
+# daemon, each beside a baseline measured in the same minute (medians of interleaved rounds)
 # ----------------------------------------------------------------------------------------------
 
 BASELINE_SERVER = """
@@ -3829,78 +3830,222 @@ async def serve(reader, writer):
     finally:
         writer.close()
 async def main():
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 asyncio.run(main())
 """
 
+# The floor of "restart a child": asyncio notices the exit and spawns again, nothing else.
+BASELINE_RESPAWNER = """
+import asyncio
+async def main():
+    while True:
+        child = await asyncio.create_subprocess_exec("sleep", "600")
+        print(child.pid, flush=True)
+        await child.wait()
+asyncio.run(main())
+"""
 
-def wrk_rate(port, path, seconds):
-    output = subprocess.run(["wrk", "-t2", "-c50", "-d%ds" % seconds, "http://127.0.0.1:%d%s" % (port, path)],
-                            capture_output=True, text=True, check=True).stdout
-    errors = [line for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line]
-    rate = float([line for line in output.splitlines() if line.startswith("Requests/sec")][0].split()[1])
-    return rate, errors
+# The floor of sampling: read /proc/PID/stat of the given pids once a second.
+BASELINE_SAMPLER = """
+import sys, time
+pids = sys.argv[1:]
+while True:
+    for pid in pids:
+        with open("/proc/%s/stat" % pid, "rb") as handle:
+            handle.read()
+    time.sleep(1)
+"""
+
+BENCH_ROWS = ("http", "soak", "restart", "cli", "keepalive", "ws", "cpu", "logs")
 
 
-def run_benchmark(seconds=5, rounds=3):
-    """Requests/s of pmdaemon vs. a bare asyncio-streams server sending the same bytes (medians)."""
+class BenchTable:
+    """Rows of measure | pmdaemon | baseline | ratio | goal | met, printed as they come and
+    again together at the end."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, measure, ours, baseline, ratio, goal, met):
+        row = (measure, ours, baseline, ratio, goal, "yes" if met else "NO")
+        self.rows.append(row)
+        print("  %s: %s | baseline %s | %s | goal %s | %s" % row, flush=True)
+
+    def render(self):
+        header = ("measure", "pmdaemon", "baseline", "ratio", "goal", "met")
+        widths = [max(len(str(row[index])) for row in self.rows + [header]) for index in range(6)]
+        lines = [" | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+                 for row in [header, tuple("-" * width for width in widths)] + self.rows]
+        return "\n".join(lines)
+
+
+def median(values):
     import statistics
-    daemon = Daemon(args=("--sample-interval", "1"))
+    return statistics.median(values)
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as handle:
+        return int([line for line in handle if line.startswith("VmRSS")][0].split()[1])
+
+
+def fd_count(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_run(port, path, seconds, connections=50):
+    """(requests/s, requests done, error lines) of one wrk run."""
+    output = subprocess.run(["wrk", "-t2", "-c%d" % connections, "-d%ds" % seconds,
+                             "http://127.0.0.1:%d%s" % (port, path)],
+                            capture_output=True, text=True, check=True).stdout
+    errors = [line.strip() for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line]
+    rate = float([line for line in output.splitlines() if line.startswith("Requests/sec")][0].split()[1])
+    done = int(re.search(r"(\d+) requests in", output).group(1))
+    return rate, done, errors
+
+
+def start_baseline_server(response):
+    """A bare asyncio-streams server answering every head with `response`: (process, port)."""
+    handle = tempfile.NamedTemporaryFile(delete=False)
+    handle.write(response)
+    handle.close()
+    process = subprocess.Popen([PY, "-c", BASELINE_SERVER, handle.name], stdout=subprocess.PIPE)
+    port = int(process.stdout.readline())
+    os.unlink(handle.name)
+    return process, port
+
+
+def stop(process):
+    process.kill()
+    process.wait()
+    if process.stdout:
+        process.stdout.close()
+
+
+def run_benchmark(seconds=5, rounds=3, only=()):
+    """Every row of the performance issue, side by side with its baseline."""
+    if not shutil.which("wrk"):
+        print("bench: wrk is not installed (Debian/Ubuntu: apt-get install wrk); it drives the HTTP rows")
+        return 2
+    unknown = [row for row in only if row not in BENCH_ROWS]
+    if unknown:
+        print("bench: unknown row %s; rows: %s" % (", ".join(unknown), " ".join(BENCH_ROWS)))
+        return 2
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    rows = [row for row in BENCH_ROWS if not only or row in only]
+    table = BenchTable()
+    print("pmdaemon bench, %s, Python %s, %d cores, %s" % (time.strftime("%Y-%m-%d %H:%M"), sys.version.split()[0],
+                                                        os.cpu_count(), os.uname().release), flush=True)
+    daemon = Daemon(args=("--sample-interval", "1", "--quiet"))   # stderr is a pipe nobody reads
     try:
         for index in range(20):
             daemon.start("bench-%d" % index, "sleep", ["600"])
-        for path in ("/api/processes", "/api/system"):
-            raw = daemon.raw(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path.encode(), read_timeout=1)
-            with tempfile.NamedTemporaryFile(delete=False) as handle:
-                handle.write(raw)
-            baseline = subprocess.Popen([PY, "-c", BASELINE_SERVER, handle.name], stdout=subprocess.PIPE)
-            base_port = int(baseline.stdout.readline())
-            ours, theirs = [], []
-            for _ in range(rounds):               # interleaved, so both see the same machine load
-                rate, errors = wrk_rate(daemon.port, path, seconds)
-                ours.append(rate)
-                theirs.append(wrk_rate(base_port, path, seconds)[0])
-                if errors:
-                    print("  pmdaemon errors:", errors)
-            baseline.kill()
-            baseline.wait()
-            os.unlink(handle.name)
-            ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
-            print("%-16s pmdaemon %8.0f req/s   baseline %8.0f req/s   ratio %.2f   (%d x %ds, wrk -t2 -c50)"
-                  % (path, ours_median, theirs_median, ours_median / theirs_median, rounds, seconds))
-        print("kill -9 -> new pid in the API: median %.1f ms of 20" % restart_latency(daemon))
-        bare, script, module = cli_startup(daemon.home)
-        print("CLI ls: bare interpreter %.0f ms; `python3 pmdaemon.py ls` +%.0f ms; `python3 -m pmdaemon ls` +%.0f ms"
-              " (medians of 20)" % (bare, script - bare, module - bare))
+        for row in rows:
+            globals()["bench_" + row](daemon, table, seconds, rounds)
     finally:
         daemon.terminate()
         daemon.cleanup()
+    print("\n" + table.render())
+    print("\nreproduce: python3 test_pmdaemon.py bench %d %d %s" % (seconds, rounds, " ".join(only)))
+    return 0
 
 
-def restart_latency(daemon, count=20):
-    """From SIGKILL of a child to its new pid shown by GET /api/processes/NAME, median in ms
-    (min_uptime 0 and a high max_restarts, so that the kills are no crash loop to give up on)."""
-    import statistics
-    daemon.start("bench-restart", "sleep", ["600"], min_uptime=0, max_restarts=1000)
-    times = []
+def bench_http(daemon, table, seconds, rounds):
+    """wrk -t2 -c50 against GET /api/processes (20 processes) and /api/system, interleaved with
+    a bare asyncio-streams server returning the same bytes; then both servers' RSS."""
+    for path in ("/api/processes", "/api/system"):
+        response = daemon.raw(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path.encode(), read_timeout=1)
+        baseline, base_port = start_baseline_server(response)
+        try:
+            ours, theirs = [], []
+            for _ in range(rounds):               # interleaved, so both see the same machine load
+                rate, _, errors = wrk_run(daemon.port, path, seconds)
+                ours.append(rate)
+                theirs.append(wrk_run(base_port, path, seconds)[0])
+                if errors:
+                    print("  pmdaemon errors:", errors)
+            ratio = median(ours) / median(theirs)
+            table.add("GET %s, %d B, wrk -t2 -c50" % (path, len(response.split(b"\r\n\r\n", 1)[1])),
+                      "%.0f req/s" % median(ours), "%.0f req/s" % median(theirs), "%.2fx" % ratio,
+                      ">= 0.9x and >= 50k", ratio >= 0.9 and median(ours) >= 50000)
+            if path == "/api/processes":
+                ours_rss, base_rss = rss_kib(daemon.proc.pid), rss_kib(baseline.pid)
+                table.add("daemon RSS, 20 procs, after the wrk rounds", "%.1f MiB" % (ours_rss / 1024),
+                          "%.1f MiB" % (base_rss / 1024), "%.2fx" % (ours_rss / base_rss), "<= 1.25x",
+                          ours_rss <= 1.25 * base_rss)
+        finally:
+            stop(baseline)
+
+
+def bench_soak(daemon, table, seconds, rounds):
+    """RSS and open files before and after 1M requests and 1,000 crash/restart cycles."""
+    before_rss, before_fds = rss_kib(daemon.proc.pid), fd_count(daemon.proc.pid)
+    done = 0
+    while done < 1_000_000:
+        rate, count, _ = wrk_run(daemon.port, "/api/processes", 10)
+        done += count
+    daemon.start("bench-crash", "false", [], min_uptime=0, max_restarts=1_000_000, restart_delay=0)
+    wait_until(lambda: daemon.process("bench-crash")["restarts"] >= 1000, 120, 0.2, "1,000 restarts")
+    daemon.request("DELETE", "/api/processes/bench-crash")
+    time.sleep(1)                                # let the last exits and timers settle
+    after_rss, after_fds = rss_kib(daemon.proc.pid), fd_count(daemon.proc.pid)
+    grown = (after_rss - before_rss) / 1024
+    table.add("RSS / fds after %.1fM requests + 1,000 restarts" % (done / 1e6),
+              "%.1f -> %.1f MiB, %d -> %d fds" % (before_rss / 1024, after_rss / 1024, before_fds, after_fds),
+              "-", "%+.1f MiB" % grown, "flat (< 2 MiB, same fds)", grown < 2 and after_fds <= before_fds)
+
+
+def bench_restart(daemon, table, seconds, rounds, count=20):
+    """SIGKILL of a child to its new pid in GET /api/processes/NAME, against a bare asyncio
+    loop that respawns its child and prints the pid (min_uptime 0: no crash loop to give up)."""
+    daemon.start("bench-restart", "sleep", ["600"], min_uptime=0, max_restarts=1_000_000)
+    ours = []
+    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+
+        def current_pid():                        # over one keep-alive connection, as a poller would
+            sock.sendall(b"GET /api/processes/bench-restart HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            return json_of(read_one_response(sock))["pid"]
+        for _ in range(count):
+            pid = wait_until(current_pid, message="a pid")
+            started = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: current_pid() not in (None, pid), interval=0, message="the new pid")
+            ours.append((time.perf_counter() - started) * 1000)
+    daemon.request("DELETE", "/api/processes/bench-restart")
+    respawner = subprocess.Popen([PY, "-c", BASELINE_RESPAWNER], stdout=subprocess.PIPE)
+    theirs = []
+    pid = int(respawner.stdout.readline())
     for _ in range(count):
-        pid = wait_until(lambda: daemon.process("bench-restart")["pid"], message="a pid")
         started = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: daemon.process("bench-restart")["pid"] not in (None, pid), interval=0.0005,
-                   message="the new pid")
-        times.append((time.perf_counter() - started) * 1000)
-    daemon.request("DELETE", "/api/processes/bench-restart")
-    return statistics.median(times)
+        pid = int(respawner.stdout.readline())
+        theirs.append((time.perf_counter() - started) * 1000)
+    stop(respawner)
+    subprocess.run(["pkill", "-KILL", "-P", str(respawner.pid)], check=False)
+    table.add("kill -9 -> new pid in the API (median of %d)" % count, "%.1f ms" % median(ours),
+              "%.1f ms (bare respawn)" % median(theirs), "%.2fx" % (median(ours) / median(theirs)),
+              "<= 5.5 ms", median(ours) <= 5.5)
 
 
-def cli_startup(home, count=20):
-    """Medians (ms) of the bare interpreter, `python3 pmdaemon.py ls` and `python3 -m pmdaemon ls`,
-    interleaved, with bytecode caching on (as on a user's machine)."""
-    import statistics
-    environ = dict(os.environ, PMDAEMON_HOME=home)
+def bench_cli(daemon, table, seconds, rounds, count=20):
+    """`pmdaemon.py ls` wall time against the bare interpreter, interleaved, with bytecode
+    caching on (as on a user's machine)."""
+    environ = dict(os.environ, PMDAEMON_HOME=daemon.home)
     environ.pop("PYTHONDONTWRITEBYTECODE", None)
     commands = ([PY, "-c", "pass"], [PY, PMDAEMON, "ls"], [PY, "-m", "pmdaemon", "ls"])
     times = [[], [], []]
@@ -3909,75 +4054,191 @@ def cli_startup(home, count=20):
             started = time.perf_counter()
             subprocess.run(command, stdout=subprocess.DEVNULL, env=environ, cwd=HERE, check=True)
             times[index].append((time.perf_counter() - started) * 1000)
-    return [statistics.median(values) for values in times]
+    bare, script, module = (median(values) for values in times)
+    for label, value in (("python3 pmdaemon.py ls", script), ("python3 -m pmdaemon ls", module)):
+        table.add("`%s` wall time (median of %d)" % (label, count), "%.0f ms" % value,
+                  "%.0f ms (python3 -c pass)" % bare, "%+.0f ms" % (value - bare), "<= +60 ms", value - bare <= 60)
 
 
-def run_ws_load(count=10000):
-    """Open `count` WebSocket clients to a daemon managing 10 processes; time how long a tick
-    takes to reach all, and the REST latency meanwhile."""
+async def open_idle_connections(port, count, request):
+    """`count` connections that each send `request` once, read its answer, then stay idle."""
     import asyncio
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
-    daemon = Daemon(args=("--sample-interval", "1"))
-    for index in range(10):
-        daemon.start("load-%d" % index, "sleep", ["600"])
+    held = []
 
-    async def client(ready, state):
-        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(("GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                      "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+    async def one():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
         await reader.readuntil(b"\r\n\r\n")
-        ready.append(writer)
-        counted_mark = None
+        held.append(writer)
+    for start in range(0, count, 250):
+        await asyncio.gather(*(one() for _ in range(min(250, count - start))))
+    return held
+
+
+def connection_cost(pid, port, count, request):
+    """KiB of RSS per idle connection held open to the server `pid`."""
+    import asyncio
+
+    async def measure():
+        before = rss_kib(pid)
+        held = await open_idle_connections(port, count, request)
+        await asyncio.sleep(1)
+        after = rss_kib(pid)
+        for writer in held:
+            writer.close()
+        await asyncio.sleep(0.5)
+        return (after - before) / count
+    return asyncio.run(measure())
+
+
+def bench_keepalive(daemon, table, seconds, rounds, count=5000):
+    """RSS per idle keep-alive connection (after one request each), pmdaemon vs bare server."""
+    request = b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    baseline, base_port = start_baseline_server(daemon.raw(request, read_timeout=1))
+    try:
+        theirs = connection_cost(baseline.pid, base_port, count, request)
+    finally:
+        stop(baseline)
+    ours = connection_cost(daemon.proc.pid, daemon.port, count, request)
+    table.add("idle keep-alive connections (%d held)" % count, "%.1f KiB each" % ours,
+              "%.1f KiB each" % theirs, "%.2fx" % (ours / theirs), "<= 6 KiB", ours <= 6)
+
+
+WS_HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+TICK_RE = re.compile(rb'"system_update","data":\{.*?"timestamp":"([^"]+)"')
+
+
+async def ws_clients(port, count, ticks):
+    """`count` WebSocket clients; each records when each system_update (keyed by its
+    timestamp) reached it. Returns (writers, tasks)."""
+    import asyncio
+    writers = []
+
+    async def client():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(WS_HANDSHAKE)
+        await reader.readuntil(b"\r\n\r\n")
+        writers.append(writer)
         while True:
             data = await reader.read(65536)
             if not data:
                 return
-            if state["mark"] is not None and counted_mark != state["mark"] and b'"system_update"' in data:
-                counted_mark = state["mark"]            # first tick after the mark, once per client
-                state["reached"] += 1
-                state["last"] = time.monotonic()
+            for stamp in TICK_RE.findall(data):
+                ticks.setdefault(stamp, []).append(time.monotonic())
+    tasks = []
+    for index in range(count):
+        tasks.append(asyncio.ensure_future(client()))
+        if index % 250 == 249:
+            await asyncio.sleep(0.05)
+    deadline = time.monotonic() + 120
+    while len(writers) < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return writers, tasks
 
-    async def main():
-        ready, tasks = [], []
-        state = {"mark": None, "reached": 0, "last": 0.0}
-        started = time.monotonic()
-        for index in range(count):
-            tasks.append(asyncio.ensure_future(client(ready, state)))
-            if index % 500 == 499:
-                await asyncio.sleep(0.05)
-        while len(ready) < count and time.monotonic() - started < 120:
-            await asyncio.sleep(0.1)
-        print("%d clients connected in %.1f s" % (len(ready), time.monotonic() - started))
-        await asyncio.sleep(2)                      # let the connection burst settle
-        state["mark"] = mark = time.monotonic()
-        while state["reached"] < len(ready) and time.monotonic() - mark < 30:
-            await asyncio.sleep(0.01)
-        print("the next tick (1 s period) reached %d clients, the last %.2f s after the mark"
-              % (state["reached"], state["last"] - mark))
-        with open("/proc/%d/status" % daemon.proc.pid) as handle:
-            rss = [line for line in handle if line.startswith("VmRSS")][0].split()[1]
-        print("daemon RSS with %d clients: %.0f MiB" % (len(ready), int(rss) / 1024))
-        latencies = []
-        for _ in range(100):                      # REST latency while ticks go to every client
-            started = time.monotonic()
-            await asyncio.get_event_loop().run_in_executor(None, daemon.get, "/api/system")
-            latencies.append(time.monotonic() - started)
-            await asyncio.sleep(0.02)
-        latencies.sort()
-        print("GET /api/system over 3 s meanwhile: median %.1f ms, max %.1f ms"
-              % (latencies[50] * 1000, latencies[-1] * 1000))
-        for writer in ready:
+
+def bench_ws(daemon, table, seconds, rounds, count=10000, timed=1000):
+    """KiB of daemon RSS per WebSocket client at `count` clients; at `timed` clients, how late
+    each client gets a tick after the first one got it (p99), and REST latency meanwhile."""
+    import asyncio
+    import threading
+
+    async def measure():
+        before = rss_kib(daemon.proc.pid)
+        ticks = {}
+        writers, tasks = await ws_clients(daemon.port, timed, ticks)
+        rest = []
+
+        def poll_rest():
+            stop_at = time.monotonic() + 5
+            with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+                while time.monotonic() < stop_at:
+                    started = time.monotonic()
+                    sock.sendall(b"GET /api/processes/bench-0 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                    read_one_response(sock)
+                    rest.append((time.monotonic() - started) * 1000)
+                    time.sleep(0.01)
+        await asyncio.sleep(1)
+        ticks.clear()
+        poller = threading.Thread(target=poll_rest)
+        poller.start()
+        await asyncio.sleep(5)
+        await asyncio.get_event_loop().run_in_executor(None, poller.join)
+        lateness = [(moment - min(moments)) * 1000 for moments in ticks.values() if len(moments) >= timed * 0.9
+                    for moment in moments]
+        more, more_tasks = await ws_clients(daemon.port, count - timed, {})
+        await asyncio.sleep(2)
+        after = rss_kib(daemon.proc.pid)
+        connected = len(writers) + len(more)
+        for writer in writers + more:
             writer.close()
-        for task in tasks:
+        for task in tasks + more_tasks:
             task.cancel()
+        await asyncio.sleep(1)
+        return (after - before) / connected, connected, lateness, rest
+    per_client, connected, lateness, rest = asyncio.run(measure())
+    table.add("WebSocket clients (%d connected)" % connected, "%.1f KiB each" % per_client, "-", "-",
+              "<= 6 KiB", per_client <= 6)
+    table.add("tick fan-out at %d clients: p99 lateness" % timed, "%.0f ms" % percentile(lateness, 0.99),
+              "first client: 0 ms", "-", "<= 250 ms", lateness and percentile(lateness, 0.99) <= 250)
+    table.add("REST p99 meanwhile (%d requests)" % len(rest), "%.1f ms" % percentile(rest, 0.99), "-",
+              "-", "<= 50 ms", percentile(rest, 0.99) <= 50)
+
+
+def bench_cpu(daemon, table, seconds, rounds, wall=20):
+    """Daemon CPU with 100 sleeping processes sampled every second, against a bare loop that
+    only reads each one's /proc/PID/stat once a second."""
+    for index in range(20, 100):
+        daemon.start("bench-%d" % index, "sleep", ["600"])
+    pids = [entry["pid"] for entry in daemon.get("/api/processes")[2]["processes"] if entry["pid"]]
+    sampler = subprocess.Popen([PY, "-c", BASELINE_SAMPLER] + [str(pid) for pid in pids])
+    time.sleep(2)                                # past the creation burst
+    ours_before, theirs_before = cpu_seconds(daemon.proc.pid), cpu_seconds(sampler.pid)
+    time.sleep(wall)
+    ours = (cpu_seconds(daemon.proc.pid) - ours_before) / wall * 100
+    theirs = (cpu_seconds(sampler.pid) - theirs_before) / wall * 100
+    stop(sampler)
+    table.add("daemon CPU, %d sleeping procs, %d s" % (len(pids), wall), "%.2f%% of a core" % ours,
+              "%.2f%% (bare /proc reads)" % theirs, "%.1fx" % (ours / theirs if theirs else float("inf")),
+              "<= 0.5%", ours <= 0.5)
+
+
+def bench_logs(daemon, table, seconds, rounds, count=20):
+    """GET /api/logs/NAME?lines=100 on a 1 GB log, against the same request on a 1 MB log."""
+    timings = {}
+    for name, size in (("bench-log-small", 1 << 20), ("bench-log-big", 1 << 30)):
+        daemon.start(name, "sleep", ["600"])
+        line = b"2026-11-30T00:00:00.000Z a line of output that a busy service might write, numbered %08d\n"
+        block = b"".join(line % index for index in range(8192))
+        with open(os.path.join(daemon.home, "logs", "%s-out.log" % name), "ab") as handle:
+            for _ in range(max(1, size // len(block))):
+                handle.write(block)
+        times = []
+        path = "/api/logs/%s?lines=100&type=stdout" % name
+        for _ in range(count):
+            started = time.perf_counter()
+            status, _, body = daemon.get(path)
+            times.append((time.perf_counter() - started) * 1000)
+            assert status == 200 and len(body["logs"]) == 100, (status, body)
+        timings[name] = median(times)
+        daemon.request("DELETE", "/api/processes/%s" % name)
+    big, small = timings["bench-log-big"], timings["bench-log-small"]
+    table.add("last 100 lines of a 1 GB log (median of %d)" % count, "%.1f ms" % big, "%.1f ms (1 MB log)" % small,
+              "%.2fx" % (big / small), "<= 5 ms, size-independent", big <= 5)
+
+
+def run_ws_load(count=10000):
+    """`ws-load N`: the WebSocket rows of the bench alone, with N clients."""
+    table = BenchTable()
+    daemon = Daemon(args=("--sample-interval", "1", "--quiet"))   # stderr is a pipe nobody reads
     try:
-        asyncio.run(main())
+        for index in range(20):
+            daemon.start("bench-%d" % index, "sleep", ["600"])
+        bench_ws(daemon, table, 0, 0, count=count, timed=min(1000, count))
     finally:
         daemon.terminate()
         daemon.cleanup()
+    print("\n" + table.render())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4079,6 +4340,7 @@ if __name__ == "__main__":
     elif len(sys.argv) >= 2 and sys.argv[1] == "ws-load":
         run_ws_load(*[int(value) for value in sys.argv[2:3]])
     elif len(sys.argv) >= 2 and sys.argv[1] == "bench":
-        run_benchmark(*[int(value) for value in sys.argv[2:4]])
+        numbers = [int(value) for value in sys.argv[2:] if value.isdigit()]
+        sys.exit(run_benchmark(*numbers[:2], only=[value for value in sys.argv[2:] if not value.isdigit()]))
     else:
         unittest.main()
