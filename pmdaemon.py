@@ -59,6 +59,7 @@ import importlib.util
 import ipaddress
 import json
 import logging
+import marshal
 import math
 import os
 import re
@@ -117,6 +118,7 @@ O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 PR_SET_DUMPABLE = 4                    # prctl(2): not dumpable, /proc/PID/* not readable by peers       # Linux: struct ucred of a Unix socket peer
 SOCKET_NAME = "pmdaemon.sock"          # the API on a Unix socket in the home, mode 0600
+CODE_CACHE_NAME = "pmdaemon.pyc"       # the daemon's own code, compiled once (run_from_code_cache)
 # Set in every child, inherited by everything it starts: how stop finds double-forked escapees.
 RUN_ID_ENV = "PMDAEMON_RUN_ID"
 
@@ -6373,6 +6375,50 @@ def setup_logging(home: str, level: str, to_stderr: bool = True) -> None:
     log.setLevel(level.upper())
 
 
+def source_path() -> str:
+    """This file, also when the code runs from the code cache (code keeps its file's name)."""
+    return os.path.abspath(source_path.__code__.co_filename)
+
+
+def run_from_code_cache(home: str) -> None:
+    """Replace this process by the same command run from a compiled copy of this file.
+
+    Run as a script, the interpreter compiles all of pmdaemon.py at every start (scripts are
+    never cached) and the allocator keeps the ~20 MiB compiling took for the life of the
+    process: most of an idle daemon's memory. So `web` writes its code object once into the
+    home (private to this user, like state.json, which decides what runs anyway) and
+    executes that: pid, arguments, descriptors and environment stay. Returns when there is
+    nothing to gain (imported: Python's own cache; already the cached code) or the cache
+    cannot be written (the daemon then runs as it is)."""
+    if globals().get("__spec__") is not None or __file__.endswith(".pyc"):
+        return
+    path = os.path.join(home, CODE_CACHE_NAME)
+    try:
+        with open(source_path(), "rb") as handle:
+            source = handle.read()
+        # A PEP 552 header: magic number, "hash-based" flags, the source's hash.
+        header = importlib.util.MAGIC_NUMBER + struct.pack("<I", 0b11) + importlib.util.source_hash(source)
+        if _cached_header(path) != header:
+            code = compile(source, source_path(), "exec", dont_inherit=True)
+            atomic_write(path, header + marshal.dumps(code))
+    except (OSError, ValueError, SyntaxError):
+        return
+    os.execv(sys.executable, [sys.executable] + subprocess._args_from_interpreter_flags() + [path] + sys.argv[1:])
+
+
+def _cached_header(path: str) -> bytes:
+    """The first 16 bytes of our code cache: a private, plain file of this user, or nothing."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    with open(descriptor, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat_module.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return b""
+        return handle.read(16)
+
+
 def web_argv(args: argparse.Namespace) -> List[str]:
     """The options of a parsed `web` command line, for the same daemon run in the background."""
     argv = ["--port", str(args.port), "--host", args.host, "--log-level", args.log_level]
@@ -6452,6 +6498,7 @@ def command_web(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     try:
         secure_home(home)
+        run_from_code_cache(home)       # returns only where it cannot re-execute
         daemon.acquire_lock()
     except SystemExit as exc:
         print(exc, file=sys.stderr)
@@ -6662,7 +6709,7 @@ def start_background_daemon(home: str, web_args: List[str]) -> int:
     out_path = os.path.join(home, "daemon.out")
     output = open_private(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "web", "--home", home, "--quiet"]
+        child = subprocess.Popen([sys.executable, source_path(), "web", "--home", home, "--quiet"]
                                  + web_args, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                                  start_new_session=True, close_fds=True, cwd="/")
     finally:
@@ -7167,7 +7214,7 @@ def verb_resurrect(client: Client, args: argparse.Namespace) -> int:
 
 def systemd_unit(home: str, user: str) -> str:
     """A unit that runs this file's daemon for this home under systemd."""
-    command = " ".join(shlex.quote(part) for part in (sys.executable, os.path.abspath(__file__), "web",
+    command = " ".join(shlex.quote(part) for part in (sys.executable, source_path(), "web",
                                                        "--home", home, "--quiet"))
     return ("[Unit]\nDescription=pmdaemon process manager (home %s)\nAfter=network-online.target\n"
             "Wants=network-online.target\n\n[Service]\nType=notify\nNotifyAccess=main\nUser=%s\n"
@@ -7184,7 +7231,7 @@ def verb_startup(client_args: argparse.Namespace) -> int:
     name = "pmdaemon-%s.service" % re.sub(r"[^A-Za-z0-9_.-]", "-", user)
     if not os.path.isdir("/run/systemd/system"):
         cron = "@reboot %s %s web --home %s --daemonize" % (shlex.quote(sys.executable),
-                                                            shlex.quote(os.path.abspath(__file__)), shlex.quote(home))
+                                                            shlex.quote(source_path()), shlex.quote(home))
         print("This machine does not run systemd. To start pmdaemon at boot, add this line to the\n"
               "crontab of %s (crontab -e):\n\n%s\n" % (user, cron))
         return 1 if client_args.install else 0
@@ -7543,4 +7590,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    if __file__.endswith(".pyc"):           # run from the code cache: import beside the source
+        sys.path[0] = os.path.dirname(source_path())
     sys.exit(main())

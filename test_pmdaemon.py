@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat as stat_module
 import struct
 import subprocess
 import sys
@@ -2992,6 +2993,38 @@ class TestDaemonLifecycle(unittest.TestCase):
         daemon = Daemon(home=self.home)
         self.addCleanup(daemon.cleanup)
         return daemon
+
+    def test_the_daemon_runs_from_its_private_code_cache(self):
+        """Compiling the script costs ~20 MiB the daemon would keep: `web` re-executes itself
+        from its code compiled into the home; a stale cache is replaced, a planted link refused."""
+        import importlib.util
+        with open(PMDAEMON, "rb") as handle:
+            header = importlib.util.MAGIC_NUMBER + struct.pack("<I", 3) + importlib.util.source_hash(handle.read())
+        cache = os.path.join(self.home, "pmdaemon.pyc")
+        for planted in (None, "stale"):
+            with self.subTest(planted=planted):
+                if planted:
+                    with open(cache, "r+b") as handle:
+                        handle.write(b"\0" * 16)
+                daemon = self.daemon()
+                with open("/proc/%d/cmdline" % daemon.proc.pid, "rb") as handle:
+                    self.assertIn(cache.encode() + b"\0web\0", handle.read())
+                self.assertEqual(daemon.get("/api/system")[0], 200)
+                info = os.lstat(cache)
+                self.assertEqual((stat_module.S_ISREG(info.st_mode), info.st_mode & 0o777), (True, 0o600))
+                with open(cache, "rb") as handle:
+                    self.assertEqual(handle.read(16), header)
+                self.assertEqual(daemon.terminate(), 0)
+        decoy = os.path.join(tempfile.mkdtemp(prefix="pmd-decoy-"), "decoy.pyc")
+        self.addCleanup(shutil.rmtree, os.path.dirname(decoy), True)
+        with open(decoy, "wb") as handle:
+            handle.write(header + b"not code")
+        os.unlink(cache)
+        os.symlink(decoy, cache)
+        with self.assertRaisesRegex(AssertionError, "pmdaemon.pyc is a symbolic link"):
+            self.daemon()
+        with open(decoy, "rb") as handle:
+            self.assertEqual(handle.read(), header + b"not code")
 
     def test_state_is_restored_after_a_restart(self):
         first = self.daemon()
