@@ -161,6 +161,7 @@ BACKOFF_FACTOR = 1.5
 BACKOFF_MAX_MS = 15_000
 BACKOFF_RESET_UPTIME_MS = 30_000
 SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
+SCAN_FULL_EVERY = 30                   # every Nth /proc scan re-reads every process, not just new ones
 DEFAULT_LISTEN_TIMEOUT_MS = 10_000     # wait_ready: longest wait for the first healthy check
 HEALTH_STARTING_INTERVAL = 0.25        # seconds between checks while waiting to be ready
 MAX_HEALTH_RESPONSE_LINE = 8192
@@ -1062,6 +1063,9 @@ class Sampler:
         self._previous_cpu: Optional[Tuple[int, int]] = None
         self._previous_ticks: Dict[Any, Tuple[float, int]] = {}
         self.unreadable: set = set()        # what could not be read last time (reported once)
+        self.cores = os.cpu_count() or 1
+        self._known: Dict[int, Tuple[int, PidStat]] = {}    # pid -> (its /proc inode, what was read)
+        self._scans = 0
 
     def _read(self, *parts: str) -> str:
         return self._read_bytes(*parts).decode("ascii", "replace")
@@ -1069,7 +1073,7 @@ class Sampler:
     def system(self) -> SystemMetrics:
         """System metrics; a /proc file that is missing, masked or odd degrades its own values
         (to zero) and is reported once, never an exception: the daemon must outlive /proc."""
-        metrics = SystemMetrics(cores=os.cpu_count() or 1, wall_time=self.wall())
+        metrics = SystemMetrics(cores=self.cores, wall_time=self.wall())
         cpu = self._guarded("stat", lambda: parse_cpu_times(self._read("stat")))
         if cpu is not None:
             if self._previous_cpu is not None:
@@ -1104,14 +1108,46 @@ class Sampler:
             return None
 
     def scan(self) -> Dict[int, PidStat]:
-        """Every process visible in /proc, by pid."""
-        table = {}
-        for entry in os.listdir(self.proc_root):
-            if entry.isdigit():
-                found = self.stat(int(entry))
-                if found is not None:
-                    table[found.pid] = found
+        """Every process visible in /proc, by pid, reading only those not seen before.
+
+        A process listed under the same pid and the same /proc inode as at the last scan is
+        the same process (a reused pid gets a new inode), so what was read of it stands: its
+        start time and group never change, and its parent can only change to a reaper, which
+        keeps it in the tree it was in. What must be current (usage, state, a group that may
+        have been left) callers re-read with fresh(). Every SCAN_FULL_EVERY-th scan reads all."""
+        self._scans += 1
+        full = self._scans % SCAN_FULL_EVERY == 0
+        known, table, now_known = self._known, {}, {}
+        with os.scandir(self.proc_root) as entries:
+            for entry in entries:
+                name = entry.name
+                if not name.isdigit():
+                    continue
+                pid, inode = int(name), entry.inode()
+                seen = known.get(pid)
+                if seen is not None and seen[0] == inode and not full:
+                    found = seen[1]
+                else:
+                    found = self.stat(pid)
+                    if found is None:
+                        continue
+                table[pid] = found
+                now_known[pid] = (inode, found)
+        self._known = now_known
         return table
+
+    def fresh(self, table: Dict[int, PidStat], pids: List[int]) -> None:
+        """Re-read `pids` into `table` (and the scan's memory); those gone are removed."""
+        for pid in pids:
+            found = self.stat(pid)
+            seen = self._known.get(pid)
+            if found is None or (seen is not None and seen[1].start_ticks != found.start_ticks):
+                table.pop(pid, None)        # gone, or the pid now names another process
+                self._known.pop(pid, None)
+                continue
+            table[pid] = found
+            if seen is not None:
+                self._known[pid] = (seen[0], found)
 
     def tree_cpu(self, key: Any, ticks: int) -> float:
         """CPU % of one core used by `key` since its previous sample, from cumulative ticks."""
@@ -1134,8 +1170,19 @@ class Sampler:
             return False
 
     def _read_bytes(self, *parts: str) -> bytes:
-        with open(os.path.join(self.proc_root, *parts), "rb") as handle:
-            return handle.read()
+        """The whole file, with the fewest calls (no file object: this runs for every pid)."""
+        descriptor = os.open(self.proc_root + "/" + "/".join(parts), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(descriptor, 65536)
+            if len(data) < 4096:
+                return data                 # /proc answers a small file in one read
+            chunks = [data]
+            while data:
+                data = os.read(descriptor, 65536)
+                chunks.append(data)
+            return b"".join(chunks)
+        finally:
+            os.close(descriptor)
 
 
 def children_index(table: Dict[int, PidStat]) -> Dict[int, List[int]]:
@@ -1668,7 +1715,10 @@ def group_alive(pgid: int, sampler: Sampler) -> bool:
         return False
     except PermissionError:
         return True
-    return any(stat.pgid == pgid and stat.state != "Z" for stat in sampler.scan().values())
+    table = sampler.scan()
+    members = [pid for pid, stat in table.items() if stat.pgid == pgid]
+    sampler.fresh(table, members)               # each member's state and group as they are now
+    return any(pid in table and table[pid].pgid == pgid and table[pid].state != "Z" for pid in members)
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -2097,8 +2147,9 @@ def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str],
         found.update(pid for pid, stat in table.items()
                      if pid != os.getpid() and (since_ticks is None or stat.start_ticks >= since_ticks)
                      and sampler.environ_has(pid, marker))
+    sampler.fresh(table, sorted(found))         # their group and state as they are now
     return [(pid, table[pid].start_ticks) for pid in sorted(found)
-            if table[pid].pgid != pgid and table[pid].state != "Z"]
+            if pid in table and table[pid].pgid != pgid and table[pid].state != "Z"]
 
 
 # -- the per-process state machine --------------------------------------------------------------
@@ -2755,7 +2806,11 @@ class MetricsLoop:
         self.system = self.sampler.system()
         running = [runner for runner in self.registry.runners() if runner.pid is not None]
         if running:
+            # One listing of /proc; then the usage of just the managed trees is read, and the
+            # trees are walked again in case a member left (its parent changed).
             table = self.sampler.scan()
+            children = children_index(table)
+            self.sampler.fresh(table, [pid for runner in running for pid in descendants(table, runner.pid, children)])
             children = children_index(table)
             for runner in running:
                 tree = descendants(table, runner.pid, children)

@@ -340,6 +340,38 @@ class TestProcParsers(unittest.TestCase):
         ticks = 300 + pmdaemon.CLOCK_TICKS                      # one CPU second in two seconds
         self.assertEqual(sampler.tree_cpu("k", ticks), 50.0)
 
+    def test_scan_reads_only_processes_it_has_not_seen(self):
+        """A pid seen under the same /proc inode is the same process: scan() keeps what it read;
+        fresh() re-reads; a reused pid (a new directory, so a new inode) is read anew."""
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+
+        def write(pid, ppid, ticks, directory=None):
+            directory = directory or str(pid)
+            os.makedirs(os.path.join(root, directory), exist_ok=True)
+            with open(os.path.join(root, directory, "stat"), "w") as handle:
+                handle.write("%d (app) S %d %d 0 0 -1 0 0 0 0 0 %d 0 0 0 20 0 1 0 %d 100 25 0\n"
+                             % (pid, ppid, pid, ticks, 500 + pid))
+        write(10, 1, 5)
+        write(11, 10, 7)
+        sampler = pmdaemon.Sampler(root)
+        self.assertEqual({pid: stat.cpu_ticks for pid, stat in sampler.scan().items()}, {10: 5, 11: 7})
+        write(10, 1, 50)
+        table = sampler.scan()
+        self.assertEqual(table[10].cpu_ticks, 5)                  # known: not read again
+        sampler.fresh(table, [10])
+        self.assertEqual(table[10].cpu_ticks, 50)
+        write(11, 1, 70, "new")                                   # the pid reused by another process:
+        shutil.rmtree(os.path.join(root, "11"))                   # a directory with another inode
+        os.rename(os.path.join(root, "new"), os.path.join(root, "11"))
+        self.assertEqual((sampler.scan()[11].ppid, sampler.scan()[11].cpu_ticks), (1, 70))
+        write(10, 1, 99)
+        seen = [sampler.scan()[10].cpu_ticks for _ in range(pmdaemon.SCAN_FULL_EVERY)]
+        self.assertEqual((seen[0], seen[-1]), (50, 99))            # every Nth scan reads everything
+        shutil.rmtree(os.path.join(root, "10"))
+        sampler.fresh(table, [10])
+        self.assertNotIn(10, table)
+
     def test_sampler_survives_missing_and_odd_proc_files(self):
         root = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, root)
