@@ -3565,6 +3565,8 @@ class RequestParser:
     be decided from the header block alone; each request gets a fresh body reader, so nothing
     of one request's framing leaks into the next on a keep-alive connection."""
 
+    __slots__ = ("buffer", "max_body", "_request", "_body", "_scanned", "_line_checked")
+
     def __init__(self, max_body: int = MAX_BODY_BYTES):
         self.buffer = bytearray()
         self.max_body = max_body
@@ -3773,6 +3775,8 @@ class WsEvent(NamedTuple):
 
 class WsProtocol:
     """Server side of a WebSocket connection, without I/O."""
+    __slots__ = ("max_message", "max_fragments", "buffer", "outgoing", "state", "failure", "_skip", "_probe",
+                 "_probed", "_opcode", "_parts", "_size", "_fragments", "_decoder")
 
     def __init__(self, max_message: int = MAX_WS_MESSAGE, max_fragments: int = MAX_WS_FRAGMENTS):
         self.max_message = max_message
@@ -5588,7 +5592,13 @@ def ws_message(kind: str, data: Any) -> bytes:
 
 
 class WsSession:
-    """One WebSocket connection: read loop, keepalive pings, a bounded send buffer."""
+    """One WebSocket connection: read loop, keepalive pings, a bounded send buffer. Thousands
+    may be open: slots, no task but the connection's own (pings ride a timer), and nothing of
+    the HTTP request that opened it."""
+    __slots__ = ("reader", "writer", "protocol", "stats", "transport", "on_message", "send_buffer",
+                 "slow_grace", "ping_interval", "pong_timeout", "behind_since", "dropped_log_lines", "closed",
+                 "log_subscriptions", "type_filter", "process_filter", "_awaiting_pong", "_loop", "_ping_timer",
+                 "leftover")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  protocol: WsProtocol, on_message: Callable[["WsSession", WsEvent], None],
@@ -5604,11 +5614,13 @@ class WsSession:
         self.behind_since: Optional[float] = None
         self.dropped_log_lines = 0
         self.closed = False
-        self.log_subscriptions: set = set()       # process names, or "*" for all
+        self.log_subscriptions = NO_NAMES                 # process names, or "*" for all
         self.type_filter: Optional[set] = None
         self.process_filter: Optional[set] = None
         self._awaiting_pong: Optional[bytes] = None
         self._loop = asyncio.get_event_loop()
+        self._ping_timer = None
+        self.leftover = b""                 # bytes read past the handshake: the first frames
 
     def on_log(self, line: LogLine) -> None:
         """A LogHub subscriber: the frame is built once per line for all WebSocket clients."""
@@ -5622,7 +5634,7 @@ class WsSession:
         self.send(frame, "log")
 
     def on_log_end(self, name: Optional[str]) -> None:
-        self.log_subscriptions.discard(name)
+        self.log_subscriptions = self.log_subscriptions - {name}
 
     def wants(self, kind: str, process: Optional[str]) -> bool:
         if self.type_filter is not None and kind not in self.type_filter:
@@ -5684,9 +5696,9 @@ class WsSession:
             self.transport.abort()
 
     async def run(self, leftover: bytes = b"") -> None:
-        pinger = asyncio.ensure_future(self._keepalive())
+        self._ping_timer = self._loop.call_later(self.ping_interval, self._ping)
         try:
-            data = leftover
+            data, self.leftover = leftover or self.leftover, b""
             while not self.closed:
                 if data:
                     if not self._receive(data):
@@ -5697,7 +5709,7 @@ class WsSession:
         except (ConnectionError, OSError):
             pass
         finally:
-            pinger.cancel()
+            self._ping_timer.cancel()
             self.closed = True
             self.writer.close()
 
@@ -5731,18 +5743,22 @@ class WsSession:
                 self.transport.write(frame)
         self.protocol.outgoing.clear()
 
-    async def _keepalive(self) -> None:
+    def _ping(self) -> None:
         """A ping every ping_interval; each must be answered within pong_timeout."""
-        while not self.closed:
-            await asyncio.sleep(self.ping_interval)
-            if self._awaiting_pong is None:
-                token = self._awaiting_pong = secrets.token_bytes(4)
-                self.send(encode_frame(Opcode.PING, token))
-                self._loop.call_later(self.pong_timeout, self._check_pong, token)
+        if self.closed:
+            return
+        self._ping_timer = self._loop.call_later(self.ping_interval, self._ping)
+        if self._awaiting_pong is None:
+            token = self._awaiting_pong = secrets.token_bytes(4)
+            self.send(encode_frame(Opcode.PING, token))
+            self._loop.call_later(self.pong_timeout, self._check_pong, token)
 
     def _check_pong(self, token: bytes) -> None:
         if self._awaiting_pong == token:
             self.fail(CloseCode.POLICY_VIOLATION, "no pong within %g s" % self.pong_timeout)
+
+
+NO_NAMES: frozenset = frozenset()           # shared by every session that subscribed to nothing
 
 
 def invalid_command(text: str) -> HttpError:
@@ -5826,7 +5842,7 @@ class Broadcaster:
     def remove_client(self, client: "WsSession") -> None:
         self.clients.discard(client)
         self.hub.unsubscribe(client, client.log_subscriptions)
-        client.log_subscriptions.clear()
+        client.log_subscriptions = NO_NAMES
 
     def send_initial_state(self, client: "WsSession") -> None:
         """A new client gets the current state at once rather than at the next tick."""
@@ -6017,7 +6033,9 @@ class HttpServer:
         self.connections.add(writer)
         self.api.server_stats.connections = len(self.connections)
         try:
-            await self._http_loop(reader, writer)
+            session = await self._http_loop(reader, writer)
+            if session is not None:     # upgraded: the HTTP loop and its request are gone
+                await self._run_websocket(session)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         except asyncio.TimeoutError:
@@ -6029,10 +6047,11 @@ class HttpServer:
             self.api.server_stats.connections = len(self.connections)
             writer.close()
 
-    async def _http_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Requests in order on one connection. A head is admitted (or refused and answered)
-        before any of its body is read; deadlines are absolute per phase: a header block within
-        header_timeout of its first byte, a body within body_timeout of its head."""
+    async def _http_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Optional[WsSession]:
+        """Requests in order on one connection, until it closes (None) or is upgraded (its
+        WsSession). A head is admitted (or refused and answered) before any of its body is read;
+        deadlines are absolute per phase: a header block within header_timeout of its first
+        byte, a body within body_timeout of its head."""
         loop = asyncio.get_event_loop()
         config = self.config
         parser = RequestParser(config.max_body_bytes)
@@ -6081,8 +6100,10 @@ class HttpServer:
                 reserved = 0
                 learnable = fresh if not parser.buffer else None    # the request was that one read
                 fresh = None
-                if not await self._respond(request, parser, reader, writer, learnable):
-                    return
+                outcome = await self._respond(request, parser, reader, writer, learnable)
+                if outcome is not True:
+                    return outcome if isinstance(outcome, WsSession) else None
+                request = head = data = learnable = None    # nothing of it kept while idle
                 phase, watch.deadline = "idle", loop.time() + config.keepalive_timeout
         finally:
             self.deadlines.discard(watch)
@@ -6113,16 +6134,16 @@ class HttpServer:
         return wanted
 
     async def _respond(self, request: Request, parser: RequestParser, reader, writer,
-                       learnable: Optional[bytes] = None) -> bool:
-        """Answer one request; True when the connection stays open for the next. `learnable`:
-        the request's exact bytes, when it came in one read of its own (RepeatedAnswers)."""
+                       learnable: Optional[bytes] = None) -> Any:
+        """Answer one request: True when the connection stays open for the next, a WsSession
+        when it is upgraded, False when it ends. `learnable`: the request's exact bytes, when
+        it came in one read of its own (RepeatedAnswers)."""
         if isinstance(request.route, Response):
             response = request.route             # answered from the head alone (OPTIONS)
         else:
             response = await self.api.handle(request)
         if response.status == 101:
-            await self._websocket(request, response, parser, reader, writer)
-            return False
+            return await self._websocket(request, response, parser, reader, writer)
         if response.stream is not None:
             task = asyncio.current_task()
             self.streams.add(task)
@@ -6200,13 +6221,14 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await chunks.aclose()
 
-    async def _websocket(self, request: Request, response: Response, parser: RequestParser, reader, writer) -> None:
-        """Run a WebSocket session on a connection whose handshake the API accepted."""
+    async def _websocket(self, request: Request, response: Response, parser: RequestParser,
+                         reader, writer) -> Optional[WsSession]:
+        """Complete a handshake the API accepted: the session to run, or None (refused)."""
         broadcaster = self.broadcaster
         if broadcaster is None or len(broadcaster.clients) >= self.config.max_ws_clients:
             await self._answer_and_close(reader, writer, self.api.error_response(
                 HttpError(503, "SERVICE_UNAVAILABLE", "too many WebSocket clients"), request))
-            return
+            return None
         writer.write(response.body)
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -6219,11 +6241,16 @@ class HttpServer:
                             ping_interval=self.config.ws_ping_interval,
                             pong_timeout=self.config.ws_pong_timeout,
                             slow_grace=self.config.ws_slow_grace, stats=stats)
-        broadcaster.add_client(session)
+        session.leftover = bytes(parser.buffer)
+        broadcaster.add_client(session)         # counted now: no await before the session runs
         stats.ws_clients = len(broadcaster.clients)
+        return session
+
+    async def _run_websocket(self, session: WsSession) -> None:
+        broadcaster, stats = self.broadcaster, self.api.server_stats
         try:
             broadcaster.send_initial_state(session)
-            await session.run(bytes(parser.buffer))
+            await session.run()
         finally:
             broadcaster.remove_client(session)
             stats.ws_clients = len(broadcaster.clients)
