@@ -6420,6 +6420,21 @@ def forbid_inspection() -> bool:
         return False
 
 
+def watch_children_by_pidfd(loop) -> None:
+    """Learn of children's exits from a pidfd each in the event loop, not from a thread per
+    child blocked in waitpid: no thread to start in a restart, no stack per child. Python 3.12
+    does this by itself; 3.9-3.11 are told here when the kernel has pidfd_open (Linux 5.3)."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return                              # an older kernel, or a sandbox that forbids it
+    watcher = asyncio.PidfdChildWatcher()
+    asyncio.set_child_watcher(watcher)
+    watcher.attach_loop(loop)
+
+
 def raise_file_limit(wanted: int) -> None:
     """Allow enough descriptors for the connection cap (soft limit up to the hard limit)."""
     try:
@@ -6432,25 +6447,26 @@ def raise_file_limit(wanted: int) -> None:
         pass
 
 
-def daemon_log_file(path: str) -> logging.Handler:
-    """pmdaemon.log: rotated like the process logs (never fills the disk), created 0600 and
-    never through a link; a failed write (a full disk) is dropped, stderr still has the line."""
-    import logging.handlers                 # the daemon's only: not loaded by CLI commands
+class DaemonLogFile(logging.Handler):
+    """pmdaemon.log, written like a process log (a LogFile): rotated, so it never fills the
+    disk; 0600, never through a link; a failed write (a full disk) is dropped, stderr still
+    has the line. (Not logging.handlers: half a MiB of imports for one file.)"""
 
-    class DaemonLogFile(logging.handlers.RotatingFileHandler):
-        def _open(self):
-            return open(open_private(self.baseFilename), "a", encoding="utf-8")
+    def __init__(self, path: str):
+        super().__init__()
+        self.file = LogFile(path, DEFAULT_LOG_MAX_SIZE, DEFAULT_LOG_MAX_FILES)
+        self.file.write(b"")                # created now: an unusable file is known at start
 
-        def handleError(self, record: logging.LogRecord) -> None:
-            pass
-    return DaemonLogFile(path, maxBytes=DEFAULT_LOG_MAX_SIZE, backupCount=DEFAULT_LOG_MAX_FILES - 1)
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.file.write((self.format(record) + "\n").encode("utf-8", "replace"))
 
 
 def setup_logging(home: str, level: str, to_stderr: bool = True) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)] if to_stderr else []
     with contextlib.suppress(OSError):
-        handlers.append(daemon_log_file(os.path.join(home, "pmdaemon.log")))
+        handlers.append(DaemonLogFile(os.path.join(home, "pmdaemon.log")))
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
@@ -6599,6 +6615,7 @@ def command_web(args: argparse.Namespace) -> int:
     raise_file_limit(config.max_connections + 1024)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    watch_children_by_pidfd(loop)
     try:
         return loop.run_until_complete(daemon.run())
     except OSError as exc:

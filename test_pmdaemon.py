@@ -2254,6 +2254,21 @@ class TestTimeouts(DaemonTestCase):
 class TestSupervision(DaemonTestCase):
     daemon_env = {"PMDAEMON_API_KEY": "", "SECRET_PROBE": "visible"}
 
+    @unittest.skipUnless(hasattr(os, "pidfd_open"), "this Python watches children with a thread each")
+    def test_children_are_watched_without_a_thread_each(self):
+        """Exits come from a pidfd per child in the event loop: eight children, a kill -9 and
+        a restart later, the daemon has no more threads than before them."""
+        threads = lambda: len(os.listdir("/proc/%d/task" % self.daemon.proc.pid))
+        before = threads()
+        for index in range(8):
+            self.daemon.start("sv-thread-%d" % index, "sleep", ["60"])
+        pid = self.daemon.process("sv-thread-0")["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: self.daemon.process("sv-thread-0")["pid"] not in (None, pid), message="the restart")
+        self.assertLessEqual(threads(), max(before, 2))     # the main thread, perhaps one for a log read
+        for index in range(8):
+            self.daemon.request("DELETE", "/api/processes/sv-thread-%d" % index)
+
     def test_crashed_child_is_restarted_and_counted(self):
         created = self.daemon.start("sv-crash", PY, ["-c", "import time; time.sleep(0.4); raise SystemExit(2)"],
                                     min_uptime=200)
