@@ -162,6 +162,7 @@ BACKOFF_MAX_MS = 15_000
 BACKOFF_RESET_UPTIME_MS = 30_000
 SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
 SCAN_FULL_EVERY = 30                   # every Nth /proc scan re-reads every process, not just new ones
+MAX_HELD_STAT_FILES = 4096             # /proc/PID/stat kept open for the processes sampled every tick
 DEFAULT_LISTEN_TIMEOUT_MS = 10_000     # wait_ready: longest wait for the first healthy check
 HEALTH_STARTING_INTERVAL = 0.25        # seconds between checks while waiting to be ready
 MAX_HEALTH_RESPONSE_LINE = 8192
@@ -1066,6 +1067,7 @@ class Sampler:
         self.cores = os.cpu_count() or 1
         self._known: Dict[int, Tuple[int, PidStat]] = {}    # pid -> (its /proc inode, what was read)
         self._scans = 0
+        self._held: Dict[int, int] = {}     # pid -> open /proc/PID/stat of a process re-read every tick
 
     def _read(self, *parts: str) -> str:
         return self._read_bytes(*parts).decode("ascii", "replace")
@@ -1134,20 +1136,49 @@ class Sampler:
                 table[pid] = found
                 now_known[pid] = (inode, found)
         self._known = now_known
+        for pid in [pid for pid in self._held if pid not in now_known]:
+            os.close(self._held.pop(pid))
         return table
 
-    def fresh(self, table: Dict[int, PidStat], pids: List[int]) -> None:
-        """Re-read `pids` into `table` (and the scan's memory); those gone are removed."""
+    def fresh(self, table: Dict[int, PidStat], pids: List[int]) -> bool:
+        """Re-read `pids` into `table` (and the scan's memory); those gone are removed. True
+        when a parent link changed or a process went (trees must be walked again)."""
+        changed = False
         for pid in pids:
-            found = self.stat(pid)
+            found = self._read_held(pid)
             seen = self._known.get(pid)
+            old = table.pop(pid, None)
             if found is None or (seen is not None and seen[1].start_ticks != found.start_ticks):
-                table.pop(pid, None)        # gone, or the pid now names another process
-                self._known.pop(pid, None)
+                self._known.pop(pid, None)  # gone, or the pid now names another process
+                changed = True
                 continue
             table[pid] = found
+            changed = changed or old is None or old.ppid != found.ppid
             if seen is not None:
                 self._known[pid] = (seen[0], found)
+        return changed
+
+    def _read_held(self, pid: int) -> Optional[PidStat]:
+        """/proc/PID/stat of a process read every tick, through a descriptor kept open: one
+        pread instead of open, read, close (the descriptor names that very process: once it
+        is gone, reads fail rather than show another process that got its pid)."""
+        descriptor = self._held.get(pid)
+        try:
+            if descriptor is None:
+                if len(self._held) >= MAX_HELD_STAT_FILES:
+                    return self.stat(pid)
+                descriptor = self._held[pid] = os.open("%s/%d/stat" % (self.proc_root, pid),
+                                                       os.O_RDONLY | os.O_CLOEXEC)
+            return parse_pid_stat(os.pread(descriptor, 4096, 0).decode("ascii", "replace"))
+        except (OSError, ValueError, IndexError):
+            if pid in self._held:
+                os.close(self._held.pop(pid))
+            return None
+
+    def close(self) -> None:
+        for descriptor in self._held.values():
+            os.close(descriptor)
+        self._held.clear()
 
     def tree_cpu(self, key: Any, ticks: int) -> float:
         """CPU % of one core used by `key` since its previous sample, from cumulative ticks."""
@@ -2810,8 +2841,8 @@ class MetricsLoop:
             # trees are walked again in case a member left (its parent changed).
             table = self.sampler.scan()
             children = children_index(table)
-            self.sampler.fresh(table, [pid for runner in running for pid in descendants(table, runner.pid, children)])
-            children = children_index(table)
+            if self.sampler.fresh(table, [pid for runner in running for pid in descendants(table, runner.pid, children)]):
+                children = children_index(table)
             for runner in running:
                 tree = descendants(table, runner.pid, children)
                 cpu = self.sampler.tree_cpu((runner.id, runner.pid), sum(table[pid].cpu_ticks for pid in tree))
@@ -3245,6 +3276,7 @@ class Supervisor:
         await asyncio.gather(*(runner.shut_down() for runner in self.registry.runners()))
         self.hub.end(None)
         self.store.flush()
+        self.sampler.close()
 
 
 def _saved_int(value: Any, high: int) -> int:

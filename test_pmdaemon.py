@@ -368,9 +368,24 @@ class TestProcParsers(unittest.TestCase):
         write(10, 1, 99)
         seen = [sampler.scan()[10].cpu_ticks for _ in range(pmdaemon.SCAN_FULL_EVERY)]
         self.assertEqual((seen[0], seen[-1]), (50, 99))            # every Nth scan reads everything
+        descriptors = lambda: len(os.listdir("/proc/self/fd"))
+        held = descriptors()                                       # 10 is re-read through an open file
         shutil.rmtree(os.path.join(root, "10"))
-        sampler.fresh(table, [10])
-        self.assertNotIn(10, table)
+        self.assertNotIn(10, sampler.scan())
+        self.assertEqual(descriptors(), held - 1)                  # closed once the pid is gone
+        sampler.close()
+
+    def test_fresh_drops_a_process_that_is_gone(self):
+        child = subprocess.Popen(["sleep", "60"])
+        sampler = pmdaemon.Sampler()
+        self.addCleanup(sampler.close)
+        table = sampler.scan()
+        self.assertFalse(sampler.fresh(table, [child.pid]))         # read again: nothing changed
+        self.assertEqual(table[child.pid].ppid, os.getpid())
+        child.kill()
+        child.wait()
+        self.assertTrue(sampler.fresh(table, [child.pid]))
+        self.assertNotIn(child.pid, table)
 
     def test_sampler_survives_missing_and_odd_proc_files(self):
         root = tempfile.mkdtemp()
