@@ -131,6 +131,7 @@ MAX_BODY_MEMORY = 64 * 1024 * 1024     # all bodies being received at once, daem
 MAX_CHUNK_LINE = 1024                  # chunk-size line with extensions -> 400
 MAX_BODY_CHUNKS = 1024                 # chunks in one chunked body -> 413 (bounds work per byte)
 READ_CHUNK = 64 * 1024                 # bytes asked of the socket per read
+PLAN_KEEP_BYTES = 64 * 1024            # a repeated answer larger than this is rendered anew each time
 HEADER_TIMEOUT = 10.0                  # seconds for a whole header block, from its first byte
 BODY_TIMEOUT = 30.0                    # seconds for a whole body, from the end of its header
 KEEPALIVE_TIMEOUT = 30.0               # seconds an idle keep-alive connection is kept
@@ -5081,8 +5082,10 @@ class AnswerPlan:
         body = self.snapshot()
         if body is not self._body or date is not self._date:
             response = Response(200, body, self.content_type, list(self.headers), cache=self.cache)
-            self._bytes = serialize_response(response, date, True, self.http10, self.head_only)
-            self._body, self._date = body, date
+            rendered = serialize_response(response, date, True, self.http10, self.head_only)
+            if len(rendered) > PLAN_KEEP_BYTES:
+                return rendered             # a big list: joined anew rather than kept per head
+            self._bytes, self._body, self._date = rendered, body, date
         return self._bytes
 
 
@@ -5097,10 +5100,11 @@ class RepeatedAnswers:
     fixed at start (keys, hosts, origins; the peer is checked per connection), so the next
     identical head is answered from the same snapshot by the same serializer. Anything else
     (another head, pipelined requests, a head split over reads) takes the full path. Bounded:
-    `limit` heads of at most `max_head` bytes, oldest forgotten first."""
+    `limit` heads of at most `max_head` bytes, oldest forgotten first, each keeping at most
+    PLAN_KEEP_BYTES of rendered answer."""
     __slots__ = ("plans", "limit", "max_head")
 
-    def __init__(self, limit: int = 64, max_head: int = 2048):
+    def __init__(self, limit: int = 32, max_head: int = 2048):
         self.plans: Dict[bytes, AnswerPlan] = {}
         self.limit, self.max_head = limit, max_head
 

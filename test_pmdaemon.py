@@ -3821,6 +3821,13 @@ class TestRepeatedAnswers(unittest.TestCase):
         self.assertEqual(list(answers.plans), heads[1:])
         self.assertIsNone(answers.answer(heads[0], b"date"))
         self.assertTrue(answers.answer(heads[2], b"date").endswith(b"\r\n\r\n{}"))
+        big = b"[%s]" % b",".join([b"1"] * 40000)                 # past what a plan keeps: rendered each time
+        request = parse_all(heads[0])[0][0]
+        request.route = (pmdaemon.Route("GET", None, None, snapshot=lambda: big), {})
+        answers.learn(heads[0], request, pmdaemon.Response(200, big), keep_alive=True)
+        for _ in range(2):
+            self.assertEqual(answers.answer(heads[0], b"date"), pmdaemon.serialize_response(
+                pmdaemon.Response(200, big), b"date", True))
 
 
 class TestInternalErrors(unittest.TestCase):
