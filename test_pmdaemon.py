@@ -755,7 +755,6 @@ class TestCron(unittest.TestCase):
         self.assertEqual(caught.exception.message, "field 'cron_restart': '61' is not a minute (0-59)")
 
     def test_a_scheduled_restart_happens_at_its_minute(self):
-        import asyncio
         home = tempfile.mkdtemp(prefix="pmd-cron-")
         self.addCleanup(shutil.rmtree, home, True)
         offset = [(60 - time.time() % 60) - 0.3]       # the clock reads 0.3 s before a minute starts
@@ -1946,7 +1945,6 @@ class TestCli(DaemonTestCase):
             self.cli("delete", name)
 
     def test_logs_on_a_terminal_show_control_sequences_instead_of_obeying_them(self):
-        import pty
         self.daemon.start("cli-esc", PY, ["-c", r"print('\x1b[2J\x1b]0;owned\x07red\rX'); import time; time.sleep(60)"])
         wait_until(lambda: "red" in self.daemon.last_line("cli-esc"), message="the line")
         output = run_in_terminal([PY, PMDAEMON, "logs", "cli-esc"], dict(os.environ, PMDAEMON_HOME=self.daemon.home))
@@ -4166,16 +4164,22 @@ def bench_cli(daemon, table, seconds, rounds, count=20):
               "-", "(the floor of the script form)", True)
 
 
+async def send_head(port, request):
+    """A connection that has sent `request` and read the head of its answer: (reader, writer)."""
+    import asyncio
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+
 async def open_idle_connections(port, count, request):
     """`count` connections that each send `request` once, read its answer, then stay idle."""
     import asyncio
     held = []
 
     async def one():
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
-        await reader.readuntil(b"\r\n\r\n")
-        held.append(writer)
+        held.append((await send_head(port, request))[1])
     for start in range(0, count, 250):
         await asyncio.gather(*(one() for _ in range(min(250, count - start))))
     return held
@@ -4222,9 +4226,7 @@ async def ws_clients(port, count, ticks):
     writers = []
 
     async def client():
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(WS_HANDSHAKE)
-        await reader.readuntil(b"\r\n\r\n")
+        reader, writer = await send_head(port, WS_HANDSHAKE)
         writers.append(writer)
         while True:
             data = await reader.read(65536)
