@@ -115,8 +115,8 @@ PORT_ENV = "PMDAEMON_PORT"
 SECRET_ENV_NAMES = frozenset({API_KEY_ENV})
 # Files are opened without following a link where the platform allows it.
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
-PR_SET_DUMPABLE = 4                    # prctl(2): not dumpable, /proc/PID/* not readable by peers       # Linux: struct ucred of a Unix socket peer
+SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)   # Linux: struct ucred of a Unix socket peer
+PR_SET_DUMPABLE = 4                    # prctl(2): not dumpable, /proc/PID/* not readable by peers
 SOCKET_NAME = "pmdaemon.sock"          # the API on a Unix socket in the home, mode 0600
 CODE_CACHE_NAME = "pmdaemon.pyc"       # the daemon's own code, compiled once (run_from_code_cache)
 # Set in every child, inherited by everything it starts: how stop finds double-forked escapees.
@@ -6537,7 +6537,10 @@ def run_from_code_cache(home: str) -> None:
             atomic_write(path, header + marshal.dumps(code))
     except (OSError, ValueError, SyntaxError):
         return
-    os.execv(sys.executable, [sys.executable] + subprocess._args_from_interpreter_flags() + [path] + sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(OSError):      # no usable sys.executable: run as we are
+        os.execv(sys.executable, [sys.executable] + subprocess._args_from_interpreter_flags() + [path] + sys.argv[1:])
 
 
 def _cached_header(path: str) -> bytes:
@@ -6590,6 +6593,12 @@ def read_key_files(paths: List[str]) -> Tuple[str, ...]:
     return tuple(keys)
 
 
+def warn_if_clear_text(api_key: Optional[str], tls: Optional[TlsFiles], host: str) -> None:
+    if api_key and not tls and not is_loopback_bind(host):
+        print("pmdaemon: warning: %s is not loopback and there is no TLS: the key and everything "
+              "else cross the network in clear text (use --tls-cert/--tls-key)" % host, file=sys.stderr)
+
+
 def command_web(args: argparse.Namespace) -> int:
     try:
         api_key = resolve_api_key(args)
@@ -6605,9 +6614,6 @@ def command_web(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print("pmdaemon: cannot use the TLS files: %s" % exc, file=sys.stderr)
         return 2
-    if api_key and not tls and not is_loopback_bind(args.host):
-        print("pmdaemon: warning: %s is not loopback and there is no TLS: the key and everything "
-              "else cross the network in clear text (use --tls-cert/--tls-key)" % args.host, file=sys.stderr)
     if read_keys and not api_key:
         print("pmdaemon: --read-key-file needs an API key too (without one, access is by user, "
               "not by key)", file=sys.stderr)
@@ -6619,6 +6625,7 @@ def command_web(args: argparse.Namespace) -> int:
         return 2
     home = client_home(args)
     if args.daemonize:
+        warn_if_clear_text(api_key, tls, args.host)
         pid = start_background_daemon(home, web_argv(args))
         print("pmdaemon: daemon running in the background (pid %d, home %s)" % (pid, home))
         return 0
@@ -6644,6 +6651,7 @@ def command_web(args: argparse.Namespace) -> int:
         print("pmdaemon: cannot use %s as the home directory: %s" % (home, exc.strerror or exc),
               file=sys.stderr)
         return 1
+    warn_if_clear_text(api_key, tls, args.host)    # said here: once, after the re-execution
     setup_logging(home, args.log_level, to_stderr=not args.quiet)
     if not forbid_inspection():
         log.warning("prctl(PR_SET_DUMPABLE) is not available: children of this user could read "
