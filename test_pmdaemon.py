@@ -3969,7 +3969,7 @@ class BenchTable:
         self.rows = []
 
     def add(self, measure, ours, baseline, ratio, goal, met):
-        row = (measure, ours, baseline, ratio, goal, "yes" if met else "NO")
+        row = (measure, ours, baseline, ratio, goal, "-" if met is None else "yes" if met else "NO")
         self.rows.append(row)
         print("  %s: %s | baseline %s | %s | goal %s | %s" % row, flush=True)
 
@@ -4161,7 +4161,7 @@ def bench_cli(daemon, table, seconds, rounds, count=20):
         table.add("`%s` wall time (median of %d)" % (label, count), "%.0f ms" % value,
                   "%.0f ms (python3 -c pass)" % bare, "%+.0f ms" % (value - bare), "<= +60 ms", value - bare <= 60)
     table.add("of which compiling pmdaemon.py (a script is never cached)", "%.0f ms" % (compiling - bare), "-",
-              "-", "(the floor of the script form)", True)
+              "-", "(the floor of the script form)", None)
 
 
 async def send_head(port, request):
