@@ -48,7 +48,6 @@ import base64
 import codecs
 import contextlib
 import dataclasses
-import datetime
 import enum
 import errno
 import fcntl
@@ -63,7 +62,6 @@ import marshal
 import math
 import os
 import re
-import secrets
 import select
 import shlex
 import shutil
@@ -94,6 +92,7 @@ def lazy_module(name: str):
 
 
 asyncio = lazy_module("asyncio")
+datetime = lazy_module("datetime")      # only cron_restart needs it (0.3 MiB the daemon need not hold)
 
 log = logging.getLogger("pmdaemon")
 
@@ -1048,10 +1047,11 @@ class SystemMetrics:
 
 def iso_time(wall_time: float, milliseconds: bool = False) -> str:
     """ISO 8601 UTC with a Z, as the spec shows ("2024-01-15T14:30:25Z")."""
-    moment = datetime.datetime.fromtimestamp(wall_time, datetime.timezone.utc)
+    seconds = math.floor(wall_time)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     if milliseconds:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return text + ".%03dZ" % min(999, int((wall_time - seconds) * 1000))
+    return text + "Z"
 
 
 class Sampler:
@@ -2884,7 +2884,7 @@ class Supervisor:
         self.store = StateStore(os.path.join(home, "state.json"), self.snapshot,
                                 self.settings.state_save_interval, self.settings.state_lazy_interval, clock)
         self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall)
-        self.session = secrets.token_hex(6)     # run tokens of this daemon: SESSION-ID
+        self.session = os.urandom(6).hex()      # run tokens of this daemon: SESSION-ID
         self._cgroups: Optional[Cgroups] = None
         self.generation = 0                     # counts announcements: keys the API's caches
         self.listeners: List[Listener] = []
@@ -4187,7 +4187,7 @@ class TicketBook:
         self._tickets = {t: expiry for t, expiry in self._tickets.items() if expiry > now}
         if len(self._tickets) >= MAX_WS_TICKETS:
             raise HttpError(503, "TOO_MANY_TICKETS", "too many unused WebSocket tickets; retry later")
-        ticket = secrets.token_urlsafe(24)
+        ticket = base64.urlsafe_b64encode(os.urandom(24)).rstrip(b"=").decode("ascii")
         self._tickets[ticket] = now + self.ttl
         return ticket
 
@@ -5785,7 +5785,7 @@ class WsSession:
             return
         self._ping_timer = self._loop.call_later(self.ping_interval, self._ping)
         if self._awaiting_pong is None:
-            token = self._awaiting_pong = secrets.token_bytes(4)
+            token = self._awaiting_pong = os.urandom(4)
             self.send(encode_frame(Opcode.PING, token))
             self._loop.call_later(self.pong_timeout, self._check_pong, token)
 
@@ -6463,10 +6463,10 @@ def watch_children_by_pidfd(loop) -> None:
     if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
         return
     try:
-        os.close(os.pidfd_open(os.getpid()))
+        os.close(os.pidfd_open(os.getpid()))  # novermin (3.9+: checked above)
     except OSError:
         return                              # an older kernel, or a sandbox that forbids it
-    watcher = asyncio.PidfdChildWatcher()
+    watcher = asyncio.PidfdChildWatcher()   # novermin
     asyncio.set_child_watcher(watcher)
     watcher.attach_loop(loop)
 
