@@ -162,7 +162,7 @@ BACKOFF_MAX_MS = 15_000
 BACKOFF_RESET_UPTIME_MS = 30_000
 SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
 SCAN_FULL_EVERY = 30                   # every Nth /proc scan re-reads every process, not just new ones
-MAX_HELD_STAT_FILES = 4096             # /proc/PID/stat kept open for the processes sampled every tick
+MAX_HELD_STAT_FILES = 1024             # /proc/PID/stat kept open for the processes sampled every tick
 DEFAULT_LISTEN_TIMEOUT_MS = 10_000     # wait_ready: longest wait for the first healthy check
 HEALTH_STARTING_INTERVAL = 0.25        # seconds between checks while waiting to be ready
 MAX_HEALTH_RESPONSE_LINE = 8192
@@ -6656,7 +6656,8 @@ def command_web(args: argparse.Namespace) -> int:
     if not forbid_inspection():
         log.warning("prctl(PR_SET_DUMPABLE) is not available: children of this user could read "
                     "the daemon's environment; prefer --api-key-file to $%s" % API_KEY_ENV)
-    raise_file_limit(config.max_connections + 1024)
+    # Connections, and per managed process: 3 pipes, a pidfd, 2 log files, a held stat file.
+    raise_file_limit(config.max_connections + 8 * MAX_PROCESSES + 1024)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     watch_children_by_pidfd(loop)
