@@ -6498,9 +6498,24 @@ class DaemonLogFile(logging.Handler):
             self.file.write((self.format(record) + "\n").encode("utf-8", "replace"))
 
 
+class StderrLog(logging.Handler):
+    """The daemon's log on stderr, which must never stop the daemon: a line goes out only when
+    the stream can take it at once. A pipe nobody reads (or a stopped terminal) loses lines
+    there; pmdaemon.log keeps them all. (A blocking write would freeze every child's
+    supervision until someone reads.)"""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            descriptor = sys.stderr.fileno()
+            # Writable means room for at least PIPE_BUF bytes: a line cut to that fits whole.
+            if select.select([], [descriptor], [], 0)[1]:
+                line = self.format(record).encode("utf-8", "replace")[:select.PIPE_BUF - 1]
+                os.write(descriptor, line + b"\n")
+
+
 def setup_logging(home: str, level: str, to_stderr: bool = True) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)] if to_stderr else []
+    handlers: List[logging.Handler] = [StderrLog()] if to_stderr else []
     with contextlib.suppress(OSError):
         handlers.append(DaemonLogFile(os.path.join(home, "pmdaemon.log")))
     for handler in handlers:

@@ -3054,6 +3054,20 @@ class TestDaemonLifecycle(unittest.TestCase):
         self.addCleanup(daemon.cleanup)
         return daemon
 
+    def test_a_stderr_nobody_reads_does_not_stop_the_daemon(self):
+        """A crash loop logs lines without end; with its stderr a full pipe (shrunk here to one
+        page) the daemon keeps supervising and answering, and pmdaemon.log has every line."""
+        import fcntl
+        daemon = self.daemon()
+        fcntl.fcntl(daemon.proc.stderr.fileno(), 1031, 4096)          # F_SETPIPE_SZ: one page
+        daemon.start("loud", "false", [], min_uptime=0, max_restarts=1_000_000, restart_delay=0)
+        wait_until(lambda: daemon.process("loud")["restarts"] >= 200, 20, message="200 restarts")
+        self.assertEqual(daemon.get("/api/system")[0], 200)
+        logged = read_text(os.path.join(self.home, "pmdaemon.log")).count("loud restarted")
+        self.assertGreaterEqual(logged, 200)
+        self.assertLess(len(daemon.proc.stderr.read1(1 << 20)), logged * 60)   # stderr lost lines
+        daemon.request("DELETE", "/api/processes/loud")
+
     def test_the_daemon_runs_from_its_private_code_cache(self):
         """Compiling the script costs ~20 MiB the daemon would keep: `web` re-executes itself
         from its code compiled into the home; a stale cache is replaced, a planted link refused."""
