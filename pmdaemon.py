@@ -6125,6 +6125,7 @@ class HttpServer:
                         if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
                             await asyncio.wait_for(writer.drain(), config.write_timeout)
                         watch.deadline = loop.time() + config.keepalive_timeout
+                        answer = data = None            # nothing of it kept while idle
                         data = await reader.read(READ_CHUNK)
                     if not data:
                         return
