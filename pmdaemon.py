@@ -2732,7 +2732,7 @@ class StateStore:
         self.clock = clock
         self.writes = 0
         self.last_error: Optional[str] = None
-        self._written: Tuple[Optional[bytes], Optional[bytes]] = (None, None)
+        self._written: Tuple[bytes, bytes] = (b"", b"")     # digests of the last write's two parts
         self._last_write = -math.inf
         self._timer = None                      # a prompt look after a change
         self._lazy_timer = None                 # the look when runtime details alone are due
@@ -2746,10 +2746,11 @@ class StateStore:
     def _check(self) -> None:
         self._timer = None
         durable, lazy = self._encode()
-        if (durable, lazy) == self._written:
+        written = self._digests(durable, lazy)
+        if written == self._written:
             return
         due = self._last_write + self.lazy_interval - self.clock()
-        if durable != self._written[0] or due <= 0:
+        if written[0] != self._written[0] or due <= 0:
             self._save(durable, lazy, quiet=True)
         elif self._lazy_timer is None:
             self._lazy_timer = asyncio.get_event_loop().call_later(due, self._lazy_due)
@@ -2762,6 +2763,11 @@ class StateStore:
         durable, lazy = self.snapshot()
         return json.dumps(durable, sort_keys=True).encode(), json.dumps(lazy, sort_keys=True).encode()
 
+    @staticmethod
+    def _digests(durable: bytes, lazy: bytes) -> Tuple[bytes, bytes]:
+        """What is kept of the last write to compare with: not the state itself (~1 KB a process)."""
+        return hashlib.blake2b(durable, digest_size=16).digest(), hashlib.blake2b(lazy, digest_size=16).digest()
+
     def save_now(self) -> None:
         """Write at once; StateNotSaved when the file cannot be written."""
         self._save(*self._encode(), quiet=False)
@@ -2773,7 +2779,7 @@ class StateStore:
                 timer.cancel()
         self._timer = self._lazy_timer = None
         durable, lazy = self._encode()
-        if (durable, lazy) != self._written:
+        if self._digests(durable, lazy) != self._written:
             self._save(durable, lazy, quiet=True)
 
     def _save(self, durable: bytes, lazy: bytes, quiet: bool) -> None:
@@ -2795,7 +2801,7 @@ class StateStore:
             log.info("state saved to %s again", self.path)
         self.last_error = None
         self.writes += 1
-        self._written, self._last_write = (durable, lazy), self.clock()
+        self._written, self._last_write = self._digests(durable, lazy), self.clock()
 
     def load(self) -> Optional[dict]:
         """The saved state, or None; a corrupt file is moved aside, never silently emptied."""
