@@ -6546,7 +6546,7 @@ def run_from_code_cache(home: str) -> None:
     executes that: pid, arguments, descriptors and environment stay. Returns when there is
     nothing to gain (imported: Python's own cache; already the cached code) or the cache
     cannot be written (the daemon then runs as it is)."""
-    if globals().get("__spec__") is not None or __file__.endswith(".pyc"):
+    if globals().get("__spec__") is not None or globals().get("__file__", ".pyc").endswith(".pyc"):
         return
     path = os.path.join(home, CODE_CACHE_NAME)
     try:
@@ -7756,6 +7756,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    if __file__.endswith(".pyc"):           # run from the code cache: import beside the source
+    if globals().get("__file__", "").endswith(".pyc"):   # run from the code cache: import beside the source
         sys.path[0] = os.path.dirname(source_path())
     sys.exit(main())
