@@ -2179,8 +2179,9 @@ def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str],
         found.update(pid for pid, stat in table.items()
                      if pid != os.getpid() and (since_ticks is None or stat.start_ticks >= since_ticks)
                      and sampler.environ_has(pid, marker))
-    sampler.fresh(table, sorted(found))         # their group and state as they are now
-    return [(pid, table[pid].start_ticks) for pid in sorted(found)
+    found = sorted(found)
+    sampler.fresh(table, found)                 # their group and state as they are now
+    return [(pid, table[pid].start_ticks) for pid in found
             if pid in table and table[pid].pgid != pgid and table[pid].state != "Z"]
 
 
@@ -2847,14 +2848,18 @@ class MetricsLoop:
             # One listing of /proc; then the usage of just the managed trees is read, and the
             # trees are walked again in case a member left (its parent changed).
             table = self.sampler.scan()
-            children = children_index(table)
-            if self.sampler.fresh(table, [pid for runner in running for pid in descendants(table, runner.pid, children)]):
-                children = children_index(table)
-            for runner in running:
-                tree = descendants(table, runner.pid, children)
+            trees = self._trees(table, running)
+            if self.sampler.fresh(table, [pid for tree in trees for pid in tree]):
+                trees = self._trees(table, running)
+            for runner, tree in zip(running, trees):
                 cpu = self.sampler.tree_cpu((runner.id, runner.pid), sum(table[pid].cpu_ticks for pid in tree))
                 runner.record_usage(cpu, sum(table[pid].rss_bytes for pid in tree))
         self.announce("tick", self.system)
+
+    @staticmethod
+    def _trees(table: Dict[int, PidStat], running: List[ProcessRunner]) -> List[List[int]]:
+        children = children_index(table)
+        return [descendants(table, runner.pid, children) for runner in running]
 
     async def run(self, interval: float) -> None:
         while True:
@@ -5737,10 +5742,10 @@ class WsSession:
             self.closed = True
             self.transport.abort()
 
-    async def run(self, leftover: bytes = b"") -> None:
+    async def run(self) -> None:
         self._ping_timer = self._loop.call_later(self.ping_interval, self._ping)
         try:
-            data, self.leftover = leftover or self.leftover, b""
+            data, self.leftover = self.leftover, b""
             while not self.closed:
                 if data:
                     if not self._receive(data):
@@ -6568,7 +6573,7 @@ def run_from_code_cache(home: str) -> None:
 def _cached_header(path: str) -> bytes:
     """The first 16 bytes of our code cache: a private, plain file of this user, or nothing."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | O_NOFOLLOW | os.O_CLOEXEC)
+        descriptor = open_private(path, os.O_RDONLY)
     except OSError:
         return b""
     with open(descriptor, "rb") as handle:

@@ -3911,7 +3911,8 @@ async def serve_echo_connection(reader, writer):
 
     session = pmdaemon.WsSession(reader, writer, pmdaemon.WsProtocol(ECHO_MAX_MESSAGE, 1 << 20), echo,
                                  send_buffer=4 * ECHO_MAX_MESSAGE)
-    await session.run(bytes(parser.buffer))
+    session.leftover = bytes(parser.buffer)
+    await session.run()
 
 
 def run_echo_server(port):
