@@ -3341,7 +3341,7 @@ def http_error(status: int, code: str, message: str) -> HttpError:
 class Request:
     """One parsed HTTP request; header names are lowercase."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "fields", "body",
-                 "keep_alive", "content_length", "chunked", "route", "authority", "access")
+                 "keep_alive", "content_length", "chunked", "route", "authority", "access", "owner")
 
     def __init__(self, method: str, target: str, path: str, query: str, version: str,
                  headers: List[Tuple[str, str]]):
@@ -3357,6 +3357,7 @@ class Request:
         self.route: Any = None          # (Route, params) once the API has admitted the head
         self.authority: Optional[str] = None    # host[:port] of an absolute-form target
         self.access = "full"                    # or "read": what the request's key allows
+        self.owner = False                      # came through the Unix socket from the daemon's user or root
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.fields.get(name)
@@ -4099,7 +4100,8 @@ class AccessPolicy:
         return self.key_digest is None
 
     def check_peer(self, uid: Optional[int]) -> None:
-        """Without a key: the connecting user must be the daemon's own (or root); fail closed."""
+        """The connecting user must be the daemon's own (or root): on TCP without a key, and on
+        the Unix socket always (the owner's door: it needs no key); fail closed."""
         if uid is None:
             raise HttpError(403, "FORBIDDEN_USER", "cannot tell which user opened this connection, "
                             "so it is refused; set an API key (--api-key-file or $%s) to allow "
@@ -4151,7 +4153,7 @@ class AccessPolicy:
 
     def check_key(self, request: Request, ticket_ok: bool = False) -> str:
         """The access a request has: "full", or "read" for a read-only key; 401 without a key."""
-        if self.key_digest is None or ticket_ok:
+        if self.key_digest is None or ticket_ok or request.owner:
             return "full"
         supplied = request.header("x-api-key")
         authorization = request.header("authorization")
@@ -5519,32 +5521,51 @@ class Api:
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 1
+TCP_ESTABLISHED = 1
 TCP_STATES_ALL = 0xFFFFFFFF
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
-INET_DIAG_MSG_UID_OFFSET = 16 + 64      # nlmsghdr, then inet_diag_msg up to idiag_uid
+INET_DIAG_MSG_STATE_OFFSET = 16 + 1     # nlmsghdr, then inet_diag_msg: family, state, ...
+INET_DIAG_MSG_UID_OFFSET = 16 + 64      # ... idiag_uid, then idiag_inode
+
+
+class SocketEntry(NamedTuple):
+    """One socket as the kernel's table lists it."""
+    state: int
+    uid: int
+    inode: int
+
+
+def trusted_owner(entry: Optional[SocketEntry]) -> Optional[int]:
+    """The uid of a live, connected socket; None for anything else. A client that has closed
+    leaves a remnant (FIN_WAIT2/TIME_WAIT, no inode) that the kernel lists with uid 0: taking
+    its word would let anyone who connects, sends and closes at once pass for root."""
+    if entry is None or entry.state != TCP_ESTABLISHED or entry.inode == 0:
+        return None
+    return entry.uid
 
 
 def _raw_address(family: int, host: str) -> bytes:
     return socket.inet_pton(family, host.split("%")[0]).ljust(16, b"\0")
 
 
-def sock_diag_request(family: int, client: Tuple, server: Tuple, sequence: int = 1) -> bytes:
-    """A SOCK_DIAG_BY_FAMILY request for the one TCP socket whose local end is `client` and
-    remote end is `server`: the client's own socket, whose owner is the connecting user."""
-    sockid = (struct.pack("!HH", client[1], server[1]) + _raw_address(family, client[0])
-              + _raw_address(family, server[0]) + struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+def sock_diag_request(family: int, local: Tuple, remote: Tuple, sequence: int = 1) -> bytes:
+    """A SOCK_DIAG_BY_FAMILY request for the one TCP socket whose local end is `local` and
+    remote end is `remote` (the client's own socket: local = the client's address)."""
+    sockid = (struct.pack("!HH", local[1], remote[1]) + _raw_address(family, local[0])
+              + _raw_address(family, remote[0]) + struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
     body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, TCP_STATES_ALL) + sockid
     return struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, sequence, 0) + body
 
 
-def sock_diag_uid(reply: bytes) -> Optional[int]:
-    """The uid in a sock_diag answer; None for an error or an empty answer."""
-    if len(reply) < INET_DIAG_MSG_UID_OFFSET + 4:
+def sock_diag_entry(reply: bytes) -> Optional[SocketEntry]:
+    """The socket in a sock_diag answer; None for an error or an empty answer."""
+    if len(reply) < INET_DIAG_MSG_UID_OFFSET + 8:
         return None
     length, kind = struct.unpack_from("=IH", reply)
     if kind != SOCK_DIAG_BY_FAMILY or length > len(reply):
         return None
-    return struct.unpack_from("=I", reply, INET_DIAG_MSG_UID_OFFSET)[0]
+    uid, inode = struct.unpack_from("=II", reply, INET_DIAG_MSG_UID_OFFSET)
+    return SocketEntry(reply[INET_DIAG_MSG_STATE_OFFSET], uid, inode)
 
 
 def proc_net_address(family: int, host: str, port: int) -> str:
@@ -5554,19 +5575,22 @@ def proc_net_address(family: int, host: str, port: int) -> str:
     return "%s:%04X" % ("".join("%08X" % word for word in words), port)
 
 
-def proc_net_tcp_uid(text: str, family: int, client: Tuple, server: Tuple) -> Optional[int]:
-    """The uid of the client's socket in /proc/net/tcp{,6} text (the fallback of sock_diag)."""
-    local, remote = proc_net_address(family, *client[:2]), proc_net_address(family, *server[:2])
+def proc_net_tcp_entry(text: str, family: int, local: Tuple, remote: Tuple) -> Optional[SocketEntry]:
+    """The socket from `local` to `remote` in /proc/net/tcp{,6} text (the fallback of sock_diag)."""
+    local_text, remote_text = proc_net_address(family, *local[:2]), proc_net_address(family, *remote[:2])
     for line in text.splitlines()[1:]:
         fields = line.split()
-        if len(fields) > 7 and fields[1] == local and fields[2] == remote and fields[7].isdigit():
-            return int(fields[7])
+        if len(fields) > 9 and fields[1] == local_text and fields[2] == remote_text \
+                and fields[7].isdigit() and fields[9].isdigit():
+            return SocketEntry(int(fields[3], 16), int(fields[7]), int(fields[9]))
     return None
 
 
 class PeerUsers:
-    """Which user opened a connection: SO_PEERCRED on the Unix socket; for loopback TCP the
-    kernel's socket table (sock_diag over netlink, else /proc/net/tcp{,6}). None when it
+    """Which user opened a connection: SO_PEERCRED on the Unix socket (the kernel's record of
+    the connecting process, which cannot race); for loopback TCP the kernel's socket table
+    (sock_diag over netlink, else /proc/net/tcp{,6}), trusted only for a live, connected
+    client socket whose other end is this very socket (its inode, from fstat). None when it
     cannot be told, which the caller treats as a refusal."""
 
     def __init__(self, proc_root: str = "/proc"):
@@ -5587,30 +5611,35 @@ class PeerUsers:
             if sock.family == socket.AF_UNIX:
                 return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERCRED, 12))[1]
             client, server = sock.getpeername(), sock.getsockname()
+            own_inode = os.fstat(sock.fileno()).st_ino
         except OSError:
             return None
-        uid = self._ask_netlink(sock.family, client, server)
-        return uid if uid is not None else self._ask_proc(sock.family, client, server)
-
-    def _ask_netlink(self, family: int, client: Tuple, server: Tuple) -> Optional[int]:
-        if self._netlink_broken:
+        ours = self._entry(sock.family, server, client)
+        if ours is None or ours.inode != own_inode:       # the table does not name this connection
             return None
-        try:
-            if self._netlink is None:
-                self._netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
-                self._netlink.settimeout(1.0)
-            self._sequence += 1
-            self._netlink.send(sock_diag_request(family, client, server, self._sequence))
-            return sock_diag_uid(self._netlink.recv(8192))
-        except (OSError, AttributeError, ValueError):
-            self._netlink_broken = True         # no netlink here (a sandbox): use /proc from now on
-            return None
+        return trusted_owner(self._entry(sock.family, client, server))
 
-    def _ask_proc(self, family: int, client: Tuple, server: Tuple) -> Optional[int]:
+    def _entry(self, family: int, local: Tuple, remote: Tuple) -> Optional[SocketEntry]:
+        if not self._netlink_broken:
+            try:
+                return self._ask_netlink(family, local, remote)
+            except (OSError, AttributeError, ValueError):
+                self._netlink_broken = True     # no netlink here (a sandbox): use /proc from now on
+        return self._ask_proc(family, local, remote)
+
+    def _ask_netlink(self, family: int, local: Tuple, remote: Tuple) -> Optional[SocketEntry]:
+        if self._netlink is None:
+            self._netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+            self._netlink.settimeout(1.0)
+        self._sequence += 1
+        self._netlink.send(sock_diag_request(family, local, remote, self._sequence))
+        return sock_diag_entry(self._netlink.recv(8192))
+
+    def _ask_proc(self, family: int, local: Tuple, remote: Tuple) -> Optional[SocketEntry]:
         name = "tcp6" if family == socket.AF_INET6 else "tcp"
         try:
             with open(os.path.join(self.proc_root, "net", name), "r") as handle:
-                return proc_net_tcp_uid(handle.read(), family, client, server)
+                return proc_net_tcp_entry(handle.read(), family, local, remote)
         except (OSError, ValueError):
             return None
 
@@ -6007,7 +6036,9 @@ class HttpServer:
         self.closing = False
         self.server = None
         self._sweeper = None
-        self.repeated = RepeatedAnswers()
+        # Heads answered before, one table per door: through the Unix socket the daemon's own
+        # user needs no key, so a head learned there must never answer a TCP client.
+        self.repeated = {False: RepeatedAnswers(), True: RepeatedAnswers()}     # by request.owner
 
     def _error_bytes(self, error: BaseException, request: Optional[Request] = None) -> bytes:
         return serialize_response(self.api.error_response(error, request), http_date(), False)
@@ -6070,9 +6101,11 @@ class HttpServer:
             writer.write(self._error_bytes(HttpError(503, "SERVICE_UNAVAILABLE", "too many connections")))
             writer.close()
             return
-        if self.api.policy.checks_peers:
+        sock = writer.get_extra_info("socket")
+        owner = sock is not None and sock.family == socket.AF_UNIX
+        if owner or self.api.policy.checks_peers:
             try:                                # decided before a single byte is read
-                self.api.policy.check_peer(self.peer_users.uid_of(writer.get_extra_info("socket")))
+                self.api.policy.check_peer(self.peer_users.uid_of(sock))
             except HttpError as refusal:
                 await self._answer_and_close(reader, writer, self.api.error_response(refusal))
                 writer.close()
@@ -6080,7 +6113,7 @@ class HttpServer:
         self.connections.add(writer)
         self.api.server_stats.connections = len(self.connections)
         try:
-            session = await self._http_loop(reader, writer)
+            session = await self._http_loop(reader, writer, owner)
             if session is not None:     # upgraded: the HTTP loop and its request are gone
                 await self._run_websocket(session)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
@@ -6094,11 +6127,12 @@ class HttpServer:
             self.api.server_stats.connections = len(self.connections)
             writer.close()
 
-    async def _http_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Optional[WsSession]:
+    async def _http_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         owner: bool = False) -> Optional[WsSession]:
         """Requests in order on one connection, until it closes (None) or is upgraded (its
         WsSession). A head is admitted (or refused and answered) before any of its body is read;
         deadlines are absolute per phase: a header block within header_timeout of its first
-        byte, a body within body_timeout of its head."""
+        byte, a body within body_timeout of its head. owner: the Unix socket's checked peer."""
         loop = asyncio.get_event_loop()
         config = self.config
         parser = RequestParser(config.max_body_bytes)
@@ -6108,12 +6142,13 @@ class HttpServer:
         phase = "idle"
         reserved = 0                            # bytes of the body budget this request holds
         fresh = None                            # one read that began a request on an empty buffer
-        repeated, stats = self.repeated, self.api.server_stats
+        repeated, stats = self.repeated[owner], self.api.server_stats
         try:
             while True:
                 try:
                     head = parser.head()
                     if head is not None and head.route is None:
+                        head.owner = owner
                         reserved = self._admit(head, writer)
                     request = parser.next_request()
                 except PMDaemonError as error:
@@ -6202,7 +6237,7 @@ class HttpServer:
             return False
         keep_alive = request.keep_alive and not response.close and not self.closing
         if learnable is not None:
-            self.repeated.learn(learnable, request, response, keep_alive)
+            self.repeated[request.owner].learn(learnable, request, response, keep_alive)
         self.api.server_stats.answered(response.status)
         writer.write(serialize_response(response, http_date(), keep_alive,
                                         request.version == "HTTP/1.0", request.method == "HEAD"))

@@ -2622,6 +2622,31 @@ class TestSupervisionDepth(DaemonTestCase):
 NOBODY = 65534
 AS_OTHER_USER = unittest.skipUnless(os.geteuid() == 0, "needs root to run a client as another user")
 
+def run_as(uid, action):
+    """What action() returns (bytes), run in a forked child that has become `uid` (needs root);
+    an OSError in it comes back as b"ERROR errno"."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the child: never returns into unittest
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                answer = action()
+            except OSError as exc:
+                answer = ("ERROR %s" % exc.errno).encode()
+            os.write(write_end, answer)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
 def request_as(uid, family, address, extra_header=""):
     """A raw GET /api/processes from a forked child that has become `uid` (needs root): what the
     server answered, or "CONNECT-ERROR errno" when the connection itself was refused."""
@@ -2710,11 +2735,62 @@ class TestPeerUsers(DaemonTestCase):
         self.assertEqual(users.uid_of(accepted), os.getuid())               # sock_diag
         with open("/proc/net/tcp") as handle:                                # the fallback, same answer
             table = handle.read()
-        self.assertEqual(pmdaemon.proc_net_tcp_uid(table, socket.AF_INET, accepted.getpeername(),
-                                                   accepted.getsockname()), os.getuid())
+        entry = pmdaemon.proc_net_tcp_entry(table, socket.AF_INET, accepted.getpeername(), accepted.getsockname())
+        self.assertEqual((entry.state, entry.uid), (pmdaemon.TCP_ESTABLISHED, os.getuid()))
+        self.assertNotEqual(entry.inode, 0)
         users._netlink_broken = True
         self.assertEqual(users.uid_of(accepted), os.getuid())
-        self.assertIsNone(pmdaemon.proc_net_tcp_uid(table, socket.AF_INET, ("127.0.0.1", 1), ("127.0.0.1", 2)))
+        self.assertIsNone(pmdaemon.proc_net_tcp_entry(table, socket.AF_INET, ("127.0.0.1", 1), ("127.0.0.1", 2)))
+
+    def test_only_a_live_connected_socket_names_its_user(self):
+        entry = pmdaemon.SocketEntry
+        self.assertEqual(pmdaemon.trusted_owner(entry(pmdaemon.TCP_ESTABLISHED, 1000, 4242)), 1000)
+        self.assertIsNone(pmdaemon.trusted_owner(entry(5, 0, 0)))          # FIN_WAIT2 remnant: "uid 0"
+        self.assertIsNone(pmdaemon.trusted_owner(entry(6, 0, 0)))          # TIME_WAIT
+        self.assertIsNone(pmdaemon.trusted_owner(entry(pmdaemon.TCP_ESTABLISHED, 0, 0)))   # no inode
+        self.assertIsNone(pmdaemon.trusted_owner(entry(4, 1000, 4242)))    # FIN_WAIT1: closing
+        self.assertIsNone(pmdaemon.trusted_owner(None))
+
+    @AS_OTHER_USER
+    def test_a_connection_closed_before_it_is_looked_at_is_refused(self):
+        # The attack: connect, send, close while the daemon is busy; by the time the daemon looks,
+        # the client's socket is a TIME_WAIT/FIN_WAIT2 remnant that the kernel reports as uid 0.
+        # A stopped daemon makes "busy" certain: the kernel completes the handshake meanwhile.
+        daemon = Daemon()
+        self.addCleanup(daemon.cleanup)
+        body = json.dumps({"name": "rootshell", "script": "sleep", "args": ["60"]}).encode()
+        request = (b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+        def connect_send_close():
+            ports = []
+            for _ in range(5):
+                with socket.socket() as sock:
+                    sock.connect(("127.0.0.1", daemon.port))
+                    sock.sendall(request)
+                    ports.append(sock.getsockname()[1])
+            return json.dumps(ports).encode()
+
+        def client_states(ports):
+            with open("/proc/net/tcp") as handle:
+                rows = [line.split() for line in handle.read().splitlines()[1:]]
+            return {(row[3], row[7]) for row in rows if int(row[1].split(":")[1], 16) in ports}
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            ports = json.loads(run_as(NOBODY, connect_send_close).decode())
+            # Until the kernel has made each of them a remnant (FIN_WAIT2 or TIME_WAIT, uid 0, inode 0).
+            wait_until(lambda: client_states(ports) <= {("05", "0"), ("06", "0")},
+                       message="the clients' sockets to be remnants that say uid 0")
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+
+        def refusals():
+            metrics = daemon.get("/metrics")[2].decode()
+            found = re.search(r'pmdaemon_http_requests_total\{code="403"\} (\d+)', metrics)
+            return int(found.group(1)) if found else 0
+        wait_until(lambda: refusals() >= 5 or daemon.process("rootshell"), message="the five connections judged")
+        self.assertIsNone(daemon.process("rootshell"))
+        self.assertEqual(refusals(), 5)
 
     def test_an_unknown_user_is_refused(self):
         policy = pmdaemon.AccessPolicy(None)
@@ -2742,6 +2818,40 @@ class TestApiKey(DaemonTestCase):
         self.assertEqual(status_of(request_as(NOBODY, "tcp", self.daemon.port).encode()), 401)
         raw = request_as(NOBODY, "tcp", self.daemon.port, "Authorization: Bearer s3cret-key\r\n").encode()
         self.assertEqual(status_of(raw), 200)
+
+    def test_the_unix_socket_is_the_owners_door_and_needs_no_key(self):
+        path = os.path.join(self.daemon.home, "pmdaemon.sock")
+        head = b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        for _ in range(2):                          # twice: the second is a head answered before
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(path)
+                sock.sendall(head * 2)
+                raw = sock.recv(65536)
+            self.assertEqual(status_of(raw), 200, raw[:200])
+        # The same bytes over TCP are still judged by the key: nothing learned on the socket leaks.
+        with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5) as sock:
+            sock.sendall(head * 2)
+            raw = sock.recv(65536)
+        self.assertEqual(status_of(raw), 401, raw[:200])
+        environ = dict(os.environ, PMDAEMON_HOME=self.daemon.home)
+        for name in ("PMDAEMON_API_KEY", "PMDAEMON_URL"):
+            environ.pop(name, None)
+        listed = subprocess.run([PY, PMDAEMON, "ls"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=environ, timeout=30)
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+
+    @AS_OTHER_USER
+    def test_another_user_on_the_unix_socket_is_refused_even_with_the_key(self):
+        path = os.path.join(self.daemon.home, "pmdaemon.sock")
+        os.chmod(self.daemon.home, 0o711)
+        os.chmod(path, 0o666)                       # opened up by mistake: SO_PEERCRED still decides
+        try:
+            raw = request_as(NOBODY, "unix", path, "Authorization: Bearer s3cret-key\r\n").encode()
+        finally:
+            os.chmod(path, 0o600)
+            os.chmod(self.daemon.home, 0o700)
+        self.assertEqual((status_of(raw), json_of(raw)["error"]["code"]), (403, "FORBIDDEN_USER"))
 
     def test_key_required_and_accepted_both_ways(self):
         body = self.assertError(self.daemon.get("/api/processes"), 401, "UNAUTHORIZED")
@@ -3780,7 +3890,7 @@ class TestRepeatedAnswers(unittest.TestCase):
             loop = asyncio.get_event_loop()
             answers = await loop.run_in_executor(None, self.send_corpus, port, corpus)
             await server.close()
-            return answers, set(server.repeated.plans)
+            return answers, set(server.repeated[False].plans)
         return run_async(scenario())
 
     @staticmethod
