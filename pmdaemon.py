@@ -4092,6 +4092,7 @@ class AccessPolicy:
         self.trusted_uids = frozenset(trusted_uids or (os.getuid(), 0))
         self.allow_hosts = {host.lower() for host in allow_hosts}
         self.cors_origins = {origin.rstrip("/").lower() for origin in cors_origins}
+        self.own_origin: Optional[Tuple[str, int]] = None   # (scheme, port) the dashboard is served from
         self._host_verdicts = BoundedCache()
         self._origin_verdicts = BoundedCache()
 
@@ -4136,12 +4137,26 @@ class AccessPolicy:
             verdict = self._origin_verdicts.remember(origin, self._judge_origin(origin))
         return verdict
 
+    def serve_origin(self, scheme: str, port: int) -> None:
+        """Where the daemon itself is served: its dashboard's pages carry this origin."""
+        self.own_origin = (scheme, port)
+        self._origin_verdicts.clear()
+
     def _judge_origin(self, origin: str) -> bool:
+        """Without a key: the daemon's own origin (a loopback or allowed name, its scheme and
+        port) and --cors-origin. Any other page, even one served from loopback by another
+        user, would drive the daemon with the rights of whoever opened it in a browser."""
         normalised = origin.rstrip("/").lower()
         if normalised in self.cors_origins:
             return True
-        parsed = urllib.parse.urlsplit(normalised)
-        return parsed.scheme in ("http", "https") and is_loopback_host(split_host(parsed.netloc))
+        try:
+            parsed = urllib.parse.urlsplit(normalised)
+            port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+        except ValueError:
+            return False
+        host = split_host(parsed.netloc)
+        return ((parsed.scheme, port) == self.own_origin
+                and (is_loopback_host(host) or host in self.allow_hosts))
 
     def check_origin(self, request: Request) -> None:
         if len(request.header_values("origin")) > 1:
@@ -6452,6 +6467,7 @@ class Daemon:
         broadcaster = Broadcaster(supervisor)
         server = HttpServer(api, broadcaster, self.config)
         port = await server.bind()
+        api.policy.serve_origin("https" if self.config.tls else "http", port)
         # The first sample after the port is bound and before children are restored: a /proc
         # that cannot be read degrades metrics, it can neither orphan children nor stop us.
         supervisor.metrics.sample()

@@ -1171,11 +1171,11 @@ class TestRestApi(DaemonTestCase):
         status, response, body = self.daemon.request("HEAD", "/api/system")
         self.assertEqual((status, body), (200, b""))
         self.assertGreater(int(response.getheader("Content-Length")), 50)
+        own = "http://localhost:%d" % self.daemon.port          # the dashboard's origin
         status, response, _ = self.daemon.request("OPTIONS", "/api/processes",
-                                                  headers={"Origin": "http://localhost:3000",
-                                                           "Access-Control-Request-Method": "POST"})
+                                                  headers={"Origin": own, "Access-Control-Request-Method": "POST"})
         self.assertEqual(status, 204)
-        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "http://localhost:3000")
+        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), own)
         self.assertEqual(response.getheader("Access-Control-Allow-Methods"), "GET, POST, PATCH, DELETE, OPTIONS")
         self.assertIn("Authorization", response.getheader("Access-Control-Allow-Headers"))
         self.assertSecurityHeaders(response)
@@ -3108,17 +3108,31 @@ class TestHostAndOrigin(DaemonTestCase):
             self.assertEqual(self.daemon.get("/api/system", headers={"Host": host})[0], 200, host)
 
     def test_framing_errors_carry_cors_headers_too(self):
-        raw = self.daemon.raw(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost:8080\r\n"
-                              b"Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n")
+        origin = b"http://localhost:%d" % self.daemon.port
+        raw = self.daemon.raw(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: %s\r\n"
+                              b"Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n" % origin)
         self.assertEqual(status_of(raw), 413)
-        self.assertIn(b"\r\nAccess-Control-Allow-Origin: http://localhost:8080\r\n", raw)
+        self.assertIn(b"\r\nAccess-Control-Allow-Origin: %s\r\n" % origin, raw)
         self.assertEqual(json_of(raw)["error"]["code"], "PAYLOAD_TOO_LARGE")
 
-    def test_cors_only_for_loopback_origins(self):
-        status, response, _ = self.daemon.get("/api/system", headers={"Origin": "http://127.0.0.1:8080"})
-        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "http://127.0.0.1:8080")
-        self.assertError(self.daemon.post("/api/processes/x/restart", headers={"Origin": "https://evil.example"}),
-                         403, "FORBIDDEN_ORIGIN")
+    def test_without_a_key_only_the_daemons_own_origin_is_served(self):
+        for own in ("http://127.0.0.1:%d" % self.daemon.port, "http://localhost:%d" % self.daemon.port):
+            status, response, _ = self.daemon.get("/api/system", headers={"Origin": own})
+            self.assertEqual((status, response.getheader("Access-Control-Allow-Origin")), (200, own))
+        # Another user's page on loopback, opened in the operator's browser, is not the dashboard.
+        for other in ("http://127.0.0.1:22500", "http://localhost", "https://127.0.0.1:%d" % self.daemon.port,
+                      "https://evil.example", "http://127.0.0.1:99999", "null"):
+            self.assertError(self.daemon.post("/api/processes", {"name": "x", "script": "sleep"},
+                                              headers={"Origin": other}), 403, "FORBIDDEN_ORIGIN")
+            self.assertError(self.daemon.request("OPTIONS", "/api/processes", headers={
+                "Origin": other, "Access-Control-Request-Method": "POST"}), 403, "FORBIDDEN_ORIGIN")
+        self.assertIsNone(self.daemon.process("x"))
+
+    def test_cors_origin_names_other_pages(self):
+        daemon = Daemon(args=["--cors-origin", "http://127.0.0.1:22500"])
+        self.addCleanup(daemon.cleanup)
+        status, response, _ = daemon.get("/api/system", headers={"Origin": "http://127.0.0.1:22500"})
+        self.assertEqual((status, response.getheader("Access-Control-Allow-Origin")), (200, "http://127.0.0.1:22500"))
 
     def test_refuses_public_bind_without_key(self):
         environ = dict(os.environ, PMDAEMON_HOME=tempfile.mkdtemp())
@@ -3697,7 +3711,8 @@ class TestWebSocket(DaemonTestCase):
         self.assertEqual(self.connect(headers={"Origin": "https://evil.example"}).status, 403)
         status, _, body = self.daemon.get("/ws")
         self.assertEqual((status, body["error"]["message"]), (400, "expected 'Upgrade: websocket' and 'Connection: Upgrade'"))
-        self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 101)
+        self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 403)
+        self.assertEqual(self.connect(headers={"Origin": "http://localhost:%d" % self.daemon.port}).status, 101)
 
     def assertClosedAfterItsQueue(self, client):
         """A slow client reads what was queued for it (bounded), then a 1008 close."""
@@ -3883,7 +3898,8 @@ class TestRepeatedAnswers(unittest.TestCase):
         async def scenario():
             supervisor = pmdaemon.Supervisor(home)
             settings = pmdaemon.DaemonConfig(port=0, home=home, host="127.0.0.1", **config)
-            policy = pmdaemon.AccessPolicy(settings.api_key, read_keys=settings.read_keys)
+            policy = pmdaemon.AccessPolicy(settings.api_key, cors_origins=("http://localhost:3000",),
+                                           read_keys=settings.read_keys)
             server = pmdaemon.HttpServer(pmdaemon.Api(supervisor, policy), None, settings)
             port = await server.bind()
             await server.start_serving()
