@@ -73,6 +73,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 __version__ = "0.1.0"
@@ -1268,9 +1269,16 @@ def tail_lines(path: str, count: int, max_bytes: int = MAX_LOG_READ_BYTES,
     if count <= 0 or max_bytes <= 0:
         return []
     try:
-        handle = open(open_private(path, os.O_RDONLY), "rb")
+        descriptor = open_private(path, os.O_RDONLY)
     except FileNotFoundError:
         return []
+    return tail_descriptor(descriptor, count, max_bytes, block_size)
+
+
+def tail_descriptor(descriptor: int, count: int, max_bytes: int = MAX_LOG_READ_BYTES,
+                    block_size: int = TAIL_BLOCK) -> List[bytes]:
+    """tail_lines on an open descriptor, which it closes."""
+    handle = open(descriptor, "rb")
     blocks: List[bytes] = []
     newlines = 0
     with handle:
@@ -1291,33 +1299,137 @@ def tail_lines(path: str, count: int, max_bytes: int = MAX_LOG_READ_BYTES,
 
 
 def open_private(path: str, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int:
-    """A descriptor for a file of ours: created 0600, never through a symbolic link (ELOOP)."""
-    return os.open(path, flags | O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """A descriptor for a file of ours: created 0600, never through a symbolic link (ELOOP),
+    never waiting (a FIFO planted in its place fails with ENXIO or is refused by its type)."""
+    return os.open(path, flags | O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+
+
+# -- paths that someone else may influence ------------------------------------------------------
+# out_file, error_file and env_file name places in directories that an app's own user (or
+# another) may control: links, FIFOs, directories swapped between two looks. Such a path is
+# walked from "/" one directory at a time, never following a link, each directory owned by
+# root or a trusted user; then the directory is used only through its descriptor.
+
+O_PATH = getattr(os, "O_PATH", 0)
+
+
+def open_directory_no_links(path: str, owners: frozenset) -> int:
+    """A descriptor of the absolute directory `path`, reached without following a link; every
+    directory on the way belongs to root or one of `owners`. OSError says which part is wrong."""
+    if not os.path.isabs(path):
+        raise OSError(errno.EINVAL, "%s is not an absolute path" % path)
+    descriptor = os.open("/", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked = ""
+    try:
+        for part in [part for part in path.split("/") if part not in ("", ".")]:
+            walked += "/" + part
+            if part == "..":
+                raise OSError(errno.EPERM, "%s: '..' is not followed" % walked)
+            try:
+                inner = os.open(part, O_PATH | os.O_DIRECTORY | O_NOFOLLOW | os.O_CLOEXEC, dir_fd=descriptor)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                    raise OSError(exc.errno, "%s is a link or not a directory (links are not followed here)"
+                                  % walked) from None
+                raise OSError(exc.errno, "%s: %s" % (walked, exc.strerror)) from None
+            os.close(descriptor)
+            descriptor = inner
+            owner = os.fstat(descriptor).st_uid
+            if owner != 0 and owner not in owners:
+                raise OSError(errno.EPERM, "%s belongs to another user (uid %d)" % (walked, owner))
+        return descriptor
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def open_plain_file(directory: int, name: str, flags: int, owners: Optional[frozenset] = None,
+                    mode: int = 0o600) -> Tuple[int, bool]:
+    """(descriptor, created) of the file `name` in a held directory: never a link (O_NOFOLLOW),
+    never waiting (O_NONBLOCK: a FIFO fails or is refused), a regular file with one link (a
+    hard link could be someone else's file), owned by one of `owners` when given. With
+    O_CREAT, created says whether this open made the file."""
+    flags |= O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    created = False
+    if flags & os.O_CREAT:
+        try:
+            descriptor, created = os.open(name, flags | os.O_EXCL, mode, dir_fd=directory), True
+        except FileExistsError:
+            descriptor = os.open(name, flags & ~os.O_CREAT, dir_fd=directory)
+    else:
+        descriptor = os.open(name, flags, dir_fd=directory)
+    info = os.fstat(descriptor)
+    problem = ("not a regular file" if not stat_module.S_ISREG(info.st_mode) else
+               "a file with other hard links" if info.st_nlink != 1 else
+               "owned by another user (uid %d)" % info.st_uid if owners is not None and info.st_uid not in owners
+               else None)
+    if problem:
+        os.close(descriptor)
+        raise OSError(errno.EPERM, "%s is %s" % (name, problem))
+    return descriptor, created
 
 
 class LogFile:
-    """One append-only, size-rotated log file: path, path.1, ... path.(max_files - 1)."""
+    """One append-only, size-rotated log file: path, path.1, ... path.(max_files - 1).
 
-    def __init__(self, path: str, max_size: int, max_files: int, owner: Optional[Tuple[int, int]] = None):
+    A file of the home is used by its path (the home is ours and checked). A placed file
+    (out_file/error_file, `placed`) lives where someone else may act: its directory is reached
+    by prepare() (off the event loop, at each start of the process) without following a link,
+    then held, and every open, rename and unlink happens through that descriptor."""
+
+    def __init__(self, path: str, max_size: int, max_files: int, owner: Optional[Tuple[int, int]] = None,
+                 placed: bool = False, adopt_from: Optional[int] = None):
         self.path = path
         self.max_size = max_size
         self.max_files = max_files
-        self.owner = owner                      # (uid, gid) a file outside the home is given to
+        self.owner = owner                      # (uid, gid) a placed file is given when we create it
+        self.placed = placed
+        self.adopt_from = adopt_from            # the process's previous user: its files pass to owner
+        self.directory: Optional[int] = None    # a placed file's directory, held
         self._handle = None
         self._size = 0
 
+    @property
+    def owners(self) -> frozenset:
+        return frozenset({os.getuid()} | ({self.owner[0]} if self.owner else set()))
+
+    def prepare(self) -> None:
+        """(Re)reach a placed file's directory and open the file: blocking work, for a thread."""
+        if not self.placed:
+            return
+        directory = open_directory_no_links(os.path.dirname(self.path), self.owners)
+        self.release()
+        self.directory = directory
+        self._handle = self._open()
+        self._size = self._handle.seek(0, os.SEEK_END)
+
+    def _name(self, index: int = 0) -> str:
+        name = os.path.basename(self.path) if self.placed else self.path
+        return name if index == 0 else "%s.%d" % (name, index)
+
+    def _at(self) -> Dict[str, int]:
+        return {"dir_fd": self.directory} if self.placed else {}
+
     def _open(self):
-        handle = open(open_private(self.path), "ab", buffering=0)
-        info = os.fstat(handle.fileno())
-        owners = {os.getuid()} | ({self.owner[0]} if self.owner else set())
-        # A file in a directory someone else can write may be a planted hard link to another
-        # file (O_NOFOLLOW only stops symbolic ones): write only to a plain, singly linked file.
-        if not stat_module.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid not in owners:
-            handle.close()
-            raise OSError(errno.EPERM, "%s is not a plain log file of ours (a link, or someone else's)" % self.path)
-        if self.owner is not None:
-            os.fchown(handle.fileno(), *self.owner)
-        return handle
+        if not self.placed:
+            descriptor = open_private(self.path)
+            info = os.fstat(descriptor)
+            # A file in a directory someone else can write may be a planted hard link to another
+            # file (O_NOFOLLOW only stops symbolic ones): write only to a plain, singly linked file.
+            if not stat_module.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.getuid():
+                os.close(descriptor)
+                raise OSError(errno.EPERM, "%s is not a plain log file of ours (a link, or someone else's)" % self.path)
+            return open(descriptor, "ab", buffering=0)
+        if self.directory is None:
+            raise OSError(errno.EBADF, "%s: the process has not been started since its log moved" % self.path)
+        owners = self.owners | ({self.adopt_from} if self.adopt_from is not None else set())
+        descriptor, created = open_plain_file(self.directory, self._name(), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                              owners, 0o640)
+        # Only a file we made, or one we gave the process's previous user, changes hands: a
+        # file that was there before is never given away (it might be anyone's).
+        if self.owner is not None and (created or os.fstat(descriptor).st_uid == self.adopt_from):
+            os.fchown(descriptor, *self.owner)
+        return open(descriptor, "ab", buffering=0)
 
     def write(self, data: bytes) -> None:
         """Append data; on an error the file is closed so the next write starts afresh."""
@@ -1340,17 +1452,17 @@ class LogFile:
 
     def rotate(self) -> None:
         self.close()
+        at = self._at()
         if self.max_files <= 1:      # nothing to keep: start the file afresh
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+                os.unlink(self._name(), **at)
             return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink("%s.%d" % (self.path, self.max_files - 1))
-        for index in range(self.max_files - 2, 0, -1):
+            os.unlink(self._name(self.max_files - 1), **at)
+        for index in range(self.max_files - 2, -1, -1):
             with contextlib.suppress(FileNotFoundError):
-                os.replace("%s.%d" % (self.path, index), "%s.%d" % (self.path, index + 1))
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(self.path, self.path + ".1")
+                os.replace(self._name(index), self._name(index + 1),
+                           **({"src_dir_fd": self.directory, "dst_dir_fd": self.directory} if self.placed else {}))
 
     def files_newest_first(self) -> List[str]:
         return [self.path] + ["%s.%d" % (self.path, i) for i in range(1, self.max_files)]
@@ -1359,11 +1471,16 @@ class LogFile:
         """Last `count` lines across the rotation boundary, oldest first, reading at most
         about max_bytes in all."""
         lines: List[bytes] = []
-        for path in self.files_newest_first():
+        for index in range(self.max_files):
             budget = max_bytes - sum(len(line) + 1 for line in lines)
-            if len(lines) >= count or budget <= 0 or not os.path.exists(path):
+            if len(lines) >= count or budget <= 0 or (self.placed and self.directory is None):
                 break
-            lines = tail_lines(path, count - len(lines), budget) + lines
+            try:
+                descriptor = (open_plain_file(self.directory, self._name(index), os.O_RDONLY)[0] if self.placed
+                              else open_private(self._name(index), os.O_RDONLY))
+            except FileNotFoundError:
+                break
+            lines = tail_descriptor(descriptor, count - len(lines), budget) + lines
         return lines
 
     def move_to(self, path: str) -> None:
@@ -1376,15 +1493,24 @@ class LogFile:
 
     def remove(self) -> None:
         self.close()
-        for path in self.files_newest_first():
+        if self.placed and self.directory is None:      # never reached: nothing of ours to remove
+            return
+        for index in range(self.max_files):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(self._name(index), **self._at())
 
     def close(self) -> None:
         if self._handle is not None:
             with contextlib.suppress(OSError):
                 self._handle.close()
             self._handle = None
+
+    def release(self) -> None:
+        """Close the file and let go of a placed file's directory."""
+        self.close()
+        if self.directory is not None:
+            os.close(self.directory)
+            self.directory = None
 
 
 def split_output(pending: bytes, chunk: bytes, max_line: int = MAX_LOG_LINE) -> Tuple[List[bytes], bytes]:
@@ -1475,6 +1601,7 @@ class LogLayout(NamedTuple):
     merged: bool = False                    # both streams in the stdout file, each line typed
     stamped: bool = True                    # "none" date format: the message alone
     owner: Optional[Tuple[int, int]] = None  # who out_path/err_path belong to (user/group)
+    adopt_from: Optional[int] = None        # the previous user, whose files pass to owner (PATCH user)
 
 
 class ProcessLogs:
@@ -1487,10 +1614,8 @@ class ProcessLogs:
         self.directory = directory
         self.name = name
         self.layout = layout
-        out = LogFile(layout.out_path or self._path(name, "out"), max_size, max_files,
-                      layout.owner if layout.out_path else None)
-        err = out if layout.merged else LogFile(layout.err_path or self._path(name, "err"), max_size, max_files,
-                                                layout.owner if layout.err_path else None)
+        out = self._file(layout.out_path, name, "out", max_size, max_files)
+        err = out if layout.merged else self._file(layout.err_path, name, "err", max_size, max_files)
         self.files = {"stdout": out, "stderr": err}
         self.hub = hub
         self.on_error = on_error
@@ -1501,6 +1626,26 @@ class ProcessLogs:
 
     def _path(self, name: str, suffix: str) -> str:
         return os.path.join(self.directory, "%s-%s.log" % (name, suffix))
+
+    def _file(self, placed_path: Optional[str], name: str, suffix: str, max_size: int, max_files: int) -> LogFile:
+        if placed_path is None:
+            return LogFile(self._path(name, suffix), max_size, max_files)
+        return LogFile(placed_path, max_size, max_files, self.layout.owner, placed=True,
+                       adopt_from=self.layout.adopt_from)
+
+    def prepare(self) -> None:
+        """Reach the placed files (out_file/error_file) anew: blocking, for a thread, at each
+        start of the process. An error is reported like a failed write; the child still runs."""
+        for log_file in self.unique_files():
+            try:
+                log_file.prepare()
+            except OSError as exc:
+                log_file.release()
+                self.write_errors += 1
+                self.on_error(exc)
+
+    def unique_files(self) -> List[LogFile]:
+        return list({id(f): f for f in self.files.values()}.values())
 
     def write(self, log_type: str, messages: List[str]) -> None:
         timestamp = iso_time(self.wall(), milliseconds=True)
@@ -1541,8 +1686,7 @@ class ProcessLogs:
     def own_files(self) -> List[LogFile]:
         """The files in the logs directory (what a rename moves and a delete removes); files the
         operator placed with out_file/error_file are theirs and stay."""
-        return [log_file for log_file in {id(f): f for f in self.files.values()}.values()
-                if os.path.dirname(log_file.path) == self.directory]
+        return [log_file for log_file in self.unique_files() if not log_file.placed]
 
     def rename(self, name: str) -> None:
         for log_file in self.own_files():
@@ -1556,12 +1700,12 @@ class ProcessLogs:
 
     def flush(self) -> None:
         """Empty the logs (pm2 flush): rotated files go, the current ones start again at 0."""
-        for log_file in {id(f): f for f in self.files.values()}.values():
+        for log_file in self.unique_files():
             log_file.remove()
 
     def close(self) -> None:
-        for log_file in self.files.values():
-            log_file.close()
+        for log_file in self.unique_files():
+            log_file.release()
 
 
 async def pump_output(stream: asyncio.StreamReader, write: Callable[[List[str]], None],
@@ -2136,10 +2280,105 @@ def child_setup(config: ProcessConfig, cgroup_procs: List[str] = ()) -> Optional
         for which, pair in limits:
             resource.setrlimit(which, pair)
         if identity is not None:            # last: the limits above may need root
-            os.setgroups(identity.groups)
-            os.setgid(identity.gid)
-            os.setuid(identity.uid)
+            become(identity)
     return setup
+
+
+def become(identity: Identity) -> None:
+    """Between fork and exec: drop to a user's groups, group and uid (in that order)."""
+    os.setgroups(identity.groups)
+    os.setgid(identity.gid)
+    os.setuid(identity.uid)
+
+
+def reach_env_file(path: str, owners: frozenset) -> int:
+    """An O_PATH descriptor of env_file: reached without a link, a regular file with one link
+    (opening it this way reads nothing and cannot wait on a FIFO)."""
+    directory = open_directory_no_links(os.path.dirname(path), owners)
+    try:
+        descriptor = os.open(os.path.basename(path), O_PATH | O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    finally:
+        os.close(directory)
+    info = os.fstat(descriptor)
+    if not stat_module.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(descriptor)
+        raise OSError(errno.EPERM, "not a regular file with one link (a link, FIFO, device or hard link)")
+    return descriptor
+
+
+def read_reached(descriptor: int, limit: int) -> bytes:
+    """Open a reached file anew and read it: opening /proc/self/fd/N checks the file's
+    permissions against whoever opens it, so a reader that has become the process's user
+    reads what that user may read, no more."""
+    handle = os.open("/proc/self/fd/%d" % descriptor, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return os.read(handle, limit)
+    finally:
+        os.close(handle)
+
+
+async def read_env_file(config: ProcessConfig) -> Dict[str, str]:
+    """A process's env_file, read at each start off the event loop, with the process's own
+    rights (read_as), never through a link, bounded. The
+    daemon's secrets are not in reach: its key is gone from its environment (scrub_environment)."""
+    if not config.env_file:
+        return {}
+    path = os.path.normpath(os.path.join(config.cwd or os.getcwd(), config.env_file))
+    identity = resolve_identity(config) if config.user or config.group else None
+    owners = frozenset({os.getuid()} | ({identity.uid} if identity else set()))
+    loop = asyncio.get_event_loop()
+    try:
+        descriptor = await loop.run_in_executor(None, reach_env_file, path, owners)
+        try:
+            data = await loop.run_in_executor(None, read_as, identity, descriptor, MAX_ENV_FILE_BYTES + 1)
+        finally:
+            os.close(descriptor)
+        if len(data) > MAX_ENV_FILE_BYTES:
+            raise ValueError("larger than %d bytes" % MAX_ENV_FILE_BYTES)
+        return parse_env_file(data.decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise SpawnError("env_file %r cannot be used: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+
+
+def read_as(identity: Optional[Identity], descriptor: int, limit: int) -> bytes:
+    """read_reached with the rights of `identity` (None: ours), in a forked child that becomes
+    it: the child makes only system calls, then _exit; no interpreter needs to be executable
+    by that user. Blocking: for a thread."""
+    if identity is None:
+        return read_reached(descriptor, limit)
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():         # 3.12+ frowns on fork() with threads: see the docstring
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(read_end)
+            become(identity)
+            data = read_reached(descriptor, limit)
+            status = 0
+        except OSError as exc:
+            data = (exc.strerror or "cannot read").encode("utf-8", "replace")
+        finally:
+            with contextlib.suppress(BaseException):
+                os.write(write_end, b"%d" % status + data)
+            os._exit(0)
+    os.close(write_end)
+    try:
+        chunks, size = [], 0
+        while size <= limit + 1:
+            chunk = os.read(read_end, READ_CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    answer = b"".join(chunks)
+    if answer[:1] != b"0":
+        raise OSError(errno.EACCES, answer[1:201].decode("utf-8", "replace") or "the reader failed")
+    return answer[1:limit + 1]
 
 
 @dataclasses.dataclass
@@ -2240,10 +2479,10 @@ class ProcessRunner:
                                                 # ready, health, cron, files
         self._log_error_reported = -math.inf
 
-    def _make_logs(self, name: str, config: ProcessConfig) -> ProcessLogs:
+    def _make_logs(self, name: str, config: ProcessConfig, adopt_from: Optional[int] = None) -> ProcessLogs:
         identity = resolve_identity(config) if config.user or config.group else None
         layout = LogLayout(config.out_file, config.error_file, config.merge_logs, config.log_date_format != "none",
-                           (identity.uid, identity.gid) if identity else None)
+                           (identity.uid, identity.gid) if identity else None, adopt_from)
         return ProcessLogs(self.host.log_dir, name, config.log_max_size, config.log_max_files,
                            self.host.hub, self._log_write_failed, self.host.wall, layout)
 
@@ -2382,10 +2621,12 @@ class ProcessRunner:
         if name != self.name:
             self.logs.rename(name)
             self.name = name
-        if (config.out_file, config.error_file, config.merge_logs, config.log_date_format) != \
-                (self.config.out_file, self.config.error_file, self.config.merge_logs, self.config.log_date_format):
+        if LogLayout(config.out_file, config.error_file, config.merge_logs, config.log_date_format) != \
+                LogLayout(self.config.out_file, self.config.error_file, self.config.merge_logs,
+                          self.config.log_date_format) or (config.user, config.group) != (self.config.user, self.config.group):
+            previous = self.logs.layout.owner
             self.logs.close()
-            self.logs = self._make_logs(name, config)
+            self.logs = self._make_logs(name, config, previous[0] if previous else None)
         for log_file in self.logs.files.values():
             log_file.max_size, log_file.max_files = config.log_max_size, config.log_max_files
         self.port, self.config = port, config
@@ -2411,7 +2652,9 @@ class ProcessRunner:
         self.ever_started = True
         run = Run(self.host.run_token(self))
         try:
-            env = run.env = self.host.child_environment(self, run.token)
+            from_file = await read_env_file(self.config)
+            env = run.env = self.host.child_environment(self, run.token, from_file)
+            await asyncio.get_event_loop().run_in_executor(None, self.logs.prepare)
             argv = build_argv(self.config, env)
             cgroups = self.host.cgroup_procs(self)
             run.proc = await self.host.spawner(argv, self.config.cwd, env, self.config, *([cgroups] if cgroups else []))
@@ -2967,17 +3210,12 @@ class Supervisor:
         finding what a run left behind needs no state write per restart."""
         return "%s-%d" % (self.session, runner.id)
 
-    def child_environment(self, runner: ProcessRunner, token: Optional[str]) -> Dict[str, str]:
-        """The daemon's environment (minus its secrets) < env_file (read now, at each start) <
-        the config's env < what pmdaemon sets."""
+    def child_environment(self, runner: ProcessRunner, token: Optional[str],
+                          from_file: Dict[str, str]) -> Dict[str, str]:
+        """The daemon's environment (minus its secrets) < env_file (read at each start:
+        read_env_file) < the config's env < what pmdaemon sets."""
         env = dict(self.base_env)
-        if runner.config.env_file:
-            path = os.path.join(runner.config.cwd or ".", runner.config.env_file)
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    env.update(parse_env_file(handle.read(MAX_ENV_FILE_BYTES)))
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                raise SpawnError("env_file %r cannot be used: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+        env.update(from_file)
         identity = resolve_identity(runner.config) if runner.config.user else None
         if identity is not None:
             env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name)
@@ -6364,6 +6602,7 @@ def secure_home(home: str, uid: Optional[int] = None) -> None:
     and no symbolic links, which the daemon never writes through. Our own files are tightened
     to 0600 (an older version left them to the umask); anything else is a HomeError."""
     uid = os.getuid() if uid is None else uid
+    check_ancestors(home, uid)
     logs = os.path.join(home, "logs")
     for directory in (home, logs):
         try:
@@ -6386,6 +6625,35 @@ def secure_home(home: str, uid: Optional[int] = None) -> None:
                 info = _check_owned(entry.path, uid)
                 if stat_module.S_ISREG(info.st_mode) and info.st_mode & 0o077:
                     os.chmod(entry.path, 0o600)
+
+
+def check_ancestors(home: str, uid: int) -> None:
+    """Every directory above the home (as given, and as links resolve it) belongs to root or
+    this user and is writable by no one else unless sticky, as sshd's StrictModes asks: whoever
+    could rename a directory above the home could swap in a home of their own, code cache and
+    state included."""
+    paths = {os.path.abspath(home), os.path.realpath(home)}
+    ancestors = set()
+    for path in paths:
+        while True:
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            ancestors.add(parent)
+            path = parent
+    for directory in sorted(ancestors):
+        try:
+            info = os.lstat(directory)
+        except OSError as exc:
+            raise HomeError("cannot check %s: %s" % (directory, exc.strerror or exc)) from None
+        if info.st_uid not in (0, uid):
+            raise HomeError("%s, above the home, belongs to uid %d: that user could swap the home "
+                            "for one of their own; use a home whose every parent is root's or yours"
+                            % (directory, info.st_uid))
+        if stat_module.S_ISDIR(info.st_mode) and info.st_mode & 0o022 and not info.st_mode & stat_module.S_ISVTX:
+            raise HomeError("%s, above the home, is writable by group or others (mode %o) and not "
+                            "sticky: they could swap the home; run: chmod go-w %s"
+                            % (directory, info.st_mode & 0o7777, directory))
 
 
 def _check_owned(path: str, uid: int) -> os.stat_result:
@@ -6507,6 +6775,37 @@ def is_loopback_bind(host: str) -> bool:
     return bool(addresses) and all(is_loopback_host(address.split("%")[0]) for address in addresses)
 
 
+def scrub_environment(names=SECRET_ENV_NAMES) -> bool:
+    """Take secrets out of our environment, also where /proc/PID/environ reads it: os.environ
+    forgets a variable, but the bytes the kernel placed at exec (env_start..env_end in
+    /proc/self/stat) stay, for anything that can read that file or an env_file linked to it.
+    False when they could not be overwritten."""
+    present = [name for name in names if name in os.environ]
+    for name in present:
+        del os.environ[name]                # unsetenv: the C environment forgets it too
+    if not present:
+        return True
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])       # fields 50 and 51 of proc(5)
+        with open("/proc/self/mem", "r+b", buffering=0) as memory:
+            memory.seek(start)
+            entries = b"\0" + memory.read(end - start)     # each entry follows a NUL
+            for name in present:
+                at = entries.find(b"\0" + name.encode() + b"=")
+                while at >= 0:
+                    stop = entries.find(b"\0", at + 1)
+                    stop = len(entries) if stop < 0 else stop
+                    memory.seek(start + at)                  # entries[at + 1] is at start + at
+                    memory.write(b"\0" * (stop - at - 1))
+                    entries = entries[:at + 1] + b"\0" * (stop - at - 1) + entries[stop:]
+                    at = entries.find(b"\0" + name.encode() + b"=", stop)
+        return True
+    except (OSError, IndexError, ValueError):
+        return False
+
+
 def forbid_inspection() -> bool:
     """prctl(PR_SET_DUMPABLE, 0): the daemon's /proc files (environ, mem, ...) become root's
     only, so a child running as the same user cannot read the API key from its parent's
@@ -6608,8 +6907,7 @@ def run_from_code_cache(home: str) -> None:
     try:
         with open(source_path(), "rb") as handle:
             source = handle.read()
-        # A PEP 552 header: magic number, "hash-based" flags, the source's hash.
-        header = importlib.util.MAGIC_NUMBER + struct.pack("<I", 0b11) + importlib.util.source_hash(source)
+        header = code_cache_header(source, source_path())
         if _cached_header(path) != header:
             code = compile(source, source_path(), "exec", dont_inherit=True)
             atomic_write(path, header + marshal.dumps(code))
@@ -6621,8 +6919,21 @@ def run_from_code_cache(home: str) -> None:
         os.execv(sys.executable, [sys.executable] + subprocess._args_from_interpreter_flags() + [path] + sys.argv[1:])
 
 
+def code_cache_header(source: bytes, source_file: str) -> bytes:
+    """The header of a code cache: the magic number (3.7+: 4 bytes of flags, 0b11 as PEP 552's
+    "hash-based, checked"), then 8 bytes of a digest of the source, its absolute path and the
+    interpreter. Python skips the header when it runs a .pyc, so the key is ours: a cache made
+    from another copy of the file (whose sys.path[0] would be another directory) or by another
+    interpreter is never taken for this one."""
+    flags = struct.pack("<I", 0b11) if sys.version_info >= (3, 7) else b""
+    key = hashlib.sha256(b"\0".join([source_file.encode("utf-8", "surrogateescape"),
+                                     sys.executable.encode("utf-8", "surrogateescape"),
+                                     sys.version.encode(), source]))
+    return importlib.util.MAGIC_NUMBER + flags + key.digest()[:8]
+
+
 def _cached_header(path: str) -> bytes:
-    """The first 16 bytes of our code cache: a private, plain file of this user, or nothing."""
+    """The header of our code cache: a private, plain file of this user, or nothing."""
     try:
         descriptor = open_private(path, os.O_RDONLY)
     except OSError:
@@ -6631,7 +6942,7 @@ def _cached_header(path: str) -> bytes:
         info = os.fstat(handle.fileno())
         if not stat_module.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
             return b""
-        return handle.read(16)
+        return handle.read(len(importlib.util.MAGIC_NUMBER) + 12 if sys.version_info >= (3, 7) else 12)
 
 
 def web_argv(args: argparse.Namespace) -> List[str]:
@@ -6731,6 +7042,9 @@ def command_web(args: argparse.Namespace) -> int:
         return 1
     warn_if_clear_text(api_key, tls, args.host)    # said here: once, after the re-execution
     setup_logging(home, args.log_level, to_stderr=not args.quiet)
+    if not scrub_environment():
+        log.warning("the API key could not be wiped from /proc/%d/environ; prefer --api-key-file "
+                    "to $%s" % (os.getpid(), API_KEY_ENV))
     if not forbid_inspection():
         log.warning("prctl(PR_SET_DUMPABLE) is not available: children of this user could read "
                     "the daemon's environment; prefer --api-key-file to $%s" % API_KEY_ENV)

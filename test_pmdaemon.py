@@ -61,14 +61,14 @@ def pid_alive(pid):
 class Daemon:
     """A real `pmdaemon.py web` subprocess on an ephemeral port with its own home."""
 
-    def __init__(self, home=None, args=(), env=None, wrapper=()):
+    def __init__(self, home=None, args=(), env=None, wrapper=(), script=PMDAEMON):
         self.home = home or tempfile.mkdtemp(prefix="pmd-test-")
         self.owns_home = home is None
         environ = dict(os.environ)
         environ.pop("PMDAEMON_API_KEY", None)
         environ.update(env or {})
         environ["PMDAEMON_HOME"] = self.home
-        self.proc = subprocess.Popen(list(wrapper) + [PY, PMDAEMON, "web", "--port", "0", "--sample-interval", "0.2"]
+        self.proc = subprocess.Popen(list(wrapper) + [PY, script, "web", "--port", "0", "--sample-interval", "0.2"]
                                      + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=environ, cwd=HERE)
         line = self.proc.stdout.readline().decode()
@@ -1723,6 +1723,135 @@ class TestProcessSettings(DaemonTestCase):
             self.daemon.request("DELETE", "/api/processes/" + name)
 
 
+NOBODY_UID = 65534
+AS_ROOT_WITH_ANOTHER_USER = unittest.skipUnless(os.geteuid() == 0, "needs root to run a process as another user")
+
+
+class TestPathsAnAppControls(DaemonTestCase):
+    """env_file, out_file and error_file name places that an app's own user may control: links,
+    FIFOs and swapped directories must neither freeze the daemon nor lend it to that user."""
+
+    def setUp(self):
+        self.base = tempfile.mkdtemp(prefix="pmd-paths-")
+        self.addCleanup(shutil.rmtree, self.base, True)
+        os.chmod(self.base, 0o755)
+        self.app = os.path.join(self.base, "app")           # the app's user's own directory
+        os.mkdir(self.app, 0o755)
+        if os.geteuid() == 0:
+            os.chown(self.app, NOBODY_UID, NOBODY_UID)
+        self.names = []
+
+    def tearDown(self):
+        for name in self.names:
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+    def create(self, name, **config):
+        body = {"name": name, "script": "/bin/sh", "args": ["-c", 'echo "G=$GREETING S=$SECRET"; exec sleep 60'],
+                "cwd": self.app}
+        body.update(config)
+        self.names.append(name)
+        status, _, data = self.daemon.post("/api/processes", body)
+        self.assertEqual(status, 201, data)
+        return data["process"]
+
+    def as_app_user(self, *paths):
+        for path in paths:
+            os.lchown(path, NOBODY_UID, NOBODY_UID)
+
+    @AS_ROOT_WITH_ANOTHER_USER
+    def test_env_file_is_read_with_the_processs_rights_and_never_through_a_link(self):
+        secret = os.path.join(self.base, "secret.env")      # root's, 0600
+        with open(secret, "w") as handle:
+            handle.write("SECRET=topsecret\n")
+        os.chmod(secret, 0o600)
+        plain = os.path.join(self.app, "plain.env")
+        with open(plain, "w") as handle:
+            handle.write("GREETING=hello\n")
+        os.symlink(secret, os.path.join(self.app, "link.env"))
+        os.symlink("/proc/self/environ", os.path.join(self.app, "environ.env"))
+        os.symlink(self.base, os.path.join(self.app, "conf"))
+        self.as_app_user(plain, os.path.join(self.app, "link.env"), os.path.join(self.app, "environ.env"),
+                         os.path.join(self.app, "conf"))
+        self.create("env-plain", user="nobody", env_file="plain.env")
+        wait_until(lambda: self.daemon.last_line("env-plain") == "G=hello S=", message="the plain env_file read")
+        refused = {
+            "env-link": ("link.env", "not a regular file with one link (a link, FIFO, device or hard link)"),
+            "env-environ": ("environ.env", "not a regular file with one link (a link, FIFO, device or hard link)"),
+            "env-dir-link": ("conf/secret.env", "%s/conf is a link or not a directory (links are not followed "
+                             "here)" % self.app),
+            "env-root-only": (secret, "Permission denied"),        # the process's own rights
+        }
+        for name, (env_file, reason) in refused.items():
+            with self.subTest(env_file=env_file):
+                process = self.create(name, user="nobody", env_file=env_file)
+                self.assertEqual(process["status"], "errored")
+                path = os.path.normpath(os.path.join(self.app, env_file))
+                self.assertEqual(process["error"], "env_file %r cannot be used: %s" % (path, reason))
+        self.assertNotIn("topsecret", json.dumps(self.daemon.get("/api/processes")[2]))
+
+    def test_a_fifo_never_freezes_the_daemon(self):
+        fifo = os.path.join(self.base, "fifo")
+        os.mkfifo(fifo)
+        process = self.create("fifo-env", env_file=fifo)
+        self.assertEqual((process["status"], process["error"]), ("errored", "env_file %r cannot be used: not a "
+                         "regular file with one link (a link, FIFO, device or hard link)" % fifo))
+        out = self.create("fifo-out", out_file=fifo)
+        self.assertEqual(out["status"], "online")               # the app runs; its lines cannot be kept
+        self.assertGreaterEqual(self.daemon.process("fifo-out")["log_write_errors"], 1)
+        self.assertEqual(self.daemon.get("/api/system")[0], 200)  # and the daemon still answers
+
+    @AS_ROOT_WITH_ANOTHER_USER
+    def test_a_swapped_log_directory_leads_nowhere(self):
+        logs = os.path.join(self.app, "logs")
+        os.mkdir(logs, 0o755)
+        self.as_app_user(logs)
+        victim_dir = os.path.join(self.base, "victim")      # root's: what the swap points at
+        os.mkdir(victim_dir, 0o755)
+        victim = os.path.join(victim_dir, "out.log")
+        with open(victim, "w") as handle:
+            handle.write("ROOT\n")
+        self.create("swap", user="nobody", out_file=os.path.join(logs, "out.log"),
+                    args=["-c", "while :; do echo tick; sleep 0.05; done"])
+        wait_until(lambda: self.daemon.last_line("swap") == "tick", message="the first ticks")
+        # The app's user moves its directory away and puts a link to root's in its place.
+        os.rename(logs, logs + ".old")
+        os.symlink(victim_dir, logs)
+        self.as_app_user(logs)
+        self.assertEqual(self.daemon.request("DELETE", "/api/logs/swap")[0], 200)     # flush: files go, then anew
+        wait_until(lambda: os.path.exists(os.path.join(logs + ".old", "out.log")), message="the log begun anew")
+        self.daemon.post("/api/processes/swap/restart")
+        wait_until(lambda: self.daemon.process("swap")["log_write_errors"] >= 1, message="the swap refused")
+        self.assertEqual(sorted(os.listdir(victim_dir)), ["out.log"])
+        info = os.stat(victim)
+        self.assertEqual((read_text(victim), info.st_uid), ("ROOT\n", 0))
+
+    @AS_ROOT_WITH_ANOTHER_USER
+    def test_log_files_follow_the_processs_user_and_others_are_never_given_away(self):
+        import pwd
+        try:
+            other = pwd.getpwnam("daemon")
+        except KeyError:
+            self.skipTest("no user 'daemon' to change to")
+        logs = os.path.join(self.base, "logs")              # root's directory: files are given to the user
+        os.mkdir(logs, 0o755)
+        out = os.path.join(logs, "out.log")
+        self.create("owner", user="nobody", out_file=out)
+        wait_until(lambda: os.path.exists(out) and os.path.getsize(out) > 0, message="the first line")
+        self.assertEqual(os.stat(out).st_uid, NOBODY_UID)
+        status, _, body = self.daemon.request("PATCH", "/api/processes/owner", {"user": "daemon"})
+        self.assertEqual(status, 200, body)
+        self.daemon.post("/api/processes/owner/restart")
+        wait_until(lambda: os.stat(out).st_uid == other.pw_uid, message="the file given to the new user")
+        # A file that was there before, someone else's, is never taken over nor given away.
+        foreign = os.path.join(logs, "foreign.log")
+        with open(foreign, "w") as handle:
+            handle.write("bin's\n")
+        os.chown(foreign, 2, 2)
+        self.create("foreign", user="nobody", out_file=foreign)
+        wait_until(lambda: self.daemon.process("foreign")["log_write_errors"] >= 1, message="the write refused")
+        self.assertEqual((read_text(foreign), os.stat(foreign).st_uid), ("bin's\n", 2))
+
+
 class TestCli(DaemonTestCase):
     """Every verb against a real daemon in a temp home, through its Unix socket."""
 
@@ -2677,6 +2806,18 @@ def request_as(uid, family, address, extra_header=""):
     return answer.decode("latin-1")
 
 
+def readable_copy(test):
+    """A copy of pmdaemon.py that any user can read, wherever the checkout lives (a 0700
+    directory included), removed after the test."""
+    directory = tempfile.mkdtemp(prefix="pmd-copy-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    os.chmod(directory, 0o755)
+    copy = os.path.join(directory, "pmdaemon.py")
+    shutil.copy(PMDAEMON, copy)
+    os.chmod(copy, 0o644)
+    return copy
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path, timeout=10):
         super().__init__("localhost", timeout=timeout)
@@ -2887,8 +3028,9 @@ class TestApiKey(DaemonTestCase):
         home = tempfile.mkdtemp(prefix="pmd-nobody-")
         self.addCleanup(shutil.rmtree, home, True)
         os.chown(home, NOBODY, NOBODY)
+        readable = readable_copy(self)          # the checkout may be in a directory nobody cannot enter
         environ = dict(os.environ, PMDAEMON_API_KEY="s3cret-key", PMDAEMON_HOME=home)
-        daemon = subprocess.Popen(["/usr/bin/python3", PMDAEMON, "web", "--port", "0"], cwd=home, env=environ,
+        daemon = subprocess.Popen(["/usr/bin/python3", readable, "web", "--port", "0"], cwd=home, env=environ,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   preexec_fn=lambda: (os.setgroups([]), os.setgid(NOBODY), os.setuid(NOBODY)))
         try:
@@ -2913,6 +3055,12 @@ class TestApiKey(DaemonTestCase):
         finally:
             daemon.terminate()
             daemon.communicate(timeout=15)
+
+    def test_the_key_is_wiped_from_the_daemons_environment(self):
+        with open("/proc/%d/environ" % self.daemon.proc.pid, "rb") as handle:
+            environ = handle.read()
+        self.assertNotIn(b"s3cret-key", environ)
+        self.assertIn(b"PMDAEMON_HOME=", environ)               # the rest is as it was
 
     def test_key_never_reaches_children(self):
         headers = {"X-API-Key": "s3cret-key"}
@@ -3195,9 +3343,8 @@ class TestDaemonLifecycle(unittest.TestCase):
     def test_the_daemon_runs_from_its_private_code_cache(self):
         """Compiling the script costs ~20 MiB the daemon would keep: `web` re-executes itself
         from its code compiled into the home; a stale cache is replaced, a planted link refused."""
-        import importlib.util
         with open(PMDAEMON, "rb") as handle:
-            header = importlib.util.MAGIC_NUMBER + struct.pack("<I", 3) + importlib.util.source_hash(handle.read())
+            header = pmdaemon.code_cache_header(handle.read(), PMDAEMON)
         cache = os.path.join(self.home, "pmdaemon.pyc")
         for planted in (None, "stale"):
             with self.subTest(planted=planted):
@@ -3211,7 +3358,7 @@ class TestDaemonLifecycle(unittest.TestCase):
                 info = os.lstat(cache)
                 self.assertEqual((stat_module.S_ISREG(info.st_mode), info.st_mode & 0o777), (True, 0o600))
                 with open(cache, "rb") as handle:
-                    self.assertEqual(handle.read(16), header)
+                    self.assertEqual(handle.read(len(header)), header)
                 self.assertEqual(daemon.terminate(), 0)
         decoy = os.path.join(tempfile.mkdtemp(prefix="pmd-decoy-"), "decoy.pyc")
         self.addCleanup(shutil.rmtree, os.path.dirname(decoy), True)
@@ -3223,6 +3370,54 @@ class TestDaemonLifecycle(unittest.TestCase):
             self.daemon()
         with open(decoy, "rb") as handle:
             self.assertEqual(handle.read(), header + b"not code")
+
+    def test_a_code_cache_made_from_another_copy_is_never_used(self):
+        """Two identical copies of the file: the cache one left in the home must not run the
+        other, whose imports would come from the first one's directory."""
+        copies = tempfile.mkdtemp(prefix="pmd-copies-")
+        self.addCleanup(shutil.rmtree, copies, True)
+        first, second = os.path.join(copies, "a"), os.path.join(copies, "b")
+        for directory in (first, second):
+            os.mkdir(directory)
+            shutil.copy(PMDAEMON, directory)
+        marker = os.path.join(copies, "planted-ran")
+
+        def run_web(directory):
+            daemon = Daemon(home=self.home, script=os.path.join(directory, "pmdaemon.py"))
+            self.addCleanup(daemon.cleanup)
+            self.assertEqual(daemon.get("/api/system")[0], 200)
+            return daemon
+        self.assertEqual(run_web(first).terminate(), 0)
+        # Planted beside the first copy: ctypes is imported by the daemon after its start.
+        with open(os.path.join(first, "ctypes.py"), "w") as handle:
+            handle.write("open(%r, 'w').close()\nraise ImportError('planted')\n" % marker)
+        self.assertEqual(run_web(second).terminate(), 0)
+        self.assertFalse(os.path.exists(marker), "a module beside the other copy ran")
+        with open(os.path.join(second, "pmdaemon.py"), "rb") as handle:
+            header = pmdaemon.code_cache_header(handle.read(), os.path.join(second, "pmdaemon.py"))
+        with open(os.path.join(self.home, "pmdaemon.pyc"), "rb") as handle:
+            self.assertEqual(handle.read(len(header)), header)
+
+    @AS_OTHER_USER
+    def test_a_home_below_a_directory_others_can_change_is_refused(self):
+        above = tempfile.mkdtemp(prefix="pmd-above-")
+        self.addCleanup(shutil.rmtree, above, True)
+        home = os.path.join(above, "home")
+        environ = dict(os.environ, PMDAEMON_HOME=home)
+        for mode, owner, why in ((0o755, NOBODY, "%s, above the home, belongs to uid 65534" % above),
+                                 (0o777, 0, "%s, above the home, is writable by group or others (mode 777) "
+                                            "and not sticky" % above)):
+            os.chmod(above, mode)
+            os.chown(above, owner, owner)
+            result = subprocess.run([PY, PMDAEMON, "web", "--port", "0"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=environ, timeout=30)
+            self.assertEqual(result.returncode, 1)
+            self.assertIn(why, result.stderr.decode())
+        os.chmod(above, 0o1777)                     # sticky, like /tmp: others cannot rename ours
+        os.chown(above, 0, 0)
+        daemon = Daemon(home=home)
+        self.addCleanup(daemon.cleanup)
+        self.assertEqual(daemon.get("/api/system")[0], 200)
 
     def test_state_is_restored_after_a_restart(self):
         first = self.daemon()
