@@ -167,6 +167,8 @@ MAX_HELD_STAT_FILES = 1024             # /proc/PID/stat kept open for the proces
 DEFAULT_LISTEN_TIMEOUT_MS = 10_000     # wait_ready: longest wait for the first healthy check
 HEALTH_STARTING_INTERVAL = 0.25        # seconds between checks while waiting to be ready
 MAX_HEALTH_RESPONSE_LINE = 8192
+HEALTH_OUTPUT_TAIL = 4 * 1024          # bytes of a check script's stderr kept (its last ones)
+HEALTH_ERROR_CHARS = 200               # ... of which a failed check's error shows at most this
 STOP_POLL_INTERVAL = 0.02              # seconds between checks that a stopped group is gone
 KILL_GRACE = 5.0                       # seconds SIGKILLed processes get to disappear
 EXIT_OUTPUT_GRACE = 0.5                # seconds the last output of an exited child may take
@@ -180,7 +182,8 @@ MAX_ENV_VARS = 1024
 MAX_ENV_FILE_BYTES = 1024 * 1024
 WATCH_DELAY_MS = 1000                  # watch: quiet time after the last change before a restart
 WATCH_POLL_INTERVAL = 0.5              # seconds between looks at the watched files
-WATCH_MAX_FILES = 20_000               # files one process may watch (past it: a warning, no more)
+WATCH_MAX_FILES = 20_000               # files one process may watch (past it: watching stops)
+WATCH_MAX_DIRS = 5_000                 # directories one process may watch (past it: watching stops)
 WATCH_IGNORE_DEFAULT = ("node_modules", ".git", "__pycache__", "*.log", "*.pyc", ".*.swp")
 MAX_STDIN_WRITE = 64 * 1024            # bytes one POST .../stdin may send
 STDIN_WRITE_TIMEOUT = 5.0              # seconds a child may take to read what was written
@@ -210,7 +213,9 @@ WS_HARD_LIMIT = 4                      # x WS_SEND_BUFFER: closed at once (only 
 MAX_WS_CLIENTS = 10_000
 FANOUT_CHUNK = 500                     # clients served per loop iteration when a tick fans out
 WS_TICKET_TTL = 30.0
-MAX_WS_TICKETS = 1024
+MAX_WS_TICKETS = 1024                  # unused tickets of all read-only keys together -> 503
+MAX_WS_TICKETS_PER_KEY = 256           # unused tickets of one key (the full key's are its own) -> 503
+MASKED = "***"                         # what a read-only key sees for env values and URL credentials
 MAX_WS_SUBSCRIPTIONS = 64
 
 
@@ -312,6 +317,10 @@ class NotRunning(PMDaemonError):
 
 class StdinUnavailable(PMDaemonError):
     """stdin was not asked for, is closed, or is not being read."""
+
+
+class StdinBusy(PMDaemonError):
+    """An earlier write to the child's stdin has not been taken by the child yet."""
 
 
 class CannotStart(PMDaemonError):
@@ -438,6 +447,30 @@ def log_safe(text: str, limit: int = 200) -> str:
     so a name with a newline cannot forge a log line."""
     text = text[:limit]
     return CONTROL_CHARS_RE.sub(lambda match: "\\x%02x" % ord(match.group()), text) if CONTROL_CHARS_RE.search(text) else text
+
+
+# Only a \uD800-\uDFFF escape can put a surrogate into decoded JSON (UTF-8 cannot carry one);
+# a pair becomes one character, so a surrogate left after decoding is a lone one, which no
+# response could encode: refused for every body and WebSocket command (parse_json_text) and
+# every saved config, before any field is looked at.
+SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def check_no_surrogates(value: Any) -> None:
+    """ValidationError naming a string (key or value) that holds a lone surrogate."""
+    pending = [("", value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str) and SURROGATE_RE.search(item):
+            raise invalid_field(path, "field %r must be Unicode text, got %r" % (path, item[:64]))
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        for key, child in children:
+            name = key if isinstance(key, int) else key.encode("utf-8", "backslashreplace").decode("utf-8")
+            child_path = "%s[%d]" % (path, name) if isinstance(name, int) else "%s.%s" % (path, name) if path else name
+            if isinstance(key, str) and SURROGATE_RE.search(key):
+                raise invalid_field(child_path, "field %r must be Unicode text, got %r" % (child_path, key[:64]))
+            pending.append((child_path, child))
 
 
 def parse_name(value: Any) -> str:
@@ -667,6 +700,7 @@ def parse_env_file(text: str) -> Dict[str, str]:
 CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
                ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
                ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+CRON_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)     # the most days each month has
 
 
 class CronSchedule(NamedTuple):
@@ -691,7 +725,7 @@ class CronSchedule(NamedTuple):
         """The first minute strictly after `moment` that the schedule names (naive local time)."""
         start = moment.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
         day = start.date()
-        for _ in range(366 * 5):                 # e.g. "0 0 29 2 *" waits for a leap year
+        for _ in range(366 * 9):                 # "0 0 29 2 *" may wait 8 years (2096 -> 2104)
             if day.month in self.months and self.matches_day(day):
                 first = (start.hour, start.minute) if day == start.date() else (0, 0)
                 for hour in sorted(self.hours):
@@ -699,7 +733,7 @@ class CronSchedule(NamedTuple):
                         if (hour, minute) >= first:
                             return datetime.datetime.combine(day, datetime.time(hour, minute))
             day += datetime.timedelta(days=1)
-        raise ValueError("the schedule names no time in the next five years")
+        raise ValueError("the schedule names no time in the next nine years")
 
 
 def parse_cron(text: str) -> CronSchedule:
@@ -710,6 +744,10 @@ def parse_cron(text: str) -> CronSchedule:
         raise ValueError("a cron expression has 5 fields (minute hour day month weekday), got %d" % len(fields))
     sets = [_cron_field(field, *spec) for field, spec in zip(fields, CRON_FIELDS)]
     weekdays = frozenset(day % 7 for day in sets[4])
+    # Only with day of week "*" must the day of month exist (with both restricted, either
+    # matches: cron's OR rule); 29 February counts, it comes in leap years.
+    if fields[4] == "*" and not any(day <= CRON_MONTH_DAYS[month - 1] for month in sets[3] for day in sets[2]):
+        raise ValueError("day of month %r never comes in month %r" % (fields[2], fields[3]))
     return CronSchedule(sets[0], sets[1], sets[2], sets[3], weekdays, fields[2] == "*", fields[4] == "*")
 
 
@@ -2031,15 +2069,27 @@ async def _check_script(check: dict, port: Optional[int], cwd, env, setup) -> Op
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, start_new_session=True, **({"preexec_fn": setup} if setup else {}))
     try:
-        _, stderr = await proc.communicate()
+        output = await read_tail(proc.stderr, HEALTH_OUTPUT_TAIL)
+        await proc.wait()
     except asyncio.CancelledError:
         signal_group(proc.pid, signal.SIGKILL)
         await proc.wait()
         raise
     if proc.returncode == 0:
         return None
-    detail = stderr[-200:].decode("utf-8", "replace").strip()
+    detail = output[-HEALTH_ERROR_CHARS:].decode("utf-8", "replace").strip()
     return "exit code %d%s" % (proc.returncode, ": " + detail if detail else "")
+
+
+async def read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
+    """Read a stream to its end, keeping only its last `keep` bytes: a check script that
+    writes without end costs a read chunk and the tail, never more."""
+    tail = b""
+    while True:
+        chunk = await stream.read(READ_CHUNK)
+        if not chunk:
+            return tail
+        tail = (tail + chunk)[-keep:]
 
 
 def _signal_escaped(escaped: List[Tuple[int, int]], signum: int, sampler: Sampler) -> List[Tuple[int, int]]:
@@ -2090,18 +2140,25 @@ async def terminate_group(pgid: Optional[int], escaped: List[Tuple[int, int]], s
         await asyncio.sleep(poll_interval)
 
 
-def file_snapshot(roots: List[str], ignore: List[str], limit: int = WATCH_MAX_FILES) -> Dict[str, Tuple[int, int]]:
+def file_snapshot(roots: List[str], ignore: List[str], limit: int = WATCH_MAX_FILES,
+                  max_dirs: int = WATCH_MAX_DIRS) -> Dict[str, Tuple[int, int]]:
     """(mtime in ns, size) of every file under roots whose name or relative path matches no
-    ignore pattern; at most `limit` files. Links are not followed."""
+    ignore pattern. Links are not followed. ValueError past `limit` files or `max_dirs`
+    directories: a directory costs a scan each time even when it is empty."""
     import fnmatch
     found: Dict[str, Tuple[int, int]] = {}
     stack = list(roots)
-    while stack and len(found) < limit:
+    scanned = 0
+    while stack:
         path = stack.pop()
         try:
             entries = list(os.scandir(path)) if os.path.isdir(path) and not os.path.islink(path) else None
         except OSError:
             continue
+        if entries is not None:
+            scanned += 1
+            if scanned > max_dirs:
+                raise ValueError("more than %d directories to watch" % max_dirs)
         if entries is None:
             with contextlib.suppress(OSError):
                 info = os.lstat(path)
@@ -2112,7 +2169,9 @@ def file_snapshot(roots: List[str], ignore: List[str], limit: int = WATCH_MAX_FI
                 continue
             if entry.is_dir(follow_symlinks=False):
                 stack.append(entry.path)
-            elif len(found) < limit:
+            elif len(found) >= limit:
+                raise ValueError("more than %d files to watch" % limit)
+            else:
                 with contextlib.suppress(OSError):
                     info = entry.stat(follow_symlinks=False)
                     found[entry.path] = (info.st_mtime_ns, info.st_size)
@@ -2607,6 +2666,10 @@ class ProcessRunner:
         if self.run is None or self.run.proc.stdin is None:
             raise NotRunning("Process %r is not running" % self.name)
         stream = self.run.proc.stdin
+        if stream.transport.get_write_buffer_size():
+            # One pending write per process: what the child has not taken stays queued (even
+            # after its request timed out), so another write would pile up in our memory.
+            raise StdinBusy("Process %r has not read the previous stdin write yet" % self.name)
         try:
             stream.write(data)
             await asyncio.wait_for(stream.drain(), STDIN_WRITE_TIMEOUT)
@@ -2692,14 +2755,19 @@ class ProcessRunner:
         """watch: restart once the watched files have been quiet for watch_delay after a change."""
         roots = [os.path.join(self.config.cwd or ".", path) for path in self.config.watch]
         loop = asyncio.get_event_loop()
-        snapshot = await loop.run_in_executor(None, file_snapshot, roots, self.config.watch_ignore)
+        self.watch_status = {"files": 0, "scans": 0}
+        try:
+            snapshot = await loop.run_in_executor(None, file_snapshot, roots, self.config.watch_ignore)
+        except ValueError as exc:
+            return self._stop_watching(str(exc))
         self.watch_status = {"files": len(snapshot), "scans": 0}
-        if len(snapshot) >= WATCH_MAX_FILES:
-            self.note("watching only the first %d files (add watch_ignore patterns)" % WATCH_MAX_FILES)
         changed_at = None
         while True:
             await asyncio.sleep(min(WATCH_POLL_INTERVAL, self.config.watch_delay / 2000 or WATCH_POLL_INTERVAL))
-            current = await loop.run_in_executor(None, file_snapshot, roots, self.config.watch_ignore)
+            try:
+                current = await loop.run_in_executor(None, file_snapshot, roots, self.config.watch_ignore)
+            except ValueError as exc:
+                return self._stop_watching(str(exc))
             self.watch_status = {"files": len(current), "scans": self.watch_status["scans"] + 1}
             if current != snapshot:
                 changed = sorted(set(current.items()) ^ set(snapshot.items()))[0][0]
@@ -2711,13 +2779,25 @@ class ProcessRunner:
                     self.event("watch_restart", file=first_change)
                     await self.restart()
 
+    def _stop_watching(self, reason: str) -> None:
+        """Too much to watch: looking at it twice a second would cost a core, so watching ends
+        (until the process is stopped and started again) and the user is told why."""
+        self.watch_status = dict(self.watch_status, stopped=reason)
+        self.note("stopped watching files: %s (add watch_ignore patterns)" % reason)
+        log.warning("%s: stopped watching files: %s", log_safe(self.name), reason)
+        self.event("watch_stopped", reason=reason)
+
     def _schedule_cron(self) -> None:
         """cron_restart: a timer to the next minute the schedule names, set at every start."""
         self._cancel("cron")
         if not self.config.cron_restart:
             return
         now = self.host.wall()
-        due = parse_cron(self.config.cron_restart).next_after(datetime.datetime.fromtimestamp(now))
+        try:
+            due = parse_cron(self.config.cron_restart).next_after(datetime.datetime.fromtimestamp(now))
+        except ValueError as exc:       # validated, so never; but a running child is not left stuck
+            self.note("cron_restart %r is not scheduled: %s" % (self.config.cron_restart, exc))
+            return
         self._pending["cron"] = asyncio.get_event_loop().call_later(
             max(0.0, due.timestamp() - now), lambda: self.host.background(self._cron_due()))
 
@@ -3480,8 +3560,9 @@ class Supervisor:
         to_start, leftovers, rejected = [], [], []
         for entry in data["processes"]:
             try:
-                # Saved configs are validated like new ones: a hand-edited file cannot smuggle
-                # in a wrong type that would fail later, deep in the supervisor.
+                # Saved configs are validated like new ones: a hand-edited file (or one an older
+                # version wrote) cannot smuggle in what would fail later, deep in the supervisor.
+                check_no_surrogates(entry["config"])
                 config = ProcessConfig.from_dict(entry["config"], check_cwd=False)
                 port, status = entry.get("port"), entry.get("status")
                 runner = self._register(config, _saved_int(entry.get("instance", 0), MAX_INSTANCES),
@@ -3492,6 +3573,11 @@ class Supervisor:
                 rejected.append(entry)
                 log.error("cannot restore saved process %r: %s", log_safe(str(entry.get("name")))
                           if isinstance(entry, dict) else None, exc)
+                if isinstance(entry, dict) and (entry.get("pid") or entry.get("run_token")):
+                    # What it left running is stopped all the same, with the default kill_signal
+                    # and kill_timeout: a rejected entry must not leave an orphan behind.
+                    leftovers.append((Run(entry.get("run_token"), entry.get("pid"), entry.get("pid_start_ticks")),
+                                      ProcessConfig(log_safe(str(entry.get("name")), 64), "")))
                 continue
             runner.manual_restarts = _saved_int(entry.get("manual_restarts", 0), 1 << 40)
             runner.auto_restarts = max(0, _saved_int(entry.get("restarts", 0), 1 << 40) - runner.manual_restarts)
@@ -3503,9 +3589,16 @@ class Supervisor:
                 to_start.append(runner)
         if rejected:
             self.store.keep_rejected(rejected)
-        await asyncio.gather(*(self._stop_leftover(run, config) for run, config in leftovers))
+        stopped = await asyncio.gather(*(self._stop_leftover(run, config) for run, config in leftovers),
+                                       return_exceptions=True)
+        for (_, config), outcome in zip(leftovers, stopped):
+            if isinstance(outcome, Exception):
+                log.error("cannot stop what %s left running", log_safe(config.name), exc_info=outcome)
         for runner in to_start:
-            await runner.start()
+            try:
+                await runner.start()
+            except Exception as exc:        # one entry must not take the daemon and the others down
+                log.error("cannot start restored process %r", log_safe(runner.name), exc_info=exc)
         self.store.flush()
 
     async def _stop_leftover(self, run: Run, config: ProcessConfig) -> None:
@@ -3579,7 +3672,8 @@ def http_error(status: int, code: str, message: str) -> HttpError:
 class Request:
     """One parsed HTTP request; header names are lowercase."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "fields", "body",
-                 "keep_alive", "content_length", "chunked", "route", "authority", "access", "owner")
+                 "keep_alive", "content_length", "chunked", "route", "authority", "access", "owner",
+                 "holder")
 
     def __init__(self, method: str, target: str, path: str, query: str, version: str,
                  headers: List[Tuple[str, str]]):
@@ -3596,6 +3690,7 @@ class Request:
         self.authority: Optional[str] = None    # host[:port] of an absolute-form target
         self.access = "full"                    # or "read": what the request's key allows
         self.owner = False                      # came through the Unix socket from the daemon's user or root
+        self.holder = ""                        # which key it sent: "full", "read-N" ("" for none)
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.fields.get(name)
@@ -4404,10 +4499,14 @@ class AccessPolicy:
             raise HttpError(403, "FORBIDDEN_ORIGIN", "Origin %r is not allowed (see --cors-origin)"
                            % origin[:100])
 
-    def check_key(self, request: Request, ticket_ok: bool = False) -> str:
-        """The access a request has: "full", or "read" for a read-only key; 401 without a key."""
-        if self.key_digest is None or ticket_ok or request.owner:
+    def check_key(self, request: Request, ticket_access: Optional[str] = None) -> str:
+        """The access a request has: "full", or "read" for a read-only key (or the access of the
+        key a redeemed ticket was issued to); 401 without a key. Sets request.holder. The
+        owner's door (the Unix socket, checked by SO_PEERCRED) needs no key."""
+        if self.key_digest is None or request.owner:
             return "full"
+        if ticket_access is not None:
+            return ticket_access
         supplied = request.header("x-api-key")
         authorization = request.header("authorization")
         if supplied is None and authorization is not None:
@@ -4419,8 +4518,10 @@ class AccessPolicy:
         full = hmac.compare_digest(digest, self.key_digest)
         read = [hmac.compare_digest(digest, other) for other in self.read_digests]
         if full:
+            request.holder = "full"
             return "full"
         if any(read):
+            request.holder = "read-%d" % read.index(True)
             return "read"
         raise HttpError(401, "UNAUTHORIZED", "missing or invalid API key (send 'Authorization: "
                         "Bearer KEY' or 'X-API-Key: KEY')",
@@ -4441,25 +4542,29 @@ class AccessPolicy:
 
 
 class TicketBook:
-    """Short-lived, single-use tickets that let a browser open /ws without the key in the URL."""
+    """Short-lived, single-use tickets that let a browser open /ws without the key in the URL.
+    A ticket carries the access of the key it was issued to; each key holds a bounded number,
+    and the read-only keys together another, so no read-only key can take the full key's."""
 
     def __init__(self, ttl: float = WS_TICKET_TTL, clock: Callable[[], float] = time.monotonic):
         self.ttl = ttl
         self.clock = clock
-        self._tickets: Dict[str, float] = {}
+        self._tickets: Dict[str, Tuple[float, str, str]] = {}     # ticket -> (expiry, holder, access)
 
-    def issue(self) -> str:
+    def issue(self, holder: str = "", access: str = "full") -> str:
         now = self.clock()
-        self._tickets = {t: expiry for t, expiry in self._tickets.items() if expiry > now}
-        if len(self._tickets) >= MAX_WS_TICKETS:
-            raise HttpError(503, "TOO_MANY_TICKETS", "too many unused WebSocket tickets; retry later")
+        self._tickets = {t: entry for t, entry in self._tickets.items() if entry[0] > now}
+        held = [entry[1] for entry in self._tickets.values() if entry[2] == access]
+        if held.count(holder) >= MAX_WS_TICKETS_PER_KEY or (access == "read" and len(held) >= MAX_WS_TICKETS):
+            raise HttpError(503, "TOO_MANY_TICKETS", "too many unused WebSocket tickets for this key; retry later")
         ticket = base64.urlsafe_b64encode(os.urandom(24)).rstrip(b"=").decode("ascii")
-        self._tickets[ticket] = now + self.ttl
+        self._tickets[ticket] = (now + self.ttl, holder, access)
         return ticket
 
-    def redeem(self, ticket: str) -> bool:
-        expiry = self._tickets.pop(ticket, None)
-        return expiry is not None and expiry > self.clock()
+    def redeem(self, ticket: str) -> Optional[str]:
+        """The access the ticket grants, once; None for an unknown or expired ticket."""
+        entry = self._tickets.pop(ticket, None)
+        return entry[2] if entry is not None and entry[0] > self.clock() else None
 
 
 class Route(NamedTuple):
@@ -4491,7 +4596,8 @@ def parse_json_text(data: Any) -> Any:
     """A client's JSON (bytes or str): any failure is an InvalidJson, never a 500, and nesting
     is limited to MAX_JSON_DEPTH (the C decoder's recursion guard is caught too)."""
     try:
-        value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        value = json.loads(text)
     except UnicodeDecodeError:
         raise InvalidJson("not valid UTF-8") from None
     except RecursionError:
@@ -4500,6 +4606,8 @@ def parse_json_text(data: Any) -> Any:
         raise InvalidJson("not valid JSON: %s" % exc) from None
     if json_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise InvalidJson("nested deeper than %d levels" % MAX_JSON_DEPTH)
+    if SURROGATE_ESCAPE_RE.search(text):
+        check_no_surrogates(value)
     return value
 
 
@@ -4556,6 +4664,7 @@ ERROR_WIRE_FORM: Dict[type, Tuple[int, str]] = {
     CannotStart: (422, "START_FAILED"),
     NotRunning: (409, "PROCESS_NOT_RUNNING"),
     StdinUnavailable: (409, "STDIN_UNAVAILABLE"),
+    StdinBusy: (409, "STDIN_BUSY"),
     StateNotSaved: (507, "STATE_NOT_SAVED"),
 }
 INTERNAL_ERROR = HttpError(500, "INTERNAL_ERROR", "internal server error")
@@ -4603,18 +4712,38 @@ def process_update(runner: ProcessRunner, wall: float, now: float) -> dict:
     return data
 
 
-def health_body(runner: ProcessRunner) -> dict:
+def without_credentials(url: str) -> str:
+    """A URL with its user:password@ masked: what a read-only key is shown."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return MASKED
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=MASKED + "@" + parts.netloc.rpartition("@")[2]))
+
+
+def health_body(runner: ProcessRunner, full: bool = True) -> dict:
     check = runner.config.health_check
-    return runner.health.to_api(check, health_target(check, runner.port) if check else None)
+    target = health_target(check, runner.port) if check else None
+    if target is not None and check["type"] == "http" and not full:
+        target = without_credentials(target)
+    return runner.health.to_api(check, target)
 
 
-def process_details(runner: ProcessRunner, now: float) -> dict:
-    """GET /api/processes/{name_or_id}: the summary, the config and what happened last."""
+def process_details(runner: ProcessRunner, now: float, full: bool = True) -> dict:
+    """GET /api/processes/{name_or_id}: the summary, the config and what happened last. Without
+    full access (a read-only key) env values and URL credentials are masked."""
     entry = process_summary(runner, now)
     config = runner.config.to_dict()
     config["env"] = dict(config["env"])
     if runner.port is not None:
         config["env"]["PORT"] = str(runner.port)
+    if not full:
+        config["env"] = dict.fromkeys(config["env"], MASKED)
+        check = config["health_check"]
+        if check is not None and check["url"] is not None:
+            check["url"] = without_credentials(check["url"])
     run = runner.run
     entry.update({
         "config": config,
@@ -5463,7 +5592,7 @@ class Api:
             return Response(204, headers=[("Allow", ", ".join(allowed + ["OPTIONS"]) if allowed
                                            else "GET, HEAD, POST, PATCH, DELETE, OPTIONS")] + self.cors(request))
         access = "full" if route is not None and route.public else self.policy.check_key(
-            request, ticket_ok=route is not None and route.ticket_ok and self._ticket_redeemed(request))
+            request, self._ticket_redeemed(request) if route is not None and route.ticket_ok else None)
         if route is None:
             if allowed:
                 raise HttpError(405, "METHOD_NOT_ALLOWED", "method %s is not allowed on %s"
@@ -5482,9 +5611,9 @@ class Api:
         request.access = access
         return None
 
-    def _ticket_redeemed(self, request: Request) -> bool:
+    def _ticket_redeemed(self, request: Request) -> Optional[str]:
         ticket = parse_query(request.query, ("ticket",)).get("ticket")
-        return ticket is not None and self.tickets.redeem(ticket)
+        return self.tickets.redeem(ticket) if ticket is not None else None
 
     async def handle(self, request: Request) -> Response:
         """Answer a request; every error, expected or not, becomes the spec's error body."""
@@ -5559,10 +5688,11 @@ class Api:
     async def get_process(self, request: Request, key: str) -> Response:
         members = self.supervisor.resolve(key)
         now = self.supervisor.clock()
+        full = request.access == "full"
         if len(members) == 1:
-            return json_response(200, process_details(members[0], now))
+            return json_response(200, process_details(members[0], now, full))
         return json_response(200, {"name": key, "instances": len(members),
-                                   "processes": [process_details(runner, now) for runner in members]})
+                                   "processes": [process_details(runner, now, full) for runner in members]})
 
     async def create_process(self, request: Request) -> Response:
         config = ProcessConfig.from_dict(parse_json_body(request))
@@ -5655,10 +5785,11 @@ class Api:
 
     async def get_health(self, request: Request, key: str) -> Response:
         members = self.supervisor.resolve(key)
+        full = request.access == "full"
         if len(members) == 1:
-            return json_response(200, {"process": members[0].name, "health": health_body(members[0])})
+            return json_response(200, {"process": members[0].name, "health": health_body(members[0], full)})
         return json_response(200, {"process": key, "instances": [
-            {"process": runner.name, "health": health_body(runner)} for runner in members]})
+            {"process": runner.name, "health": health_body(runner, full)} for runner in members]})
 
     async def get_system(self, request: Request) -> Response:
         return Response(200, self.system_body())
@@ -5754,7 +5885,7 @@ class Api:
         return Response(200, body, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def create_ticket(self, request: Request) -> Response:
-        return json_response(201, {"success": True, "ticket": self.tickets.issue(),
+        return json_response(201, {"success": True, "ticket": self.tickets.issue(request.holder, request.access),
                                    "expires_in": int(self.tickets.ttl)})
 
     async def open_websocket(self, request: Request) -> Response:
@@ -6242,20 +6373,39 @@ class TlsFiles:
     re-reads the files (SIGUSR1): new handshakes get the new certificate, open connections stay."""
 
     def __init__(self, cert: str, key: str):
-        import ssl
         self.cert, self.key = cert, key
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")       # TLS 1.2; 1.3 has its own
-        self.context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-        self.context.load_cert_chain(cert, key)
+        self.context = self.load()              # the listening socket's context, for good
+        self.current = self.context             # the one whose certificate handshakes get
+        # The server holds the first context for its lifetime; each handshake is pointed at
+        # the current one when its ClientHello arrives (called with or without SNI).
+        if hasattr(self.context, "sni_callback"):
+            self.context.sni_callback = self._choose
+        else:                                   # Python 3.6
+            self.context.set_servername_callback(self._choose)
+
+    def load(self):
+        """A fresh server context with the files as they are now; raises if they do not fit."""
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")       # TLS 1.2; 1.3 has its own
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+    def _choose(self, connection, server_name, context) -> None:
+        if self.current is not context:
+            connection.context = self.current
 
     def reload(self) -> None:
+        # Loaded into a fresh context and swapped in only when whole: loading a certificate
+        # whose key does not match into the live context would leave it broken (new cert, old key).
         try:
-            self.context.load_cert_chain(self.cert, self.key)
+            fresh = self.load()
         except (OSError, ValueError) as exc:
             log.error("TLS files not reloaded, the old certificate stays: %s", exc)
             return
+        self.current = fresh
         log.info("TLS certificate reloaded from %s", self.cert)
 
 

@@ -4236,6 +4236,290 @@ async def serve_echo_connection(reader, writer):
     await session.run()
 
 
+# ----------------------------------------------------------------------------------------------
+# Security round two (issue 16, findings 10-15, 17, 18): each reproduces the attack
+# ----------------------------------------------------------------------------------------------
+
+def read_key_daemon_args(case):
+    """A --read-key-file for a class's daemon (full key "full-key", read key "look-only")."""
+    case.key_dir = tempfile.mkdtemp(prefix="pmd-keys-")
+    with open(os.path.join(case.key_dir, "read"), "w") as handle:
+        handle.write("look-only\n")
+    return ("--read-key-file", os.path.join(case.key_dir, "read"))
+
+
+class TestCronValidation(DaemonTestCase):
+    def test_a_schedule_that_never_fires_is_refused(self):
+        for text, error in (("0 0 31 2 *", "day of month '31' never comes in month '2'"),
+                            ("0 0 30,31 feb *", "day of month '30,31' never comes in month 'feb'"),
+                            ("0 0 31 4,6,9,11 *", "day of month '31' never comes in month '4,6,9,11'")):
+            with self.assertRaises(ValueError) as caught:
+                pmdaemon.parse_cron(text)
+            self.assertEqual(str(caught.exception), error)
+        import datetime
+        after = datetime.datetime(2097, 3, 1)
+        self.assertEqual(pmdaemon.parse_cron("0 0 29 2 *").next_after(after), datetime.datetime(2104, 2, 29))
+        self.assertEqual(pmdaemon.parse_cron("0 0 31 2 mon").next_after(after), datetime.datetime(2098, 2, 3))
+        self.assertEqual(pmdaemon.parse_cron("0 0 31 */2 *").next_after(after), datetime.datetime(2097, 3, 31))
+
+    def test_the_api_answers_400_and_starts_nothing(self):
+        self.assertError(self.daemon.post("/api/processes", {"name": "never", "script": "sleep", "args": ["60"],
+                                                             "cron_restart": "0 0 31 2 *"}),
+                         400, "VALIDATION_ERROR", "field 'cron_restart': day of month '31' never comes in month '2'")
+        self.assertIsNone(self.daemon.process("never"))
+
+
+class TestRestore(unittest.TestCase):
+    def test_one_bad_saved_entry_neither_stops_the_daemon_nor_leaves_an_orphan(self):
+        """A state file as an older version wrote it: a cron_restart that never fires and what
+        that process left running. The daemon starts, the good entry runs, the bad one is kept
+        aside, and its leftover is stopped."""
+        home = tempfile.mkdtemp(prefix="pmd-restore-")
+        self.addCleanup(shutil.rmtree, home, True)
+        first = Daemon(home=home)
+        self.addCleanup(first.cleanup)
+        first.start("good", "sleep", ["60"])
+        first.start("bad", "sleep", ["60"], cron_restart="0 0 1 1 *")
+        first.terminate()
+        token = "leftover-%d" % os.getpid()
+        leftover = subprocess.Popen(["sleep", "300"], env=dict(os.environ, PMDAEMON_RUN_ID=token))
+        self.addCleanup(lambda: (leftover.kill(), leftover.wait()))
+        path = os.path.join(home, "state.json")
+        with open(path) as handle:
+            state = json.load(handle)
+        bad = [entry for entry in state["processes"] if entry["name"] == "bad"][0]
+        bad["config"]["cron_restart"] = "0 0 31 2 *"
+        bad.update(status="online", run_token=token)
+        with open(path, "w") as handle:
+            json.dump(state, handle)
+        second = Daemon(home=home)
+        self.addCleanup(second.cleanup)
+        self.assertEqual(second.process("good")["status"], "online")
+        self.assertIsNone(second.process("bad"))
+        wait_until(lambda: leftover.poll() is not None, message="the bad entry's leftover to be stopped")
+        second.terminate()
+        self.assertIn("cannot restore saved process 'bad': field 'cron_restart': day of month '31' never "
+                      "comes in month '2'", second.stderr_text)
+        self.assertEqual(len([f for f in os.listdir(home) if f.startswith("state.json.rejected-")]), 1)
+
+
+class TestReadKeyViews(DaemonTestCase):
+    daemon_env = {"PMDAEMON_API_KEY": "full-key"}
+    full = {"Authorization": "Bearer full-key"}
+    read = {"Authorization": "Bearer look-only"}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.daemon_args = read_key_daemon_args(cls)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        shutil.rmtree(cls.key_dir, ignore_errors=True)
+
+    def test_a_read_key_sees_env_names_and_urls_without_credentials(self):
+        watcher = self.ws(headers=self.read)
+        self.assertEqual(watcher.status, 101)
+        status, _, _ = self.daemon.post("/api/processes", {
+            "name": "secretive", "script": "sleep", "args": ["60"], "env": {"DB_PASSWORD": "hunter2-secret"},
+            "health_check": {"type": "http", "url": "http://admin:pa55word@127.0.0.1:9/health",
+                             "interval": 100, "retries": 1}, "restart_on_unhealthy": False}, headers=self.full)
+        self.assertEqual(status, 201)
+        self.addCleanup(self.daemon.request, "DELETE", "/api/processes/secretive", headers=self.full)
+        wait_until(lambda: self.daemon.get("/api/processes/secretive/health", headers=self.full)[2]
+                   ["health"]["total_checks"] >= 2, message="two health checks")
+        seen = []
+        for path in ("/api/processes", "/api/processes?name=secret*", "/api/processes/secretive",
+                     "/api/processes/secretive/health", "/metrics", "/api/pm2/jlist", "/api/pm2", "/api/system"):
+            status, _, body = self.daemon.get(path, headers=self.read)
+            self.assertEqual(status, 200, path)
+            seen.append(body if isinstance(body, bytes) else json.dumps(body).encode())
+        deadline = time.monotonic() + 2          # what a read-key WebSocket session was sent meanwhile
+        while time.monotonic() < deadline:
+            watcher.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                seen.append(watcher.recv()[1])
+            except socket.timeout:
+                break
+        self.assertTrue(any(b'"secretive"' in frame for frame in seen[8:]), "the WebSocket session saw the process")
+        for body in seen:
+            self.assertNotIn(b"hunter2", body)
+            self.assertNotIn(b"pa55word", body)
+        details = self.daemon.get("/api/processes/secretive", headers=self.read)[2]
+        self.assertEqual(details["config"]["env"], {"DB_PASSWORD": "***"})
+        self.assertEqual(details["config"]["health_check"]["url"], "http://***@127.0.0.1:9/health")
+        health = self.daemon.get("/api/processes/secretive/health", headers=self.read)[2]["health"]
+        self.assertEqual(health["url"], "http://***@127.0.0.1:9/health")
+        details = self.daemon.get("/api/processes/secretive", headers=self.full)[2]       # the full key sees all
+        self.assertEqual(details["config"]["env"], {"DB_PASSWORD": "hunter2-secret"})
+        self.assertEqual(details["config"]["health_check"]["url"], "http://admin:pa55word@127.0.0.1:9/health")
+        self.assertEqual(pmdaemon.without_credentials("https://u@h:1/p?q=1"), "https://***@h:1/p?q=1")
+        self.assertEqual(pmdaemon.without_credentials("http://h/p@x"), "http://h/p@x")
+
+
+class TestWsTickets(DaemonTestCase):
+    daemon_env = {"PMDAEMON_API_KEY": "full-key"}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.daemon_args = read_key_daemon_args(cls)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        shutil.rmtree(cls.key_dir, ignore_errors=True)
+
+    def test_a_read_key_cannot_take_the_full_keys_tickets(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.daemon.port, timeout=15)
+        self.addCleanup(conn.close)
+        statuses = []
+        for _ in range(pmdaemon.MAX_WS_TICKETS_PER_KEY + 1):
+            conn.request("POST", "/api/ws-ticket", headers={"Authorization": "Bearer look-only"})
+            response = conn.getresponse()
+            statuses.append((response.status, json.loads(response.read())))
+        self.assertEqual([status for status, _ in statuses[:-1]], [201] * pmdaemon.MAX_WS_TICKETS_PER_KEY)
+        self.assertEqual(statuses[-1], (503, {"success": False, "error": {
+            "code": "TOO_MANY_TICKETS", "message": "too many unused WebSocket tickets for this key; retry later"}}))
+        status, _, body = self.daemon.post("/api/ws-ticket", headers={"Authorization": "Bearer full-key"})
+        self.assertEqual(status, 201)
+        self.assertEqual(self.ws(path="/ws?ticket=" + body["ticket"]).status, 101)
+        self.assertEqual(self.ws(path="/ws?ticket=" + statuses[0][1]["ticket"]).status, 101)
+
+    def test_tickets_carry_their_keys_access_and_read_keys_share_a_bound(self):
+        book = pmdaemon.TicketBook(clock=lambda: 0.0)
+        for index in range(pmdaemon.MAX_WS_TICKETS // pmdaemon.MAX_WS_TICKETS_PER_KEY):
+            for _ in range(pmdaemon.MAX_WS_TICKETS_PER_KEY):
+                book.issue("read-%d" % index, "read")
+        with self.assertRaises(pmdaemon.HttpError) as caught:
+            book.issue("read-99", "read")
+        self.assertEqual((caught.exception.status, caught.exception.code), (503, "TOO_MANY_TICKETS"))
+        ticket = book.issue("full", "full")
+        self.assertEqual(book.redeem(ticket), "full")
+        self.assertIsNone(book.redeem(ticket))
+        self.assertEqual(book.redeem(next(iter(book._tickets))), "read")
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs openssl to make a throwaway certificate")
+class TestTlsReload(unittest.TestCase):
+    def test_a_mismatched_pair_is_refused_and_the_old_certificate_stays(self):
+        import ssl
+        directory = tempfile.mkdtemp(prefix="pmd-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key = make_certificate(directory, "one")
+        first = read_text(cert)
+        two_cert, two_key = make_certificate(directory, "two")
+        daemon = Daemon(args=("--tls-cert", cert, "--tls-key", key), env={"PMDAEMON_API_KEY": "tls-key"})
+        self.addCleanup(daemon.cleanup)
+
+        def served():
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as raw:
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    return ssl.DER_cert_to_PEM_cert(tls.getpeercert(binary_form=True))
+        shutil.copy(two_cert, cert)                 # the new certificate, but the old key
+        daemon.proc.send_signal(signal.SIGUSR1)
+        log_path = os.path.join(daemon.home, "pmdaemon.log")
+        wait_until(lambda: "TLS files not reloaded, the old certificate stays" in read_text(log_path),
+                   message="the refused reload to be logged")
+        self.assertEqual(served(), first)
+        shutil.copy(two_key, key)                   # now the pair matches
+        daemon.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: served() == read_text(two_cert), message="the new certificate")
+
+
+class TestStdinWrites(DaemonTestCase):
+    def test_one_pending_write_per_process_the_others_409(self):
+        self.daemon.start("stdin-busy", "sleep", ["60"], stdin=True)      # never reads its stdin
+        self.addCleanup(self.daemon.request, "DELETE", "/api/processes/stdin-busy")
+        data = "x" * pmdaemon.MAX_STDIN_WRITE
+        for _ in range(4):                          # the pipe takes 64 KiB, the next write waits in ours
+            result = self.daemon.post("/api/processes/stdin-busy/stdin", {"data": data})
+            if result[0] != 200:
+                break
+        self.assertError(result, 409, "STDIN_BUSY", "Process 'stdin-busy' has not read the previous stdin write yet")
+
+
+class TestLoneSurrogates(DaemonTestCase):
+    def test_a_lone_surrogate_is_refused_naming_the_field(self):
+        for body, field in (({"name": "sur", "script": "sleep", "env": {"SECRET": "\ud800"}}, "env.SECRET"),
+                            ({"name": "sur", "script": "sleep", "args": ["60", "a\udc00"]}, "args[1]"),
+                            ({"name": "sur\ud83d", "script": "sleep"}, "name")):
+            value = dict(body["env"]) if "env" in body else body["args"][1] if "args" in body else body["name"]
+            value = value["SECRET"] if isinstance(value, dict) else value
+            error = self.assertError(self.daemon.post("/api/processes", body), 400, "VALIDATION_ERROR",
+                                     "field %r must be Unicode text, got %r" % (field, value))
+            self.assertEqual(error["error"]["details"], {"field": field})
+        self.assertEqual(self.daemon.get("/api/processes")[2]["total"], 0)
+        self.daemon.start("sur-ok", "sleep", ["60"], stdin=True, env={"EMOJI": "\U0001F600"})    # a pair is fine
+        self.addCleanup(self.daemon.request, "DELETE", "/api/processes/sur-ok")
+        self.assertEqual(self.daemon.process("sur-ok")["config"]["env"]["EMOJI"], "\U0001F600")
+        self.assertError(self.daemon.post("/api/processes/sur-ok/stdin", {"data": "\udfff"}), 400,
+                         "VALIDATION_ERROR", "field 'data' must be Unicode text, got '\\udfff'")
+        client = self.ws()
+        client.send_json({"type": "subscribe", "channel": "logs", "process": "\ud800"})
+        message = client.recv_message("error")
+        self.assertEqual(message["data"]["message"], "field 'process' must be Unicode text, got '\\ud800'")
+
+
+class TestHealthCheckScript(DaemonTestCase):
+    def test_only_a_tail_of_a_check_scripts_output_is_kept(self):
+        """96 MiB on stderr (the attack wrote 390): the daemon's peak memory does not grow by it."""
+        directory = tempfile.mkdtemp(prefix="pmd-check-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        script = write_script(os.path.join(directory, "check.sh"),
+                              "head -c 100663296 /dev/zero | tr '\\0' x >&2; echo 'disk full' >&2; exit 3")
+
+        def peak_kib():
+            with open("/proc/%d/status" % self.daemon.proc.pid) as handle:
+                return int(re.search(r"VmHWM:\s+(\d+) kB", handle.read()).group(1))
+        before = peak_kib()
+        self.daemon.start("loud-check", "sleep", ["60"], health_check={"type": "script", "script": script,
+                                                                       "interval": 1000, "timeout": 60000})
+        self.addCleanup(self.daemon.request, "DELETE", "/api/processes/loud-check")
+        health = wait_until(lambda: self.daemon.get("/api/processes/loud-check/health")[2]["health"]["last_error"],
+                            30, message="the check's result")
+        self.daemon.request("DELETE", "/api/processes/loud-check")
+        self.assertEqual(health, "exit code 3: " + "x" * 190 + "disk full")
+        self.assertLess(peak_kib() - before, 32 * 1024)
+
+
+class TestWatchLimits(DaemonTestCase):
+    def test_file_snapshot_counts_directories_and_files(self):
+        directory = tempfile.mkdtemp(prefix="pmd-watch-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        for index in range(3):
+            os.mkdir(os.path.join(directory, "d%d" % index))
+            open(os.path.join(directory, "f%d" % index), "w").close()
+        self.assertEqual(len(pmdaemon.file_snapshot([directory], [], limit=3, max_dirs=4)), 3)
+        with self.assertRaises(ValueError) as caught:
+            pmdaemon.file_snapshot([directory], [], limit=3, max_dirs=3)
+        self.assertEqual(str(caught.exception), "more than 3 directories to watch")
+        with self.assertRaises(ValueError) as caught:
+            pmdaemon.file_snapshot([directory], [], limit=2, max_dirs=4)
+        self.assertEqual(str(caught.exception), "more than 2 files to watch")
+
+    def test_too_many_directories_stop_watching_and_say_why(self):
+        directory = tempfile.mkdtemp(prefix="pmd-watch-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        for index in range(pmdaemon.WATCH_MAX_DIRS + 1):
+            os.mkdir(os.path.join(directory, "d%d" % index))
+        self.daemon.start("watch-dirs", "sleep", ["60"], cwd=directory, watch=True)
+        self.addCleanup(self.daemon.request, "DELETE", "/api/processes/watch-dirs")
+        reason = "more than %d directories to watch" % pmdaemon.WATCH_MAX_DIRS
+        watching = wait_until(lambda: self.daemon.process("watch-dirs")["watching"].get("stopped"), 30,
+                              message="watching to stop")
+        self.assertEqual(watching, reason)
+        logs = self.daemon.get("/api/logs/watch-dirs?type=stderr")[2]["logs"]
+        self.assertEqual(logs[-1]["message"], "[pmdaemon] stopped watching files: %s (add watch_ignore patterns)"
+                         % reason)
+        log_text = read_text(os.path.join(self.daemon.home, "pmdaemon.log"))
+        self.assertIn("watch-dirs: stopped watching files: " + reason, log_text)
+        self.assertIn("watch-dirs watch_stopped reason=" + reason, log_text)
+
+
 def run_echo_server(port):
     import asyncio
 
