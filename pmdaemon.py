@@ -141,6 +141,8 @@ LINGER_BYTES = 256 * 1024              # ... and how much of it, before the conn
 DEADLINE_SWEEP_INTERVAL = 0.25        # how often expired connections are looked for
 WRITE_BUFFER_HIGH = 256 * 1024         # pending output above which we wait for the client
 MAX_CONNECTIONS = 12_000               # HTTP + WebSocket connections at once
+MAX_TLS_HANDSHAKES = 64                # TLS handshakes under way at once (each holds ~256 KiB)
+ACCEPT_RETRY_DELAY = 0.1               # seconds before accepting again after accept() failed
 MAX_LOG_REQUEST_LINES = 10_000         # upper bound of ?lines=
 MAX_JSON_DEPTH = 32                    # nesting of a client's JSON (REST body, WebSocket command)
 FOLLOW_QUEUE_LINES = 10_000            # lines a ?follow=true stream may lag before it is ended
@@ -6409,6 +6411,30 @@ class TlsFiles:
         log.info("TLS certificate reloaded from %s", self.cert)
 
 
+def open_listeners(host: str, port: int, backlog: int = 1024) -> List[socket.socket]:
+    """Listening sockets for every address `host` resolves to, all on one port (the first
+    one's, when port is 0), as asyncio.start_server would bind them."""
+    listeners: List[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(
+                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)):
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if listeners[1:]:
+                address = (address[0], listeners[0].getsockname()[1]) + tuple(address[2:])
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        return listeners
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+
+
 class ConnectionDeadline:
     """When a connection's current phase must end, and what to do when it does not."""
     __slots__ = ("transport", "parser", "deadline", "answer")
@@ -6438,6 +6464,9 @@ class HttpServer:
         self.deadlines: set = set()
         self.closing = False
         self.server = None
+        self.tls_listeners: List[socket.socket] = []
+        self.acceptors: List[asyncio.Future] = []
+        self.handshakes = 0                 # TLS connections accepted and not yet through their handshake
         self._sweeper = None
         # Heads answered before, one table per door: through the Unix socket the daemon's own
         # user needs no key, so a head learned there must never answer a TCP client.
@@ -6451,13 +6480,55 @@ class HttpServer:
 
     async def bind(self) -> int:
         """Take the port (so a busy port fails before any child starts) and the Unix socket;
-        serve later."""
-        tls = {"ssl": self.config.tls.context, "ssl_handshake_timeout": self.config.header_timeout} \
-            if self.config.tls else {}
-        self.server = await asyncio.start_server(self.serve, self.config.host, self.config.port, backlog=1024,
-                                                 reuse_address=True, start_serving=False, **tls)
+        serve later. With TLS, connections are accepted here, not by asyncio's TLS server: a
+        connection counts from its accept, before a byte of TLS (see _accept_tls)."""
+        if self.config.tls:
+            self.tls_listeners = open_listeners(self.config.host, self.config.port)
+            port = self.tls_listeners[0].getsockname()[1]
+        else:
+            self.server = await asyncio.start_server(self.serve, self.config.host, self.config.port, backlog=1024,
+                                                     reuse_address=True, start_serving=False)
+            port = self.server.sockets[0].getsockname()[1]
         await self._bind_unix_socket()
-        return self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _accept_tls(self, listener: socket.socket) -> None:
+        """Accept TLS connections, each counted from its accept: within max_connections in
+        all, at most MAX_TLS_HANDSHAKES in handshake at once (asyncio gives each a 256 KiB
+        buffer), each given header_timeout to finish it. Past a limit, a connection is closed
+        at once: silent clients cannot pile up memory before they have said a word."""
+        loop = asyncio.get_event_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:              # out of descriptors, say: try again shortly
+                log.warning("cannot accept a connection: %s", exc.strerror or exc)
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            if (self.handshakes >= MAX_TLS_HANDSHAKES or self.closing
+                    or len(self.connections) + self.handshakes >= self.config.max_connections):
+                sock.close()
+                continue
+            self.handshakes += 1
+            self._count_connections()
+            asyncio.ensure_future(self._handshake(sock))
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        """TLS on an accepted socket, then serve() as for any connection."""
+        def protocol():
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(), self.serve)
+        try:
+            await asyncio.wait_for(asyncio.get_event_loop().connect_accepted_socket(
+                protocol, sock, ssl=self.config.tls.context), self.config.header_timeout)
+        except (asyncio.TimeoutError, OSError):
+            sock.close()                        # asyncio has closed its transport, if it made one
+        finally:
+            self.handshakes -= 1
+            self._count_connections()
+
+    def _count_connections(self) -> None:
+        """The gauge counts every connection from its accept, TLS handshakes included."""
+        self.api.server_stats.connections = len(self.connections) + self.handshakes
 
     async def _bind_unix_socket(self) -> None:
         """$PMDAEMON_HOME/pmdaemon.sock, mode 0600 from its creation (the home lock is ours,
@@ -6475,7 +6546,9 @@ class HttpServer:
 
     async def start_serving(self) -> None:
         self._sweeper = asyncio.ensure_future(self._sweep_deadlines())
-        await self.server.start_serving()
+        if self.server is not None:
+            await self.server.start_serving()
+        self.acceptors = [asyncio.ensure_future(self._accept_tls(listener)) for listener in self.tls_listeners]
         if self.unix_server is not None:
             await self.unix_server.start_serving()
 
@@ -6484,6 +6557,10 @@ class HttpServer:
         self.closing = True
         if self.server is not None:
             self.server.close()
+        for acceptor in self.acceptors:
+            acceptor.cancel()
+        for listener in self.tls_listeners:
+            listener.close()
         if self.unix_server is not None:
             self.unix_server.close()
             with contextlib.suppress(OSError):
@@ -6514,7 +6591,7 @@ class HttpServer:
                 writer.close()
                 return
         self.connections.add(writer)
-        self.api.server_stats.connections = len(self.connections)
+        self._count_connections()
         try:
             session = await self._http_loop(reader, writer, owner)
             if session is not None:     # upgraded: the HTTP loop and its request are gone
@@ -6527,7 +6604,7 @@ class HttpServer:
             log.exception("connection handler failed")
         finally:
             self.connections.discard(writer)
-            self.api.server_stats.connections = len(self.connections)
+            self._count_connections()
             writer.close()
 
     async def _http_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -3189,6 +3189,37 @@ class TestTls(unittest.TestCase):
         response = conn.getresponse()
         return response.status, response.read(), conn
 
+    def test_silent_connections_before_the_handshake_are_capped_and_bounded(self):
+        """Connections that never start TLS count from accept: at most max_connections in
+        all and MAX_TLS_HANDSHAKES at once in handshake, each for header_timeout at most."""
+        daemon = Daemon(args=("--tls-cert", self.cert, "--tls-key", self.key, "--max-connections", "100",
+                              "--header-timeout", "5"), env={"PMDAEMON_API_KEY": "tls-key"})
+        self.addCleanup(daemon.cleanup)
+        before = rss_kib(daemon.proc.pid)
+        silent = []
+        for _ in range(400):
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
+            self.addCleanup(sock.close)
+            silent.append(sock)
+
+        def closed_by_the_daemon():
+            count = 0
+            for sock in silent:
+                sock.setblocking(False)
+                try:
+                    count += sock.recv(1) == b""
+                except BlockingIOError:
+                    pass
+                except ConnectionError:
+                    count += 1
+            return count
+        allowed = pmdaemon.MAX_TLS_HANDSHAKES
+        # Well before the 5 s deadline, everything past the handshake limit has been let go.
+        wait_until(lambda: closed_by_the_daemon() >= 400 - allowed, 3, message="the connections past the cap closed")
+        self.assertLess(rss_kib(daemon.proc.pid) - before, 32 * 1024)
+        wait_until(lambda: closed_by_the_daemon() == 400, 10, message="the silent ones closed at the deadline")
+        self.assertEqual(self.https_get("/api/system", self.cert)[0], 200)     # and it serves again
+
     def test_https_and_wss_on_one_port_tls_1_2_or_newer(self):
         status, body, _ = self.https_get("/api/system", self.cert)
         self.assertEqual(status, 200)
