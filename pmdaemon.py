@@ -2074,7 +2074,8 @@ async def _check_script(check: dict, port: Optional[int], cwd, env, setup) -> Op
         output = await read_tail(proc.stderr, HEALTH_OUTPUT_TAIL)
         await proc.wait()
     except asyncio.CancelledError:
-        signal_group(proc.pid, signal.SIGKILL)
+        if proc.returncode is None:             # unreaped: its group id is still its own
+            signal_group(proc.pid, signal.SIGKILL)
         await proc.wait()
         raise
     if proc.returncode == 0:
@@ -2094,24 +2095,73 @@ async def read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
         tail = (tail + chunk)[-keep:]
 
 
-def _signal_escaped(escaped: List[Tuple[int, int]], signum: int, sampler: Sampler) -> List[Tuple[int, int]]:
-    """Signal each (pid, start_ticks) still alive as that same process; return those alive."""
-    alive = []
-    for pid, start_ticks in escaped:
+def open_pidfd(pid: int) -> Optional[int]:
+    """A pidfd naming the process that has `pid` now (Python 3.9+, Linux 5.3+), else None."""
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)               # novermin (checked above)
+    except OSError:
+        return None
+
+
+def signal_exactly(pid: int, start_ticks: int, signum: int, sampler: Sampler) -> bool:
+    """Signal the process that (pid, start_ticks) names, never one that got its pid since: the
+    pidfd is opened before the start time is checked, so what was checked is what is
+    signalled. Without pidfd (Python 3.6-3.8, Linux < 5.3) a pid reused between the check and
+    the kill is the residual risk. signum 0 only asks. True when it was alive (not a zombie)."""
+    pidfd = open_pidfd(pid)
+    try:
         stat = sampler.stat(pid)
         if stat is None or stat.start_ticks != start_ticks or stat.state == "Z":
-            continue
-        alive.append((pid, start_ticks))
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signum)
-    return alive
+            return False
+        if signum:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signum)    # novermin
+            else:
+                os.kill(pid, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _signal_escaped(escaped: List[Tuple[int, int]], signum: int, sampler: Sampler) -> List[Tuple[int, int]]:
+    """Signal each (pid, start_ticks) still alive as that same process; return those alive."""
+    return [(pid, start_ticks) for pid, start_ticks in escaped if signal_exactly(pid, start_ticks, signum, sampler)]
+
+
+def group_members(sampler: Sampler, pgid: int, since_ticks: Optional[int]) -> List[Tuple[int, int]]:
+    """(pid, start) of the live members of a group whose leader is gone, to be signalled one by
+    one. Its id may be given to a new process only once no member is left: a live process
+    with that very pid means the group is someone else's now, and none is ours."""
+    table = sampler.scan()
+    members = [pid for pid, stat in table.items() if stat.pgid == pgid or pid == pgid]
+    sampler.fresh(table, members)
+    if pgid in table and table[pgid].state != "Z":
+        return []
+    return [(pid, table[pid].start_ticks) for pid in members
+            if pid in table and table[pid].pgid == pgid and table[pid].state != "Z"
+            and (since_ticks is None or table[pid].start_ticks >= since_ticks)]
 
 
 async def terminate_group(pgid: Optional[int], escaped: List[Tuple[int, int]], signum: int,
                           timeout: float, wait_leader, sampler: Sampler,
-                          kill_grace: float = KILL_GRACE, poll_interval: float = STOP_POLL_INTERVAL) -> bool:
-    """Stop a group and escapees: signum now, SIGKILL at timeout; True once all are gone."""
-    if pgid is not None:
+                          kill_grace: float = KILL_GRACE, poll_interval: float = STOP_POLL_INTERVAL,
+                          leader_unreaped: Callable[[], bool] = lambda: True,
+                          since_ticks: Optional[int] = None) -> bool:
+    """Stop a group and escapees: signum now, SIGKILL at timeout; True once all are gone.
+    The group is signalled by its id only while its leader is unreaped (leader_unreaped):
+    after, its members are signalled one by one as the processes they are."""
+    def group_id() -> Optional[int]:
+        nonlocal pgid, escaped
+        if pgid is not None and not leader_unreaped():
+            escaped = sorted(set(escaped) | set(group_members(sampler, pgid, since_ticks)))
+            pgid = None
+        return pgid
+    if group_id() is not None:
         signal_group(pgid, signum)
     _signal_escaped(escaped, signum, sampler)
     loop = asyncio.get_event_loop()
@@ -2123,12 +2173,12 @@ async def terminate_group(pgid: Optional[int], escaped: List[Tuple[int, int]], s
         except asyncio.TimeoutError:
             pass
     while True:
-        alive = pgid is not None and group_alive(pgid, sampler)
+        alive = group_id() is not None and group_alive(pgid, sampler)
         remaining = _signal_escaped(escaped, 0, sampler)
         if not alive and not remaining:
             return True
         if not killed and loop.time() >= deadline:
-            if pgid is not None:
+            if group_id() is not None:
                 signal_group(pgid, signal.SIGKILL)
             _signal_escaped(remaining, signal.SIGKILL, sampler)
             killed = True
@@ -2260,7 +2310,7 @@ class Run:
     an event of a run that was already replaced is recognised (run is not runner.run) and
     ignored in one place."""
     __slots__ = ("token", "proc", "pid", "start_ticks", "started_at", "started_wall",
-                 "stop_requested", "watch", "env")
+                 "stop_requested", "watch", "env", "pidfd")
 
     def __init__(self, token: Optional[str], pid: Optional[int] = None, start_ticks: Optional[int] = None):
         self.token = token
@@ -2272,6 +2322,42 @@ class Run:
         self.stop_requested = False             # an exit we asked for: no restart decision
         self.watch: Optional[asyncio.Task] = None
         self.env: Dict[str, str] = {}           # what the child got (health scripts get it too)
+        self.pidfd: Optional[int] = None        # names the main process, whatever gets its pid later
+
+    async def exited(self) -> int:
+        """The main process's exit status, as soon as it has exited (ChildProtocol)."""
+        future = getattr(self.proc, "exited", None)
+        return await (asyncio.shield(future) if future is not None else self.proc.wait())
+
+    def leader_unreaped(self) -> bool:
+        """Whether the main process still holds its pid, alive or a zombie. While it does, no
+        other process can be given that pid, nor its group's id (the same number): a signal
+        by pid or by group reaches what we started."""
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, 0)    # novermin (pidfd only where 3.9+)
+                return True
+            except ProcessLookupError:
+                return False
+            except OSError:
+                pass
+        return self.proc is not None and self.proc.returncode is None
+
+    def signal(self, signum: int) -> bool:
+        """Signal the main process, never one that got its pid later; False once it is gone."""
+        if not self.leader_unreaped():
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signum)   # novermin
+            else:
+                os.kill(self.pid, signum)
+        return True
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
 async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], config: ProcessConfig,
@@ -2279,10 +2365,36 @@ async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], 
     """Start a child in its own session and process group (pgid == pid), output piped to us,
     stdin a pipe when asked for; its cgroups, umask, rlimits and user set between fork and exec."""
     setup = child_setup(config, cgroup_procs)
-    return await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.PIPE if config.stdin else asyncio.subprocess.DEVNULL,
+    loop = asyncio.get_event_loop()
+    transport, protocol = await loop.subprocess_exec(
+        lambda: child_protocol()(loop), *argv, cwd=cwd, env=env,
+        stdin=asyncio.subprocess.PIPE if config.stdin else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         **({"preexec_fn": setup} if setup else {}))
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
+    proc.exited = protocol.exited
+    return proc
+
+
+@functools.lru_cache(maxsize=None)
+def child_protocol() -> type:
+    """asyncio's protocol for a child with pipes, plus `exited`: its exit status as soon as it
+    has exited. Process.wait() (3.11+) also waits for every pipe to close, which a background
+    child that keeps the output open delays for as long as it lives: the main process's exit
+    would go unseen, neither restarted nor its leftovers stopped. (Built on first use: the
+    CLI never loads asyncio.)"""
+
+    class ChildProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+        def __init__(self, loop):
+            super().__init__(limit=READ_CHUNK, loop=loop)
+            self.exited = loop.create_future()
+
+        def process_exited(self) -> None:
+            returncode = self._transport.get_returncode()   # before asyncio lets go of the transport
+            super().process_exited()
+            if not self.exited.done():
+                self.exited.set_result(returncode)
+    return ChildProtocol
 
 
 class Identity(NamedTuple):
@@ -2460,10 +2572,11 @@ async def terminate_run(run: Run, config: ProcessConfig, sampler: Sampler, setti
     """Stop a run's process group and whatever it started outside it: kill_signal now,
     SIGKILL after kill_timeout. The one place a run is stopped, whoever asks."""
     pgid = run.pid if leader_alive else None
-    wait = run.proc.wait if run.proc is not None else None
+    wait = run.exited if run.proc is not None else None
     return await terminate_group(pgid, escapees(sampler, run.pid, run.token, run.start_ticks),
                                  signal.Signals[config.kill_signal], config.kill_timeout / 1000,
-                                 wait, sampler, settings.kill_grace, settings.stop_poll_interval)
+                                 wait, sampler, settings.kill_grace, settings.stop_poll_interval,
+                                 run.leader_unreaped, run.start_ticks)
 
 
 def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str],
@@ -2655,11 +2768,7 @@ class ProcessRunner:
 
     def send_signal(self, signum: int) -> bool:
         """Signal the main process of the current run (supervisorctl signal, pm2 sendSignal)."""
-        if self.run is None:
-            return False
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.run.pid, signum)
-        return True
+        return self.run is not None and self.run.signal(signum)
 
     async def write_stdin(self, data: bytes) -> None:
         """Write to the child's stdin (created with "stdin": true); the child must read it soon."""
@@ -2732,6 +2841,9 @@ class ProcessRunner:
             self.change_state(ProcessState.ERRORED)
             return
         run.pid = run.proc.pid
+        # At once, before the loop runs again: where pidfd exists the loop is what reaps
+        # children, so the pid cannot have changed hands yet.
+        run.pidfd = open_pidfd(run.pid)
         run.started_at, run.started_wall = self.host.clock(), self.host.wall()
         stat = self.host.sampler.stat(run.pid)
         run.start_ticks = stat.start_ticks if stat else None
@@ -2829,7 +2941,7 @@ class ProcessRunner:
         flush = self.host.settings.partial_line_flush
         pumps = [self.host.background(pump_output(proc.stdout, functools.partial(self.logs.write, "stdout"), flush)),
                  self.host.background(pump_output(proc.stderr, functools.partial(self.logs.write, "stderr"), flush))]
-        returncode = await proc.wait()
+        returncode = await run.exited()
         if not run.stop_requested:
             # The main process is gone on its own: what it left behind would hold its port and
             # outlive the restart, so it is stopped too.
@@ -2837,6 +2949,7 @@ class ProcessRunner:
         # Let the last output land before the exit is logged; a grandchild may keep the pipe open.
         await asyncio.wait(pumps, timeout=self.host.settings.exit_output_grace)
         self._on_exit(run, returncode)
+        run.close()
 
     def _on_exit(self, run: Run, returncode: int) -> None:
         """What happens when a run's main process has exited: the one place that decides."""
@@ -3606,15 +3719,19 @@ class Supervisor:
     async def _stop_leftover(self, run: Run, config: ProcessConfig) -> None:
         """Processes of a daemon that died: its child if (pid, start time) still names it, and
         everything carrying that run's PMDAEMON_RUN_ID."""
+        run.pidfd = open_pidfd(run.pid) if _is_int(run.pid) and run.pid > 0 else None
         stat = self.sampler.stat(run.pid) if _is_int(run.pid) and run.pid > 0 else None
-        leader_alive = bool(stat and stat.start_ticks == run.start_ticks and stat.pgid == run.pid)
+        leader_alive = bool(stat and stat.start_ticks == run.start_ticks and stat.pgid == run.pid
+                            and run.pidfd is not None)      # without a pidfd: member by member
         if not leader_alive:
+            run.close()
             run.pid = None
         if not leader_alive and not escapees(self.sampler, None, run.token):
             return                      # all gone, or the pid now belongs to someone else
         log.info("stopping what %s left running under a previous daemon (%s)", config.name,
                  "pid %d" % run.pid if run.pid else "found by %s=%s" % (RUN_ID_ENV, run.token))
         await terminate_run(run, config, self.sampler, self.settings, leader_alive)
+        run.close()
 
     async def shutdown(self) -> None:
         """Daemon exit: stop every child, but remember which ones should come back."""
@@ -5769,7 +5886,7 @@ class Api:
             raise BadRequest('the body is {"signal": "SIGUSR1"} (any signal name, or a number)')
         signum = parse_any_signal(body["signal"])
         members = self.supervisor.resolve(key)
-        if not [runner.send_signal(signum) for runner in members if runner.run is not None]:
+        if not any([runner.send_signal(signum) for runner in members if runner.run is not None]):
             raise NotRunning("Process %r is not running" % group_label(members))
         return json_response(200, message("Signal %s sent to %r" % (signal.Signals(signum).name, group_label(members))))
 

@@ -2393,6 +2393,67 @@ class TestTimeouts(DaemonTestCase):
 # 6. Supervision with real children
 # ----------------------------------------------------------------------------------------------
 
+def in_use_as_group(number):
+    """Whether a process has `number` as its group or session id (so no new process can get it)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if number in (int(fields[2]), int(fields[3])):
+                return True
+    return False
+
+
+def spawn_with_pid(pid, argv):
+    """A child (its own session and group, so its group id is `pid` too) that the kernel gives
+    `pid` (needs root: the next pid is chosen through ns_last_pid), or None if another process
+    took that pid first."""
+    for _ in range(5):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
+            handle.write(str(pid - 1))
+        child = subprocess.Popen(argv, start_new_session=True)
+        if child.pid == pid:
+            return child
+        child.kill()
+        child.wait()
+    return None
+
+
+class TestSignalsReachOnlyOurs(DaemonTestCase):
+    """A pid the main process had may be given to someone else once it is gone: signals go to
+    what the run started, never by a pid or a group id that changed hands."""
+
+    def test_an_exit_is_seen_while_a_background_child_holds_the_output(self):
+        # The child keeps the stdout pipe open; the main process's exit must not wait for it.
+        self.daemon.start("held", "/bin/sh", ["-c", "sleep 30 & exit 3"], autorestart=False)
+        stopped = self.daemon.wait_status("held", "stopped")
+        self.assertEqual(stopped["last_exit"]["code"], 3)
+        self.daemon.request("DELETE", "/api/processes/held")
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to choose the next pid (ns_last_pid)")
+    def test_a_reused_pid_is_never_signalled(self):
+        # The main process exits at once; its setsid child ignores SIGTERM and lingers until
+        # kill_timeout, while the API still shows the main process's pid.
+        created = self.daemon.start("reuse", "/bin/sh", ["-c", "setsid sh -c \"trap '' TERM; exec sleep 30\" >/dev/null 2>&1 & exit 0"],
+                                    kill_timeout=4000, autorestart=False)
+        pid = created["process"]["pid"]
+        wait_until(lambda: not os.path.exists("/proc/%d" % pid) and not in_use_as_group(pid),
+                   message="the main process reaped and its setsid child in a session of its own")
+        bystander = spawn_with_pid(pid, ["sleep", "60"])
+        if bystander is None:
+            self.skipTest("pid %d was taken by another process first" % pid)
+        self.addCleanup(bystander.wait)
+        self.addCleanup(bystander.kill)
+        self.assertError(self.daemon.post("/api/processes/reuse/signal", {"signal": "SIGTERM"}), 409,
+                         "PROCESS_NOT_RUNNING")
+        self.daemon.wait_status("reuse", "stopped", timeout=15)     # the lingering child, killed at 4 s
+        self.assertIsNone(bystander.poll(), "the process that got the old pid was signalled")
+        self.daemon.request("DELETE", "/api/processes/reuse")
+
+
 class TestSupervision(DaemonTestCase):
     daemon_env = {"PMDAEMON_API_KEY": "", "SECRET_PROBE": "visible"}
 
