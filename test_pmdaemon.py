@@ -31,6 +31,8 @@ import pmdaemon
 HERE = os.path.dirname(os.path.abspath(__file__))
 PMDAEMON = os.path.join(HERE, "pmdaemon.py")
 PY = sys.executable
+# subprocess.run(capture_output=True) and text=True are 3.7+; the suite runs on 3.6 too.
+CAPTURE = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +226,31 @@ class DaemonTestCase(unittest.TestCase):
             self.assertEqual(body["error"]["message"], message)
         self.assertEqual(response.getheader("Content-Type"), "application/json")
         return body
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Constants and enums: the Python 3.6 compatibility layer
+# ----------------------------------------------------------------------------------------------
+
+class TestRecord(unittest.TestCase):
+    def test_a_record_is_what_a_dataclass_was(self):
+        one = pmdaemon.ProcessConfig("app", "sleep", args=["1"])
+        self.assertEqual((one.name, one.args, one.instances, one.cwd), ("app", ["1"], 1, None))
+        self.assertIsNot(pmdaemon.ProcessConfig("a", "b").env, pmdaemon.ProcessConfig("a", "b").env)
+        self.assertEqual(pmdaemon.record_replace(one), one)
+        self.assertNotEqual(pmdaemon.record_replace(one, instances=2), one)
+        self.assertTrue(repr(one).startswith("ProcessConfig(name='app', script='sleep', args=['1'], cwd=None,"))
+        copied = pmdaemon.record_asdict(one)
+        copied["args"].append("2")
+        self.assertEqual((copied["name"], one.args), ("app", ["1"]))
+        with self.assertRaisesRegex(TypeError, "missing argument 'script'"):
+            pmdaemon.ProcessConfig(name="app")
+        with self.assertRaisesRegex(TypeError, "unexpected argument 'colour'"):
+            pmdaemon.ProcessConfig("app", "sleep", colour="red")
+
+    def test_digits_are_ascii_digits(self):
+        self.assertEqual([pmdaemon.is_ascii_digits(text) for text in ("0", "0912", "", "\u00b2", "\u0663", "1 ", "-1")],
+                         [True, True, False, False, False, False, False])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,10 +620,22 @@ class TestRestartPolicy(unittest.TestCase):
         self.assertEqual(pmdaemon.assign_ports(spec, 1, set(), keep={0: free, 1: free + 1, 2: free + 2}), [free])
 
 
+def run_loop(coroutine):
+    """asyncio.run(coroutine) in the words 3.6 knows: a fresh event loop, closed after."""
+    import asyncio
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coroutine)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
 def run_async(coroutine, timeout=20):
     """Run a scenario on a fresh event loop, bounded in time."""
     import asyncio
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+    return run_loop(asyncio.wait_for(coroutine, timeout))
 
 
 class TestProcessRunner(unittest.TestCase):
@@ -1730,7 +1769,7 @@ class TestCli(DaemonTestCase):
         environ = dict(os.environ, PMDAEMON_HOME=self.daemon.home)
         environ.pop("PMDAEMON_URL", None)
         environ.update(env or {})
-        return subprocess.run([PY, PMDAEMON] + list(args), capture_output=True, text=True, timeout=timeout,
+        return subprocess.run([PY, PMDAEMON] + list(args), **CAPTURE, universal_newlines=True, timeout=timeout,
                               env=environ)
 
     def cli(self, *args):
@@ -1789,7 +1828,7 @@ class TestCli(DaemonTestCase):
         self.assertEqual((result.returncode, result.stderr), (2, "pmdaemon: -e/--env needs KEY=VALUE, got 'FOO'\n"))
         self.assertEqual(self.run_cli("scale", "x", "many").returncode, 2)
         pipe = subprocess.run("%s %s ls --json | head -c 1" % (shlex.quote(PY), shlex.quote(PMDAEMON)), shell=True,
-                              capture_output=True, text=True, env=dict(os.environ, PMDAEMON_HOME=self.daemon.home))
+                              **CAPTURE, universal_newlines=True, env=dict(os.environ, PMDAEMON_HOME=self.daemon.home))
         self.assertEqual((pipe.stdout, pipe.stderr), ("{", ""))
 
     def test_a_script_file_runs_through_its_interpreter(self):
@@ -1853,7 +1892,7 @@ class TestCli(DaemonTestCase):
         wait_until(lambda: self.daemon.last_line("cli-f") == "before", message="the first line")
         environ = dict(os.environ, PMDAEMON_HOME=self.daemon.home)
         with subprocess.Popen([PY, PMDAEMON, "logs", "cli-f", "--follow", "--lines", "5"], stdout=subprocess.PIPE,
-                              env=environ, text=True) as follower:
+                              env=environ, universal_newlines=True) as follower:
             self.assertTrue(follower.stdout.readline().endswith(" stdout before\n"))
             open(go, "w").close()
             self.assertTrue(follower.stdout.readline().endswith(" stdout after\n"))
@@ -1988,7 +2027,7 @@ class TestCliDaemon(unittest.TestCase):
     def run_cli(self, *args):
         environ = dict(os.environ, PMDAEMON_HOME=self.home, PMDAEMON_PORT="0")
         environ.pop("PMDAEMON_URL", None)
-        return subprocess.run([PY, PMDAEMON] + list(args), capture_output=True, text=True, timeout=30, env=environ)
+        return subprocess.run([PY, PMDAEMON] + list(args), **CAPTURE, universal_newlines=True, timeout=30, env=environ)
 
     def test_a_command_starts_a_daemon_when_none_runs(self):
         result = self.run_cli("ls", "--no-daemon")
@@ -2901,7 +2940,7 @@ def make_certificate(directory, name, common_name="localhost"):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=" + common_name,
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=30)
+                   check=True, **CAPTURE, timeout=30)
     return cert, key
 
 
@@ -2938,8 +2977,8 @@ class TestTls(unittest.TestCase):
         import warnings
         with warnings.catch_warnings():             # old versions are deprecated: that is the point
             warnings.simplefilter("ignore", DeprecationWarning)
-            old = self.client_context(self.cert, maximum_version=self.ssl.TLSVersion.TLSv1_1,
-                                      minimum_version=self.ssl.TLSVersion.TLSv1)
+            old = self.client_context(self.cert)        # TLS 1.0 and 1.1 only (ssl.TLSVersion is 3.7+)
+            old.options |= self.ssl.OP_NO_TLSv1_2 | self.ssl.OP_NO_TLSv1_3
         with self.assertRaises(self.ssl.SSLError):
             with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5) as raw:
                 old.wrap_socket(raw, server_hostname="localhost").close()
@@ -2973,7 +3012,7 @@ class TestTls(unittest.TestCase):
         home = tempfile.mkdtemp(prefix="pmd-warn-")
         self.addCleanup(shutil.rmtree, home, True)
         proc = subprocess.Popen([PY, PMDAEMON, "web", "--host", "0.0.0.0", "--port", "0", "--home", home],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                                 env=dict(os.environ, PMDAEMON_API_KEY="k"))
         try:
             self.assertIn("listening on http://0.0.0.0:", proc.stdout.readline())
@@ -2984,7 +3023,7 @@ class TestTls(unittest.TestCase):
 
     def test_the_cli_speaks_https(self):
         result = subprocess.run([PY, PMDAEMON, "ls", "--url", "https://localhost:%d" % self.daemon.port],
-                                capture_output=True, text=True, timeout=30,
+                                **CAPTURE, universal_newlines=True, timeout=30,
                                 env=dict(os.environ, SSL_CERT_FILE=self.cert, PMDAEMON_API_KEY="tls-key"))
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue(result.stdout.startswith("id  name"))
@@ -3016,7 +3055,7 @@ class TestHostAndOrigin(DaemonTestCase):
         self.addCleanup(shutil.rmtree, environ["PMDAEMON_HOME"])
         for host in ("0.0.0.0", "no-such-host.invalid"):       # judged by what the name resolves to
             result = subprocess.run([PY, PMDAEMON, "web", "--host", host, "--port", "0"], env=environ,
-                                    capture_output=True, timeout=10)
+                                    **CAPTURE, timeout=10)
             self.assertEqual(result.returncode, 2)
             self.assertIn(b"refusing to listen on %s without an API key" % host.encode(), result.stderr)
         self.assertTrue(pmdaemon.is_loopback_bind("localhost"))
@@ -3277,7 +3316,7 @@ class TestDaemonLifecycle(unittest.TestCase):
             busy.bind(("127.0.0.1", 0))
             busy.listen()
             port = busy.getsockname()[1]
-            result = subprocess.run([PY, PMDAEMON, "web", "--port", str(port)], capture_output=True, text=True,
+            result = subprocess.run([PY, PMDAEMON, "web", "--port", str(port)], **CAPTURE, universal_newlines=True,
                                     timeout=20, env=dict(os.environ, PMDAEMON_HOME=self.home))
         self.assertEqual(result.returncode, 1)
         self.assertIn("cannot listen on 127.0.0.1:%d" % port, result.stderr)
@@ -3288,15 +3327,15 @@ class TestDaemonLifecycle(unittest.TestCase):
     def test_an_unusable_home_is_a_clear_error(self):
         path = os.path.join(self.home, "a-file")
         open(path, "w").close()
-        result = subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", path], capture_output=True,
-                                text=True, timeout=10)
+        result = subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", path], **CAPTURE,
+                                universal_newlines=True, timeout=10)
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr.strip(), "pmdaemon: refusing to use %s as the home: %s is not a directory"
                          % (path, path))
 
     def start_web(self, home):
-        return subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", home], capture_output=True,
-                              text=True, timeout=10)
+        return subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", home], **CAPTURE,
+                              universal_newlines=True, timeout=10)
 
     def test_a_new_home_and_everything_in_it_is_private(self):
         home = os.path.join(self.home, "fresh")
@@ -3356,7 +3395,7 @@ class TestDaemonLifecycle(unittest.TestCase):
         for option, value, message in (("--port", "70000", "argument --port: 70000 is not between 0 and 65535"),
                                         ("--sample-interval", "0", "argument --sample-interval: 0 is not between 0.05 and 3600"),
                                         ("--port", "x", "argument --port: 'x' is not a whole number")):
-            result = subprocess.run([PY, PMDAEMON, "web", option, value], capture_output=True, text=True, timeout=10,
+            result = subprocess.run([PY, PMDAEMON, "web", option, value], **CAPTURE, universal_newlines=True, timeout=10,
                                     env=dict(os.environ, PMDAEMON_HOME=self.home))
             self.assertEqual(result.returncode, 2)
             self.assertIn(message, result.stderr)
@@ -3364,7 +3403,7 @@ class TestDaemonLifecycle(unittest.TestCase):
     def test_second_daemon_on_the_same_home_refuses(self):
         first = self.daemon()
         environ = dict(os.environ, PMDAEMON_HOME=self.home)
-        result = subprocess.run([PY, PMDAEMON, "web", "--port", "0"], env=environ, capture_output=True, timeout=10)
+        result = subprocess.run([PY, PMDAEMON, "web", "--port", "0"], env=environ, **CAPTURE, timeout=10)
         self.assertEqual(result.returncode, 1)
         self.assertIn(("another daemon (pid %d) is already running" % first.proc.pid).encode(), result.stderr)
         first.terminate()
@@ -3857,7 +3896,7 @@ class TestInternalErrors(unittest.TestCase):
             request = parse_all(b"GET /api/boom HTTP/1.1\r\nHost: localhost\r\n\r\n")[0][0]
             return await api.handle(request)
         with self.assertLogs("pmdaemon", "ERROR") as logged:
-            response = asyncio.run(scenario())
+            response = run_loop(scenario())
         self.assertEqual(response.status, 500)
         self.assertEqual(json.loads(response.body), {"success": False, "error": {
             "code": "INTERNAL_ERROR", "message": "internal server error"}})
@@ -3921,8 +3960,8 @@ def run_echo_server(port):
     async def main():
         server = await asyncio.start_server(serve_echo_connection, "127.0.0.1", port)
         print("ws-echo listening on ws://127.0.0.1:%d/" % server.sockets[0].getsockname()[1], flush=True)
-        await server.serve_forever()
-    asyncio.run(main())
+        await asyncio.Event().wait()        # until killed (Server.serve_forever is 3.7+)
+    run_loop(main())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3947,8 +3986,8 @@ async def serve(reader, writer):
 async def main():
     server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
-    await server.serve_forever()
-asyncio.run(main())
+    await asyncio.Event().wait()
+asyncio.new_event_loop().run_until_complete(main())
 """
 
 # The floor of "restart a child": asyncio notices the exit and spawns again, nothing else.
@@ -3959,7 +3998,9 @@ async def main():
         child = await asyncio.create_subprocess_exec("sleep", "600")
         print(child.pid, flush=True)
         await child.wait()
-asyncio.run(main())
+loop = asyncio.new_event_loop()
+asyncio.set_event_loop(loop)            # the child watcher of 3.6-3.11 needs the loop set
+loop.run_until_complete(main())
 """
 
 # The floor of sampling: read /proc/PID/stat of the given pids once a second.
@@ -4025,7 +4066,7 @@ def wrk_run(port, path, seconds, connections=50):
     """(requests/s, requests done, error lines) of one wrk run."""
     output = subprocess.run(["wrk", "-t2", "-c%d" % connections, "-d%ds" % seconds,
                              "http://127.0.0.1:%d%s" % (port, path)],
-                            capture_output=True, text=True, check=True).stdout
+                            **CAPTURE, universal_newlines=True, check=True).stdout
     errors = [line.strip() for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line]
     rate = float([line for line in output.splitlines() if line.startswith("Requests/sec")][0].split()[1])
     done = int(re.search(r"(\d+) requests in", output).group(1))
@@ -4213,7 +4254,7 @@ def connection_cost(pid, port, count, request):
             writer.close()
         await asyncio.sleep(0.5)
         return (after - before) / count
-    return asyncio.run(measure())
+    return run_loop(measure())
 
 
 def bench_keepalive(daemon, table, seconds, rounds, count=5000):
@@ -4299,7 +4340,7 @@ def bench_ws(daemon, table, seconds, rounds, count=10000, timed=1000):
             task.cancel()
         await asyncio.sleep(1)
         return (after - before) / connected, connected, lateness, rest
-    per_client, connected, lateness, rest = asyncio.run(measure())
+    per_client, connected, lateness, rest = run_loop(measure())
     table.add("WebSocket clients (%d connected)" % connected, "%.1f KiB each" % per_client, "-", "-",
               "<= 6 KiB", per_client <= 6)
     table.add("tick fan-out at %d clients: p99 lateness" % timed, "%.0f ms" % percentile(lateness, 0.99),
@@ -4399,9 +4440,9 @@ def run_browser_check(screenshot=None):
 def chromium_check(chromium, url, screenshot):
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=4000",
              "--window-size=360,900"]
-    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
+    dom = subprocess.run(flags + ["--dump-dom", url], **CAPTURE, universal_newlines=True, timeout=60).stdout
     if screenshot:
-        subprocess.run(flags + ["--screenshot=" + screenshot, url], capture_output=True, timeout=60)
+        subprocess.run(flags + ["--screenshot=" + screenshot, url], **CAPTURE, timeout=60)
     return {"the process row": "<td>browser-demo</td>" in dom,
             "its status": '<td class="online">online</td>' in dom,
             "the live badge": 'id="connection" class="badge" role="status">live<' in dom,
