@@ -73,7 +73,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-__version__ = "0.1.0"
+__version__: str = "0.1.0"      # needs Python 3.6 or newer (the first line older ones cannot read)
 
 
 def lazy_module(name: str):

@@ -2132,6 +2132,33 @@ class Terminal:
             os.close(self.leader)
 
 
+def old_pythons():
+    """Interpreters older than 3.6 on this machine (pyenv's or the system's)."""
+    import glob
+    found = {}
+    for path in sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/*/bin/python[23].[0-9]"))
+                       + glob.glob("/usr/bin/python[23].[0-9]") + glob.glob("/usr/local/bin/python[23].[0-9]")):
+        version = os.path.basename(path)[len("python"):]
+        if tuple(map(int, version.split("."))) < (3, 6) and os.access(path, os.X_OK):
+            found.setdefault(version, path)
+    return sorted(found.values())
+
+
+class TestOldPythons(unittest.TestCase):
+    def test_below_3_6_the_one_line_says_so(self):
+        interpreters = old_pythons()
+        if not interpreters:
+            self.skipTest("no python2.7 or python3.5 on this machine")
+        for python in interpreters:
+            for argv in ([PMDAEMON], [PMDAEMON, "web", "--port", "0"]):
+                with self.subTest(python=python, argv=argv):
+                    result = subprocess.run([python] + argv, **CAPTURE, universal_newlines=True, timeout=30)
+                    self.assertEqual(result.returncode, 1)
+                    self.assertEqual(result.stdout, "")
+                    self.assertIn("# needs Python 3.6 or newer", result.stderr)
+                    self.assertTrue(result.stderr.rstrip().endswith("SyntaxError: invalid syntax"), result.stderr)
+
+
 class TestHttpServerBehaviour(DaemonTestCase):
     def test_pipelined_requests_are_answered_in_order(self):
         requests = b"".join(b"GET /api/processes/%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % name
