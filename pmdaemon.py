@@ -15,7 +15,8 @@ the state and logs. The other commands are a client of the daemon (they start on
 runs). README.md documents every endpoint, setting, command and choice.
 
 Map of this file; each section uses only the sections above it:
-     1. Constants and enums    limits, defaults, process states, WebSocket opcodes and states
+     1. Constants and enums    limits, defaults, process states, WebSocket opcodes and states;
+                               what Python 3.6 lacks (record for dataclasses, current_task, ...)
      2. Errors                 PMDaemonError; domain errors (ProcessNotFound, CannotStart, ...);
                                HttpError and WebSocketError, which carry their wire form
      3. Configuration          ProcessConfig and DaemonConfig: validation, persistence form
@@ -98,7 +99,7 @@ log = logging.getLogger("pmdaemon")
 # ==============================================================================================
 # 1. Constants and enums
 #    Every limit and default lives here, named, so that code and README cite the same number.
-#    Nothing in this section does anything.
+#    Nothing in this section does anything, but for the few stand-ins for what Python 3.6 lacks.
 # ==============================================================================================
 
 DEFAULT_HOST = "127.0.0.1"
@@ -253,7 +254,7 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
 
 
-# -- Python 3.6 --------------------------------------------------------------------------------
+# -- compatibility: Python 3.6 and newer --------------------------------------------------------
 #    The oldest python3 of supported distributions (RHEL 8, SLES 15, Ubuntu 18.04) is 3.6. What
 #    its standard library lacks (dataclasses, asyncio.current_task, ssl.TLSVersion, ...) is
 #    provided here once, so that the code below reads the same on every version.
