@@ -15,7 +15,8 @@ the state and logs. The other commands are a client of the daemon (they start on
 runs). README.md documents every endpoint, setting, command and choice.
 
 Map of this file; each section uses only the sections above it:
-     1. Constants and enums    limits, defaults, process states, WebSocket opcodes and states
+     1. Constants and enums    limits, defaults, process states, WebSocket opcodes and states;
+                               what Python 3.6 lacks (record for dataclasses, current_task, ...)
      2. Errors                 PMDaemonError; domain errors (ProcessNotFound, CannotStart, ...);
                                HttpError and WebSocketError, which carry their wire form
      3. Configuration          ProcessConfig and DaemonConfig: validation, persistence form
@@ -41,13 +42,11 @@ what the run left behind, then calls ProcessRunner._on_exit(run, code), which ig
 run and asks decide_after_exit (pure) whether to restart, stop or give up.
 """
 
-from __future__ import annotations
-
 import argparse
 import base64
 import codecs
 import contextlib
-import dataclasses
+import copy
 import enum
 import errno
 import fcntl
@@ -76,7 +75,7 @@ import urllib.parse
 import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-__version__ = "0.1.0"
+__version__: str = "0.1.0"      # needs Python 3.6 or newer (the first line older ones cannot read)
 
 
 def lazy_module(name: str):
@@ -101,7 +100,7 @@ log = logging.getLogger("pmdaemon")
 # ==============================================================================================
 # 1. Constants and enums
 #    Every limit and default lives here, named, so that code and README cite the same number.
-#    Nothing in this section does anything.
+#    Nothing in this section does anything, but for the few stand-ins for what Python 3.6 lacks.
 # ==============================================================================================
 
 DEFAULT_HOST = "127.0.0.1"
@@ -261,6 +260,94 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+
+
+# -- compatibility: Python 3.6 and newer --------------------------------------------------------
+#    The oldest python3 of supported distributions (RHEL 8, SLES 15, Ubuntu 18.04) is 3.6. What
+#    its standard library lacks (dataclasses, asyncio.current_task, ssl.TLSVersion, ...) is
+#    provided here once, so that the code below reads the same on every version.
+
+class RecordField:
+    """A field default made anew for each record (an empty list, say), as record_field gives."""
+    __slots__ = ("default_factory",)
+
+    def __init__(self, default_factory: Callable[[], Any]):
+        self.default_factory = default_factory
+
+
+def record_field(default_factory: Callable[[], Any]) -> Any:
+    return RecordField(default_factory)
+
+
+def record(cls):
+    """Make a class of annotated fields a plain record, as @dataclasses.dataclass (3.7+) does:
+    __init__(fields in order, defaults or record_field factories), __repr__, __eq__."""
+    names = tuple(cls.__dict__.get("__annotations__", {}))
+    defaults = {name: cls.__dict__[name] for name in names if name in cls.__dict__}
+    for name, default in defaults.items():
+        if isinstance(default, RecordField):
+            delattr(cls, name)                  # as dataclasses does: no shared mutable default
+
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(names):
+            raise TypeError("%s() takes %d arguments, %d given" % (cls.__name__, len(names), len(args)))
+        kwargs.update(zip(names, args))
+        for name in names:
+            if name in kwargs:
+                value = kwargs.pop(name)
+            elif name not in defaults:
+                raise TypeError("%s() missing argument %r" % (cls.__name__, name))
+            else:
+                value = defaults[name]
+                if isinstance(value, RecordField):
+                    value = value.default_factory()
+            setattr(self, name, value)
+        if kwargs:
+            raise TypeError("%s() got an unexpected argument %r" % (cls.__name__, next(iter(kwargs))))
+
+    def __repr__(self):
+        return "%s(%s)" % (cls.__qualname__, ", ".join("%s=%r" % (name, getattr(self, name)) for name in names))
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in names)
+
+    cls.__init__, cls.__repr__, cls.__eq__, cls.__hash__ = __init__, __repr__, __eq__, None
+    cls.record_fields = names
+    return cls
+
+
+def record_asdict(item) -> dict:
+    """The fields of a record as a dict; lists and dicts in it are copies (dataclasses.asdict)."""
+    return {name: copy.deepcopy(getattr(item, name)) for name in item.record_fields}
+
+
+def record_replace(item, **changes):
+    """A new record with the same fields but these (dataclasses.replace)."""
+    values = {name: getattr(item, name) for name in item.record_fields}
+    values.update(changes)
+    return item.__class__(**values)
+
+
+def current_task():
+    """The task running this: asyncio.current_task() from 3.7, Task.current_task() before."""
+    return asyncio.current_task() if hasattr(asyncio, "current_task") else asyncio.Task.current_task()  # novermin
+
+
+def set_tls_floor(context) -> None:
+    """Refuse TLS below 1.2. ssl.TLSVersion is 3.7+; the options that 3.6 has instead are
+    deprecated (and warn) from 3.10, so each version gets the form it knows."""
+    import ssl
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2     # novermin (3.7+: checked above)
+    else:
+        context.options |= ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3 | ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+
+
+def is_ascii_digits(text: str) -> bool:
+    """0-9 only, at least one: str.isdigit() alone takes "²" and "٣", and str.isascii() is 3.7+."""
+    return text.isdigit() and not text.strip("0123456789")
 
 
 # ==============================================================================================
@@ -775,7 +862,7 @@ def _cron_field(field: str, what: str, low: int, high: int, names: Tuple[str, ..
 def _cron_value(text: str, what: str, low: int, high: int, names: Tuple[str, ...]) -> int:
     if text in names:
         return names.index(text) + (1 if what == "month" else 0)
-    if not (text.isdigit() and text.isascii()) or not low <= int(text) <= high:
+    if not is_ascii_digits(text) or not low <= int(text) <= high:
         raise ValueError("%r is not a %s (%d-%d%s)" % (text, what, low, high, ", or a name" if names else ""))
     return int(text)
 
@@ -822,14 +909,14 @@ def parse_cron_field(value: Any) -> Optional[str]:
     return " ".join(text.split())
 
 
-@dataclasses.dataclass
+@record
 class ProcessConfig:
     """Everything a user can set for a managed process (the POST /api/processes body)."""
     name: str
     script: str
-    args: List[str] = dataclasses.field(default_factory=list)
+    args: List[str] = record_field(list)
     cwd: Optional[str] = None
-    env: Dict[str, str] = dataclasses.field(default_factory=dict)
+    env: Dict[str, str] = record_field(dict)
     port: Optional[str] = None
     instances: int = 1
     shell: bool = False
@@ -838,7 +925,7 @@ class ProcessConfig:
     min_uptime: int = DEFAULT_MIN_UPTIME_MS
     restart_delay: int = DEFAULT_RESTART_DELAY_MS
     exp_backoff_restart_delay: int = 0
-    stop_exit_codes: List[int] = dataclasses.field(default_factory=list)
+    stop_exit_codes: List[int] = record_field(list)
     kill_signal: str = "SIGTERM"
     kill_timeout: int = DEFAULT_KILL_TIMEOUT_MS
     max_memory_restart: Optional[int] = None
@@ -848,18 +935,18 @@ class ProcessConfig:
     restart_on_unhealthy: bool = True
     wait_ready: bool = False
     listen_timeout: int = DEFAULT_LISTEN_TIMEOUT_MS
-    depends_on: List[str] = dataclasses.field(default_factory=list)
+    depends_on: List[str] = record_field(list)
     autostart: bool = True
     namespace: str = "default"
     stdin: bool = False
     env_file: Optional[str] = None
     interpreter: Optional[str] = None
-    interpreter_args: List[str] = dataclasses.field(default_factory=list)
+    interpreter_args: List[str] = record_field(list)
     umask: Optional[int] = None
-    rlimits: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
+    rlimits: Dict[str, List[int]] = record_field(dict)
     cron_restart: Optional[str] = None
-    watch: List[str] = dataclasses.field(default_factory=list)
-    watch_ignore: List[str] = dataclasses.field(default_factory=lambda: list(WATCH_IGNORE_DEFAULT))
+    watch: List[str] = record_field(list)
+    watch_ignore: List[str] = record_field(lambda: list(WATCH_IGNORE_DEFAULT))
     watch_delay: int = WATCH_DELAY_MS
     user: Optional[str] = None
     group: Optional[str] = None
@@ -902,7 +989,7 @@ class ProcessConfig:
             raise invalid_field("depends_on", "depends_on forms a cycle: %s -> %s" % (self.name, self.name))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return record_asdict(self)
 
 
 def _resolve_cwd(cwd: Optional[str], base_dir: Optional[str]) -> str:
@@ -964,7 +1051,7 @@ NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_
                              "cpu_limit"})
 
 
-@dataclasses.dataclass
+@record
 class DaemonConfig:
     """Options of `pmdaemon.py web`."""
     host: str = DEFAULT_HOST
@@ -1051,7 +1138,7 @@ def percent(part: float, whole: float) -> float:
     return round(100.0 * part / whole, 1) if whole > 0 else 0.0
 
 
-@dataclasses.dataclass
+@record
 class SystemMetrics:
     cpu_usage: float = 0.0
     cores: int = 1
@@ -1962,7 +2049,7 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(descriptor)
 
 
-@dataclasses.dataclass
+@record
 class HealthState:
     """Results of a process's health checks: unknown -> healthy / unhealthy (after retries)."""
     status: str = "none"                  # "none" when no check is configured
@@ -2554,7 +2641,7 @@ def read_as(identity: Optional[Identity], descriptor: int, limit: int) -> bytes:
     return answer[1:limit + 1]
 
 
-@dataclasses.dataclass
+@record
 class SupervisorSettings:
     """Timings of supervision and persistence; tests shorten them, the daemon uses defaults."""
     stop_poll_interval: float = STOP_POLL_INTERVAL
@@ -2814,7 +2901,7 @@ class ProcessRunner:
             return not self.waiting_for
         await self.host.wait_for_change(dependencies_ready, None)
         async with self.lock:
-            if self._pending.get("dependencies") is not asyncio.current_task() or self.deleted:
+            if self._pending.get("dependencies") is not current_task() or self.deleted:
                 return
             del self._pending["dependencies"]
             await self._spawn("started")
@@ -3032,7 +3119,7 @@ class ProcessRunner:
         """Cancel pending timers or tasks by name (never the task that is running this)."""
         for name in names:
             handle = self._pending.pop(name, None)
-            if handle is not None and handle is not asyncio.current_task():
+            if handle is not None and handle is not current_task():
                 handle.cancel()
 
     # -- readiness, health, limits -----------------------------------------------------------
@@ -3120,7 +3207,7 @@ class Registry:
         members = [runner for runner in self.by_id.values() if runner.name == key]
         if not members:
             members = self.group(key)
-        if not members and key.isdigit() and key.isascii() and len(key) <= 9 and int(key) in self.by_id:
+        if not members and is_ascii_digits(key) and len(key) <= 9 and int(key) in self.by_id:
             members = [self.by_id[int(key)]]
         return members
 
@@ -3491,7 +3578,7 @@ class Supervisor:
 
     async def start(self, members: List[ProcessRunner]) -> List[ProcessRunner]:
         """Start each; AlreadyRunning if none was stopped, CannotStart if one cannot exec."""
-        started = [runner for runner in members if await runner.start()]
+        started = [runner for runner in members if await runner.start()]     # novermin (3.6 has PEP 530)
         if not started:
             raise AlreadyRunning("Process %r is already running" % group_label(members))
         self._check_started(started)
@@ -3499,7 +3586,7 @@ class Supervisor:
 
     async def stop(self, members: List[ProcessRunner]) -> bool:
         """Stop each; True if any was running."""
-        return any([await runner.stop() for runner in members])
+        return any([await runner.stop() for runner in members])     # novermin (3.6 has PEP 530)
 
     async def restart(self, key: str, port: Optional[str] = None, instances: Optional[int] = None) -> List[ProcessRunner]:
         """POST .../restart: optionally move to new ports and scale a group, then restart all."""
@@ -3509,7 +3596,7 @@ class Supervisor:
             if len(members) != len(self.registry.group(base)):
                 raise BadRequest("port and instances apply to the whole group %r, not to one "
                                  "instance" % base)
-            config = dataclasses.replace(members[0].config)
+            config = record_replace(members[0].config)
             config.port = port if port is not None else config.port
             config.instances = instances if instances is not None else config.instances
             members = await self._reshape(base, config, keep_ports=port is None)
@@ -3544,7 +3631,7 @@ class Supervisor:
         members = await self._reshape(base, config, keep_ports=config.port == old.port)
         if not running:
             return members, "saved"
-        only_scaled = dataclasses.replace(config, instances=old.instances) == old
+        only_scaled = record_replace(config, instances=old.instances) == old
         for runner in members:
             if runner.instance not in running:
                 await runner.start()            # a new copy
@@ -3946,7 +4033,7 @@ def apply_content_length(request: Request) -> None:
     """Digits only; repeated values must agree; the limit is decided before reading the body."""
     values = request.header_values("content-length")
     lengths = [item.strip(" \t") for value in values for item in value.split(",")]   # only SP/HTAB
-    if not all(item.isdigit() and item.isascii() and len(item) <= 18 for item in lengths):
+    if not all(is_ascii_digits(item) and len(item) <= 18 for item in lengths):
         raise http_error(400, "BAD_REQUEST", "invalid Content-Length %r" % ", ".join(values)[:100])
     if len(set(int(item) for item in lengths)) > 1:
         raise http_error(400, "BAD_REQUEST", "conflicting Content-Length values")
@@ -5433,10 +5520,10 @@ def pm2_entry(runner: ProcessRunner, now: float, wall: float) -> dict:
 
 # -- Prometheus metrics (text exposition format 0.0.4) ------------------------------------------
 
-@dataclasses.dataclass
+@record
 class ServerStats:
     """What the server glue counts for /metrics."""
-    requests: Dict[int, int] = dataclasses.field(default_factory=dict)     # by status code
+    requests: Dict[int, int] = record_field(dict)     # by status code
     connections: int = 0
     ws_clients: int = 0
     ws_dropped: int = 0
@@ -5922,7 +6009,7 @@ class Api:
     async def get_logs(self, request: Request, key: str) -> Response:
         params = parse_query(request.query, ("lines", "type", "follow"))
         lines_text = params.get("lines", "20")
-        if not (lines_text.isdigit() and lines_text.isascii()) or len(lines_text) > 6 \
+        if not is_ascii_digits(lines_text) or len(lines_text) > 6 \
                 or int(lines_text) > MAX_LOG_REQUEST_LINES:
             raise invalid_field("lines", "query parameter 'lines' must be an integer from 0 to %d, got %r"
                                 % (MAX_LOG_REQUEST_LINES, lines_text[:40]))
@@ -5938,7 +6025,8 @@ class Api:
         if follow in ("true", "1"):
             follower = LogFollower(self.supervisor.hub, [runner.name for runner in members], log_type,
                                    len(members) > 1)
-            backlog = [json_bytes(item) + b"\n" for item in await self.read_logs_off_loop(members, count, log_type)]
+            entries = await self.read_logs_off_loop(members, count, log_type)
+            backlog = [json_bytes(item) + b"\n" for item in entries]
             return Response(200, content_type="application/x-ndjson", stream=follower.stream(backlog))
         entries = await self.read_logs_off_loop(members, count, log_type)
         return json_response(200, {"logs": entries, "total_lines": len(entries), "process": group_label(members)})
@@ -6506,7 +6594,7 @@ class TlsFiles:
         """A fresh server context with the files as they are now; raises if they do not fit."""
         import ssl
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        set_tls_floor(context)
         context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")       # TLS 1.2; 1.3 has its own
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
         context.load_cert_chain(self.cert, self.key)
@@ -6528,30 +6616,6 @@ class TlsFiles:
         log.info("TLS certificate reloaded from %s", self.cert)
 
 
-def open_listeners(host: str, port: int, backlog: int = 1024) -> List[socket.socket]:
-    """Listening sockets for every address `host` resolves to, all on one port (the first
-    one's, when port is 0), as asyncio.start_server would bind them."""
-    listeners: List[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(
-                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)):
-            sock = socket.socket(family, kind, proto)
-            listeners.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if listeners[1:]:
-                address = (address[0], listeners[0].getsockname()[1]) + tuple(address[2:])
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
-        return listeners
-    except BaseException:
-        for sock in listeners:
-            sock.close()
-        raise
-
-
 class ConnectionDeadline:
     """When a connection's current phase must end, and what to do when it does not."""
     __slots__ = ("transport", "parser", "deadline", "answer")
@@ -6563,6 +6627,26 @@ class ConnectionDeadline:
         if self.parser.has_partial:         # a request was under way: say why we hang up
             self.transport.write(self.answer())
         self.transport.close()
+
+
+def bind_tcp(host: str, port: int) -> List[socket.socket]:
+    """A socket bound to each address of host, not yet listening: connections are refused, not
+    queued, until start_serving (asyncio's start_serving=False, which 3.6 lacks)."""
+    addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:       # as asyncio: "::" is not also 0.0.0.0
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class HttpServer:
@@ -6577,12 +6661,12 @@ class HttpServer:
         self.peer_users = PeerUsers()
         self.body_memory = 0                # bytes reserved by request bodies being received
         self.socket_path = os.path.join(config.home, SOCKET_NAME)
-        self.unix_server = None
+        self.unix_socket = None
         self.deadlines: set = set()
         self.closing = False
-        self.server = None
-        self.tls_listeners: List[socket.socket] = []
-        self.acceptors: List[asyncio.Future] = []
+        self.listeners: List[socket.socket] = []
+        self.servers: list = []                 # asyncio servers, once serving
+        self.acceptors: List[asyncio.Future] = []   # with TLS: our own accept loops (_accept_tls)
         self.handshakes = 0                 # TLS connections accepted and not yet through their handshake
         self._sweeper = None
         # Heads answered before, one table per door: through the Unix socket the daemon's own
@@ -6597,17 +6681,11 @@ class HttpServer:
 
     async def bind(self) -> int:
         """Take the port (so a busy port fails before any child starts) and the Unix socket;
-        serve later. With TLS, connections are accepted here, not by asyncio's TLS server: a
+        serve later. With TLS, connections are accepted by us, not by asyncio's TLS server: a
         connection counts from its accept, before a byte of TLS (see _accept_tls)."""
-        if self.config.tls:
-            self.tls_listeners = open_listeners(self.config.host, self.config.port)
-            port = self.tls_listeners[0].getsockname()[1]
-        else:
-            self.server = await asyncio.start_server(self.serve, self.config.host, self.config.port, backlog=1024,
-                                                     reuse_address=True, start_serving=False)
-            port = self.server.sockets[0].getsockname()[1]
-        await self._bind_unix_socket()
-        return port
+        self.listeners = bind_tcp(self.config.host, self.config.port)
+        self._bind_unix_socket()
+        return self.listeners[0].getsockname()[1]
 
     async def _accept_tls(self, listener: socket.socket) -> None:
         """Accept TLS connections, each counted from its accept: within max_connections in
@@ -6647,39 +6725,46 @@ class HttpServer:
         """The gauge counts every connection from its accept, TLS handshakes included."""
         self.api.server_stats.connections = len(self.connections) + self.handshakes
 
-    async def _bind_unix_socket(self) -> None:
+    def _bind_unix_socket(self) -> None:
         """$PMDAEMON_HOME/pmdaemon.sock, mode 0600 from its creation (the home lock is ours,
         so a socket file left there is a leftover of ours)."""
         with contextlib.suppress(FileNotFoundError):
             if stat_module.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 os.unlink(self.socket_path)
         previous = os.umask(0o177)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.unix_server = await asyncio.start_unix_server(self.serve, self.socket_path, start_serving=False)
-        except OSError as exc:                  # a path too long for sun_path, say: TCP still works
-            log.warning("no Unix socket at %s: %s", self.socket_path, exc.strerror or exc)
+            sock.bind(self.socket_path)
+            self.unix_socket = sock
+        except (OSError, ValueError) as exc:    # a path too long for sun_path, say: TCP still works
+            sock.close()
+            log.warning("no Unix socket at %s: %s", self.socket_path, getattr(exc, "strerror", None) or exc)
         finally:
             os.umask(previous)
 
     async def start_serving(self) -> None:
         self._sweeper = asyncio.ensure_future(self._sweep_deadlines())
-        if self.server is not None:
-            await self.server.start_serving()
-        self.acceptors = [asyncio.ensure_future(self._accept_tls(listener)) for listener in self.tls_listeners]
-        if self.unix_server is not None:
-            await self.unix_server.start_serving()
+        for sock in self.listeners:
+            if self.config.tls:
+                sock.listen(1024)
+                sock.setblocking(False)
+                self.acceptors.append(asyncio.ensure_future(self._accept_tls(sock)))
+            else:
+                self.servers.append(await asyncio.start_server(self.serve, sock=sock, backlog=1024))
+        if self.unix_socket is not None:
+            self.servers.append(await asyncio.start_unix_server(self.serve, sock=self.unix_socket))
 
     async def close(self) -> None:
         """Stop accepting; end follow streams with their final chunk and WebSockets with 1001."""
         self.closing = True
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         for acceptor in self.acceptors:
             acceptor.cancel()
-        for listener in self.tls_listeners:
-            listener.close()
-        if self.unix_server is not None:
-            self.unix_server.close()
+        for sock in self.listeners:             # closed by their server, or never served
+            sock.close()
+        if self.unix_socket is not None:
+            self.unix_socket.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
         self.peer_users.close()
@@ -6825,7 +6910,7 @@ class HttpServer:
         if response.status == 101:
             return await self._websocket(request, response, parser, reader, writer)
         if response.stream is not None:
-            task = asyncio.current_task()
+            task = current_task()
             self.streams.add(task)
             try:
                 await self._stream(request, response, reader, writer)

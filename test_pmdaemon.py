@@ -31,6 +31,8 @@ import pmdaemon
 HERE = os.path.dirname(os.path.abspath(__file__))
 PMDAEMON = os.path.join(HERE, "pmdaemon.py")
 PY = sys.executable
+# subprocess.run(capture_output=True) and text=True are 3.7+; the suite runs on 3.6 too.
+CAPTURE = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +226,31 @@ class DaemonTestCase(unittest.TestCase):
             self.assertEqual(body["error"]["message"], message)
         self.assertEqual(response.getheader("Content-Type"), "application/json")
         return body
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Constants and enums: the Python 3.6 compatibility layer
+# ----------------------------------------------------------------------------------------------
+
+class TestRecord(unittest.TestCase):
+    def test_a_record_is_what_a_dataclass_was(self):
+        one = pmdaemon.ProcessConfig("app", "sleep", args=["1"])
+        self.assertEqual((one.name, one.args, one.instances, one.cwd), ("app", ["1"], 1, None))
+        self.assertIsNot(pmdaemon.ProcessConfig("a", "b").env, pmdaemon.ProcessConfig("a", "b").env)
+        self.assertEqual(pmdaemon.record_replace(one), one)
+        self.assertNotEqual(pmdaemon.record_replace(one, instances=2), one)
+        self.assertTrue(repr(one).startswith("ProcessConfig(name='app', script='sleep', args=['1'], cwd=None,"))
+        copied = pmdaemon.record_asdict(one)
+        copied["args"].append("2")
+        self.assertEqual((copied["name"], one.args), ("app", ["1"]))
+        with self.assertRaisesRegex(TypeError, "missing argument 'script'"):
+            pmdaemon.ProcessConfig(name="app")
+        with self.assertRaisesRegex(TypeError, "unexpected argument 'colour'"):
+            pmdaemon.ProcessConfig("app", "sleep", colour="red")
+
+    def test_digits_are_ascii_digits(self):
+        self.assertEqual([pmdaemon.is_ascii_digits(text) for text in ("0", "0912", "", "\u00b2", "\u0663", "1 ", "-1")],
+                         [True, True, False, False, False, False, False])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,10 +620,22 @@ class TestRestartPolicy(unittest.TestCase):
         self.assertEqual(pmdaemon.assign_ports(spec, 1, set(), keep={0: free, 1: free + 1, 2: free + 2}), [free])
 
 
+def run_loop(coroutine):
+    """asyncio.run(coroutine) in the words 3.6 knows: a fresh event loop, closed after."""
+    import asyncio
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coroutine)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
 def run_async(coroutine, timeout=20):
     """Run a scenario on a fresh event loop, bounded in time."""
     import asyncio
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+    return run_loop(asyncio.wait_for(coroutine, timeout))
 
 
 class TestProcessRunner(unittest.TestCase):
@@ -1859,7 +1898,7 @@ class TestCli(DaemonTestCase):
         environ = dict(os.environ, PMDAEMON_HOME=self.daemon.home)
         environ.pop("PMDAEMON_URL", None)
         environ.update(env or {})
-        return subprocess.run([PY, PMDAEMON] + list(args), capture_output=True, text=True, timeout=timeout,
+        return subprocess.run([PY, PMDAEMON] + list(args), **CAPTURE, universal_newlines=True, timeout=timeout,
                               env=environ)
 
     def cli(self, *args):
@@ -1918,7 +1957,7 @@ class TestCli(DaemonTestCase):
         self.assertEqual((result.returncode, result.stderr), (2, "pmdaemon: -e/--env needs KEY=VALUE, got 'FOO'\n"))
         self.assertEqual(self.run_cli("scale", "x", "many").returncode, 2)
         pipe = subprocess.run("%s %s ls --json | head -c 1" % (shlex.quote(PY), shlex.quote(PMDAEMON)), shell=True,
-                              capture_output=True, text=True, env=dict(os.environ, PMDAEMON_HOME=self.daemon.home))
+                              **CAPTURE, universal_newlines=True, env=dict(os.environ, PMDAEMON_HOME=self.daemon.home))
         self.assertEqual((pipe.stdout, pipe.stderr), ("{", ""))
 
     def test_a_script_file_runs_through_its_interpreter(self):
@@ -1982,7 +2021,7 @@ class TestCli(DaemonTestCase):
         wait_until(lambda: self.daemon.last_line("cli-f") == "before", message="the first line")
         environ = dict(os.environ, PMDAEMON_HOME=self.daemon.home)
         with subprocess.Popen([PY, PMDAEMON, "logs", "cli-f", "--follow", "--lines", "5"], stdout=subprocess.PIPE,
-                              env=environ, text=True) as follower:
+                              env=environ, universal_newlines=True) as follower:
             self.assertTrue(follower.stdout.readline().endswith(" stdout before\n"))
             open(go, "w").close()
             self.assertTrue(follower.stdout.readline().endswith(" stdout after\n"))
@@ -2117,7 +2156,7 @@ class TestCliDaemon(unittest.TestCase):
     def run_cli(self, *args):
         environ = dict(os.environ, PMDAEMON_HOME=self.home, PMDAEMON_PORT="0")
         environ.pop("PMDAEMON_URL", None)
-        return subprocess.run([PY, PMDAEMON] + list(args), capture_output=True, text=True, timeout=30, env=environ)
+        return subprocess.run([PY, PMDAEMON] + list(args), **CAPTURE, universal_newlines=True, timeout=30, env=environ)
 
     def test_a_command_starts_a_daemon_when_none_runs(self):
         result = self.run_cli("ls", "--no-daemon")
@@ -2220,6 +2259,33 @@ class Terminal:
             self.proc.wait()
         with contextlib.suppress(OSError):
             os.close(self.leader)
+
+
+def old_pythons():
+    """Interpreters older than 3.6 on this machine (pyenv's or the system's)."""
+    import glob
+    found = {}
+    for path in sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/*/bin/python[23].[0-9]"))
+                       + glob.glob("/usr/bin/python[23].[0-9]") + glob.glob("/usr/local/bin/python[23].[0-9]")):
+        version = os.path.basename(path)[len("python"):]
+        if tuple(map(int, version.split("."))) < (3, 6) and os.access(path, os.X_OK):
+            found.setdefault(version, path)
+    return sorted(found.values())
+
+
+class TestOldPythons(unittest.TestCase):
+    def test_below_3_6_the_one_line_says_so(self):
+        interpreters = old_pythons()
+        if not interpreters:
+            self.skipTest("no python2.7 or python3.5 on this machine")
+        for python in interpreters:
+            for argv in ([PMDAEMON], [PMDAEMON, "web", "--port", "0"]):
+                with self.subTest(python=python, argv=argv):
+                    result = subprocess.run([python] + argv, **CAPTURE, universal_newlines=True, timeout=30)
+                    self.assertEqual(result.returncode, 1)
+                    self.assertEqual(result.stdout, "")
+                    self.assertIn("# needs Python 3.6 or newer", result.stderr)
+                    self.assertTrue(result.stderr.rstrip().endswith("SyntaxError: invalid syntax"), result.stderr)
 
 
 class TestHttpServerBehaviour(DaemonTestCase):
@@ -3220,7 +3286,7 @@ def make_certificate(directory, name, common_name="localhost"):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=" + common_name,
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=30)
+                   check=True, **CAPTURE, timeout=30)
     return cert, key
 
 
@@ -3288,8 +3354,8 @@ class TestTls(unittest.TestCase):
         import warnings
         with warnings.catch_warnings():             # old versions are deprecated: that is the point
             warnings.simplefilter("ignore", DeprecationWarning)
-            old = self.client_context(self.cert, maximum_version=self.ssl.TLSVersion.TLSv1_1,
-                                      minimum_version=self.ssl.TLSVersion.TLSv1)
+            old = self.client_context(self.cert)        # TLS 1.0 and 1.1 only (ssl.TLSVersion is 3.7+)
+            old.options |= self.ssl.OP_NO_TLSv1_2 | self.ssl.OP_NO_TLSv1_3
         with self.assertRaises(self.ssl.SSLError):
             with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=5) as raw:
                 old.wrap_socket(raw, server_hostname="localhost").close()
@@ -3323,7 +3389,7 @@ class TestTls(unittest.TestCase):
         home = tempfile.mkdtemp(prefix="pmd-warn-")
         self.addCleanup(shutil.rmtree, home, True)
         proc = subprocess.Popen([PY, PMDAEMON, "web", "--host", "0.0.0.0", "--port", "0", "--home", home],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                                 env=dict(os.environ, PMDAEMON_API_KEY="k"))
         try:
             self.assertIn("listening on http://0.0.0.0:", proc.stdout.readline())
@@ -3334,7 +3400,7 @@ class TestTls(unittest.TestCase):
 
     def test_the_cli_speaks_https(self):
         result = subprocess.run([PY, PMDAEMON, "ls", "--url", "https://localhost:%d" % self.daemon.port],
-                                capture_output=True, text=True, timeout=30,
+                                **CAPTURE, universal_newlines=True, timeout=30,
                                 env=dict(os.environ, SSL_CERT_FILE=self.cert, PMDAEMON_API_KEY="tls-key"))
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue(result.stdout.startswith("id  name"))
@@ -3380,7 +3446,7 @@ class TestHostAndOrigin(DaemonTestCase):
         self.addCleanup(shutil.rmtree, environ["PMDAEMON_HOME"])
         for host in ("0.0.0.0", "no-such-host.invalid"):       # judged by what the name resolves to
             result = subprocess.run([PY, PMDAEMON, "web", "--host", host, "--port", "0"], env=environ,
-                                    capture_output=True, timeout=10)
+                                    **CAPTURE, timeout=10)
             self.assertEqual(result.returncode, 2)
             self.assertIn(b"refusing to listen on %s without an API key" % host.encode(), result.stderr)
         self.assertTrue(pmdaemon.is_loopback_bind("localhost"))
@@ -3688,7 +3754,7 @@ class TestDaemonLifecycle(unittest.TestCase):
             busy.bind(("127.0.0.1", 0))
             busy.listen()
             port = busy.getsockname()[1]
-            result = subprocess.run([PY, PMDAEMON, "web", "--port", str(port)], capture_output=True, text=True,
+            result = subprocess.run([PY, PMDAEMON, "web", "--port", str(port)], **CAPTURE, universal_newlines=True,
                                     timeout=20, env=dict(os.environ, PMDAEMON_HOME=self.home))
         self.assertEqual(result.returncode, 1)
         self.assertIn("cannot listen on 127.0.0.1:%d" % port, result.stderr)
@@ -3699,15 +3765,15 @@ class TestDaemonLifecycle(unittest.TestCase):
     def test_an_unusable_home_is_a_clear_error(self):
         path = os.path.join(self.home, "a-file")
         open(path, "w").close()
-        result = subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", path], capture_output=True,
-                                text=True, timeout=10)
+        result = subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", path], **CAPTURE,
+                                universal_newlines=True, timeout=10)
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr.strip(), "pmdaemon: refusing to use %s as the home: %s is not a directory"
                          % (path, path))
 
     def start_web(self, home):
-        return subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", home], capture_output=True,
-                              text=True, timeout=10)
+        return subprocess.run([PY, PMDAEMON, "web", "--port", "0", "--home", home], **CAPTURE,
+                              universal_newlines=True, timeout=10)
 
     def test_a_new_home_and_everything_in_it_is_private(self):
         home = os.path.join(self.home, "fresh")
@@ -3767,7 +3833,7 @@ class TestDaemonLifecycle(unittest.TestCase):
         for option, value, message in (("--port", "70000", "argument --port: 70000 is not between 0 and 65535"),
                                         ("--sample-interval", "0", "argument --sample-interval: 0 is not between 0.05 and 3600"),
                                         ("--port", "x", "argument --port: 'x' is not a whole number")):
-            result = subprocess.run([PY, PMDAEMON, "web", option, value], capture_output=True, text=True, timeout=10,
+            result = subprocess.run([PY, PMDAEMON, "web", option, value], **CAPTURE, universal_newlines=True, timeout=10,
                                     env=dict(os.environ, PMDAEMON_HOME=self.home))
             self.assertEqual(result.returncode, 2)
             self.assertIn(message, result.stderr)
@@ -3775,7 +3841,7 @@ class TestDaemonLifecycle(unittest.TestCase):
     def test_second_daemon_on_the_same_home_refuses(self):
         first = self.daemon()
         environ = dict(os.environ, PMDAEMON_HOME=self.home)
-        result = subprocess.run([PY, PMDAEMON, "web", "--port", "0"], env=environ, capture_output=True, timeout=10)
+        result = subprocess.run([PY, PMDAEMON, "web", "--port", "0"], env=environ, **CAPTURE, timeout=10)
         self.assertEqual(result.returncode, 1)
         self.assertIn(("another daemon (pid %d) is already running" % first.proc.pid).encode(), result.stderr)
         first.terminate()
@@ -4270,7 +4336,7 @@ class TestInternalErrors(unittest.TestCase):
             request = parse_all(b"GET /api/boom HTTP/1.1\r\nHost: localhost\r\n\r\n")[0][0]
             return await api.handle(request)
         with self.assertLogs("pmdaemon", "ERROR") as logged:
-            response = asyncio.run(scenario())
+            response = run_loop(scenario())
         self.assertEqual(response.status, 500)
         self.assertEqual(json.loads(response.body), {"success": False, "error": {
             "code": "INTERNAL_ERROR", "message": "internal server error"}})
@@ -4527,7 +4593,7 @@ class TestStdinWrites(DaemonTestCase):
         self.daemon.start("stdin-busy", "sleep", ["60"], stdin=True)      # never reads its stdin
         self.addCleanup(self.daemon.request, "DELETE", "/api/processes/stdin-busy")
         data = "x" * pmdaemon.MAX_STDIN_WRITE
-        for _ in range(4):                          # the pipe takes 64 KiB, the next write waits in ours
+        for _ in range(16):     # the pipe takes 64 KiB (3.6: a socket pair, ~200 KiB); then writes wait in ours
             result = self.daemon.post("/api/processes/stdin-busy/stdin", {"data": data})
             if result[0] != 200:
                 break
@@ -4618,8 +4684,8 @@ def run_echo_server(port):
     async def main():
         server = await asyncio.start_server(serve_echo_connection, "127.0.0.1", port)
         print("ws-echo listening on ws://127.0.0.1:%d/" % server.sockets[0].getsockname()[1], flush=True)
-        await server.serve_forever()
-    asyncio.run(main())
+        await asyncio.Event().wait()        # until killed (Server.serve_forever is 3.7+)
+    run_loop(main())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4644,8 +4710,8 @@ async def serve(reader, writer):
 async def main():
     server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
-    await server.serve_forever()
-asyncio.run(main())
+    await asyncio.Event().wait()
+asyncio.new_event_loop().run_until_complete(main())
 """
 
 # The floor of "restart a child": asyncio notices the exit and spawns again, nothing else.
@@ -4656,7 +4722,9 @@ async def main():
         child = await asyncio.create_subprocess_exec("sleep", "600")
         print(child.pid, flush=True)
         await child.wait()
-asyncio.run(main())
+loop = asyncio.new_event_loop()
+asyncio.set_event_loop(loop)            # the child watcher of 3.6-3.11 needs the loop set
+loop.run_until_complete(main())
 """
 
 # The floor of sampling: read /proc/PID/stat of the given pids once a second.
@@ -4722,7 +4790,7 @@ def wrk_run(port, path, seconds, connections=50):
     """(requests/s, requests done, error lines) of one wrk run."""
     output = subprocess.run(["wrk", "-t2", "-c%d" % connections, "-d%ds" % seconds,
                              "http://127.0.0.1:%d%s" % (port, path)],
-                            capture_output=True, text=True, check=True).stdout
+                            **CAPTURE, universal_newlines=True, check=True).stdout
     errors = [line.strip() for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line]
     rate = float([line for line in output.splitlines() if line.startswith("Requests/sec")][0].split()[1])
     done = int(re.search(r"(\d+) requests in", output).group(1))
@@ -4910,7 +4978,7 @@ def connection_cost(pid, port, count, request):
             writer.close()
         await asyncio.sleep(0.5)
         return (after - before) / count
-    return asyncio.run(measure())
+    return run_loop(measure())
 
 
 def bench_keepalive(daemon, table, seconds, rounds, count=5000):
@@ -4996,7 +5064,7 @@ def bench_ws(daemon, table, seconds, rounds, count=10000, timed=1000):
             task.cancel()
         await asyncio.sleep(1)
         return (after - before) / connected, connected, lateness, rest
-    per_client, connected, lateness, rest = asyncio.run(measure())
+    per_client, connected, lateness, rest = run_loop(measure())
     table.add("WebSocket clients (%d connected)" % connected, "%.1f KiB each" % per_client, "-", "-",
               "<= 6 KiB", per_client <= 6)
     table.add("tick fan-out at %d clients: p99 lateness" % timed, "%.0f ms" % percentile(lateness, 0.99),
@@ -5096,9 +5164,9 @@ def run_browser_check(screenshot=None):
 def chromium_check(chromium, url, screenshot):
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=4000",
              "--window-size=360,900"]
-    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
+    dom = subprocess.run(flags + ["--dump-dom", url], **CAPTURE, universal_newlines=True, timeout=60).stdout
     if screenshot:
-        subprocess.run(flags + ["--screenshot=" + screenshot, url], capture_output=True, timeout=60)
+        subprocess.run(flags + ["--screenshot=" + screenshot, url], **CAPTURE, timeout=60)
     return {"the process row": "<td>browser-demo</td>" in dom,
             "its status": '<td class="online">online</td>' in dom,
             "the live badge": 'id="connection" class="badge" role="status">live<' in dom,
