@@ -1568,13 +1568,26 @@ class LogFile:
                 self.rotate()
                 self._handle = self._open()
                 self._size = 0
-            view = memoryview(data)
-            while view:                 # an unbuffered write may be short when the disk fills
+            self._append(data)
+        except OSError:
+            self.close()
+            raise
+
+    def _append(self, data: bytes) -> None:
+        """Write whole lines or none: an unbuffered write may be short when the disk fills, and
+        what part of `data` went in is taken back, so the next line never lands glued to half
+        of this one."""
+        start = self._size
+        view = memoryview(data)
+        try:
+            while view:
                 written = self._handle.write(view)
                 self._size += written
                 view = view[written:]
         except OSError:
-            self.close()
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._handle.fileno(), start)
+            self._size = start
             raise
 
     def rotate(self) -> None:

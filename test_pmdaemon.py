@@ -3688,6 +3688,7 @@ class TestDaemonLifecycle(unittest.TestCase):
         events = WsClient(daemon.port)
         self.addCleanup(events.close)
         pid = daemon.start("disk-app", PY, ["-c", script])["process"]["pid"]
+        wait_until(lambda: int(read_text(progress) or 0) >= 100, message="the first lines")
         filler = os.path.join(home, "filler")
         with open(filler, "wb", buffering=0) as handle:     # fill the disk to the last byte
             with contextlib.suppress(OSError):
@@ -3707,6 +3708,11 @@ class TestDaemonLifecycle(unittest.TestCase):
         stuck_at = daemon.last_line("disk-app")
         wait_until(lambda: daemon.last_line("disk-app") != stuck_at, message="log lines to resume")
         self.assertEqual(daemon.terminate(), 0)
+        # Whole lines only: what a full disk cut short was taken back, nothing is glued to it.
+        with open(os.path.join(home, "logs", "disk-app-out.log")) as handle:
+            torn = [line for line in handle.read().splitlines()
+                    if not re.match(r"\d{4}-\d\d-\d\dT[\d:.]+Z line \d+ x{200}\Z", line)]
+        self.assertEqual(torn, [])
         self.assertIn("disk-app", read_text(os.path.join(home, "state.json")))
 
     def assertError(self, result, status, code):
