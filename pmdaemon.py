@@ -118,6 +118,7 @@ SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)   # Linux: struct ucred of a Un
 PR_SET_DUMPABLE = 4                    # prctl(2): not dumpable, /proc/PID/* not readable by peers
 SOCKET_NAME = "pmdaemon.sock"          # the API on a Unix socket in the home, mode 0600
 CODE_CACHE_NAME = "pmdaemon.pyc"       # the daemon's own code, compiled once (run_from_code_cache)
+OPTIONS_NAME = "daemon.json"           # the `web` options the home's daemon last ran with (never a key)
 # Set in every child, inherited by everything it starts: how stop finds double-forked escapees.
 RUN_ID_ENV = "PMDAEMON_RUN_ID"
 
@@ -150,6 +151,7 @@ FOLLOW_QUEUE_LINES = 10_000            # lines a ?follow=true stream may lag bef
 CLI_TIMEOUT = 30.0                     # seconds for answers that should be quick (list, info)
 ACTION_TIMEOUT = 3600.0                # ... and for actions, which wait for kill_timeout and more
 BACKGROUND_START_TIMEOUT = 10          # seconds a daemon started in the background may take
+KILL_WAIT_TIMEOUT = 300                # seconds `kill` waits for the daemon to stop its processes
 DUMP_NAME = "dump.json"                # `save` / `resurrect` default file, in the home
 MONIT_LOG_LINES = 200                  # lines of the selected process that monit keeps
 MONIT_WIDTHS = (4, 20, 10, 7, 5, 6, 7, 7, 8)    # columns of monit's table
@@ -7387,8 +7389,9 @@ def _cached_header(path: str) -> bytes:
         return handle.read(len(importlib.util.MAGIC_NUMBER) + 12 if sys.version_info >= (3, 7) else 12)
 
 
-def web_argv(args: argparse.Namespace) -> List[str]:
-    """The options of a parsed `web` command line, for the same daemon run in the background."""
+def web_argv(args: argparse.Namespace, with_key: bool = True) -> List[str]:
+    """The options of a parsed `web` command line, for the same daemon run in the background
+    (with_key=False: what may be written down; --api-key never is)."""
     argv = ["--port", str(args.port), "--host", args.host, "--log-level", args.log_level]
     for flag, *_ in WEB_NUMBER_OPTIONS:
         argv += [flag, str(getattr(args, flag[2:].replace("-", "_")))]
@@ -7401,9 +7404,33 @@ def web_argv(args: argparse.Namespace) -> List[str]:
         argv += ["--read-key-file", os.path.abspath(path)]
     if args.tls_cert:
         argv += ["--tls-cert", os.path.abspath(args.tls_cert), "--tls-key", os.path.abspath(args.tls_key)]
-    if args.api_key:
+    if args.api_key and with_key:
         argv += ["--api-key", args.api_key]
     return argv
+
+
+def record_web_options(home: str, argv: List[str]) -> None:
+    """Write down the options this home's daemon runs with: the CLI's auto-start and `startup`
+    bring back the same daemon (its port, host, key and TLS files), not the defaults."""
+    atomic_write(os.path.join(home, OPTIONS_NAME), json_bytes({"web": argv}))
+
+
+def recorded_web_options(home: str) -> List[str]:
+    """The options the home's daemon last ran with; [] when none were recorded (or the file is
+    not a private, plain file of ours)."""
+    try:
+        descriptor = open_private(os.path.join(home, OPTIONS_NAME), os.O_RDONLY)
+    except OSError:
+        return []
+    with open(descriptor, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat_module.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return []
+        try:
+            argv = json.loads(handle.read(MAX_BODY_BYTES).decode("utf-8")).get("web")
+        except (ValueError, AttributeError):
+            return []
+    return argv if isinstance(argv, list) and all(isinstance(part, str) for part in argv) else []
 
 
 def resolve_api_key(args: argparse.Namespace) -> Optional[str]:
@@ -7472,6 +7499,7 @@ def command_web(args: argparse.Namespace) -> int:
         secure_home(home)
         run_from_code_cache(home)       # returns only where it cannot re-execute
         daemon.acquire_lock()
+        record_web_options(home, web_argv(args, with_key=False))
     except SystemExit as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -7645,7 +7673,7 @@ class Client:
 
     def start_daemon(self) -> None:
         """Start `web` in the background for this home (like PM2) and wait until it answers."""
-        pid = start_background_daemon(self.home, [])
+        pid = start_background_daemon(self.home, recorded_web_options(self.home))
         self._started = True
         print("pmdaemon: started a daemon in the background (pid %d, home %s)" % (pid, self.home),
               file=sys.stderr)
@@ -8190,16 +8218,22 @@ def verb_resurrect(client: Client, args: argparse.Namespace) -> int:
 
 # -- boot: startup ------------------------------------------------------------------------------
 
+def web_command(home: str, *extra: str) -> str:
+    """The command line that runs this home's daemon with the options it last ran with."""
+    return " ".join(shlex.quote(part) for part in (sys.executable, source_path(), "web", "--home", home)
+                    + extra + tuple(recorded_web_options(home)))
+
+
 def systemd_unit(home: str, user: str) -> str:
     """A unit that runs this file's daemon for this home under systemd."""
-    command = " ".join(shlex.quote(part) for part in (sys.executable, source_path(), "web",
-                                                       "--home", home, "--quiet"))
     return ("[Unit]\nDescription=pmdaemon process manager (home %s)\nAfter=network-online.target\n"
             "Wants=network-online.target\n\n[Service]\nType=notify\nNotifyAccess=main\nUser=%s\n"
             "Environment=PMDAEMON_HOME=%s\nExecStart=%s\nRestart=on-failure\nRestartSec=2\n"
             "# pmdaemon stops its children itself (process groups, kill_timeout): systemd only\n"
             "# signals the daemon, and gives it time.\nKillMode=process\nTimeoutStopSec=120\n"
-            "WatchdogSec=30\n\n[Install]\nWantedBy=multi-user.target\n" % (home, user, home, command))
+            "# cgroup v2 limits (memory_limit, cpu_limit) need the subtree delegated to the daemon.\n"
+            "Delegate=yes\nWatchdogSec=30\n\n[Install]\nWantedBy=multi-user.target\n"
+            % (home, user, home, web_command(home, "--quiet")))
 
 
 def verb_startup(client_args: argparse.Namespace) -> int:
@@ -8208,8 +8242,7 @@ def verb_startup(client_args: argparse.Namespace) -> int:
     unit = systemd_unit(home, user)
     name = "pmdaemon-%s.service" % re.sub(r"[^A-Za-z0-9_.-]", "-", user)
     if not os.path.isdir("/run/systemd/system"):
-        cron = "@reboot %s %s web --home %s --daemonize" % (shlex.quote(sys.executable),
-                                                            shlex.quote(source_path()), shlex.quote(home))
+        cron = "@reboot " + web_command(home, "--daemonize")
         print("This machine does not run systemd. To start pmdaemon at boot, add this line to the\n"
               "crontab of %s (crontab -e):\n\n%s\n" % (user, cron))
         return 1 if client_args.install else 0
@@ -8229,6 +8262,23 @@ def verb_startup(client_args: argparse.Namespace) -> int:
             raise CliError("`%s` failed; the unit is in %s" % (" ".join(command), path))
     print("installed and started %s" % path)
     return 0
+
+
+def verb_kill(client_args: argparse.Namespace) -> int:
+    """Stop the home's daemon gracefully (pm2 kill): children stopped, state saved."""
+    home = client_home(client_args)
+    pid = running_daemon(home)
+    if pid is None:
+        print("no daemon is running for %s" % home)
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_WAIT_TIMEOUT
+    while time.monotonic() < deadline:
+        if running_daemon(home) is None and not os.path.exists("/proc/%d" % pid):
+            print("stopped the daemon (pid %d) and its processes" % pid)
+            return 0
+        time.sleep(0.05)
+    raise CliError("the daemon (pid %d) is still stopping after %d s" % (pid, KILL_WAIT_TIMEOUT))
 
 
 def pwd_name(uid: int) -> str:
@@ -8432,6 +8482,7 @@ VERBS = {
     "save": (verb_save, "write every process and its status to a file (default $PMDAEMON_HOME/dump.json)", None),
     "resurrect": (verb_resurrect, "bring back what `save` wrote, stopped ones stopped", None),
     "startup": (None, "print (or --install) a systemd unit that starts pmdaemon at boot", None),
+    "kill": (None, "stop the home's daemon gracefully: its processes stop, their state is kept", None),
 }
 
 
@@ -8553,6 +8604,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return command_web(args)
         if verb == "startup":
             return verb_startup(args)
+        if verb == "kill":
+            return verb_kill(args)
         args.verb = verb
         return VERBS[verb][0](Client(args), args)
     except CliError as exc:

@@ -2181,6 +2181,38 @@ class TestCliDaemon(unittest.TestCase):
         result = self.run_cli("web", "--daemonize")     # the lock is honoured
         self.assertEqual(int(re.findall(r"pid ([0-9]+)", result.stdout)[0]), pid)
 
+    def test_the_options_belong_to_the_home_and_kill_stops_it(self):
+        with socket.socket() as probe:              # a port that was free a moment ago
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        result = self.run_cli("web", "--daemonize", "--port", str(port), "--sample-interval", "0.5")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        first = int(re.findall(r"pid ([0-9]+)", result.stdout)[0])
+        created = self.run_cli("start", "sleep", "--name", "kept", "--", "60")
+        self.assertEqual(created.returncode, 0, created.stderr)
+        os.kill(first, signal.SIGKILL)                      # the daemon dies; the next command brings it back
+        wait_until(lambda: not pid_alive(first), message="the daemon gone")
+        result = self.run_cli("ls")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        second = int(read_text(os.path.join(self.home, "pmdaemon.lock")))
+        with open("/proc/%d/cmdline" % second, "rb") as handle:
+            argv = handle.read().split(b"\0")
+        self.assertEqual(argv[argv.index(b"--port") + 1], str(port).encode())     # not the default 9615
+        self.assertEqual(argv[argv.index(b"--sample-interval") + 1], b"0.5")
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        self.assertIn("--port %d" % port, self.run_cli("startup").stdout)    # a unit, or a crontab line
+        unit = pmdaemon.systemd_unit(self.home, "root")
+        self.assertIn("--port %d" % port, unit)
+        self.assertIn("\nDelegate=yes\n", unit)
+        kept = [line for line in self.run_cli("ls").stdout.splitlines() if " kept " in line]
+        child = int(kept[0].split()[3])
+        result = self.run_cli("kill")
+        self.assertEqual((result.returncode, result.stdout), (0, "stopped the daemon (pid %d) and its processes\n" % second))
+        self.assertFalse(pid_alive(second))
+        self.assertFalse(pid_alive(child))
+        self.assertEqual(self.run_cli("kill").stdout, "no daemon is running for %s\n" % self.home)
+
     def test_sd_notify_ready_watchdog_stopping(self):
         path = os.path.join(self.home, "notify.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
