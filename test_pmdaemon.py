@@ -51,6 +51,13 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
+def temp_dir(test, prefix="pmd-"):
+    """A new directory, removed with everything in it after the test."""
+    directory = tempfile.mkdtemp(prefix=prefix)
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
 def pid_alive(pid):
     """True if pid exists and is not a zombie."""
     try:
@@ -76,7 +83,8 @@ class Daemon:
         line = self.proc.stdout.readline().decode()
         if "listening on" not in line:
             self.proc.kill()
-            raise AssertionError("daemon did not start: %r %r" % (line, self.proc.stderr.read()))
+            _, errors = self.proc.communicate()         # and closes both pipes
+            raise AssertionError("daemon did not start: %r %r" % (line, errors))
         self.port = int(line.split("://127.0.0.1:")[1].split()[0])
         self.headers = {}
 
@@ -339,8 +347,7 @@ class TestProcParsers(unittest.TestCase):
         self.assertEqual((total, available), (1024000, 614400))
 
     def test_sampler_reads_injected_proc_root(self):
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
+        root = temp_dir(self)
         clock = [100.0]
 
         def write(name, text):
@@ -370,8 +377,7 @@ class TestProcParsers(unittest.TestCase):
     def test_scan_reads_only_processes_it_has_not_seen(self):
         """A pid seen under the same /proc inode is the same process: scan() keeps what it read;
         fresh() re-reads; a reused pid (a new directory, so a new inode) is read anew."""
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
+        root = temp_dir(self)
 
         def write(pid, ppid, ticks, directory=None):
             directory = directory or str(pid)
@@ -415,8 +421,7 @@ class TestProcParsers(unittest.TestCase):
         self.assertNotIn(child.pid, table)
 
     def test_sampler_survives_missing_and_odd_proc_files(self):
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
+        root = temp_dir(self)
         for name, text in (("stat", "intr 1 2 3\n"), ("meminfo", "MemFree: lots\n"), ("uptime", "")):
             with open(os.path.join(root, name), "w") as handle:
                 handle.write(text)
@@ -452,8 +457,7 @@ class TestProcParsers(unittest.TestCase):
 
 class TestLogs(unittest.TestCase):
     def setUp(self):
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir)
+        self.dir = temp_dir(self)
 
     def test_tail_lines_reads_backwards_across_blocks(self):
         path = os.path.join(self.dir, "f.log")
@@ -642,8 +646,7 @@ class TestProcessRunner(unittest.TestCase):
     """The supervisor in-process: real children, injected settings and spawner."""
 
     def setUp(self):
-        self.home = tempfile.mkdtemp(prefix="pmd-runner-")
-        self.addCleanup(shutil.rmtree, self.home, True)
+        self.home = temp_dir(self, "pmd-runner-")
 
     def supervisor(self, spawner=None, **settings):
         kwargs = {"spawner": spawner} if spawner else {}
@@ -698,8 +701,7 @@ class TestProcessRunner(unittest.TestCase):
         run_async(scenario())
 
     def test_cgroup_limits_are_refused_where_no_cgroup_can_be_written(self):
-        fake = tempfile.mkdtemp(prefix="pmd-nocg-")
-        self.addCleanup(shutil.rmtree, fake, True)
+        fake = temp_dir(self, "pmd-nocg-")
         with open(os.path.join(fake, "self-cgroup"), "w") as handle:
             handle.write("0::/user.slice\n")
         cgroups = pmdaemon.Cgroups(self.home, root=fake, proc_self=os.path.join(fake, "self-cgroup"))
@@ -718,8 +720,7 @@ class TestProcessRunner(unittest.TestCase):
     def test_cgroup_v2_layout_where_the_daemon_is_delegated_a_subtree(self):
         # This box has cgroup v1 (the real v1 path is tested end to end); v2's file layout is
         # checked on a directory shaped like a delegated v2 cgroup.
-        fake = tempfile.mkdtemp(prefix="pmd-cgv2-")
-        self.addCleanup(shutil.rmtree, fake, True)
+        fake = temp_dir(self, "pmd-cgv2-")
         base = os.path.join(fake, "system.slice", "pmd.service")
         os.makedirs(base)
         for name, text in (("cgroup.controllers", "cpuset cpu io memory pids"), ("cgroup.subtree_control", "")):
@@ -794,8 +795,7 @@ class TestCron(unittest.TestCase):
         self.assertEqual(caught.exception.message, "field 'cron_restart': '61' is not a minute (0-59)")
 
     def test_a_scheduled_restart_happens_at_its_minute(self):
-        home = tempfile.mkdtemp(prefix="pmd-cron-")
-        self.addCleanup(shutil.rmtree, home, True)
+        home = temp_dir(self, "pmd-cron-")
         offset = [(60 - time.time() % 60) - 0.3]       # the clock reads 0.3 s before a minute starts
 
         async def scenario():
@@ -815,8 +815,7 @@ class TestCron(unittest.TestCase):
 class TestStateStore(unittest.TestCase):
     def test_runtime_details_alone_wait_for_the_lazy_interval(self):
         import asyncio
-        home = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, home)
+        home = temp_dir(self)
         state = {"durable": {"processes": [{"id": 0, "name": "a"}]}, "lazy": {"0": {"pid": 1}}}
 
         async def scenario():
@@ -1432,8 +1431,7 @@ class TestRestFixes(DaemonTestCase):
     def test_openapi_describes_every_route(self):
         status, _, document = self.daemon.get("/api/openapi.json")
         self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
-        supervisor = pmdaemon.Supervisor(tempfile.mkdtemp(prefix="pmd-openapi-"))
-        self.addCleanup(shutil.rmtree, supervisor.home, True)
+        supervisor = pmdaemon.Supervisor(temp_dir(self, "pmd-openapi-"))
         api = pmdaemon.Api(supervisor, pmdaemon.AccessPolicy(None))
         missing = [(route.method, route.template) for route in api.routes
                    if route.method.lower() not in document["paths"].get(route.template, {})]
@@ -1670,8 +1668,7 @@ class TestProcessSettings(DaemonTestCase):
         self.assertEqual(caught.exception.message, "running a process as another user needs the daemon to run as root")
 
     def test_log_files_where_the_operator_wants_them(self):
-        directory = tempfile.mkdtemp(prefix="pmd-logs-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "pmd-logs-")
         out, err = os.path.join(directory, "app.out"), os.path.join(directory, "app.err")
         script = "echo to-out; echo to-err >&2; exec sleep 60"
         self.daemon.start("set-files", "sh", ["-c", script], out_file=out, error_file=err)
@@ -1771,8 +1768,7 @@ class TestPathsAnAppControls(DaemonTestCase):
     FIFOs and swapped directories must neither freeze the daemon nor lend it to that user."""
 
     def setUp(self):
-        self.base = tempfile.mkdtemp(prefix="pmd-paths-")
-        self.addCleanup(shutil.rmtree, self.base, True)
+        self.base = temp_dir(self, "pmd-paths-")
         os.chmod(self.base, 0o755)
         self.app = os.path.join(self.base, "app")           # the app's user's own directory
         os.mkdir(self.app, 0o755)
@@ -2143,8 +2139,7 @@ class TestCliDaemon(unittest.TestCase):
     """The CLI starts a daemon when none runs; web --daemonize; sd_notify."""
 
     def setUp(self):
-        self.home = tempfile.mkdtemp(prefix="pmd-cli-")
-        self.addCleanup(shutil.rmtree, self.home, True)
+        self.home = temp_dir(self, "pmd-cli-")
         self.addCleanup(self.stop_daemon)
 
     def stop_daemon(self):
@@ -2968,8 +2963,7 @@ def request_as(uid, family, address, extra_header=""):
 def readable_copy(test):
     """A copy of pmdaemon.py that any user can read, wherever the checkout lives (a 0700
     directory included), removed after the test."""
-    directory = tempfile.mkdtemp(prefix="pmd-copy-")
-    test.addCleanup(shutil.rmtree, directory, True)
+    directory = temp_dir(test, "pmd-copy-")
     os.chmod(directory, 0o755)
     copy = os.path.join(directory, "pmdaemon.py")
     shutil.copy(PMDAEMON, copy)
@@ -3184,8 +3178,7 @@ class TestApiKey(DaemonTestCase):
     @unittest.skipUnless(os.geteuid() == 0 and os.access("/usr/bin/python3", os.X_OK),
                          "needs root and a system python3 to run a daemon as another user")
     def test_a_child_cannot_read_the_key_from_its_parent(self):
-        home = tempfile.mkdtemp(prefix="pmd-nobody-")
-        self.addCleanup(shutil.rmtree, home, True)
+        home = temp_dir(self, "pmd-nobody-")
         os.chown(home, NOBODY, NOBODY)
         readable = readable_copy(self)          # the checkout may be in a directory nobody cannot enter
         environ = dict(os.environ, PMDAEMON_API_KEY="s3cret-key", PMDAEMON_HOME=home)
@@ -3256,7 +3249,8 @@ def parse_exposition(text):
     return samples
 
 
-class TestMetricsAndReadKeys(DaemonTestCase):
+class ReadKeyDaemonCase(DaemonTestCase):
+    """A class's daemon with the full key "full-key" and a read-only key "look-only"."""
     daemon_env = {"PMDAEMON_API_KEY": "full-key"}
 
     @classmethod
@@ -3271,6 +3265,9 @@ class TestMetricsAndReadKeys(DaemonTestCase):
     def tearDownClass(cls):
         super().tearDownClass()
         shutil.rmtree(cls.key_dir, ignore_errors=True)
+
+
+class TestMetricsAndReadKeys(ReadKeyDaemonCase):
 
     def test_metrics_in_the_prometheus_text_format(self):
         full = {"Authorization": "Bearer full-key"}
@@ -3326,8 +3323,7 @@ def make_certificate(directory, name, common_name="localhost"):
 class TestTls(unittest.TestCase):
     def setUp(self):
         import ssl
-        self.dir = tempfile.mkdtemp(prefix="pmd-tls-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.dir = temp_dir(self, "pmd-tls-")
         self.cert, self.key = make_certificate(self.dir, "one")
         self.daemon = Daemon(args=("--tls-cert", self.cert, "--tls-key", self.key),
                              env={"PMDAEMON_API_KEY": "tls-key"})
@@ -3418,8 +3414,7 @@ class TestTls(unittest.TestCase):
                 return self.ssl.DER_cert_to_PEM_cert(tls.getpeercert(binary_form=True))
 
     def test_a_key_without_tls_off_loopback_is_warned_about(self):
-        home = tempfile.mkdtemp(prefix="pmd-warn-")
-        self.addCleanup(shutil.rmtree, home, True)
+        home = temp_dir(self, "pmd-warn-")
         proc = subprocess.Popen([PY, PMDAEMON, "web", "--host", "0.0.0.0", "--port", "0", "--home", home],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                                 env=dict(os.environ, PMDAEMON_API_KEY="k"))
@@ -3473,9 +3468,8 @@ class TestHostAndOrigin(DaemonTestCase):
         self.assertEqual((status, response.getheader("Access-Control-Allow-Origin")), (200, "http://127.0.0.1:22500"))
 
     def test_refuses_public_bind_without_key(self):
-        environ = dict(os.environ, PMDAEMON_HOME=tempfile.mkdtemp())
+        environ = dict(os.environ, PMDAEMON_HOME=temp_dir(self))
         environ.pop("PMDAEMON_API_KEY", None)
-        self.addCleanup(shutil.rmtree, environ["PMDAEMON_HOME"])
         for host in ("0.0.0.0", "no-such-host.invalid"):       # judged by what the name resolves to
             result = subprocess.run([PY, PMDAEMON, "web", "--host", host, "--port", "0"], env=environ,
                                     **CAPTURE, timeout=10)
@@ -3508,8 +3502,7 @@ class TestHostAndOrigin(DaemonTestCase):
 
 class TestDaemonLifecycle(unittest.TestCase):
     def setUp(self):
-        self.home = tempfile.mkdtemp(prefix="pmd-life-")
-        self.addCleanup(shutil.rmtree, self.home, True)
+        self.home = temp_dir(self, "pmd-life-")
 
     def daemon(self):
         daemon = Daemon(home=self.home)
@@ -3550,8 +3543,7 @@ class TestDaemonLifecycle(unittest.TestCase):
                 with open(cache, "rb") as handle:
                     self.assertEqual(handle.read(len(header)), header)
                 self.assertEqual(daemon.terminate(), 0)
-        decoy = os.path.join(tempfile.mkdtemp(prefix="pmd-decoy-"), "decoy.pyc")
-        self.addCleanup(shutil.rmtree, os.path.dirname(decoy), True)
+        decoy = os.path.join(temp_dir(self, "pmd-decoy-"), "decoy.pyc")
         with open(decoy, "wb") as handle:
             handle.write(header + b"not code")
         os.unlink(cache)
@@ -3564,8 +3556,7 @@ class TestDaemonLifecycle(unittest.TestCase):
     def test_a_code_cache_made_from_another_copy_is_never_used(self):
         """Two identical copies of the file: the cache one left in the home must not run the
         other, whose imports would come from the first one's directory."""
-        copies = tempfile.mkdtemp(prefix="pmd-copies-")
-        self.addCleanup(shutil.rmtree, copies, True)
+        copies = temp_dir(self, "pmd-copies-")
         first, second = os.path.join(copies, "a"), os.path.join(copies, "b")
         for directory in (first, second):
             os.mkdir(directory)
@@ -3590,8 +3581,7 @@ class TestDaemonLifecycle(unittest.TestCase):
 
     @AS_OTHER_USER
     def test_a_home_below_a_directory_others_can_change_is_refused(self):
-        above = tempfile.mkdtemp(prefix="pmd-above-")
-        self.addCleanup(shutil.rmtree, above, True)
+        above = temp_dir(self, "pmd-above-")
         home = os.path.join(above, "home")
         environ = dict(os.environ, PMDAEMON_HOME=home)
         for mode, owner, why in ((0o755, NOBODY, "%s, above the home, belongs to uid 65534" % above),
@@ -3652,8 +3642,7 @@ class TestDaemonLifecycle(unittest.TestCase):
         self.assertIn("cannot read uptime from /proc", second.stderr_text)
 
     def test_every_setting_survives_a_daemon_restart(self):
-        logs = tempfile.mkdtemp(prefix="pmd-restore-")
-        self.addCleanup(shutil.rmtree, logs, True)
+        logs = temp_dir(self, "pmd-restore-")
         first = self.daemon()
         settings = {"namespace": "batch", "stdin": True, "interpreter": "sh", "interpreter_args": ["-e"],
                     "umask": "027", "rlimits": {"nofile": 512}, "cron_restart": "0 3 * * *", "watch": ["."],
@@ -3841,8 +3830,7 @@ class TestDaemonLifecycle(unittest.TestCase):
         self.assertEqual(oct(os.stat(os.path.join(self.home, "state.json")).st_mode & 0o777), "0o600")
 
     def test_links_in_the_home_are_refused_never_followed(self):
-        target = os.path.join(tempfile.mkdtemp(prefix="pmd-target-"), "victim")
-        self.addCleanup(shutil.rmtree, os.path.dirname(target))
+        target = os.path.join(temp_dir(self, "pmd-target-"), "victim")
         with open(target, "w") as handle:
             handle.write("precious\n")
         for name in ("pmdaemon.lock", "logs/app-out.log", "state.json.tmp-1234", "state.json"):
@@ -4283,8 +4271,7 @@ class TestRepeatedAnswers(unittest.TestCase):
         """Each head twice on one connection (a new one when the first answer closed it):
         [(first answer, second answer)], and the heads the server learned."""
         import asyncio
-        home = tempfile.mkdtemp(prefix="pmd-fast-")
-        self.addCleanup(shutil.rmtree, home, True)
+        home = temp_dir(self, "pmd-fast-")
 
         async def scenario():
             supervisor = pmdaemon.Supervisor(home)
@@ -4362,8 +4349,7 @@ class TestRepeatedAnswers(unittest.TestCase):
 class TestInternalErrors(unittest.TestCase):
     def test_a_failing_handler_answers_500_without_details(self):
         import asyncio
-        home = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, home)
+        home = temp_dir(self)
 
         async def scenario():
             api = pmdaemon.Api(pmdaemon.Supervisor(home), pmdaemon.AccessPolicy(None))
@@ -4436,14 +4422,6 @@ async def serve_echo_connection(reader, writer):
 # Security round two (issue 16, findings 10-15, 17, 18): each reproduces the attack
 # ----------------------------------------------------------------------------------------------
 
-def read_key_daemon_args(case):
-    """A --read-key-file for a class's daemon (full key "full-key", read key "look-only")."""
-    case.key_dir = tempfile.mkdtemp(prefix="pmd-keys-")
-    with open(os.path.join(case.key_dir, "read"), "w") as handle:
-        handle.write("look-only\n")
-    return ("--read-key-file", os.path.join(case.key_dir, "read"))
-
-
 class TestCronValidation(DaemonTestCase):
     def test_a_schedule_that_never_fires_is_refused(self):
         for text, error in (("0 0 31 2 *", "day of month '31' never comes in month '2'"),
@@ -4470,8 +4448,7 @@ class TestRestore(unittest.TestCase):
         """A state file as an older version wrote it: a cron_restart that never fires and what
         that process left running. The daemon starts, the good entry runs, the bad one is kept
         aside, and its leftover is stopped."""
-        home = tempfile.mkdtemp(prefix="pmd-restore-")
-        self.addCleanup(shutil.rmtree, home, True)
+        home = temp_dir(self, "pmd-restore-")
         first = Daemon(home=home)
         self.addCleanup(first.cleanup)
         first.start("good", "sleep", ["60"])
@@ -4499,20 +4476,9 @@ class TestRestore(unittest.TestCase):
         self.assertEqual(len([f for f in os.listdir(home) if f.startswith("state.json.rejected-")]), 1)
 
 
-class TestReadKeyViews(DaemonTestCase):
-    daemon_env = {"PMDAEMON_API_KEY": "full-key"}
+class TestReadKeyViews(ReadKeyDaemonCase):
     full = {"Authorization": "Bearer full-key"}
     read = {"Authorization": "Bearer look-only"}
-
-    @classmethod
-    def setUpClass(cls):
-        cls.daemon_args = read_key_daemon_args(cls)
-        super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        shutil.rmtree(cls.key_dir, ignore_errors=True)
 
     def test_a_read_key_sees_env_names_and_urls_without_credentials(self):
         watcher = self.ws(headers=self.read)
@@ -4554,19 +4520,7 @@ class TestReadKeyViews(DaemonTestCase):
         self.assertEqual(pmdaemon.without_credentials("http://h/p@x"), "http://h/p@x")
 
 
-class TestWsTickets(DaemonTestCase):
-    daemon_env = {"PMDAEMON_API_KEY": "full-key"}
-
-    @classmethod
-    def setUpClass(cls):
-        cls.daemon_args = read_key_daemon_args(cls)
-        super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        shutil.rmtree(cls.key_dir, ignore_errors=True)
-
+class TestWsTickets(ReadKeyDaemonCase):
     def test_a_read_key_cannot_take_the_full_keys_tickets(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.daemon.port, timeout=15)
         self.addCleanup(conn.close)
@@ -4601,8 +4555,7 @@ class TestWsTickets(DaemonTestCase):
 class TestTlsReload(unittest.TestCase):
     def test_a_mismatched_pair_is_refused_and_the_old_certificate_stays(self):
         import ssl
-        directory = tempfile.mkdtemp(prefix="pmd-tls-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "pmd-tls-")
         cert, key = make_certificate(directory, "one")
         first = read_text(cert)
         two_cert, two_key = make_certificate(directory, "two")
@@ -4663,8 +4616,7 @@ class TestLoneSurrogates(DaemonTestCase):
 class TestHealthCheckScript(DaemonTestCase):
     def test_only_a_tail_of_a_check_scripts_output_is_kept(self):
         """96 MiB on stderr (the attack wrote 390): the daemon's peak memory does not grow by it."""
-        directory = tempfile.mkdtemp(prefix="pmd-check-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "pmd-check-")
         script = write_script(os.path.join(directory, "check.sh"),
                               "head -c 100663296 /dev/zero | tr '\\0' x >&2; echo 'disk full' >&2; exit 3")
 
@@ -4684,8 +4636,7 @@ class TestHealthCheckScript(DaemonTestCase):
 
 class TestWatchLimits(DaemonTestCase):
     def test_file_snapshot_counts_directories_and_files(self):
-        directory = tempfile.mkdtemp(prefix="pmd-watch-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "pmd-watch-")
         for index in range(3):
             os.mkdir(os.path.join(directory, "d%d" % index))
             open(os.path.join(directory, "f%d" % index), "w").close()
@@ -4698,8 +4649,7 @@ class TestWatchLimits(DaemonTestCase):
         self.assertEqual(str(caught.exception), "more than 2 files to watch")
 
     def test_too_many_directories_stop_watching_and_say_why(self):
-        directory = tempfile.mkdtemp(prefix="pmd-watch-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "pmd-watch-")
         for index in range(pmdaemon.WATCH_MAX_DIRS + 1):
             os.mkdir(os.path.join(directory, "d%d" % index))
         self.daemon.start("watch-dirs", "sleep", ["60"], cwd=directory, watch=True)
