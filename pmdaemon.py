@@ -2118,19 +2118,19 @@ def health_target(check: dict, port: Optional[int]) -> Optional[str]:
     return check["script"]
 
 
-async def run_health_check(check: dict, port: Optional[int], cwd: Optional[str],
-                           env: Dict[str, str], setup: Optional[Callable[[], None]] = None) -> Optional[str]:
+async def run_health_check(check: dict, port: Optional[int], config: ProcessConfig,
+                           env: Dict[str, str]) -> Optional[str]:
     """Run one check within its timeout; None when healthy, else why not."""
     probe = {"http": _check_http, "tcp": _check_tcp, "script": _check_script}[check["type"]]
     try:
-        return await asyncio.wait_for(probe(check, port, cwd, env, setup), check["timeout"] / 1000)
+        return await asyncio.wait_for(probe(check, port, config, env), check["timeout"] / 1000)
     except asyncio.TimeoutError:
         return "no answer within %d ms" % check["timeout"]
     except Exception as exc:    # whatever the probed program does, it is a failed check
         return "%s: %s" % (type(exc).__name__, exc)
 
 
-async def _check_http(check: dict, port: Optional[int], cwd, env, setup) -> Optional[str]:
+async def _check_http(check: dict, port: Optional[int], config: ProcessConfig, env) -> Optional[str]:
     """A real HTTP GET; any 2xx status is healthy."""
     url = health_target(check, port)
     parts = urllib.parse.urlsplit(url)
@@ -2155,21 +2155,22 @@ async def _check_http(check: dict, port: Optional[int], cwd, env, setup) -> Opti
     return None if 200 <= status < 300 else "HTTP status %d" % status
 
 
-async def _check_tcp(check: dict, port: Optional[int], cwd, env, setup) -> Optional[str]:
+async def _check_tcp(check: dict, port: Optional[int], config: ProcessConfig, env) -> Optional[str]:
     """Healthy when a TCP connection is accepted."""
     _, writer = await asyncio.open_connection(check["host"], check["port"] or port)
     writer.close()
     return None
 
 
-async def _check_script(check: dict, port: Optional[int], cwd, env, setup) -> Optional[str]:
+async def _check_script(check: dict, port: Optional[int], config: ProcessConfig, env) -> Optional[str]:
     """Healthy when the script exits 0; it runs with the process's cwd, environment and user."""
+    cwd, setup = config.cwd, child_setup(config, (), config.cwd)
     script = check["script"]
     path = script if "/" in script else shutil.which(script, path=env.get("PATH", os.defpath))
     if path is None:
         return "command %r not found in PATH" % script
     proc = await asyncio.create_subprocess_exec(
-        os.path.join(cwd or ".", path), *check["args"], cwd=cwd, env=env,
+        os.path.join(cwd or ".", path), *check["args"], cwd=child_cwd(config, cwd), env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, start_new_session=True, **({"preexec_fn": setup} if setup else {}))
     try:
@@ -2466,10 +2467,10 @@ async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], 
                       cgroup_procs: List[str] = ()):
     """Start a child in its own session and process group (pgid == pid), output piped to us,
     stdin a pipe when asked for; its cgroups, umask, rlimits and user set between fork and exec."""
-    setup = child_setup(config, cgroup_procs)
+    setup = child_setup(config, cgroup_procs, cwd)
     loop = asyncio.get_event_loop()
     transport, protocol = await loop.subprocess_exec(
-        lambda: child_protocol()(loop), *argv, cwd=cwd, env=env,
+        lambda: child_protocol()(loop), *argv, cwd=child_cwd(config, cwd), env=env,
         stdin=asyncio.subprocess.PIPE if config.stdin else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         **({"preexec_fn": setup} if setup else {}))
@@ -2533,9 +2534,13 @@ def resolve_identity(config: ProcessConfig, daemon_uid: Optional[int] = None) ->
     return Identity(who.pw_uid, group.gr_gid, groups, who.pw_name, who.pw_dir)
 
 
-def child_setup(config: ProcessConfig, cgroup_procs: List[str] = ()) -> Optional[Callable[[], None]]:
+def child_setup(config: ProcessConfig, cgroup_procs: List[str] = (),
+                cwd: Optional[str] = None) -> Optional[Callable[[], None]]:
     """What runs in the child before exec (nothing when nothing is asked for: preexec_fn has
-    a cost). Only system calls: no allocation-heavy work between fork and exec."""
+    a cost). Only system calls: no allocation-heavy work between fork and exec. For a process
+    that runs as another user, its cwd is entered here, after the drop to that user: entered
+    by the daemon (root), it would follow links that user controls into what only root may read
+    (so such a child is spawned without cwd=; see child_cwd)."""
     identity = resolve_identity(config)
     if config.umask is None and not config.rlimits and identity is None and not cgroup_procs:
         return None
@@ -2556,7 +2561,25 @@ def child_setup(config: ProcessConfig, cgroup_procs: List[str] = ()) -> Optional
             resource.setrlimit(which, pair)
         if identity is not None:            # last: the limits above may need root
             become(identity)
+            if cwd is not None:
+                os.chdir(cwd)
     return setup
+
+
+def child_cwd(config: ProcessConfig, cwd: Optional[str]) -> Optional[str]:
+    """The cwd to hand to subprocess: none for a process that runs as another user, whose
+    child_setup enters it with that user's rights."""
+    return cwd if config.user is None and config.group is None else None
+
+
+def spawn_failure(config: ProcessConfig, exc: Exception) -> str:
+    """Why a start failed, in the words an operator can act on."""
+    if isinstance(exc, PMDaemonError):
+        return str(exc)
+    if isinstance(exc, subprocess.SubprocessError):     # child_setup raised: its cwd, user or limits
+        return "cannot start %r: the child could not enter its cwd %r as user %r or set its limits" % (
+            config.script, config.cwd, config.user)
+    return "cannot execute %r: %s" % (config.script, exc.strerror or exc if isinstance(exc, OSError) else exc)
 
 
 def become(identity: Identity) -> None:
@@ -2935,8 +2958,7 @@ class ProcessRunner:
             cgroups = self.host.cgroup_procs(self)
             run.proc = await self.host.spawner(argv, self.config.cwd, env, self.config, *([cgroups] if cgroups else []))
         except (OSError, PMDaemonError, ValueError, subprocess.SubprocessError) as exc:
-            reason = str(exc) if isinstance(exc, PMDaemonError) else "cannot execute %r: %s" % (
-                self.config.script, exc.strerror or exc if isinstance(exc, OSError) else exc)
+            reason = spawn_failure(self.config, exc)
             self.error = reason
             self.note("failed to start: " + reason)
             self.event("errored", reason=reason)
@@ -3148,7 +3170,7 @@ class ProcessRunner:
             if run is not self.run:
                 return
             began = self.host.clock()
-            error = await run_health_check(check, self.port, self.config.cwd, run.env, child_setup(self.config))
+            error = await run_health_check(check, self.port, self.config, run.env)
             if run is not self.run:
                 return
             self.health.last_duration = round(self.host.clock() - began, 6)
@@ -4647,6 +4669,7 @@ class AccessPolicy:
         self.allow_hosts = {host.lower() for host in allow_hosts}
         self.cors_origins = {origin.rstrip("/").lower() for origin in cors_origins}
         self.own_origin: Optional[Tuple[str, int]] = None   # (scheme, port) the dashboard is served from
+        self.own_hosts: frozenset = frozenset()             # the names and addresses it is served on
         self._host_verdicts = BoundedCache()
         self._origin_verdicts = BoundedCache()
 
@@ -4691,15 +4714,22 @@ class AccessPolicy:
             verdict = self._origin_verdicts.remember(origin, self._judge_origin(origin))
         return verdict
 
-    def serve_origin(self, scheme: str, port: int) -> None:
-        """Where the daemon itself is served: its dashboard's pages carry this origin."""
+    def serve_origin(self, scheme: str, port: int, addresses: List[str]) -> None:
+        """Where the daemon itself is served (its dashboard's pages carry that origin): the
+        addresses it holds on `port`, "localhost" only when it holds both 127.0.0.1 and ::1
+        (else another user may listen on the other one, and a browser may ask that one first),
+        and the --allow-host names (the operator's word)."""
+        held = {address.split("%")[0].lower() for address in addresses}
         self.own_origin = (scheme, port)
+        self.own_hosts = frozenset(held | ({"localhost"} if {"127.0.0.1", "::1"} <= held else set())
+                                   | self.allow_hosts)
         self._origin_verdicts.clear()
 
     def _judge_origin(self, origin: str) -> bool:
-        """Without a key: the daemon's own origin (a loopback or allowed name, its scheme and
-        port) and --cors-origin. Any other page, even one served from loopback by another
-        user, would drive the daemon with the rights of whoever opened it in a browser."""
+        """Without a key: the daemon's own origin (serve_origin) and --cors-origin. Any other
+        page, even one served from loopback by another user (127.0.0.2, ::1, the same port on
+        an address we do not hold), would drive the daemon with the rights of whoever opened
+        it in a browser."""
         normalised = origin.rstrip("/").lower()
         if normalised in self.cors_origins:
             return True
@@ -4708,9 +4738,7 @@ class AccessPolicy:
             port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
         except ValueError:
             return False
-        host = split_host(parsed.netloc)
-        return ((parsed.scheme, port) == self.own_origin
-                and (is_loopback_host(host) or host in self.allow_hosts))
+        return (parsed.scheme, port) == self.own_origin and split_host(parsed.netloc) in self.own_hosts
 
     def check_origin(self, request: Request) -> None:
         if len(request.header_values("origin")) > 1:
@@ -7179,7 +7207,8 @@ class Daemon:
         broadcaster = Broadcaster(supervisor)
         server = HttpServer(api, broadcaster, self.config)
         port = await server.bind()
-        api.policy.serve_origin("https" if self.config.tls else "http", port)
+        api.policy.serve_origin("https" if self.config.tls else "http", port,
+                                [sock.getsockname()[0] for sock in server.listeners])
         # The first sample after the port is bound and before children are restored: a /proc
         # that cannot be read degrades metrics, it can neither orphan children nor stop us.
         supervisor.metrics.sample()

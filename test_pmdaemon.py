@@ -1209,7 +1209,7 @@ class TestRestApi(DaemonTestCase):
         status, response, body = self.daemon.request("HEAD", "/api/system")
         self.assertEqual((status, body), (200, b""))
         self.assertGreater(int(response.getheader("Content-Length")), 50)
-        own = "http://localhost:%d" % self.daemon.port          # the dashboard's origin
+        own = "http://127.0.0.1:%d" % self.daemon.port          # the dashboard's origin
         status, response, _ = self.daemon.request("OPTIONS", "/api/processes",
                                                   headers={"Origin": own, "Access-Control-Request-Method": "POST"})
         self.assertEqual(status, 204)
@@ -1823,6 +1823,28 @@ class TestPathsAnAppControls(DaemonTestCase):
                 path = os.path.normpath(os.path.join(self.app, env_file))
                 self.assertEqual(process["error"], "env_file %r cannot be used: %s" % (path, reason))
         self.assertNotIn("topsecret", json.dumps(self.daemon.get("/api/processes")[2]))
+
+    @AS_ROOT_WITH_ANOTHER_USER
+    def test_cwd_is_entered_with_the_processs_rights(self):
+        hidden = os.path.join(self.base, "hidden")          # root's, 0700: nobody cannot pass
+        os.makedirs(os.path.join(hidden, "pub"))
+        os.chmod(hidden, 0o700)
+        with open(os.path.join(hidden, "pub", "flag"), "w") as handle:
+            handle.write("ROOTONLY\n")
+        work = os.path.join(self.app, "work")
+        os.mkdir(work)
+        self.as_app_user(work)
+        self.create("cwd-swap", user="nobody", cwd=work, args=["-c", "cat flag 2>/dev/null; exec sleep 60"],
+                    autorestart=False)
+        os.rename(work, work + ".old")                       # the app's user swaps its directory
+        os.symlink(os.path.join(hidden, "pub"), work)
+        self.as_app_user(work)
+        status, _, body = self.daemon.post("/api/processes/cwd-swap/restart")
+        self.assertEqual(status, 422, body)
+        self.assertEqual(body["error"]["details"]["reason"], "cannot start '/bin/sh': the child could not enter "
+                         "its cwd %r as user 'nobody' or set its limits" % work)
+        logs = json.dumps(self.daemon.get("/api/logs/cwd-swap?lines=100")[2])
+        self.assertNotIn("ROOTONLY", logs)
 
     def test_a_fifo_never_freezes_the_daemon(self):
         fifo = os.path.join(self.base, "fifo")
@@ -3441,7 +3463,7 @@ class TestHostAndOrigin(DaemonTestCase):
             self.assertEqual(self.daemon.get("/api/system", headers={"Host": host})[0], 200, host)
 
     def test_framing_errors_carry_cors_headers_too(self):
-        origin = b"http://localhost:%d" % self.daemon.port
+        origin = b"http://127.0.0.1:%d" % self.daemon.port
         raw = self.daemon.raw(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: %s\r\n"
                               b"Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n" % origin)
         self.assertEqual(status_of(raw), 413)
@@ -3449,12 +3471,16 @@ class TestHostAndOrigin(DaemonTestCase):
         self.assertEqual(json_of(raw)["error"]["code"], "PAYLOAD_TOO_LARGE")
 
     def test_without_a_key_only_the_daemons_own_origin_is_served(self):
-        for own in ("http://127.0.0.1:%d" % self.daemon.port, "http://localhost:%d" % self.daemon.port):
-            status, response, _ = self.daemon.get("/api/system", headers={"Origin": own})
-            self.assertEqual((status, response.getheader("Access-Control-Allow-Origin")), (200, own))
-        # Another user's page on loopback, opened in the operator's browser, is not the dashboard.
-        for other in ("http://127.0.0.1:22500", "http://localhost", "https://127.0.0.1:%d" % self.daemon.port,
-                      "https://evil.example", "http://127.0.0.1:99999", "null"):
+        own = "http://127.0.0.1:%d" % self.daemon.port
+        status, response, _ = self.daemon.get("/api/system", headers={"Origin": own})
+        self.assertEqual((status, response.getheader("Access-Control-Allow-Origin")), (200, own))
+        # Another user's page on loopback, opened in the operator's browser, is not the dashboard:
+        # another port, or the same port on an address the daemon does not hold (someone else
+        # may listen there; a browser may try ::1 first for "localhost").
+        port = self.daemon.port
+        for other in ("http://127.0.0.1:22500", "http://localhost", "https://127.0.0.1:%d" % port,
+                      "http://127.0.0.2:%d" % port, "http://localhost:%d" % port, "http://[::1]:%d" % port,
+                      "http://app.localhost:%d" % port, "https://evil.example", "http://127.0.0.1:99999", "null"):
             self.assertError(self.daemon.post("/api/processes", {"name": "x", "script": "sleep"},
                                               headers={"Origin": other}), 403, "FORBIDDEN_ORIGIN")
             self.assertError(self.daemon.request("OPTIONS", "/api/processes", headers={
@@ -4091,7 +4117,7 @@ class TestWebSocket(DaemonTestCase):
         status, _, body = self.daemon.get("/ws")
         self.assertEqual((status, body["error"]["message"]), (400, "expected 'Upgrade: websocket' and 'Connection: Upgrade'"))
         self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 403)
-        self.assertEqual(self.connect(headers={"Origin": "http://localhost:%d" % self.daemon.port}).status, 101)
+        self.assertEqual(self.connect(headers={"Origin": "http://127.0.0.1:%d" % self.daemon.port}).status, 101)
 
     def assertClosedAfterItsQueue(self, client):
         """A slow client reads what was queued for it (bounded), then a 1008 close."""
