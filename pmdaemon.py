@@ -8650,6 +8650,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    if globals().get("__file__", "").endswith(".pyc"):   # run from the code cache: import beside the source
-        sys.path[0] = os.path.dirname(source_path())
+    # Run from the code cache, sys.path[0] is the home (private, checked): the file imports
+    # nothing from beside itself, so the directory it was copied to is never searched again.
     sys.exit(main())

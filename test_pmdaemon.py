@@ -3600,6 +3600,11 @@ class TestDaemonLifecycle(unittest.TestCase):
             handle.write("open(%r, 'w').close()\nraise ImportError('planted')\n" % marker)
         self.assertEqual(run_web(second).terminate(), 0)
         self.assertFalse(os.path.exists(marker), "a module beside the other copy ran")
+        # Nor one beside the copy that runs: from the cache, only the home is searched.
+        with open(os.path.join(second, "ctypes.py"), "w") as handle:
+            handle.write("open(%r, 'w').close()\nraise ImportError('planted')\n" % marker)
+        self.assertEqual(run_web(second).terminate(), 0)
+        self.assertFalse(os.path.exists(marker), "a module beside the running copy ran")
         with open(os.path.join(second, "pmdaemon.py"), "rb") as handle:
             header = pmdaemon.code_cache_header(handle.read(), os.path.join(second, "pmdaemon.py"))
         with open(os.path.join(self.home, "pmdaemon.pyc"), "rb") as handle:
