@@ -215,6 +215,7 @@ WS_SLOW_GRACE = 10.0                   # seconds a client may stay over its buff
 WS_HARD_LIMIT = 4                      # x WS_SEND_BUFFER: closed at once (only events get there)
 MAX_WS_CLIENTS = 10_000
 FANOUT_CHUNK = 500                     # clients served per loop iteration when a tick fans out
+FULL_STATE_INTERVAL = 30.0             # seconds between ticks that carry every process, changed or not
 WS_TICKET_TTL = 30.0
 MAX_WS_TICKETS = 1024                  # unused tickets of all read-only keys together -> 503
 MAX_WS_TICKETS_PER_KEY = 256           # unused tickets of one key (the full key's are its own) -> 503
@@ -4961,6 +4962,12 @@ def process_update(runner: ProcessRunner, wall: float, now: float) -> dict:
     return data
 
 
+def reported_fields(update: dict) -> tuple:
+    """What a process_update says that can change while nothing happens to the process
+    (uptime and the stamp follow from the clock alone)."""
+    return tuple(value for key, value in update.items() if key not in ("uptime", "timestamp"))
+
+
 def without_credentials(url: str) -> str:
     """A URL with its user:password@ masked: what a read-only key is shown."""
     try:
@@ -5178,6 +5185,7 @@ function subscribe(name) { send({ type: "subscribe", channel: "logs", process: n
 function receive(message) {
   const data = message.data;
   if (message.type === "process_update") {
+    data.seen = Date.now();   // a quiet process is not repeated each tick: its uptime runs on here
     state.processes.set(data.name, Object.assign(state.processes.get(data.name) || {}, data));
     const history = state.history.get(data.name) || { cpu: [], mem: [] };
     push(history.cpu, data.cpu); push(history.mem, data.memory);
@@ -5189,6 +5197,7 @@ function receive(message) {
     $("sys-mem").textContent = data.memory.usage_percent.toFixed(1) + "%";
     $("sys-load").textContent = [data.load.one, data.load.five, data.load.fifteen].join(" ");
     chart($("chart-cpu"), state.system.cpu, 100); chart($("chart-mem"), state.system.mem, 100); chart($("chart-load"), state.system.load);
+    render();
   } else if (message.type === "health_update") {
     const entry = state.processes.get(data.process);
     if (entry) { entry.health = data.status; render(); }
@@ -5259,7 +5268,7 @@ function render() {
     row.addEventListener("click", () => select(p.name));
     row.addEventListener("keydown", (event) => { if (event.key === "Enter") select(p.name); });
     cell(row, p.id); cell(row, p.name); cell(row, p.status, p.status); cell(row, p.pid || "-"); cell(row, p.port || "-");
-    cell(row, p.cpu.toFixed(1) + "%"); cell(row, human(p.memory)); cell(row, duration(p.uptime)); cell(row, p.restarts);
+    cell(row, p.cpu.toFixed(1) + "%"); cell(row, human(p.memory)); cell(row, duration(p.uptime + (p.status === "online" ? Date.now() - p.seen : 0))); cell(row, p.restarts);
     cell(row, p.health || "none", p.health);
     const spark = document.createElement("canvas");
     spark.width = 90; spark.height = 20; spark.style.width = "90px"; spark.style.height = "20px";
@@ -6484,6 +6493,8 @@ class Broadcaster:
         self.hub = supervisor.hub
         self.clients: set = set()
         self._tick_task: Optional[asyncio.Task] = None
+        self._reported: Dict[int, tuple] = {}       # per process id: what the clients were last told
+        self._next_full = -math.inf
         self._handlers = {"process_update": self.send_process, "process_event": self.send_event,
                           "health_update": self.send_health, "tick": self.send_tick}
         supervisor.listeners.append(self.on_announcement)
@@ -6507,15 +6518,26 @@ class Broadcaster:
     def send_process(self, runner: ProcessRunner) -> None:
         self._cancel_tick()
         data = process_update(runner, self.supervisor.wall(), self.supervisor.clock())
+        self._reported[runner.id] = reported_fields(data)
         self.broadcast("process_update", data, runner.name, priority="state")
 
     def send_tick(self, system: SystemMetrics) -> None:
-        """Every sample: system_update and a process_update per process. A client without
-        filters gets them as one write (one syscall rather than 1 + N per client)."""
+        """Every sample: system_update, and a process_update for each process whose reported
+        fields changed since the clients were last told (a sleeping process costs nothing);
+        every FULL_STATE_INTERVAL, one for each process, for a client that lost an update. A
+        client without filters gets them as one write (one syscall rather than 1 + N per client)."""
         now, wall = self.supervisor.clock(), self.supervisor.wall()
+        full = now >= self._next_full
+        if full:
+            self._next_full = now + FULL_STATE_INTERVAL
         messages = [("system_update", None, ws_message("system_update", system.to_update()))]
-        messages += [("process_update", runner.name, ws_message("process_update", process_update(runner, wall, now)))
-                     for runner in self.supervisor.registry.runners()]
+        reported = {}
+        for runner in self.supervisor.registry.runners():
+            data = process_update(runner, wall, now)
+            reported[runner.id] = fields = reported_fields(data)
+            if full or self._reported.get(runner.id) != fields:
+                messages.append(("process_update", runner.name, ws_message("process_update", data)))
+        self._reported = reported
         batch = b"".join(frame for _, _, frame in messages)
         clients = list(self.clients)
         self._cancel_tick()
@@ -8335,6 +8357,7 @@ class MonitView:
     def apply(self, message: dict) -> None:
         kind, data = message["type"], message["data"]
         if kind == "process_update":
+            data["seen"] = time.monotonic()     # a quiet process is not repeated each tick
             self.processes[data["name"]] = data
         elif kind == "system_update":
             self.system = data
@@ -8344,7 +8367,11 @@ class MonitView:
             self.logs = (self.logs + [data])[-MONIT_LOG_LINES:]
 
     def ordered(self) -> List[dict]:
-        return sorted(self.processes.values(), key=lambda entry: entry["id"])
+        """The processes by id, an online one's uptime run on since its last update."""
+        now = time.monotonic()
+        return [dict(entry, uptime=entry["uptime"] + (int((now - entry["seen"]) * 1000)
+                                                      if entry["status"] == "online" and "seen" in entry else 0))
+                for entry in sorted(self.processes.values(), key=lambda entry: entry["id"])]
 
     def selected_name(self) -> Optional[str]:
         ordered = self.ordered()

@@ -4027,6 +4027,27 @@ class TestWebSocket(DaemonTestCase):
         self.assertEqual(set(system["data"]["memory"]), {"usage_percent", "used"})
         self.daemon.request("DELETE", "/api/processes/ws-a")
 
+    def test_a_tick_carries_only_the_processes_that_changed(self):
+        self.daemon.start("ws-quiet", "sleep", ["60"])
+        self.daemon.start("ws-busy", PY, ["-c", "while True: pass"])
+        client = self.connect()
+        counts = {"ws-quiet": 0, "ws-busy": 0}
+        ticks = 0
+        for _ in range(3):                              # the state on connect; the new ones settle
+            client.recv_message("system_update")
+        while ticks < 6:                                # then six ticks of 0.2 s
+            message = client.recv_message()
+            if message["type"] == "system_update":
+                ticks += 1
+            elif message["type"] == "process_update" and message["data"]["name"] in counts:
+                counts[message["data"]["name"]] += 1
+        # A sleeping process whose pid, status, cpu and memory stay the same is not repeated; a
+        # busy one's cpu moves. (Every 30 s a tick carries every process, for lossy clients.)
+        self.assertEqual(counts["ws-quiet"], 0, counts)
+        self.assertGreaterEqual(counts["ws-busy"], 3, counts)
+        self.daemon.request("DELETE", "/api/processes/ws-quiet")
+        self.daemon.request("DELETE", "/api/processes/ws-busy")
+
     def test_process_events_and_updates_on_change(self):
         client = self.connect()
         self.daemon.start("ws-b", "sleep", ["60"])
