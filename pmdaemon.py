@@ -73,6 +73,7 @@ import sys
 import time
 import urllib.parse
 import warnings
+import zlib
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 __version__: str = "0.1.0"      # needs Python 3.6 or newer (the first line older ones cannot read)
@@ -183,6 +184,7 @@ MAX_PROCESSES = 1024
 MAX_ARGS = 1024
 MAX_ENV_VARS = 1024
 MAX_ENV_FILE_BYTES = 1024 * 1024
+JOURNAL_MIN_COMPACT = 1024 * 1024      # the journal is folded into state.json past this (or its size)
 WATCH_DELAY_MS = 1000                  # watch: quiet time after the last change before a restart
 WATCH_POLL_INTERVAL = 0.5              # seconds between looks at the watched files
 WATCH_MAX_FILES = 20_000               # files one process may watch (past it: watching stops)
@@ -3389,6 +3391,140 @@ class StateStore:
         kept = "%s.rejected-%s" % (self.path, time.strftime("%Y%m%dT%H%M%S"))
         atomic_write(kept, json.dumps(rejected, indent=1).encode())
         log.error("the %d saved process(es) that could not be restored are kept in %s", len(rejected), kept)
+
+
+class StateJournal:
+    """What changed since the snapshot (state.json), one line a change in state.journal:
+    `<crc32 in hex> <json>`, where the JSON is {"put": entry} or {"delete": id}. A change is
+    appended and fsynced before it is acknowledged; changes that arrive while a sync is under
+    way share the next one (group commit), and the syncs run off the event loop. A line that a
+    crash cut short or damaged ends the replay there (and is cut off), so what was
+    acknowledged is exactly what comes back. Each change costs its own size, never the whole
+    state: the snapshot is rewritten only when the journal has grown past it (compact)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.size = 0                           # bytes in the journal, acknowledged or being synced
+        self.syncs = 0
+        self._descriptor: Optional[int] = None
+        self._pending: List[bytes] = []
+        self._waiters: List[Any] = []
+        self._flushing = False
+
+    @staticmethod
+    def line(record: dict) -> bytes:
+        text = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return b"%08x %s\n" % (zlib.crc32(text), text)
+
+    def append(self, record: dict) -> None:
+        """Queue a record; commit() makes it (and all queued before it) durable."""
+        self._pending.append(self.line(record))
+
+    async def commit(self) -> None:
+        """Return once every record appended so far is on disk; StateNotSaved if it cannot be."""
+        loop = asyncio.get_event_loop()
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        if not self._flushing:
+            self._flushing = True
+            asyncio.ensure_future(self._flush())
+        await waiter
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_event_loop()
+        try:
+            while self._waiters:
+                data, waiters = b"".join(self._pending), self._waiters
+                self._pending, self._waiters = [], []
+                try:
+                    if data:
+                        await loop.run_in_executor(None, self._write, data)
+                    error = None
+                except OSError as exc:
+                    error = StateNotSaved("cannot save state to %s: %s" % (self.path, exc.strerror or exc))
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None) if error is None else waiter.set_exception(error)
+        finally:
+            self._flushing = False
+
+    def _write(self, data: bytes) -> None:
+        """Append and fsync, whole or not at all (a short write is taken back). In a thread."""
+        if self._descriptor is None:
+            self._descriptor = open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            self.size = os.fstat(self._descriptor).st_size
+        start, view = self.size, memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._descriptor, view):]
+            os.fsync(self._descriptor)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._descriptor, start)
+            raise
+        self.size = start + len(data)
+        self.syncs += 1
+
+    def replay(self, state: dict) -> dict:
+        """Apply the journal to a snapshot (state.json's form); a damaged tail is cut off."""
+        processes = {entry["id"]: entry for entry in state.get("processes", [])}
+        try:
+            with open(open_private(self.path, os.O_RDONLY), "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            data = b""
+        good = 0
+        for raw in data.split(b"\n")[:-1] if data else []:
+            record = self._parse(raw)
+            if record is None:
+                break
+            if "put" in record:
+                processes[record["put"]["id"]] = record["put"]
+                state["next_id"] = max(state.get("next_id", 0), record["put"]["id"] + 1)
+            else:
+                processes.pop(record["delete"], None)
+            good += len(raw) + 1
+        if good < len(data):
+            log.warning("%s: %d byte(s) after the last whole change were cut off (a crash while "
+                        "writing; nothing acknowledged was in them)", self.path, len(data) - good)
+            with contextlib.suppress(OSError):
+                descriptor = open_private(self.path, os.O_WRONLY)
+                os.ftruncate(descriptor, good)
+                os.close(descriptor)
+        self.size = good
+        state["processes"] = sorted(processes.values(), key=lambda entry: entry["id"])
+        return state
+
+    @staticmethod
+    def _parse(raw: bytes) -> Optional[dict]:
+        checksum, _, text = raw.partition(b" ")
+        try:
+            if len(checksum) != 8 or int(checksum, 16) != zlib.crc32(text):
+                return None
+            record = json.loads(text.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if isinstance(record, dict) and isinstance(record.get("put"), dict) and _is_int(record["put"].get("id")):
+            return record
+        if isinstance(record, dict) and _is_int(record.get("delete")):
+            return record
+        return None
+
+    def due_for_compaction(self, snapshot_size: int) -> bool:
+        return self.size > max(JOURNAL_MIN_COMPACT, snapshot_size)
+
+    def truncate(self) -> None:
+        """After a new snapshot: the journal starts again (replaying it would change nothing)."""
+        if self._descriptor is None:
+            self._descriptor = open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.ftruncate(self._descriptor, 0)
+        os.fsync(self._descriptor)
+        self.size = 0
+
+    def close(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
 
 
 # -- metrics ------------------------------------------------------------------------------------

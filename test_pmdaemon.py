@@ -812,6 +812,60 @@ class TestCron(unittest.TestCase):
         run_async(scenario())
 
 
+class TestStateJournal(unittest.TestCase):
+    """Changes appended and synced before they are acknowledged, replayed exactly."""
+
+    def journal(self):
+        journal = pmdaemon.StateJournal(os.path.join(temp_dir(self), "state.journal"))
+        self.addCleanup(journal.close)
+        return journal
+
+    def test_what_was_committed_comes_back_and_concurrent_commits_share_a_sync(self):
+        import asyncio
+        journal = self.journal()
+
+        async def scenario():
+            async def change(index):
+                journal.append({"put": {"id": index, "name": "p%d" % index}})
+                await journal.commit()
+            await asyncio.gather(*(change(index) for index in range(50)))
+            journal.append({"delete": 7})
+            journal.append({"put": {"id": 3, "name": "renamed"}})
+            await journal.commit()
+        run_async(scenario())
+        self.assertLessEqual(journal.syncs, 3)              # 51 commits, one sync per batch
+        state = pmdaemon.StateJournal(journal.path).replay({"next_id": 0, "processes": [{"id": 99, "name": "old"}]})
+        names = {entry["id"]: entry["name"] for entry in state["processes"]}
+        self.assertEqual(len(names), 50)                    # 0-49 but 7, and 99 from the snapshot
+        self.assertEqual((names[3], names[99], 7 in names, state["next_id"]), ("renamed", "old", False, 50))
+
+    def test_a_line_cut_short_or_damaged_ends_the_replay_and_is_cut_off(self):
+        journal = self.journal()
+        good = journal.line({"put": {"id": 0, "name": "a"}}) + journal.line({"put": {"id": 1, "name": "b"}})
+        damaged = journal.line({"put": {"id": 2, "name": "c"}}).replace(b'"c"', b'"x"')
+        for tail in (journal.line({"put": {"id": 2, "name": "c"}})[:-5],      # no newline: cut short
+                     damaged, b"\0" * 64):                                       # or zeros after a power cut
+            with self.subTest(tail=tail[:20]):
+                with open(journal.path, "wb") as handle:
+                    handle.write(good + tail + journal.line({"put": {"id": 3, "name": "d"}}))
+                with self.assertLogs("pmdaemon", "WARNING") as said:
+                    state = pmdaemon.StateJournal(journal.path).replay({"processes": []})
+                self.assertIn("byte(s) after the last whole change were cut off", said.output[0])
+                self.assertEqual([entry["name"] for entry in state["processes"]], ["a", "b"])
+                self.assertEqual(read_text(journal.path).encode(), good)
+
+    def test_a_failed_sync_is_not_acknowledged_and_leaves_no_part_of_a_line(self):
+        journal = self.journal()
+        os.mkdir(journal.path)                              # the journal cannot be opened for writing
+
+        async def scenario():
+            journal.append({"put": {"id": 0, "name": "a"}})
+            await journal.commit()
+        with self.assertRaises(pmdaemon.StateNotSaved) as caught:
+            run_async(scenario())
+        self.assertIn("cannot save state to %s: Is a directory" % journal.path, str(caught.exception))
+
+
 class TestStateStore(unittest.TestCase):
     def test_runtime_details_alone_wait_for_the_lazy_interval(self):
         import asyncio
