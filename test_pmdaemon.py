@@ -5223,6 +5223,90 @@ def run_ws_load(count=10000):
     print("\n" + table.render())
 
 
+def run_scale_bench(sizes=(10, 100, 1000, 5000)):
+    """`bench scale [N...]`: what one operation costs with N managed processes, each row beside
+    the smallest N of the same run: create and delete (each, on one keep-alive connection, as
+    a script would), restart, kill -9 -> new pid, GET /api/processes, idle CPU, daemon RSS per
+    process, and WebSocket bytes per tick for 100 clients."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print("pmdaemon bench scale, %s, Python %s, %d cores, %s" % (time.strftime("%Y-%m-%d %H:%M"),
+          sys.version.split()[0], os.cpu_count(), os.uname().release), flush=True)
+    rows = {}
+    for count in sizes:
+        rows[count] = scale_row(count)
+        print("  N=%d: %s" % (count, ", ".join("%s %s" % item for item in rows[count].items())), flush=True)
+    names = list(rows[sizes[0]])
+    print("\n| measure | " + " | ".join("N = %d" % count for count in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for name in names:
+        base = rows[sizes[0]][name]
+        cells = ["%.3g%s" % (rows[count][name], "" if count == sizes[0] or not base else
+                             " (%.1fx)" % (rows[count][name] / base)) for count in sizes]
+        print("| %s | %s |" % (name, " | ".join(cells)))
+    print("\nreproduce: python3 test_pmdaemon.py bench scale %s" % " ".join(str(count) for count in sizes))
+    return 0
+
+
+def scale_row(count, clients=100):
+    daemon = Daemon(args=("--sample-interval", "1", "--quiet"))
+    try:
+        rss_before = rss_kib(daemon.proc.pid)
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=60) as sock:
+            def call(method, path, body=None):
+                data = json.dumps(body).encode() if body is not None else b""
+                sock.sendall(b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (method.encode(), path.encode(), len(data), data))
+                answer = read_one_response(sock)
+                return status_of(answer), answer
+
+            def timed(method, path, body=None):
+                started = time.perf_counter()
+                status, _ = call(method, path, body)
+                assert status < 300, (method, path, status)
+                return (time.perf_counter() - started) * 1000
+            creates = [timed("POST", "/api/processes", {"name": "s%d" % index, "script": "sleep", "args": ["3600"]})
+                       for index in range(count)]
+            call("POST", "/api/processes", {"name": "probe", "script": "sleep", "args": ["3600"], "min_uptime": 0,
+                                            "max_restarts": 1000000})
+            listing = [timed("GET", "/api/processes") for _ in range(20)]
+            restarts = [timed("POST", "/api/processes/s0/restart") for _ in range(10)]
+            kills = []
+            for _ in range(10):
+                pid = json_of(call("GET", "/api/processes/probe")[1])["pid"]
+                started = time.perf_counter()
+                os.kill(pid, signal.SIGKILL)
+                wait_until(lambda: json_of(call("GET", "/api/processes/probe")[1])["pid"] not in (None, pid),
+                           interval=0, message="the new pid")
+                kills.append((time.perf_counter() - started) * 1000)
+            rss_after = rss_kib(daemon.proc.pid)
+            cpu_start, wall_start = cpu_seconds(daemon.proc.pid), time.monotonic()
+            time.sleep(10)
+            idle_cpu = (cpu_seconds(daemon.proc.pid) - cpu_start) / (time.monotonic() - wall_start) * 100
+            watchers = [WsClient(daemon.port) for _ in range(clients)]
+            try:
+                received, ticks = 0, 0
+                for _ in range(3):                  # past the state on connect and the first ticks
+                    watchers[0].recv_message("system_update")
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    opcode, payload = watchers[0].recv()
+                    received += len(payload)
+                    ticks += b'"system_update"' in payload
+            finally:
+                for watcher in watchers:
+                    watcher.close()
+            deletes = [timed("DELETE", "/api/processes/s%d" % index) for index in range(count)]
+        return {"create ms": median(creates), "delete ms": median(deletes), "restart ms": median(restarts),
+                "kill -9 -> new pid ms": median(kills), "GET /api/processes ms": median(listing),
+                "idle CPU %": idle_cpu, "RSS KiB per process": (rss_after - rss_before) / (count + 1),
+                "WS KiB per tick, %d clients" % clients: received * clients / max(ticks, 1) / 1024}
+    finally:
+        daemon.terminate(timeout=600)
+        daemon.cleanup()
+
+
 # ----------------------------------------------------------------------------------------------
 # `python3 test_pmdaemon.py browser [SCREENSHOT.png]`: the dashboard in headless Chromium
 # ----------------------------------------------------------------------------------------------
@@ -5321,6 +5405,8 @@ if __name__ == "__main__":
         run_echo_server(int(sys.argv[2]))
     elif len(sys.argv) >= 2 and sys.argv[1] == "ws-load":
         run_ws_load(*[int(value) for value in sys.argv[2:3]])
+    elif len(sys.argv) >= 3 and sys.argv[1:3] == ["bench", "scale"]:
+        sys.exit(run_scale_bench(*[tuple(int(value) for value in sys.argv[3:])] if sys.argv[3:] else ()))
     elif len(sys.argv) >= 2 and sys.argv[1] == "bench":
         numbers = [int(value) for value in sys.argv[2:] if value.isdigit()]
         sys.exit(run_benchmark(*numbers[:2], only=[value for value in sys.argv[2:] if not value.isdigit()]))
