@@ -909,53 +909,161 @@ def parse_cron_field(value: Any) -> Optional[str]:
     return " ".join(text.split())
 
 
-@record
-class ProcessConfig:
-    """Everything a user can set for a managed process (the POST /api/processes body)."""
+# -- process settings: one table says each field's type, default, parser and schema --------------
+#    ProcessConfig is made from CONFIG_FIELDS (its attributes, order and defaults), from_dict
+#    parses with it, and the OpenAPI schema (section 9) is built from it: a new setting is one
+#    row here (plus its test and README row). JSON null means "the default" for every field
+#    but the required ones, so no field needs its own null rule.
+
+class Required:
+    """The default of a field the user must give."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = Required()
+
+
+class ConfigField(NamedTuple):
+    """One process setting, in one row."""
     name: str
-    script: str
-    args: List[str] = record_field(list)
-    cwd: Optional[str] = None
-    env: Dict[str, str] = record_field(dict)
-    port: Optional[str] = None
-    instances: int = 1
-    shell: bool = False
-    autorestart: bool = True
-    max_restarts: int = DEFAULT_MAX_RESTARTS
-    min_uptime: int = DEFAULT_MIN_UPTIME_MS
-    restart_delay: int = DEFAULT_RESTART_DELAY_MS
-    exp_backoff_restart_delay: int = 0
-    stop_exit_codes: List[int] = record_field(list)
-    kill_signal: str = "SIGTERM"
-    kill_timeout: int = DEFAULT_KILL_TIMEOUT_MS
-    max_memory_restart: Optional[int] = None
-    log_max_size: int = DEFAULT_LOG_MAX_SIZE
-    log_max_files: int = DEFAULT_LOG_MAX_FILES
-    health_check: Optional[dict] = None
-    restart_on_unhealthy: bool = True
-    wait_ready: bool = False
-    listen_timeout: int = DEFAULT_LISTEN_TIMEOUT_MS
-    depends_on: List[str] = record_field(list)
-    autostart: bool = True
-    namespace: str = "default"
-    stdin: bool = False
-    env_file: Optional[str] = None
-    interpreter: Optional[str] = None
-    interpreter_args: List[str] = record_field(list)
-    umask: Optional[int] = None
-    rlimits: Dict[str, List[int]] = record_field(dict)
-    cron_restart: Optional[str] = None
-    watch: List[str] = record_field(list)
-    watch_ignore: List[str] = record_field(lambda: list(WATCH_IGNORE_DEFAULT))
-    watch_delay: int = WATCH_DELAY_MS
-    user: Optional[str] = None
-    group: Optional[str] = None
-    out_file: Optional[str] = None
-    error_file: Optional[str] = None
-    merge_logs: bool = False
-    log_date_format: str = "iso"
-    memory_limit: Optional[int] = None
-    cpu_limit: Optional[int] = None
+    type: Any                       # of the attribute, for readers
+    default: Any                    # REQUIRED, or what an absent or null field gets (lists and dicts copied)
+    parse: Callable[[Any], Any]     # a JSON value (never null) -> the kept value; ValidationError names the field
+    schema: dict                    # JSON Schema of a non-null value; section 9 adds null for optional fields
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+def text_field(name: str, default: Any = None) -> ConfigField:
+    return ConfigField(name, str if default is REQUIRED else Optional[str], default,
+                       lambda value: _check_str(name, value), {"type": "string", "minLength": 1})
+
+
+def flag_field(name: str, default: bool) -> ConfigField:
+    return ConfigField(name, bool, default, lambda value: _check_bool(name, value), {"type": "boolean"})
+
+
+def count_field(name: str, default: Optional[int], low: int, high: int, **doc: str) -> ConfigField:
+    return ConfigField(name, int if default is not None else Optional[int], default,
+                       lambda value: _check_int(name, value, low, high),
+                       dict({"type": "integer", "minimum": low, "maximum": high}, **doc))
+
+
+def duration_field(name: str, default: int, high: int = 86_400_000) -> ConfigField:
+    return ConfigField(name, int, default, lambda value: parse_duration(name, value, high),
+                       {"type": ["integer", "string"], "minimum": 0,
+                        "description": "milliseconds, or \"500ms\", \"5s\", \"2m\""})
+
+
+def size_field(name: str, default: Optional[int]) -> ConfigField:
+    return ConfigField(name, int if default is not None else Optional[int], default,
+                       lambda value: parse_size(name, value),
+                       {"type": ["integer", "string"], "minimum": 1,
+                        "description": "bytes, or \"512K\", \"150M\", \"1.5G\""})
+
+
+def log_path_field(name: str) -> ConfigField:
+    return ConfigField(name, Optional[str], None, lambda value: parse_log_path(name, value),
+                       {"type": "string", "pattern": "^/"})
+
+
+def identity_field(name: str, description: str) -> ConfigField:
+    """user/group: a name, or a number kept as its text."""
+    def parse(value: Any) -> str:
+        return _check_str(name, value if isinstance(value, str) else str(_check_int(name, value, 0, 2 ** 31)))
+    return ConfigField(name, Optional[str], None, parse, {"type": ["string", "integer"], "description": description})
+
+
+def anchored(regex) -> str:
+    """A \\Z-ended regex as a JSON Schema pattern (which matches anywhere unless anchored)."""
+    return "^" + regex.pattern.rstrip("\\Z") + "$"
+
+
+CONFIG_FIELDS: Dict[str, ConfigField] = {field.name: field for field in (
+    ConfigField("name", str, REQUIRED, parse_name, {"type": "string", "pattern": anchored(NAME_RE)}),
+    text_field("script", REQUIRED),
+    ConfigField("args", List[str], [], parse_args,
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_ARGS}),
+    text_field("cwd"),
+    ConfigField("env", Dict[str, str], {}, parse_env,
+                {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": MAX_ENV_VARS}),
+    ConfigField("port", Optional[str], None, lambda value: parse_port_value("port", value),
+                {"type": ["integer", "string"], "minimum": 1, "maximum": 65535,
+                 "pattern": "^(auto|auto:[0-9]{1,5}-[0-9]{1,5}|[0-9]{1,5}(-[0-9]{1,5})?)$",
+                 "description": "3000, \"3000-3003\", \"auto\" or \"auto:3000-3100\""}),
+    count_field("instances", 1, 1, MAX_INSTANCES),
+    flag_field("shell", False),
+    flag_field("autorestart", True),
+    count_field("max_restarts", DEFAULT_MAX_RESTARTS, 0, 1_000_000),
+    duration_field("min_uptime", DEFAULT_MIN_UPTIME_MS),
+    duration_field("restart_delay", DEFAULT_RESTART_DELAY_MS),
+    duration_field("exp_backoff_restart_delay", 0, BACKOFF_MAX_MS),
+    ConfigField("stop_exit_codes", List[int], [], parse_exit_codes,
+                {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}),
+    ConfigField("kill_signal", str, "SIGTERM", parse_signal_name, {"type": "string", "enum": list(KILL_SIGNALS)}),
+    duration_field("kill_timeout", DEFAULT_KILL_TIMEOUT_MS, 3_600_000),
+    size_field("max_memory_restart", None),
+    size_field("log_max_size", DEFAULT_LOG_MAX_SIZE),
+    count_field("log_max_files", DEFAULT_LOG_MAX_FILES, 1, 100),
+    ConfigField("health_check", Optional[dict], None, parse_health_check, {"type": "object"}),
+    flag_field("restart_on_unhealthy", True),
+    flag_field("wait_ready", False),
+    duration_field("listen_timeout", DEFAULT_LISTEN_TIMEOUT_MS),
+    ConfigField("depends_on", List[str], [], lambda value: parse_names("depends_on", value),
+                {"type": "array", "items": {"type": "string", "pattern": NAME_RE.pattern.rstrip("\\Z")}}),
+    flag_field("autostart", True),
+    ConfigField("namespace", str, "default", parse_namespace, {"type": "string", "pattern": anchored(NAMESPACE_RE)}),
+    flag_field("stdin", False),
+    text_field("env_file"),
+    text_field("interpreter"),
+    ConfigField("interpreter_args", List[str], [],
+                lambda value: [_check_str("interpreter_args", item, allow_empty=True) for item in parse_args(value)],
+                {"type": "array", "items": {"type": "string"}}),
+    ConfigField("umask", Optional[int], None, parse_umask,
+                {"type": ["string", "integer"], "minimum": 0, "maximum": 511, "pattern": "^0?[0-7]{1,3}$"}),
+    ConfigField("rlimits", Dict[str, List[int]], {}, parse_rlimits,
+                {"type": "object", "propertyNames": {"enum": list(RLIMIT_NAMES)}}),
+    ConfigField("cron_restart", Optional[str], None, parse_cron_field,
+                {"type": "string", "description": "five cron fields, e.g. \"0 3 * * *\""}),
+    ConfigField("watch", List[str], [], parse_watch, {"type": ["boolean", "array"], "items": {"type": "string"}}),
+    ConfigField("watch_ignore", List[str], list(WATCH_IGNORE_DEFAULT),
+                lambda value: [_check_str("watch_ignore", item) for item in parse_names_list("watch_ignore", value)],
+                {"type": "array", "items": {"type": "string"}}),
+    duration_field("watch_delay", WATCH_DELAY_MS, 600_000),
+    identity_field("user", "run as this user (the daemon must be root)"),
+    identity_field("group", "and this group (default: the user's)"),
+    log_path_field("out_file"),
+    log_path_field("error_file"),
+    flag_field("merge_logs", False),
+    ConfigField("log_date_format", str, "iso", lambda value: _check_choice("log_date_format", value, ("iso", "none")),
+                {"type": "string", "enum": ["iso", "none"]}),
+    size_field("memory_limit", None),
+    count_field("cpu_limit", None, 1, 100 * 1024, description="% of one core"),
+)}
+
+
+def record_of(fields: Dict[str, ConfigField]):
+    """Make a class a record whose fields are these, in order, with their defaults (a list or
+    dict default is copied for each record)."""
+    def make(cls):
+        cls.__annotations__ = {name: field.type for name, field in fields.items()}
+        for name, field in fields.items():
+            if isinstance(field.default, (list, dict)):
+                setattr(cls, name, record_field(functools.partial(copy.deepcopy, field.default)))
+            elif not field.required:
+                setattr(cls, name, field.default)
+        return record(cls)
+    return make
+
+
+@record_of(CONFIG_FIELDS)
+class ProcessConfig:
+    """Everything a user can set for a managed process (the POST /api/processes body): the
+    fields of CONFIG_FIELDS."""
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
@@ -966,12 +1074,10 @@ class ProcessConfig:
         for key in data:
             if key not in CONFIG_FIELDS:
                 raise invalid_field(key, "unknown field %r" % key[:80])
-        for required in ("name", "script"):
-            if data.get(required) is None:
-                raise invalid_field(required, "field %r is required" % required)
-        values = {key: CONFIG_FIELDS[key](value) for key, value in data.items()
-                  if value is not None or key in NULLABLE_FIELDS}
-        config = cls(**values)
+        for field in CONFIG_FIELDS.values():
+            if field.required and data.get(field.name) is None:
+                raise invalid_field(field.name, "field %r is required" % field.name)
+        config = cls(**{key: CONFIG_FIELDS[key].parse(value) for key, value in data.items() if value is not None})
         if check_cwd:
             config.cwd = _resolve_cwd(config.cwd, base_dir)
         config.check_consistency()
@@ -998,57 +1104,6 @@ def _resolve_cwd(cwd: Optional[str], base_dir: Optional[str]) -> str:
     if not os.path.isdir(path):
         raise invalid_field("cwd", "field 'cwd' is not an existing directory: %r" % path)
     return path
-
-
-CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
-    "name": parse_name,
-    "script": lambda v: _check_str("script", v),
-    "args": parse_args,
-    "cwd": lambda v: _check_str("cwd", v),
-    "env": parse_env,
-    "port": lambda v: parse_port_value("port", v),
-    "instances": lambda v: _check_int("instances", v, 1, MAX_INSTANCES),
-    "shell": lambda v: _check_bool("shell", v),
-    "autorestart": lambda v: _check_bool("autorestart", v),
-    "max_restarts": lambda v: _check_int("max_restarts", v, 0, 1_000_000),
-    "min_uptime": lambda v: parse_duration("min_uptime", v),
-    "restart_delay": lambda v: parse_duration("restart_delay", v),
-    "exp_backoff_restart_delay": lambda v: parse_duration("exp_backoff_restart_delay", v, BACKOFF_MAX_MS),
-    "stop_exit_codes": parse_exit_codes,
-    "kill_signal": parse_signal_name,
-    "kill_timeout": lambda v: parse_duration("kill_timeout", v, 3_600_000),
-    "max_memory_restart": lambda v: parse_size("max_memory_restart", v),
-    "log_max_size": lambda v: parse_size("log_max_size", v),
-    "log_max_files": lambda v: _check_int("log_max_files", v, 1, 100),
-    "health_check": parse_health_check,
-    "restart_on_unhealthy": lambda v: _check_bool("restart_on_unhealthy", v),
-    "wait_ready": lambda v: _check_bool("wait_ready", v),
-    "listen_timeout": lambda v: parse_duration("listen_timeout", v),
-    "depends_on": lambda v: parse_names("depends_on", v),
-    "autostart": lambda v: _check_bool("autostart", v),
-    "namespace": parse_namespace,
-    "stdin": lambda v: _check_bool("stdin", v),
-    "env_file": lambda v: None if v is None else _check_str("env_file", v),
-    "interpreter": lambda v: None if v is None else _check_str("interpreter", v),
-    "interpreter_args": lambda v: [_check_str("interpreter_args", item, allow_empty=True) for item in parse_args(v)],
-    "umask": parse_umask,
-    "rlimits": parse_rlimits,
-    "cron_restart": parse_cron_field,
-    "watch": parse_watch,
-    "watch_ignore": lambda v: [_check_str("watch_ignore", item) for item in parse_names_list("watch_ignore", v)],
-    "watch_delay": lambda v: parse_duration("watch_delay", v, 600_000),
-    "user": lambda v: None if v is None else _check_str("user", v if isinstance(v, str) else str(_check_int("user", v, 0, 2 ** 31))),
-    "group": lambda v: None if v is None else _check_str("group", v if isinstance(v, str) else str(_check_int("group", v, 0, 2 ** 31))),
-    "out_file": lambda v: parse_log_path("out_file", v),
-    "error_file": lambda v: parse_log_path("error_file", v),
-    "merge_logs": lambda v: _check_bool("merge_logs", v),
-    "log_date_format": lambda v: _check_choice("log_date_format", v, ("iso", "none")),
-    "memory_limit": lambda v: parse_size("memory_limit", v),
-    "cpu_limit": lambda v: None if v is None else _check_int("cpu_limit", v, 1, 100 * 1024),
-}
-NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_file", "interpreter", "umask",
-                             "cron_restart", "user", "group", "out_file", "error_file", "memory_limit",
-                             "cpu_limit"})
 
 
 @record
@@ -5318,54 +5373,20 @@ def _ref(name: str) -> dict:
 
 
 NULLABLE_INT = {"type": ["integer", "null"]}
-_DURATION = {"type": ["integer", "string", "null"], "minimum": 0, "description": "milliseconds, or \"500ms\", \"5s\", \"2m\""}
-_SIZE = {"type": ["integer", "string", "null"], "minimum": 1, "description": "bytes, or \"512K\", \"150M\", \"1.5G\""}
-_FLAG = {"type": ["boolean", "null"]}
-_NAMES = {"type": ["array", "null"], "items": {"type": "string", "pattern": NAME_RE.pattern.rstrip("\\Z")}}
 
 
-def _count(low: int, high: int) -> dict:
-    return {"type": ["integer", "null"], "minimum": low, "maximum": high}
+def or_null(schema: dict) -> dict:
+    """The schema of an optional setting: null too, which means "the default"."""
+    schema = dict(schema)
+    schema["type"] = (schema["type"] if isinstance(schema["type"], list) else [schema["type"]]) + ["null"]
+    if "enum" in schema:
+        schema["enum"] = schema["enum"] + [None]
+    return schema
 
 
-# What each setting takes; null means "the default" (README 'Process settings').
-CONFIG_SCHEMA = {
-    "name": {"type": "string", "pattern": "^" + NAME_RE.pattern.rstrip("\\Z") + "$"},
-    "script": {"type": "string", "minLength": 1},
-    "args": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": MAX_ARGS},
-    "cwd": {"type": ["string", "null"], "minLength": 1},
-    "env": {"type": ["object", "null"], "additionalProperties": {"type": "string"}, "maxProperties": MAX_ENV_VARS},
-    "port": {"type": ["integer", "string", "null"], "minimum": 1, "maximum": 65535,
-             "pattern": "^(auto|auto:[0-9]{1,5}-[0-9]{1,5}|[0-9]{1,5}(-[0-9]{1,5})?)$",
-             "description": "3000, \"3000-3003\", \"auto\" or \"auto:3000-3100\""},
-    "instances": _count(1, MAX_INSTANCES), "shell": _FLAG, "autorestart": _FLAG,
-    "max_restarts": _count(0, 1_000_000), "min_uptime": _DURATION, "restart_delay": _DURATION,
-    "exp_backoff_restart_delay": _DURATION,
-    "stop_exit_codes": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0, "maximum": 255}},
-    "kill_signal": {"type": ["string", "null"], "enum": list(KILL_SIGNALS) + [None]},
-    "kill_timeout": _DURATION, "max_memory_restart": _SIZE, "log_max_size": _SIZE,
-    "log_max_files": _count(1, 100), "health_check": {"type": ["object", "null"]},
-    "restart_on_unhealthy": _FLAG, "wait_ready": _FLAG, "listen_timeout": _DURATION,
-    "depends_on": _NAMES, "autostart": _FLAG,
-    "namespace": {"type": ["string", "null"], "pattern": "^" + NAMESPACE_RE.pattern.rstrip("\\Z") + "$"},
-    "stdin": _FLAG, "env_file": {"type": ["string", "null"], "minLength": 1},
-    "interpreter": {"type": ["string", "null"], "minLength": 1},
-    "interpreter_args": {"type": ["array", "null"], "items": {"type": "string"}},
-    "umask": {"type": ["string", "integer", "null"], "minimum": 0, "maximum": 511, "pattern": "^0?[0-7]{1,3}$"},
-    "rlimits": {"type": ["object", "null"], "propertyNames": {"enum": list(RLIMIT_NAMES)}},
-    "cron_restart": {"type": ["string", "null"], "description": "five cron fields, e.g. \"0 3 * * *\""},
-    "watch": {"type": ["boolean", "array", "null"], "items": {"type": "string"}},
-    "watch_ignore": {"type": ["array", "null"], "items": {"type": "string"}},
-    "watch_delay": _DURATION,
-    "user": {"type": ["string", "integer", "null"], "description": "run as this user (the daemon must be root)"},
-    "out_file": {"type": ["string", "null"], "pattern": "^/"},
-    "error_file": {"type": ["string", "null"], "pattern": "^/"},
-    "merge_logs": _FLAG,
-    "memory_limit": _SIZE,
-    "cpu_limit": {"type": ["integer", "null"], "minimum": 1, "maximum": 102400, "description": "% of one core"},
-    "log_date_format": {"type": ["string", "null"], "enum": ["iso", "none", None]},
-    "group": {"type": ["string", "integer", "null"], "description": "and this group (default: the user's)"},
-}
+# What each setting takes (README 'Process settings'), from the one table of them.
+CONFIG_SCHEMA = {name: field.schema if field.required else or_null(field.schema)
+                 for name, field in CONFIG_FIELDS.items()}
 
 OPENAPI_SCHEMAS = {
     "Error": _object({"success": {"const": False}, "error": _object(
@@ -5956,7 +5977,7 @@ class Api:
             if field not in ("port", "instances"):
                 raise invalid_field(field, "unknown field %r (restart accepts 'port' and 'instances')" % field[:80])
         port = parse_port_value("port", body["port"]) if body.get("port") is not None else None
-        instances = (CONFIG_FIELDS["instances"](body["instances"])
+        instances = (CONFIG_FIELDS["instances"].parse(body["instances"])
                      if body.get("instances") is not None else None)
         members = await self.supervisor.restart(key, port, instances)
         return json_response(200, message("Process %r restarted successfully" % group_label(members)))
