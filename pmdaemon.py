@@ -4828,19 +4828,55 @@ class TicketBook:
         return entry[2] if entry is not None and entry[0] > self.clock() else None
 
 
+class Access(enum.Enum):
+    """Who may call a route; admit() applies it."""
+    PUBLIC = "public"       # the dashboard's files: no data, no key needed
+    READ = "read"           # any key, a read-only one too
+    ACTS = "acts"           # changes something: refused to a read-only key
+    TICKET = "ticket"       # READ, or a single-use ticket in place of the key (/ws, for browsers)
+
+
+class Operation(NamedTuple):
+    """A route's OpenAPI description (openapi_document builds the document from these)."""
+    summary: str
+    status: int                         # the success answer: 2xx, or 101 for /ws
+    response: Optional[str] = None      # its schema, a name in OPENAPI_SCHEMAS
+    body: Optional[str] = None          # the request body's schema
+    body_required: bool = True
+    errors: Tuple[int, ...] = ()        # the 4xx/5xx it documents besides the generic 4XX
+    extensions: Optional[dict] = None   # "x-" keys of the operation
+
+
 class Route(NamedTuple):
+    """A row of the route table: what admission, dispatch, RepeatedAnswers and OpenAPI know."""
     method: str
     pattern: Any
     handler: Callable
-    ticket_ok: bool = False         # /ws: a single-use ticket may stand in for the key
-    acts: bool = False              # changes something: refused to a read-only key
-    public: bool = False            # the dashboard's files: no data, no key needed
+    access: Access = Access.READ
     template: str = ""
     snapshot: Optional[Callable[[], bytes]] = None   # body of a plain GET, for RepeatedAnswers
+    doc: Optional[Operation] = None
+
+    @property
+    def ticket_ok(self) -> bool:
+        return self.access is Access.TICKET
+
+    @property
+    def acts(self) -> bool:
+        return self.access is Access.ACTS
+
+    @property
+    def public(self) -> bool:
+        return self.access is Access.PUBLIC
 
 
 def compile_route(template: str):
     return re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + r"\Z", re.ASCII)
+
+
+def route(method: str, template: str, handler: Callable, access: Access, doc: Operation,
+          snapshot: Optional[Callable[[], bytes]] = None) -> Route:
+    return Route(method, compile_route(template), handler, access, template, snapshot, doc)
 
 
 def message(text: str, **extra: Any) -> dict:
@@ -5362,7 +5398,7 @@ DASHBOARD_FILES = {"/": StaticFile.of(DASHBOARD_HTML, "text/html; charset=utf-8"
                    "/dashboard.js": StaticFile.of(DASHBOARD_JS, "text/javascript; charset=utf-8")}
 
 
-# -- the OpenAPI 3.1 document: every route, described in one table ------------------------------
+# -- the OpenAPI 3.1 document: from the route rows (Api.routes) and CONFIG_FIELDS ---------------
 
 def _object(properties: Dict[str, Any], required: Tuple[str, ...] = ()) -> dict:
     return {"type": "object", "properties": properties, "required": list(required)}
@@ -5438,41 +5474,6 @@ OPENAPI_SCHEMAS = {
                            "pm2_env": {"type": "object"}}),
 }
 
-# (method, route template) -> (summary, request body schema or None, 2xx status, response schema, errors)
-OPENAPI_OPERATIONS = {
-    ("GET", "/api/processes"): ("List processes", None, 200, "ProcessList", ()),
-    ("POST", "/api/processes"): ("Create and start a process (or a group)", "ProcessConfig", 201, "Created",
-                                 (400, 409, 415, 507)),
-    ("GET", "/api/processes/{key}"): ("One process, or a group by its base name", None, 200, "ProcessDetails", (404,)),
-    ("DELETE", "/api/processes/{key}"): ("Stop and remove", None, 200, "Message", (404,)),
-    ("PATCH", "/api/processes/{key}"): ("Change settings in place", "ProcessPatch", 200, "Updated",
-                                        (400, 404, 409, 415, 422)),
-    ("POST", "/api/processes/{key}/start"): ("Start", None, 200, "Message", (404, 409, 422)),
-    ("POST", "/api/processes/{key}/stop"): ("Stop, keeping the entry", None, 200, "Message", (404,)),
-    ("POST", "/api/processes/{key}/restart"): ("Restart; optionally a new port or instances", "RestartBody", 200,
-                                               "Message", (400, 404, 409, 422)),
-    ("POST", "/api/processes/{key}/reload"): ("Rolling restart, one copy at a time", None, 200, "Message",
-                                              (404, 409, 422)),
-    ("POST", "/api/processes/{key}/signal"): ("Send a signal to the main process", "SignalBody", 200, "Message",
-                                              (400, 404, 409)),
-    ("POST", "/api/processes/{key}/stdin"): ("Write to the process's stdin (created with stdin: true)",
-                                             "StdinBody", 200, "Message", (400, 404, 409)),
-    ("GET", "/api/processes/{key}/health"): ("Health check state", None, 200, "Health", (404,)),
-    ("GET", "/api/system"): ("Host metrics", None, 200, "System", ()),
-    ("GET", "/api/logs/{key}"): ("Last log lines; ?follow=true streams NDJSON", None, 200, "Logs", (400, 404)),
-    ("DELETE", "/api/logs/{key}"): ("Empty the logs", None, 200, "Message", (404,)),
-    ("POST", "/api/ws-ticket"): ("A single-use ticket for a browser's WebSocket", None, 201, "Ticket", (503,)),
-    ("GET", "/ws"): ("WebSocket (RFC 6455): see x-websocket", None, 101, None, (400, 426, 503)),
-    ("GET", "/metrics"): ("Prometheus text exposition 0.0.4", None, 200, None, ()),
-    ("GET", "/api/pm2/jlist"): ("Processes in the shape of pm2 jlist", None, 200, "Pm2List", ()),
-    ("GET", "/api/pm2"): ("The old pm2 web shape: system_info, monit, processes", None, 200, None, ()),
-    ("GET", "/api/openapi.json"): ("This document", None, 200, None, ()),
-    ("GET", "/"): ("The dashboard (HTML)", None, 200, None, ()),
-    ("GET", "/dashboard.css"): ("The dashboard's stylesheet", None, 200, None, ()),
-    ("GET", "/dashboard.js"): ("The dashboard's script", None, 200, None, ()),
-    ("GET", "/api/access"): ("What the caller may do: full, or read (a read-only key)", None, 200, None, ()),
-}
-
 WEBSOCKET_MESSAGES = {
     "server": {kind: "see README 'WebSocket API'" for kind in (
         "process_update", "system_update", "health_update", "process_event", "log", "dropped", "subscribed",
@@ -5484,30 +5485,28 @@ WEBSOCKET_MESSAGES = {
 
 
 def openapi_document(routes: List[Any]) -> dict:
-    """The OpenAPI 3.1 description of every route in the table (the test fails on a gap)."""
+    """The OpenAPI 3.1 description of every route in the table, from each row's Operation."""
     paths: Dict[str, dict] = {}
     errors = {"4XX": {"description": "the spec's error body",
                       "content": {"application/json": {"schema": _ref("Error")}}}}
     for route in routes:
-        template = route.template
-        summary, body, status, schema, statuses = OPENAPI_OPERATIONS[(route.method, template)]
-        operation = {"summary": summary, "responses": {str(status): {"description": summary}}}
-        if schema:
-            operation["responses"][str(status)]["content"] = {"application/json": {"schema": _ref(schema)}}
-        for code in statuses:
+        doc = route.doc
+        operation = {"summary": doc.summary, "responses": {str(doc.status): {"description": doc.summary}}}
+        if doc.response:
+            operation["responses"][str(doc.status)]["content"] = {"application/json": {"schema": _ref(doc.response)}}
+        for code in doc.errors:
             operation["responses"][str(code)] = {"description": REASONS.get(code, "error"),
                                                  "content": errors["4XX"]["content"]}
         operation["responses"].update(errors)
-        if body:
-            operation["requestBody"] = {"required": body in ("ProcessConfig", "ProcessPatch", "SignalBody", "StdinBody"),
-                                        "content": {"application/json": {"schema": _ref(body)}}}
-        if "{key}" in template:
+        if doc.body:
+            operation["requestBody"] = {"required": doc.body_required,
+                                        "content": {"application/json": {"schema": _ref(doc.body)}}}
+        if "{key}" in route.template:
             operation["parameters"] = [{"name": "key", "in": "path", "required": True,
                                         "description": "process name, group base name, or id",
                                         "schema": {"type": "string"}}]
-        if template == "/ws":
-            operation["x-websocket"] = WEBSOCKET_MESSAGES
-        paths.setdefault(template, {})[route.method.lower()] = operation
+        operation.update(doc.extensions or {})
+        paths.setdefault(route.template, {})[route.method.lower()] = operation
     return {"openapi": "3.1.0",
             "info": {"title": "pmdaemon.py API", "version": __version__,
                      "description": "The PMDaemon Web API as pmdaemon.py serves it; see README.md."},
@@ -5762,36 +5761,59 @@ class Api:
         self._system_cache: Tuple[Any, bytes] = (None, b"")
         self._route_cache = BoundedCache()
         self._log_readers: Optional[asyncio.Semaphore] = None
-        snapshots = {"/api/processes": self.process_list_body, "/api/system": self.system_body}
-        self.routes = [Route(method, compile_route(template), handler, template == "/ws",
-                             method != "GET" and template != "/api/ws-ticket", template in DASHBOARD_FILES, template,
-                             snapshots.get(template) if method == "GET" else None)
-                       for method, template, handler in (
-            ("GET", "/api/processes", self.list_processes),
-            ("POST", "/api/processes", self.create_process),
-            ("GET", "/api/processes/{key}", self.get_process),
-            ("DELETE", "/api/processes/{key}", self.delete_process),
-            ("PATCH", "/api/processes/{key}", self.update_process),
-            ("POST", "/api/processes/{key}/start", self.start_process),
-            ("POST", "/api/processes/{key}/stop", self.stop_process),
-            ("POST", "/api/processes/{key}/restart", self.restart_process),
-            ("POST", "/api/processes/{key}/reload", self.reload_process),
-            ("POST", "/api/processes/{key}/signal", self.signal_process),
-            ("POST", "/api/processes/{key}/stdin", self.write_stdin),
-            ("GET", "/api/processes/{key}/health", self.get_health),
-            ("GET", "/api/system", self.get_system),
-            ("GET", "/api/logs/{key}", self.get_logs),
-            ("DELETE", "/api/logs/{key}", self.flush_logs),
-            ("POST", "/api/ws-ticket", self.create_ticket),
-            ("GET", "/ws", self.open_websocket),
-            ("GET", "/metrics", self.get_metrics),
-            ("GET", "/api/pm2/jlist", self.get_pm2_jlist),
-            ("GET", "/api/pm2", self.get_pm2_web),
-            ("GET", "/api/openapi.json", self.get_openapi),
-            ("GET", "/api/access", self.get_access),
-            ("GET", "/", self.get_static),
-            ("GET", "/dashboard.css", self.get_static),
-            ("GET", "/dashboard.js", self.get_static),
+        public, read, acts, ticket = Access.PUBLIC, Access.READ, Access.ACTS, Access.TICKET
+        self.routes = [route(*row) for row in (
+            # method, template, handler, who may call it, its OpenAPI Operation (summary, success
+            # status, response schema, ...) and, for a GET that answers a snapshot, the snapshot
+            ("GET", "/api/processes", self.list_processes, read,
+             Operation("List processes", 200, "ProcessList"), self.process_list_body),
+            ("POST", "/api/processes", self.create_process, acts,
+             Operation("Create and start a process (or a group)", 201, "Created", "ProcessConfig",
+                       errors=(400, 409, 415, 507))),
+            ("GET", "/api/processes/{key}", self.get_process, read,
+             Operation("One process, or a group by its base name", 200, "ProcessDetails", errors=(404,))),
+            ("DELETE", "/api/processes/{key}", self.delete_process, acts,
+             Operation("Stop and remove", 200, "Message", errors=(404,))),
+            ("PATCH", "/api/processes/{key}", self.update_process, acts,
+             Operation("Change settings in place", 200, "Updated", "ProcessPatch", errors=(400, 404, 409, 415, 422))),
+            ("POST", "/api/processes/{key}/start", self.start_process, acts,
+             Operation("Start", 200, "Message", errors=(404, 409, 422))),
+            ("POST", "/api/processes/{key}/stop", self.stop_process, acts,
+             Operation("Stop, keeping the entry", 200, "Message", errors=(404,))),
+            ("POST", "/api/processes/{key}/restart", self.restart_process, acts,
+             Operation("Restart; optionally a new port or instances", 200, "Message", "RestartBody",
+                       body_required=False, errors=(400, 404, 409, 422))),
+            ("POST", "/api/processes/{key}/reload", self.reload_process, acts,
+             Operation("Rolling restart, one copy at a time", 200, "Message", errors=(404, 409, 422))),
+            ("POST", "/api/processes/{key}/signal", self.signal_process, acts,
+             Operation("Send a signal to the main process", 200, "Message", "SignalBody", errors=(400, 404, 409))),
+            ("POST", "/api/processes/{key}/stdin", self.write_stdin, acts,
+             Operation("Write to the process's stdin (created with stdin: true)", 200, "Message", "StdinBody",
+                       errors=(400, 404, 409))),
+            ("GET", "/api/processes/{key}/health", self.get_health, read,
+             Operation("Health check state", 200, "Health", errors=(404,))),
+            ("GET", "/api/system", self.get_system, read,
+             Operation("Host metrics", 200, "System"), self.system_body),
+            ("GET", "/api/logs/{key}", self.get_logs, read,
+             Operation("Last log lines; ?follow=true streams NDJSON", 200, "Logs", errors=(400, 404))),
+            ("DELETE", "/api/logs/{key}", self.flush_logs, acts,
+             Operation("Empty the logs", 200, "Message", errors=(404,))),
+            ("POST", "/api/ws-ticket", self.create_ticket, read,      # a read-only key may watch too
+             Operation("A single-use ticket for a browser's WebSocket", 201, "Ticket", errors=(503,))),
+            ("GET", "/ws", self.open_websocket, ticket,
+             Operation("WebSocket (RFC 6455): see x-websocket", 101, errors=(400, 426, 503),
+                       extensions={"x-websocket": WEBSOCKET_MESSAGES})),
+            ("GET", "/metrics", self.get_metrics, read, Operation("Prometheus text exposition 0.0.4", 200)),
+            ("GET", "/api/pm2/jlist", self.get_pm2_jlist, read,
+             Operation("Processes in the shape of pm2 jlist", 200, "Pm2List")),
+            ("GET", "/api/pm2", self.get_pm2_web, read,
+             Operation("The old pm2 web shape: system_info, monit, processes", 200)),
+            ("GET", "/api/openapi.json", self.get_openapi, read, Operation("This document", 200)),
+            ("GET", "/api/access", self.get_access, read,
+             Operation("What the caller may do: full, or read (a read-only key)", 200)),
+            ("GET", "/", self.get_static, public, Operation("The dashboard (HTML)", 200)),
+            ("GET", "/dashboard.css", self.get_static, public, Operation("The dashboard's stylesheet", 200)),
+            ("GET", "/dashboard.js", self.get_static, public, Operation("The dashboard's script", 200)),
         )]
         self.server_stats = ServerStats()     # kept by the server glue, shown by /metrics
 
