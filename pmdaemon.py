@@ -478,6 +478,10 @@ HEALTH_CHECK_TYPES = ("http", "tcp", "script")
 HEALTH_CHECK_DEFAULTS = {"type": None, "url": None, "host": "127.0.0.1", "port": None, "script": None,
                          "args": [], "timeout": 5000, "interval": 10_000, "retries": 3, "enabled": True}
 KILL_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
+MAX_LIST_ITEMS = 256            # stop_exit_codes, watch, watch_ignore
+MAX_SIZE = 2 ** 50              # bytes a size setting may say
+MAX_DURATION_MS = 86_400_000    # a duration setting without a tighter bound of its own
+MAX_ID = 2 ** 31                # a uid or gid given as a number
 
 
 def _is_int(value: Any) -> bool:
@@ -629,17 +633,17 @@ def parse_size(field: str, value: Any) -> Optional[int]:
     if value is None:
         return None
     if _is_int(value):
-        return _check_int(field, value, 1, 2 ** 50)
+        return _check_int(field, value, 1, MAX_SIZE)
     if isinstance(value, str):
         match = SIZE_RE.match(value.strip())
         size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()]) if match else 0
-        if 0 < size <= 2 ** 50:
+        if 0 < size <= MAX_SIZE:
             return size
     raise invalid_field(field, "field %r must be a size in bytes or like \"150M\" or \"1.5G\", got %s"
                         % (field, _json_type(value)))
 
 
-def parse_duration(field: str, value: Any, high: int = 86_400_000) -> int:
+def parse_duration(field: str, value: Any, high: int = MAX_DURATION_MS) -> int:
     """Milliseconds from an integer (ms) or a string like "500ms", "5s", "2m"."""
     if isinstance(value, str):
         match = DURATION_RE.match(value.strip())
@@ -697,7 +701,7 @@ def parse_health_check(value: Any) -> Optional[dict]:
 
 
 def parse_exit_codes(value: Any) -> List[int]:
-    if not isinstance(value, list) or len(value) > 256:
+    if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
         raise invalid_field("stop_exit_codes", "field 'stop_exit_codes' must be an array of "
                             "exit codes, got %s" % _json_type(value))
     return [_check_int("stop_exit_codes", code, 0, 255) for code in value]
@@ -877,7 +881,7 @@ def parse_watch(value: Any) -> List[str]:
 
 
 def parse_names_list(field: str, value: Any) -> List[str]:
-    if not isinstance(value, list) or len(value) > 256 or not all(isinstance(item, str) for item in value):
+    if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS or not all(isinstance(item, str) for item in value):
         raise invalid_field(field, "field %r must be true, false or an array of paths, got %s" % (field, _json_type(value)))
     return value
 
@@ -953,16 +957,16 @@ def count_field(name: str, default: Optional[int], low: int, high: int, **doc: s
                        dict({"type": "integer", "minimum": low, "maximum": high}, **doc))
 
 
-def duration_field(name: str, default: int, high: int = 86_400_000) -> ConfigField:
+def duration_field(name: str, default: int, high: int = MAX_DURATION_MS) -> ConfigField:
     return ConfigField(name, int, default, lambda value: parse_duration(name, value, high),
-                       {"type": ["integer", "string"], "minimum": 0,
+                       {"type": ["integer", "string"], "minimum": 0, "maximum": high,
                         "description": "milliseconds, or \"500ms\", \"5s\", \"2m\""})
 
 
 def size_field(name: str, default: Optional[int]) -> ConfigField:
     return ConfigField(name, int if default is not None else Optional[int], default,
                        lambda value: parse_size(name, value),
-                       {"type": ["integer", "string"], "minimum": 1,
+                       {"type": ["integer", "string"], "minimum": 1, "maximum": MAX_SIZE,
                         "description": "bytes, or \"512K\", \"150M\", \"1.5G\""})
 
 
@@ -974,8 +978,9 @@ def log_path_field(name: str) -> ConfigField:
 def identity_field(name: str, description: str) -> ConfigField:
     """user/group: a name, or a number kept as its text."""
     def parse(value: Any) -> str:
-        return _check_str(name, value if isinstance(value, str) else str(_check_int(name, value, 0, 2 ** 31)))
-    return ConfigField(name, Optional[str], None, parse, {"type": ["string", "integer"], "description": description})
+        return _check_str(name, value if isinstance(value, str) else str(_check_int(name, value, 0, MAX_ID)))
+    return ConfigField(name, Optional[str], None, parse,
+                       {"type": ["string", "integer"], "minimum": 0, "maximum": MAX_ID, "description": description})
 
 
 def anchored(regex) -> str:
@@ -1003,7 +1008,8 @@ CONFIG_FIELDS: Dict[str, ConfigField] = {field.name: field for field in (
     duration_field("restart_delay", DEFAULT_RESTART_DELAY_MS),
     duration_field("exp_backoff_restart_delay", 0, BACKOFF_MAX_MS),
     ConfigField("stop_exit_codes", List[int], [], parse_exit_codes,
-                {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}),
+                {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255},
+                 "maxItems": MAX_LIST_ITEMS}),
     ConfigField("kill_signal", str, "SIGTERM", parse_signal_name, {"type": "string", "enum": list(KILL_SIGNALS)}),
     duration_field("kill_timeout", DEFAULT_KILL_TIMEOUT_MS, 3_600_000),
     size_field("max_memory_restart", None),
@@ -1014,7 +1020,8 @@ CONFIG_FIELDS: Dict[str, ConfigField] = {field.name: field for field in (
     flag_field("wait_ready", False),
     duration_field("listen_timeout", DEFAULT_LISTEN_TIMEOUT_MS),
     ConfigField("depends_on", List[str], [], lambda value: parse_names("depends_on", value),
-                {"type": "array", "items": {"type": "string", "pattern": NAME_RE.pattern.rstrip("\\Z")}}),
+                {"type": "array", "items": {"type": "string", "pattern": anchored(NAME_RE)},
+                 "maxItems": MAX_PROCESSES}),
     flag_field("autostart", True),
     ConfigField("namespace", str, "default", parse_namespace, {"type": "string", "pattern": anchored(NAMESPACE_RE)}),
     flag_field("stdin", False),
@@ -1022,17 +1029,18 @@ CONFIG_FIELDS: Dict[str, ConfigField] = {field.name: field for field in (
     text_field("interpreter"),
     ConfigField("interpreter_args", List[str], [],
                 lambda value: [_check_str("interpreter_args", item, allow_empty=True) for item in parse_args(value)],
-                {"type": "array", "items": {"type": "string"}}),
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_ARGS}),
     ConfigField("umask", Optional[int], None, parse_umask,
                 {"type": ["string", "integer"], "minimum": 0, "maximum": 511, "pattern": "^0?[0-7]{1,3}$"}),
     ConfigField("rlimits", Dict[str, List[int]], {}, parse_rlimits,
                 {"type": "object", "propertyNames": {"enum": list(RLIMIT_NAMES)}}),
     ConfigField("cron_restart", Optional[str], None, parse_cron_field,
                 {"type": "string", "description": "five cron fields, e.g. \"0 3 * * *\""}),
-    ConfigField("watch", List[str], [], parse_watch, {"type": ["boolean", "array"], "items": {"type": "string"}}),
+    ConfigField("watch", List[str], [], parse_watch,
+                {"type": ["boolean", "array"], "items": {"type": "string"}, "maxItems": MAX_LIST_ITEMS}),
     ConfigField("watch_ignore", List[str], list(WATCH_IGNORE_DEFAULT),
                 lambda value: [_check_str("watch_ignore", item) for item in parse_names_list("watch_ignore", value)],
-                {"type": "array", "items": {"type": "string"}}),
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LIST_ITEMS}),
     duration_field("watch_delay", WATCH_DELAY_MS, 600_000),
     identity_field("user", "run as this user (the daemon must be root)"),
     identity_field("group", "and this group (default: the user's)"),
