@@ -463,8 +463,9 @@ class SpawnError(PMDaemonError):
 
 # ==============================================================================================
 # 3. Configuration
-#    ProcessConfig.from_dict validates user input field by field and names the bad field;
-#    to_dict is both the API's "config" and the persisted form. DaemonConfig holds `web` flags.
+#    CONFIG_FIELDS, one row per process setting, makes ProcessConfig; from_dict validates user
+#    input field by field with it and names the bad field; to_dict is both the API's "config"
+#    and the persisted form. DaemonConfig holds `web` flags.
 # ==============================================================================================
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", re.ASCII)
