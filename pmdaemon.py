@@ -4838,7 +4838,7 @@ class TicketBook:
 
 
 class Access(enum.Enum):
-    """Who may call a route; admit() applies it."""
+    """Who may call a route; route() makes it the flags admit() applies."""
     PUBLIC = "public"       # the dashboard's files: no data, no key needed
     READ = "read"           # any key, a read-only one too
     ACTS = "acts"           # changes something: refused to a read-only key
@@ -4857,26 +4857,18 @@ class Operation(NamedTuple):
 
 
 class Route(NamedTuple):
-    """A row of the route table: what admission, dispatch, RepeatedAnswers and OpenAPI know."""
+    """A compiled row of the route table: what admission, dispatch, RepeatedAnswers and OpenAPI
+    read. Rows are written with route(), which turns their Access into the three flags (plain
+    fields, read on every request)."""
     method: str
     pattern: Any
     handler: Callable
-    access: Access = Access.READ
+    ticket_ok: bool = False         # /ws: a single-use ticket may stand in for the key
+    acts: bool = False              # changes something: refused to a read-only key
+    public: bool = False            # the dashboard's files: no data, no key needed
     template: str = ""
     snapshot: Optional[Callable[[], bytes]] = None   # body of a plain GET, for RepeatedAnswers
     doc: Optional[Operation] = None
-
-    @property
-    def ticket_ok(self) -> bool:
-        return self.access is Access.TICKET
-
-    @property
-    def acts(self) -> bool:
-        return self.access is Access.ACTS
-
-    @property
-    def public(self) -> bool:
-        return self.access is Access.PUBLIC
 
 
 def compile_route(template: str):
@@ -4885,7 +4877,8 @@ def compile_route(template: str):
 
 def route(method: str, template: str, handler: Callable, access: Access, doc: Operation,
           snapshot: Optional[Callable[[], bytes]] = None) -> Route:
-    return Route(method, compile_route(template), handler, access, template, snapshot, doc)
+    return Route(method, compile_route(template), handler, access is Access.TICKET, access is Access.ACTS,
+                 access is Access.PUBLIC, template, snapshot, doc)
 
 
 def message(text: str, **extra: Any) -> dict:
