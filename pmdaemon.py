@@ -1057,14 +1057,15 @@ CONFIG_FIELDS: Dict[str, ConfigField] = {field.name: field for field in (
 
 def record_of(fields: Dict[str, ConfigField]):
     """Make a class a record whose fields are these, in order, with their defaults (a list or
-    dict default is copied for each record)."""
+    dict default is copied for each record); cls.required_fields names those without one."""
     def make(cls):
         cls.__annotations__ = {name: field.type for name, field in fields.items()}
         for name, field in fields.items():
-            if isinstance(field.default, (list, dict)):
-                setattr(cls, name, record_field(functools.partial(copy.deepcopy, field.default)))
+            if isinstance(field.default, (list, dict)):       # flat: a shallow copy is a new one
+                setattr(cls, name, record_field(functools.partial(type(field.default), field.default)))
             elif not field.required:
                 setattr(cls, name, field.default)
+        cls.required_fields = tuple(name for name, field in fields.items() if field.required)
         return record(cls)
     return make
 
@@ -1083,9 +1084,9 @@ class ProcessConfig:
         for key in data:
             if key not in CONFIG_FIELDS:
                 raise invalid_field(key, "unknown field %r" % key[:80])
-        for field in CONFIG_FIELDS.values():
-            if field.required and data.get(field.name) is None:
-                raise invalid_field(field.name, "field %r is required" % field.name)
+        for required in cls.required_fields:
+            if data.get(required) is None:
+                raise invalid_field(required, "field %r is required" % required)
         config = cls(**{key: CONFIG_FIELDS[key].parse(value) for key, value in data.items() if value is not None})
         if check_cwd:
             config.cwd = _resolve_cwd(config.cwd, base_dir)
