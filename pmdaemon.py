@@ -469,8 +469,9 @@ class SpawnError(PMDaemonError):
 
 # ==============================================================================================
 # 3. Configuration
-#    ProcessConfig.from_dict validates user input field by field and names the bad field;
-#    to_dict is both the API's "config" and the persisted form. DaemonConfig holds `web` flags.
+#    CONFIG_FIELDS, one row per process setting, makes ProcessConfig; from_dict validates user
+#    input field by field with it and names the bad field; to_dict is both the API's "config"
+#    and the persisted form. DaemonConfig holds `web` flags.
 # ==============================================================================================
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", re.ASCII)
@@ -484,6 +485,10 @@ HEALTH_CHECK_TYPES = ("http", "tcp", "script")
 HEALTH_CHECK_DEFAULTS = {"type": None, "url": None, "host": "127.0.0.1", "port": None, "script": None,
                          "args": [], "timeout": 5000, "interval": 10_000, "retries": 3, "enabled": True}
 KILL_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
+MAX_LIST_ITEMS = 256            # stop_exit_codes, watch, watch_ignore
+MAX_SIZE = 2 ** 50              # bytes a size setting may say
+MAX_DURATION_MS = 86_400_000    # a duration setting without a tighter bound of its own
+MAX_ID = 2 ** 31                # a uid or gid given as a number
 
 
 def _is_int(value: Any) -> bool:
@@ -635,17 +640,17 @@ def parse_size(field: str, value: Any) -> Optional[int]:
     if value is None:
         return None
     if _is_int(value):
-        return _check_int(field, value, 1, 2 ** 50)
+        return _check_int(field, value, 1, MAX_SIZE)
     if isinstance(value, str):
         match = SIZE_RE.match(value.strip())
         size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()]) if match else 0
-        if 0 < size <= 2 ** 50:
+        if 0 < size <= MAX_SIZE:
             return size
     raise invalid_field(field, "field %r must be a size in bytes or like \"150M\" or \"1.5G\", got %s"
                         % (field, _json_type(value)))
 
 
-def parse_duration(field: str, value: Any, high: int = 86_400_000) -> int:
+def parse_duration(field: str, value: Any, high: int = MAX_DURATION_MS) -> int:
     """Milliseconds from an integer (ms) or a string like "500ms", "5s", "2m"."""
     if isinstance(value, str):
         match = DURATION_RE.match(value.strip())
@@ -703,7 +708,7 @@ def parse_health_check(value: Any) -> Optional[dict]:
 
 
 def parse_exit_codes(value: Any) -> List[int]:
-    if not isinstance(value, list) or len(value) > 256:
+    if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
         raise invalid_field("stop_exit_codes", "field 'stop_exit_codes' must be an array of "
                             "exit codes, got %s" % _json_type(value))
     return [_check_int("stop_exit_codes", code, 0, 255) for code in value]
@@ -883,7 +888,7 @@ def parse_watch(value: Any) -> List[str]:
 
 
 def parse_names_list(field: str, value: Any) -> List[str]:
-    if not isinstance(value, list) or len(value) > 256 or not all(isinstance(item, str) for item in value):
+    if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS or not all(isinstance(item, str) for item in value):
         raise invalid_field(field, "field %r must be true, false or an array of paths, got %s" % (field, _json_type(value)))
     return value
 
@@ -915,53 +920,166 @@ def parse_cron_field(value: Any) -> Optional[str]:
     return " ".join(text.split())
 
 
-@record
-class ProcessConfig:
-    """Everything a user can set for a managed process (the POST /api/processes body)."""
+# -- process settings: one table says each field's type, default, parser and schema --------------
+#    ProcessConfig is made from CONFIG_FIELDS (its attributes, order and defaults), from_dict
+#    parses with it, and the OpenAPI schema (section 9) is built from it: a new setting is one
+#    row here (plus its test and README row). JSON null means "the default" for every field
+#    but the required ones, so no field needs its own null rule.
+
+class Required:
+    """The default of a field the user must give."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = Required()
+
+
+class ConfigField(NamedTuple):
+    """One process setting, in one row."""
     name: str
-    script: str
-    args: List[str] = record_field(list)
-    cwd: Optional[str] = None
-    env: Dict[str, str] = record_field(dict)
-    port: Optional[str] = None
-    instances: int = 1
-    shell: bool = False
-    autorestart: bool = True
-    max_restarts: int = DEFAULT_MAX_RESTARTS
-    min_uptime: int = DEFAULT_MIN_UPTIME_MS
-    restart_delay: int = DEFAULT_RESTART_DELAY_MS
-    exp_backoff_restart_delay: int = 0
-    stop_exit_codes: List[int] = record_field(list)
-    kill_signal: str = "SIGTERM"
-    kill_timeout: int = DEFAULT_KILL_TIMEOUT_MS
-    max_memory_restart: Optional[int] = None
-    log_max_size: int = DEFAULT_LOG_MAX_SIZE
-    log_max_files: int = DEFAULT_LOG_MAX_FILES
-    health_check: Optional[dict] = None
-    restart_on_unhealthy: bool = True
-    wait_ready: bool = False
-    listen_timeout: int = DEFAULT_LISTEN_TIMEOUT_MS
-    depends_on: List[str] = record_field(list)
-    autostart: bool = True
-    namespace: str = "default"
-    stdin: bool = False
-    env_file: Optional[str] = None
-    interpreter: Optional[str] = None
-    interpreter_args: List[str] = record_field(list)
-    umask: Optional[int] = None
-    rlimits: Dict[str, List[int]] = record_field(dict)
-    cron_restart: Optional[str] = None
-    watch: List[str] = record_field(list)
-    watch_ignore: List[str] = record_field(lambda: list(WATCH_IGNORE_DEFAULT))
-    watch_delay: int = WATCH_DELAY_MS
-    user: Optional[str] = None
-    group: Optional[str] = None
-    out_file: Optional[str] = None
-    error_file: Optional[str] = None
-    merge_logs: bool = False
-    log_date_format: str = "iso"
-    memory_limit: Optional[int] = None
-    cpu_limit: Optional[int] = None
+    type: Any                       # of the attribute, for readers
+    default: Any                    # REQUIRED, or what an absent or null field gets (lists and dicts copied)
+    parse: Callable[[Any], Any]     # a JSON value (never null) -> the kept value; ValidationError names the field
+    schema: dict                    # JSON Schema of a non-null value; section 9 adds null for optional fields
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+def text_field(name: str, default: Any = None) -> ConfigField:
+    return ConfigField(name, str if default is REQUIRED else Optional[str], default,
+                       lambda value: _check_str(name, value), {"type": "string", "minLength": 1})
+
+
+def flag_field(name: str, default: bool) -> ConfigField:
+    return ConfigField(name, bool, default, lambda value: _check_bool(name, value), {"type": "boolean"})
+
+
+def count_field(name: str, default: Optional[int], low: int, high: int, **doc: str) -> ConfigField:
+    return ConfigField(name, int if default is not None else Optional[int], default,
+                       lambda value: _check_int(name, value, low, high),
+                       dict({"type": "integer", "minimum": low, "maximum": high}, **doc))
+
+
+def duration_field(name: str, default: int, high: int = MAX_DURATION_MS) -> ConfigField:
+    return ConfigField(name, int, default, lambda value: parse_duration(name, value, high),
+                       {"type": ["integer", "string"], "minimum": 0, "maximum": high,
+                        "description": "milliseconds, or \"500ms\", \"5s\", \"2m\""})
+
+
+def size_field(name: str, default: Optional[int]) -> ConfigField:
+    return ConfigField(name, int if default is not None else Optional[int], default,
+                       lambda value: parse_size(name, value),
+                       {"type": ["integer", "string"], "minimum": 1, "maximum": MAX_SIZE,
+                        "description": "bytes, or \"512K\", \"150M\", \"1.5G\""})
+
+
+def log_path_field(name: str) -> ConfigField:
+    return ConfigField(name, Optional[str], None, lambda value: parse_log_path(name, value),
+                       {"type": "string", "pattern": "^/"})
+
+
+def identity_field(name: str, description: str) -> ConfigField:
+    """user/group: a name, or a number kept as its text."""
+    def parse(value: Any) -> str:
+        return _check_str(name, value if isinstance(value, str) else str(_check_int(name, value, 0, MAX_ID)))
+    return ConfigField(name, Optional[str], None, parse,
+                       {"type": ["string", "integer"], "minimum": 0, "maximum": MAX_ID, "description": description})
+
+
+def anchored(regex) -> str:
+    """A \\Z-ended regex as a JSON Schema pattern (which matches anywhere unless anchored)."""
+    return "^" + regex.pattern.rstrip("\\Z") + "$"
+
+
+CONFIG_FIELDS: Dict[str, ConfigField] = {field.name: field for field in (
+    ConfigField("name", str, REQUIRED, parse_name, {"type": "string", "pattern": anchored(NAME_RE)}),
+    text_field("script", REQUIRED),
+    ConfigField("args", List[str], [], parse_args,
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_ARGS}),
+    text_field("cwd"),
+    ConfigField("env", Dict[str, str], {}, parse_env,
+                {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": MAX_ENV_VARS}),
+    ConfigField("port", Optional[str], None, lambda value: parse_port_value("port", value),
+                {"type": ["integer", "string"], "minimum": 1, "maximum": 65535,
+                 "pattern": "^(auto|auto:[0-9]{1,5}-[0-9]{1,5}|[0-9]{1,5}(-[0-9]{1,5})?)$",
+                 "description": "3000, \"3000-3003\", \"auto\" or \"auto:3000-3100\""}),
+    count_field("instances", 1, 1, MAX_INSTANCES),
+    flag_field("shell", False),
+    flag_field("autorestart", True),
+    count_field("max_restarts", DEFAULT_MAX_RESTARTS, 0, 1_000_000),
+    duration_field("min_uptime", DEFAULT_MIN_UPTIME_MS),
+    duration_field("restart_delay", DEFAULT_RESTART_DELAY_MS),
+    duration_field("exp_backoff_restart_delay", 0, BACKOFF_MAX_MS),
+    ConfigField("stop_exit_codes", List[int], [], parse_exit_codes,
+                {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255},
+                 "maxItems": MAX_LIST_ITEMS}),
+    ConfigField("kill_signal", str, "SIGTERM", parse_signal_name, {"type": "string", "enum": list(KILL_SIGNALS)}),
+    duration_field("kill_timeout", DEFAULT_KILL_TIMEOUT_MS, 3_600_000),
+    size_field("max_memory_restart", None),
+    size_field("log_max_size", DEFAULT_LOG_MAX_SIZE),
+    count_field("log_max_files", DEFAULT_LOG_MAX_FILES, 1, 100),
+    ConfigField("health_check", Optional[dict], None, parse_health_check, {"type": "object"}),
+    flag_field("restart_on_unhealthy", True),
+    flag_field("wait_ready", False),
+    duration_field("listen_timeout", DEFAULT_LISTEN_TIMEOUT_MS),
+    ConfigField("depends_on", List[str], [], lambda value: parse_names("depends_on", value),
+                {"type": "array", "items": {"type": "string", "pattern": anchored(NAME_RE)},
+                 "maxItems": MAX_PROCESSES}),
+    flag_field("autostart", True),
+    ConfigField("namespace", str, "default", parse_namespace, {"type": "string", "pattern": anchored(NAMESPACE_RE)}),
+    flag_field("stdin", False),
+    text_field("env_file"),
+    text_field("interpreter"),
+    ConfigField("interpreter_args", List[str], [],
+                lambda value: [_check_str("interpreter_args", item, allow_empty=True) for item in parse_args(value)],
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_ARGS}),
+    ConfigField("umask", Optional[int], None, parse_umask,
+                {"type": ["string", "integer"], "minimum": 0, "maximum": 511, "pattern": "^0?[0-7]{1,3}$"}),
+    ConfigField("rlimits", Dict[str, List[int]], {}, parse_rlimits,
+                {"type": "object", "propertyNames": {"enum": list(RLIMIT_NAMES)}}),
+    ConfigField("cron_restart", Optional[str], None, parse_cron_field,
+                {"type": "string", "description": "five cron fields, e.g. \"0 3 * * *\""}),
+    ConfigField("watch", List[str], [], parse_watch,
+                {"type": ["boolean", "array"], "items": {"type": "string"}, "maxItems": MAX_LIST_ITEMS}),
+    ConfigField("watch_ignore", List[str], list(WATCH_IGNORE_DEFAULT),
+                lambda value: [_check_str("watch_ignore", item) for item in parse_names_list("watch_ignore", value)],
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LIST_ITEMS}),
+    duration_field("watch_delay", WATCH_DELAY_MS, 600_000),
+    identity_field("user", "run as this user (the daemon must be root)"),
+    identity_field("group", "and this group (default: the user's)"),
+    log_path_field("out_file"),
+    log_path_field("error_file"),
+    flag_field("merge_logs", False),
+    ConfigField("log_date_format", str, "iso", lambda value: _check_choice("log_date_format", value, ("iso", "none")),
+                {"type": "string", "enum": ["iso", "none"]}),
+    size_field("memory_limit", None),
+    count_field("cpu_limit", None, 1, 100 * 1024, description="% of one core"),
+)}
+
+
+def record_of(fields: Dict[str, ConfigField]):
+    """Make a class a record whose fields are these, in order, with their defaults (a list or
+    dict default is copied for each record); cls.required_fields names those without one."""
+    def make(cls):
+        cls.__annotations__ = {name: field.type for name, field in fields.items()}
+        for name, field in fields.items():
+            if isinstance(field.default, (list, dict)):       # flat: a shallow copy is a new one
+                setattr(cls, name, record_field(functools.partial(type(field.default), field.default)))
+            elif not field.required:
+                setattr(cls, name, field.default)
+        cls.required_fields = tuple(name for name, field in fields.items() if field.required)
+        return record(cls)
+    return make
+
+
+@record_of(CONFIG_FIELDS)
+class ProcessConfig:
+    """Everything a user can set for a managed process (the POST /api/processes body): the
+    fields of CONFIG_FIELDS."""
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
@@ -972,12 +1090,10 @@ class ProcessConfig:
         for key in data:
             if key not in CONFIG_FIELDS:
                 raise invalid_field(key, "unknown field %r" % key[:80])
-        for required in ("name", "script"):
+        for required in cls.required_fields:
             if data.get(required) is None:
                 raise invalid_field(required, "field %r is required" % required)
-        values = {key: CONFIG_FIELDS[key](value) for key, value in data.items()
-                  if value is not None or key in NULLABLE_FIELDS}
-        config = cls(**values)
+        config = cls(**{key: CONFIG_FIELDS[key].parse(value) for key, value in data.items() if value is not None})
         if check_cwd:
             config.cwd = _resolve_cwd(config.cwd, base_dir)
         config.check_consistency()
@@ -1004,57 +1120,6 @@ def _resolve_cwd(cwd: Optional[str], base_dir: Optional[str]) -> str:
     if not os.path.isdir(path):
         raise invalid_field("cwd", "field 'cwd' is not an existing directory: %r" % path)
     return path
-
-
-CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
-    "name": parse_name,
-    "script": lambda v: _check_str("script", v),
-    "args": parse_args,
-    "cwd": lambda v: _check_str("cwd", v),
-    "env": parse_env,
-    "port": lambda v: parse_port_value("port", v),
-    "instances": lambda v: _check_int("instances", v, 1, MAX_INSTANCES),
-    "shell": lambda v: _check_bool("shell", v),
-    "autorestart": lambda v: _check_bool("autorestart", v),
-    "max_restarts": lambda v: _check_int("max_restarts", v, 0, 1_000_000),
-    "min_uptime": lambda v: parse_duration("min_uptime", v),
-    "restart_delay": lambda v: parse_duration("restart_delay", v),
-    "exp_backoff_restart_delay": lambda v: parse_duration("exp_backoff_restart_delay", v, BACKOFF_MAX_MS),
-    "stop_exit_codes": parse_exit_codes,
-    "kill_signal": parse_signal_name,
-    "kill_timeout": lambda v: parse_duration("kill_timeout", v, 3_600_000),
-    "max_memory_restart": lambda v: parse_size("max_memory_restart", v),
-    "log_max_size": lambda v: parse_size("log_max_size", v),
-    "log_max_files": lambda v: _check_int("log_max_files", v, 1, 100),
-    "health_check": parse_health_check,
-    "restart_on_unhealthy": lambda v: _check_bool("restart_on_unhealthy", v),
-    "wait_ready": lambda v: _check_bool("wait_ready", v),
-    "listen_timeout": lambda v: parse_duration("listen_timeout", v),
-    "depends_on": lambda v: parse_names("depends_on", v),
-    "autostart": lambda v: _check_bool("autostart", v),
-    "namespace": parse_namespace,
-    "stdin": lambda v: _check_bool("stdin", v),
-    "env_file": lambda v: None if v is None else _check_str("env_file", v),
-    "interpreter": lambda v: None if v is None else _check_str("interpreter", v),
-    "interpreter_args": lambda v: [_check_str("interpreter_args", item, allow_empty=True) for item in parse_args(v)],
-    "umask": parse_umask,
-    "rlimits": parse_rlimits,
-    "cron_restart": parse_cron_field,
-    "watch": parse_watch,
-    "watch_ignore": lambda v: [_check_str("watch_ignore", item) for item in parse_names_list("watch_ignore", v)],
-    "watch_delay": lambda v: parse_duration("watch_delay", v, 600_000),
-    "user": lambda v: None if v is None else _check_str("user", v if isinstance(v, str) else str(_check_int("user", v, 0, 2 ** 31))),
-    "group": lambda v: None if v is None else _check_str("group", v if isinstance(v, str) else str(_check_int("group", v, 0, 2 ** 31))),
-    "out_file": lambda v: parse_log_path("out_file", v),
-    "error_file": lambda v: parse_log_path("error_file", v),
-    "merge_logs": lambda v: _check_bool("merge_logs", v),
-    "log_date_format": lambda v: _check_choice("log_date_format", v, ("iso", "none")),
-    "memory_limit": lambda v: parse_size("memory_limit", v),
-    "cpu_limit": lambda v: None if v is None else _check_int("cpu_limit", v, 1, 100 * 1024),
-}
-NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_file", "interpreter", "umask",
-                             "cron_restart", "user", "group", "out_file", "error_file", "memory_limit",
-                             "cpu_limit"})
 
 
 @record
@@ -4954,7 +5019,29 @@ class TicketBook:
         return entry[2] if entry is not None and entry[0] > self.clock() else None
 
 
+class Access(enum.Enum):
+    """Who may call a route; route() makes it the flags admit() applies."""
+    PUBLIC = "public"       # the dashboard's files: no data, no key needed
+    READ = "read"           # any key, a read-only one too
+    ACTS = "acts"           # changes something: refused to a read-only key
+    TICKET = "ticket"       # READ, or a single-use ticket in place of the key (/ws, for browsers)
+
+
+class Operation(NamedTuple):
+    """A route's OpenAPI description (openapi_document builds the document from these)."""
+    summary: str
+    status: int                         # the success answer: 2xx, or 101 for /ws
+    response: Optional[str] = None      # its schema, a name in OPENAPI_SCHEMAS
+    body: Optional[str] = None          # the request body's schema
+    body_required: bool = True
+    errors: Tuple[int, ...] = ()        # the 4xx/5xx it documents besides the generic 4XX
+    extensions: Optional[dict] = None   # "x-" keys of the operation
+
+
 class Route(NamedTuple):
+    """A compiled row of the route table: what admission, dispatch, RepeatedAnswers and OpenAPI
+    read. Rows are written with route(), which turns their Access into the three flags (plain
+    fields, read on every request)."""
     method: str
     pattern: Any
     handler: Callable
@@ -4963,10 +5050,17 @@ class Route(NamedTuple):
     public: bool = False            # the dashboard's files: no data, no key needed
     template: str = ""
     snapshot: Optional[Callable[[], bytes]] = None   # body of a plain GET, for RepeatedAnswers
+    doc: Optional[Operation] = None
 
 
 def compile_route(template: str):
     return re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + r"\Z", re.ASCII)
+
+
+def route(method: str, template: str, handler: Callable, access: Access, doc: Operation,
+          snapshot: Optional[Callable[[], bytes]] = None) -> Route:
+    return Route(method, compile_route(template), handler, access is Access.TICKET, access is Access.ACTS,
+                 access is Access.PUBLIC, template, snapshot, doc)
 
 
 def message(text: str, **extra: Any) -> dict:
@@ -5496,7 +5590,7 @@ DASHBOARD_FILES = {"/": StaticFile.of(DASHBOARD_HTML, "text/html; charset=utf-8"
                    "/dashboard.js": StaticFile.of(DASHBOARD_JS, "text/javascript; charset=utf-8")}
 
 
-# -- the OpenAPI 3.1 document: every route, described in one table ------------------------------
+# -- the OpenAPI 3.1 document: from the route rows (Api.routes) and CONFIG_FIELDS ---------------
 
 def _object(properties: Dict[str, Any], required: Tuple[str, ...] = ()) -> dict:
     return {"type": "object", "properties": properties, "required": list(required)}
@@ -5507,54 +5601,20 @@ def _ref(name: str) -> dict:
 
 
 NULLABLE_INT = {"type": ["integer", "null"]}
-_DURATION = {"type": ["integer", "string", "null"], "minimum": 0, "description": "milliseconds, or \"500ms\", \"5s\", \"2m\""}
-_SIZE = {"type": ["integer", "string", "null"], "minimum": 1, "description": "bytes, or \"512K\", \"150M\", \"1.5G\""}
-_FLAG = {"type": ["boolean", "null"]}
-_NAMES = {"type": ["array", "null"], "items": {"type": "string", "pattern": NAME_RE.pattern.rstrip("\\Z")}}
 
 
-def _count(low: int, high: int) -> dict:
-    return {"type": ["integer", "null"], "minimum": low, "maximum": high}
+def or_null(schema: dict) -> dict:
+    """The schema of an optional setting: null too, which means "the default"."""
+    schema = dict(schema)
+    schema["type"] = (schema["type"] if isinstance(schema["type"], list) else [schema["type"]]) + ["null"]
+    if "enum" in schema:
+        schema["enum"] = schema["enum"] + [None]
+    return schema
 
 
-# What each setting takes; null means "the default" (README 'Process settings').
-CONFIG_SCHEMA = {
-    "name": {"type": "string", "pattern": "^" + NAME_RE.pattern.rstrip("\\Z") + "$"},
-    "script": {"type": "string", "minLength": 1},
-    "args": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": MAX_ARGS},
-    "cwd": {"type": ["string", "null"], "minLength": 1},
-    "env": {"type": ["object", "null"], "additionalProperties": {"type": "string"}, "maxProperties": MAX_ENV_VARS},
-    "port": {"type": ["integer", "string", "null"], "minimum": 1, "maximum": 65535,
-             "pattern": "^(auto|auto:[0-9]{1,5}-[0-9]{1,5}|[0-9]{1,5}(-[0-9]{1,5})?)$",
-             "description": "3000, \"3000-3003\", \"auto\" or \"auto:3000-3100\""},
-    "instances": _count(1, MAX_INSTANCES), "shell": _FLAG, "autorestart": _FLAG,
-    "max_restarts": _count(0, 1_000_000), "min_uptime": _DURATION, "restart_delay": _DURATION,
-    "exp_backoff_restart_delay": _DURATION,
-    "stop_exit_codes": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0, "maximum": 255}},
-    "kill_signal": {"type": ["string", "null"], "enum": list(KILL_SIGNALS) + [None]},
-    "kill_timeout": _DURATION, "max_memory_restart": _SIZE, "log_max_size": _SIZE,
-    "log_max_files": _count(1, 100), "health_check": {"type": ["object", "null"]},
-    "restart_on_unhealthy": _FLAG, "wait_ready": _FLAG, "listen_timeout": _DURATION,
-    "depends_on": _NAMES, "autostart": _FLAG,
-    "namespace": {"type": ["string", "null"], "pattern": "^" + NAMESPACE_RE.pattern.rstrip("\\Z") + "$"},
-    "stdin": _FLAG, "env_file": {"type": ["string", "null"], "minLength": 1},
-    "interpreter": {"type": ["string", "null"], "minLength": 1},
-    "interpreter_args": {"type": ["array", "null"], "items": {"type": "string"}},
-    "umask": {"type": ["string", "integer", "null"], "minimum": 0, "maximum": 511, "pattern": "^0?[0-7]{1,3}$"},
-    "rlimits": {"type": ["object", "null"], "propertyNames": {"enum": list(RLIMIT_NAMES)}},
-    "cron_restart": {"type": ["string", "null"], "description": "five cron fields, e.g. \"0 3 * * *\""},
-    "watch": {"type": ["boolean", "array", "null"], "items": {"type": "string"}},
-    "watch_ignore": {"type": ["array", "null"], "items": {"type": "string"}},
-    "watch_delay": _DURATION,
-    "user": {"type": ["string", "integer", "null"], "description": "run as this user (the daemon must be root)"},
-    "out_file": {"type": ["string", "null"], "pattern": "^/"},
-    "error_file": {"type": ["string", "null"], "pattern": "^/"},
-    "merge_logs": _FLAG,
-    "memory_limit": _SIZE,
-    "cpu_limit": {"type": ["integer", "null"], "minimum": 1, "maximum": 102400, "description": "% of one core"},
-    "log_date_format": {"type": ["string", "null"], "enum": ["iso", "none", None]},
-    "group": {"type": ["string", "integer", "null"], "description": "and this group (default: the user's)"},
-}
+# What each setting takes (README 'Process settings'), from the one table of them.
+CONFIG_SCHEMA = {name: field.schema if field.required else or_null(field.schema)
+                 for name, field in CONFIG_FIELDS.items()}
 
 OPENAPI_SCHEMAS = {
     "Error": _object({"success": {"const": False}, "error": _object(
@@ -5606,41 +5666,6 @@ OPENAPI_SCHEMAS = {
                            "pm2_env": {"type": "object"}}),
 }
 
-# (method, route template) -> (summary, request body schema or None, 2xx status, response schema, errors)
-OPENAPI_OPERATIONS = {
-    ("GET", "/api/processes"): ("List processes", None, 200, "ProcessList", ()),
-    ("POST", "/api/processes"): ("Create and start a process (or a group)", "ProcessConfig", 201, "Created",
-                                 (400, 409, 415, 507)),
-    ("GET", "/api/processes/{key}"): ("One process, or a group by its base name", None, 200, "ProcessDetails", (404,)),
-    ("DELETE", "/api/processes/{key}"): ("Stop and remove", None, 200, "Message", (404,)),
-    ("PATCH", "/api/processes/{key}"): ("Change settings in place", "ProcessPatch", 200, "Updated",
-                                        (400, 404, 409, 415, 422)),
-    ("POST", "/api/processes/{key}/start"): ("Start", None, 200, "Message", (404, 409, 422)),
-    ("POST", "/api/processes/{key}/stop"): ("Stop, keeping the entry", None, 200, "Message", (404,)),
-    ("POST", "/api/processes/{key}/restart"): ("Restart; optionally a new port or instances", "RestartBody", 200,
-                                               "Message", (400, 404, 409, 422)),
-    ("POST", "/api/processes/{key}/reload"): ("Rolling restart, one copy at a time", None, 200, "Message",
-                                              (404, 409, 422)),
-    ("POST", "/api/processes/{key}/signal"): ("Send a signal to the main process", "SignalBody", 200, "Message",
-                                              (400, 404, 409)),
-    ("POST", "/api/processes/{key}/stdin"): ("Write to the process's stdin (created with stdin: true)",
-                                             "StdinBody", 200, "Message", (400, 404, 409)),
-    ("GET", "/api/processes/{key}/health"): ("Health check state", None, 200, "Health", (404,)),
-    ("GET", "/api/system"): ("Host metrics", None, 200, "System", ()),
-    ("GET", "/api/logs/{key}"): ("Last log lines; ?follow=true streams NDJSON", None, 200, "Logs", (400, 404)),
-    ("DELETE", "/api/logs/{key}"): ("Empty the logs", None, 200, "Message", (404,)),
-    ("POST", "/api/ws-ticket"): ("A single-use ticket for a browser's WebSocket", None, 201, "Ticket", (503,)),
-    ("GET", "/ws"): ("WebSocket (RFC 6455): see x-websocket", None, 101, None, (400, 426, 503)),
-    ("GET", "/metrics"): ("Prometheus text exposition 0.0.4", None, 200, None, ()),
-    ("GET", "/api/pm2/jlist"): ("Processes in the shape of pm2 jlist", None, 200, "Pm2List", ()),
-    ("GET", "/api/pm2"): ("The old pm2 web shape: system_info, monit, processes", None, 200, None, ()),
-    ("GET", "/api/openapi.json"): ("This document", None, 200, None, ()),
-    ("GET", "/"): ("The dashboard (HTML)", None, 200, None, ()),
-    ("GET", "/dashboard.css"): ("The dashboard's stylesheet", None, 200, None, ()),
-    ("GET", "/dashboard.js"): ("The dashboard's script", None, 200, None, ()),
-    ("GET", "/api/access"): ("What the caller may do: full, or read (a read-only key)", None, 200, None, ()),
-}
-
 WEBSOCKET_MESSAGES = {
     "server": {kind: "see README 'WebSocket API'" for kind in (
         "process_update", "system_update", "health_update", "process_event", "log", "dropped", "subscribed",
@@ -5652,30 +5677,28 @@ WEBSOCKET_MESSAGES = {
 
 
 def openapi_document(routes: List[Any]) -> dict:
-    """The OpenAPI 3.1 description of every route in the table (the test fails on a gap)."""
+    """The OpenAPI 3.1 description of every route in the table, from each row's Operation."""
     paths: Dict[str, dict] = {}
     errors = {"4XX": {"description": "the spec's error body",
                       "content": {"application/json": {"schema": _ref("Error")}}}}
     for route in routes:
-        template = route.template
-        summary, body, status, schema, statuses = OPENAPI_OPERATIONS[(route.method, template)]
-        operation = {"summary": summary, "responses": {str(status): {"description": summary}}}
-        if schema:
-            operation["responses"][str(status)]["content"] = {"application/json": {"schema": _ref(schema)}}
-        for code in statuses:
+        doc = route.doc
+        operation = {"summary": doc.summary, "responses": {str(doc.status): {"description": doc.summary}}}
+        if doc.response:
+            operation["responses"][str(doc.status)]["content"] = {"application/json": {"schema": _ref(doc.response)}}
+        for code in doc.errors:
             operation["responses"][str(code)] = {"description": REASONS.get(code, "error"),
                                                  "content": errors["4XX"]["content"]}
         operation["responses"].update(errors)
-        if body:
-            operation["requestBody"] = {"required": body in ("ProcessConfig", "ProcessPatch", "SignalBody", "StdinBody"),
-                                        "content": {"application/json": {"schema": _ref(body)}}}
-        if "{key}" in template:
+        if doc.body:
+            operation["requestBody"] = {"required": doc.body_required,
+                                        "content": {"application/json": {"schema": _ref(doc.body)}}}
+        if "{key}" in route.template:
             operation["parameters"] = [{"name": "key", "in": "path", "required": True,
                                         "description": "process name, group base name, or id",
                                         "schema": {"type": "string"}}]
-        if template == "/ws":
-            operation["x-websocket"] = WEBSOCKET_MESSAGES
-        paths.setdefault(template, {})[route.method.lower()] = operation
+        operation.update(doc.extensions or {})
+        paths.setdefault(route.template, {})[route.method.lower()] = operation
     return {"openapi": "3.1.0",
             "info": {"title": "pmdaemon.py API", "version": __version__,
                      "description": "The PMDaemon Web API as pmdaemon.py serves it; see README.md."},
@@ -5930,36 +5953,59 @@ class Api:
         self._system_cache: Tuple[Any, bytes] = (None, b"")
         self._route_cache = BoundedCache()
         self._log_readers: Optional[asyncio.Semaphore] = None
-        snapshots = {"/api/processes": self.process_list_body, "/api/system": self.system_body}
-        self.routes = [Route(method, compile_route(template), handler, template == "/ws",
-                             method != "GET" and template != "/api/ws-ticket", template in DASHBOARD_FILES, template,
-                             snapshots.get(template) if method == "GET" else None)
-                       for method, template, handler in (
-            ("GET", "/api/processes", self.list_processes),
-            ("POST", "/api/processes", self.create_process),
-            ("GET", "/api/processes/{key}", self.get_process),
-            ("DELETE", "/api/processes/{key}", self.delete_process),
-            ("PATCH", "/api/processes/{key}", self.update_process),
-            ("POST", "/api/processes/{key}/start", self.start_process),
-            ("POST", "/api/processes/{key}/stop", self.stop_process),
-            ("POST", "/api/processes/{key}/restart", self.restart_process),
-            ("POST", "/api/processes/{key}/reload", self.reload_process),
-            ("POST", "/api/processes/{key}/signal", self.signal_process),
-            ("POST", "/api/processes/{key}/stdin", self.write_stdin),
-            ("GET", "/api/processes/{key}/health", self.get_health),
-            ("GET", "/api/system", self.get_system),
-            ("GET", "/api/logs/{key}", self.get_logs),
-            ("DELETE", "/api/logs/{key}", self.flush_logs),
-            ("POST", "/api/ws-ticket", self.create_ticket),
-            ("GET", "/ws", self.open_websocket),
-            ("GET", "/metrics", self.get_metrics),
-            ("GET", "/api/pm2/jlist", self.get_pm2_jlist),
-            ("GET", "/api/pm2", self.get_pm2_web),
-            ("GET", "/api/openapi.json", self.get_openapi),
-            ("GET", "/api/access", self.get_access),
-            ("GET", "/", self.get_static),
-            ("GET", "/dashboard.css", self.get_static),
-            ("GET", "/dashboard.js", self.get_static),
+        public, read, acts, ticket = Access.PUBLIC, Access.READ, Access.ACTS, Access.TICKET
+        self.routes = [route(*row) for row in (
+            # method, template, handler, who may call it, its OpenAPI Operation (summary, success
+            # status, response schema, ...) and, for a GET that answers a snapshot, the snapshot
+            ("GET", "/api/processes", self.list_processes, read,
+             Operation("List processes", 200, "ProcessList"), self.process_list_body),
+            ("POST", "/api/processes", self.create_process, acts,
+             Operation("Create and start a process (or a group)", 201, "Created", "ProcessConfig",
+                       errors=(400, 409, 415, 507))),
+            ("GET", "/api/processes/{key}", self.get_process, read,
+             Operation("One process, or a group by its base name", 200, "ProcessDetails", errors=(404,))),
+            ("DELETE", "/api/processes/{key}", self.delete_process, acts,
+             Operation("Stop and remove", 200, "Message", errors=(404,))),
+            ("PATCH", "/api/processes/{key}", self.update_process, acts,
+             Operation("Change settings in place", 200, "Updated", "ProcessPatch", errors=(400, 404, 409, 415, 422))),
+            ("POST", "/api/processes/{key}/start", self.start_process, acts,
+             Operation("Start", 200, "Message", errors=(404, 409, 422))),
+            ("POST", "/api/processes/{key}/stop", self.stop_process, acts,
+             Operation("Stop, keeping the entry", 200, "Message", errors=(404,))),
+            ("POST", "/api/processes/{key}/restart", self.restart_process, acts,
+             Operation("Restart; optionally a new port or instances", 200, "Message", "RestartBody",
+                       body_required=False, errors=(400, 404, 409, 422))),
+            ("POST", "/api/processes/{key}/reload", self.reload_process, acts,
+             Operation("Rolling restart, one copy at a time", 200, "Message", errors=(404, 409, 422))),
+            ("POST", "/api/processes/{key}/signal", self.signal_process, acts,
+             Operation("Send a signal to the main process", 200, "Message", "SignalBody", errors=(400, 404, 409))),
+            ("POST", "/api/processes/{key}/stdin", self.write_stdin, acts,
+             Operation("Write to the process's stdin (created with stdin: true)", 200, "Message", "StdinBody",
+                       errors=(400, 404, 409))),
+            ("GET", "/api/processes/{key}/health", self.get_health, read,
+             Operation("Health check state", 200, "Health", errors=(404,))),
+            ("GET", "/api/system", self.get_system, read,
+             Operation("Host metrics", 200, "System"), self.system_body),
+            ("GET", "/api/logs/{key}", self.get_logs, read,
+             Operation("Last log lines; ?follow=true streams NDJSON", 200, "Logs", errors=(400, 404))),
+            ("DELETE", "/api/logs/{key}", self.flush_logs, acts,
+             Operation("Empty the logs", 200, "Message", errors=(404,))),
+            ("POST", "/api/ws-ticket", self.create_ticket, read,      # a read-only key may watch too
+             Operation("A single-use ticket for a browser's WebSocket", 201, "Ticket", errors=(503,))),
+            ("GET", "/ws", self.open_websocket, ticket,
+             Operation("WebSocket (RFC 6455): see x-websocket", 101, errors=(400, 426, 503),
+                       extensions={"x-websocket": WEBSOCKET_MESSAGES})),
+            ("GET", "/metrics", self.get_metrics, read, Operation("Prometheus text exposition 0.0.4", 200)),
+            ("GET", "/api/pm2/jlist", self.get_pm2_jlist, read,
+             Operation("Processes in the shape of pm2 jlist", 200, "Pm2List")),
+            ("GET", "/api/pm2", self.get_pm2_web, read,
+             Operation("The old pm2 web shape: system_info, monit, processes", 200)),
+            ("GET", "/api/openapi.json", self.get_openapi, read, Operation("This document", 200)),
+            ("GET", "/api/access", self.get_access, read,
+             Operation("What the caller may do: full, or read (a read-only key)", 200)),
+            ("GET", "/", self.get_static, public, Operation("The dashboard (HTML)", 200)),
+            ("GET", "/dashboard.css", self.get_static, public, Operation("The dashboard's stylesheet", 200)),
+            ("GET", "/dashboard.js", self.get_static, public, Operation("The dashboard's script", 200)),
         )]
         self.server_stats = ServerStats()     # kept by the server glue, shown by /metrics
 
@@ -6145,7 +6191,7 @@ class Api:
             if field not in ("port", "instances"):
                 raise invalid_field(field, "unknown field %r (restart accepts 'port' and 'instances')" % field[:80])
         port = parse_port_value("port", body["port"]) if body.get("port") is not None else None
-        instances = (CONFIG_FIELDS["instances"](body["instances"])
+        instances = (CONFIG_FIELDS["instances"].parse(body["instances"])
                      if body.get("instances") is not None else None)
         members = await self.supervisor.restart(key, port, instances)
         return json_response(200, message("Process %r restarted successfully" % group_label(members)))

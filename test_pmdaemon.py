@@ -286,6 +286,19 @@ class TestProcessConfig(unittest.TestCase):
         self.assertEqual(config.max_restarts, 16)
         self.assertEqual(config.to_dict()["env"], {"A": "b"})
 
+    def test_the_schema_states_the_bounds_the_parser_keeps(self):
+        for name, field in pmdaemon.CONFIG_FIELDS.items():
+            for bound, outside in (("minimum", -1), ("maximum", 1)):
+                if bound in field.schema:
+                    field.parse(field.schema[bound])
+                    with self.assertRaises(pmdaemon.ValidationError, msg=name):
+                        field.parse(field.schema[bound] + outside)
+            if "maxItems" in field.schema:
+                item = "app" if "pattern" in field.schema["items"] else field.schema["items"].get("minimum", "x")
+                field.parse([item] * field.schema["maxItems"])
+                with self.assertRaises(pmdaemon.ValidationError, msg=name):
+                    field.parse([item] * (field.schema["maxItems"] + 1))
+
     def test_port_forms(self):
         for given, expected in ((3000, "3000"), ("3000", "3000"), ("3000-3003", "3000-3003"),
                                 ("auto", "auto"), ("auto:4000-4100", "auto:4000-4100"), (None, None)):
