@@ -180,7 +180,6 @@ STATE_SAVE_INTERVAL = 1.0              # state.json: at most one write per this 
 STATE_LAZY_INTERVAL = 60.0             # ... and for runtime details alone (pid, restart counts)
 LOG_ERROR_REPORT_INTERVAL = 10.0       # a process's log write errors are reported this seldom
 MAX_INSTANCES = 64
-MAX_LIST_ITEMS = 1024                  # args, depends_on, watch ... entries in one setting
 MAX_PROCESSES = 10_000                 # managed processes (each holds ~8 descriptors)
 MAX_ARGS = 1024
 MAX_ENV_VARS = 1024
@@ -663,7 +662,7 @@ def parse_duration(field: str, value: Any, high: int = MAX_DURATION_MS) -> int:
 
 
 def parse_names(field: str, value: Any) -> List[str]:
-    if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
+    if not isinstance(value, list) or len(value) > MAX_PROCESSES:
         raise invalid_field(field, "field %r must be an array of process names, got %s"
                             % (field, _json_type(value)))
     names = []

@@ -3774,8 +3774,9 @@ class TestDaemonLifecycle(unittest.TestCase):
                          ("online", 1, 1, "kept"))
         self.assertFalse(pid_alive(old_pid))            # the orphan of the old run was stopped
         self.assertTrue(pid_alive(now["pid"]))
-        copies = [p for p in os.listdir("/proc") if p.isdigit() and pid_alive(int(p))
-                  and b"PMDAEMON_PROCESS_NAME=survivor" in read_environ(int(p))]
+        copies = [p for p in os.listdir("/proc") if p.isdigit() and pid_alive(int(p))    # of this home only
+                  and {b"PMDAEMON_PROCESS_NAME=survivor", b"PMDAEMON_HOME=" + self.home.encode()}
+                  <= set(read_environ(int(p)).split(b"\0"))]
         self.assertEqual(copies, [str(now["pid"])])     # exactly one copy runs
         second.terminate()
 
