@@ -148,6 +148,7 @@ FOLLOW_QUEUE_LINES = 10_000            # lines a ?follow=true stream may lag bef
 
 # The command line.
 CLI_TIMEOUT = 30.0                     # seconds for answers that should be quick (list, info)
+MAX_ORIGIN = 4096                      # characters of a process's origin (the file that created it)
 ACTION_TIMEOUT = 3600.0                # ... and for actions, which wait for kill_timeout and more
 BACKGROUND_START_TIMEOUT = 10          # seconds a daemon started in the background may take
 DUMP_NAME = "dump.json"                # `save` / `resurrect` default file, in the home
@@ -909,6 +910,16 @@ def parse_cron_field(value: Any) -> Optional[str]:
     return " ".join(text.split())
 
 
+def parse_origin(value: Any) -> Optional[str]:
+    """What created a process ("file:/abs/path" for apply), so that --prune removes only its own."""
+    if value is None:
+        return None
+    text = _check_str("origin", value)
+    if len(text) > MAX_ORIGIN:
+        raise invalid_field("origin", "field 'origin' must be at most %d characters, got %d" % (MAX_ORIGIN, len(text)))
+    return text
+
+
 @record
 class ProcessConfig:
     """Everything a user can set for a managed process (the POST /api/processes body)."""
@@ -956,6 +967,7 @@ class ProcessConfig:
     log_date_format: str = "iso"
     memory_limit: Optional[int] = None
     cpu_limit: Optional[int] = None
+    origin: Optional[str] = None      # what created it: "file:/abs/path" of an apply (--prune)
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Optional[str] = None, check_cwd: bool = True) -> "ProcessConfig":
@@ -1045,10 +1057,11 @@ CONFIG_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "log_date_format": lambda v: _check_choice("log_date_format", v, ("iso", "none")),
     "memory_limit": lambda v: parse_size("memory_limit", v),
     "cpu_limit": lambda v: None if v is None else _check_int("cpu_limit", v, 1, 100 * 1024),
+    "origin": parse_origin,
 }
 NULLABLE_FIELDS = frozenset({"port", "max_memory_restart", "health_check", "env_file", "interpreter", "umask",
                              "cron_restart", "user", "group", "out_file", "error_file", "memory_limit",
-                             "cpu_limit"})
+                             "cpu_limit", "origin"})
 
 
 @record
@@ -5365,6 +5378,8 @@ CONFIG_SCHEMA = {
     "cpu_limit": {"type": ["integer", "null"], "minimum": 1, "maximum": 102400, "description": "% of one core"},
     "log_date_format": {"type": ["string", "null"], "enum": ["iso", "none", None]},
     "group": {"type": ["string", "integer", "null"], "description": "and this group (default: the user's)"},
+    "origin": {"type": ["string", "null"], "maxLength": MAX_ORIGIN,
+               "description": "what created it, e.g. \"file:/srv/app/ecosystem.config.js\" (apply --prune)"},
 }
 
 OPENAPI_SCHEMAS = {
