@@ -8651,6 +8651,11 @@ def pm2_to_native(app: dict, env_name: Optional[str], base_dir: str, origin: Opt
     if name is None and isinstance(app.get("script"), str):
         name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.splitext(os.path.basename(app["script"]))[0])[:64] or "app"
     label = str(name)
+    if isinstance(name, str) and not NAME_RE.match(name) and name.strip():
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-._")[:64] or "app"
+        warnings.append("%s: the name is %r here (letters, digits, . _ - only)" % (label, name))
+    if isinstance(app.get("namespace"), str) and not NAMESPACE_RE.match(app["namespace"]):
+        app["namespace"] = re.sub(r"[^A-Za-z0-9._-]+", "-", app["namespace"].strip()).strip("-._")[:64] or "default"
     config: Dict[str, Any] = {}
     env = app.pop("env", None)
     env = dict(env) if isinstance(env, dict) else env
@@ -8758,10 +8763,9 @@ def _pm2_logs(app: dict, config: dict, warnings: List[str], label: str) -> None:
 def _pm2_behaviour(app: dict, config: dict, warnings: List[str], label: str) -> None:
     mode = app.get("exec_mode")
     instances = pm2_instances(app.get("instances"), warnings, label) if "instances" in app else None
-    if isinstance(mode, str) and mode.startswith("cluster"):
-        warnings.append("%s: exec_mode cluster: %s separate processes; there is no shared listening socket, so "
-                        "give each its own port (port: \"3000-3003\")" % (label, instances or cpu_count()))
-        instances = instances or cpu_count() if "instances" not in app else instances
+    cluster = isinstance(mode, str) and mode.startswith("cluster")
+    if cluster and "instances" not in app:
+        instances = cpu_count()
     elif mode is not None and mode not in ("fork", "fork_mode", "cluster", "cluster_mode"):
         warnings.append("%s: exec_mode %r skipped: not fork or cluster" % (label, mode))
     if instances is not None:
@@ -8786,6 +8790,9 @@ def _pm2_behaviour(app: dict, config: dict, warnings: List[str], label: str) -> 
         config["env"] = {key: value for key, value in config["env"].items() if key != "PORT"}
     elif increment is not None:
         warnings.append("%s: increment_var %r skipped: only PORT is incremented (through port)" % (label, increment))
+    if cluster and "port" not in config and "port" not in app:
+        warnings.append("%s: exec_mode cluster: %s separate processes; there is no shared listening socket, so "
+                        "give each its own port (port: \"3000-3003\")" % (label, instances))
     if app.get("wait_ready") is True:
         if "health_check" in app:
             config["wait_ready"] = True
@@ -9011,6 +9018,20 @@ NATIVE_MARK = "pmdaemon"        # {"pmdaemon": 1, "apps": [...]}: our own fields
 NODE_EXPORT_SCRIPT = r"""
 const file = process.argv[1];
 const url = require("url");
+const stubbed = [];
+if (process.argv[2] === "stub-missing") {       // a package of the project not installed here
+  const Module = require("module");
+  const load = Module._load;
+  const stub = new Proxy(function () {}, { get: (target, key) => key === Symbol.toPrimitive ? () => "" : stub,
+                                           apply: () => stub, construct: () => stub });
+  Module._load = function (request, ...rest) {
+    try { return load.call(this, request, ...rest); } catch (error) {
+      if (error.code !== "MODULE_NOT_FOUND" || request.startsWith(".") || request.startsWith("/")) throw error;
+      stubbed.push(request);
+      return stub;
+    }
+  };
+}
 async function load() {
   try { return require(file); } catch (error) {
     if (error.code !== "ERR_REQUIRE_ESM" && !(error instanceof SyntaxError)) throw error;
@@ -9020,30 +9041,36 @@ async function load() {
 load().then((value) => {
   if (value && typeof value === "object" && value[Symbol.toStringTag] === "Module")
     value = value.default !== undefined ? value.default : { apps: value.apps };
-  process.stdout.write(JSON.stringify(value === undefined ? null : value));
-}, (error) => { process.stderr.write(String(error && error.message || error).split("\n")[0]); process.exit(1); });
+  process.stdout.write(JSON.stringify({ value: value === undefined ? null : value, stubbed }));
+}, (error) => { process.stderr.write(String(error && error.name + ": " + error.message || error).split("\n")[0]); process.exit(1); });
 """
 
 
-def read_js_file(path: str, text: str) -> Any:
+def read_js_file(path: str, text: str, warnings: List[str], stub_missing: bool = False) -> Any:
     """An ecosystem .js/.cjs/.mjs file through node when it is on PATH (it may compute its
-    config), else through read_js_literal; node's own error, first line, when it fails."""
+    config), else through read_js_literal; node's own error, first line, when it fails.
+    stub_missing (dry run, convert): a package the project has and this machine lacks
+    (dotenv, ...) is replaced by a stub that does nothing, with a warning."""
     node = shutil.which("node")
     if node is None:
         return read_js_literal(text)
+    command = [node, "-e", NODE_EXPORT_SCRIPT, os.path.abspath(path)] + (["stub-missing"] if stub_missing else [])
     try:
-        done = subprocess.run([node, "-e", NODE_EXPORT_SCRIPT, os.path.abspath(path)], stdin=subprocess.DEVNULL,
+        done = subprocess.run(command, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.path.dirname(os.path.abspath(path)),
                               timeout=NODE_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise ConfigFileError("node did not finish reading it within %d s" % NODE_TIMEOUT) from None
     if done.returncode != 0:
         said = done.stderr.decode("utf-8", "replace").strip()
-        try:
-            return read_js_literal(text)        # e.g. `export default` in a .js node takes as CommonJS
-        except ConfigFileError:
-            raise ConfigFileError("node could not load it: %s" % said[:300]) from None
-    return json.loads(done.stdout.decode("utf-8") or "null")
+        if said.startswith("SyntaxError"):      # e.g. `export default` in a .js that node takes as CommonJS
+            with contextlib.suppress(ConfigFileError):
+                return read_js_literal(text)
+        raise ConfigFileError("node could not load it: %s" % said[:300])
+    answer = json.loads(done.stdout.decode("utf-8"))
+    warnings.extend("module %r is not installed here: a stub stood in for it, so what it computes is missing "
+                    "(install the project's packages for the real values)" % name for name in answer["stubbed"])
+    return answer["value"]
 
 
 def read_include(pattern: str) -> List[Tuple[str, str]]:
@@ -9063,7 +9090,7 @@ class AppsFile(NamedTuple):
     origin: str
 
 
-def load_apps_file(path: str, env_name: Optional[str] = None) -> AppsFile:
+def load_apps_file(path: str, env_name: Optional[str] = None, stub_missing: bool = False) -> AppsFile:
     """Read a native, PM2 (JSON, YAML, JS) or supervisord file; ConfigFileError/OSError."""
     origin = "file:" + os.path.abspath(path)
     with open(path, "rb") as handle:
@@ -9079,16 +9106,17 @@ def load_apps_file(path: str, env_name: Optional[str] = None) -> AppsFile:
         except ImportError:
             raise ConfigFileError("reading TOML needs Python 3.11 or newer; use a .json file") from None
         data = tomllib.loads(text)
+    file_warnings: List[str] = []
+    if kind == "js":
+        data = read_js_file(path, text, file_warnings, stub_missing)
     elif kind == "yaml":
         data = read_yaml(text)
-    elif kind == "js":
-        data = read_js_file(path, text)
-    else:
+    elif kind != "toml":
         data = read_json_text(text)
     if isinstance(data, dict) and data.get(NATIVE_MARK):
         apps = pm2_apps(data)
         return AppsFile([dict(app, origin=app.get("origin", origin)) for app in apps], [], "native", origin)
-    apps, warnings = [], []
+    apps, warnings = [], file_warnings
     if isinstance(data, dict) and "apps" in data:
         warnings.extend("%s skipped: %s" % (key, "PM2's git deploy (use your own deploy tool)" if key == "deploy"
                                             else "not a PM2 ecosystem key") for key in data if key != "apps")
@@ -9143,6 +9171,8 @@ def file_problems(config: dict) -> List[str]:
         said.append("command %s is not on PATH" % config["script"])
     if config["interpreter"] and "/" not in config["interpreter"] and shutil.which(config["interpreter"]) is None:
         said.append("interpreter %s is not on PATH" % config["interpreter"])
+    if config["user"] is not None and os.geteuid() != 0:
+        said.append("user %s: only a daemon run as root can switch users" % config["user"])
     return said
 
 
@@ -9212,11 +9242,23 @@ def print_plan(plan: dict, dry_run: bool) -> None:
 
 def read_plan_file(client: Optional[Client], args: argparse.Namespace) -> Tuple[AppsFile, dict]:
     try:
-        loaded = load_apps_file(args.file, getattr(args, "env_name", None))
+        loaded = load_apps_file(args.file, getattr(args, "env_name", None),
+                                stub_missing=client is None or getattr(args, "dry_run", False))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CliError("cannot read %s: %s" % (args.file, getattr(exc, "strerror", None) or exc), 2) from None
-    current = current_configs(client) if client is not None else {}
-    return loaded, apply_plan(loaded, current, getattr(args, "prune", False))
+    current, absent = {}, None
+    if client is not None and getattr(args, "dry_run", False):
+        client.may_start = False                # a dry run starts nothing, not even a daemon
+        try:
+            current = current_configs(client)
+        except CliError:
+            absent = "no daemon answers at %s: the plan is against an empty daemon" % client.address
+    elif client is not None:
+        current = current_configs(client)
+    plan = apply_plan(loaded, current, getattr(args, "prune", False))
+    if absent:
+        plan["warnings"].insert(0, absent)
+    return loaded, plan
 
 
 def verb_apply(client: Client, args: argparse.Namespace) -> int:

@@ -4784,6 +4784,18 @@ class TestReadJsFile(unittest.TestCase):
         self.assertEqual(self.read("pm2.config.js", "export default { apps: [{ name: 'e', script: 'e' }] }\n")
                          .apps[0]["name"], "e")
 
+    def test_a_missing_package_is_a_stub_in_a_dry_run_only(self):
+        text = "require('pmd-not-installed').config();\nmodule.exports = { apps: [{ name: 's', script: 's' }] };\n"
+        path = os.path.join(self.dir, "stub.config.js")
+        with open(path, "w") as handle:
+            handle.write(text)
+        loaded = pmdaemon.load_apps_file(path, stub_missing=True)
+        self.assertEqual((loaded.apps[0]["name"], loaded.warnings), ("s", [
+            "module 'pmd-not-installed' is not installed here: a stub stood in for it, so what it computes is "
+            "missing (install the project's packages for the real values)"]))
+        with self.assertRaisesRegex(pmdaemon.ConfigFileError, "Cannot find module 'pmd-not-installed'"):
+            pmdaemon.load_apps_file(path)
+
     def test_node_errors_are_reported(self):
         with self.assertRaisesRegex(pmdaemon.ConfigFileError, "node could not load it: .*nope"):
             self.read("bad.config.js", "throw new Error('nope ' + 1);\n")
