@@ -8149,8 +8149,8 @@ def verb_logs(client: Client, args: argparse.Namespace) -> int:
 def verb_flush(client: Client, args: argparse.Namespace) -> int:
     names = [args.name] if args.name else [entry["name"] for entry in all_processes(client)]
     for name in names:
-        client.ok("DELETE", "/api/logs/" + quoted(name))
-        print("%s: logs flushed" % name)
+        answer = client.ok("DELETE", "/api/logs/" + quoted(name))
+        print(json.dumps(answer) if args.json else "%s: logs flushed" % name)
     return 0
 
 
@@ -9218,10 +9218,36 @@ def apply_plan(loaded: AppsFile, current: Dict[str, dict], prune: bool) -> dict:
             plan["update"].append({"name": label, "changed": changed})
         else:
             plan["unchanged"].append(label)
+    for config in plan["apps"]:
+        for needed in config["depends_on"]:
+            if needed not in seen and needed not in current:
+                plan["errors"].append({"app": config["name"], "field": "depends_on",
+                                       "message": "depends_on names %r, which is neither in the file nor running" % needed})
+    plan["apps"] = dependencies_first(plan["apps"])
     if prune:
         plan["delete"] = [name for name, config in sorted(current.items())
                           if name not in seen and config.get("origin") == loaded.origin]
     return plan
+
+
+def dependencies_first(apps: List[dict]) -> List[dict]:
+    """The apps in file order, but each after the apps of the file it depends_on (the daemon
+    refuses a dependency it does not know yet); a cycle keeps the file's order."""
+    by_name = {app["name"]: app for app in apps}
+    ordered: List[dict] = []
+    placing: set = set()
+
+    def place(app: dict) -> None:
+        if app in ordered or app["name"] in placing:
+            return
+        placing.add(app["name"])
+        for needed in app["depends_on"]:
+            if needed in by_name:
+                place(by_name[needed])
+        ordered.append(app)
+    for app in apps:
+        place(app)
+    return ordered
 
 
 def print_plan(plan: dict, dry_run: bool) -> None:
@@ -9356,7 +9382,8 @@ def verb_save(client: Client, args: argparse.Namespace) -> int:
         apps.append(dict(config, autostart=running, status="online" if running else "stopped"))
     path = dump_path(client, args)
     atomic_write(path, json.dumps({NATIVE_MARK: 1, "apps": apps}, indent=1).encode())
-    print("saved %d process(es) to %s" % (len(apps), path))
+    print(json.dumps({"success": True, "saved": len(apps), "file": path}) if args.json
+          else "saved %d process(es) to %s" % (len(apps), path))
     return 0
 
 

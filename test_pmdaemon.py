@@ -4738,6 +4738,21 @@ class TestReadJsLiteral(unittest.TestCase):
                      'const config = { apps: [{ name: "x", script: "y" }] };\nmodule.exports = config;\n'):
             self.assertEqual(pmdaemon.read_js_literal(text), {"apps": [app]}, text)
 
+    def test_without_node_a_js_file_is_read_as_a_literal(self):
+        directory = tempfile.mkdtemp(prefix="pmd-nonode-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "ecosystem.config.js")
+        saved = os.environ["PATH"]
+        os.environ["PATH"] = directory                  # no node here
+        self.addCleanup(os.environ.__setitem__, "PATH", saved)
+        with open(path, "w") as handle:
+            handle.write("module.exports = { apps: [{ name: 'lit', script: 'x.js' }] };\n")
+        self.assertEqual(pmdaemon.load_apps_file(path).apps[0]["name"], "lit")
+        with open(path, "w") as handle:
+            handle.write("module.exports = {\n apps: [{ name: 'lit', script: 'x.js', cwd: __dirname }] };\n")
+        with self.assertRaisesRegex(pmdaemon.ConfigFileError, "^line 2: __dirname is computed"):
+            pmdaemon.load_apps_file(path)
+
     def test_computed_constructs_are_named_with_their_line(self):
         cases = {"{ apps: [{ env: { ...process.env } }] }": "line 1: spread (...)",
                  "{ apps: [{ cwd: __dirname }] }": "line 1: __dirname",
@@ -4982,6 +4997,14 @@ class TestApplyPlan(unittest.TestCase):
         self.assertEqual([(error["app"], error["field"]) for error in plan["errors"]],
                          [("a b", "name"), ("a b", "instances"), ("a b", "kill_signal"), ("ok", "script"), ("ok", "name")])
         self.assertEqual(plan["errors"][-1]["message"], "the name 'ok' is used twice")
+
+    def test_dependencies_come_first_and_must_exist(self):
+        plan = pmdaemon.apply_plan(self.loaded([
+            {"name": "web", "script": "x", "cwd": "/", "depends_on": ["db"]}, {"name": "db", "script": "x", "cwd": "/"},
+            {"name": "job", "script": "x", "cwd": "/", "depends_on": ["queue"]}]), {}, prune=False)
+        self.assertEqual([app["name"] for app in plan["apps"]], ["db", "web", "job"])
+        self.assertEqual(plan["errors"], [{"app": "job", "field": "depends_on",
+                                           "message": "depends_on names 'queue', which is neither in the file nor running"}])
 
     def test_missing_program_or_directory_is_a_warning(self):
         plan = pmdaemon.apply_plan(self.loaded([{"name": "a", "script": "./nope.js", "interpreter": "node",
