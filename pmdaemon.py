@@ -8636,6 +8636,12 @@ def pm2_instances(value: Any, warnings: List[str], label: str) -> Any:
     return value
 
 
+def pm2_hours(value: Any) -> Any:
+    """PM2 durations may say hours ("1h"); ours go up to minutes."""
+    match = re.match(r"\s*([0-9]{1,4}(?:\.[0-9]{1,3})?)\s*h\s*\Z", value) if isinstance(value, str) else None
+    return "%gm" % (float(match.group(1)) * 60) if match else value
+
+
 def interpreter_for(script: str) -> Optional[str]:
     """The interpreter PM2 picks by extension: .py python3, .sh bash, .js/.cjs/.mjs/.ts node."""
     extension = os.path.splitext(script)[1].lower()
@@ -8674,7 +8680,8 @@ def pm2_to_native(app: dict, env_name: Optional[str], base_dir: str, origin: Opt
         if key in CONFIG_FIELDS and key not in ("instances", "watch", "log_date_format", "merge_logs", "watch_ignore",
                                                 "args", "interpreter_args", "cron_restart", "out_file", "error_file",
                                                 "interpreter", "wait_ready"):
-            config[key] = _number_text(value) if key in ("max_restarts", "log_max_files", "cpu_limit") else value
+            config[key] = _number_text(value) if key in ("max_restarts", "log_max_files", "cpu_limit") else \
+                pm2_hours(value) if key in ("min_uptime", "restart_delay", "kill_timeout", "listen_timeout") else value
         elif key in PM2_SKIPPED and PM2_SKIPPED[key]:
             warnings.append("%s: %s skipped: %s" % (label, key, PM2_SKIPPED[key]))
         elif key not in PM2_SKIPPED and key not in CONFIG_FIELDS:

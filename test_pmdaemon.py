@@ -4864,6 +4864,23 @@ class TestReadSupervisord(unittest.TestCase):
             "[fcgi-program:f] not supported: pmdaemon runs programs, not FastCGI sockets",
             "[weird] skipped: not a supervisord section"])
 
+    def test_every_documented_program_key_is_known(self):
+        documented = ("command process_name numprocs numprocs_start priority autostart startsecs startretries "
+                      "autorestart exitcodes stopsignal stopwaitsecs stopasgroup killasgroup user redirect_stderr "
+                      "stdout_logfile stdout_logfile_maxbytes stdout_logfile_backups stdout_capture_maxbytes "
+                      "stdout_events_enabled stdout_syslog stderr_logfile stderr_logfile_maxbytes "
+                      "stderr_logfile_backups stderr_capture_maxbytes stderr_events_enabled stderr_syslog "
+                      "environment directory umask serverurl").split()
+        values = {"command": "sleep 1", "process_name": "%(program_name)s_%(process_num)d", "numprocs": "2",
+                  "autorestart": "unexpected", "exitcodes": "0", "stopsignal": "TERM", "umask": "022",
+                  "environment": "A=1", "directory": "/tmp", "stdout_logfile": "/tmp/o.log", "stderr_logfile": "/tmp/e.log",
+                  "stdout_logfile_maxbytes": "1MB", "stderr_logfile_maxbytes": "1MB", "user": "nobody"}
+        text = "[program:k]\n" + "".join("%s=%s\n" % (key, values.get(key, "1" if key.endswith(
+            ("secs", "retries", "priority", "start", "backups", "maxbytes")) else "true")) for key in documented)
+        apps, warnings = self.read(text)
+        self.assertEqual([text for text in warnings if "not a supervisord" in text], [])
+        self.assertEqual([pmdaemon.validate_app(app)[1] for app in apps], [[], []])
+
     def test_include_files(self):
         os.mkdir(os.path.join(self.dir, "conf.d"))
         with open(os.path.join(self.dir, "conf.d", "a.conf"), "w") as handle:
@@ -4897,7 +4914,7 @@ class TestPm2ToNative(unittest.TestCase):
             "watch": ["src"], "ignore_watch": ["logs"], "instances": "2", "exec_mode": "fork", "cwd": "api",
             "autorestart": False, "args": "--a 'b c'", "max_memory_restart": "300M", "error_file": "logs/err.log",
             "out_file": "/var/log/out.log", "time": True, "max_restarts": "10", "kill_timeout": 3000,
-            "restart_delay": "500", "min_uptime": "5s", "listen_timeout": 8000, "cron_restart": "0 0 * * * *",
+            "restart_delay": "500", "min_uptime": "1h", "listen_timeout": 8000, "cron_restart": "0 0 * * * *",
             "exp_backoff_restart_delay": 100, "merge_logs": True, "log_file": "combined.log", "node_args": "--inspect",
             "interpreter_args": ["--harmony"]}, "production")
         self.assertEqual(config, {
@@ -4905,7 +4922,7 @@ class TestPm2ToNative(unittest.TestCase):
             "watch": ["src"], "watch_ignore": list(pmdaemon.WATCH_IGNORE_DEFAULT) + ["logs"], "instances": 2,
             "cwd": "/srv/app/api", "autorestart": False, "args": ["--a", "b c"], "max_memory_restart": "300M",
             "error_file": "/srv/app/api/logs/err.log", "out_file": "/var/log/out.log", "log_date_format": "iso",
-            "max_restarts": 10, "kill_timeout": 3000, "restart_delay": "500", "min_uptime": "5s", "listen_timeout": 8000,
+            "max_restarts": 10, "kill_timeout": 3000, "restart_delay": "500", "min_uptime": "60m", "listen_timeout": 8000,
             "cron_restart": "0 * * * *", "exp_backoff_restart_delay": 100, "interpreter": "node",
             "interpreter_args": ["--inspect", "--harmony"]})
         self.assertEqual(warnings, [
