@@ -8121,6 +8121,9 @@ def verb_logs(client: Client, args: argparse.Namespace) -> int:
             backlog.append(dict(entry, process=entry.get("process", name)))
     backlog.sort(key=lambda entry: entry["timestamp"])
     for entry in backlog[-args.lines:] if args.lines else []:
+        if args.json:                           # one JSON object per line (NDJSON), as the API's follow
+            print(json.dumps(entry))
+            continue
         print_log_entry(entry, "%s | " % entry["process"] if prefix_all or "process" in entry and len(names) == 1
                         and entry["process"] != args.name else "")
     sys.stdout.flush()
@@ -8139,6 +8142,9 @@ def verb_logs(client: Client, args: argparse.Namespace) -> int:
                 if (data["timestamp"], data["process"], data["message"]) in seen:
                     continue
                 label = "%s | " % data["process"] if prefix_all or data["process"] != args.name else ""
+                if args.json:
+                    print(json.dumps(data), flush=True)
+                    continue
                 print_log_entry(data, label, flush=True)
     except (KeyboardInterrupt, EOFError):
         return 0
@@ -9311,7 +9317,8 @@ def verb_apply(client: Client, args: argparse.Namespace) -> int:
     if dry_run:
         return 0
     for config in plan["apps"]:
-        problems = [text for text in file_problems(config) if text.startswith("cwd")]
+        blocking = ("cwd",) if client.url else ("cwd", "user")    # a local daemon runs as we do
+        problems = [text for text in file_problems(config) if text.startswith(blocking)]
         if problems:
             raise CliError("%s: %s; nothing applied" % (config["name"], problems[0]))
     failed, results = 0, []
@@ -9554,6 +9561,8 @@ def switch_log_subscription(stream: WsClient, old: Optional[str], new: Optional[
 
 def verb_monit(client: Client, args: argparse.Namespace) -> int:
     import curses
+    if args.json:
+        raise CliError("monit is a terminal view; for JSON use `ls --json`, `logs --follow --json` or /ws", 2)
     if not sys.stdout.isatty():
         raise CliError("monit needs a terminal")
     client.ok("GET", "/api/system")          # reach (or start) the daemon before the screen changes
