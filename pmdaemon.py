@@ -150,6 +150,8 @@ FOLLOW_QUEUE_LINES = 10_000            # lines a ?follow=true stream may lag bef
 
 # The command line.
 CLI_TIMEOUT = 30.0                     # seconds for answers that should be quick (list, info)
+NODE_TIMEOUT = 20                      # seconds node may take to evaluate an ecosystem .js file
+MAX_ORIGIN = 4096                      # characters of a process's origin (the file that created it)
 ACTION_TIMEOUT = 3600.0                # ... and for actions, which wait for kill_timeout and more
 BACKGROUND_START_TIMEOUT = 10          # seconds a daemon started in the background may take
 KILL_WAIT_TIMEOUT = 300                # seconds `kill` waits for the daemon to stop its processes
@@ -919,6 +921,14 @@ def parse_cron_field(value: Any) -> Optional[str]:
     return " ".join(text.split())
 
 
+def parse_origin(value: Any) -> str:
+    """What created a process ("file:/abs/path" for apply), so that --prune removes only its own."""
+    text = _check_str("origin", value)
+    if len(text) > MAX_ORIGIN:
+        raise invalid_field("origin", "field 'origin' must be at most %d characters, got %d" % (MAX_ORIGIN, len(text)))
+    return text
+
+
 # -- process settings: one table says each field's type, default, parser and schema --------------
 #    ProcessConfig is made from CONFIG_FIELDS (its attributes, order and defaults), from_dict
 #    parses with it, and the OpenAPI schema (section 9) is built from it: a new setting is one
@@ -1057,6 +1067,7 @@ CONFIG_FIELDS: Dict[str, ConfigField] = {field.name: field for field in (
                 {"type": "string", "enum": ["iso", "none"]}),
     size_field("memory_limit", None),
     count_field("cpu_limit", None, 1, 100 * 1024, description="% of one core"),
+    ConfigField("origin", Optional[str], None, parse_origin, {"type": "string", "maxLength": MAX_ORIGIN}),
 )}
 
 
@@ -8156,39 +8167,72 @@ def parse_env_options(items: List[str]) -> Dict[str, str]:
     return env
 
 
-def verb_start(client: Client, args: argparse.Namespace) -> int:
-    target = args.target
-    if target.endswith((".json", ".toml")) and os.path.isfile(target):
-        args.file, args.prune = target, False
-        return verb_apply(client, args)
+def is_apps_file(target: str) -> bool:
+    """What `start` takes as a file of apps rather than a program, as PM2 decides it: .json,
+    .yml/.yaml, .toml, *.config.js/.cjs/.mjs, ecosystem*.js, and supervisord's .conf/.ini."""
+    base = os.path.basename(target).lower()
+    return os.path.isfile(target) and (base.endswith((".json", ".json5", ".yml", ".yaml", ".toml", ".conf", ".ini"))
+                                       or re.search(r"(\.config|^ecosystem[^/]*)\.[cm]?js\Z", base) is not None)
+
+
+def start_options(args: argparse.Namespace) -> dict:
+    """The settings `start` flags give (PM2's names where PM2 has the flag)."""
     options = {key: value for key, value in (
-        ("instances", args.instances), ("port", args.port), ("max_memory_restart", args.max_memory),
-        ("wait_ready", args.wait_ready or None)) if value is not None}
+        ("port", args.port), ("max_memory_restart", args.max_memory), ("wait_ready", args.wait_ready or None),
+        ("cron_restart", args.cron), ("namespace", args.namespace), ("user", args.user),
+        ("interpreter", args.interpreter), ("autorestart", False if args.no_autorestart else None),
+        ("watch", [args.watch] if isinstance(args.watch, str) else True if args.watch else None),
+        ("out_file", os.path.abspath(args.output) if args.output else None),
+        ("error_file", os.path.abspath(args.error) if args.error else None)) if value is not None}
+    if args.instances is not None:
+        warnings: List[str] = []
+        options["instances"] = pm2_instances(args.instances, warnings, "-i")
+        if not _is_int(options["instances"]):
+            raise CliError("-i takes a number, max, 0 or -1, got %r" % args.instances, 2)
     if args.health_url:
         options["health_check"] = {"type": "http", "url": args.health_url}
+    return options
+
+
+def verb_start(client: Client, args: argparse.Namespace) -> int:
+    target = args.target
+    if is_apps_file(target):
+        args.file, args.prune = target, False
+        if not args.env_name and args.env and len(args.env) == 1 and "=" not in args.env[0]:
+            args.env_name = args.env[0]         # pm2 start ecosystem.config.js --env production
+        return verb_apply(client, args)
+    options = start_options(args)
     env = parse_env_options(args.env)
     existing = client.call("GET", "/api/processes/" + quoted(args.name or target))
-    if existing[0] == 200 and not (options or env or args.script_args or args.cwd):
+    if existing[0] == 200 and args.name in (None, target) and not (options or env or args.script_args or args.cwd):
         answer = client.call("POST", "/api/processes/%s/start" % quoted(args.name or target), timeout=ACTION_TIMEOUT)
         if answer[0] == 409 and answer[1]["error"]["code"] == "PROCESS_ALREADY_RUNNING":
-            print("%s: already running" % (args.name or target))
-            return 0
+            return report(args, (200, {"success": True, "message": "%s: already running" % (args.name or target)}), None)
         return report(args, answer, "%s: started" % (args.name or target))
     cwd = os.path.abspath(args.cwd or os.getcwd())
-    script, script_args, interpreter = script_and_args(target, args.script_args, cwd)
+    if args.interpreter:
+        script, script_args, interpreter = target, list(args.script_args), None
+    else:
+        script, script_args, interpreter = script_and_args(target, args.script_args, cwd)
     name = args.name or re.sub(r"[^A-Za-z0-9._-]", "-", os.path.splitext(os.path.basename(target))[0])[:64]
     config = dict(options, name=name, script=script, args=script_args, cwd=cwd)
     if env:
         config["env"] = env
-    if interpreter:
+    if interpreter and not args.json:
         print("%s: running %s with %s" % (name, target, interpreter))
-    if client.call("GET", "/api/processes/" + quoted(name))[0] == 200:
+    found = client.call("GET", "/api/processes/" + quoted(name))
+    if found[0] == 200:
+        old = found[1]["config"] if "config" in found[1] else found[1]["processes"][0]["config"]
+        program = [script] + script_args[:1 if interpreter else 0]     # the file a rewritten .py runs
+        if ([old["script"]] + old["args"][:len(program) - 1], old.get("interpreter")) != \
+                (program, config.get("interpreter")) and not args.force:
+            raise CliError("%s already runs %s; use another --name, or --force to replace its program"
+                           % (name, " ".join(shlex.quote(part) for part in [old["script"]] + old["args"])))
         answer = client.call("PATCH", "/api/processes/" + quoted(name), config, timeout=ACTION_TIMEOUT)
         if answer[0] == 200 and answer[1]["applied"] in ("unchanged", "saved"):
             answer = client.call("POST", "/api/processes/%s/start" % quoted(name), timeout=ACTION_TIMEOUT)
             if answer[0] == 409:
-                print("%s: already running, unchanged" % name)
-                return 0
+                return report(args, (200, {"success": True, "message": "%s: already running, unchanged" % name}), None)
         return report(args, answer, "%s: updated" % name)
     return report(args, client.call("POST", "/api/processes", config, timeout=ACTION_TIMEOUT), None)
 
@@ -8225,11 +8269,55 @@ def verb_action(client: Client, args: argparse.Namespace) -> int:
         if status >= 300:
             failed += 1
             print("pmdaemon: %s: %s" % (name, error_text(body, status)), file=sys.stderr)
+            if args.json:
+                print(json.dumps(body))
         elif args.json:
             print(json.dumps(body))
         else:
             print("%s: %s" % (name, "not running" if "was not running" in body["message"] else done))
     return 1 if failed else 0
+
+
+def verb_signal(client: Client, args: argparse.Namespace) -> int:
+    """`signal SIGUSR2 NAME` (pm2 sendSignal, supervisorctl signal): to every copy of NAME, or all."""
+    try:
+        signal_name = signal.Signals(parse_any_signal(_number_text(args.signal))).name
+    except PMDaemonError as exc:
+        raise CliError(exc.message, 2) from None
+    failed = 0
+    for name in targets(client, args.target):
+        answer = client.call("POST", "/api/processes/%s/signal" % quoted(name), {"signal": signal_name})
+        failed += report(args, answer, "%s: sent %s" % (name, signal_name))
+    return 1 if failed else 0
+
+
+def verb_send(client: Client, args: argparse.Namespace) -> int:
+    """`send NAME [TEXT...]`: a line to the process's stdin; without TEXT, what our stdin holds."""
+    data = " ".join(args.text) + "\n" if args.text else sys.stdin.read()
+    if not data:
+        raise CliError("nothing to send: give TEXT or pipe it in", 2)
+    failed = 0
+    encoded = data.encode("utf-8")
+    for offset in range(0, len(encoded), MAX_STDIN_WRITE):
+        chunk = encoded[offset:offset + MAX_STDIN_WRITE].decode("utf-8", "ignore")
+        failed = report(args, client.call("POST", "/api/processes/%s/stdin" % quoted(args.name), {"data": chunk}),
+                        None)
+        if failed:
+            break
+    return failed
+
+
+def verb_describe(client: Client, args: argparse.Namespace) -> int:
+    """`info` and then every setting, default or not (pm2 describe)."""
+    code = verb_info(client, args)
+    if args.json:
+        return code
+    body = client.ok("GET", "/api/processes/" + quoted(args.name))
+    config = body["config"] if "config" in body else body["processes"][0]["config"]
+    print()
+    print_fields([(key, json.dumps(value) if not isinstance(value, str) else value)
+                  for key, value in sorted(config.items())])
+    return code
 
 
 def verb_scale(client: Client, args: argparse.Namespace) -> int:
@@ -8302,6 +8390,9 @@ def verb_logs(client: Client, args: argparse.Namespace) -> int:
             backlog.append(dict(entry, process=entry.get("process", name)))
     backlog.sort(key=lambda entry: entry["timestamp"])
     for entry in backlog[-args.lines:] if args.lines else []:
+        if args.json:                           # one JSON object per line (NDJSON), as the API's follow
+            print(json.dumps(entry))
+            continue
         print_log_entry(entry, "%s | " % entry["process"] if prefix_all or "process" in entry and len(names) == 1
                         and entry["process"] != args.name else "")
     sys.stdout.flush()
@@ -8320,6 +8411,9 @@ def verb_logs(client: Client, args: argparse.Namespace) -> int:
                 if (data["timestamp"], data["process"], data["message"]) in seen:
                     continue
                 label = "%s | " % data["process"] if prefix_all or data["process"] != args.name else ""
+                if args.json:
+                    print(json.dumps(data), flush=True)
+                    continue
                 print_log_entry(data, label, flush=True)
     except (KeyboardInterrupt, EOFError):
         return 0
@@ -8330,92 +8424,1226 @@ def verb_logs(client: Client, args: argparse.Namespace) -> int:
 def verb_flush(client: Client, args: argparse.Namespace) -> int:
     names = [args.name] if args.name else [entry["name"] for entry in all_processes(client)]
     for name in names:
-        client.ok("DELETE", "/api/logs/" + quoted(name))
-        print("%s: logs flushed" % name)
+        answer = client.ok("DELETE", "/api/logs/" + quoted(name))
+        print(json.dumps(answer) if args.json else "%s: logs flushed" % name)
     return 0
+
+
+# -- reading PM2 and supervisord files ----------------------------------------------------------
+#    Pure readers: the text of an ecosystem file (JSON, JSON with comments, PM2 YAML, a JS
+#    literal) or a supervisord INI in, native app dicts and one-line warnings out. Nothing here
+#    talks to the daemon or runs node; the only I/O is reading an INI's [include] files through
+#    the function given. Every PM2 or supervisord key is honoured, mapped or warned about.
+
+class ConfigFileError(ValueError):
+    """A file that cannot be read as the format it claims; the message names the line."""
+
+
+FILE_FORMATS = {".json": "json", ".json5": "json", ".yml": "yaml", ".yaml": "yaml", ".js": "js", ".cjs": "js",
+                ".mjs": "js", ".conf": "ini", ".ini": "ini", ".toml": "toml"}
+
+
+def file_format(path: str, text: str) -> str:
+    """json, yaml, js, ini or toml: by the file's extension, else by its first meaningful line."""
+    known = FILE_FORMATS.get(os.path.splitext(path)[1].lower())
+    if known:
+        return known
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "//")):
+            continue
+        if line.startswith(("{", "[")) and not re.match(r"\[[A-Za-z_][\w:. -]*\]\s*\Z", line):
+            return "json"
+        if line.startswith("["):
+            return "ini"
+        if re.match(r"(module\.exports|export |const |let |var |'use strict'|\"use strict\")", line):
+            return "js"
+        return "yaml"
+    return "json"
+
+
+# -- JSON as people write it: comments and trailing commas ------------------------------------
+
+def strip_json_extras(text: str) -> str:
+    """JSON text without // and /* */ comments and trailing commas (strings untouched); the
+    line breaks stay, so json's error positions still name the right line."""
+    out, index, length = [], 0, len(text)
+    while index < length:
+        char = text[index]
+        if char == '"':
+            end = index + 1
+            while end < length and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            out.append(text[index:end + 1])
+            index = end + 1
+        elif text.startswith("//", index):
+            end = text.find("\n", index)
+            index = length if end < 0 else end
+        elif text.startswith("/*", index):
+            end = text.find("*/", index + 2)
+            end = length if end < 0 else end + 2
+            out.append("\n" * text.count("\n", index, end))
+            index = end
+        elif char == ",":
+            rest = re.match(r"(?:\s|//[^\n]*|/\*.*?\*/)*([\]}])", text[index + 1:], re.S)
+            out.append("" if rest else ",")
+            index += 1
+        else:
+            out.append(char)
+            index += 1
+    return "".join(out)
+
+
+def read_json_text(text: str) -> Any:
+    try:
+        return json.loads(strip_json_extras(text.lstrip("\ufeff")))
+    except ValueError as exc:
+        raise ConfigFileError(str(exc)) from None
+
+
+# -- PM2 YAML: block maps, block lists, scalars (a small reader of ours) ----------------------
+
+YAML_KEY_RE = re.compile(r"""("(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^\s#'"\-\[\]{},][^:#]*?|-[^\s:][^:#]*?)\s*:(?:\s+|\Z)(.*)\Z""")
+
+
+def read_yaml(text: str) -> Any:
+    """The YAML that PM2 files use: nested maps and lists by indentation, plain, quoted and
+    block (| >) scalars, flow [a, b] and {a: 1}, comments, one document."""
+    lines = []
+    for number, raw in enumerate(text.lstrip("\ufeff").splitlines(), 1):
+        content = _yaml_strip_comment(raw).rstrip()
+        if "\t" in raw[:len(raw) - len(raw.lstrip())]:
+            raise ConfigFileError("line %d: a tab in the indentation (YAML indents with spaces)" % number)
+        if content.strip() in ("---", "...") and not raw.startswith(" "):
+            if content.strip() == "..." or any(line[2] for line in lines):
+                break
+            continue
+        lines.append([number, len(content) - len(content.lstrip(" ")), content.strip(), raw])
+    if not any(line[2] for line in lines):
+        return None
+    value, index = _yaml_block(lines, _yaml_next(lines, 0), None)
+    index = _yaml_next(lines, index)
+    if index < len(lines):
+        raise ConfigFileError("line %d: unexpected %r (check the indentation)" % (lines[index][0], lines[index][2][:40]))
+    return value
+
+
+def _yaml_strip_comment(line: str) -> str:
+    quote = None
+    for index, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"" and (index == 0 or line[index - 1] in " :[{,-"):
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1] in " \t"):
+            return line[:index]
+    return line
+
+
+def _yaml_next(lines: list, index: int) -> int:
+    while index < len(lines) and not lines[index][2]:
+        index += 1
+    return index
+
+
+def _yaml_block(lines: list, index: int, parent_indent: Optional[int]) -> Tuple[Any, int]:
+    number, indent, content, _ = lines[index]
+    if parent_indent is not None and indent <= parent_indent and not content.startswith("- ") and content != "-":
+        return None, index
+    if content == "-" or content.startswith("- "):
+        return _yaml_list(lines, index, indent)
+    if YAML_KEY_RE.match(content):
+        return _yaml_map(lines, index, indent)
+    return _yaml_scalar(content, number), index + 1
+
+
+def _yaml_list(lines: list, index: int, indent: int) -> Tuple[list, int]:
+    items = []
+    while index < len(lines) and lines[index][1] == indent and (lines[index][2] == "-" or lines[index][2].startswith("- ")):
+        number, _, content, raw = lines[index]
+        rest = content[1:].strip()
+        if not rest:
+            following = _yaml_next(lines, index + 1)
+            if following < len(lines) and lines[following][1] > indent:
+                value, index = _yaml_block(lines, following, indent)
+            else:
+                value, index = None, index + 1
+        elif YAML_KEY_RE.match(rest) and not rest.startswith(("[", "{")):
+            inner = indent + len(content) - len(rest)        # the map starts where its first key does
+            lines[index] = [number, inner, rest, raw]
+            value, index = _yaml_map(lines, index, inner)
+        else:
+            value, index = _yaml_scalar(rest, number), index + 1
+        items.append(value)
+        index = _yaml_next(lines, index)
+    return items, index
+
+
+def _yaml_map(lines: list, index: int, indent: int) -> Tuple[dict, int]:
+    mapping: Dict[str, Any] = {}
+    while index < len(lines) and lines[index][1] == indent:
+        number, _, content, _ = lines[index]
+        match = YAML_KEY_RE.match(content)
+        if not match or content.startswith("- "):
+            break
+        key = _yaml_scalar(match.group(1), number)
+        key, rest = str(key), match.group(2).strip()
+        index += 1
+        if rest[:1] in ("|", ">"):
+            value, index = _yaml_block_scalar(lines, index, indent, rest)
+        elif rest:
+            value = _yaml_scalar(rest, number)
+        else:
+            following = _yaml_next(lines, index)
+            nested = following < len(lines) and (lines[following][1] > indent or (
+                lines[following][1] == indent and lines[following][2].startswith("- ")))
+            value, index = _yaml_block(lines, following, indent - 1 if nested else indent) if nested else (None, index)
+        mapping[key] = value
+        index = _yaml_next(lines, index)
+    return mapping, index
+
+
+def _yaml_block_scalar(lines: list, index: int, indent: int, header: str) -> Tuple[str, int]:
+    texts, inner = [], None
+    while index < len(lines):
+        raw = lines[index][3]
+        stripped = raw.strip()
+        width = len(raw) - len(raw.lstrip(" "))
+        if stripped and width <= indent:
+            break
+        if stripped and inner is None:
+            inner = width
+        texts.append(raw[inner:] if stripped else "")
+        index += 1
+    while texts and not texts[-1]:
+        texts.pop()
+    if header.startswith(">"):
+        text = re.sub(r"(?<!\n)\n(?!\n)", " ", "\n".join(texts))
+    else:
+        text = "\n".join(texts)
+    return text + ("" if header.endswith("-") else "\n"), index
+
+
+def _yaml_scalar(text: str, number: int) -> Any:
+    text = text.strip()
+    if text[:1] in ("[", "{"):
+        value, end = _yaml_flow(text, 0, number)
+        if text[end:].strip():
+            raise ConfigFileError("line %d: unexpected %r after %r" % (number, text[end:].strip()[:20], text[:end]))
+        return value
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ConfigFileError("line %d: a bad escape in %s" % (number, text[:60])) from None
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1].replace("''", "'")
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE", "yes", "Yes", "on", "On"):
+        return True
+    if text in ("false", "False", "FALSE", "no", "No", "off", "Off"):
+        return False
+    if re.match(r"[-+]?[0-9]+\Z", text):
+        return int(text)
+    if re.match(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\Z", text):
+        return float(text)
+    return text
+
+
+def _yaml_flow(text: str, index: int, number: int) -> Tuple[Any, int]:
+    """A flow collection [a, b] or {k: v} starting at text[index]; (value, index after it)."""
+    closing = "]" if text[index] == "[" else "}"
+    items: list = []
+    index += 1
+    while True:
+        while index < len(text) and text[index] in " ,":
+            index += 1
+        if index >= len(text):
+            raise ConfigFileError("line %d: %r is not closed (flow collections stay on one line here)"
+                                  % (number, text[:40]))
+        if text[index] == closing:
+            break
+        if text[index] in "[{":
+            value, index = _yaml_flow(text, index, number)
+        else:
+            match = re.compile(r"\s*(\"(?:[^\"\\]|\\.)*\"|'(?:[^']|'')*'|[^,\]}:]+(?::[^\s,\]}][^,\]}:]*)*)(\s*:\s*)?").match(text, index)
+            value, index = _yaml_scalar(match.group(1), number), match.end()
+            if match.group(2):
+                if text[index] in "[{":
+                    inner, index = _yaml_flow(text, index, number)
+                else:
+                    found = re.compile(r"\s*(\"(?:[^\"\\]|\\.)*\"|'(?:[^']|'')*'|[^,\]}]*)").match(text, index)
+                    inner, index = _yaml_scalar(found.group(1), number), found.end()
+                value = (str(value), inner)
+        items.append(value)
+    if closing == "]":
+        return items, index + 1
+    return {key: value for key, value in (item if isinstance(item, tuple) else (str(item), None) for item in items)}, index + 1
+
+
+# -- JavaScript ecosystem files without node: literals only -----------------------------------
+
+JS_TOKEN_RE = re.compile(r"""\s+|//[^\n]*|/\*.*?\*/|(?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|`(?:[^`\\$]|\\.|\$(?!\{))*`)"""
+                         r"""|(?P<number>-?(?:0[xX][0-9a-fA-F]+|(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?))"""
+                         r"""|(?P<name>[A-Za-z_$][\w$]*)|(?P<punct>\.\.\.|=>|[{}\[\]:,;=().+*?`\-!|&<>/%])""", re.S)
+JS_EXPORTS = (r"module\.exports\s*=", r"exports\.apps\s*=", r"export\s+default", r"export\s+const\s+apps\s*=")
+JS_WORDS = {"true": True, "false": False, "null": None, "undefined": None}
+
+
+def read_js_literal(text: str) -> Any:
+    """The value a PM2 JS file exports, when it is a plain literal (module.exports = {...},
+    export default {...}, export const apps = [...]); else an error naming the construct and line."""
+    start = None
+    for pattern in JS_EXPORTS:
+        match = re.search(r"^\s*" + pattern, text, re.M)
+        if match:
+            start = match
+            break
+    if start is None:
+        raise ConfigFileError("found no module.exports = or export default; this reader takes a literal only")
+    tokens = _js_tokens(text, start.end())
+    if tokens and tokens[0][0] == "name" and tokens[0][1] not in JS_WORDS and (len(tokens) == 1 or tokens[1][1] == ";"):
+        named = re.search(r"^\s*(?:const|let|var)\s+%s\s*=" % re.escape(tokens[0][1]), text, re.M)
+        if named:                               # const config = {...}; module.exports = config
+            tokens = _js_tokens(text[:start.start()], named.end())
+    value, index = _js_value(tokens, 0)
+    if index < len(tokens) and tokens[index][1] not in (";",):
+        _js_refuse(tokens[index])
+    named = re.search(r"export\s+const\s+apps\s*=", start.group())
+    return {"apps": value} if named or start.group().startswith("exports.apps") else value
+
+
+def _js_tokens(text: str, offset: int) -> List[Tuple[str, str, int]]:
+    tokens, index = [], offset
+    while index < len(text):
+        match = JS_TOKEN_RE.match(text, index)
+        if not match:
+            raise ConfigFileError("line %d: cannot read %r" % (text.count("\n", 0, index) + 1, text[index:index + 20]))
+        kind = match.lastgroup
+        if kind:
+            tokens.append((kind, match.group(kind), text.count("\n", 0, index) + 1))
+        index = match.end()
+    return tokens
+
+
+def _js_refuse(token: Tuple[str, str, int]) -> None:
+    kind, text, line = token
+    what = {"require": "require()", "process": "process.env", "__dirname": "__dirname", "__filename": "__filename",
+            "path": "path.join()", "...": "spread (...)", "`": "a template literal with ${}"}.get(text, text)
+    if kind == "string" and text.startswith("`"):
+        what = "a template literal with ${}"
+    raise ConfigFileError("line %d: %s is computed, and without node only literals can be read "
+                          "(install node, or write the value out)" % (line, what))
+
+
+def _js_value(tokens: list, index: int) -> Tuple[Any, int]:
+    if index >= len(tokens):
+        raise ConfigFileError("the file ends inside the exported value")
+    kind, text, line = tokens[index]
+    following = tokens[index + 1][1] if index + 1 < len(tokens) else ""
+    if kind == "punct" and text == "{":
+        return _js_object(tokens, index + 1)
+    if kind == "punct" and text == "[":
+        return _js_array(tokens, index + 1)
+    if following == "." and kind == "name" and index + 2 < len(tokens):
+        member = tokens[index + 2][1]
+        called = index + 3 < len(tokens) and tokens[index + 3][1] == "("
+        _js_refuse((kind, "process" if text == "process" else "%s.%s%s" % (text, member, "()" if called else ""), line))
+    if following in (".", "(", "+", "[", "?", "`", "||", "&&") and kind != "punct":
+        _js_refuse(tokens[index] if kind == "name" else tokens[index + 1])
+    if kind == "string":
+        if text.startswith("`"):
+            return text[1:-1].replace("\\`", "`"), index + 1
+        return _js_string(text, line), index + 1
+    if kind == "number":
+        number = text.replace("_", "")
+        value = int(number, 16) if number.lower().startswith(("0x", "-0x")) else float(number)
+        return int(value) if isinstance(value, float) and value.is_integer() and "." not in number and "e" not in number.lower() else value, index + 1
+    if kind == "name" and text in JS_WORDS:
+        return JS_WORDS[text], index + 1
+    _js_refuse(tokens[index])
+
+
+def _js_string(text: str, line: int) -> str:
+    body = text[1:-1]
+    if text[0] == "'":
+        body = body.replace('\\\'', "'").replace('"', '\\"')
+    try:
+        return json.loads('"%s"' % body)
+    except ValueError:
+        raise ConfigFileError("line %d: a string this reader cannot decode: %s" % (line, text[:60])) from None
+
+
+def _js_object(tokens: list, index: int) -> Tuple[dict, int]:
+    result = {}
+    while True:
+        if index >= len(tokens):
+            raise ConfigFileError("the file ends inside an object")
+        kind, text, line = tokens[index]
+        if text == "}":
+            return result, index + 1
+        if text == "...":
+            _js_refuse(tokens[index])
+        if kind == "string":
+            key = _js_string(text, line) if not text.startswith("`") else text[1:-1]
+        elif kind in ("name", "number"):
+            key = text
+        elif text == "[":
+            raise ConfigFileError("line %d: a computed key [...] is computed, and without node only literals "
+                                  "can be read (install node, or write the value out)" % line)
+        else:
+            raise ConfigFileError("line %d: expected a key, got %r" % (line, text))
+        if index + 1 >= len(tokens) or tokens[index + 1][1] != ":":
+            if index + 1 < len(tokens) and tokens[index + 1][1] == "(":
+                raise ConfigFileError("line %d: a method %s() is computed, and without node only literals "
+                                      "can be read (install node, or write the value out)" % (line, key))
+            raise ConfigFileError("line %d: expected ':' after %r (shorthand {%s} is computed; write %s: value)"
+                                  % (line, key, key, key))
+        result[key], index = _js_value(tokens, index + 2)
+        if index < len(tokens) and tokens[index][1] == ",":
+            index += 1
+        elif index < len(tokens) and tokens[index][1] != "}":
+            _js_refuse(tokens[index])
+
+
+def _js_array(tokens: list, index: int) -> Tuple[list, int]:
+    items = []
+    while True:
+        if index >= len(tokens):
+            raise ConfigFileError("the file ends inside an array")
+        if tokens[index][1] == "]":
+            index += 1
+            if index < len(tokens) and tokens[index][1] == ".":
+                _js_refuse((tokens[index][0], ".map()", tokens[index][2]))
+            return items, index
+        if tokens[index][1] == "...":
+            _js_refuse(tokens[index])
+        value, index = _js_value(tokens, index)
+        items.append(value)
+        if index < len(tokens) and tokens[index][1] == ",":
+            index += 1
+        elif index < len(tokens) and tokens[index][1] != "]":
+            _js_refuse(tokens[index])
+
+
+# -- PM2 apps to ours: every documented key honoured, mapped or skipped with a reason ----------
+
+# PM2 keys with another name here (same meaning).
+PM2_RENAMES = {"ignore_watch": "watch_ignore", "err_file": "error_file", "error": "error_file", "out": "out_file",
+               "output": "out_file", "uid": "user", "gid": "group", "interpreterArgs": "interpreter_args",
+               "execMode": "exec_mode", "maxMemoryRestart": "max_memory_restart", "killTimeout": "kill_timeout",
+               "restartDelay": "restart_delay", "minUptime": "min_uptime", "maxRestarts": "max_restarts",
+               "cronRestart": "cron_restart", "waitReady": "wait_ready", "listenTimeout": "listen_timeout",
+               "nodeArgs": "node_args", "mergeLogs": "merge_logs", "logDateFormat": "log_date_format",
+               "instanceVar": "instance_var", "incrementVar": "increment_var", "ignoreWatch": "watch_ignore",
+               "errorFile": "error_file", "outFile": "out_file", "logFile": "log_file", "pidFile": "pid_file",
+               "shutdown_with_message": "shutdown_with_message", "stopExitCodes": "stop_exit_codes"}
+# PM2 keys that have no equivalent here, and why they can be left out.
+PM2_SKIPPED = {
+    "log_file": "one combined log file is not kept; stdout and stderr have their own files (`logs` shows both)",
+    "log": "one combined log file is not kept; stdout and stderr have their own files (`logs` shows both)",
+    "pid_file": "pids are in `ls`/`info` and GET /api/processes, not in files",
+    "source_map_support": "a node runtime option of PM2's own wrapper", "vizion": "PM2's git metadata",
+    "automation": "PM2's keymetrics agent", "pmx": "PM2's keymetrics agent", "trace": "PM2's keymetrics agent",
+    "disable_trace": "PM2's keymetrics agent", "deep_monitoring": "PM2's keymetrics agent",
+    "post_update": "PM2's git deploy", "force": "a name is always one process or group here",
+    "append_env_name": "names stay as written", "treekill": "the whole process group is always stopped",
+    "windowsHide": "Windows only", "watch_options": "chokidar options; watching polls here",
+    "shutdown_with_message": "stopping is by signal (kill_signal)", "kill_retry_time": "one SIGKILL follows kill_timeout",
+    "filter_env": "children get the daemon's environment minus its secrets, plus env",
+    "exec_interpreter": None, "max_restart": None, "instance_var": "NODE_APP_INSTANCE and PM2_INSTANCE_ID are always set",
+    "listen_timeout_ms": None, "disable_logs": "output is always logged (rotated, see log_max_size)",
+    "container": "not a container runtime", "docker": "not a container runtime", "dist": "not a container runtime",
+    "node_version": "node is the one on PATH or interpreter", "cwd_reload": None, "version": "metadata",
+    "description": "metadata", "script_args": None, "combine_logs": None, "merge_logs": None, "time": None,
+    "exec_mode": None, "node_args": None, "increment_var": None, "log_type": "lines are plain text (the API gives JSON)",
+    "autodump": "state is saved continuously", "namespace_env": None, "vizion_running": "PM2's git metadata",
+}
+PM2_DEPLOY_KEYS = ("deploy",)
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+def pm2_apps(data: Any) -> List[dict]:
+    """The apps of an ecosystem file: {"apps": [...]}, {"apps": {...}}, a list, or one app."""
+    if isinstance(data, dict) and "apps" in data:
+        data = data["apps"]
+    elif isinstance(data, dict) and "script" not in data and "name" not in data and data:
+        raise ConfigFileError("expected apps: a list of apps, a list, or one app with a script")
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(app, dict) for app in data):
+        raise ConfigFileError("expected a list of process objects under 'apps'")
+    return data
+
+
+def _number_text(value: Any) -> Any:
+    """PM2 takes numbers written as strings ("4", "3000"); so do we."""
+    if isinstance(value, str) and re.match(r"\s*-?[0-9]+\s*\Z", value):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _env_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value) if not isinstance(value, float) or \
+        not value.is_integer() else str(int(value))
+
+
+def pm2_instances(value: Any, warnings: List[str], label: str) -> Any:
+    """instances as PM2 reads it: "max"/0 = one per CPU, -1 = CPUs less one, numbers as strings."""
+    value = _number_text(value)
+    if isinstance(value, str) and value.strip().lower() == "max":
+        value = 0
+    if not _is_int(value):
+        return value
+    if value <= 0:
+        count = max(1, cpu_count() + value)
+        warnings.append("%s: instances %s means %d here (CPUs on this machine: %d)" % (label, value, count, cpu_count()))
+        value = count
+    if value > MAX_INSTANCES:
+        warnings.append("%s: instances %d is more than %d; %d run" % (label, value, MAX_INSTANCES, MAX_INSTANCES))
+        value = MAX_INSTANCES
+    return value
+
+
+def pm2_hours(value: Any) -> Any:
+    """PM2 durations may say hours ("1h"); ours go up to minutes."""
+    match = re.match(r"\s*([0-9]{1,4}(?:\.[0-9]{1,3})?)\s*h\s*\Z", value) if isinstance(value, str) else None
+    return "%gm" % (float(match.group(1)) * 60) if match else value
+
+
+def interpreter_for(script: str) -> Optional[str]:
+    """The interpreter PM2 picks by extension: .py python3, .sh bash, .js/.cjs/.mjs/.ts node."""
+    extension = os.path.splitext(script)[1].lower()
+    return {".py": "python3", ".sh": "bash", ".js": "node", ".cjs": "node", ".mjs": "node",
+            ".ts": "ts-node", ".rb": "ruby", ".php": "php", ".pl": "perl", ".coffee": "coffee"}.get(extension)
+
+
+def pm2_to_native(app: dict, env_name: Optional[str], base_dir: str, origin: Optional[str] = None) -> Tuple[dict, List[str]]:
+    """One PM2 app as our config (the keys of CONFIG_FIELDS) and its warnings, each one line."""
+    warnings: List[str] = []
+    app = {PM2_RENAMES.get(key, key): value for key, value in app.items()}
+    name = app.get("name")
+    if name is None and isinstance(app.get("script"), str):
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.splitext(os.path.basename(app["script"]))[0])[:64] or "app"
+    label = str(name)
+    if isinstance(name, str) and not NAME_RE.match(name) and name.strip():
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-._")[:64] or "app"
+        warnings.append("%s: the name is %r here (letters, digits, . _ - only)" % (label, name))
+    if isinstance(app.get("namespace"), str) and not NAMESPACE_RE.match(app["namespace"]):
+        app["namespace"] = re.sub(r"[^A-Za-z0-9._-]+", "-", app["namespace"].strip()).strip("-._")[:64] or "default"
+    config: Dict[str, Any] = {}
+    env = app.pop("env", None)
+    env = dict(env) if isinstance(env, dict) else env
+    chosen = app.get("env_" + env_name) if env_name else None
+    for key in [key for key in app if key.startswith("env_")]:
+        app.pop(key)
+    if isinstance(chosen, dict):
+        env = dict(env or {}, **chosen) if isinstance(env, dict) or env is None else env
+    if isinstance(env, dict):
+        config["env"] = {str(key): _env_text(value) for key, value in env.items() if value is not None}
+    elif env is not None:
+        config["env"] = env                     # validation names it
+    for key, value in app.items():
+        if key in ("name", "env"):
+            continue
+        if key in CONFIG_FIELDS and key not in ("instances", "watch", "log_date_format", "merge_logs", "watch_ignore",
+                                                "args", "interpreter_args", "cron_restart", "out_file", "error_file",
+                                                "interpreter", "wait_ready"):
+            config[key] = _number_text(value) if key in ("max_restarts", "log_max_files", "cpu_limit") else \
+                pm2_hours(value) if key in ("min_uptime", "restart_delay", "kill_timeout", "listen_timeout") else value
+        elif key in PM2_SKIPPED and PM2_SKIPPED[key]:
+            warnings.append("%s: %s skipped: %s" % (label, key, PM2_SKIPPED[key]))
+        elif key not in PM2_SKIPPED and key not in CONFIG_FIELDS:
+            warnings.append("%s: %s skipped: not a PM2 or pmdaemon setting" % (label, key))
+    config["name"] = name
+    _pm2_program(app, config, warnings, label, base_dir)
+    _pm2_logs(app, config, warnings, label)
+    _pm2_behaviour(app, config, warnings, label)
+    if origin:
+        config["origin"] = origin
+    order = {PM2_RENAMES.get(key, key): index for index, key in enumerate(app)}      # errors in the file's order
+    return {key: value for key, value in sorted(config.items(), key=lambda item: order.get(item[0], len(order)))
+            if value is not None or key == "name"}, warnings
+
+
+def _pm2_program(app: dict, config: dict, warnings: List[str], label: str, base_dir: str) -> None:
+    script = app.get("script")
+    args = app.get("args", app.get("script_args"))
+    config["args"] = shlex.split(args) if isinstance(args, str) else [str(item) if isinstance(item, (int, float)) and not isinstance(item, bool) else item for item in args] if isinstance(args, list) else args
+    cwd = app.get("cwd")
+    config["cwd"] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(cwd))) if isinstance(cwd, str) else base_dir if cwd is None else cwd
+    interpreter = app.get("interpreter", app.get("exec_interpreter"))
+    interpreter_args = app.get("interpreter_args")
+    interpreter_args = shlex.split(interpreter_args) if isinstance(interpreter_args, str) else interpreter_args
+    node_args = app.get("node_args")
+    node_args = shlex.split(node_args) if isinstance(node_args, str) else node_args
+    config["script"] = script
+    if isinstance(script, str) and script.startswith("npm ") or script in ("npm", "yarn", "pnpm") and False:
+        pass
+    if isinstance(script, str) and " " in script and not os.path.exists(os.path.join(config["cwd"] if isinstance(config["cwd"], str) else "", script)) \
+            and interpreter is None:
+        parts = shlex.split(script)                 # "npm run start": PM2 runs the command line
+        config["script"], config["args"] = parts[0], parts[1:] + list(config["args"] or [])
+        warnings.append("%s: script %r is a command line; it runs as %s with arguments %s"
+                        % (label, script, parts[0], parts[1:]))
+    if interpreter == "none" or (interpreter is None and not isinstance(script, str)):
+        interpreter = None
+    elif interpreter is None:
+        interpreter = interpreter_for(script)
+    config["interpreter"] = interpreter
+    extra = list(interpreter_args or [])
+    if node_args:
+        if interpreter and os.path.basename(interpreter).startswith("node"):
+            extra = list(node_args) + extra
+        else:
+            warnings.append("%s: node_args skipped: the interpreter is %s, not node" % (label, interpreter or "none"))
+    if extra or interpreter_args is not None:
+        config["interpreter_args"] = extra if interpreter else None
+        if not interpreter and extra:
+            warnings.append("%s: interpreter_args skipped: no interpreter (interpreter is none)" % label)
+
+
+def _pm2_log_path(config: dict, field: str, value: Any, warnings: List[str], label: str) -> Any:
+    if value in (None, False):
+        return None
+    if value in ("/dev/null", "NULL", "null") or value is True:
+        warnings.append("%s: %s %s skipped: output is kept in pmdaemon's rotated logs" % (label, field, value))
+        return None
+    if isinstance(value, str):
+        return os.path.normpath(os.path.join(config["cwd"] if isinstance(config["cwd"], str) else "/", os.path.expanduser(value)))
+    return value
+
+
+def _pm2_logs(app: dict, config: dict, warnings: List[str], label: str) -> None:
+    for field in ("out_file", "error_file"):
+        if field in app:
+            config[field] = _pm2_log_path(config, field, app[field], warnings, label)
+    if "merge_logs" in app or "combine_logs" in app:
+        if not isinstance(app.get("merge_logs", app.get("combine_logs")), bool):
+            config["merge_logs"] = app.get("merge_logs", app.get("combine_logs"))   # validation names it
+        # PM2's merge_logs: copies share one file, no -ID suffix; copies here always share out_file.
+    fmt = app.get("log_date_format")
+    if fmt in ("iso", "none"):
+        config["log_date_format"] = fmt
+    elif isinstance(fmt, str):
+        config["log_date_format"] = "iso"
+        warnings.append("%s: log_date_format %r: lines are stamped in ISO 8601 (UTC) instead" % (label, fmt))
+    elif fmt is not None:
+        config["log_date_format"] = fmt
+    if app.get("time") is True:
+        config.setdefault("log_date_format", "iso")
+    elif app.get("time") is False and fmt is None:
+        config["log_date_format"] = "none"
+
+
+def _pm2_behaviour(app: dict, config: dict, warnings: List[str], label: str) -> None:
+    mode = app.get("exec_mode")
+    instances = pm2_instances(app.get("instances"), warnings, label) if "instances" in app else None
+    cluster = isinstance(mode, str) and mode.startswith("cluster")
+    if cluster and "instances" not in app:
+        instances = cpu_count()
+    elif mode is not None and mode not in ("fork", "fork_mode", "cluster", "cluster_mode"):
+        warnings.append("%s: exec_mode %r skipped: not fork or cluster" % (label, mode))
+    if instances is not None:
+        config["instances"] = instances
+    watch = app.get("watch")
+    config["watch"] = [watch] if isinstance(watch, str) else watch
+    ignore = app.get("watch_ignore")
+    if ignore is not None:
+        ignore = [ignore] if isinstance(ignore, str) else ignore
+        config["watch_ignore"] = list(WATCH_IGNORE_DEFAULT) + [item for item in ignore if item not in WATCH_IGNORE_DEFAULT] \
+            if isinstance(ignore, list) else ignore
+    cron = app.get("cron_restart")
+    if isinstance(cron, str) and len(cron.split()) == 6:
+        warnings.append("%s: cron_restart %r: the seconds field is dropped (minutes are the finest here)" % (label, cron))
+        cron = " ".join(cron.split()[1:])
+    if cron is not False:
+        config["cron_restart"] = cron
+    increment = app.get("increment_var")
+    port = _number_text((config.get("env") or {}).get(increment)) if isinstance(increment, str) else None
+    if increment == "PORT" and _is_int(port) and "port" not in app:
+        config["port"] = str(port) if (instances or 1) == 1 else "%d-%d" % (port, port + (instances or 1) - 1)
+        config["env"] = {key: value for key, value in config["env"].items() if key != "PORT"}
+    elif increment is not None:
+        warnings.append("%s: increment_var %r skipped: only PORT is incremented (through port)" % (label, increment))
+    if cluster and "port" not in config and "port" not in app:
+        warnings.append("%s: exec_mode cluster: %s separate processes; there is no shared listening socket, so "
+                        "give each its own port (port: \"3000-3003\")" % (label, instances))
+    if app.get("wait_ready") is True:
+        if "health_check" in app:
+            config["wait_ready"] = True
+        else:
+            warnings.append("%s: wait_ready skipped: there is no process.send('ready') here; add a health_check "
+                            "to wait for readiness (listen_timeout kept)" % label)
+    elif "wait_ready" in app:
+        config["wait_ready"] = app["wait_ready"]
+    if "autorestart" in app and isinstance(app["autorestart"], str):
+        config["autorestart"] = app["autorestart"].lower() in ("true", "1", "yes")
+    for field in ("instances", "max_restarts"):
+        if field in config:
+            config[field] = _number_text(config[field])
+
+
+# -- supervisord INI to ours --------------------------------------------------------------------
+
+SUPERVISORD_NOTED = ("supervisord", "supervisorctl", "unix_http_server", "inet_http_server", "rpcinterface",
+                     "ctlplugin", "include")
+SUPERVISORD_UNSUPPORTED = ("eventlistener", "fcgi-program")
+SUPERVISORD_SKIPPED = {
+    "exitcodes": None, "startretries": None, "numprocs_start": None, "process_name": None, "numprocs": None,
+    "stdout_capture_maxbytes": "process communication events are not emitted",
+    "stderr_capture_maxbytes": "process communication events are not emitted",
+    "stdout_events_enabled": "events are the WebSocket's, always on", "stderr_events_enabled": "events are the WebSocket's, always on",
+    "stdout_syslog": "logs go to files and the API, not syslog", "stderr_syslog": "logs go to files and the API, not syslog",
+    "serverurl": "children are not given a supervisor URL", "stopasgroup": None, "killasgroup": None,
+    "stdout_logfile_backups": None, "stderr_logfile_backups": None,
+}
+
+
+def supervisord_environment(text: str, where: str) -> Dict[str, str]:
+    """environment=KEY="value",KEY2=value2 (supervisord's quoting, commas between pairs)."""
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace, lexer.whitespace_split, lexer.commenters = ",", True, ""
+    env = {}
+    try:
+        for pair in lexer:
+            key, equals, value = pair.strip().partition("=")
+            if not equals:
+                raise ConfigFileError("%s: environment entry %r is not KEY=value" % (where, pair.strip()[:60]))
+            env[key.strip()] = value
+    except ValueError as exc:
+        raise ConfigFileError("%s: environment: %s" % (where, exc)) from None
+    return env
+
+
+def read_supervisord(text: str, path: str, environ: Dict[str, str], read_include: Callable[[str], List[Tuple[str, str]]],
+                     origin: Optional[str] = None) -> Tuple[List[dict], List[str]]:
+    """The [program:x] sections of a supervisord file (and its [include] files) as our apps in
+    start order (priority, then file order), with warnings; configparser is loaded only here."""
+    import configparser
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";",), strict=False, delimiters=("=", ":"))
+    parser.optionxform = str
+    here = os.path.dirname(os.path.abspath(path))
+    sources = [(path, text)]
+    warnings: List[str] = []
+    try:
+        parser.read_string(text, source=path)
+        if parser.has_section("include") and parser.has_option("include", "files"):
+            for pattern in parser.get("include", "files").split():
+                for included_path, included in read_include(os.path.join(here, _supervisord_expand(
+                        pattern, dict(_env_names(environ), here=here), "[include] files"))):
+                    sources.append((included_path, included))
+                    parser.read_string(included, source=included_path)
+    except configparser.Error as exc:
+        raise ConfigFileError(" ".join(str(exc).split())) from None
+    groups: Dict[str, str] = {}
+    for section in parser.sections():
+        kind, _, name = section.partition(":")
+        if kind == "group":
+            for program in parser.get(section, "programs", fallback="").split(","):
+                if program.strip():
+                    groups[program.strip()] = name
+    apps: List[Tuple[int, int, dict]] = []
+    for order, section in enumerate(parser.sections()):
+        kind, _, name = section.partition(":")
+        if kind == "program":
+            for app in _supervisord_program(dict(parser.items(section)), name, groups.get(name), here, environ, warnings):
+                if origin:
+                    app["origin"] = origin
+                apps.append((app.pop("priority"), order, app))
+        elif kind in SUPERVISORD_UNSUPPORTED:
+            warnings.append("[%s] not supported: pmdaemon runs programs, not %s" % (
+                section, "event listeners" if kind == "eventlistener" else "FastCGI sockets"))
+        elif kind == "group":
+            continue
+        elif kind in SUPERVISORD_NOTED:
+            warnings.append("[%s] noted and skipped: the daemon's own settings are `web` flags" % section
+                            if kind != "include" else "[include] read: %d file(s)" % (len(sources) - 1))
+        else:
+            warnings.append("[%s] skipped: not a supervisord section" % section)
+    return [app for _, _, app in sorted(apps, key=lambda item: item[:2])], warnings
+
+
+def _env_names(environ: Dict[str, str]) -> Dict[str, str]:
+    return {"ENV_" + key: value for key, value in environ.items()}
+
+
+def _supervisord_expand(value: str, names: Dict[str, Any], where: str) -> str:
+    """supervisord's interpolation: Python %-formatting over ENV_X, here, program_name, ..."""
+    try:
+        return value % names
+    except KeyError as exc:
+        raise ConfigFileError("%s: %%(%s)s names nothing (known: ENV_*, %s)" % (
+            where, exc.args[0], ", ".join(sorted(key for key in names if not key.startswith("ENV_"))))) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigFileError("%s: bad %% expression in %r: %s" % (where, value[:80], exc)) from None
+
+
+def _supervisord_bool(value: str, where: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise ConfigFileError("%s: %r is not true or false" % (where, value))
+
+
+def _supervisord_int(value: str, where: str) -> int:
+    if not re.match(r"\s*-?[0-9]+\s*\Z", value):
+        raise ConfigFileError("%s: %r is not a whole number" % (where, value))
+    return int(value)
+
+
+def _supervisord_size(value: str, where: str) -> int:
+    match = re.match(r"\s*([0-9]+)\s*(KB|MB|GB|B)?\s*\Z", value, re.I)
+    if not match:
+        raise ConfigFileError("%s: %r is not a size like 50MB" % (where, value))
+    return int(match.group(1)) * {"": 1, "B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}[(match.group(2) or "").upper()]
+
+
+def _supervisord_program(options: Dict[str, str], program: str, group: Optional[str], here: str,
+                         environ: Dict[str, str], warnings: List[str]) -> List[dict]:
+    section = "[program:%s]" % program
+    numprocs = _supervisord_int(options.get("numprocs", "1"), section + " numprocs")
+    start = _supervisord_int(options.get("numprocs_start", "0"), section + " numprocs_start")
+    process_name = options.get("process_name", "%(program_name)s" if numprocs == 1 else "%(program_name)s_%(process_num)02d")
+    if numprocs > 1 and "process_num" not in process_name:
+        raise ConfigFileError("%s: numprocs is %d but process_name %r has no %%(process_num)" % (section, numprocs, process_name))
+    apps = []
+    for process_num in range(start, start + numprocs):
+        names = dict(_env_names(environ), here=here, program_name=program, process_num=process_num,
+                     group_name=group or program, host_node_name=socket.gethostname(), numprocs=numprocs)
+        names["process_name"] = _supervisord_expand(process_name, names, section + " process_name")
+        expanded = {key: _supervisord_expand(value, names, "%s %s" % (section, key)) for key, value in options.items()}
+        apps.append(_supervisord_app(expanded, names["process_name"], group, section, warnings if process_num == start else []))
+    return apps
+
+
+def _supervisord_app(options: Dict[str, str], name: str, group: Optional[str], section: str, warnings: List[str]) -> dict:
+    if "command" not in options:
+        raise ConfigFileError("%s: command is required" % section)
+    try:
+        command = shlex.split(options["command"])
+    except ValueError as exc:
+        raise ConfigFileError("%s command: %s" % (section, exc)) from None
+    if not command:
+        raise ConfigFileError("%s: command is empty" % section)
+    app: Dict[str, Any] = {"name": name, "script": command[0], "args": command[1:],
+                           "priority": _supervisord_int(options.get("priority", "999"), section + " priority")}
+    if group:
+        app["namespace"] = group
+    if "directory" in options:
+        app["cwd"] = options["directory"]
+    where = lambda key: "%s %s" % (section, key)
+    autorestart = options.get("autorestart", "unexpected").strip().lower()
+    codes = [_supervisord_int(code, where("exitcodes")) for code in options.get("exitcodes", "0").split(",") if code.strip()]
+    if autorestart == "unexpected":
+        app["autorestart"], app["stop_exit_codes"] = True, codes
+    else:
+        app["autorestart"] = _supervisord_bool(autorestart, where("autorestart"))
+    simple = {"autostart": ("autostart", _supervisord_bool), "startsecs": ("min_uptime", None),
+              "startretries": ("max_restarts", _supervisord_int), "stopwaitsecs": ("kill_timeout", None),
+              "user": ("user", None), "umask": ("umask", None), "stopsignal": ("kill_signal", None)}
+    for key, (field, convert) in simple.items():
+        if key in options:
+            value = options[key].strip()
+            if key in ("startsecs", "stopwaitsecs"):
+                value = _supervisord_int(value, where(key)) * 1000
+            app[field] = convert(value, where(key)) if convert else value
+    if "environment" in options:
+        app["env"] = supervisord_environment(options["environment"], where("environment"))
+    merged = _supervisord_bool(options.get("redirect_stderr", "false"), where("redirect_stderr"))
+    if merged:
+        app["merge_logs"] = True
+    for stream, field in (("stdout", "out_file"), ("stderr", "error_file")):
+        path = options.get(stream + "_logfile", "AUTO").strip()
+        if path.upper() == "AUTO" or (merged and stream == "stderr"):
+            continue
+        if path.upper() == "NONE" or path == "/dev/null":
+            warnings.append("%s %s_logfile %s: output is kept in pmdaemon's rotated logs instead" % (section, stream, path))
+        elif path in ("/dev/stdout", "/dev/stderr", "/proc/self/fd/1", "/proc/self/fd/2", "syslog"):
+            warnings.append("%s %s_logfile %s: output goes to pmdaemon's logs (`logs -f` follows it)" % (section, stream, path))
+        else:
+            app[field] = os.path.normpath(os.path.join(app.get("cwd", "/"), path))
+    for key, field in (("logfile_maxbytes", "log_max_size"), ("logfile_backups", "log_max_files")):
+        values = {options[stream + "_" + key].strip() for stream in ("stdout", "stderr") if stream + "_" + key in options}
+        for value in sorted(values):
+            number = _supervisord_size(value, where(key)) if key == "logfile_maxbytes" else _supervisord_int(value, where(key))
+            if number == 0:
+                warnings.append("%s %s 0 (unlimited): logs rotate at the default here" % (section, key))
+            elif field not in app or number > app[field]:
+                app[field] = min(number, 100) if field == "log_max_files" else number
+        if len(values) > 1:
+            warnings.append("%s stdout_ and stderr_%s differ: the larger serves both" % (section, key))
+    for key in ("stopasgroup", "killasgroup"):
+        if key in options and not _supervisord_bool(options[key], where(key)):
+            warnings.append("%s %s false: the whole process group is stopped here all the same" % (section, key))
+    for key in options:
+        if key in SUPERVISORD_SKIPPED and SUPERVISORD_SKIPPED[key]:
+            warnings.append("%s %s skipped: %s" % (section, key, SUPERVISORD_SKIPPED[key]))
+        elif key not in SUPERVISORD_SKIPPED and key not in (
+                "command", "priority", "directory", "autorestart", "environment", "redirect_stderr", "stdout_logfile",
+                "stderr_logfile", "stdout_logfile_maxbytes", "stderr_logfile_maxbytes") and key not in simple:
+            warnings.append("%s %s skipped: not a supervisord program setting" % (section, key))
+    return app
 
 
 # -- files of processes: apply, save, resurrect ------------------------------------------------
 
-def load_apps(path: str, env_name: Optional[str] = None) -> List[dict]:
-    """Process definitions from a JSON or TOML file ({"apps": [...]}, [[apps]] or a JSON list),
-    made to say what PM2 ecosystem files mean: numbers in env become strings, env_NAME blocks
-    are merged when chosen with --env NAME (and dropped otherwise), args may be one string."""
+NATIVE_MARK = "pmdaemon"        # {"pmdaemon": 1, "apps": [...]}: our own fields, read as they are
+NODE_EXPORT_SCRIPT = r"""
+const file = process.argv[1];
+const url = require("url");
+const stubbed = [];
+if (process.argv[2] === "stub-missing") {       // a package of the project not installed here
+  const Module = require("module");
+  const load = Module._load;
+  const stub = new Proxy(function () {}, { get: (target, key) => key === Symbol.toPrimitive ? () => "" : stub,
+                                           apply: () => stub, construct: () => stub });
+  Module._load = function (request, ...rest) {
+    try { return load.call(this, request, ...rest); } catch (error) {
+      if (error.code !== "MODULE_NOT_FOUND" || request.startsWith(".") || request.startsWith("/")) throw error;
+      stubbed.push(request);
+      return stub;
+    }
+  };
+}
+async function load() {
+  try { return require(file); } catch (error) {
+    if (error.code !== "ERR_REQUIRE_ESM" && !(error instanceof SyntaxError)) throw error;
+    return await import(url.pathToFileURL(file).href);
+  }
+}
+load().then((value) => {
+  if (value && typeof value === "object" && value[Symbol.toStringTag] === "Module")
+    value = value.default !== undefined ? value.default : { apps: value.apps };
+  process.stdout.write(JSON.stringify({ value: value === undefined ? null : value, stubbed }));
+}, (error) => { process.stderr.write(String(error && error.name + ": " + error.message || error).split("\n")[0]); process.exit(1); });
+"""
+
+
+def read_js_file(path: str, text: str, warnings: List[str], stub_missing: bool = False) -> Any:
+    """An ecosystem .js/.cjs/.mjs file through node when it is on PATH (it may compute its
+    config), else through read_js_literal; node's own error, first line, when it fails.
+    stub_missing (dry run, convert): a package the project has and this machine lacks
+    (dotenv, ...) is replaced by a stub that does nothing, with a warning."""
+    node = shutil.which("node")
+    if node is None:
+        return read_js_literal(text)
+    command = [node, "-e", NODE_EXPORT_SCRIPT, os.path.abspath(path)] + (["stub-missing"] if stub_missing else [])
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.path.dirname(os.path.abspath(path)),
+                              timeout=NODE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise ConfigFileError("node did not finish reading it within %d s" % NODE_TIMEOUT) from None
+    if done.returncode != 0:
+        said = done.stderr.decode("utf-8", "replace").strip()
+        if said.startswith("SyntaxError"):      # e.g. `export default` in a .js that node takes as CommonJS
+            with contextlib.suppress(ConfigFileError):
+                return read_js_literal(text)
+        raise ConfigFileError("node could not load it: %s" % said[:300])
+    answer = json.loads(done.stdout.decode("utf-8"))
+    warnings.extend("module %r is not installed here: a stub stood in for it, so what it computes is missing "
+                    "(install the project's packages for the real values)" % name for name in answer["stubbed"])
+    return answer["value"]
+
+
+def read_include(pattern: str) -> List[Tuple[str, str]]:
+    import glob
+    found = []
+    for name in sorted(glob.glob(pattern)):
+        with open(name, encoding="utf-8") as handle:
+            found.append((name, handle.read()))
+    return found
+
+
+class AppsFile(NamedTuple):
+    """What a file of processes says, in our fields: apps in start order, warnings, format."""
+    apps: List[dict]
+    warnings: List[str]
+    format: str
+    origin: str
+
+
+def load_apps_file(path: str, env_name: Optional[str] = None, stub_missing: bool = False) -> AppsFile:
+    """Read a native, PM2 (JSON, YAML, JS) or supervisord file; ConfigFileError/OSError."""
+    origin = "file:" + os.path.abspath(path)
     with open(path, "rb") as handle:
-        raw = handle.read()
-    if path.endswith(".toml"):
+        text = handle.read().decode("utf-8")
+    kind = file_format(path, text)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    if kind == "ini":
+        apps, warnings = read_supervisord(text, path, dict(os.environ), read_include, origin)
+        return AppsFile([dict(app, cwd=app.get("cwd") or base_dir) for app in apps], warnings, kind, origin)
+    if kind == "toml":
         try:
             import tomllib  # novm: Python 3.11+, guarded by the ImportError below
         except ImportError:
-            raise ValueError("reading TOML needs Python 3.11 or newer; use a .json file") from None
-        data = tomllib.loads(raw.decode("utf-8"))
-    else:
-        data = json.loads(raw.decode("utf-8"))
-    apps = data.get("apps") if isinstance(data, dict) else data
-    if not isinstance(apps, list) or not all(isinstance(app, dict) for app in apps):
-        raise ValueError("expected a list of process objects under 'apps'")
-    return [ecosystem_app(app, env_name, os.path.dirname(os.path.abspath(path))) for app in apps]
+            raise ConfigFileError("reading TOML needs Python 3.11 or newer; use a .json file") from None
+        data = tomllib.loads(text)
+    file_warnings: List[str] = []
+    if kind == "js":
+        data = read_js_file(path, text, file_warnings, stub_missing)
+    elif kind == "yaml":
+        data = read_yaml(text)
+    elif kind != "toml":
+        data = read_json_text(text)
+    if isinstance(data, dict) and data.get(NATIVE_MARK):
+        apps = pm2_apps(data)
+        return AppsFile([dict(app, origin=app.get("origin", origin)) for app in apps], [], "native", origin)
+    apps, warnings = [], file_warnings
+    if isinstance(data, dict) and "apps" in data:
+        warnings.extend("%s skipped: %s" % (key, "PM2's git deploy (use your own deploy tool)" if key == "deploy"
+                                            else "not a PM2 ecosystem key") for key in data if key != "apps")
+    if env_name and not any("env_" + env_name in app for app in pm2_apps(data)):
+        warnings.append("--env %s: no app has an env_%s block; env alone is used" % (env_name, env_name))
+    for app in pm2_apps(data):
+        native, said = pm2_to_native(app, env_name, base_dir, origin)
+        apps.append(native)
+        warnings.extend(said)
+    return AppsFile(apps, warnings, kind, origin)
 
 
-def ecosystem_app(app: dict, env_name: Optional[str], base_dir: str) -> dict:
-    app = dict(app)
-    env = dict(app.get("env") or {}) if isinstance(app.get("env") or {}, dict) else app.get("env")
-    chosen = app.get("env_" + env_name) if env_name else None
-    for key in [key for key in app if key.startswith("env_")]:
-        del app[key]
-    if isinstance(env, dict):
-        if isinstance(chosen, dict):
-            env.update(chosen)
-        app["env"] = {key: value if isinstance(value, str) else json.dumps(value) for key, value in env.items()}
-    if isinstance(app.get("args"), str):
-        app["args"] = shlex.split(app["args"])
-    if isinstance(app.get("script"), str):
-        cwd = os.path.join(base_dir, app.get("cwd") or "")
-        app["script"], app["args"], _ = script_and_args(app["script"], app.get("args") or [], cwd)
-        app["cwd"] = os.path.abspath(cwd)
-    return app
+def validate_app(app: dict) -> Tuple[Optional[dict], List[Tuple[str, str]]]:
+    """Every bad field of one app (not just the first): (its full config or None, [(field, message)])."""
+    errors = []
+    values = {}
+    for key, value in app.items():
+        field = CONFIG_FIELDS.get(key)
+        if field is None:
+            errors.append((key, "unknown field %r" % key[:80]))
+            continue
+        if value is None:                   # null: the default; a required field has none
+            if field.required:
+                errors.append((key, "field %r is required" % key))
+            continue
+        try:
+            values[key] = field.parse(value)
+        except PMDaemonError as exc:
+            errors.append((key, exc.message))
+    for required in ("name", "script"):
+        if app.get(required) is None and not any(field == required for field, _ in errors):
+            errors.append((required, "field %r is required" % required))
+    if errors:
+        return None, errors
+    config = ProcessConfig(**values)
+    try:
+        config.check_consistency()
+    except PMDaemonError as exc:
+        return None, [(exc.field if hasattr(exc, "field") else "?", exc.message)]
+    return config.to_dict(), []
+
+
+def file_problems(config: dict) -> List[str]:
+    """What the original project would have that this machine may lack: a directory, a script."""
+    said = []
+    if not os.path.isdir(config["cwd"]):
+        said.append("cwd %s does not exist" % config["cwd"])
+    elif "/" in config["script"] or config["interpreter"]:
+        if not os.path.exists(os.path.join(config["cwd"], config["script"])):
+            said.append("script %s does not exist" % os.path.join(config["cwd"], config["script"]))
+    elif not config["shell"] and shutil.which(config["script"], path=os.environ.get("PATH", os.defpath)) is None \
+            and not os.path.exists(os.path.join(config["cwd"], config["script"])):
+        said.append("command %s is not on PATH" % config["script"])
+    if config["interpreter"] and "/" not in config["interpreter"] and shutil.which(config["interpreter"]) is None:
+        said.append("interpreter %s is not on PATH" % config["interpreter"])
+    if config["user"] is not None and os.geteuid() != 0:
+        said.append("user %s: only a daemon run as root can switch users" % config["user"])
+    return said
+
+
+def current_configs(client: Client) -> Dict[str, dict]:
+    """Every process's settings by its base name (a group once)."""
+    found: Dict[str, dict] = {}
+    for entry in all_processes(client):
+        details = client.ok("GET", "/api/processes/" + quoted(entry["name"]))
+        config = details["config"]
+        if config["name"] not in found:
+            if details.get("port") is not None and config.get("port"):
+                config["env"].pop("PORT", None)
+            found[config["name"]] = config
+    return found
+
+
+def apply_plan(loaded: AppsFile, current: Dict[str, dict], prune: bool) -> dict:
+    """create / update (with the changed keys) / unchanged / delete, errors and warnings (pure
+    but for the file checks of file_problems)."""
+    plan: Dict[str, Any] = {"file": loaded.origin[5:], "format": loaded.format, "create": [], "update": [],
+                            "unchanged": [], "delete": [], "errors": [], "warnings": list(loaded.warnings), "apps": []}
+    seen = set()
+    for app in loaded.apps:
+        label = str(app.get("name", "?"))
+        app = dict(app)
+        wanted_status = app.pop("status", None)         # what `save` recorded: online or stopped
+        config, errors = validate_app(app)
+        plan["errors"].extend({"app": label, "field": field, "message": text} for field, text in errors)
+        if config is None:
+            continue
+        if config["name"] in seen:
+            plan["errors"].append({"app": label, "field": "name", "message": "the name %r is used twice" % label})
+            continue
+        seen.add(config["name"])
+        plan["warnings"].extend("%s: %s" % (label, text) for text in file_problems(config))
+        plan["apps"].append(dict(config, status=wanted_status) if wanted_status else config)
+        old = current.get(config["name"])
+        if old is None:
+            plan["create"].append(label)
+            continue
+        changed = sorted(key for key in config if old.get(key) != config[key])
+        if changed:
+            plan["update"].append({"name": label, "changed": changed})
+        else:
+            plan["unchanged"].append(label)
+    for config in plan["apps"]:
+        for needed in config["depends_on"]:
+            if needed not in seen and needed not in current:
+                plan["errors"].append({"app": config["name"], "field": "depends_on",
+                                       "message": "depends_on names %r, which is neither in the file nor running" % needed})
+    plan["apps"] = dependencies_first(plan["apps"])
+    if prune:
+        plan["delete"] = [name for name, config in sorted(current.items())
+                          if name not in seen and config.get("origin") == loaded.origin]
+    return plan
+
+
+def dependencies_first(apps: List[dict]) -> List[dict]:
+    """The apps in file order, but each after the apps of the file it depends_on (the daemon
+    refuses a dependency it does not know yet); a cycle keeps the file's order."""
+    by_name = {app["name"]: app for app in apps}
+    ordered: List[dict] = []
+    placing: set = set()
+
+    def place(app: dict) -> None:
+        if app in ordered or app["name"] in placing:
+            return
+        placing.add(app["name"])
+        for needed in app["depends_on"]:
+            if needed in by_name:
+                place(by_name[needed])
+        ordered.append(app)
+    for app in apps:
+        place(app)
+    return ordered
+
+
+def print_plan(plan: dict, dry_run: bool) -> None:
+    for text in plan["warnings"]:
+        print("warning: %s" % text)
+    for error in plan["errors"]:
+        print("error: %s: %s" % (error["app"], error["message"]))
+    if dry_run:
+        for name in plan["create"]:
+            print("create %s" % name)
+        for entry in plan["update"]:
+            print("update %s (%s)" % (entry["name"], ", ".join(entry["changed"])))
+        for name in plan["unchanged"]:
+            print("unchanged %s" % name)
+        for name in plan["delete"]:
+            print("delete %s" % name)
+
+
+def read_plan_file(client: Optional[Client], args: argparse.Namespace) -> Tuple[AppsFile, dict]:
+    try:
+        loaded = load_apps_file(args.file, getattr(args, "env_name", None),
+                                stub_missing=client is None or getattr(args, "dry_run", False))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CliError("cannot read %s: %s" % (args.file, getattr(exc, "strerror", None) or exc), 2) from None
+    current, absent = {}, None
+    if client is not None and getattr(args, "dry_run", False):
+        client.may_start = False                # a dry run starts nothing, not even a daemon
+        try:
+            current = current_configs(client)
+        except CliError:
+            absent = "no daemon answers at %s: the plan is against an empty daemon" % client.address
+    elif client is not None:
+        current = current_configs(client)
+    plan = apply_plan(loaded, current, getattr(args, "prune", False))
+    if absent:
+        plan["warnings"].insert(0, absent)
+    return loaded, plan
 
 
 def verb_apply(client: Client, args: argparse.Namespace) -> int:
-    """Make the daemon run what the file says: create what is new, update what changed, leave
-    what is equal, and with --prune delete what the file no longer names. A line per app."""
-    try:
-        apps = load_apps(args.file, getattr(args, "env_name", None))
-    except (OSError, ValueError) as exc:
-        raise CliError("cannot read %s: %s" % (args.file, exc), 2) from None
-    failed = 0
-    for app in apps:
-        failed += apply_one(client, app)
-    if getattr(args, "prune", False):
-        named = {app.get("name") for app in apps}
-        for name in group_names(client):
-            if name not in named:
-                client.ok("DELETE", "/api/processes/" + quoted(name), timeout=ACTION_TIMEOUT)
-                print("%s: deleted (not in %s)" % (name, args.file))
+    """Make the daemon run what the file says, converging: every app validated first (all
+    errors listed, nothing done if any), then created, updated to exactly the file (a key
+    left out goes back to its default) or left; --prune deletes what this file created."""
+    loaded, plan = read_plan_file(client, args)
+    dry_run = getattr(args, "dry_run", False)
+    if args.json and (dry_run or plan["errors"]):
+        print(json.dumps(dict(plan, dry_run=dry_run), indent=2))
+    else:
+        print_plan(plan, dry_run)
+    if plan["errors"]:
+        if not args.json:
+            print("pmdaemon: nothing applied: %d error(s) in %s" % (len(plan["errors"]), args.file), file=sys.stderr)
+        return 1
+    if dry_run:
+        return 0
+    for config in plan["apps"]:
+        blocking = ("cwd",) if client.url else ("cwd", "user")    # a local daemon runs as we do
+        problems = [text for text in file_problems(config) if text.startswith(blocking)]
+        if problems:
+            raise CliError("%s: %s; nothing applied" % (config["name"], problems[0]))
+    failed, results = 0, []
+    for config in plan["apps"]:
+        code, said = apply_one(client, config, plan)
+        failed += code
+        results.append({"name": config["name"], "result": said})
+        if not args.json:
+            print("%s: %s" % (config["name"], said))
+    for name in plan["delete"]:
+        client.ok("DELETE", "/api/processes/" + quoted(name), timeout=ACTION_TIMEOUT)
+        results.append({"name": name, "result": "deleted"})
+        if not args.json:
+            print("%s: deleted (created by %s, no longer in it)" % (name, args.file))
+    if args.json:
+        print(json.dumps({"success": not failed, "results": results, "warnings": plan["warnings"]}, indent=2))
     return 1 if failed else 0
 
 
-def apply_one(client: Client, app: dict) -> int:
-    name = str(app.get("name", "?"))
-    wanted_status = app.pop("status", None)
-    exists = isinstance(app.get("name"), str) and client.call("GET", "/api/processes/" + quoted(name))[0] == 200
-    if exists:
-        status, body = client.call("PATCH", "/api/processes/" + quoted(name), app, timeout=ACTION_TIMEOUT)
+def apply_one(client: Client, config: dict, plan: dict) -> Tuple[int, str]:
+    name = config["name"]
+    wanted_status = config.pop("status", None)
+    if name in plan["unchanged"]:
+        status, body, said = 200, {}, "unchanged"
+    elif name not in plan["create"]:
+        status, body = client.call("PATCH", "/api/processes/" + quoted(name), config, timeout=ACTION_TIMEOUT)
         said = body and {"unchanged": "unchanged", "saved": "updated", "scaled": "updated (scaled)",
                          "restarted": "updated (restarted)"}.get(body.get("applied"))
     else:
-        status, body = client.call("POST", "/api/processes", app, timeout=ACTION_TIMEOUT)
-        said = "created" if app.get("autostart", True) else "created (not started)"
+        status, body = client.call("POST", "/api/processes", config, timeout=ACTION_TIMEOUT)
+        said = "created" if config.get("autostart", True) else "created (not started)"
         if status < 300 and body["process"]["status"] == "errored":
             status, said = 422, None
             body = {"error": {"message": body["message"], "code": "START_FAILED"}}
     if status >= 300:
-        print("%s: %s" % (name, error_text(body, status)))
-        return 1
-    if wanted_status in ("online", "stopped") and exists:
+        return 1, error_text(body, status)
+    if wanted_status in ("online", "stopped") and name not in plan["create"]:
         client.call("POST", "/api/processes/%s/%s" % (quoted(name), "start" if wanted_status == "online" else "stop"),
                     timeout=ACTION_TIMEOUT)
-    print("%s: %s" % (name, said))
+    return 0, said
+
+
+def verb_convert(client: Optional[Client], args: argparse.Namespace) -> int:
+    """Print a PM2 or supervisord file as our native JSON (warnings on stderr); nothing runs."""
+    loaded, plan = read_plan_file(None, args)
+    for text in plan["warnings"]:
+        print("warning: %s" % text, file=sys.stderr)
+    if plan["errors"]:
+        for error in plan["errors"]:
+            print("error: %s: %s" % (error["app"], error["message"]), file=sys.stderr)
+        return 1
+    defaults = ProcessConfig(name="x", script="x").to_dict()
+    apps = [{key: value for key, value in app.items() if key in ("name", "script") or
+             (key != "origin" and value != defaults[key])} for app in plan["apps"]]
+    print(json.dumps({NATIVE_MARK: 1, "apps": apps}, indent=2))
     return 0
 
 
@@ -8437,8 +9665,9 @@ def verb_save(client: Client, args: argparse.Namespace) -> int:
         running = entry["status"] not in ("stopped", "errored")
         apps.append(dict(config, autostart=running, status="online" if running else "stopped"))
     path = dump_path(client, args)
-    atomic_write(path, json.dumps({"apps": apps}, indent=1).encode())
-    print("saved %d process(es) to %s" % (len(apps), path))
+    atomic_write(path, json.dumps({NATIVE_MARK: 1, "apps": apps}, indent=1).encode())
+    print(json.dumps({"success": True, "saved": len(apps), "file": path}) if args.json
+          else "saved %d process(es) to %s" % (len(apps), path))
     return 0
 
 
@@ -8629,6 +9858,8 @@ def switch_log_subscription(stream: WsClient, old: Optional[str], new: Optional[
 
 def verb_monit(client: Client, args: argparse.Namespace) -> int:
     import curses
+    if args.json:
+        raise CliError("monit is a terminal view; for JSON use `ls --json`, `logs --follow --json` or /ws", 2)
     if not sys.stdout.isatty():
         raise CliError("monit needs a terminal")
     client.ok("GET", "/api/system")          # reach (or start) the daemon before the screen changes
@@ -8704,19 +9935,24 @@ WEB_NUMBER_OPTIONS = (
 
 # verb: (function, help, how it takes a target: None, "one" name, "optional" name, "all" name|all)
 VERBS = {
-    "start": (verb_start, "start a program, a JSON/TOML file of apps, or a stopped process", None),
+    "start": (verb_start, "start a program, a file of apps (as apply does), or a stopped process", None),
     "stop": (verb_action, "stop a process (its whole group), or all", "all"),
     "restart": (verb_action, "restart a process, or all", "all"),
     "reload": (verb_action, "restart a group one copy at a time (zero downtime), or all", "all"),
     "delete": (verb_action, "stop and remove a process, or all", "all"),
     "scale": (verb_scale, "change how many copies of a process run", None),
+    "signal": (verb_signal, "send a signal (SIGUSR2, HUP, 10) to a process, or all", None),
+    "send": (verb_send, "write TEXT (or what stdin holds) to a process's stdin", None),
+    "describe": (verb_describe, "everything about one process, every setting included", "one"),
     "list": (verb_list, "the process table (alias: ls)", None),
     "info": (verb_info, "everything about one process", "one"),
     "system": (verb_system, "host cpu, memory and load", None),
     "logs": (verb_logs, "last lines of a process's logs, or of all; --follow for new ones", "optional"),
     "flush": (verb_flush, "empty the logs of a process, or of all", "optional"),
     "monit": (verb_monit, "a live terminal view: processes, system, logs; keys act", None),
-    "apply": (verb_apply, "make the daemon run what a JSON/TOML file of apps says", None),
+    "apply": (verb_apply, "make the daemon run what a file of apps says: ours, PM2's (JSON, YAML, JS) "
+              "or supervisord's", None),
+    "convert": (verb_convert, "print a PM2 or supervisord file as our JSON (nothing runs)", None),
     "save": (verb_save, "write every process and its status to a file (default $PMDAEMON_HOME/dump.json)", None),
     "resurrect": (verb_resurrect, "bring back what `save` wrote, stopped ones stopped", None),
     "startup": (None, "print (or --install) a systemd unit that starts pmdaemon at boot", None),
@@ -8770,13 +10006,35 @@ def add_verb_options(verb: str, sub: argparse.ArgumentParser) -> None:
                          "interpreter when not executable), a .json/.toml file of apps, or a process")
         sub.add_argument("script_args", nargs="*", metavar="ARG", help="arguments for the program (after --)")
         sub.add_argument("--name", help="the process name (default: the script's name)")
-        sub.add_argument("-i", "--instances", type=bounded(int, 1, MAX_INSTANCES), help="copies to run")
+        sub.add_argument("-i", "--instances", metavar="N", help="copies to run: a number, max (one per CPU), "
+                         "0 (the same) or -1 (CPUs less one)")
         sub.add_argument("--port", help="a port, a range A-B, auto or auto:A-B")
         sub.add_argument("--cwd", help="working directory (default: the current one)")
         sub.add_argument("-e", "--env", action="append", metavar="KEY=VALUE", help="environment (repeatable)")
         sub.add_argument("--max-memory", metavar="SIZE", help="restart above this RSS, e.g. 150M")
         sub.add_argument("--health-url", metavar="URL", help="an HTTP health check ({port} is replaced)")
         sub.add_argument("--wait-ready", action="store_true", help="starting until the health check passes")
+        sub.add_argument("--max-memory-restart", dest="max_memory", metavar="SIZE", help="the same as --max-memory")
+        sub.add_argument("--watch", nargs="?", const=True, metavar="PATH", help="restart when files change "
+                         "(the cwd, or PATH)")
+        sub.add_argument("--cron", "--cron-restart", dest="cron", metavar="EXPR", help="restart on a cron schedule")
+        sub.add_argument("--namespace", help="the process's namespace")
+        sub.add_argument("--user", help="run as this user (the daemon must be root)")
+        sub.add_argument("--interpreter", help="run the script with this (node, python3, bash, ...), kept as given")
+        sub.add_argument("--no-autorestart", action="store_true", help="do not restart when it exits")
+        sub.add_argument("-o", "--output", metavar="FILE", help="stdout log file")
+        sub.add_argument("--error", metavar="FILE", help="stderr log file")
+        sub.add_argument("--force", action="store_true", help="replace the program of an existing NAME")
+        sub.add_argument("--prune", action="store_true", help=argparse.SUPPRESS)
+        sub.add_argument("--dry-run", action="store_true", help="with a file: print the plan, change nothing")
+        sub.add_argument("--env-name", "--only-env", dest="env_name", metavar="NAME",
+                         help="with a file: merge each app's env_NAME block")
+    elif verb == "signal":
+        sub.add_argument("signal", metavar="SIGNAL", help="a name (SIGUSR2, USR2) or number")
+        sub.add_argument("target", metavar="NAME|ID|all")
+    elif verb == "send":
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("text", nargs="*", metavar="TEXT", help="a line to send; without it, stdin is sent")
     elif verb == "scale":
         sub.add_argument("name", metavar="NAME")
         sub.add_argument("count", type=bounded(int, 1, MAX_INSTANCES), metavar="N")
@@ -8786,12 +10044,16 @@ def add_verb_options(verb: str, sub: argparse.ArgumentParser) -> None:
         which = sub.add_mutually_exclusive_group()
         which.add_argument("--err", action="store_true", help="stderr only")
         which.add_argument("--out", action="store_true", help="stdout only")
-    elif verb in ("apply", "save", "resurrect"):
-        sub.add_argument("file", nargs=None if verb == "apply" else "?",
-                         help="a .json file, or .toml with Python 3.11+")
-        if verb == "apply":
-            sub.add_argument("--prune", action="store_true", help="delete processes the file does not name")
+    elif verb in ("apply", "convert", "save", "resurrect"):
+        sub.add_argument("file", nargs=None if verb in ("apply", "convert") else "?",
+                         help="ours (.json), PM2's (.json, .yml, .js/.cjs/.mjs), supervisord's (.conf, .ini), "
+                         "or .toml with Python 3.11+")
+        if verb in ("apply", "convert"):
             sub.add_argument("--env", dest="env_name", metavar="NAME", help="merge each app's env_NAME block")
+        if verb == "apply":
+            sub.add_argument("--prune", action="store_true", help="delete processes that this file created "
+                             "and no longer names")
+            sub.add_argument("--dry-run", action="store_true", help="print the plan and every warning, change nothing")
     elif verb == "startup":
         sub.add_argument("--install", action="store_true", help="write and enable the unit (root)")
 
@@ -8844,9 +10106,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             return verb_startup(args)
         if verb == "kill":
             return verb_kill(args)
+        if verb == "convert":
+            return verb_convert(None, args)
         args.verb = verb
         return VERBS[verb][0](Client(args), args)
     except CliError as exc:
+        if getattr(args, "json", False):         # --json: the error as JSON too, on stdout
+            print(json.dumps({"success": False, "error": {"code": "CLI_ERROR" if exc.status == 1 else "USAGE",
+                                                          "message": exc.message}}))
         print("pmdaemon: %s" % exc.message, file=sys.stderr)
         return exc.status
     except BrokenPipeError:

@@ -2133,23 +2133,23 @@ class TestCli(DaemonTestCase):
         write([{"name": "file-a", "script": "sleep", "args": "60", "env": {"N": 5, "FLAG": True},
                 "env_production": {"MODE": "prod"}, "max_memory_restart": "1.5G"},
                {"name": "file-b", "script": "sleep", "args": ["60"], "instances": 2},
-               {"name": "file-c", "script": "sleep", "colour": "red"}])
+               {"name": "file-c", "script": "sleep", "args": ["60"], "colour": "red"}])
         code, out = self.cli("apply", path, "--env", "production")
-        self.assertEqual(code, 1)
-        self.assertEqual(out.splitlines(), ["file-a: created", "file-b: created",
-                                            "file-c: unknown field 'colour' (VALIDATION_ERROR)"])
+        self.assertEqual((code, out.splitlines()), (0, ["warning: file-c: colour skipped: not a PM2 or pmdaemon setting",
+                                                        "file-a: created", "file-b: created", "file-c: created"]))
         config = self.daemon.process("file-a")["config"]
-        self.assertEqual((config["env"], config["args"], config["max_memory_restart"]),
-                         ({"N": "5", "FLAG": "true", "MODE": "prod"}, ["60"], 3 * 1024 ** 3 // 2))
+        self.assertEqual((config["env"], config["args"], config["max_memory_restart"], config["origin"]),
+                         ({"N": "5", "FLAG": "true", "MODE": "prod"}, ["60"], 3 * 1024 ** 3 // 2, "file:" + path))
         write([{"name": "file-a", "script": "sleep", "args": ["60"], "env": {"N": "5", "FLAG": "true", "MODE": "prod"},
                 "max_memory_restart": "1.5G"},
                {"name": "file-b", "script": "sleep", "args": ["61"], "instances": 2}])
         code, out = self.cli("apply", path, "--prune")
-        self.assertEqual(out.splitlines(), ["file-a: unchanged", "file-b: updated (restarted)"])
-        self.cli("start", "sleep", "--name", "file-extra", "--", "60")
+        self.assertEqual(out.splitlines(), ["file-a: unchanged", "file-b: updated (restarted)",
+                                            "file-c: deleted (created by %s, no longer in it)" % path])
+        self.cli("start", "sleep", "--name", "file-extra", "--", "60")      # not the file's: --prune keeps it
         code, out = self.cli("apply", path, "--prune")
-        self.assertEqual((code, out.splitlines()[-1]), (0, "file-extra: deleted (not in %s)" % path))
-        self.assertEqual(sorted(self.table()), ["file-a", "file-b-0", "file-b-1"])
+        self.assertEqual((code, out.splitlines()), (0, ["file-a: unchanged", "file-b: unchanged"]))
+        self.assertEqual(sorted(self.table()), ["file-a", "file-b-0", "file-b-1", "file-extra"])
         self.cli("delete", "all")
 
     def test_save_and_resurrect_restore_exactly(self):
@@ -4784,6 +4784,472 @@ class TestWatchLimits(DaemonTestCase):
         log_text = read_text(os.path.join(self.daemon.home, "pmdaemon.log"))
         self.assertIn("watch-dirs: stopped watching files: " + reason, log_text)
         self.assertIn("watch-dirs watch_stopped reason=" + reason, log_text)
+
+
+class TestStripJsonExtras(unittest.TestCase):
+    """JSON as people write it: comments and trailing commas, strings untouched."""
+
+    def test_comments_and_trailing_commas(self):
+        text = '{\n // a comment\n "apps": [ /* one */ {"name": "a", "script": "x // not a comment", },\n ],\n}'
+        self.assertEqual(pmdaemon.read_json_text(text), {"apps": [{"name": "a", "script": "x // not a comment"}]})
+
+    def test_a_string_with_escaped_quote_and_comma(self):
+        self.assertEqual(pmdaemon.read_json_text('["a\\",]", ]'), ['a",]'])
+
+    def test_an_error_names_the_line(self):
+        with self.assertRaisesRegex(pmdaemon.ConfigFileError, "line 3"):
+            pmdaemon.read_json_text('{\n/* x\n*/ "a": }')
+
+
+class TestReadYaml(unittest.TestCase):
+    """PM2's YAML: block maps and lists, scalars, flow collections, block scalars."""
+
+    def test_a_pm2_file(self):
+        text = ("# ecosystem\napps:\n  - name: api   # the api\n    script: ./app.js\n    instances: 4\n"
+                "    env:\n      PORT: 3000\n      DEBUG: 'false'\n      EMPTY: ''\n    args: [\"--a\", b, 3]\n"
+                "    watch:\n    - src\n    - lib\n  - script: worker.py\n    autorestart: no\n"
+                "    note: |\n      two\n      lines\n    folded: >-\n      one\n      line\n")
+        self.assertEqual(pmdaemon.read_yaml(text), {"apps": [
+            {"name": "api", "script": "./app.js", "instances": 4, "env": {"PORT": 3000, "DEBUG": "false", "EMPTY": ""},
+             "args": ["--a", "b", 3], "watch": ["src", "lib"]},
+            {"script": "worker.py", "autorestart": False, "note": "two\nlines\n", "folded": "one line"}]})
+
+    def test_scalars(self):
+        self.assertEqual(pmdaemon.read_yaml("a: ~\nb: 1.5\nc: \"x\\ty\"\nd: 'it''s'\ne: http://h:1/p\nf: {k: v, n: 2}\n"),
+                         {"a": None, "b": 1.5, "c": "x\ty", "d": "it's", "e": "http://h:1/p", "f": {"k": "v", "n": 2}})
+
+    def test_document_markers_and_a_top_level_list(self):
+        self.assertEqual(pmdaemon.read_yaml("---\n- name: a\n  script: b\n...\n"), [{"name": "a", "script": "b"}])
+
+    def test_errors_name_the_line(self):
+        with self.assertRaisesRegex(pmdaemon.ConfigFileError, "line 2: a tab"):
+            pmdaemon.read_yaml("apps:\n\t- a\n")
+        with self.assertRaisesRegex(pmdaemon.ConfigFileError, "line 3: unexpected"):
+            pmdaemon.read_yaml("a:\n    b: 1\n  c: 2\n")
+
+
+class TestReadJsLiteral(unittest.TestCase):
+    """Ecosystem .js files without node: literals are read, anything computed is named with its line."""
+
+    def test_module_exports_literal(self):
+        text = ("'use strict';\n// apps\nmodule.exports = {\n  apps : [{\n    name   : \"app1\",\n"
+                "    script : './app.js', // x\n    env: {NODE_ENV: `dev`, N: 5, F: 1.5, G: -2,},\n"
+                "    instances: 0x2, args: ['b\\'c'], watch: false, x: undefined,\n  }],\n};\n")
+        self.assertEqual(pmdaemon.read_js_literal(text), {"apps": [
+            {"name": "app1", "script": "./app.js", "env": {"NODE_ENV": "dev", "N": 5, "F": 1.5, "G": -2},
+             "instances": 2, "args": ["b'c"], "watch": False, "x": None}]})
+
+    def test_export_forms(self):
+        app = {"name": "x", "script": "y"}
+        for text in ('export default { apps: [{ name: "x", script: "y" }] }',
+                     'export const apps = [{ name: "x", script: "y" }];',
+                     'const config = { apps: [{ name: "x", script: "y" }] };\nmodule.exports = config;\n'):
+            self.assertEqual(pmdaemon.read_js_literal(text), {"apps": [app]}, text)
+
+    def test_without_node_a_js_file_is_read_as_a_literal(self):
+        directory = tempfile.mkdtemp(prefix="pmd-nonode-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "ecosystem.config.js")
+        saved = os.environ["PATH"]
+        os.environ["PATH"] = directory                  # no node here
+        self.addCleanup(os.environ.__setitem__, "PATH", saved)
+        with open(path, "w") as handle:
+            handle.write("module.exports = { apps: [{ name: 'lit', script: 'x.js' }] };\n")
+        self.assertEqual(pmdaemon.load_apps_file(path).apps[0]["name"], "lit")
+        with open(path, "w") as handle:
+            handle.write("module.exports = {\n apps: [{ name: 'lit', script: 'x.js', cwd: __dirname }] };\n")
+        with self.assertRaisesRegex(pmdaemon.ConfigFileError, "^line 2: __dirname is computed"):
+            pmdaemon.load_apps_file(path)
+
+    def test_computed_constructs_are_named_with_their_line(self):
+        cases = {"{ apps: [{ env: { ...process.env } }] }": "line 1: spread (...)",
+                 "{ apps: [{ cwd: __dirname }] }": "line 1: __dirname",
+                 "{\n apps: [{ cwd: path.join(__dirname, 'a') }] }": "line 2: path.join()",
+                 "{ apps: [{ name: `a${b}` }] }": "line 1: a template literal with ${}",
+                 "{ apps: [{ PORT: process.env.PORT || 3000 }] }": "line 1: process.env",
+                 "{ apps: ['a', 'b'].map(name => ({ name })) }": "line 1: .map()",
+                 "{ apps: require('./apps.json') }": "line 1: require()"}
+        for body, said in cases.items():
+            with self.assertRaises(pmdaemon.ConfigFileError) as caught:
+                pmdaemon.read_js_literal("module.exports = " + body)
+            self.assertTrue(str(caught.exception).startswith(said), (body, str(caught.exception)))
+            self.assertIn("without node only literals can be read", str(caught.exception))
+
+
+@unittest.skipUnless(shutil.which("node"), "node is not on PATH")
+class TestReadJsFile(unittest.TestCase):
+    """With node on PATH, .js/.cjs/.mjs files are evaluated by node: computed configs work."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="pmd-js-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def read(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as handle:
+            handle.write(text)
+        return pmdaemon.load_apps_file(path)
+
+    def test_commonjs_that_computes(self):
+        loaded = self.read("ecosystem.config.js", "const path = require('path');\nmodule.exports = { apps: "
+                           "['a', 'b'].map((n) => ({ name: `w-${n}`, script: 'w.js', cwd: path.join(__dirname, n), "
+                           "env: { ...{ X: 1 } } })) };\n")
+        self.assertEqual([(app["name"], app["cwd"], app["env"], app["interpreter"]) for app in loaded.apps],
+                         [("w-a", os.path.join(self.dir, "a"), {"X": "1"}, "node"),
+                          ("w-b", os.path.join(self.dir, "b"), {"X": "1"}, "node")])
+
+    def test_esm_mjs_and_cjs(self):
+        self.assertEqual(self.read("ecosystem.config.mjs", "export default { apps: [{ name: 'm', script: 'm' }] };\n")
+                         .apps[0]["name"], "m")
+        self.assertEqual(self.read("x.cjs", "exports.apps = [{ name: 'c', script: 'c' }];\n").apps[0]["name"], "c")
+
+    def test_export_default_in_a_js_file_falls_back_to_the_literal_reader(self):
+        self.assertEqual(self.read("pm2.config.js", "export default { apps: [{ name: 'e', script: 'e' }] }\n")
+                         .apps[0]["name"], "e")
+
+    def test_a_missing_package_is_a_stub_in_a_dry_run_only(self):
+        text = "require('pmd-not-installed').config();\nmodule.exports = { apps: [{ name: 's', script: 's' }] };\n"
+        path = os.path.join(self.dir, "stub.config.js")
+        with open(path, "w") as handle:
+            handle.write(text)
+        loaded = pmdaemon.load_apps_file(path, stub_missing=True)
+        self.assertEqual((loaded.apps[0]["name"], loaded.warnings), ("s", [
+            "module 'pmd-not-installed' is not installed here: a stub stood in for it, so what it computes is "
+            "missing (install the project's packages for the real values)"]))
+        with self.assertRaisesRegex(pmdaemon.ConfigFileError, "Cannot find module 'pmd-not-installed'"):
+            pmdaemon.load_apps_file(path)
+
+    def test_node_errors_are_reported(self):
+        with self.assertRaisesRegex(pmdaemon.ConfigFileError, "node could not load it: .*nope"):
+            self.read("bad.config.js", "throw new Error('nope ' + 1);\n")
+
+
+class TestReadSupervisord(unittest.TestCase):
+    """supervisord INI: interpolation, numprocs, groups, includes, priority, noted sections."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="pmd-ini-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def read(self, text, environ=None):
+        path = os.path.join(self.dir, "supervisord.conf")
+        return pmdaemon.read_supervisord(text, path, environ or {"USER": "app"}, pmdaemon.read_include, "file:" + path)
+
+    def test_program_keys(self):
+        apps, warnings = self.read(
+            "[program:web]\ncommand=/usr/bin/python3 -m http.server %(process_num)d ; a comment\n"
+            "process_name=%(program_name)s_%(process_num)02d\nnumprocs=2\nnumprocs_start=8000\ndirectory=%(here)s\n"
+            "autostart=false\nautorestart=true\nstartsecs=5\nstartretries=7\nstopwaitsecs=10\nstopsignal=INT\n"
+            "user=%(ENV_USER)s\nredirect_stderr=true\nstdout_logfile=/var/log/web-%(process_num)s.log\n"
+            "stdout_logfile_maxbytes=50MB\nstdout_logfile_backups=10\numask=022\n"
+            "environment=A=\"1,2\",B=x,C='%(program_name)s'\npriority=10\n")
+        self.assertEqual(warnings, [])
+        self.assertEqual([app["name"] for app in apps], ["web_8000", "web_8001"])
+        self.assertEqual(apps[1], {
+            "name": "web_8001", "script": "/usr/bin/python3", "args": ["-m", "http.server", "8001"], "cwd": self.dir,
+            "autostart": False, "autorestart": True, "min_uptime": 5000, "max_restarts": 7, "kill_timeout": 10000,
+            "kill_signal": "INT", "user": "app", "merge_logs": True, "out_file": "/var/log/web-8001.log",
+            "log_max_size": 50 * 1024 ** 2, "log_max_files": 10, "umask": "022", "env": {"A": "1,2", "B": "x", "C": "web"},
+            "origin": "file:" + os.path.join(self.dir, "supervisord.conf")})
+        self.assertEqual(pmdaemon.validate_app(apps[1])[1], [])
+
+    def test_unexpected_exits_groups_priority_and_sections(self):
+        apps, warnings = self.read(
+            "[unix_http_server]\nfile=/tmp/s.sock\n[supervisord]\nlogfile=/tmp/x\n[rpcinterface:supervisor]\n"
+            "supervisor.rpcinterface_factory = x\n[program:late]\ncommand=sleep 1\n"
+            "[program:early]\ncommand=sleep 2\npriority=1\nexitcodes=0,2\nkillasgroup=false\nstdout_syslog=true\n"
+            "[group:backend]\nprograms=late,early\n[eventlistener:memmon]\ncommand=memmon\n[fcgi-program:f]\ncommand=f\n"
+            "[weird]\nx=1\n")
+        self.assertEqual([(app["name"], app.get("namespace"), app["autorestart"], app.get("stop_exit_codes"))
+                          for app in apps], [("early", "backend", True, [0, 2]), ("late", "backend", True, [0])])
+        self.assertEqual(warnings, [
+            "[unix_http_server] noted and skipped: the daemon's own settings are `web` flags",
+            "[supervisord] noted and skipped: the daemon's own settings are `web` flags",
+            "[rpcinterface:supervisor] noted and skipped: the daemon's own settings are `web` flags",
+            "[program:early] killasgroup false: the whole process group is stopped here all the same",
+            "[program:early] stdout_syslog skipped: logs go to files and the API, not syslog",
+            "[eventlistener:memmon] not supported: pmdaemon runs programs, not event listeners",
+            "[fcgi-program:f] not supported: pmdaemon runs programs, not FastCGI sockets",
+            "[weird] skipped: not a supervisord section"])
+
+    def test_every_documented_program_key_is_known(self):
+        documented = ("command process_name numprocs numprocs_start priority autostart startsecs startretries "
+                      "autorestart exitcodes stopsignal stopwaitsecs stopasgroup killasgroup user redirect_stderr "
+                      "stdout_logfile stdout_logfile_maxbytes stdout_logfile_backups stdout_capture_maxbytes "
+                      "stdout_events_enabled stdout_syslog stderr_logfile stderr_logfile_maxbytes "
+                      "stderr_logfile_backups stderr_capture_maxbytes stderr_events_enabled stderr_syslog "
+                      "environment directory umask serverurl").split()
+        values = {"command": "sleep 1", "process_name": "%(program_name)s_%(process_num)d", "numprocs": "2",
+                  "autorestart": "unexpected", "exitcodes": "0", "stopsignal": "TERM", "umask": "022",
+                  "environment": "A=1", "directory": "/tmp", "stdout_logfile": "/tmp/o.log", "stderr_logfile": "/tmp/e.log",
+                  "stdout_logfile_maxbytes": "1MB", "stderr_logfile_maxbytes": "1MB", "user": "nobody"}
+        text = "[program:k]\n" + "".join("%s=%s\n" % (key, values.get(key, "1" if key.endswith(
+            ("secs", "retries", "priority", "start", "backups", "maxbytes")) else "true")) for key in documented)
+        apps, warnings = self.read(text)
+        self.assertEqual([text for text in warnings if "not a supervisord" in text], [])
+        self.assertEqual([pmdaemon.validate_app(app)[1] for app in apps], [[], []])
+
+    def test_include_files(self):
+        os.mkdir(os.path.join(self.dir, "conf.d"))
+        with open(os.path.join(self.dir, "conf.d", "a.conf"), "w") as handle:
+            handle.write("[program:included]\ncommand=sleep 5\nautorestart=false\n")
+        apps, warnings = self.read("[include]\nfiles = conf.d/*.conf\n")
+        self.assertEqual([(app["name"], app["autorestart"]) for app in apps], [("included", False)])
+        self.assertEqual(warnings, ["[include] read: 1 file(s)"])
+
+    def test_errors_name_section_and_key(self):
+        for text, said in (("[program:a]\ncommand=x %(ENV_NOPE)s\n", "[program:a] command: %(ENV_NOPE)s names nothing"),
+                           ("[program:a]\ncommand=x\nnumprocs=2\nprocess_name=a\n",
+                            "[program:a]: numprocs is 2 but process_name 'a' has no %(process_num)"),
+                           ("[program:a]\nautostart=x\n", "[program:a]: command is required"),
+                           ("[program:a]\ncommand=x\nautostart=maybe\n", "[program:a] autostart: 'maybe' is not true"),
+                           ("[program:a\ncommand=x\n", "File contains no section headers")):
+            with self.assertRaises(pmdaemon.ConfigFileError) as caught:
+                self.read(text)
+            self.assertIn(said, str(caught.exception))
+
+
+class TestPm2ToNative(unittest.TestCase):
+    """Every PM2 key is honoured, mapped or skipped with a one-line warning; never an error."""
+
+    def native(self, app, env_name=None):
+        config, warnings = pmdaemon.pm2_to_native(app, env_name, "/srv/app")
+        return config, warnings
+
+    def test_frequent_keys(self):
+        config, warnings = self.native({
+            "name": "api", "script": "server.js", "env": {"PORT": 3000, "ON": True}, "env_production": {"NODE_ENV": "production"},
+            "watch": ["src"], "ignore_watch": ["logs"], "instances": "2", "exec_mode": "fork", "cwd": "api",
+            "autorestart": False, "args": "--a 'b c'", "max_memory_restart": "300M", "error_file": "logs/err.log",
+            "out_file": "/var/log/out.log", "time": True, "max_restarts": "10", "kill_timeout": 3000,
+            "restart_delay": "500", "min_uptime": "1h", "listen_timeout": 8000, "cron_restart": "0 0 * * * *",
+            "exp_backoff_restart_delay": 100, "merge_logs": True, "log_file": "combined.log", "node_args": "--inspect",
+            "interpreter_args": ["--harmony"]}, "production")
+        self.assertEqual(config, {
+            "name": "api", "script": "server.js", "env": {"PORT": "3000", "ON": "true", "NODE_ENV": "production"},
+            "watch": ["src"], "watch_ignore": list(pmdaemon.WATCH_IGNORE_DEFAULT) + ["logs"], "instances": 2,
+            "cwd": "/srv/app/api", "autorestart": False, "args": ["--a", "b c"], "max_memory_restart": "300M",
+            "error_file": "/srv/app/api/logs/err.log", "out_file": "/var/log/out.log", "log_date_format": "iso",
+            "max_restarts": 10, "kill_timeout": 3000, "restart_delay": "500", "min_uptime": "60m", "listen_timeout": 8000,
+            "cron_restart": "0 * * * *", "exp_backoff_restart_delay": 100, "interpreter": "node",
+            "interpreter_args": ["--inspect", "--harmony"]})
+        self.assertEqual(warnings, [
+            "api: log_file skipped: one combined log file is not kept; stdout and stderr have their own files (`logs` shows both)",
+            "api: cron_restart '0 0 * * * *': the seconds field is dropped (minutes are the finest here)"])
+        self.assertEqual(pmdaemon.validate_app(config)[1], [])
+
+    def test_interpreter_is_kept_and_extensions_choose_one(self):
+        self.assertEqual(self.native({"script": "worker.py", "interpreter": "python3"})[0]["interpreter"], "python3")
+        self.assertEqual(self.native({"script": "w.py", "interpreter": "/opt/py/bin/python"})[0]["script"], "w.py")
+        self.assertEqual(self.native({"script": "w.py"})[0]["interpreter"], "python3")
+        self.assertEqual(self.native({"script": "w.sh"})[0]["interpreter"], "bash")
+        self.assertNotIn("interpreter", self.native({"script": "./w.js", "interpreter": "none"})[0])
+        self.assertNotIn("interpreter", self.native({"script": "gunicorn"})[0])
+        self.assertEqual(self.native({"name": "n", "script": "npm run start"}),
+                         ({"name": "n", "script": "npm", "args": ["run", "start"], "cwd": "/srv/app"},
+                          ["n: script 'npm run start' is a command line; it runs as npm with arguments ['run', 'start']"]))
+
+    def test_instances_forms_and_cluster(self):
+        cpus = pmdaemon.cpu_count()
+        for value, count in (("max", cpus), ("MAX", cpus), (0, cpus), (-1, max(1, cpus - 1)), ("3", 3), (500, 64)):
+            self.assertEqual(self.native({"name": "a", "script": "x", "instances": value})[0]["instances"], count, value)
+        config, warnings = self.native({"name": "c", "script": "x", "exec_mode": "cluster", "instances": 2})
+        self.assertEqual((config["instances"], warnings), (2, [
+            "c: exec_mode cluster: 2 separate processes; there is no shared listening socket, so give each its own "
+            "port (port: \"3000-3003\")"]))
+
+    def test_logs_time_and_dates(self):
+        self.assertEqual(self.native({"name": "a", "script": "x", "time": False})[0]["log_date_format"], "none")
+        config, warnings = self.native({"name": "a", "script": "x", "log_date_format": "YYYY-MM-DD HH:mm:ss"})
+        self.assertEqual((config["log_date_format"], warnings), ("iso", [
+            "a: log_date_format 'YYYY-MM-DD HH:mm:ss': lines are stamped in ISO 8601 (UTC) instead"]))
+        config, warnings = self.native({"name": "a", "script": "x", "out_file": "/dev/null", "combine_logs": True})
+        self.assertEqual((config.get("out_file"), config.get("merge_logs")), (None, None))
+        self.assertEqual(warnings, ["a: out_file /dev/null skipped: output is kept in pmdaemon's rotated logs"])
+
+    def test_wait_ready_increment_var_and_skipped_keys(self):
+        config, warnings = self.native({"name": "w", "script": "x", "wait_ready": True, "instances": 2,
+                                        "increment_var": "PORT", "env": {"PORT": 4000}, "instance_var": "ID",
+                                        "pid_file": "/tmp/p", "source_map_support": True, "vizion": False})
+        self.assertEqual((config["port"], config["env"], config.get("wait_ready")), ("4000-4001", {}, None))
+        self.assertEqual(warnings, [
+            "w: instance_var skipped: NODE_APP_INSTANCE and PM2_INSTANCE_ID are always set",
+            "w: pid_file skipped: pids are in `ls`/`info` and GET /api/processes, not in files",
+            "w: source_map_support skipped: a node runtime option of PM2's own wrapper",
+            "w: vizion skipped: PM2's git metadata",
+            "w: wait_ready skipped: there is no process.send('ready') here; add a health_check to wait for "
+            "readiness (listen_timeout kept)"])
+
+    def test_every_documented_pm2_key_is_known(self):
+        documented = ("name script cwd args interpreter interpreter_args node_args instances exec_mode watch "
+                      "ignore_watch watch_options max_memory_restart env env_production source_map_support "
+                      "instance_var filter_env log_date_format error_file out_file log_file combine_logs merge_logs "
+                      "pid_file min_uptime listen_timeout kill_timeout shutdown_with_message wait_ready max_restarts "
+                      "restart_delay autorestart cron_restart vizion post_update force exp_backoff_restart_delay "
+                      "increment_var time namespace stop_exit_codes treekill windowsHide append_env_name "
+                      "disable_logs log_type uid gid").split()
+        app = {key: None for key in documented}
+        app.update(name="all", script="x")
+        _, warnings = self.native(app)
+        self.assertEqual([text for text in warnings if "not a PM2" in text], [])
+
+
+class TestApplyPlan(unittest.TestCase):
+    """The plan of apply: create, update with changed keys, unchanged, delete (only its own), errors."""
+
+    def loaded(self, apps, origin="file:/srv/eco.json"):
+        return pmdaemon.AppsFile(apps, ["w"], "json", origin)
+
+    def test_create_update_unchanged_and_prune_only_own(self):
+        home = tempfile.gettempdir()
+        same, _ = pmdaemon.validate_app({"name": "same", "script": "sleep", "cwd": home, "origin": "file:/srv/eco.json"})
+        changed = dict(same, name="changed", restart_delay=5)
+        current = {"same": same, "changed": changed,
+                   "gone": dict(same, name="gone"), "other": dict(same, name="other", origin="file:/srv/other.json"),
+                   "manual": dict(same, name="manual", origin=None)}
+        apps = [{"name": "new", "script": "sleep", "cwd": home, "origin": "file:/srv/eco.json"},
+                {"name": "same", "script": "sleep", "cwd": home, "origin": "file:/srv/eco.json"},
+                {"name": "changed", "script": "sleep", "cwd": home, "origin": "file:/srv/eco.json"}]
+        plan = pmdaemon.apply_plan(self.loaded(apps), current, prune=True)
+        self.assertEqual((plan["create"], plan["update"], plan["unchanged"], plan["delete"], plan["errors"]),
+                         (["new"], [{"name": "changed", "changed": ["restart_delay"]}], ["same"], ["gone"], []))
+
+    def test_every_error_is_listed_with_app_and_field(self):
+        plan = pmdaemon.apply_plan(self.loaded([
+            {"name": "a b", "script": "x", "instances": 0, "kill_signal": "SIGNOPE", "cwd": "/"},
+            {"script": None, "name": "ok", "cwd": "/"}, {"name": "ok", "script": "y", "cwd": "/"},
+            {"name": "ok", "script": "z", "cwd": "/"}]), {}, prune=False)
+        self.assertEqual([(error["app"], error["field"]) for error in plan["errors"]],
+                         [("a b", "name"), ("a b", "instances"), ("a b", "kill_signal"), ("ok", "script"), ("ok", "name")])
+        self.assertEqual(plan["errors"][-1]["message"], "the name 'ok' is used twice")
+
+    def test_dependencies_come_first_and_must_exist(self):
+        plan = pmdaemon.apply_plan(self.loaded([
+            {"name": "web", "script": "x", "cwd": "/", "depends_on": ["db"]}, {"name": "db", "script": "x", "cwd": "/"},
+            {"name": "job", "script": "x", "cwd": "/", "depends_on": ["queue"]}]), {}, prune=False)
+        self.assertEqual([app["name"] for app in plan["apps"]], ["db", "web", "job"])
+        self.assertEqual(plan["errors"], [{"app": "job", "field": "depends_on",
+                                           "message": "depends_on names 'queue', which is neither in the file nor running"}])
+
+    def test_missing_program_or_directory_is_a_warning(self):
+        plan = pmdaemon.apply_plan(self.loaded([{"name": "a", "script": "./nope.js", "interpreter": "node",
+                                                 "cwd": "/nonexistent/dir"}]), {}, prune=False)
+        self.assertEqual((plan["errors"], plan["warnings"]), ([], ["w", "a: cwd /nonexistent/dir does not exist"]))
+
+
+class TestCliApplyFiles(DaemonTestCase):
+    """apply/start/convert of PM2 and supervisord files, and the PM2 verbs, through the CLI."""
+
+    cli = TestCli.cli
+    run_cli = TestCli.run_cli
+
+    def write(self, name, text):
+        path = os.path.join(self.daemon.home, name)
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+    def test_dry_run_changes_nothing_and_prints_the_plan(self):
+        path = self.write("dry.config.js", "module.exports = { apps: [{ name: 'dry-a', script: 'sleep', args: '60', "
+                          "interpreter: 'none', log_file: 'x.log' }, { name: 'dry-b', script: './gone.js', "
+                          "cwd: '/nonexistent/project' }] };\n")
+        code, out = self.cli("apply", path, "--dry-run")
+        self.assertEqual((code, out.splitlines()), (0, [
+            "warning: dry-a: log_file skipped: one combined log file is not kept; stdout and stderr have their own "
+            "files (`logs` shows both)", "warning: dry-b: cwd /nonexistent/project does not exist",
+            "create dry-a", "create dry-b"]))
+        self.assertNotIn("dry-a", self.cli("ls")[1])
+        code, out = self.cli("apply", path, "--dry-run", "--json")
+        plan = json.loads(out)
+        self.assertEqual((plan["create"], plan["dry_run"], plan["format"]), (["dry-a", "dry-b"], True, "js"))
+        code, out = self.cli("apply", path)                 # for real: the missing cwd stops it, nothing applied
+        self.assertEqual(code, 1)
+        self.assertIn("dry-b: cwd /nonexistent/project does not exist; nothing applied", self.last_stderr)
+        self.assertNotIn("dry-a", self.cli("ls")[1])
+
+    def test_apply_is_atomic_and_converges(self):
+        path = self.write("conv.json", '// ours\n[{"name": "conv-a", "script": "sleep", "args": ["60"], '
+                          '"restart_delay": 900, "kill_timeout": "3s",},]')
+        self.assertEqual(self.cli("apply", path), (0, "conv-a: created\n"))
+        self.write("conv.json", '[{"name": "conv-a", "script": "sleep", "args": ["60"]}, '
+                   '{"name": "conv-b", "script": "sleep", "instances": "lots", "max_restarts": -1}]')
+        code, out = self.cli("apply", path)
+        self.assertEqual((code, out.splitlines()), (1, [
+            "error: conv-b: field 'instances' must be an integer, got string \"lots\"",
+            "error: conv-b: field 'max_restarts' must be between 0 and 1000000, got -1"]))
+        self.assertEqual(self.daemon.process("conv-a")["config"]["restart_delay"], 900)      # nothing applied
+        code, out = self.cli("apply", path, "--json")
+        self.assertEqual([(error["app"], error["field"]) for error in json.loads(out)["errors"]],
+                         [("conv-b", "instances"), ("conv-b", "max_restarts")])
+        self.write("conv.json", '{"name": "conv-a", "script": "sleep", "args": ["60"]}')     # a single app
+        self.assertEqual(self.cli("apply", path, "--dry-run"), (0, "update conv-a (kill_timeout, restart_delay)\n"))
+        self.assertEqual(self.cli("apply", path), (0, "conv-a: updated (restarted)\n"))
+        config = self.daemon.process("conv-a")["config"]
+        self.assertEqual((config["restart_delay"], config["kill_timeout"]),
+                         (pmdaemon.DEFAULT_RESTART_DELAY_MS, pmdaemon.DEFAULT_KILL_TIMEOUT_MS))
+        self.cli("delete", "conv-a")
+
+    def test_prune_keeps_other_files_and_namespaces(self):
+        mine = self.write("mine.yml", "apps:\n  - name: prune-a\n    script: sleep\n    args: '60'\n"
+                          "  - name: prune-b\n    script: sleep\n    args: '60'\n")
+        theirs = self.write("theirs.conf", "[program:prune-t]\ncommand=sleep 60\n[group:team]\nprograms=prune-t\n")
+        self.assertEqual(self.cli("apply", mine)[0], 0)
+        self.assertEqual(self.cli("start", theirs)[1], "prune-t: created\n")          # start FILE = apply
+        self.assertEqual(self.daemon.process("prune-t")["config"]["namespace"], "team")
+        self.write("mine.yml", "apps:\n  - name: prune-a\n    script: sleep\n    args: '60'\n")
+        self.assertEqual(self.cli("apply", mine, "--prune", "--dry-run")[1], "unchanged prune-a\ndelete prune-b\n")
+        self.assertEqual(self.cli("apply", mine, "--prune")[1].splitlines(),
+                         ["prune-a: unchanged", "prune-b: deleted (created by %s, no longer in it)" % mine])
+        self.assertEqual(self.daemon.process("prune-t")["status"], "online")
+        self.cli("delete", "prune-a")
+        self.cli("delete", "prune-t")
+
+    def test_start_name_refuses_another_program_unless_forced(self):
+        self.cli("start", "sleep", "--name", "force-a", "--", "60")
+        code, out = self.cli("start", "true", "--name", "force-a")
+        self.assertEqual(code, 1)
+        self.assertEqual(self.last_stderr, "pmdaemon: force-a already runs sleep 60; use another --name, or --force "
+                         "to replace its program\n")
+        code, out = self.cli("start", "true", "--name", "force-a", "--json")
+        self.assertEqual(json.loads(out)["success"], False)
+        self.assertEqual(self.cli("start", "sleep", "--name", "force-a", "--force", "--no-autorestart",
+                                  "--namespace", "ns1", "--cron", "0 3 * * *", "-i", "max", "--", "30")[0], 0)
+        config = self.daemon.process("force-a-0" if pmdaemon.cpu_count() > 1 else "force-a")["config"]
+        self.assertEqual((config["args"], config["autorestart"], config["namespace"], config["cron_restart"],
+                          config["instances"]), (["30"], False, "ns1", "0 3 * * *", pmdaemon.cpu_count()))
+        self.cli("delete", "force-a")
+
+    def test_signal_send_and_describe(self):
+        script = write_script(os.path.join(self.daemon.home, "reader.sh"),
+                              "trap 'echo got-usr2' USR2\nwhile true; do read line && echo \"in:$line\"; done")
+        self.daemon.start("verbs-a", script, [], stdin=True)
+        self.assertEqual(self.cli("signal", "SIGUSR2", "verbs-a"), (0, "verbs-a: sent SIGUSR2\n"))
+        wait_until(lambda: self.daemon.last_line("verbs-a") == "got-usr2", message="the trap's line")
+        self.assertEqual(self.cli("send", "verbs-a", "hello", "there"), (0, "12 bytes written to the stdin of 'verbs-a'\n"))
+        wait_until(lambda: self.daemon.last_line("verbs-a") == "in:hello there", message="the line sent")
+        lines = self.cli("logs", "verbs-a", "--json", "--lines", "1")[1].splitlines()
+        self.assertEqual([json.loads(line)["message"] for line in lines], ["in:hello there"])
+        code, out = self.cli("monit", "--json")
+        self.assertEqual((code, json.loads(out)["error"]["code"]), (2, "USAGE"))
+        code, out = self.cli("describe", "verbs-a")
+        self.assertEqual(code, 0)
+        self.assertRegex(out, r"\nstdin +true\n")
+        self.assertRegex(out, r"\nkill_timeout +%d\n" % pmdaemon.DEFAULT_KILL_TIMEOUT_MS)
+        self.assertEqual(self.cli("signal", "NOPE", "verbs-a")[0], 2)
+        code, out = self.cli("signal", "USR1", "verbs-missing", "--json")
+        self.assertEqual((code, json.loads(out)["error"]["code"]), (1, "PROCESS_NOT_FOUND"))
+        self.cli("delete", "verbs-a")
+
+    def test_convert_prints_native_json(self):
+        path = self.write("conv.config.js", "module.exports = { apps: [{ name: 'cv', script: 'app.py', "
+                          "instances: 2, time: true, deploy_key: 1 }] };\n")
+        code, out = self.cli("convert", path)
+        self.assertEqual(json.loads(out), {"pmdaemon": 1, "apps": [
+            {"name": "cv", "script": "app.py", "cwd": self.daemon.home, "instances": 2, "interpreter": "python3"}]})
+        self.assertIn("warning: cv: deploy_key skipped: not a PM2 or pmdaemon setting", self.last_stderr)
+        native = self.write("native.json", out)
+        self.assertEqual(self.cli("apply", native, "--dry-run")[1], "warning: cv: script %s does not exist\ncreate cv\n"
+                         % os.path.join(self.daemon.home, "app.py"))
 
 
 def run_echo_server(port):
