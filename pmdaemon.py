@@ -2764,6 +2764,13 @@ class RunnerContext:
     wait_for_change: Optional[Callable] = None
 
 
+def _saved_int(value: Any, high: int) -> int:
+    """An integer from the state file, within bounds (a hand-edited file is checked, not trusted)."""
+    if not _is_int(value) or not 0 <= value <= high:
+        raise ValueError("expected an integer from 0 to %d, got %r" % (high, value))
+    return value
+
+
 class ProcessRunner:
     """One managed process (one instance of a group): its config, its current run, its timers.
 
@@ -2805,6 +2812,17 @@ class ProcessRunner:
                            (identity.uid, identity.gid) if identity else None, adopt_from)
         return ProcessLogs(self.context.log_dir, name, config.log_max_size, config.log_max_files,
                            self.context.hub, self._log_write_failed, self.context.wall, layout)
+
+    def restore(self, entry: dict) -> Optional[Run]:
+        """Take back what state.json says of this process's past (restart counts, the error it
+        stopped with); returns the run a previous daemon left behind, to be stopped, or None."""
+        self.manual_restarts = _saved_int(entry.get("manual_restarts", 0), 1 << 40)
+        self.auto_restarts = max(0, _saved_int(entry.get("restarts", 0), 1 << 40) - self.manual_restarts)
+        if self.state is ProcessState.ERRORED:
+            self.error = str(entry.get("error"))[:1000]
+        if entry.get("pid") or entry.get("run_token"):
+            return Run(entry.get("run_token"), entry.get("pid"), entry.get("pid_start_ticks"))
+        return None
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -3829,12 +3847,9 @@ class Supervisor:
                     leftovers.append((Run(entry.get("run_token"), entry.get("pid"), entry.get("pid_start_ticks")),
                                       ProcessConfig(log_safe(str(entry.get("name")), 64), "")))
                 continue
-            runner.manual_restarts = _saved_int(entry.get("manual_restarts", 0), 1 << 40)
-            runner.auto_restarts = max(0, _saved_int(entry.get("restarts", 0), 1 << 40) - runner.manual_restarts)
-            if status == "errored":
-                runner.error = str(entry.get("error"))[:1000]
-            if entry.get("pid") or entry.get("run_token"):
-                leftovers.append((Run(entry.get("run_token"), entry.get("pid"), entry.get("pid_start_ticks")), config))
+            leftover = runner.restore(entry)
+            if leftover is not None:
+                leftovers.append((leftover, config))
             if status == "online":
                 to_start.append(runner)
         if rejected:
@@ -3874,13 +3889,6 @@ class Supervisor:
         self.hub.end(None)
         self.store.flush()
         self.sampler.close()
-
-
-def _saved_int(value: Any, high: int) -> int:
-    """An integer from the state file, within bounds (a hand-edited file is checked, not trusted)."""
-    if not _is_int(value) or not 0 <= value <= high:
-        raise ValueError("expected an integer from 0 to %d, got %r" % (high, value))
-    return value
 
 
 def group_label(members: List[ProcessRunner]) -> str:
