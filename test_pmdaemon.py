@@ -747,21 +747,23 @@ class TestProcessRunner(unittest.TestCase):
         run_async(scenario())
 
     def test_a_runner_restores_its_own_saved_past(self):
-        context = pmdaemon.RunnerContext(log_dir=self.home, announce=lambda kind, data: None)
-        errored = pmdaemon.ProcessRunner(context, 3, "app", self.config(), 0, None, pmdaemon.ProcessState.ERRORED)
-        left = errored.restore({"manual_restarts": 2, "restarts": 7, "error": "autorestart is off",
-                                "pid": 4242, "pid_start_ticks": 99, "run_token": "abc-3"})
-        self.assertEqual((errored.manual_restarts, errored.auto_restarts, errored.restarts, errored.error),
-                         (2, 5, 7, "autorestart is off"))
-        self.assertEqual((left.token, left.pid, left.start_ticks), ("abc-3", 4242, 99))
-        self.assertIs(errored.state, pmdaemon.ProcessState.ERRORED)
-        stopped = pmdaemon.ProcessRunner(context, 4, "other", self.config(name="other"), 0, None)
-        self.assertIsNone(stopped.restore({"restarts": 1, "error": "ignored: it was not errored"}))
-        self.assertEqual((stopped.auto_restarts, stopped.error), (1, None))
-        with self.assertRaises(ValueError):
-            stopped.restore({"manual_restarts": -1})
-        errored.logs.close()
-        stopped.logs.close()
+        async def scenario():      # a runner is made where a loop runs (3.6's asyncio.Lock needs one)
+            context = pmdaemon.RunnerContext(log_dir=self.home, announce=lambda kind, data: None)
+            errored = pmdaemon.ProcessRunner(context, 3, "app", self.config(), 0, None, pmdaemon.ProcessState.ERRORED)
+            left = errored.restore({"manual_restarts": 2, "restarts": 7, "error": "autorestart is off",
+                                    "pid": 4242, "pid_start_ticks": 99, "run_token": "abc-3"})
+            self.assertEqual((errored.manual_restarts, errored.auto_restarts, errored.restarts, errored.error),
+                             (2, 5, 7, "autorestart is off"))
+            self.assertEqual((left.token, left.pid, left.start_ticks), ("abc-3", 4242, 99))
+            self.assertIs(errored.state, pmdaemon.ProcessState.ERRORED)
+            stopped = pmdaemon.ProcessRunner(context, 4, "other", self.config(name="other"), 0, None)
+            self.assertIsNone(stopped.restore({"restarts": 1, "error": "ignored: it was not errored"}))
+            self.assertEqual((stopped.auto_restarts, stopped.error), (1, None))
+            with self.assertRaises(ValueError):
+                stopped.restore({"manual_restarts": -1})
+            errored.logs.close()
+            stopped.logs.close()
+        run_async(scenario())
 
     def test_a_transition_outside_the_table_is_refused_and_logged(self):
         async def scenario():
