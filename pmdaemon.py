@@ -1870,7 +1870,8 @@ def _write_safely(write: Callable[[List[str]], None], lines: List[bytes]) -> Non
 # 6. Supervisor
 #    Pure policy first (restart decisions, names, ports, argv). Then the pieces, each with one
 #    job: ProcessRunner owns one process's child, tasks and timers and is the only code that
-#    changes its state (change_state, checked against TRANSITIONS); Registry holds names, ids,
+#    changes its state (change_state, checked against TRANSITIONS); it reaches the rest only
+#    through its RunnerContext (clock, timers, spawner, announce, ...); Registry holds names, ids,
 #    groups and ports; StateStore writes state.json, coalesced; MetricsLoop samples /proc;
 #    Supervisor wires them and is what the API calls. Raises domain errors; knows no HTTP.
 # ==============================================================================================
@@ -2744,19 +2745,21 @@ def no_cgroup(process_id: int, memory_limit: Optional[int], cpu_limit: Optional[
 class RunnerContext:
     """Everything a ProcessRunner uses from outside itself, each named once. The Supervisor
     makes one for all its runners; a test makes its own (its clock and timers, its spawner)
-    and runs a runner with no Supervisor. Calls go out through it; none come back."""
+    and runs a runner with no Supervisor. Calls go out through it; nothing comes back but the
+    timers and tasks the runner set itself."""
     log_dir: str                                # where its logs go unless out_file/error_file say
     announce: Callable[[str, Any], None]        # every visible change: (kind, payload), see Supervisor
-    clock: Callable[[], float] = time.monotonic     # durations: uptime, check durations
+    clock: Callable[[], float] = time.monotonic     # durations: uptime, checks, log error pacing
     wall: Callable[[], float] = time.time       # what is shown: start and exit times, next restart, cron
     timers: Any = record_field(LoopTimers)      # call_later(delay, callback): restart, ready, cron
     spawner: Callable = spawn_child             # (argv, cwd, env, config[, cgroup_procs]) -> a child
     sampler: Sampler = record_field(Sampler)    # a child's start time; what a run left behind
-    settings: SupervisorSettings = record_field(SupervisorSettings)
+    settings: SupervisorSettings = record_field(SupervisorSettings)     # stop, flush, check timings
     hub: LogHub = record_field(LogHub)          # live log lines to whoever follows them
     background: Callable = record_field(lambda: BackgroundTasks().start)  # start a task, held
     session: str = record_field(lambda: os.urandom(6).hex())     # run tokens: SESSION-ID
-    base_env: Dict[str, str] = record_field(lambda: child_base_environment(os.environ))
+    base_env: Dict[str, str] = record_field(lambda: child_base_environment(os.environ))  # minus secrets
+    # (id, memory_limit, cpu_limit) -> the cgroup.procs files a child joins; the Cgroups are shared.
     prepare_cgroup: Callable[[int, Optional[int], Optional[int]], List[str]] = no_cgroup
     # Start order (depends_on): which of these names are not ready yet, and a wait for the next
     # announcement. Without a registry nothing is waited for, so wait_for_change is never called.
@@ -3520,12 +3523,11 @@ class Supervisor:
                  environ: Optional[Dict[str, str]] = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  spawner: Callable = spawn_child, settings: Optional[SupervisorSettings] = None,
-                 hub: Optional[LogHub] = None):
+                 hub: Optional[LogHub] = None, timers: Optional[LoopTimers] = None):
         self.home = home
         self.log_dir = os.path.join(home, "logs")
         self.sampler = sampler or Sampler()
-        self.base_env = child_base_environment(os.environ if environ is None else environ)
-        self.clock, self.wall, self.spawner = clock, wall, spawner
+        self.clock, self.wall = clock, wall
         self.settings = settings or SupervisorSettings()
         self.hub = hub or LogHub()
         self.registry = Registry()
@@ -3537,10 +3539,11 @@ class Supervisor:
         self.listeners: List[Listener] = []
         self.tasks = BackgroundTasks()
         self._change: Optional[asyncio.Event] = None
-        self.context = RunnerContext(
-            log_dir=self.log_dir, announce=self._announce, clock=clock, wall=wall, timers=LoopTimers(),
+        self.context = RunnerContext(       # what every runner gets: see RunnerContext
+            log_dir=self.log_dir, announce=self._announce, clock=clock, wall=wall, timers=timers or LoopTimers(),
             spawner=spawner, sampler=self.sampler, settings=self.settings, hub=self.hub,
-            background=self.tasks.start, session=os.urandom(6).hex(), base_env=self.base_env,
+            background=self.tasks.start, session=os.urandom(6).hex(),
+            base_env=child_base_environment(os.environ if environ is None else environ),
             prepare_cgroup=self._prepare_cgroup, unready_dependencies=self.unready_dependencies,
             wait_for_change=self.wait_for_change)
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
