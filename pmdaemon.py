@@ -118,6 +118,7 @@ SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)   # Linux: struct ucred of a Un
 PR_SET_DUMPABLE = 4                    # prctl(2): not dumpable, /proc/PID/* not readable by peers
 SOCKET_NAME = "pmdaemon.sock"          # the API on a Unix socket in the home, mode 0600
 CODE_CACHE_NAME = "pmdaemon.pyc"       # the daemon's own code, compiled once (run_from_code_cache)
+OPTIONS_NAME = "daemon.json"           # the `web` options the home's daemon last ran with (never a key)
 # Set in every child, inherited by everything it starts: how stop finds double-forked escapees.
 RUN_ID_ENV = "PMDAEMON_RUN_ID"
 
@@ -150,6 +151,7 @@ FOLLOW_QUEUE_LINES = 10_000            # lines a ?follow=true stream may lag bef
 CLI_TIMEOUT = 30.0                     # seconds for answers that should be quick (list, info)
 ACTION_TIMEOUT = 3600.0                # ... and for actions, which wait for kill_timeout and more
 BACKGROUND_START_TIMEOUT = 10          # seconds a daemon started in the background may take
+KILL_WAIT_TIMEOUT = 300                # seconds `kill` waits for the daemon to stop its processes
 DUMP_NAME = "dump.json"                # `save` / `resurrect` default file, in the home
 MONIT_LOG_LINES = 200                  # lines of the selected process that monit keeps
 MONIT_WIDTHS = (4, 20, 10, 7, 5, 6, 7, 7, 8)    # columns of monit's table
@@ -213,6 +215,7 @@ WS_SLOW_GRACE = 10.0                   # seconds a client may stay over its buff
 WS_HARD_LIMIT = 4                      # x WS_SEND_BUFFER: closed at once (only events get there)
 MAX_WS_CLIENTS = 10_000
 FANOUT_CHUNK = 500                     # clients served per loop iteration when a tick fans out
+FULL_STATE_INTERVAL = 30.0             # seconds between ticks that carry every process, changed or not
 WS_TICKET_TTL = 30.0
 MAX_WS_TICKETS = 1024                  # unused tickets of all read-only keys together -> 503
 MAX_WS_TICKETS_PER_KEY = 256           # unused tickets of one key (the full key's are its own) -> 503
@@ -1568,13 +1571,26 @@ class LogFile:
                 self.rotate()
                 self._handle = self._open()
                 self._size = 0
-            view = memoryview(data)
-            while view:                 # an unbuffered write may be short when the disk fills
+            self._append(data)
+        except OSError:
+            self.close()
+            raise
+
+    def _append(self, data: bytes) -> None:
+        """Write whole lines or none: an unbuffered write may be short when the disk fills, and
+        what part of `data` went in is taken back, so the next line never lands glued to half
+        of this one."""
+        start = self._size
+        view = memoryview(data)
+        try:
+            while view:
                 written = self._handle.write(view)
                 self._size += written
                 view = view[written:]
         except OSError:
-            self.close()
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._handle.fileno(), start)
+            self._size = start
             raise
 
     def rotate(self) -> None:
@@ -2104,19 +2120,19 @@ def health_target(check: dict, port: Optional[int]) -> Optional[str]:
     return check["script"]
 
 
-async def run_health_check(check: dict, port: Optional[int], cwd: Optional[str],
-                           env: Dict[str, str], setup: Optional[Callable[[], None]] = None) -> Optional[str]:
+async def run_health_check(check: dict, port: Optional[int], config: ProcessConfig,
+                           env: Dict[str, str]) -> Optional[str]:
     """Run one check within its timeout; None when healthy, else why not."""
     probe = {"http": _check_http, "tcp": _check_tcp, "script": _check_script}[check["type"]]
     try:
-        return await asyncio.wait_for(probe(check, port, cwd, env, setup), check["timeout"] / 1000)
+        return await asyncio.wait_for(probe(check, port, config, env), check["timeout"] / 1000)
     except asyncio.TimeoutError:
         return "no answer within %d ms" % check["timeout"]
     except Exception as exc:    # whatever the probed program does, it is a failed check
         return "%s: %s" % (type(exc).__name__, exc)
 
 
-async def _check_http(check: dict, port: Optional[int], cwd, env, setup) -> Optional[str]:
+async def _check_http(check: dict, port: Optional[int], config: ProcessConfig, env) -> Optional[str]:
     """A real HTTP GET; any 2xx status is healthy."""
     url = health_target(check, port)
     parts = urllib.parse.urlsplit(url)
@@ -2141,21 +2157,22 @@ async def _check_http(check: dict, port: Optional[int], cwd, env, setup) -> Opti
     return None if 200 <= status < 300 else "HTTP status %d" % status
 
 
-async def _check_tcp(check: dict, port: Optional[int], cwd, env, setup) -> Optional[str]:
+async def _check_tcp(check: dict, port: Optional[int], config: ProcessConfig, env) -> Optional[str]:
     """Healthy when a TCP connection is accepted."""
     _, writer = await asyncio.open_connection(check["host"], check["port"] or port)
     writer.close()
     return None
 
 
-async def _check_script(check: dict, port: Optional[int], cwd, env, setup) -> Optional[str]:
+async def _check_script(check: dict, port: Optional[int], config: ProcessConfig, env) -> Optional[str]:
     """Healthy when the script exits 0; it runs with the process's cwd, environment and user."""
+    cwd, setup = config.cwd, child_setup(config, (), config.cwd)
     script = check["script"]
     path = script if "/" in script else shutil.which(script, path=env.get("PATH", os.defpath))
     if path is None:
         return "command %r not found in PATH" % script
     proc = await asyncio.create_subprocess_exec(
-        os.path.join(cwd or ".", path), *check["args"], cwd=cwd, env=env,
+        os.path.join(cwd or ".", path), *check["args"], cwd=child_cwd(config, cwd), env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, start_new_session=True, **({"preexec_fn": setup} if setup else {}))
     try:
@@ -2452,10 +2469,10 @@ async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], 
                       cgroup_procs: List[str] = ()):
     """Start a child in its own session and process group (pgid == pid), output piped to us,
     stdin a pipe when asked for; its cgroups, umask, rlimits and user set between fork and exec."""
-    setup = child_setup(config, cgroup_procs)
+    setup = child_setup(config, cgroup_procs, cwd)
     loop = asyncio.get_event_loop()
     transport, protocol = await loop.subprocess_exec(
-        lambda: child_protocol()(loop), *argv, cwd=cwd, env=env,
+        lambda: child_protocol()(loop), *argv, cwd=child_cwd(config, cwd), env=env,
         stdin=asyncio.subprocess.PIPE if config.stdin else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         **({"preexec_fn": setup} if setup else {}))
@@ -2519,9 +2536,13 @@ def resolve_identity(config: ProcessConfig, daemon_uid: Optional[int] = None) ->
     return Identity(who.pw_uid, group.gr_gid, groups, who.pw_name, who.pw_dir)
 
 
-def child_setup(config: ProcessConfig, cgroup_procs: List[str] = ()) -> Optional[Callable[[], None]]:
+def child_setup(config: ProcessConfig, cgroup_procs: List[str] = (),
+                cwd: Optional[str] = None) -> Optional[Callable[[], None]]:
     """What runs in the child before exec (nothing when nothing is asked for: preexec_fn has
-    a cost). Only system calls: no allocation-heavy work between fork and exec."""
+    a cost). Only system calls: no allocation-heavy work between fork and exec. For a process
+    that runs as another user, its cwd is entered here, after the drop to that user: entered
+    by the daemon (root), it would follow links that user controls into what only root may read
+    (so such a child is spawned without cwd=; see child_cwd)."""
     identity = resolve_identity(config)
     if config.umask is None and not config.rlimits and identity is None and not cgroup_procs:
         return None
@@ -2542,7 +2563,25 @@ def child_setup(config: ProcessConfig, cgroup_procs: List[str] = ()) -> Optional
             resource.setrlimit(which, pair)
         if identity is not None:            # last: the limits above may need root
             become(identity)
+            if cwd is not None:
+                os.chdir(cwd)
     return setup
+
+
+def child_cwd(config: ProcessConfig, cwd: Optional[str]) -> Optional[str]:
+    """The cwd to hand to subprocess: none for a process that runs as another user, whose
+    child_setup enters it with that user's rights."""
+    return cwd if config.user is None and config.group is None else None
+
+
+def spawn_failure(config: ProcessConfig, exc: Exception) -> str:
+    """Why a start failed, in the words an operator can act on."""
+    if isinstance(exc, PMDaemonError):
+        return str(exc)
+    if isinstance(exc, subprocess.SubprocessError):     # child_setup raised: its cwd, user or limits
+        return "cannot start %r: the child could not enter its cwd %r as user %r or set its limits" % (
+            config.script, config.cwd, config.user)
+    return "cannot execute %r: %s" % (config.script, exc.strerror or exc if isinstance(exc, OSError) else exc)
 
 
 def become(identity: Identity) -> None:
@@ -3034,8 +3073,7 @@ class ProcessRunner:
             cgroups = self._cgroup_procs()
             run.proc = await self.context.spawner(argv, self.config.cwd, env, self.config, *([cgroups] if cgroups else []))
         except (OSError, PMDaemonError, ValueError, subprocess.SubprocessError) as exc:
-            reason = str(exc) if isinstance(exc, PMDaemonError) else "cannot execute %r: %s" % (
-                self.config.script, exc.strerror or exc if isinstance(exc, OSError) else exc)
+            reason = spawn_failure(self.config, exc)
             self.error = reason
             self.note("failed to start: " + reason)
             self.event("errored", reason=reason)
@@ -3247,7 +3285,7 @@ class ProcessRunner:
             if run is not self.run:
                 return
             began = self.context.clock()
-            error = await run_health_check(check, self.port, self.config.cwd, run.env, child_setup(self.config))
+            error = await run_health_check(check, self.port, self.config, run.env)
             if run is not self.run:
                 return
             self.health.last_duration = round(self.context.clock() - began, 6)
@@ -4691,6 +4729,7 @@ class AccessPolicy:
         self.allow_hosts = {host.lower() for host in allow_hosts}
         self.cors_origins = {origin.rstrip("/").lower() for origin in cors_origins}
         self.own_origin: Optional[Tuple[str, int]] = None   # (scheme, port) the dashboard is served from
+        self.own_hosts: frozenset = frozenset()             # the names and addresses it is served on
         self._host_verdicts = BoundedCache()
         self._origin_verdicts = BoundedCache()
 
@@ -4735,15 +4774,22 @@ class AccessPolicy:
             verdict = self._origin_verdicts.remember(origin, self._judge_origin(origin))
         return verdict
 
-    def serve_origin(self, scheme: str, port: int) -> None:
-        """Where the daemon itself is served: its dashboard's pages carry this origin."""
+    def serve_origin(self, scheme: str, port: int, addresses: List[str]) -> None:
+        """Where the daemon itself is served (its dashboard's pages carry that origin): the
+        addresses it holds on `port`, "localhost" only when it holds both 127.0.0.1 and ::1
+        (else another user may listen on the other one, and a browser may ask that one first),
+        and the --allow-host names (the operator's word)."""
+        held = {address.split("%")[0].lower() for address in addresses}
         self.own_origin = (scheme, port)
+        self.own_hosts = frozenset(held | ({"localhost"} if {"127.0.0.1", "::1"} <= held else set())
+                                   | self.allow_hosts)
         self._origin_verdicts.clear()
 
     def _judge_origin(self, origin: str) -> bool:
-        """Without a key: the daemon's own origin (a loopback or allowed name, its scheme and
-        port) and --cors-origin. Any other page, even one served from loopback by another
-        user, would drive the daemon with the rights of whoever opened it in a browser."""
+        """Without a key: the daemon's own origin (serve_origin) and --cors-origin. Any other
+        page, even one served from loopback by another user (127.0.0.2, ::1, the same port on
+        an address we do not hold), would drive the daemon with the rights of whoever opened
+        it in a browser."""
         normalised = origin.rstrip("/").lower()
         if normalised in self.cors_origins:
             return True
@@ -4752,9 +4798,7 @@ class AccessPolicy:
             port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
         except ValueError:
             return False
-        host = split_host(parsed.netloc)
-        return ((parsed.scheme, port) == self.own_origin
-                and (is_loopback_host(host) or host in self.allow_hosts))
+        return (parsed.scheme, port) == self.own_origin and split_host(parsed.netloc) in self.own_hosts
 
     def check_origin(self, request: Request) -> None:
         if len(request.header_values("origin")) > 1:
@@ -4977,6 +5021,12 @@ def process_update(runner: ProcessRunner, wall: float, now: float) -> dict:
     return data
 
 
+def reported_fields(update: dict) -> tuple:
+    """What a process_update says that can change while nothing happens to the process
+    (uptime and the stamp follow from the clock alone)."""
+    return tuple(value for key, value in update.items() if key not in ("uptime", "timestamp"))
+
+
 def without_credentials(url: str) -> str:
     """A URL with its user:password@ masked: what a read-only key is shown."""
     try:
@@ -5194,6 +5244,7 @@ function subscribe(name) { send({ type: "subscribe", channel: "logs", process: n
 function receive(message) {
   const data = message.data;
   if (message.type === "process_update") {
+    data.seen = Date.now();   // a quiet process is not repeated each tick: its uptime runs on here
     state.processes.set(data.name, Object.assign(state.processes.get(data.name) || {}, data));
     const history = state.history.get(data.name) || { cpu: [], mem: [] };
     push(history.cpu, data.cpu); push(history.mem, data.memory);
@@ -5205,6 +5256,7 @@ function receive(message) {
     $("sys-mem").textContent = data.memory.usage_percent.toFixed(1) + "%";
     $("sys-load").textContent = [data.load.one, data.load.five, data.load.fifteen].join(" ");
     chart($("chart-cpu"), state.system.cpu, 100); chart($("chart-mem"), state.system.mem, 100); chart($("chart-load"), state.system.load);
+    render();
   } else if (message.type === "health_update") {
     const entry = state.processes.get(data.process);
     if (entry) { entry.health = data.status; render(); }
@@ -5275,7 +5327,7 @@ function render() {
     row.addEventListener("click", () => select(p.name));
     row.addEventListener("keydown", (event) => { if (event.key === "Enter") select(p.name); });
     cell(row, p.id); cell(row, p.name); cell(row, p.status, p.status); cell(row, p.pid || "-"); cell(row, p.port || "-");
-    cell(row, p.cpu.toFixed(1) + "%"); cell(row, human(p.memory)); cell(row, duration(p.uptime)); cell(row, p.restarts);
+    cell(row, p.cpu.toFixed(1) + "%"); cell(row, human(p.memory)); cell(row, duration(p.uptime + (p.status === "online" ? Date.now() - p.seen : 0))); cell(row, p.restarts);
     cell(row, p.health || "none", p.health);
     const spark = document.createElement("canvas");
     spark.width = 90; spark.height = 20; spark.style.width = "90px"; spark.style.height = "20px";
@@ -6500,6 +6552,8 @@ class Broadcaster:
         self.hub = supervisor.hub
         self.clients: set = set()
         self._tick_task: Optional[asyncio.Task] = None
+        self._reported: Dict[int, tuple] = {}       # per process id: what the clients were last told
+        self._next_full = -math.inf
         self._handlers = {"process_update": self.send_process, "process_event": self.send_event,
                           "health_update": self.send_health, "tick": self.send_tick}
         supervisor.listeners.append(self.on_announcement)
@@ -6523,15 +6577,26 @@ class Broadcaster:
     def send_process(self, runner: ProcessRunner) -> None:
         self._cancel_tick()
         data = process_update(runner, self.supervisor.wall(), self.supervisor.clock())
+        self._reported[runner.id] = reported_fields(data)
         self.broadcast("process_update", data, runner.name, priority="state")
 
     def send_tick(self, system: SystemMetrics) -> None:
-        """Every sample: system_update and a process_update per process. A client without
-        filters gets them as one write (one syscall rather than 1 + N per client)."""
+        """Every sample: system_update, and a process_update for each process whose reported
+        fields changed since the clients were last told (a sleeping process costs nothing);
+        every FULL_STATE_INTERVAL, one for each process, for a client that lost an update. A
+        client without filters gets them as one write (one syscall rather than 1 + N per client)."""
         now, wall = self.supervisor.clock(), self.supervisor.wall()
+        full = now >= self._next_full
+        if full:
+            self._next_full = now + FULL_STATE_INTERVAL
         messages = [("system_update", None, ws_message("system_update", system.to_update()))]
-        messages += [("process_update", runner.name, ws_message("process_update", process_update(runner, wall, now)))
-                     for runner in self.supervisor.registry.runners()]
+        reported = {}
+        for runner in self.supervisor.registry.runners():
+            data = process_update(runner, wall, now)
+            reported[runner.id] = fields = reported_fields(data)
+            if full or self._reported.get(runner.id) != fields:
+                messages.append(("process_update", runner.name, ws_message("process_update", data)))
+        self._reported = reported
         batch = b"".join(frame for _, _, frame in messages)
         clients = list(self.clients)
         self._cancel_tick()
@@ -7223,7 +7288,8 @@ class Daemon:
         broadcaster = Broadcaster(supervisor)
         server = HttpServer(api, broadcaster, self.config)
         port = await server.bind()
-        api.policy.serve_origin("https" if self.config.tls else "http", port)
+        api.policy.serve_origin("https" if self.config.tls else "http", port,
+                                [sock.getsockname()[0] for sock in server.listeners])
         # The first sample after the port is bound and before children are restored: a /proc
         # that cannot be read degrades metrics, it can neither orphan children nor stop us.
         supervisor.metrics.sample()
@@ -7433,8 +7499,9 @@ def _cached_header(path: str) -> bytes:
         return handle.read(len(importlib.util.MAGIC_NUMBER) + 12 if sys.version_info >= (3, 7) else 12)
 
 
-def web_argv(args: argparse.Namespace) -> List[str]:
-    """The options of a parsed `web` command line, for the same daemon run in the background."""
+def web_argv(args: argparse.Namespace, with_key: bool = True) -> List[str]:
+    """The options of a parsed `web` command line, for the same daemon run in the background
+    (with_key=False: what may be written down; --api-key never is)."""
     argv = ["--port", str(args.port), "--host", args.host, "--log-level", args.log_level]
     for flag, *_ in WEB_NUMBER_OPTIONS:
         argv += [flag, str(getattr(args, flag[2:].replace("-", "_")))]
@@ -7447,9 +7514,33 @@ def web_argv(args: argparse.Namespace) -> List[str]:
         argv += ["--read-key-file", os.path.abspath(path)]
     if args.tls_cert:
         argv += ["--tls-cert", os.path.abspath(args.tls_cert), "--tls-key", os.path.abspath(args.tls_key)]
-    if args.api_key:
+    if args.api_key and with_key:
         argv += ["--api-key", args.api_key]
     return argv
+
+
+def record_web_options(home: str, argv: List[str]) -> None:
+    """Write down the options this home's daemon runs with: the CLI's auto-start and `startup`
+    bring back the same daemon (its port, host, key and TLS files), not the defaults."""
+    atomic_write(os.path.join(home, OPTIONS_NAME), json_bytes({"web": argv}))
+
+
+def recorded_web_options(home: str) -> List[str]:
+    """The options the home's daemon last ran with; [] when none were recorded (or the file is
+    not a private, plain file of ours)."""
+    try:
+        descriptor = open_private(os.path.join(home, OPTIONS_NAME), os.O_RDONLY)
+    except OSError:
+        return []
+    with open(descriptor, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat_module.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return []
+        try:
+            argv = json.loads(handle.read(MAX_BODY_BYTES).decode("utf-8")).get("web")
+        except (ValueError, AttributeError):
+            return []
+    return argv if isinstance(argv, list) and all(isinstance(part, str) for part in argv) else []
 
 
 def resolve_api_key(args: argparse.Namespace) -> Optional[str]:
@@ -7518,6 +7609,7 @@ def command_web(args: argparse.Namespace) -> int:
         secure_home(home)
         run_from_code_cache(home)       # returns only where it cannot re-execute
         daemon.acquire_lock()
+        record_web_options(home, web_argv(args, with_key=False))
     except SystemExit as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -7691,7 +7783,7 @@ class Client:
 
     def start_daemon(self) -> None:
         """Start `web` in the background for this home (like PM2) and wait until it answers."""
-        pid = start_background_daemon(self.home, [])
+        pid = start_background_daemon(self.home, recorded_web_options(self.home))
         self._started = True
         print("pmdaemon: started a daemon in the background (pid %d, home %s)" % (pid, self.home),
               file=sys.stderr)
@@ -8236,16 +8328,22 @@ def verb_resurrect(client: Client, args: argparse.Namespace) -> int:
 
 # -- boot: startup ------------------------------------------------------------------------------
 
+def web_command(home: str, *extra: str) -> str:
+    """The command line that runs this home's daemon with the options it last ran with."""
+    return " ".join(shlex.quote(part) for part in (sys.executable, source_path(), "web", "--home", home)
+                    + extra + tuple(recorded_web_options(home)))
+
+
 def systemd_unit(home: str, user: str) -> str:
     """A unit that runs this file's daemon for this home under systemd."""
-    command = " ".join(shlex.quote(part) for part in (sys.executable, source_path(), "web",
-                                                       "--home", home, "--quiet"))
     return ("[Unit]\nDescription=pmdaemon process manager (home %s)\nAfter=network-online.target\n"
             "Wants=network-online.target\n\n[Service]\nType=notify\nNotifyAccess=main\nUser=%s\n"
             "Environment=PMDAEMON_HOME=%s\nExecStart=%s\nRestart=on-failure\nRestartSec=2\n"
             "# pmdaemon stops its children itself (process groups, kill_timeout): systemd only\n"
             "# signals the daemon, and gives it time.\nKillMode=process\nTimeoutStopSec=120\n"
-            "WatchdogSec=30\n\n[Install]\nWantedBy=multi-user.target\n" % (home, user, home, command))
+            "# cgroup v2 limits (memory_limit, cpu_limit) need the subtree delegated to the daemon.\n"
+            "Delegate=yes\nWatchdogSec=30\n\n[Install]\nWantedBy=multi-user.target\n"
+            % (home, user, home, web_command(home, "--quiet")))
 
 
 def verb_startup(client_args: argparse.Namespace) -> int:
@@ -8254,8 +8352,7 @@ def verb_startup(client_args: argparse.Namespace) -> int:
     unit = systemd_unit(home, user)
     name = "pmdaemon-%s.service" % re.sub(r"[^A-Za-z0-9_.-]", "-", user)
     if not os.path.isdir("/run/systemd/system"):
-        cron = "@reboot %s %s web --home %s --daemonize" % (shlex.quote(sys.executable),
-                                                            shlex.quote(source_path()), shlex.quote(home))
+        cron = "@reboot " + web_command(home, "--daemonize")
         print("This machine does not run systemd. To start pmdaemon at boot, add this line to the\n"
               "crontab of %s (crontab -e):\n\n%s\n" % (user, cron))
         return 1 if client_args.install else 0
@@ -8275,6 +8372,23 @@ def verb_startup(client_args: argparse.Namespace) -> int:
             raise CliError("`%s` failed; the unit is in %s" % (" ".join(command), path))
     print("installed and started %s" % path)
     return 0
+
+
+def verb_kill(client_args: argparse.Namespace) -> int:
+    """Stop the home's daemon gracefully (pm2 kill): children stopped, state saved."""
+    home = client_home(client_args)
+    pid = running_daemon(home)
+    if pid is None:
+        print("no daemon is running for %s" % home)
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_WAIT_TIMEOUT
+    while time.monotonic() < deadline:
+        if running_daemon(home) is None and not os.path.exists("/proc/%d" % pid):
+            print("stopped the daemon (pid %d) and its processes" % pid)
+            return 0
+        time.sleep(0.05)
+    raise CliError("the daemon (pid %d) is still stopping after %d s" % (pid, KILL_WAIT_TIMEOUT))
 
 
 def pwd_name(uid: int) -> str:
@@ -8302,6 +8416,7 @@ class MonitView:
     def apply(self, message: dict) -> None:
         kind, data = message["type"], message["data"]
         if kind == "process_update":
+            data["seen"] = time.monotonic()     # a quiet process is not repeated each tick
             self.processes[data["name"]] = data
         elif kind == "system_update":
             self.system = data
@@ -8311,7 +8426,11 @@ class MonitView:
             self.logs = (self.logs + [data])[-MONIT_LOG_LINES:]
 
     def ordered(self) -> List[dict]:
-        return sorted(self.processes.values(), key=lambda entry: entry["id"])
+        """The processes by id, an online one's uptime run on since its last update."""
+        now = time.monotonic()
+        return [dict(entry, uptime=entry["uptime"] + (int((now - entry["seen"]) * 1000)
+                                                      if entry["status"] == "online" and "seen" in entry else 0))
+                for entry in sorted(self.processes.values(), key=lambda entry: entry["id"])]
 
     def selected_name(self) -> Optional[str]:
         ordered = self.ordered()
@@ -8478,6 +8597,7 @@ VERBS = {
     "save": (verb_save, "write every process and its status to a file (default $PMDAEMON_HOME/dump.json)", None),
     "resurrect": (verb_resurrect, "bring back what `save` wrote, stopped ones stopped", None),
     "startup": (None, "print (or --install) a systemd unit that starts pmdaemon at boot", None),
+    "kill": (None, "stop the home's daemon gracefully: its processes stop, their state is kept", None),
 }
 
 
@@ -8599,6 +8719,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return command_web(args)
         if verb == "startup":
             return verb_startup(args)
+        if verb == "kill":
+            return verb_kill(args)
         args.verb = verb
         return VERBS[verb][0](Client(args), args)
     except CliError as exc:
@@ -8614,6 +8736,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    if globals().get("__file__", "").endswith(".pyc"):   # run from the code cache: import beside the source
-        sys.path[0] = os.path.dirname(source_path())
+    # Run from the code cache, sys.path[0] is the home (private, checked): the file imports
+    # nothing from beside itself, so the directory it was copied to is never searched again.
     sys.exit(main())

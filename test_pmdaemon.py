@@ -51,6 +51,13 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
+def temp_dir(test, prefix="pmd-"):
+    """A new directory, removed with everything in it after the test."""
+    directory = tempfile.mkdtemp(prefix=prefix)
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
 def pid_alive(pid):
     """True if pid exists and is not a zombie."""
     try:
@@ -76,7 +83,8 @@ class Daemon:
         line = self.proc.stdout.readline().decode()
         if "listening on" not in line:
             self.proc.kill()
-            raise AssertionError("daemon did not start: %r %r" % (line, self.proc.stderr.read()))
+            _, errors = self.proc.communicate()         # and closes both pipes
+            raise AssertionError("daemon did not start: %r %r" % (line, errors))
         self.port = int(line.split("://127.0.0.1:")[1].split()[0])
         self.headers = {}
 
@@ -339,8 +347,7 @@ class TestProcParsers(unittest.TestCase):
         self.assertEqual((total, available), (1024000, 614400))
 
     def test_sampler_reads_injected_proc_root(self):
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
+        root = temp_dir(self)
         clock = [100.0]
 
         def write(name, text):
@@ -370,8 +377,7 @@ class TestProcParsers(unittest.TestCase):
     def test_scan_reads_only_processes_it_has_not_seen(self):
         """A pid seen under the same /proc inode is the same process: scan() keeps what it read;
         fresh() re-reads; a reused pid (a new directory, so a new inode) is read anew."""
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
+        root = temp_dir(self)
 
         def write(pid, ppid, ticks, directory=None):
             directory = directory or str(pid)
@@ -415,8 +421,7 @@ class TestProcParsers(unittest.TestCase):
         self.assertNotIn(child.pid, table)
 
     def test_sampler_survives_missing_and_odd_proc_files(self):
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
+        root = temp_dir(self)
         for name, text in (("stat", "intr 1 2 3\n"), ("meminfo", "MemFree: lots\n"), ("uptime", "")):
             with open(os.path.join(root, name), "w") as handle:
                 handle.write(text)
@@ -452,8 +457,7 @@ class TestProcParsers(unittest.TestCase):
 
 class TestLogs(unittest.TestCase):
     def setUp(self):
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir)
+        self.dir = temp_dir(self)
 
     def test_tail_lines_reads_backwards_across_blocks(self):
         path = os.path.join(self.dir, "f.log")
@@ -689,8 +693,7 @@ class TestProcessRunner(unittest.TestCase):
     in a RunnerContext whose clock and timers the test drives."""
 
     def setUp(self):
-        self.home = tempfile.mkdtemp(prefix="pmd-runner-")
-        self.addCleanup(shutil.rmtree, self.home, True)
+        self.home = temp_dir(self, "pmd-runner-")
 
     def supervisor(self, spawner=None, **settings):
         kwargs = {"spawner": spawner} if spawner else {}
@@ -809,8 +812,7 @@ class TestProcessRunner(unittest.TestCase):
         run_async(scenario())
 
     def test_cgroup_limits_are_refused_where_no_cgroup_can_be_written(self):
-        fake = tempfile.mkdtemp(prefix="pmd-nocg-")
-        self.addCleanup(shutil.rmtree, fake, True)
+        fake = temp_dir(self, "pmd-nocg-")
         with open(os.path.join(fake, "self-cgroup"), "w") as handle:
             handle.write("0::/user.slice\n")
         cgroups = pmdaemon.Cgroups(self.home, root=fake, proc_self=os.path.join(fake, "self-cgroup"))
@@ -829,8 +831,7 @@ class TestProcessRunner(unittest.TestCase):
     def test_cgroup_v2_layout_where_the_daemon_is_delegated_a_subtree(self):
         # This box has cgroup v1 (the real v1 path is tested end to end); v2's file layout is
         # checked on a directory shaped like a delegated v2 cgroup.
-        fake = tempfile.mkdtemp(prefix="pmd-cgv2-")
-        self.addCleanup(shutil.rmtree, fake, True)
+        fake = temp_dir(self, "pmd-cgv2-")
         base = os.path.join(fake, "system.slice", "pmd.service")
         os.makedirs(base)
         for name, text in (("cgroup.controllers", "cpuset cpu io memory pids"), ("cgroup.subtree_control", "")):
@@ -905,8 +906,7 @@ class TestCron(unittest.TestCase):
         self.assertEqual(caught.exception.message, "field 'cron_restart': '61' is not a minute (0-59)")
 
     def test_a_scheduled_restart_happens_at_its_minute(self):
-        home = tempfile.mkdtemp(prefix="pmd-cron-")
-        self.addCleanup(shutil.rmtree, home, True)
+        home = temp_dir(self, "pmd-cron-")
         offset = [(60 - time.time() % 60) - 0.3]       # the clock reads 0.3 s before a minute starts
 
         async def scenario():
@@ -926,8 +926,7 @@ class TestCron(unittest.TestCase):
 class TestStateStore(unittest.TestCase):
     def test_runtime_details_alone_wait_for_the_lazy_interval(self):
         import asyncio
-        home = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, home)
+        home = temp_dir(self)
         state = {"durable": {"processes": [{"id": 0, "name": "a"}]}, "lazy": {"0": {"pid": 1}}}
 
         async def scenario():
@@ -1321,7 +1320,7 @@ class TestRestApi(DaemonTestCase):
         status, response, body = self.daemon.request("HEAD", "/api/system")
         self.assertEqual((status, body), (200, b""))
         self.assertGreater(int(response.getheader("Content-Length")), 50)
-        own = "http://localhost:%d" % self.daemon.port          # the dashboard's origin
+        own = "http://127.0.0.1:%d" % self.daemon.port          # the dashboard's origin
         status, response, _ = self.daemon.request("OPTIONS", "/api/processes",
                                                   headers={"Origin": own, "Access-Control-Request-Method": "POST"})
         self.assertEqual(status, 204)
@@ -1543,8 +1542,7 @@ class TestRestFixes(DaemonTestCase):
     def test_openapi_describes_every_route(self):
         status, _, document = self.daemon.get("/api/openapi.json")
         self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
-        supervisor = pmdaemon.Supervisor(tempfile.mkdtemp(prefix="pmd-openapi-"))
-        self.addCleanup(shutil.rmtree, supervisor.home, True)
+        supervisor = pmdaemon.Supervisor(temp_dir(self, "pmd-openapi-"))
         api = pmdaemon.Api(supervisor, pmdaemon.AccessPolicy(None))
         missing = [(route.method, route.template) for route in api.routes
                    if route.method.lower() not in document["paths"].get(route.template, {})]
@@ -1781,8 +1779,7 @@ class TestProcessSettings(DaemonTestCase):
         self.assertEqual(caught.exception.message, "running a process as another user needs the daemon to run as root")
 
     def test_log_files_where_the_operator_wants_them(self):
-        directory = tempfile.mkdtemp(prefix="pmd-logs-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "pmd-logs-")
         out, err = os.path.join(directory, "app.out"), os.path.join(directory, "app.err")
         script = "echo to-out; echo to-err >&2; exec sleep 60"
         self.daemon.start("set-files", "sh", ["-c", script], out_file=out, error_file=err)
@@ -1882,8 +1879,7 @@ class TestPathsAnAppControls(DaemonTestCase):
     FIFOs and swapped directories must neither freeze the daemon nor lend it to that user."""
 
     def setUp(self):
-        self.base = tempfile.mkdtemp(prefix="pmd-paths-")
-        self.addCleanup(shutil.rmtree, self.base, True)
+        self.base = temp_dir(self, "pmd-paths-")
         os.chmod(self.base, 0o755)
         self.app = os.path.join(self.base, "app")           # the app's user's own directory
         os.mkdir(self.app, 0o755)
@@ -1938,6 +1934,28 @@ class TestPathsAnAppControls(DaemonTestCase):
                 path = os.path.normpath(os.path.join(self.app, env_file))
                 self.assertEqual(process["error"], "env_file %r cannot be used: %s" % (path, reason))
         self.assertNotIn("topsecret", json.dumps(self.daemon.get("/api/processes")[2]))
+
+    @AS_ROOT_WITH_ANOTHER_USER
+    def test_cwd_is_entered_with_the_processs_rights(self):
+        hidden = os.path.join(self.base, "hidden")          # root's, 0700: nobody cannot pass
+        os.makedirs(os.path.join(hidden, "pub"))
+        os.chmod(hidden, 0o700)
+        with open(os.path.join(hidden, "pub", "flag"), "w") as handle:
+            handle.write("ROOTONLY\n")
+        work = os.path.join(self.app, "work")
+        os.mkdir(work)
+        self.as_app_user(work)
+        self.create("cwd-swap", user="nobody", cwd=work, args=["-c", "cat flag 2>/dev/null; exec sleep 60"],
+                    autorestart=False)
+        os.rename(work, work + ".old")                       # the app's user swaps its directory
+        os.symlink(os.path.join(hidden, "pub"), work)
+        self.as_app_user(work)
+        status, _, body = self.daemon.post("/api/processes/cwd-swap/restart")
+        self.assertEqual(status, 422, body)
+        self.assertEqual(body["error"]["details"]["reason"], "cannot start '/bin/sh': the child could not enter "
+                         "its cwd %r as user 'nobody' or set its limits" % work)
+        logs = json.dumps(self.daemon.get("/api/logs/cwd-swap?lines=100")[2])
+        self.assertNotIn("ROOTONLY", logs)
 
     def test_a_fifo_never_freezes_the_daemon(self):
         fifo = os.path.join(self.base, "fifo")
@@ -2254,8 +2272,7 @@ class TestCliDaemon(unittest.TestCase):
     """The CLI starts a daemon when none runs; web --daemonize; sd_notify."""
 
     def setUp(self):
-        self.home = tempfile.mkdtemp(prefix="pmd-cli-")
-        self.addCleanup(shutil.rmtree, self.home, True)
+        self.home = temp_dir(self, "pmd-cli-")
         self.addCleanup(self.stop_daemon)
 
     def stop_daemon(self):
@@ -2291,6 +2308,38 @@ class TestCliDaemon(unittest.TestCase):
         self.assertEqual(self.run_cli("system", "--json").returncode, 0)
         result = self.run_cli("web", "--daemonize")     # the lock is honoured
         self.assertEqual(int(re.findall(r"pid ([0-9]+)", result.stdout)[0]), pid)
+
+    def test_the_options_belong_to_the_home_and_kill_stops_it(self):
+        with socket.socket() as probe:              # a port that was free a moment ago
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        result = self.run_cli("web", "--daemonize", "--port", str(port), "--sample-interval", "0.5")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        first = int(re.findall(r"pid ([0-9]+)", result.stdout)[0])
+        created = self.run_cli("start", "sleep", "--name", "kept", "--", "60")
+        self.assertEqual(created.returncode, 0, created.stderr)
+        os.kill(first, signal.SIGKILL)                      # the daemon dies; the next command brings it back
+        wait_until(lambda: not pid_alive(first), message="the daemon gone")
+        result = self.run_cli("ls")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        second = int(read_text(os.path.join(self.home, "pmdaemon.lock")))
+        with open("/proc/%d/cmdline" % second, "rb") as handle:
+            argv = handle.read().split(b"\0")
+        self.assertEqual(argv[argv.index(b"--port") + 1], str(port).encode())     # not the default 9615
+        self.assertEqual(argv[argv.index(b"--sample-interval") + 1], b"0.5")
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        self.assertIn("--port %d" % port, self.run_cli("startup").stdout)    # a unit, or a crontab line
+        unit = pmdaemon.systemd_unit(self.home, "root")
+        self.assertIn("--port %d" % port, unit)
+        self.assertIn("\nDelegate=yes\n", unit)
+        kept = [line for line in self.run_cli("ls").stdout.splitlines() if " kept " in line]
+        child = int(kept[0].split()[3])
+        result = self.run_cli("kill")
+        self.assertEqual((result.returncode, result.stdout), (0, "stopped the daemon (pid %d) and its processes\n" % second))
+        self.assertFalse(pid_alive(second))
+        self.assertFalse(pid_alive(child))
+        self.assertEqual(self.run_cli("kill").stdout, "no daemon is running for %s\n" % self.home)
 
     def test_sd_notify_ready_watchdog_stopping(self):
         path = os.path.join(self.home, "notify.sock")
@@ -3047,8 +3096,7 @@ def request_as(uid, family, address, extra_header=""):
 def readable_copy(test):
     """A copy of pmdaemon.py that any user can read, wherever the checkout lives (a 0700
     directory included), removed after the test."""
-    directory = tempfile.mkdtemp(prefix="pmd-copy-")
-    test.addCleanup(shutil.rmtree, directory, True)
+    directory = temp_dir(test, "pmd-copy-")
     os.chmod(directory, 0o755)
     copy = os.path.join(directory, "pmdaemon.py")
     shutil.copy(PMDAEMON, copy)
@@ -3263,8 +3311,7 @@ class TestApiKey(DaemonTestCase):
     @unittest.skipUnless(os.geteuid() == 0 and os.access("/usr/bin/python3", os.X_OK),
                          "needs root and a system python3 to run a daemon as another user")
     def test_a_child_cannot_read_the_key_from_its_parent(self):
-        home = tempfile.mkdtemp(prefix="pmd-nobody-")
-        self.addCleanup(shutil.rmtree, home, True)
+        home = temp_dir(self, "pmd-nobody-")
         os.chown(home, NOBODY, NOBODY)
         readable = readable_copy(self)          # the checkout may be in a directory nobody cannot enter
         environ = dict(os.environ, PMDAEMON_API_KEY="s3cret-key", PMDAEMON_HOME=home)
@@ -3335,7 +3382,8 @@ def parse_exposition(text):
     return samples
 
 
-class TestMetricsAndReadKeys(DaemonTestCase):
+class ReadKeyDaemonCase(DaemonTestCase):
+    """A class's daemon with the full key "full-key" and a read-only key "look-only"."""
     daemon_env = {"PMDAEMON_API_KEY": "full-key"}
 
     @classmethod
@@ -3350,6 +3398,9 @@ class TestMetricsAndReadKeys(DaemonTestCase):
     def tearDownClass(cls):
         super().tearDownClass()
         shutil.rmtree(cls.key_dir, ignore_errors=True)
+
+
+class TestMetricsAndReadKeys(ReadKeyDaemonCase):
 
     def test_metrics_in_the_prometheus_text_format(self):
         full = {"Authorization": "Bearer full-key"}
@@ -3405,8 +3456,7 @@ def make_certificate(directory, name, common_name="localhost"):
 class TestTls(unittest.TestCase):
     def setUp(self):
         import ssl
-        self.dir = tempfile.mkdtemp(prefix="pmd-tls-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.dir = temp_dir(self, "pmd-tls-")
         self.cert, self.key = make_certificate(self.dir, "one")
         self.daemon = Daemon(args=("--tls-cert", self.cert, "--tls-key", self.key),
                              env={"PMDAEMON_API_KEY": "tls-key"})
@@ -3497,8 +3547,7 @@ class TestTls(unittest.TestCase):
                 return self.ssl.DER_cert_to_PEM_cert(tls.getpeercert(binary_form=True))
 
     def test_a_key_without_tls_off_loopback_is_warned_about(self):
-        home = tempfile.mkdtemp(prefix="pmd-warn-")
-        self.addCleanup(shutil.rmtree, home, True)
+        home = temp_dir(self, "pmd-warn-")
         proc = subprocess.Popen([PY, PMDAEMON, "web", "--host", "0.0.0.0", "--port", "0", "--home", home],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                                 env=dict(os.environ, PMDAEMON_API_KEY="k"))
@@ -3525,7 +3574,7 @@ class TestHostAndOrigin(DaemonTestCase):
             self.assertEqual(self.daemon.get("/api/system", headers={"Host": host})[0], 200, host)
 
     def test_framing_errors_carry_cors_headers_too(self):
-        origin = b"http://localhost:%d" % self.daemon.port
+        origin = b"http://127.0.0.1:%d" % self.daemon.port
         raw = self.daemon.raw(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: %s\r\n"
                               b"Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n" % origin)
         self.assertEqual(status_of(raw), 413)
@@ -3533,12 +3582,16 @@ class TestHostAndOrigin(DaemonTestCase):
         self.assertEqual(json_of(raw)["error"]["code"], "PAYLOAD_TOO_LARGE")
 
     def test_without_a_key_only_the_daemons_own_origin_is_served(self):
-        for own in ("http://127.0.0.1:%d" % self.daemon.port, "http://localhost:%d" % self.daemon.port):
-            status, response, _ = self.daemon.get("/api/system", headers={"Origin": own})
-            self.assertEqual((status, response.getheader("Access-Control-Allow-Origin")), (200, own))
-        # Another user's page on loopback, opened in the operator's browser, is not the dashboard.
-        for other in ("http://127.0.0.1:22500", "http://localhost", "https://127.0.0.1:%d" % self.daemon.port,
-                      "https://evil.example", "http://127.0.0.1:99999", "null"):
+        own = "http://127.0.0.1:%d" % self.daemon.port
+        status, response, _ = self.daemon.get("/api/system", headers={"Origin": own})
+        self.assertEqual((status, response.getheader("Access-Control-Allow-Origin")), (200, own))
+        # Another user's page on loopback, opened in the operator's browser, is not the dashboard:
+        # another port, or the same port on an address the daemon does not hold (someone else
+        # may listen there; a browser may try ::1 first for "localhost").
+        port = self.daemon.port
+        for other in ("http://127.0.0.1:22500", "http://localhost", "https://127.0.0.1:%d" % port,
+                      "http://127.0.0.2:%d" % port, "http://localhost:%d" % port, "http://[::1]:%d" % port,
+                      "http://app.localhost:%d" % port, "https://evil.example", "http://127.0.0.1:99999", "null"):
             self.assertError(self.daemon.post("/api/processes", {"name": "x", "script": "sleep"},
                                               headers={"Origin": other}), 403, "FORBIDDEN_ORIGIN")
             self.assertError(self.daemon.request("OPTIONS", "/api/processes", headers={
@@ -3552,9 +3605,8 @@ class TestHostAndOrigin(DaemonTestCase):
         self.assertEqual((status, response.getheader("Access-Control-Allow-Origin")), (200, "http://127.0.0.1:22500"))
 
     def test_refuses_public_bind_without_key(self):
-        environ = dict(os.environ, PMDAEMON_HOME=tempfile.mkdtemp())
+        environ = dict(os.environ, PMDAEMON_HOME=temp_dir(self))
         environ.pop("PMDAEMON_API_KEY", None)
-        self.addCleanup(shutil.rmtree, environ["PMDAEMON_HOME"])
         for host in ("0.0.0.0", "no-such-host.invalid"):       # judged by what the name resolves to
             result = subprocess.run([PY, PMDAEMON, "web", "--host", host, "--port", "0"], env=environ,
                                     **CAPTURE, timeout=10)
@@ -3587,8 +3639,7 @@ class TestHostAndOrigin(DaemonTestCase):
 
 class TestDaemonLifecycle(unittest.TestCase):
     def setUp(self):
-        self.home = tempfile.mkdtemp(prefix="pmd-life-")
-        self.addCleanup(shutil.rmtree, self.home, True)
+        self.home = temp_dir(self, "pmd-life-")
 
     def daemon(self):
         daemon = Daemon(home=self.home)
@@ -3629,8 +3680,7 @@ class TestDaemonLifecycle(unittest.TestCase):
                 with open(cache, "rb") as handle:
                     self.assertEqual(handle.read(len(header)), header)
                 self.assertEqual(daemon.terminate(), 0)
-        decoy = os.path.join(tempfile.mkdtemp(prefix="pmd-decoy-"), "decoy.pyc")
-        self.addCleanup(shutil.rmtree, os.path.dirname(decoy), True)
+        decoy = os.path.join(temp_dir(self, "pmd-decoy-"), "decoy.pyc")
         with open(decoy, "wb") as handle:
             handle.write(header + b"not code")
         os.unlink(cache)
@@ -3643,8 +3693,7 @@ class TestDaemonLifecycle(unittest.TestCase):
     def test_a_code_cache_made_from_another_copy_is_never_used(self):
         """Two identical copies of the file: the cache one left in the home must not run the
         other, whose imports would come from the first one's directory."""
-        copies = tempfile.mkdtemp(prefix="pmd-copies-")
-        self.addCleanup(shutil.rmtree, copies, True)
+        copies = temp_dir(self, "pmd-copies-")
         first, second = os.path.join(copies, "a"), os.path.join(copies, "b")
         for directory in (first, second):
             os.mkdir(directory)
@@ -3662,6 +3711,11 @@ class TestDaemonLifecycle(unittest.TestCase):
             handle.write("open(%r, 'w').close()\nraise ImportError('planted')\n" % marker)
         self.assertEqual(run_web(second).terminate(), 0)
         self.assertFalse(os.path.exists(marker), "a module beside the other copy ran")
+        # Nor one beside the copy that runs: from the cache, only the home is searched.
+        with open(os.path.join(second, "ctypes.py"), "w") as handle:
+            handle.write("open(%r, 'w').close()\nraise ImportError('planted')\n" % marker)
+        self.assertEqual(run_web(second).terminate(), 0)
+        self.assertFalse(os.path.exists(marker), "a module beside the running copy ran")
         with open(os.path.join(second, "pmdaemon.py"), "rb") as handle:
             header = pmdaemon.code_cache_header(handle.read(), os.path.join(second, "pmdaemon.py"))
         with open(os.path.join(self.home, "pmdaemon.pyc"), "rb") as handle:
@@ -3669,8 +3723,7 @@ class TestDaemonLifecycle(unittest.TestCase):
 
     @AS_OTHER_USER
     def test_a_home_below_a_directory_others_can_change_is_refused(self):
-        above = tempfile.mkdtemp(prefix="pmd-above-")
-        self.addCleanup(shutil.rmtree, above, True)
+        above = temp_dir(self, "pmd-above-")
         home = os.path.join(above, "home")
         environ = dict(os.environ, PMDAEMON_HOME=home)
         for mode, owner, why in ((0o755, NOBODY, "%s, above the home, belongs to uid 65534" % above),
@@ -3731,8 +3784,7 @@ class TestDaemonLifecycle(unittest.TestCase):
         self.assertIn("cannot read uptime from /proc", second.stderr_text)
 
     def test_every_setting_survives_a_daemon_restart(self):
-        logs = tempfile.mkdtemp(prefix="pmd-restore-")
-        self.addCleanup(shutil.rmtree, logs, True)
+        logs = temp_dir(self, "pmd-restore-")
         first = self.daemon()
         settings = {"namespace": "batch", "stdin": True, "interpreter": "sh", "interpreter_args": ["-e"],
                     "umask": "027", "rlimits": {"nofile": 512}, "cron_restart": "0 3 * * *", "watch": ["."],
@@ -3799,6 +3851,7 @@ class TestDaemonLifecycle(unittest.TestCase):
         events = WsClient(daemon.port)
         self.addCleanup(events.close)
         pid = daemon.start("disk-app", PY, ["-c", script])["process"]["pid"]
+        wait_until(lambda: int(read_text(progress) or 0) >= 100, message="the first lines")
         filler = os.path.join(home, "filler")
         with open(filler, "wb", buffering=0) as handle:     # fill the disk to the last byte
             with contextlib.suppress(OSError):
@@ -3818,6 +3871,11 @@ class TestDaemonLifecycle(unittest.TestCase):
         stuck_at = daemon.last_line("disk-app")
         wait_until(lambda: daemon.last_line("disk-app") != stuck_at, message="log lines to resume")
         self.assertEqual(daemon.terminate(), 0)
+        # Whole lines only: what a full disk cut short was taken back, nothing is glued to it.
+        with open(os.path.join(home, "logs", "disk-app-out.log")) as handle:
+            torn = [line for line in handle.read().splitlines()
+                    if not re.match(r"\d{4}-\d\d-\d\dT[\d:.]+Z line \d+ x{200}\Z", line)]
+        self.assertEqual(torn, [])
         self.assertIn("disk-app", read_text(os.path.join(home, "state.json")))
 
     def assertError(self, result, status, code):
@@ -3914,8 +3972,7 @@ class TestDaemonLifecycle(unittest.TestCase):
         self.assertEqual(oct(os.stat(os.path.join(self.home, "state.json")).st_mode & 0o777), "0o600")
 
     def test_links_in_the_home_are_refused_never_followed(self):
-        target = os.path.join(tempfile.mkdtemp(prefix="pmd-target-"), "victim")
-        self.addCleanup(shutil.rmtree, os.path.dirname(target))
+        target = os.path.join(temp_dir(self, "pmd-target-"), "victim")
         with open(target, "w") as handle:
             handle.write("precious\n")
         for name in ("pmdaemon.lock", "logs/app-out.log", "state.json.tmp-1234", "state.json"):
@@ -4081,6 +4138,27 @@ class TestWebSocket(DaemonTestCase):
         self.assertEqual(set(system["data"]["memory"]), {"usage_percent", "used"})
         self.daemon.request("DELETE", "/api/processes/ws-a")
 
+    def test_a_tick_carries_only_the_processes_that_changed(self):
+        self.daemon.start("ws-quiet", "sleep", ["60"])
+        self.daemon.start("ws-busy", PY, ["-c", "while True: pass"])
+        client = self.connect()
+        counts = {"ws-quiet": 0, "ws-busy": 0}
+        ticks = 0
+        for _ in range(3):                              # the state on connect; the new ones settle
+            client.recv_message("system_update")
+        while ticks < 6:                                # then six ticks of 0.2 s
+            message = client.recv_message()
+            if message["type"] == "system_update":
+                ticks += 1
+            elif message["type"] == "process_update" and message["data"]["name"] in counts:
+                counts[message["data"]["name"]] += 1
+        # A sleeping process whose pid, status, cpu and memory stay the same is not repeated; a
+        # busy one's cpu moves. (Every 30 s a tick carries every process, for lossy clients.)
+        self.assertEqual(counts["ws-quiet"], 0, counts)
+        self.assertGreaterEqual(counts["ws-busy"], 3, counts)
+        self.daemon.request("DELETE", "/api/processes/ws-quiet")
+        self.daemon.request("DELETE", "/api/processes/ws-busy")
+
     def test_process_events_and_updates_on_change(self):
         client = self.connect()
         self.daemon.start("ws-b", "sleep", ["60"])
@@ -4176,7 +4254,7 @@ class TestWebSocket(DaemonTestCase):
         status, _, body = self.daemon.get("/ws")
         self.assertEqual((status, body["error"]["message"]), (400, "expected 'Upgrade: websocket' and 'Connection: Upgrade'"))
         self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 403)
-        self.assertEqual(self.connect(headers={"Origin": "http://localhost:%d" % self.daemon.port}).status, 101)
+        self.assertEqual(self.connect(headers={"Origin": "http://127.0.0.1:%d" % self.daemon.port}).status, 101)
 
     def assertClosedAfterItsQueue(self, client):
         """A slow client reads what was queued for it (bounded), then a 1008 close."""
@@ -4356,8 +4434,7 @@ class TestRepeatedAnswers(unittest.TestCase):
         """Each head twice on one connection (a new one when the first answer closed it):
         [(first answer, second answer)], and the heads the server learned."""
         import asyncio
-        home = tempfile.mkdtemp(prefix="pmd-fast-")
-        self.addCleanup(shutil.rmtree, home, True)
+        home = temp_dir(self, "pmd-fast-")
 
         async def scenario():
             supervisor = pmdaemon.Supervisor(home)
@@ -4435,8 +4512,7 @@ class TestRepeatedAnswers(unittest.TestCase):
 class TestInternalErrors(unittest.TestCase):
     def test_a_failing_handler_answers_500_without_details(self):
         import asyncio
-        home = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, home)
+        home = temp_dir(self)
 
         async def scenario():
             api = pmdaemon.Api(pmdaemon.Supervisor(home), pmdaemon.AccessPolicy(None))
@@ -4509,14 +4585,6 @@ async def serve_echo_connection(reader, writer):
 # Security round two (issue 16, findings 10-15, 17, 18): each reproduces the attack
 # ----------------------------------------------------------------------------------------------
 
-def read_key_daemon_args(case):
-    """A --read-key-file for a class's daemon (full key "full-key", read key "look-only")."""
-    case.key_dir = tempfile.mkdtemp(prefix="pmd-keys-")
-    with open(os.path.join(case.key_dir, "read"), "w") as handle:
-        handle.write("look-only\n")
-    return ("--read-key-file", os.path.join(case.key_dir, "read"))
-
-
 class TestCronValidation(DaemonTestCase):
     def test_a_schedule_that_never_fires_is_refused(self):
         for text, error in (("0 0 31 2 *", "day of month '31' never comes in month '2'"),
@@ -4543,8 +4611,7 @@ class TestRestore(unittest.TestCase):
         """A state file as an older version wrote it: a cron_restart that never fires and what
         that process left running. The daemon starts, the good entry runs, the bad one is kept
         aside, and its leftover is stopped."""
-        home = tempfile.mkdtemp(prefix="pmd-restore-")
-        self.addCleanup(shutil.rmtree, home, True)
+        home = temp_dir(self, "pmd-restore-")
         first = Daemon(home=home)
         self.addCleanup(first.cleanup)
         first.start("good", "sleep", ["60"])
@@ -4572,20 +4639,9 @@ class TestRestore(unittest.TestCase):
         self.assertEqual(len([f for f in os.listdir(home) if f.startswith("state.json.rejected-")]), 1)
 
 
-class TestReadKeyViews(DaemonTestCase):
-    daemon_env = {"PMDAEMON_API_KEY": "full-key"}
+class TestReadKeyViews(ReadKeyDaemonCase):
     full = {"Authorization": "Bearer full-key"}
     read = {"Authorization": "Bearer look-only"}
-
-    @classmethod
-    def setUpClass(cls):
-        cls.daemon_args = read_key_daemon_args(cls)
-        super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        shutil.rmtree(cls.key_dir, ignore_errors=True)
 
     def test_a_read_key_sees_env_names_and_urls_without_credentials(self):
         watcher = self.ws(headers=self.read)
@@ -4627,19 +4683,7 @@ class TestReadKeyViews(DaemonTestCase):
         self.assertEqual(pmdaemon.without_credentials("http://h/p@x"), "http://h/p@x")
 
 
-class TestWsTickets(DaemonTestCase):
-    daemon_env = {"PMDAEMON_API_KEY": "full-key"}
-
-    @classmethod
-    def setUpClass(cls):
-        cls.daemon_args = read_key_daemon_args(cls)
-        super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        shutil.rmtree(cls.key_dir, ignore_errors=True)
-
+class TestWsTickets(ReadKeyDaemonCase):
     def test_a_read_key_cannot_take_the_full_keys_tickets(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.daemon.port, timeout=15)
         self.addCleanup(conn.close)
@@ -4674,8 +4718,7 @@ class TestWsTickets(DaemonTestCase):
 class TestTlsReload(unittest.TestCase):
     def test_a_mismatched_pair_is_refused_and_the_old_certificate_stays(self):
         import ssl
-        directory = tempfile.mkdtemp(prefix="pmd-tls-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "pmd-tls-")
         cert, key = make_certificate(directory, "one")
         first = read_text(cert)
         two_cert, two_key = make_certificate(directory, "two")
@@ -4736,8 +4779,7 @@ class TestLoneSurrogates(DaemonTestCase):
 class TestHealthCheckScript(DaemonTestCase):
     def test_only_a_tail_of_a_check_scripts_output_is_kept(self):
         """96 MiB on stderr (the attack wrote 390): the daemon's peak memory does not grow by it."""
-        directory = tempfile.mkdtemp(prefix="pmd-check-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "pmd-check-")
         script = write_script(os.path.join(directory, "check.sh"),
                               "head -c 100663296 /dev/zero | tr '\\0' x >&2; echo 'disk full' >&2; exit 3")
 
@@ -4757,8 +4799,7 @@ class TestHealthCheckScript(DaemonTestCase):
 
 class TestWatchLimits(DaemonTestCase):
     def test_file_snapshot_counts_directories_and_files(self):
-        directory = tempfile.mkdtemp(prefix="pmd-watch-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "pmd-watch-")
         for index in range(3):
             os.mkdir(os.path.join(directory, "d%d" % index))
             open(os.path.join(directory, "f%d" % index), "w").close()
@@ -4771,8 +4812,7 @@ class TestWatchLimits(DaemonTestCase):
         self.assertEqual(str(caught.exception), "more than 2 files to watch")
 
     def test_too_many_directories_stop_watching_and_say_why(self):
-        directory = tempfile.mkdtemp(prefix="pmd-watch-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "pmd-watch-")
         for index in range(pmdaemon.WATCH_MAX_DIRS + 1):
             os.mkdir(os.path.join(directory, "d%d" % index))
         self.daemon.start("watch-dirs", "sleep", ["60"], cwd=directory, watch=True)
