@@ -1964,7 +1964,8 @@ def _write_safely(write: Callable[[List[str]], None], lines: List[bytes]) -> Non
 # 6. Supervisor
 #    Pure policy first (restart decisions, names, ports, argv). Then the pieces, each with one
 #    job: ProcessRunner owns one process's child, tasks and timers and is the only code that
-#    changes its state (change_state, checked against TRANSITIONS); Registry holds names, ids,
+#    changes its state (change_state, checked against TRANSITIONS); it reaches the rest only
+#    through its RunnerContext (clock, timers, spawner, announce, ...); Registry holds names, ids,
 #    groups and ports; StateStore writes state.json, coalesced; MetricsLoop samples /proc;
 #    Supervisor wires them and is what the API calls. Raises domain errors; knows no HTTP.
 # ==============================================================================================
@@ -2822,17 +2823,85 @@ TRANSITIONS: Dict[ProcessState, frozenset] = {
 del S
 
 
+# -- what a runner uses from outside itself: RunnerContext --------------------------------------
+
+class LoopTimers:
+    """Timers on the event loop: call_later(delay, callback) returns a handle with cancel().
+    A runner's timers (restart delay, listen_timeout, cron) go through this, so a test can
+    hand it timers that its own clock drives."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        return asyncio.get_event_loop().call_later(delay, callback)
+
+
+class BackgroundTasks:
+    """Tasks that run on their own: held here (the loop keeps only weak references to tasks),
+    and a failure is logged, not lost."""
+
+    def __init__(self):
+        self.tasks: set = set()
+
+    def start(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+
+def no_cgroup(process_id: int, memory_limit: Optional[int], cpu_limit: Optional[int]) -> List[str]:
+    """The cgroup of a runner given none: memory_limit and cpu_limit cannot be applied."""
+    raise CannotStart("memory_limit and cpu_limit need a cgroup, and none was given")
+
+
+@record
+class RunnerContext:
+    """Everything a ProcessRunner uses from outside itself, each named once. The Supervisor
+    makes one for all its runners; a test makes its own (its clock and timers, its spawner)
+    and runs a runner with no Supervisor. Calls go out through it; nothing comes back but the
+    timers and tasks the runner set itself."""
+    log_dir: str                                # where its logs go unless out_file/error_file say
+    announce: Callable[[str, Any], None]        # every visible change: (kind, payload), see Supervisor
+    clock: Callable[[], float] = time.monotonic     # durations: uptime, checks, log error pacing
+    wall: Callable[[], float] = time.time       # what is shown: start and exit times, next restart, cron
+    timers: Any = record_field(LoopTimers)      # call_later(delay, callback): restart, ready, cron
+    spawner: Callable = spawn_child             # (argv, cwd, env, config[, cgroup_procs]) -> a child
+    sampler: Sampler = record_field(Sampler)    # a child's start time; what a run left behind
+    settings: SupervisorSettings = record_field(SupervisorSettings)     # stop, flush, check timings
+    hub: LogHub = record_field(LogHub)          # live log lines to whoever follows them
+    background: Callable = record_field(lambda: BackgroundTasks().start)  # start a task, held
+    session: str = record_field(lambda: os.urandom(6).hex())     # run tokens: SESSION-ID
+    base_env: Dict[str, str] = record_field(lambda: child_base_environment(os.environ))  # minus secrets
+    # (id, memory_limit, cpu_limit) -> the cgroup.procs files a child joins; the Cgroups are shared.
+    prepare_cgroup: Callable[[int, Optional[int], Optional[int]], List[str]] = no_cgroup
+    # Start order (depends_on): which of these names are not ready yet, and a wait for the next
+    # announcement. Without a registry nothing is waited for, so wait_for_change is never called.
+    unready_dependencies: Callable[[List[str]], List[str]] = lambda names: []
+    wait_for_change: Optional[Callable] = None
+
+
+def _saved_int(value: Any, high: int) -> int:
+    """An integer from the state file, within bounds (a hand-edited file is checked, not trusted)."""
+    if not _is_int(value) or not 0 <= value <= high:
+        raise ValueError("expected an integer from 0 to %d, got %r" % (high, value))
+    return value
+
+
 class ProcessRunner:
     """One managed process (one instance of a group): its config, its current run, its timers.
 
     Only this object changes its state, through change_state(). Its public coroutines (start,
-    stop, restart, remove) are serialised by one lock. It reports to its host (the Supervisor)
-    through host.runner_changed / host.process_event and asks it for what is shared (clock,
-    sampler, spawner, environment, dependencies)."""
+    stop, restart, remove) are serialised by one lock. What it needs from outside (clock,
+    timers, spawner, sampler, environment, dependencies) and where it reports (announce) is
+    its RunnerContext: calls go out through it, and only timers and tasks it started call back."""
 
-    def __init__(self, host: "Supervisor", process_id: int, name: str, config: ProcessConfig,
+    def __init__(self, context: RunnerContext, process_id: int, name: str, config: ProcessConfig,
                  instance: int, port: Optional[int], state: ProcessState = ProcessState.STOPPED):
-        self.host = host
+        self.context = context
         self.id, self.name, self.config, self.instance, self.port = process_id, name, config, instance, port
         self.state = state                      # STOPPED, or ERRORED when restored so
         self.run: Optional[Run] = None
@@ -2861,8 +2930,19 @@ class ProcessRunner:
         identity = resolve_identity(config) if config.user or config.group else None
         layout = LogLayout(config.out_file, config.error_file, config.merge_logs, config.log_date_format != "none",
                            (identity.uid, identity.gid) if identity else None, adopt_from)
-        return ProcessLogs(self.host.log_dir, name, config.log_max_size, config.log_max_files,
-                           self.host.hub, self._log_write_failed, self.host.wall, layout)
+        return ProcessLogs(self.context.log_dir, name, config.log_max_size, config.log_max_files,
+                           self.context.hub, self._log_write_failed, self.context.wall, layout)
+
+    def restore(self, entry: dict) -> Optional[Run]:
+        """Take back what state.json says of this process's past (restart counts, the error it
+        stopped with); returns the run a previous daemon left behind, to be stopped, or None."""
+        self.manual_restarts = _saved_int(entry.get("manual_restarts", 0), 1 << 40)
+        self.auto_restarts = max(0, _saved_int(entry.get("restarts", 0), 1 << 40) - self.manual_restarts)
+        if self.state is ProcessState.ERRORED:
+            self.error = str(entry.get("error"))[:1000]
+        if entry.get("pid") or entry.get("run_token"):
+            return Run(entry.get("run_token"), entry.get("pid"), entry.get("pid_start_ticks"))
+        return None
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -2873,6 +2953,12 @@ class ProcessRunner:
     @property
     def restarts(self) -> int:
         return self.manual_restarts + self.auto_restarts
+
+    @property
+    def run_token(self) -> str:
+        """PMDAEMON_RUN_ID: the same for every run of a process under this daemon, so that
+        finding what a run left behind needs no state write per restart."""
+        return "%s-%d" % (self.context.session, self.id)
 
     @property
     def checked(self) -> bool:
@@ -2903,11 +2989,17 @@ class ProcessRunner:
                       self.name, old.value, new.value, stack_info=True)
             return False
         self.state = new
-        self.host.runner_changed(self)
+        self.context.announce("process_update", self)
         return True
 
     def event(self, name: str, **extra: Any) -> None:
-        self.host.process_event(self, name, extra)
+        """Something happened to the process: the daemon's log, and a process_event."""
+        data = {"event": name, "process": self.name, "id": self.id}
+        data.update(extra)
+        data["timestamp"] = iso_time(self.context.wall())
+        log.info("%s %s%s", log_safe(self.name), name,
+                 "".join(" %s=%s" % (key, log_safe(str(value))) for key, value in extra.items()))
+        self.context.announce("process_event", data)
 
     def note(self, message: str) -> None:
         """A line from pmdaemon itself in the process's stderr log, so users see why."""
@@ -2924,12 +3016,12 @@ class ProcessRunner:
             self._cancel("restart", "dependencies")
             self.unstable_restarts = self.backoff_count = 0
             self.next_restart_wall = None
-            self.waiting_for = self.host.unready_dependencies(self)
+            self.waiting_for = self.context.unready_dependencies(self.config.depends_on)
             if self.waiting_for:
                 # -> STARTING with no pid until what it depends on is ready.
                 self.error = None
                 self.change_state(ProcessState.STARTING)
-                self._pending["dependencies"] = self.host.background(self._start_after_dependencies())
+                self._pending["dependencies"] = self.context.background(self._start_after_dependencies())
             else:
                 await self._spawn("started")
             return True
@@ -3008,34 +3100,56 @@ class ProcessRunner:
         for log_file in self.logs.files.values():
             log_file.max_size, log_file.max_files = config.log_max_size, config.log_max_files
         self.port, self.config = port, config
-        self.host.runner_changed(self)
+        self.context.announce("process_update", self)
 
     # -- starting ----------------------------------------------------------------------------
 
     async def _start_after_dependencies(self) -> None:
         def dependencies_ready() -> bool:
-            self.waiting_for = self.host.unready_dependencies(self)
+            self.waiting_for = self.context.unready_dependencies(self.config.depends_on)
             return not self.waiting_for
-        await self.host.wait_for_change(dependencies_ready, None)
+        await self.context.wait_for_change(dependencies_ready, None)
         async with self.lock:
             if self._pending.get("dependencies") is not current_task() or self.deleted:
                 return
             del self._pending["dependencies"]
             await self._spawn("started")
 
+    def _child_environment(self, token: Optional[str], from_file: Dict[str, str]) -> Dict[str, str]:
+        """The daemon's environment (minus its secrets) < env_file (read at each start:
+        read_env_file) < the config's env < what pmdaemon sets."""
+        env = dict(self.context.base_env)
+        env.update(from_file)
+        identity = resolve_identity(self.config) if self.config.user else None
+        if identity is not None:
+            env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name)
+        env.update(self.config.env)
+        if self.port is not None:
+            env["PORT"] = str(self.port)
+        env["PM2_INSTANCE_ID"] = env["NODE_APP_INSTANCE"] = str(self.instance)
+        env["PMDAEMON_PROCESS_NAME"] = self.name
+        env[RUN_ID_ENV] = token or ""
+        return env
+
+    def _cgroup_procs(self) -> List[str]:
+        """The cgroup.procs files the child joins: none without memory_limit and cpu_limit."""
+        if self.config.memory_limit is None and self.config.cpu_limit is None:
+            return []
+        return self.context.prepare_cgroup(self.id, self.config.memory_limit, self.config.cpu_limit)
+
     async def _spawn(self, event: str) -> None:
         """-> STARTING -> ONLINE (or stays STARTING until ready), or -> ERRORED with the reason."""
         self.change_state(ProcessState.STARTING)
         self.error, self.waiting_for, self.next_restart_wall = None, [], None
         self.ever_started = True
-        run = Run(self.host.run_token(self))
+        run = Run(self.run_token)
         try:
             from_file = await read_env_file(self.config)
-            env = run.env = self.host.child_environment(self, run.token, from_file)
+            env = run.env = self._child_environment(run.token, from_file)
             await asyncio.get_event_loop().run_in_executor(None, self.logs.prepare)
             argv = build_argv(self.config, env)
-            cgroups = self.host.cgroup_procs(self)
-            run.proc = await self.host.spawner(argv, self.config.cwd, env, self.config, *([cgroups] if cgroups else []))
+            cgroups = self._cgroup_procs()
+            run.proc = await self.context.spawner(argv, self.config.cwd, env, self.config, *([cgroups] if cgroups else []))
         except (OSError, PMDaemonError, ValueError, subprocess.SubprocessError) as exc:
             reason = spawn_failure(self.config, exc)
             self.error = reason
@@ -3047,24 +3161,24 @@ class ProcessRunner:
         # At once, before the loop runs again: where pidfd exists the loop is what reaps
         # children, so the pid cannot have changed hands yet.
         run.pidfd = open_pidfd(run.pid)
-        run.started_at, run.started_wall = self.host.clock(), self.host.wall()
-        stat = self.host.sampler.stat(run.pid)
+        run.started_at, run.started_wall = self.context.clock(), self.context.wall()
+        stat = self.context.sampler.stat(run.pid)
         run.start_ticks = stat.start_ticks if stat else None
         self.run = run
         self.cpu, self.memory = 0.0, stat.rss_bytes if stat else 0
         self.health.reset(self.checked)
-        run.watch = self.host.background(self._watch(run))
+        run.watch = self.context.background(self._watch(run))
         self._schedule_cron()
         if self.config.watch and "files" not in self._pending:
-            self._pending["files"] = self.host.background(self._follow_files())
+            self._pending["files"] = self.context.background(self._follow_files())
         if self.checked:
-            self._pending["health"] = self.host.background(self._health_loop(run))
+            self._pending["health"] = self.context.background(self._health_loop(run))
         self.event(event, pid=run.pid)
         if self.config.wait_ready:
             # STARTING -> ONLINE at the first healthy check, or when listen_timeout passes.
-            self._pending["ready"] = asyncio.get_event_loop().call_later(
-                self.config.listen_timeout / 1000, self._listen_timeout_passed, run)
-            self.host.runner_changed(self)      # the pid is news even before it is ready
+            self._pending["ready"] = self.context.timers.call_later(
+                self.config.listen_timeout / 1000, functools.partial(self._listen_timeout_passed, run))
+            self.context.announce("process_update", self)      # the pid is news even before it is ready
         else:
             self.change_state(ProcessState.ONLINE)
 
@@ -3109,14 +3223,14 @@ class ProcessRunner:
         self._cancel("cron")
         if not self.config.cron_restart:
             return
-        now = self.host.wall()
+        now = self.context.wall()
         try:
             due = parse_cron(self.config.cron_restart).next_after(datetime.datetime.fromtimestamp(now))
         except ValueError as exc:       # validated, so never; but a running child is not left stuck
             self.note("cron_restart %r is not scheduled: %s" % (self.config.cron_restart, exc))
             return
-        self._pending["cron"] = asyncio.get_event_loop().call_later(
-            max(0.0, due.timestamp() - now), lambda: self.host.background(self._cron_due()))
+        self._pending["cron"] = self.context.timers.call_later(
+            max(0.0, due.timestamp() - now), lambda: self.context.background(self._cron_due()))
 
     async def _cron_due(self) -> None:
         self._pending.pop("cron", None)
@@ -3141,16 +3255,16 @@ class ProcessRunner:
 
     async def _watch(self, run: Run) -> None:
         proc = run.proc
-        flush = self.host.settings.partial_line_flush
-        pumps = [self.host.background(pump_output(proc.stdout, functools.partial(self.logs.write, "stdout"), flush)),
-                 self.host.background(pump_output(proc.stderr, functools.partial(self.logs.write, "stderr"), flush))]
+        flush = self.context.settings.partial_line_flush
+        pumps = [self.context.background(pump_output(proc.stdout, functools.partial(self.logs.write, "stdout"), flush)),
+                 self.context.background(pump_output(proc.stderr, functools.partial(self.logs.write, "stderr"), flush))]
         returncode = await run.exited()
         if not run.stop_requested:
             # The main process is gone on its own: what it left behind would hold its port and
             # outlive the restart, so it is stopped too.
-            await terminate_run(run, self.config, self.host.sampler, self.host.settings)
+            await terminate_run(run, self.config, self.context.sampler, self.context.settings)
         # Let the last output land before the exit is logged; a grandchild may keep the pipe open.
-        await asyncio.wait(pumps, timeout=self.host.settings.exit_output_grace)
+        await asyncio.wait(pumps, timeout=self.context.settings.exit_output_grace)
         self._on_exit(run, returncode)
         run.close()
 
@@ -3172,9 +3286,9 @@ class ProcessRunner:
         self.unstable_restarts, self.backoff_count = decision.unstable_restarts, decision.backoff_count
         if decision.action == "restart":
             # -> RESTARTING; the timer brings it back to STARTING.
-            self.next_restart_wall = self.host.wall() + decision.delay_ms / 1000
-            self._pending["restart"] = asyncio.get_event_loop().call_later(
-                decision.delay_ms / 1000, lambda: self.host.background(self._restart_due()))
+            self.next_restart_wall = self.context.wall() + decision.delay_ms / 1000
+            self._pending["restart"] = self.context.timers.call_later(
+                decision.delay_ms / 1000, lambda: self.context.background(self._restart_due()))
             self.change_state(ProcessState.RESTARTING)
         elif decision.action == "errored":
             # -> ERRORED: stays down, no spinning, until started again.
@@ -3192,13 +3306,13 @@ class ProcessRunner:
     def _end_run(self, run: Run, returncode: Optional[int]) -> None:
         """The run is over: record how it ended, forget its timers and usage."""
         self._cancel("health", "ready")
-        uptime_ms = self.uptime_ms(self.host.clock())
+        uptime_ms = self.uptime_ms(self.context.clock())
         code = returncode if returncode is not None and returncode >= 0 else None
         signame = signal.Signals(-returncode).name if returncode is not None and returncode < 0 else None
-        self.host.sampler.forget((self.id, run.pid))     # its CPU history ends with the run
+        self.context.sampler.forget((self.id, run.pid))     # its CPU history ends with the run
         self.run = None
         self.cpu, self.memory = 0.0, 0
-        self.last_exit = {"code": code, "signal": signame, "uptime": uptime_ms, "at": iso_time(self.host.wall())}
+        self.last_exit = {"code": code, "signal": signame, "uptime": uptime_ms, "at": iso_time(self.context.wall())}
 
     async def _restart_due(self) -> None:
         async with self.lock:
@@ -3221,9 +3335,9 @@ class ProcessRunner:
         if run is not None:
             run.stop_requested = True
             self.change_state(ProcessState.STOPPING)
-            await terminate_run(run, self.config, self.host.sampler, self.host.settings)
+            await terminate_run(run, self.config, self.context.sampler, self.context.settings)
             if run.watch is not None:
-                await asyncio.wait({run.watch}, timeout=self.host.settings.exit_output_grace + 1)
+                await asyncio.wait({run.watch}, timeout=self.context.settings.exit_output_grace + 1)
             if self.run is run:                 # the watcher did not finish: end the run here
                 self._end_run(run, run.proc.returncode)
         if self.state is not ProcessState.STOPPED:
@@ -3244,24 +3358,25 @@ class ProcessRunner:
         check = self.config.health_check
         while True:
             starting = self.state is ProcessState.STARTING
-            await asyncio.sleep(self.host.settings.health_starting_interval if starting
+            await asyncio.sleep(self.context.settings.health_starting_interval if starting
                                 else check["interval"] / 1000)
             if run is not self.run:
                 return
-            began = self.host.clock()
+            began = self.context.clock()
             error = await run_health_check(check, self.port, self.config, run.env)
             if run is not self.run:
                 return
-            self.health.last_duration = round(self.host.clock() - began, 6)
+            self.health.last_duration = round(self.context.clock() - began, 6)
             self.record_health(error)
 
     def record_health(self, error: Optional[str]) -> None:
         """Apply one check result: events, readiness, and a restart when unhealthy."""
         starting = self.state is ProcessState.STARTING
         # While waiting to be ready, failures are expected and do not make it unhealthy.
-        transition = self.health.record(error, self.host.wall(), self.config.health_check["retries"],
+        transition = self.health.record(error, self.context.wall(), self.config.health_check["retries"],
                                         may_fail=not starting)
-        self.host.health_checked(self, error)
+        self.context.announce("health_update", {"process": self.name, "status": self.health.status,
+                                                "error": error, "timestamp": iso_time(self.context.wall())})
         if transition:
             self.event(transition, **({"error": error} if error else {}))
         if starting and error is None:
@@ -3270,9 +3385,9 @@ class ProcessRunner:
               and self.state is ProcessState.ONLINE):
             self.note("restarting: unhealthy after %d failed checks (%s)"
                       % (self.health.consecutive_failures, error))
-            self.host.background(self.restart())
+            self.context.background(self.restart())
         if transition:
-            self.host.runner_changed(self)
+            self.context.announce("process_update", self)
 
     def record_usage(self, cpu: float, memory: int) -> None:
         """A metrics sample of the process tree; restarts it past max_memory_restart."""
@@ -3282,12 +3397,12 @@ class ProcessRunner:
             reason = "memory %d bytes is above max_memory_restart %d" % (memory, limit)
             self.note("restarting: " + reason)
             self.event("memory_limit", reason=reason, memory=memory)
-            self.host.background(self.restart())
+            self.context.background(self.restart())
 
     def _log_write_failed(self, error: OSError) -> None:
         """A log line could not be written: it is dropped, counted, and reported now and then."""
-        now = self.host.clock()
-        if now - self._log_error_reported < self.host.settings.log_error_report_interval:
+        now = self.context.clock()
+        if now - self._log_error_reported < self.context.settings.log_error_report_interval:
             return
         self._log_error_reported = now
         reason = error.strerror or str(error)
@@ -3658,24 +3773,29 @@ class Supervisor:
                  environ: Optional[Dict[str, str]] = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  spawner: Callable = spawn_child, settings: Optional[SupervisorSettings] = None,
-                 hub: Optional[LogHub] = None):
+                 hub: Optional[LogHub] = None, timers: Optional[LoopTimers] = None):
         self.home = home
         self.log_dir = os.path.join(home, "logs")
         self.sampler = sampler or Sampler()
-        self.base_env = child_base_environment(os.environ if environ is None else environ)
-        self.clock, self.wall, self.spawner = clock, wall, spawner
+        self.clock, self.wall = clock, wall
         self.settings = settings or SupervisorSettings()
         self.hub = hub or LogHub()
         self.registry = Registry()
         self.store = StateStore(os.path.join(home, "state.json"), self.snapshot,
                                 self.settings.state_save_interval, self.settings.state_lazy_interval, clock)
         self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall)
-        self.session = os.urandom(6).hex()      # run tokens of this daemon: SESSION-ID
         self._cgroups: Optional[Cgroups] = None
         self.generation = 0                     # counts announcements: keys the API's caches
         self.listeners: List[Listener] = []
-        self._tasks: set = set()
+        self.tasks = BackgroundTasks()
         self._change: Optional[asyncio.Event] = None
+        self.context = RunnerContext(       # what every runner gets: see RunnerContext
+            log_dir=self.log_dir, announce=self._announce, clock=clock, wall=wall, timers=timers or LoopTimers(),
+            spawner=spawner, sampler=self.sampler, settings=self.settings, hub=self.hub,
+            background=self.tasks.start, session=os.urandom(6).hex(),
+            base_env=child_base_environment(os.environ if environ is None else environ),
+            prepare_cgroup=self._prepare_cgroup, unready_dependencies=self.unready_dependencies,
+            wait_for_change=self.wait_for_change)
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
 
     @property
@@ -3697,33 +3817,7 @@ class Supervisor:
             self._change.set()          # wake wait_for_change(); the next waiter gets a fresh event
             self._change = None
 
-    # -- the host interface of runners -----------------------------------------------------------
-
-    def runner_changed(self, runner: ProcessRunner) -> None:
-        self._announce("process_update", runner)
-
-    def process_event(self, runner: ProcessRunner, name: str, extra: Dict[str, Any]) -> None:
-        data = {"event": name, "process": runner.name, "id": runner.id}
-        data.update(extra)
-        data["timestamp"] = iso_time(self.wall())
-        log.info("%s %s%s", log_safe(runner.name), name,
-                 "".join(" %s=%s" % (key, log_safe(str(value))) for key, value in extra.items()))
-        self._announce("process_event", data)
-
-    def health_checked(self, runner: ProcessRunner, error: Optional[str]) -> None:
-        self._announce("health_update", {"process": runner.name, "status": runner.health.status,
-                                         "error": error, "timestamp": iso_time(self.wall())})
-
-    def background(self, coroutine) -> asyncio.Task:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)               # the loop keeps only weak references to tasks
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
+    # -- what the runners' context asks of the whole ------------------------------------------
 
     @property
     def cgroups(self) -> Cgroups:
@@ -3731,39 +3825,14 @@ class Supervisor:
             self._cgroups = Cgroups(self.home)
         return self._cgroups
 
-    def cgroup_procs(self, runner: ProcessRunner) -> List[str]:
-        config = runner.config
-        if config.memory_limit is None and config.cpu_limit is None:
-            return []
-        return self.cgroups.prepare(runner.id, config.memory_limit, config.cpu_limit)
+    def _prepare_cgroup(self, process_id: int, memory_limit: Optional[int], cpu_limit: Optional[int]) -> List[str]:
+        return self.cgroups.prepare(process_id, memory_limit, cpu_limit)
 
-    def run_token(self, runner: ProcessRunner) -> str:
-        """PMDAEMON_RUN_ID: the same for every run of a process under this daemon, so that
-        finding what a run left behind needs no state write per restart."""
-        return "%s-%d" % (self.session, runner.id)
-
-    def child_environment(self, runner: ProcessRunner, token: Optional[str],
-                          from_file: Dict[str, str]) -> Dict[str, str]:
-        """The daemon's environment (minus its secrets) < env_file (read at each start:
-        read_env_file) < the config's env < what pmdaemon sets."""
-        env = dict(self.base_env)
-        env.update(from_file)
-        identity = resolve_identity(runner.config) if runner.config.user else None
-        if identity is not None:
-            env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name)
-        env.update(runner.config.env)
-        if runner.port is not None:
-            env["PORT"] = str(runner.port)
-        env["PM2_INSTANCE_ID"] = env["NODE_APP_INSTANCE"] = str(runner.instance)
-        env["PMDAEMON_PROCESS_NAME"] = runner.name
-        env[RUN_ID_ENV] = token or ""
-        return env
-
-    def unready_dependencies(self, runner: ProcessRunner) -> List[str]:
+    def unready_dependencies(self, depends_on: List[str]) -> List[str]:
         """Names in depends_on whose processes are not online (and healthy when checked).
         A dependency deleted since is no longer waited for."""
         waiting = []
-        for name in runner.config.depends_on:
+        for name in depends_on:
             waiting.extend(other.name for other in self.registry.find(name) if not other.is_ready())
         return waiting
 
@@ -3820,10 +3889,10 @@ class Supervisor:
 
     def _register(self, config: ProcessConfig, index: int, port: Optional[int],
                   process_id: Optional[int] = None, state: ProcessState = ProcessState.STOPPED) -> ProcessRunner:
-        runner = ProcessRunner(self, self.registry.take_id(process_id),
+        runner = ProcessRunner(self.context, self.registry.take_id(process_id),
                                member_name(config.name, index, config.instances), config, index, port, state)
         self.registry.add(runner)
-        self.runner_changed(runner)
+        self._announce("process_update", runner)
         return runner
 
     async def start(self, members: List[ProcessRunner]) -> List[ProcessRunner]:
@@ -3995,7 +4064,7 @@ class Supervisor:
                    "processes": [{"id": runner.id, "name": runner.name, "instance": runner.instance,
                                   "port": runner.port, "config": runner.config.to_dict(),
                                   "status": runner.desired_status(),
-                                  "error": runner.error, "run_token": self.run_token(runner),
+                                  "error": runner.error, "run_token": runner.run_token,
                                   "manual_restarts": runner.manual_restarts}
                                  for runner in self.registry.runners()]}
         runtime = {str(runner.id): {"restarts": runner.restarts, "pid": runner.pid,
@@ -4031,12 +4100,9 @@ class Supervisor:
                     leftovers.append((Run(entry.get("run_token"), entry.get("pid"), entry.get("pid_start_ticks")),
                                       ProcessConfig(log_safe(str(entry.get("name")), 64), "")))
                 continue
-            runner.manual_restarts = _saved_int(entry.get("manual_restarts", 0), 1 << 40)
-            runner.auto_restarts = max(0, _saved_int(entry.get("restarts", 0), 1 << 40) - runner.manual_restarts)
-            if status == "errored":
-                runner.error = str(entry.get("error"))[:1000]
-            if entry.get("pid") or entry.get("run_token"):
-                leftovers.append((Run(entry.get("run_token"), entry.get("pid"), entry.get("pid_start_ticks")), config))
+            leftover = runner.restore(entry)
+            if leftover is not None:
+                leftovers.append((leftover, config))
             if status == "online":
                 to_start.append(runner)
         if rejected:
@@ -4076,13 +4142,6 @@ class Supervisor:
         self.hub.end(None)
         self.store.flush()
         self.sampler.close()
-
-
-def _saved_int(value: Any, high: int) -> int:
-    """An integer from the state file, within bounds (a hand-edited file is checked, not trusted)."""
-    if not _is_int(value) or not 0 <= value <= high:
-        raise ValueError("expected an integer from 0 to %d, got %r" % (high, value))
-    return value
 
 
 def group_label(members: List[ProcessRunner]) -> str:

@@ -655,8 +655,55 @@ def run_async(coroutine, timeout=20):
     return run_loop(asyncio.wait_for(coroutine, timeout))
 
 
+class ManualTimer:
+    def __init__(self, due, callback):
+        self.due, self.callback, self.cancelled = due, callback, False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class ManualClock:
+    """A RunnerContext's clock and timers that move only when the test says so."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+        self.timers = []
+
+    def __call__(self):
+        return self.now
+
+    def call_later(self, delay, callback):
+        timer = ManualTimer(self.now + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    def pending(self):
+        """Seconds to each timer not yet fired nor cancelled."""
+        return [timer.due - self.now for timer in self.timers if not timer.cancelled]
+
+    def advance(self, seconds):
+        """Move on; the timers due by then fire, in order."""
+        self.now += seconds
+        for timer in sorted((timer for timer in self.timers if timer.due <= self.now), key=lambda timer: timer.due):
+            self.timers.remove(timer)
+            if not timer.cancelled:
+                timer.callback()
+
+
+async def until(predicate, timeout=10):
+    """Wait (polling) for a real child to have done what the predicate says."""
+    import asyncio
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("still not so after %g s" % timeout)
+        await asyncio.sleep(0.005)
+
+
 class TestProcessRunner(unittest.TestCase):
-    """The supervisor in-process: real children, injected settings and spawner."""
+    """The supervisor in-process: real children, injected settings and spawner; a runner alone
+    in a RunnerContext whose clock and timers the test drives."""
 
     def setUp(self):
         self.home = temp_dir(self, "pmd-runner-")
@@ -669,6 +716,70 @@ class TestProcessRunner(unittest.TestCase):
         body = {"name": "app", "script": "sleep", "args": ["30"]}
         body.update(fields)
         return pmdaemon.ProcessConfig.from_dict(body)
+
+    def test_a_runner_alone_restarts_after_restart_delay_on_its_context_clock(self):
+        clock, wall = ManualClock(), 1_800_000_000.0
+        states, events = [], []
+
+        def announce(kind, data):
+            if kind == "process_update":
+                states.append(data.state.value)
+            elif kind == "process_event":
+                events.append(data)
+
+        async def scenario():
+            tasks = pmdaemon.BackgroundTasks()
+            context = pmdaemon.RunnerContext(log_dir=self.home, announce=announce, clock=clock,
+                                             wall=lambda: wall + clock(), timers=clock, background=tasks.start)
+            self.addCleanup(context.sampler.close)
+            config = self.config(script=PY, args=["-c", "raise SystemExit(3)"], restart_delay=60_000,
+                                 min_uptime=1000, max_restarts=1)
+            runner = pmdaemon.ProcessRunner(context, 7, "app", config, 0, None)
+            self.assertTrue(await runner.start())
+            await until(lambda: runner.state is pmdaemon.ProcessState.RESTARTING)
+            # The exit at clock 1000 s: uptime 0 ms on the context's clock; a timer of restart_delay.
+            self.assertEqual(runner.last_exit, {"code": 3, "signal": None, "uptime": 0,
+                                                "at": pmdaemon.iso_time(wall + 1000)})
+            self.assertEqual((clock.pending(), runner.next_restart_wall), ([60.0], wall + 1060))
+            clock.advance(59)
+            await until(lambda: not tasks.tasks)                            # the exit is fully handled
+            self.assertEqual((runner.state.value, runner.pid, runner.auto_restarts), ("restarting", None, 0))
+            clock.advance(1)                                                # the delay has passed
+            await until(lambda: runner.state is pmdaemon.ProcessState.ERRORED)
+            # Its second exit, also before min_uptime, is one unstable exit more than max_restarts.
+            reason = "exited 2 times in a row before min_uptime (1000 ms); max_restarts is 1"
+            self.assertEqual((runner.auto_restarts, runner.unstable_restarts, runner.error), (1, 2, reason))
+            self.assertEqual(states, ["starting", "online", "restarting", "starting", "online", "errored"])
+            self.assertEqual([event["event"] for event in events],
+                             ["started", "exited", "crashed", "restarted", "exited", "crashed", "errored"])
+            self.assertEqual(events[-1], {"event": "errored", "process": "app", "id": 7, "reason": reason,
+                                          "timestamp": pmdaemon.iso_time(wall + 1060)})
+            self.assertEqual(clock.pending(), [])
+            await runner.shut_down()
+            notes = [line.split("[pmdaemon] ", 1)[1] for line in read_text(os.path.join(self.home, "app-err.log"))
+                     .splitlines() if "[pmdaemon] " in line]
+            self.assertEqual(notes, ["process exited with code 3 after 0 ms", "process exited with code 3 after 0 ms",
+                                     "not restarting: " + reason])
+        run_async(scenario())
+
+    def test_a_runner_restores_its_own_saved_past(self):
+        async def scenario():      # a runner is made where a loop runs (3.6's asyncio.Lock needs one)
+            context = pmdaemon.RunnerContext(log_dir=self.home, announce=lambda kind, data: None)
+            errored = pmdaemon.ProcessRunner(context, 3, "app", self.config(), 0, None, pmdaemon.ProcessState.ERRORED)
+            left = errored.restore({"manual_restarts": 2, "restarts": 7, "error": "autorestart is off",
+                                    "pid": 4242, "pid_start_ticks": 99, "run_token": "abc-3"})
+            self.assertEqual((errored.manual_restarts, errored.auto_restarts, errored.restarts, errored.error),
+                             (2, 5, 7, "autorestart is off"))
+            self.assertEqual((left.token, left.pid, left.start_ticks), ("abc-3", 4242, 99))
+            self.assertIs(errored.state, pmdaemon.ProcessState.ERRORED)
+            stopped = pmdaemon.ProcessRunner(context, 4, "other", self.config(name="other"), 0, None)
+            self.assertIsNone(stopped.restore({"restarts": 1, "error": "ignored: it was not errored"}))
+            self.assertEqual((stopped.auto_restarts, stopped.error), (1, None))
+            with self.assertRaises(ValueError):
+                stopped.restore({"manual_restarts": -1})
+            errored.logs.close()
+            stopped.logs.close()
+        run_async(scenario())
 
     def test_a_transition_outside_the_table_is_refused_and_logged(self):
         async def scenario():
