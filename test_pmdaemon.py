@@ -4307,14 +4307,14 @@ class TestRepeatedAnswers(unittest.TestCase):
         heads = [b"GET /api/system HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % port for port in (1, 2, 3)]
         for head in heads + [b"GET /api/system HTTP/1.1\r\nHost: localhost\r\nX-Padding: %s\r\n\r\n" % b"x" * 40]:
             request = parse_all(head)[0][0]
-            request.route = (pmdaemon.Route("GET", None, None, snapshot=lambda: b"{}"), {})
+            request.route = pmdaemon.Route("GET", None, None, snapshot=lambda: b"{}")
             answers.learn(head, request, pmdaemon.Response(200, b"{}"), keep_alive=True)
         self.assertEqual(list(answers.plans), heads[1:])
         self.assertIsNone(answers.answer(heads[0], b"date"))
         self.assertTrue(answers.answer(heads[2], b"date").endswith(b"\r\n\r\n{}"))
         big = b"[%s]" % b",".join([b"1"] * 40000)                 # past what a plan keeps: rendered each time
         request = parse_all(heads[0])[0][0]
-        request.route = (pmdaemon.Route("GET", None, None, snapshot=lambda: big), {})
+        request.route = pmdaemon.Route("GET", None, None, snapshot=lambda: big)
         answers.learn(heads[0], request, pmdaemon.Response(200, big), keep_alive=True)
         for _ in range(2):
             self.assertEqual(answers.answer(heads[0], b"date"), pmdaemon.serialize_response(
@@ -4381,7 +4381,8 @@ async def serve_echo_connection(reader, writer):
         writer.write(pmdaemon.serialize_response(pmdaemon.error_response(error), pmdaemon.http_date(), False))
         writer.close()
         return
-    writer.write(pmdaemon.handshake_response(accept))
+    writer.write(pmdaemon.serialize_response(pmdaemon.Response(101, headers=pmdaemon.handshake_headers(accept)),
+                                             pmdaemon.http_date(), True))
 
     def echo(session, event):
         opcode = pmdaemon.Opcode.TEXT if event.kind == "text" else pmdaemon.Opcode.BINARY
