@@ -4294,10 +4294,11 @@ def serialize_response(response: Response, date: bytes, keep_alive: bool, http10
 
 # ==============================================================================================
 # 8. WebSocket codec (RFC 6455)
-#    check_handshake validates an upgrade request; WsProtocol is fed bytes and returns events,
-#    queueing the bytes it must answer (pong, close echo) in .outgoing; a violation ends the
-#    list with an "error" event carrying a WebSocketError and its close code (events parsed
-#    before it are kept, so a valid message is still answered). No sockets, no asyncio.
+#    check_handshake validates an upgrade request (client_handshake, check_handshake_reply: the
+#    client's side); WsProtocol, either side, is fed bytes and returns events, queueing the
+#    bytes it must answer (pong, close echo) in .outgoing; a violation ends the list with an
+#    "error" event carrying a WebSocketError and its close code (events parsed before it are
+#    kept, so a valid message is still answered). No sockets, no asyncio.
 # ==============================================================================================
 
 VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011})
@@ -4334,6 +4335,34 @@ def handshake_headers(accept: str) -> List[Tuple[str, str]]:
     return [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
 
 
+def client_handshake(path: str, host: str, fields: Optional[Dict[str, str]] = None) -> Tuple[bytes, str]:
+    """A client's opening handshake (RFC 6455 §4.1) and the key it sent; `fields` add to the
+    headers or replace them (an empty value leaves one out)."""
+    headers = {"Host": host, "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode("ascii"), "Sec-WebSocket-Version": "13"}
+    headers.update(fields or {})
+    lines = "".join("%s: %s\r\n" % item for item in headers.items() if item[1])
+    return ("GET %s HTTP/1.1\r\n%s\r\n" % (path, lines)).encode("latin-1"), headers["Sec-WebSocket-Key"]
+
+
+def check_handshake_reply(head: bytes, key: str) -> int:
+    """The status of the server's answer to our handshake (its head, without the empty line);
+    a 101 must upgrade to websocket with the accept value of our key (RFC 6455 §4.1)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise WebSocketError("not an HTTP answer: %r" % lines[0][:80])
+    status = int(parts[1])
+    if status == 101:
+        fields = {name.strip().lower(): value.strip() for name, _, value in
+                  (line.partition(b":") for line in lines[1:])}
+        if fields.get(b"upgrade", b"").lower() != b"websocket":
+            raise WebSocketError("101 without 'Upgrade: websocket'")
+        if fields.get(b"sec-websocket-accept") != ws_accept_key(key).encode("ascii"):
+            raise WebSocketError("101 without the Sec-WebSocket-Accept of our key")
+    return status
+
+
 def apply_mask(data: bytes, mask: bytes) -> bytes:
     """XOR with the 4-byte mask (RFC 6455 §5.3), as one big-integer operation for speed."""
     length = len(data)
@@ -4359,8 +4388,8 @@ def encode_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: Opti
     return head + payload
 
 
-def encode_close(code: int, reason: str = "") -> bytes:
-    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123])
+def encode_close(code: int, reason: str = "", mask: Optional[bytes] = None) -> bytes:
+    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123], mask=mask)
 
 
 class WsEvent(NamedTuple):
@@ -4369,13 +4398,17 @@ class WsEvent(NamedTuple):
 
 
 class WsProtocol:
-    """Server side of a WebSocket connection, without I/O."""
-    __slots__ = ("max_message", "max_fragments", "buffer", "outgoing", "state", "failure", "_skip", "_probe",
-                 "_probed", "_opcode", "_parts", "_size", "_fragments", "_decoder")
+    """One side of a WebSocket connection, without I/O: the server's (the daemon), or with
+    client=True the client's (the CLI, the tests), which masks what it sends and expects
+    unmasked frames (RFC 6455 §5.1)."""
+    __slots__ = ("max_message", "max_fragments", "client", "buffer", "outgoing", "state", "failure", "_skip",
+                 "_probe", "_probed", "_opcode", "_parts", "_size", "_fragments", "_decoder")
 
-    def __init__(self, max_message: int = MAX_WS_MESSAGE, max_fragments: int = MAX_WS_FRAGMENTS):
+    def __init__(self, max_message: int = MAX_WS_MESSAGE, max_fragments: int = MAX_WS_FRAGMENTS,
+                 client: bool = False):
         self.max_message = max_message
         self.max_fragments = max_fragments      # frames of one message: empty ones cost too
+        self.client = client
         self.buffer = bytearray()
         self.outgoing: List[bytes] = []
         self.state = WsState.OPEN
@@ -4447,8 +4480,11 @@ class WsProtocol:
             raise WebSocketError("reserved bits set without a negotiated extension")
         if opcode not in Opcode._value2member_map_:
             raise WebSocketError("unknown opcode %d" % opcode)
-        if not second & 0x80:
+        masked = second & 0x80
+        if not masked and not self.client:
             raise WebSocketError("client frame is not masked")
+        if masked and self.client:
+            raise WebSocketError("server frame is masked")
         if opcode >= 0x8:
             if opcode == Opcode.CLOSE and (not fin or length > MAX_WS_CONTROL_PAYLOAD):
                 self._closed_by(peer=True)      # a bad close is still the peer's last frame
@@ -4467,33 +4503,39 @@ class WsProtocol:
             length, offset = struct.unpack_from("!Q", buffer, 2)[0], 10
             if length >> 63:
                 raise WebSocketError("frame length has the most significant bit set")
+        start = offset + 4 if masked else offset    # the payload, after the masking key if any
         if opcode < 0x8 and self._size + length > self.max_message:
             # Decided from the header, before buffering the payload (RFC 6455 §10.4).
-            self._skip = offset + 4 + length
+            self._skip = start + length
             raise MessageTooBig("message larger than %d bytes" % self.max_message)
-        end = offset + 4 + length
+        end = start + length
         if len(buffer) < end:
             if opcode == Opcode.TEXT or (opcode == Opcode.CONTINUATION and self._opcode == Opcode.TEXT):
-                self._probe_partial_text(opcode, offset)
+                self._probe_partial_text(opcode, offset, start)
             return None
-        payload = apply_mask(bytes(buffer[offset + 4:end]), bytes(buffer[offset:offset + 4]))
+        if masked:
+            payload = apply_mask(bytes(buffer[start:end]), bytes(buffer[offset:start]))
+        else:
+            payload = bytes(buffer[start:end])
         del buffer[:end]
         self._probe, self._probed = None, 0
         return fin, opcode, payload
 
-    def _probe_partial_text(self, opcode: int, offset: int) -> None:
+    def _probe_partial_text(self, opcode: int, offset: int, payload_start: int) -> None:
         """Check the UTF-8 of a text frame's payload as it trickles in, so invalid text fails
         at the offending byte rather than when the frame is complete (RFC 6455 §8.1)."""
-        start = offset + 4 + self._probed
+        start = payload_start + self._probed
         if len(self.buffer) <= start:
             return
         if self._probe is None:
             self._probe = codecs.getincrementaldecoder("utf-8")()
             if opcode == Opcode.CONTINUATION and self._decoder is not None:
                 self._probe.setstate(self._decoder.getstate())
-        shift = self._probed % 4
-        mask = bytes(self.buffer[offset:offset + 4])
-        chunk = apply_mask(bytes(self.buffer[start:]), mask[shift:] + mask[:shift])
+        chunk = bytes(self.buffer[start:])
+        if payload_start > offset:              # masked: the key, turned to where the probe is
+            shift = self._probed % 4
+            mask = bytes(self.buffer[offset:payload_start])
+            chunk = apply_mask(chunk, mask[shift:] + mask[:shift])
         self._probed += len(chunk)
         try:
             self._probe.decode(chunk)
@@ -4503,7 +4545,7 @@ class WsProtocol:
     def _handle_frame(self, fin: bool, opcode: int, payload: bytes) -> Optional[WsEvent]:
         if opcode == Opcode.PING:
             if not self.close_sent:
-                self.outgoing.append(encode_frame(Opcode.PONG, payload))
+                self.outgoing.append(self.frame(Opcode.PONG, payload))
             return WsEvent("ping", payload)
         if opcode == Opcode.PONG:
             return WsEvent("pong", payload)
@@ -4553,7 +4595,7 @@ class WsProtocol:
                 raise InvalidUtf8("invalid UTF-8 in close reason") from None
         if not self.close_sent:                 # echo the code (RFC 6455 §5.5.1)
             self._closed_by(us=True)
-            self.outgoing.append(encode_close(code) if code != 1005 else encode_frame(Opcode.CLOSE))
+            self.outgoing.append(encode_close(code, mask=self._key()) if code != 1005 else self.frame(Opcode.CLOSE))
         return WsEvent("close", (code, reason))
 
     def close(self, code: int, reason: str = "") -> bytes:
@@ -4561,7 +4603,14 @@ class WsProtocol:
         if self.close_sent:
             return b""
         self._closed_by(us=True)
-        return encode_close(code, reason)
+        return encode_close(code, reason, self._key())
+
+    def frame(self, opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+        """One frame as this side sends it: a client masks each with a fresh key (RFC 6455 §5.3)."""
+        return encode_frame(opcode, payload, fin, self._key())
+
+    def _key(self) -> Optional[bytes]:
+        return os.urandom(4) if self.client else None
 
     # The closing handshake (RFC 6455 §7): OPEN -> CLOSE_SENT or CLOSE_RECEIVED -> CLOSED.
     @property
@@ -7832,73 +7881,56 @@ def print_fields(fields: List[Tuple[str, Any]]) -> None:
 # -- the WebSocket client of `logs --follow` and `monit` -----------------------------------------
 
 class WsClient:
-    """A blocking RFC 6455 client on a socket of the Client's (masked frames out)."""
+    """A blocking WebSocket client on a socket of the Client's; the frames are WsProtocol's."""
 
     def __init__(self, client: Client):
         raw = client.connect(10)
         self.sock = raw
-        key = base64.b64encode(os.urandom(16)).decode()
-        headers = dict(client.headers(), Host=urllib.parse.urlsplit(client.url).netloc if client.url else "localhost")
-        lines = "".join("%s: %s\r\n" % item for item in headers.items())
-        raw.sendall(("GET /ws HTTP/1.1\r\n%sUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (lines, key)).encode())
-        self.buffer = bytearray()
-        while b"\r\n\r\n" not in self.buffer:
+        host = urllib.parse.urlsplit(client.url).netloc if client.url else "localhost"
+        request, key = client_handshake("/ws", host, client.headers())
+        raw.sendall(request)
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
             chunk = raw.recv(65536)
             if not chunk:
                 raise CliError("the daemon closed the WebSocket handshake")
-            self.buffer += chunk
-        head, _, rest = bytes(self.buffer).partition(b"\r\n\r\n")
-        self.buffer = bytearray(rest)
-        if not head.startswith(b"HTTP/1.1 101"):
+            buffer += chunk
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        try:
+            status = check_handshake_reply(head, key)
+        except WebSocketError as error:
+            raise CliError("the daemon's WebSocket handshake is wrong: %s" % error)
+        if status != 101:
             raise CliError("the daemon refused the WebSocket: %s" % head.split(b"\r\n")[0].decode("latin-1"))
+        self.protocol = WsProtocol(client=True)
+        self.pending = self.protocol.receive_data(rest)     # frames that came with the 101
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def send_json(self, value: Any) -> None:
-        self.sock.sendall(encode_frame(Opcode.TEXT, json_bytes(value), mask=os.urandom(4)))
+        self.sock.sendall(self.protocol.frame(Opcode.TEXT, json_bytes(value)))
 
     def messages(self) -> List[dict]:
         """Read what is there (the socket is readable) and return the JSON messages in it."""
         chunk = self.sock.recv(262144)
         if not chunk:
             raise EOFError("the daemon closed the connection")
-        self.buffer += chunk
+        events, self.pending = self.pending + self.protocol.receive_data(chunk), []
+        if self.protocol.outgoing:              # pongs
+            self.sock.sendall(b"".join(self.protocol.outgoing))
+            self.protocol.outgoing.clear()
         found = []
-        while True:
-            frame = self._next_frame()
-            if frame is None:
-                return found
-            opcode, payload = frame
-            if opcode == Opcode.TEXT:
-                found.append(json.loads(payload.decode("utf-8")))
-            elif opcode == Opcode.PING:
-                self.sock.sendall(encode_frame(Opcode.PONG, payload, mask=os.urandom(4)))
-            elif opcode == Opcode.CLOSE:
+        for event in events:
+            if event.kind == "text":
+                found.append(json.loads(event.data))
+            elif event.kind in ("close", "error"):
                 raise EOFError("the daemon closed the connection")
-
-    def _next_frame(self) -> Optional[Tuple[int, bytes]]:
-        if len(self.buffer) < 2:
-            return None
-        opcode, length, offset = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F, 2
-        if length == 126:
-            if len(self.buffer) < 4:
-                return None
-            length, offset = struct.unpack_from("!H", self.buffer, 2)[0], 4
-        elif length == 127:
-            if len(self.buffer) < 10:
-                return None
-            length, offset = struct.unpack_from("!Q", self.buffer, 2)[0], 10
-        if len(self.buffer) < offset + length:
-            return None
-        payload = bytes(self.buffer[offset:offset + length])
-        del self.buffer[:offset + length]
-        return opcode, payload
+        return found
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.sock.sendall(encode_frame(Opcode.CLOSE, struct.pack("!H", 1000), mask=os.urandom(4)))
+            self.sock.sendall(self.protocol.close(1000))
         self.sock.close()
 
 
