@@ -6714,6 +6714,9 @@ class Admitted(NamedTuple):
     reserved: int
 
 
+NOTHING_RESERVED = Admitted(0)          # most heads: no body
+
+
 class AnsweredFromHead(NamedTuple):
     """A head answered without reading a body: OPTIONS, or a refusal of a request that has no
     body (the connection stays open for the next request)."""
@@ -6818,13 +6821,15 @@ class HttpConnection:
             early = self.api.error_response(error, head)
         if early is not None:
             return AnsweredFromHead(early)
+        if not has_body:
+            return NOTHING_RESERVED
         server = self.server
         wanted = self.config.max_body_bytes if head.chunked else head.content_length
         if server.body_memory + wanted > self.config.max_body_memory:
             raise HttpError(503, "SERVICE_UNAVAILABLE", "too many request bodies in flight; retry shortly",
                             headers=(("Retry-After", "1"),), close=True)
         server.body_memory += wanted
-        if has_body and head.header("expect", "").lower() == "100-continue":
+        if head.header("expect", "").lower() == "100-continue":
             self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         return Admitted(wanted)
 
@@ -6851,7 +6856,8 @@ class HttpConnection:
             self.repeated.learn(learnable, request, response, keep_alive)
         self.stats.answered(response.status)
         self.send(response, request, keep_alive)
-        await self.drain()
+        if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            await self.drain()
         if not keep_alive and response.close:
             await self.answer_and_close(None)
         return After.NEXT_REQUEST if keep_alive else After.CLOSE
@@ -6874,7 +6880,8 @@ class HttpConnection:
                 break
             self.stats.answered(200)
             self.send(answer)
-            await self.drain()
+            if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:    # as drain(), unawaited when not needed
+                await self.drain()
             self.deadline = self._loop.time() + self.config.keepalive_timeout
             answer = data = None                # nothing of it kept while idle
             data = await self.reader.read(READ_CHUNK)
