@@ -4251,6 +4251,92 @@ def read_one_response(sock, head_only=False):
     return head + b"\r\n\r\n" + body
 
 
+class TestHttpConnection(unittest.TestCase):
+    """One connection's admission, loop, deadline and send(), over a real socket pair."""
+
+    def on_connection(self, scenario):
+        import asyncio
+        home = tempfile.mkdtemp(prefix="pmd-conn-")
+        self.addCleanup(shutil.rmtree, home, True)
+
+        async def main():
+            settings = pmdaemon.DaemonConfig(port=0, home=home, host="127.0.0.1")
+            server = pmdaemon.HttpServer(pmdaemon.Api(pmdaemon.Supervisor(home), pmdaemon.AccessPolicy(None)),
+                                         None, settings)
+            ours, theirs = socket.socketpair()
+            theirs.settimeout(5)
+            reader, writer = await asyncio.open_connection(sock=ours)
+            try:
+                return await scenario(server, pmdaemon.HttpConnection(server, reader, writer), theirs)
+            finally:
+                writer.close()
+                theirs.close()
+                server.peer_users.close()
+        return run_async(main())
+
+    @staticmethod
+    async def answers(writer_closed, client):
+        """All the client receives until the connection is closed."""
+        import asyncio
+        writer_closed()
+        await asyncio.sleep(0.05)                   # the transport closes on the next turn of the loop
+        data = b""
+        for chunk in iter(lambda: client.recv(65536), b""):
+            data += chunk
+        return data
+
+    def test_admission_outcomes(self):
+        head = pmdaemon.parse_head
+
+        async def scenario(server, connection, client):
+            self.assertIs(connection._admit(head(b"GET /api/processes HTTP/1.1\r\nHost: localhost")),
+                          pmdaemon.NOTHING_RESERVED)
+            for text, status in ((b"OPTIONS /api/processes HTTP/1.1\r\nHost: localhost", 204),
+                                 (b"GET /nowhere HTTP/1.1\r\nHost: localhost", 404)):
+                outcome = connection._admit(head(text))
+                self.assertIsInstance(outcome, pmdaemon.AnsweredFromHead)
+                self.assertEqual(outcome.response.status, status)
+            post = head(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 10\r\nExpect: 100-continue")
+            connection.admission = connection._admit(post)
+            self.assertEqual((connection.admission, server.body_memory), (pmdaemon.Admitted(10), 10))
+            self.assertEqual(client.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            connection._release_body_budget()
+            self.assertEqual((connection.admission, server.body_memory), (None, 0))
+            with self.assertRaises(pmdaemon.HttpError) as caught:       # a body is never read for a refusal
+                connection._admit(head(b"POST /nowhere HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5"))
+            self.assertEqual(caught.exception.status, 404)
+        self.on_connection(scenario)
+
+    def test_requests_in_order_then_nothing_held(self):
+        async def scenario(server, connection, client):
+            client.sendall(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                           b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                           b"POST /api/processes/none/stop HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            client.shutdown(socket.SHUT_WR)
+            self.assertIsNone(await connection.run())
+            self.assertEqual((server.body_memory, server.deadlines, connection.admission), (0, set(), None))
+            data = await self.answers(connection.writer.close, client)
+            self.assertEqual(re.findall(rb"HTTP/1.1 (\d+) ", data), [b"200", b"204", b"404"])
+        self.on_connection(scenario)
+
+    def test_a_late_request_is_told_408_when_its_deadline_passes(self):
+        import asyncio
+
+        async def scenario(server, connection, client):
+            client.sendall(b"GET /api/system HTTP/1.1\r\nHo")
+            running = asyncio.ensure_future(connection.run())
+            await asyncio.sleep(0.05)
+            self.assertEqual(connection.phase, pmdaemon.HEAD)
+            connection.expire()
+            self.assertIsNone(await running)
+            data = await self.answers(lambda: None, client)
+            self.assertTrue(data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data)
+            self.assertIn(b"\r\nConnection: close\r\n", data)
+        self.on_connection(scenario)
+
+
 class TestRepeatedAnswers(unittest.TestCase):
     """The fast path for a head seen before answers exactly what the full path answers."""
 
