@@ -6755,8 +6755,9 @@ class HttpConnection:
         """The only place bytes leave: a Response, serialised for `request` (101 included), or
         bytes already framed (an answer of the fast path, a chunk, 100 Continue)."""
         if type(what) is not bytes:
-            what = serialize_response(what, http_date(), keep_alive, request is not None and request.version == "HTTP/1.0",
-                                      request is not None and request.method == "HEAD")
+            http10 = request is not None and request.version == "HTTP/1.0"
+            head_only = request is not None and request.method == "HEAD"
+            what = serialize_response(what, http_date(), keep_alive, http10, head_only)
         self.writer.write(what)
 
     async def drain(self) -> None:
@@ -6880,7 +6881,7 @@ class HttpConnection:
                 break
             self.stats.answered(200)
             self.send(answer)
-            if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:    # as drain(), unawaited when not needed
+            if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:    # no coroutine when not needed
                 await self.drain()
             self.deadline = self._loop.time() + self.config.keepalive_timeout
             answer = data = None                # nothing of it kept while idle
