@@ -6874,19 +6874,24 @@ class HttpConnection:
             self.phase = phase
             self.deadline = self._loop.time() + (self.config.body_timeout if phase == BODY
                                                  else self.config.header_timeout)
-        data = await self.reader.read(READ_CHUNK)
-        while phase == IDLE and data and not self.server.closing:
-            answer = self.repeated.answer(data, http_date())
+        reader = self.reader
+        data = await reader.read(READ_CHUNK)
+        if phase != IDLE:
+            self.fresh = None
+            return data
+        repeated, stats, transport, server = self.repeated, self.stats, self.transport, self.server
+        while data and not server.closing:
+            answer = repeated.answer(data, http_date())
             if answer is None:
                 break
-            self.stats.answered(200)
+            stats.answered(200)
             self.send(answer)
-            if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:    # no coroutine when not needed
+            if transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:     # no coroutine when not needed
                 await self.drain()
             self.deadline = self._loop.time() + self.config.keepalive_timeout
             answer = data = None                # nothing of it kept while idle
-            data = await self.reader.read(READ_CHUNK)
-        self.fresh = data if phase == IDLE else None
+            data = await reader.read(READ_CHUNK)
+        self.fresh = data
         return data
 
     # -- endings: refusal, timeout, stream, upgrade --------------------------------------------
