@@ -361,7 +361,8 @@ def is_ascii_digits(text: str) -> bool:
 # 2. Errors
 #    One root. Domain errors (below) say what went wrong in the words of processes and configs;
 #    the API section maps each class to an HTTP status and code, once. HttpError is the wire
-#    error of the HTTP codec and the API edge; WebSocketError carries its close code.
+#    error of the HTTP codec and the API edge; WebSocketError carries its close code, and
+#    WsCommandError the code of a WebSocket command that cannot be run.
 # ==============================================================================================
 
 class PMDaemonError(Exception):
@@ -462,6 +463,15 @@ class MessageTooBig(WebSocketError):
 
 class TooManyFragments(WebSocketError):
     close_code = CloseCode.POLICY_VIOLATION
+
+
+class WsCommandError(PMDaemonError):
+    """A WebSocket client's command that cannot be run: answered with an "error" message whose
+    data carries .code, and the session stays open (no HTTP status: this is not a request)."""
+
+    def __init__(self, message: str, code: str = "INVALID_COMMAND"):
+        super().__init__(message)
+        self.code = code
 
 
 class SpawnError(PMDaemonError):
@@ -4187,8 +4197,8 @@ def http_error(status: int, code: str, message: str) -> HttpError:
 class Request:
     """One parsed HTTP request; header names are lowercase."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "fields", "body",
-                 "keep_alive", "content_length", "chunked", "route", "authority", "access", "owner",
-                 "holder")
+                 "keep_alive", "content_length", "chunked", "route", "params", "authority", "access",
+                 "owner", "holder")
 
     def __init__(self, method: str, target: str, path: str, query: str, version: str,
                  headers: List[Tuple[str, str]]):
@@ -4201,7 +4211,8 @@ class Request:
         self.keep_alive = True
         self.content_length = 0
         self.chunked = False
-        self.route: Any = None          # (Route, params) once the API has admitted the head
+        self.route: Any = None          # the Route, once the API has admitted the head
+        self.params: Dict[str, str] = {}        # the route's parameters taken from the path
         self.authority: Optional[str] = None    # host[:port] of an absolute-form target
         self.access = "full"                    # or "read": what the request's key allows
         self.owner = False                      # came through the Unix socket from the daemon's user or root
@@ -4592,10 +4603,11 @@ def serialize_response(response: Response, date: bytes, keep_alive: bool, http10
 
 # ==============================================================================================
 # 8. WebSocket codec (RFC 6455)
-#    check_handshake validates an upgrade request; WsProtocol is fed bytes and returns events,
-#    queueing the bytes it must answer (pong, close echo) in .outgoing; a violation ends the
-#    list with an "error" event carrying a WebSocketError and its close code (events parsed
-#    before it are kept, so a valid message is still answered). No sockets, no asyncio.
+#    check_handshake validates an upgrade request (client_handshake, check_handshake_reply: the
+#    client's side); WsProtocol, either side, is fed bytes and returns events, queueing the
+#    bytes it must answer (pong, close echo) in .outgoing; a violation ends the list with an
+#    "error" event carrying a WebSocketError and its close code (events parsed before it are
+#    kept, so a valid message is still answered). No sockets, no asyncio.
 # ==============================================================================================
 
 VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011})
@@ -4627,9 +4639,37 @@ def check_handshake(request: Request) -> str:
     return ws_accept_key(keys[0])
 
 
-def handshake_response(accept: str) -> bytes:
-    return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Accept: %s\r\n\r\n" % accept).encode("ascii")
+def handshake_headers(accept: str) -> List[Tuple[str, str]]:
+    """The headers of the 101 answer (RFC 6455 §4.2.2); serialize_response adds the rest."""
+    return [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
+
+
+def client_handshake(path: str, host: str, fields: Optional[Dict[str, str]] = None) -> Tuple[bytes, str]:
+    """A client's opening handshake (RFC 6455 §4.1) and the key it sent; `fields` add to the
+    headers or replace them (an empty value leaves one out)."""
+    headers = {"Host": host, "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode("ascii"), "Sec-WebSocket-Version": "13"}
+    headers.update(fields or {})
+    lines = "".join("%s: %s\r\n" % item for item in headers.items() if item[1])
+    return ("GET %s HTTP/1.1\r\n%s\r\n" % (path, lines)).encode("latin-1"), headers["Sec-WebSocket-Key"]
+
+
+def check_handshake_reply(head: bytes, key: str) -> int:
+    """The status of the server's answer to our handshake (its head, without the empty line);
+    a 101 must upgrade to websocket with the accept value of our key (RFC 6455 §4.1)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise WebSocketError("not an HTTP answer: %r" % lines[0][:80])
+    status = int(parts[1])
+    if status == 101:
+        fields = {name.strip().lower(): value.strip() for name, _, value in
+                  (line.partition(b":") for line in lines[1:])}
+        if fields.get(b"upgrade", b"").lower() != b"websocket":
+            raise WebSocketError("101 without 'Upgrade: websocket'")
+        if fields.get(b"sec-websocket-accept") != ws_accept_key(key).encode("ascii"):
+            raise WebSocketError("101 without the Sec-WebSocket-Accept of our key")
+    return status
 
 
 def apply_mask(data: bytes, mask: bytes) -> bytes:
@@ -4657,8 +4697,8 @@ def encode_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: Opti
     return head + payload
 
 
-def encode_close(code: int, reason: str = "") -> bytes:
-    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123])
+def encode_close(code: int, reason: str = "", mask: Optional[bytes] = None) -> bytes:
+    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123], mask=mask)
 
 
 class WsEvent(NamedTuple):
@@ -4667,13 +4707,17 @@ class WsEvent(NamedTuple):
 
 
 class WsProtocol:
-    """Server side of a WebSocket connection, without I/O."""
-    __slots__ = ("max_message", "max_fragments", "buffer", "outgoing", "state", "failure", "_skip", "_probe",
-                 "_probed", "_opcode", "_parts", "_size", "_fragments", "_decoder")
+    """One side of a WebSocket connection, without I/O: the server's (the daemon), or with
+    client=True the client's (the CLI, the tests), which masks what it sends and expects
+    unmasked frames (RFC 6455 §5.1)."""
+    __slots__ = ("max_message", "max_fragments", "client", "buffer", "outgoing", "state", "failure", "_skip",
+                 "_probe", "_probed", "_opcode", "_parts", "_size", "_fragments", "_decoder")
 
-    def __init__(self, max_message: int = MAX_WS_MESSAGE, max_fragments: int = MAX_WS_FRAGMENTS):
+    def __init__(self, max_message: int = MAX_WS_MESSAGE, max_fragments: int = MAX_WS_FRAGMENTS,
+                 client: bool = False):
         self.max_message = max_message
         self.max_fragments = max_fragments      # frames of one message: empty ones cost too
+        self.client = client
         self.buffer = bytearray()
         self.outgoing: List[bytes] = []
         self.state = WsState.OPEN
@@ -4745,8 +4789,11 @@ class WsProtocol:
             raise WebSocketError("reserved bits set without a negotiated extension")
         if opcode not in Opcode._value2member_map_:
             raise WebSocketError("unknown opcode %d" % opcode)
-        if not second & 0x80:
+        masked = second & 0x80
+        if not masked and not self.client:
             raise WebSocketError("client frame is not masked")
+        if masked and self.client:
+            raise WebSocketError("server frame is masked")
         if opcode >= 0x8:
             if opcode == Opcode.CLOSE and (not fin or length > MAX_WS_CONTROL_PAYLOAD):
                 self._closed_by(peer=True)      # a bad close is still the peer's last frame
@@ -4765,33 +4812,39 @@ class WsProtocol:
             length, offset = struct.unpack_from("!Q", buffer, 2)[0], 10
             if length >> 63:
                 raise WebSocketError("frame length has the most significant bit set")
+        start = offset + 4 if masked else offset    # the payload, after the masking key if any
         if opcode < 0x8 and self._size + length > self.max_message:
             # Decided from the header, before buffering the payload (RFC 6455 §10.4).
-            self._skip = offset + 4 + length
+            self._skip = start + length
             raise MessageTooBig("message larger than %d bytes" % self.max_message)
-        end = offset + 4 + length
+        end = start + length
         if len(buffer) < end:
             if opcode == Opcode.TEXT or (opcode == Opcode.CONTINUATION and self._opcode == Opcode.TEXT):
-                self._probe_partial_text(opcode, offset)
+                self._probe_partial_text(opcode, offset, start)
             return None
-        payload = apply_mask(bytes(buffer[offset + 4:end]), bytes(buffer[offset:offset + 4]))
+        if masked:
+            payload = apply_mask(bytes(buffer[start:end]), bytes(buffer[offset:start]))
+        else:
+            payload = bytes(buffer[start:end])
         del buffer[:end]
         self._probe, self._probed = None, 0
         return fin, opcode, payload
 
-    def _probe_partial_text(self, opcode: int, offset: int) -> None:
+    def _probe_partial_text(self, opcode: int, offset: int, payload_start: int) -> None:
         """Check the UTF-8 of a text frame's payload as it trickles in, so invalid text fails
         at the offending byte rather than when the frame is complete (RFC 6455 §8.1)."""
-        start = offset + 4 + self._probed
+        start = payload_start + self._probed
         if len(self.buffer) <= start:
             return
         if self._probe is None:
             self._probe = codecs.getincrementaldecoder("utf-8")()
             if opcode == Opcode.CONTINUATION and self._decoder is not None:
                 self._probe.setstate(self._decoder.getstate())
-        shift = self._probed % 4
-        mask = bytes(self.buffer[offset:offset + 4])
-        chunk = apply_mask(bytes(self.buffer[start:]), mask[shift:] + mask[:shift])
+        chunk = bytes(self.buffer[start:])
+        if payload_start > offset:              # masked: the key, turned to where the probe is
+            shift = self._probed % 4
+            mask = bytes(self.buffer[offset:payload_start])
+            chunk = apply_mask(chunk, mask[shift:] + mask[:shift])
         self._probed += len(chunk)
         try:
             self._probe.decode(chunk)
@@ -4801,7 +4854,7 @@ class WsProtocol:
     def _handle_frame(self, fin: bool, opcode: int, payload: bytes) -> Optional[WsEvent]:
         if opcode == Opcode.PING:
             if not self.close_sent:
-                self.outgoing.append(encode_frame(Opcode.PONG, payload))
+                self.outgoing.append(self.frame(Opcode.PONG, payload))
             return WsEvent("ping", payload)
         if opcode == Opcode.PONG:
             return WsEvent("pong", payload)
@@ -4851,7 +4904,7 @@ class WsProtocol:
                 raise InvalidUtf8("invalid UTF-8 in close reason") from None
         if not self.close_sent:                 # echo the code (RFC 6455 §5.5.1)
             self._closed_by(us=True)
-            self.outgoing.append(encode_close(code) if code != 1005 else encode_frame(Opcode.CLOSE))
+            self.outgoing.append(encode_close(code, mask=self._key()) if code != 1005 else self.frame(Opcode.CLOSE))
         return WsEvent("close", (code, reason))
 
     def close(self, code: int, reason: str = "") -> bytes:
@@ -4859,7 +4912,14 @@ class WsProtocol:
         if self.close_sent:
             return b""
         self._closed_by(us=True)
-        return encode_close(code, reason)
+        return encode_close(code, reason, self._key())
+
+    def frame(self, opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+        """One frame as this side sends it: a client masks each with a fresh key (RFC 6455 §5.3)."""
+        return encode_frame(opcode, payload, fin, self._key())
+
+    def _key(self) -> Optional[bytes]:
+        return os.urandom(4) if self.client else None
 
     # The closing handshake (RFC 6455 §7): OPEN -> CLOSE_SENT or CLOSE_RECEIVED -> CLOSED.
     @property
@@ -5992,7 +6052,7 @@ class RepeatedAnswers:
 
     def learn(self, raw: bytes, request: Request, response: Response, keep_alive: bool) -> None:
         """Remember `raw` (the whole head, as read) if its answer is a pure function of it."""
-        route = request.route[0] if isinstance(request.route, tuple) else None
+        route = request.route
         if (route is None or route.snapshot is None or route.ticket_ok or not keep_alive
                 or len(raw) > self.max_head or request.query or request.body or request.chunked
                 or request.method not in ("GET", "HEAD") or response.status != 200
@@ -6117,7 +6177,7 @@ class Api:
             if content_type != "application/json":
                 raise HttpError(415, "UNSUPPORTED_MEDIA_TYPE", "request body must be sent with "
                                 "'Content-Type: application/json', got %r" % (request.header("content-type") or "")[:80])
-        request.route = (route, params)
+        request.route, request.params = route, params
         request.access = access
         return None
 
@@ -6132,8 +6192,7 @@ class Api:
                 early = self.admit(request)
                 if early is not None:
                     return early
-            route, params = request.route
-            response = await route.handler(request, **params)
+            response = await request.route.handler(request, **request.params)
         except Exception as error:
             if not isinstance(error, PMDaemonError):
                 log.error("internal error on %s %s", request.method, log_safe(request.path), exc_info=error)
@@ -6401,14 +6460,16 @@ class Api:
 
     async def open_websocket(self, request: Request) -> Response:
         """GET /ws: a valid handshake is answered 101 by the server glue, which runs the session."""
-        return Response(101, handshake_response(check_handshake(request)), content_type=None)
+        return Response(101, headers=handshake_headers(check_handshake(request)))
 
 
 # ==============================================================================================
 # 10. Server glue
-#     The only code that touches sockets. HttpConnection runs the keep-alive loop with absolute
-#     per-phase deadlines; WsSession runs one WebSocket; Broadcaster turns supervisor events into
-#     WebSocket messages encoded once for all clients. Daemon wires it all and handles signals.
+#     The only code that touches sockets. HttpServer accepts and hands each connection to an
+#     HttpConnection, which runs the keep-alive loop with absolute per-phase deadlines and
+#     sends every byte through its send(); WsSession runs one WebSocket; Broadcaster turns
+#     supervisor events into WebSocket messages encoded once for all clients. Daemon wires it
+#     all and handles signals.
 # ==============================================================================================
 
 # -- who opened a connection: the kernel's answer, never the client's ---------------------------
@@ -6732,10 +6793,6 @@ class WsSession:
 NO_NAMES: frozenset = frozenset()           # shared by every session that subscribed to nothing
 
 
-def invalid_command(text: str) -> HttpError:
-    return HttpError(400, "INVALID_COMMAND", text)
-
-
 class Broadcaster:
     """Supervisor announcements -> WebSocket messages, each encoded once for every client;
     log subscriptions go through the supervisor's LogHub like every other log reader."""
@@ -6840,18 +6897,26 @@ class Broadcaster:
     def on_client_message(self, client: "WsSession", event: WsEvent) -> None:
         """Client commands: subscribe/unsubscribe to logs, filter updates, ping."""
         try:
-            command = parse_json_text(event.data) if event.kind == "text" else None
-            kind, data = self.run_command(client, command)
-        except InvalidJson as exc:
-            kind, data = "error", {"code": "INVALID_JSON", "message": "invalid JSON: %s" % exc.message}
-        except PMDaemonError as error:
+            kind, data = self.run_command(client, self._parse_command(event))
+        except WsCommandError as error:
+            kind, data = "error", {"code": error.code, "message": error.message}
+        except PMDaemonError as error:          # a domain error (no such process): its usual code
             kind, data = "error", error_body(wire_error(error))
         data["timestamp"] = iso_time(self.supervisor.wall())   # every data carries one
         client.send_json(kind, data)
 
+    @staticmethod
+    def _parse_command(event: WsEvent) -> Any:
+        if event.kind != "text":
+            return None
+        try:
+            return parse_json_text(event.data)
+        except InvalidJson as exc:
+            raise WsCommandError("invalid JSON: %s" % exc.message, "INVALID_JSON") from None
+
     def run_command(self, client: "WsSession", command: Any) -> Tuple[str, dict]:
         if not isinstance(command, dict) or not isinstance(command.get("type"), str):
-            raise invalid_command("a command is a JSON object with a string 'type'")
+            raise WsCommandError("a command is a JSON object with a string 'type'")
         kind = command["type"]
         if kind in ("subscribe", "unsubscribe"):
             return self._subscription(client, kind, command)
@@ -6862,18 +6927,18 @@ class Broadcaster:
                                 "processes": sorted(client.process_filter) if client.process_filter is not None else None}
         if kind == "ping":
             return "pong", {}
-        raise invalid_command("unknown command type %r (subscribe, unsubscribe, filter, ping)" % kind[:40])
+        raise WsCommandError("unknown command type %r (subscribe, unsubscribe, filter, ping)" % kind[:40])
 
     def _subscription(self, client: "WsSession", kind: str, command: dict) -> Tuple[str, dict]:
         if command.get("channel") != "logs":
-            raise invalid_command("unknown channel %r; the channel is 'logs'" % str(command.get("channel"))[:40])
+            raise WsCommandError("unknown channel %r; the channel is 'logs'" % str(command.get("channel"))[:40])
         name = command.get("process", "*")
         if not isinstance(name, str):
-            raise invalid_command("'process' must be a process name or '*'")
+            raise WsCommandError("'process' must be a process name or '*'")
         if kind == "subscribe":
             names = {"*"} if name == "*" else {runner.name for runner in self.supervisor.resolve(name)}
             if len(client.log_subscriptions | names) > MAX_WS_SUBSCRIPTIONS:
-                raise HttpError(400, "TOO_MANY_SUBSCRIPTIONS", "at most %d log subscriptions" % MAX_WS_SUBSCRIPTIONS)
+                raise WsCommandError("at most %d log subscriptions" % MAX_WS_SUBSCRIPTIONS, "TOO_MANY_SUBSCRIPTIONS")
             client.log_subscriptions |= names
             self.hub.subscribe(client, names)
         else:                       # a group name, or a name that no longer exists, both work
@@ -6888,7 +6953,7 @@ class Broadcaster:
         if value is None:
             return None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(value) > 1024:
-            raise invalid_command("%r must be an array of strings or null" % field)
+            raise WsCommandError("%r must be an array of strings or null" % field)
         return set(value)
 
 
@@ -6933,19 +6998,6 @@ class TlsFiles:
         log.info("TLS certificate reloaded from %s", self.cert)
 
 
-class ConnectionDeadline:
-    """When a connection's current phase must end, and what to do when it does not."""
-    __slots__ = ("transport", "parser", "deadline", "answer")
-
-    def __init__(self, transport, parser: RequestParser, deadline: float, answer: Callable[[], bytes]):
-        self.transport, self.parser, self.deadline, self.answer = transport, parser, deadline, answer
-
-    def expire(self) -> None:
-        if self.parser.has_partial:         # a request was under way: say why we hang up
-            self.transport.write(self.answer())
-        self.transport.close()
-
-
 def bind_tcp(host: str, port: int) -> List[socket.socket]:
     """A socket bound to each address of host, not yet listening: connections are refused, not
     queued, until start_serving (asyncio's start_serving=False, which 3.6 lacks)."""
@@ -6966,8 +7018,287 @@ def bind_tcp(host: str, port: int) -> List[socket.socket]:
     return sockets
 
 
+class After(enum.Enum):
+    """What a connection does once it has answered a request."""
+    NEXT_REQUEST = "next request"       # keep-alive: read the next head
+    CLOSE = "close"
+    UPGRADE = "upgrade"                 # it is a WebSocket session now (HttpConnection.session)
+
+
+class Admitted(NamedTuple):
+    """A head the API let through: its body may come, holding `reserved` bytes of the
+    daemon-wide body budget meanwhile, then its handler runs."""
+    reserved: int
+
+
+NOTHING_RESERVED = Admitted(0)          # most heads: no body
+
+
+class AnsweredFromHead(NamedTuple):
+    """A head answered without reading a body: OPTIONS, or a refusal of a request that has no
+    body (the connection stays open for the next request)."""
+    response: Response
+
+
+# A connection's phases, each with its own deadline (see HttpConnection.run).
+IDLE, HEAD, BODY = "idle", "head", "body"
+
+
+class HttpConnection:
+    """One client connection, from its first byte to its close or upgrade: the keep-alive loop,
+    the phase its deadline belongs to, the body budget its request holds, and send(), the only
+    place its bytes leave. HttpServer makes one per accepted connection."""
+    __slots__ = ("server", "api", "config", "stats", "reader", "writer", "transport", "owner", "parser",
+                 "phase", "deadline", "admission", "fresh", "session", "repeated", "_loop")
+
+    def __init__(self, server: "HttpServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 owner: bool = False):
+        self.server, self.api, self.config = server, server.api, server.config
+        self.stats = server.api.server_stats
+        self.reader, self.writer, self.transport = reader, writer, writer.transport
+        self.owner = owner                  # the Unix socket's checked peer: the daemon's own user
+        self.parser = RequestParser(self.config.max_body_bytes)
+        self._loop = asyncio.get_event_loop()
+        self.phase = IDLE
+        self.deadline = self._loop.time() + self.config.header_timeout   # absolute, for the phase
+        self.admission: Any = None          # Admitted or AnsweredFromHead, for the request under way
+        self.fresh: Optional[bytes] = None  # one read that began a request on an empty buffer
+        self.session: Optional[WsSession] = None    # once upgraded
+        # Heads answered before, one table per door: through the Unix socket the daemon's own
+        # user needs no key, so a head learned there must never answer a TCP client.
+        self.repeated: RepeatedAnswers = server.repeated[owner]
+
+    def send(self, what: Any, request: Optional[Request] = None, keep_alive: bool = False) -> None:
+        """The only place bytes leave: a Response, serialised for `request` (101 included), or
+        bytes already framed (an answer of the fast path, a chunk, 100 Continue)."""
+        if type(what) is not bytes:
+            http10 = request is not None and request.version == "HTTP/1.0"
+            head_only = request is not None and request.method == "HEAD"
+            what = serialize_response(what, http_date(), keep_alive, http10, head_only)
+        self.writer.write(what)
+
+    async def drain(self) -> None:
+        """Wait for a client that reads slowly, within write_timeout."""
+        if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            await asyncio.wait_for(self.writer.drain(), self.config.write_timeout)
+
+    async def run(self) -> Optional[WsSession]:
+        """Requests in order until the connection closes (None) or is upgraded (its WsSession).
+        A head is admitted (or refused and answered) before any of its body is read; deadlines
+        are absolute per phase: a header block within header_timeout of its first byte, a body
+        within body_timeout of its head, the next request within keepalive_timeout."""
+        self.server.deadlines.add(self)
+        try:
+            while True:
+                try:
+                    request = self._next_request()
+                except PMDaemonError as error:
+                    self.deadline = math.inf
+                    await self.answer_and_close(self.api.error_response(
+                        error, getattr(error, "request", None) or self.parser.head_or_none()))
+                    return None
+                if request is None:
+                    data = await self._read()
+                    if not data:
+                        return None
+                    self.parser.feed(data)
+                    continue
+                self.deadline = math.inf                # our turn: the client is not late
+                admission = self.admission
+                self._release_body_budget()
+                learnable = self.fresh if not self.parser.buffer else None   # the request was that one read
+                self.fresh = None
+                after = await self._respond(request, admission, learnable)
+                if after is not After.NEXT_REQUEST:
+                    return self.session
+                request = admission = learnable = None     # nothing of it kept while idle
+                self.phase, self.deadline = IDLE, self._loop.time() + self.config.keepalive_timeout
+        finally:
+            self.server.deadlines.discard(self)
+            self._release_body_budget()
+
+    def _next_request(self) -> Optional[Request]:
+        """Admit a new head, then the complete request, or None for more bytes; raises to refuse."""
+        head = self.parser.head()
+        if head is not None and self.admission is None:
+            head.owner = self.owner
+            self.admission = self._admit(head)
+        return self.parser.next_request()
+
+    def _admit(self, head: Request) -> Any:
+        """Decide a request from its head alone: refuse it (raise: answered, then closed, its
+        body never read), answer it at once (a refusal without a body keeps the connection),
+        or let its body come: reserve the body's bytes in the daemon-wide budget, then say
+        100 Continue if asked (RFC 9110 §10.1.1)."""
+        has_body = head.chunked or head.content_length > 0
+        try:
+            early = self.api.admit(head)
+        except PMDaemonError as error:
+            if has_body:
+                raise
+            early = self.api.error_response(error, head)
+        if early is not None:
+            return AnsweredFromHead(early)
+        if not has_body:
+            return NOTHING_RESERVED
+        server = self.server
+        wanted = self.config.max_body_bytes if head.chunked else head.content_length
+        if server.body_memory + wanted > self.config.max_body_memory:
+            raise HttpError(503, "SERVICE_UNAVAILABLE", "too many request bodies in flight; retry shortly",
+                            headers=(("Retry-After", "1"),), close=True)
+        server.body_memory += wanted
+        if head.header("expect", "").lower() == "100-continue":
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return Admitted(wanted)
+
+    def _release_body_budget(self) -> None:
+        """The request is in (or the connection gone): its reserved bytes go back to the budget."""
+        admission, self.admission = self.admission, None
+        if type(admission) is Admitted:
+            self.server.body_memory -= admission.reserved
+
+    async def _respond(self, request: Request, admission: Any, learnable: Optional[bytes]) -> After:
+        """Answer one complete request. `learnable`: its exact bytes, when it came in one read
+        of its own (RepeatedAnswers)."""
+        if type(admission) is AnsweredFromHead:
+            response = admission.response
+        else:
+            response = await self.api.handle(request)
+        if response.status == 101:
+            return await self._upgrade(request, response)
+        if response.stream is not None:
+            await self._stream(request, response)
+            return After.CLOSE
+        keep_alive = request.keep_alive and not response.close and not self.server.closing
+        if learnable is not None:
+            self.repeated.learn(learnable, request, response, keep_alive)
+        self.stats.answered(response.status)
+        self.send(response, request, keep_alive)
+        if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            await self.drain()
+        if not keep_alive and response.close:
+            await self.answer_and_close(None)
+        return After.NEXT_REQUEST if keep_alive else After.CLOSE
+
+    # -- the fast path: heads answered before, answered again without parsing (RepeatedAnswers) --
+
+    async def _read(self) -> bytes:
+        """The next bytes of a request. While idle, a read that is exactly a head answered
+        before is answered here, byte for byte as the full path would, and the next is read."""
+        parser = self.parser
+        phase = BODY if parser.in_body else (HEAD if parser.has_partial else IDLE)
+        if phase != self.phase:
+            self.phase = phase
+            self.deadline = self._loop.time() + (self.config.body_timeout if phase == BODY
+                                                 else self.config.header_timeout)
+        reader = self.reader
+        data = await reader.read(READ_CHUNK)
+        if phase != IDLE:
+            self.fresh = None
+            return data
+        repeated, stats, transport, server = self.repeated, self.stats, self.transport, self.server
+        while data and not server.closing:
+            answer = repeated.answer(data, http_date())
+            if answer is None:
+                break
+            stats.answered(200)
+            self.send(answer)
+            if transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:     # no coroutine when not needed
+                await self.drain()
+            self.deadline = self._loop.time() + self.config.keepalive_timeout
+            answer = data = None                # nothing of it kept while idle
+            data = await reader.read(READ_CHUNK)
+        self.fresh = data
+        return data
+
+    # -- endings: refusal, timeout, stream, upgrade --------------------------------------------
+
+    async def answer_and_close(self, response: Optional[Response]) -> None:
+        """Answer, half-close, and discard (never parse or keep) what the client still sends
+        for a moment, so that it can read our answer rather than a reset."""
+        if response is not None:
+            self.stats.answered(response.status)
+            self.send(response)
+        reader, writer = self.reader, self.writer
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.drain(), 5)
+            if writer.can_write_eof():
+                writer.write_eof()
+            deadline = self._loop.time() + LINGER_SECONDS
+            discarded = 0
+            while discarded < LINGER_BYTES:
+                chunk = await asyncio.wait_for(reader.read(READ_CHUNK), deadline - self._loop.time())
+                if not chunk:
+                    break
+                discarded += len(chunk)
+
+    def expire(self) -> None:
+        """The phase's deadline passed (HttpServer's sweeper): a request under way is told why."""
+        if self.parser.has_partial:
+            self.send(self.api.error_response(HttpError(408, "REQUEST_TIMEOUT", "request not received in time")))
+        self.transport.close()
+
+    async def _stream(self, request: Request, response: Response) -> None:
+        """Chunked transfer (raw for HTTP/1.0) of an async iterator until it ends or the client
+        leaves; an ended stream always gets its final chunk."""
+        task = current_task()
+        self.server.streams.add(task)
+        http10 = request.version == "HTTP/1.0"
+        self.send(response, request)
+        client_gone = asyncio.ensure_future(self.reader.read(1))
+        chunks = response.stream.__aiter__()
+        try:
+            while True:
+                next_chunk = asyncio.ensure_future(chunks.__anext__())
+                done, _ = await asyncio.wait({next_chunk, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+                if next_chunk not in done:
+                    next_chunk.cancel()
+                    return
+                try:
+                    chunk = next_chunk.result()
+                except StopAsyncIteration:
+                    break
+                self.send(chunk if http10 else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await asyncio.wait_for(self.writer.drain(), self.config.write_timeout)
+            if not http10:
+                self.send(b"0\r\n\r\n")
+            await asyncio.wait_for(self.writer.drain(), self.config.write_timeout)
+        finally:
+            self.server.streams.discard(task)
+            client_gone.cancel()
+            with contextlib.suppress(Exception):
+                await chunks.aclose()
+
+    async def _upgrade(self, request: Request, response: Response) -> After:
+        """Complete a handshake the API accepted: the 101 (with its CORS headers), then the
+        session that runs the connection from now on (self.session)."""
+        broadcaster = self.server.broadcaster
+        if broadcaster is None or len(broadcaster.clients) >= self.config.max_ws_clients:
+            await self.answer_and_close(self.api.error_response(
+                HttpError(503, "SERVICE_UNAVAILABLE", "too many WebSocket clients"), request))
+            return After.CLOSE
+        self.send(response, request)
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            # Bound the kernel's share too: autotuning would let 10,000 idle readers pin
+            # megabytes each; a status feed needs little.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_KERNEL_SEND_BUFFER)
+        config = self.config
+        session = WsSession(self.reader, self.writer, WsProtocol(), broadcaster.on_client_message,
+                            ping_interval=config.ws_ping_interval, pong_timeout=config.ws_pong_timeout,
+                            slow_grace=config.ws_slow_grace, stats=self.stats)
+        session.leftover = bytes(self.parser.buffer)
+        broadcaster.add_client(session)         # counted now: no await before the session runs
+        self.stats.ws_clients = len(broadcaster.clients)
+        self.session = session
+        return After.UPGRADE
+
+
 class HttpServer:
-    """Accepts connections and runs each one: HTTP keep-alive loop or a WebSocket session."""
+    """Accepts connections (TCP, TLS, the Unix socket) within the caps, checks who opened them
+    where that matters, and hands each to an HttpConnection; runs the WebSocket session of one
+    that was upgraded. Holds what connections share: the body budget, deadlines, repeated heads."""
 
     def __init__(self, api: Api, broadcaster: Optional[Broadcaster], config: DaemonConfig):
         self.api = api
@@ -6979,22 +7310,15 @@ class HttpServer:
         self.body_memory = 0                # bytes reserved by request bodies being received
         self.socket_path = os.path.join(config.home, SOCKET_NAME)
         self.unix_socket = None
-        self.deadlines: set = set()
+        self.deadlines: set = set()         # HttpConnections whose phase has a deadline
         self.closing = False
         self.listeners: List[socket.socket] = []
         self.servers: list = []                 # asyncio servers, once serving
         self.acceptors: List[asyncio.Future] = []   # with TLS: our own accept loops (_accept_tls)
         self.handshakes = 0                 # TLS connections accepted and not yet through their handshake
         self._sweeper = None
-        # Heads answered before, one table per door: through the Unix socket the daemon's own
-        # user needs no key, so a head learned there must never answer a TCP client.
+        # Heads answered before, one table per door (see HttpConnection.repeated).
         self.repeated = {False: RepeatedAnswers(), True: RepeatedAnswers()}     # by request.owner
-
-    def _error_bytes(self, error: BaseException, request: Optional[Request] = None) -> bytes:
-        return serialize_response(self.api.error_response(error, request), http_date(), False)
-
-    def _timeout_bytes(self) -> bytes:
-        return self._error_bytes(HttpError(408, "REQUEST_TIMEOUT", "request not received in time"))
 
     async def bind(self) -> int:
         """Take the port (so a busy port fails before any child starts) and the Unix socket;
@@ -7096,23 +7420,26 @@ class HttpServer:
             writer.close()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self.connections) >= self.config.max_connections or self.closing:
-            writer.write(self._error_bytes(HttpError(503, "SERVICE_UNAVAILABLE", "too many connections")))
-            writer.close()
-            return
+        """Hand an accepted connection to its HttpConnection, within the connection cap and,
+        on the Unix socket (or with peer checks), once the kernel has said who opened it."""
         sock = writer.get_extra_info("socket")
         owner = sock is not None and sock.family == socket.AF_UNIX
+        connection = HttpConnection(self, reader, writer, owner)
+        if len(self.connections) >= self.config.max_connections or self.closing:
+            connection.send(self.api.error_response(HttpError(503, "SERVICE_UNAVAILABLE", "too many connections")))
+            writer.close()
+            return
         if owner or self.api.policy.checks_peers:
             try:                                # decided before a single byte is read
                 self.api.policy.check_peer(self.peer_users.uid_of(sock))
             except HttpError as refusal:
-                await self._answer_and_close(reader, writer, self.api.error_response(refusal))
+                await connection.answer_and_close(self.api.error_response(refusal))
                 writer.close()
                 return
         self.connections.add(writer)
         self._count_connections()
         try:
-            session = await self._http_loop(reader, writer, owner)
+            session = await connection.run()
             if session is not None:     # upgraded: the HTTP loop and its request are gone
                 await self._run_websocket(session)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
@@ -7126,207 +7453,15 @@ class HttpServer:
             self._count_connections()
             writer.close()
 
-    async def _http_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         owner: bool = False) -> Optional[WsSession]:
-        """Requests in order on one connection, until it closes (None) or is upgraded (its
-        WsSession). A head is admitted (or refused and answered) before any of its body is read;
-        deadlines are absolute per phase: a header block within header_timeout of its first
-        byte, a body within body_timeout of its head. owner: the Unix socket's checked peer."""
-        loop = asyncio.get_event_loop()
-        config = self.config
-        parser = RequestParser(config.max_body_bytes)
-        watch = ConnectionDeadline(writer.transport, parser, loop.time() + config.header_timeout,
-                                   self._timeout_bytes)
-        self.deadlines.add(watch)
-        phase = "idle"
-        reserved = 0                            # bytes of the body budget this request holds
-        fresh = None                            # one read that began a request on an empty buffer
-        repeated, stats = self.repeated[owner], self.api.server_stats
-        try:
-            while True:
-                try:
-                    head = parser.head()
-                    if head is not None and head.route is None:
-                        head.owner = owner
-                        reserved = self._admit(head, writer)
-                    request = parser.next_request()
-                except PMDaemonError as error:
-                    watch.deadline = math.inf
-                    await self._answer_and_close(reader, writer, self.api.error_response(
-                        error, getattr(error, "request", None) or parser.head_or_none()))
-                    return
-                if request is None:
-                    now_phase = "body" if parser.in_body else ("head" if parser.has_partial else "idle")
-                    if now_phase != phase:
-                        phase = now_phase
-                        watch.deadline = loop.time() + (config.body_timeout if phase == "body" else config.header_timeout)
-                    data = await reader.read(READ_CHUNK)
-                    while phase == "idle" and data and not self.closing:    # a head answered before?
-                        answer = repeated.answer(data, http_date())
-                        if answer is None:
-                            break
-                        stats.answered(200)
-                        writer.write(answer)
-                        if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-                            await asyncio.wait_for(writer.drain(), config.write_timeout)
-                        watch.deadline = loop.time() + config.keepalive_timeout
-                        answer = data = None            # nothing of it kept while idle
-                        data = await reader.read(READ_CHUNK)
-                    if not data:
-                        return
-                    fresh = data if phase == "idle" else None
-                    parser.feed(data)
-                    continue
-                watch.deadline = math.inf               # our turn: the client is not late
-                self.body_memory -= reserved
-                reserved = 0
-                learnable = fresh if not parser.buffer else None    # the request was that one read
-                fresh = None
-                outcome = await self._respond(request, parser, reader, writer, learnable)
-                if outcome is not True:
-                    return outcome if isinstance(outcome, WsSession) else None
-                request = head = data = learnable = None    # nothing of it kept while idle
-                phase, watch.deadline = "idle", loop.time() + config.keepalive_timeout
-        finally:
-            self.deadlines.discard(watch)
-            self.body_memory -= reserved
-
-    def _admit(self, head: Request, writer) -> int:
-        """Decide a request from its head alone: refuse it (raise: answered, then closed, its
-        body never read), answer it at once (a refusal without a body keeps the connection),
-        or let its body come: reserve the body's bytes in the daemon-wide budget, then say
-        100 Continue if asked (RFC 9110 §10.1.1). Returns the bytes reserved."""
-        has_body = head.chunked or head.content_length > 0
-        try:
-            early = self.api.admit(head)
-        except PMDaemonError as error:
-            if has_body:
-                raise
-            early = self.api.error_response(error, head)
-        if early is not None:
-            head.route = early
-            return 0
-        wanted = self.config.max_body_bytes if head.chunked else head.content_length
-        if self.body_memory + wanted > self.config.max_body_memory:
-            raise HttpError(503, "SERVICE_UNAVAILABLE", "too many request bodies in flight; retry shortly",
-                            headers=(("Retry-After", "1"),), close=True)
-        self.body_memory += wanted
-        if has_body and head.header("expect", "").lower() == "100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return wanted
-
-    async def _respond(self, request: Request, parser: RequestParser, reader, writer,
-                       learnable: Optional[bytes] = None) -> Any:
-        """Answer one request: True when the connection stays open for the next, a WsSession
-        when it is upgraded, False when it ends. `learnable`: the request's exact bytes, when
-        it came in one read of its own (RepeatedAnswers)."""
-        if isinstance(request.route, Response):
-            response = request.route             # answered from the head alone (OPTIONS)
-        else:
-            response = await self.api.handle(request)
-        if response.status == 101:
-            return await self._websocket(request, response, parser, reader, writer)
-        if response.stream is not None:
-            task = current_task()
-            self.streams.add(task)
-            try:
-                await self._stream(request, response, reader, writer)
-            finally:
-                self.streams.discard(task)
-            return False
-        keep_alive = request.keep_alive and not response.close and not self.closing
-        if learnable is not None:
-            self.repeated[request.owner].learn(learnable, request, response, keep_alive)
-        self.api.server_stats.answered(response.status)
-        writer.write(serialize_response(response, http_date(), keep_alive,
-                                        request.version == "HTTP/1.0", request.method == "HEAD"))
-        if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-            await asyncio.wait_for(writer.drain(), self.config.write_timeout)
-        if not keep_alive and response.close:
-            await self._answer_and_close(reader, writer, None)
-        return keep_alive
-
     async def _sweep_deadlines(self) -> None:
         """One timer for all connections: cheaper than a timer per read on the hot path."""
         loop = asyncio.get_event_loop()
         while True:
             await asyncio.sleep(DEADLINE_SWEEP_INTERVAL)
             now = loop.time()
-            for watch in [w for w in self.deadlines if w.deadline <= now]:
-                self.deadlines.discard(watch)
-                watch.expire()
-
-    async def _answer_and_close(self, reader, writer, response: Optional[Response]) -> None:
-        """Answer, half-close, and discard (never parse or keep) what the client still sends
-        for a moment, so that it can read our answer rather than a reset."""
-        if response is not None:
-            self.api.server_stats.answered(response.status)
-            writer.write(serialize_response(response, http_date(), False))
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.drain(), 5)
-            if writer.can_write_eof():
-                writer.write_eof()
-            deadline = asyncio.get_event_loop().time() + LINGER_SECONDS
-            discarded = 0
-            while discarded < LINGER_BYTES:
-                chunk = await asyncio.wait_for(reader.read(READ_CHUNK),
-                                               deadline - asyncio.get_event_loop().time())
-                if not chunk:
-                    break
-                discarded += len(chunk)
-
-    async def _stream(self, request: Request, response: Response, reader, writer) -> None:
-        """Chunked transfer (raw for HTTP/1.0) of an async iterator until it ends or the client
-        leaves; an ended stream always gets its final chunk."""
-        http10 = request.version == "HTTP/1.0"
-        writer.write(serialize_response(response, http_date(), False, http10))
-        client_gone = asyncio.ensure_future(reader.read(1))
-        chunks = response.stream.__aiter__()
-        try:
-            while True:
-                next_chunk = asyncio.ensure_future(chunks.__anext__())
-                done, _ = await asyncio.wait({next_chunk, client_gone}, return_when=asyncio.FIRST_COMPLETED)
-                if next_chunk not in done:
-                    next_chunk.cancel()
-                    return
-                try:
-                    chunk = next_chunk.result()
-                except StopAsyncIteration:
-                    break
-                writer.write(chunk if http10 else b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                await asyncio.wait_for(writer.drain(), self.config.write_timeout)
-            if not http10:
-                writer.write(b"0\r\n\r\n")
-            await asyncio.wait_for(writer.drain(), self.config.write_timeout)
-        finally:
-            client_gone.cancel()
-            with contextlib.suppress(Exception):
-                await chunks.aclose()
-
-    async def _websocket(self, request: Request, response: Response, parser: RequestParser,
-                         reader, writer) -> Optional[WsSession]:
-        """Complete a handshake the API accepted: the session to run, or None (refused)."""
-        broadcaster = self.broadcaster
-        if broadcaster is None or len(broadcaster.clients) >= self.config.max_ws_clients:
-            await self._answer_and_close(reader, writer, self.api.error_response(
-                HttpError(503, "SERVICE_UNAVAILABLE", "too many WebSocket clients"), request))
-            return None
-        writer.write(response.body)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            # Bound the kernel's share too: autotuning would let 10,000 idle readers pin
-            # megabytes each; a status feed needs little.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_KERNEL_SEND_BUFFER)
-        stats = self.api.server_stats
-        session = WsSession(reader, writer, WsProtocol(), broadcaster.on_client_message,
-                            ping_interval=self.config.ws_ping_interval,
-                            pong_timeout=self.config.ws_pong_timeout,
-                            slow_grace=self.config.ws_slow_grace, stats=stats)
-        session.leftover = bytes(parser.buffer)
-        broadcaster.add_client(session)         # counted now: no await before the session runs
-        stats.ws_clients = len(broadcaster.clients)
-        return session
+            for connection in [c for c in self.deadlines if c.deadline <= now]:
+                self.deadlines.discard(connection)
+                connection.expire()
 
     async def _run_websocket(self, session: WsSession) -> None:
         broadcaster, stats = self.broadcaster, self.api.server_stats
@@ -8103,73 +8238,56 @@ def print_fields(fields: List[Tuple[str, Any]]) -> None:
 # -- the WebSocket client of `logs --follow` and `monit` -----------------------------------------
 
 class WsClient:
-    """A blocking RFC 6455 client on a socket of the Client's (masked frames out)."""
+    """A blocking WebSocket client on a socket of the Client's; the frames are WsProtocol's."""
 
     def __init__(self, client: Client):
         raw = client.connect(10)
         self.sock = raw
-        key = base64.b64encode(os.urandom(16)).decode()
-        headers = dict(client.headers(), Host=urllib.parse.urlsplit(client.url).netloc if client.url else "localhost")
-        lines = "".join("%s: %s\r\n" % item for item in headers.items())
-        raw.sendall(("GET /ws HTTP/1.1\r\n%sUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (lines, key)).encode())
-        self.buffer = bytearray()
-        while b"\r\n\r\n" not in self.buffer:
+        host = urllib.parse.urlsplit(client.url).netloc if client.url else "localhost"
+        request, key = client_handshake("/ws", host, client.headers())
+        raw.sendall(request)
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
             chunk = raw.recv(65536)
             if not chunk:
                 raise CliError("the daemon closed the WebSocket handshake")
-            self.buffer += chunk
-        head, _, rest = bytes(self.buffer).partition(b"\r\n\r\n")
-        self.buffer = bytearray(rest)
-        if not head.startswith(b"HTTP/1.1 101"):
+            buffer += chunk
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        try:
+            status = check_handshake_reply(head, key)
+        except WebSocketError as error:
+            raise CliError("the daemon's WebSocket handshake is wrong: %s" % error)
+        if status != 101:
             raise CliError("the daemon refused the WebSocket: %s" % head.split(b"\r\n")[0].decode("latin-1"))
+        self.protocol = WsProtocol(client=True)
+        self.pending = self.protocol.receive_data(rest)     # frames that came with the 101
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def send_json(self, value: Any) -> None:
-        self.sock.sendall(encode_frame(Opcode.TEXT, json_bytes(value), mask=os.urandom(4)))
+        self.sock.sendall(self.protocol.frame(Opcode.TEXT, json_bytes(value)))
 
     def messages(self) -> List[dict]:
         """Read what is there (the socket is readable) and return the JSON messages in it."""
         chunk = self.sock.recv(262144)
         if not chunk:
             raise EOFError("the daemon closed the connection")
-        self.buffer += chunk
+        events, self.pending = self.pending + self.protocol.receive_data(chunk), []
+        if self.protocol.outgoing:              # pongs
+            self.sock.sendall(b"".join(self.protocol.outgoing))
+            self.protocol.outgoing.clear()
         found = []
-        while True:
-            frame = self._next_frame()
-            if frame is None:
-                return found
-            opcode, payload = frame
-            if opcode == Opcode.TEXT:
-                found.append(json.loads(payload.decode("utf-8")))
-            elif opcode == Opcode.PING:
-                self.sock.sendall(encode_frame(Opcode.PONG, payload, mask=os.urandom(4)))
-            elif opcode == Opcode.CLOSE:
+        for event in events:
+            if event.kind == "text":
+                found.append(json.loads(event.data))
+            elif event.kind in ("close", "error"):
                 raise EOFError("the daemon closed the connection")
-
-    def _next_frame(self) -> Optional[Tuple[int, bytes]]:
-        if len(self.buffer) < 2:
-            return None
-        opcode, length, offset = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F, 2
-        if length == 126:
-            if len(self.buffer) < 4:
-                return None
-            length, offset = struct.unpack_from("!H", self.buffer, 2)[0], 4
-        elif length == 127:
-            if len(self.buffer) < 10:
-                return None
-            length, offset = struct.unpack_from("!Q", self.buffer, 2)[0], 10
-        if len(self.buffer) < offset + length:
-            return None
-        payload = bytes(self.buffer[offset:offset + length])
-        del self.buffer[:offset + length]
-        return opcode, payload
+        return found
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.sock.sendall(encode_frame(Opcode.CLOSE, struct.pack("!H", 1000), mask=os.urandom(4)))
+            self.sock.sendall(self.protocol.close(1000))
         self.sock.close()
 
 

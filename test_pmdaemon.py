@@ -9,6 +9,7 @@ policy, HTTP codec, WebSocket codec, then end-to-end tests against a daemon run 
 """
 
 import base64
+import collections
 import contextlib
 import http.client
 import json
@@ -1333,6 +1334,47 @@ class TestWsCodec(unittest.TestCase):
         with self.assertRaises(pmdaemon.PMDaemonError) as caught:
             pmdaemon.check_handshake(request(**{"Sec-WebSocket-Version": "8"}))
         self.assertEqual(caught.exception.headers, (("Sec-WebSocket-Version", "13"),))
+
+
+    def test_client_side_reads_unmasked_frames_and_masks_its_own(self):
+        data = (pmdaemon.encode_frame(1, "héllo".encode()) + pmdaemon.encode_frame(9, b"hi")
+                + pmdaemon.encode_frame(1, b"x" * 300, fin=False) + pmdaemon.encode_frame(0, b"y")
+                + pmdaemon.encode_close(1001, "bye"))
+        for byte_by_byte in (False, True):
+            protocol = pmdaemon.WsProtocol(client=True)
+            pieces = [data[i:i + 1] for i in range(len(data))] if byte_by_byte else [data]
+            events = [event for piece in pieces for event in protocol.receive_data(piece)]
+            self.assertEqual(events, [pmdaemon.WsEvent("text", "héllo"), pmdaemon.WsEvent("ping", b"hi"),
+                                      pmdaemon.WsEvent("text", "x" * 300 + "y"), pmdaemon.WsEvent("close", (1001, "bye"))])
+            pong, close = protocol.outgoing
+            self.assertEqual((pong[:2], close[:2]), (b"\x8a\x82", b"\x88\x82"))      # masked, RFC 6455 §5.3
+            self.assertEqual(pmdaemon.WsProtocol().receive_data(pong), [pmdaemon.WsEvent("pong", b"hi")])
+        text = pmdaemon.WsProtocol(client=True).frame(1, b"cmd")
+        self.assertEqual(pmdaemon.WsProtocol().receive_data(text), [pmdaemon.WsEvent("text", "cmd")])
+
+    def test_client_side_refuses_masked_frames_and_bad_text(self):
+        protocol = pmdaemon.WsProtocol(client=True)
+        error = protocol.receive_data(client_frame(1, b"masked"))[-1]
+        self.assertEqual((error.kind, str(error.data), error.data.close_code), ("error", "server frame is masked", 1002))
+        partial = pmdaemon.encode_frame(1, b"ok \xff and more")[:6]        # fails before the frame is whole
+        error = pmdaemon.WsProtocol(client=True).receive_data(partial)[-1]
+        self.assertEqual((error.kind, str(error.data)), ("error", "invalid UTF-8 in text message"))
+
+    def test_client_handshake_and_its_reply(self):
+        request, key = pmdaemon.client_handshake("/ws", "localhost:1", {"X-API-Key": "k", "Sec-WebSocket-Version": ""})
+        parsed = parse_all(request)[0][0]
+        self.assertEqual((parsed.header("x-api-key"), parsed.header("sec-websocket-version")), ("k", None))
+        self.assertEqual(parsed.header("sec-websocket-key"), key)
+        good = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: %s" % (
+            pmdaemon.ws_accept_key(key).encode())
+        self.assertEqual(pmdaemon.check_handshake_reply(good, key), 101)
+        self.assertEqual(pmdaemon.check_handshake_reply(b"HTTP/1.1 403 Forbidden\r\nX: y", key), 403)
+        for head, message in ((good.replace(b"Accept: ", b"Accept: x"), "101 without the Sec-WebSocket-Accept of our key"),
+                              (good.replace(b"websocket", b"h2c"), "101 without 'Upgrade: websocket'"),
+                              (b"SSH-2.0-OpenSSH", "not an HTTP answer: b'SSH-2.0-OpenSSH'")):
+            with self.assertRaises(pmdaemon.WebSocketError) as caught:
+                pmdaemon.check_handshake_reply(head, key)
+            self.assertEqual(str(caught.exception), message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4101,7 +4143,8 @@ def wait_for_flood(daemon, name, lines=16000):
 
 
 class WsClient:
-    """A minimal RFC 6455 client for the tests: masked frames out, unmasked frames in."""
+    """A blocking WebSocket client for the tests, speaking through pmdaemon's WsProtocol (the
+    client's side). Pings are not answered unless a test sends the pong itself."""
 
     def __init__(self, port, path="/ws", headers=None, timeout=10, receive_buffer=None):
         self.sock = socket.socket()
@@ -4109,29 +4152,26 @@ class WsClient:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self.sock.settimeout(timeout)
         self.sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = {"Host": "127.0.0.1:%d" % port, "Upgrade": "websocket", "Connection": "Upgrade",
-                 "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}
-        lines.update(headers or {})
-        request = "GET %s HTTP/1.1\r\n%s\r\n" % (path, "".join("%s: %s\r\n" % kv for kv in lines.items() if kv[1]))
-        self.sock.sendall(request.encode())
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
+        request, key = pmdaemon.client_handshake(path, "127.0.0.1:%d" % port, headers)
+        self.sock.sendall(request)
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
             chunk = self.sock.recv(65536)
             if not chunk:
                 break
-            self.buffer += chunk
-        head, _, rest = self.buffer.partition(b"\r\n\r\n")
-        self.buffer = bytearray(rest)
+            buffer += chunk
+        head, _, rest = buffer.partition(b"\r\n\r\n")
         self.head = head.decode("latin-1")
-        self.status = int(self.head.split(" ", 2)[1])
+        self.status = pmdaemon.check_handshake_reply(head, key)
+        self.protocol = pmdaemon.WsProtocol(client=True)
+        self.events = collections.deque()
         if self.status == 101:
-            assert "Sec-WebSocket-Accept: %s" % pmdaemon.ws_accept_key(key) in self.head, self.head
+            self.events.extend(self.protocol.receive_data(rest))
         else:
             length = int(self.head.lower().split("content-length: ")[1].split("\r\n")[0])
-            while len(self.buffer) < length:
-                self.buffer += self.sock.recv(65536)
-            self.body = json.loads(self.buffer[:length])
+            while len(rest) < length:
+                rest += self.sock.recv(65536)
+            self.body = json.loads(rest[:length].decode())
 
     def send(self, opcode, payload=b"", fin=True):
         self.sock.sendall(pmdaemon.encode_frame(opcode, payload, fin, os.urandom(4)))
@@ -4139,49 +4179,35 @@ class WsClient:
     def send_json(self, value):
         self.send(1, json.dumps(value).encode())
 
-    def _need(self, count):
-        while len(self.buffer) < count:
+    def recv(self):
+        """The next WsEvent (kind, data) from the server."""
+        while not self.events:
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise EOFError("connection closed")
-            self.buffer += chunk
-
-    def recv(self):
-        """(opcode, payload) of the next frame."""
-        self._need(2)
-        opcode, length = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
-        offset = 2
-        if length == 126:
-            self._need(4)
-            length, offset = struct.unpack("!H", self.buffer[2:4])[0], 4
-        elif length == 127:
-            self._need(10)
-            length, offset = struct.unpack("!Q", self.buffer[2:10])[0], 10
-        self._need(offset + length)
-        payload = bytes(self.buffer[offset:offset + length])
-        del self.buffer[:offset + length]           # O(1) at the front: a long stream stays linear
-        return opcode, payload
+            self.events.extend(self.protocol.receive_data(chunk))
+        return self.events.popleft()
 
     def recv_message(self, wanted=None, timeout=10, match=lambda message: True):
         """The next JSON message of type `wanted` that satisfies match (others are skipped)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            opcode, payload = self.recv()
-            if opcode == 1:
-                message = json.loads(payload)
+            event = self.recv()
+            if event.kind == "text":
+                message = json.loads(event.data)
                 if (wanted is None or message["type"] == wanted) and match(message):
                     return message
         raise AssertionError("no %s message within %s s" % (wanted, timeout))
 
     def recv_close(self, timeout=10):
-        """The close code the server sends (skipping data frames)."""
+        """The close code the server sends (skipping data frames), None for a close without one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            opcode, payload = self.recv()
-            if opcode == 8:
-                return struct.unpack("!H", payload[:2])[0] if payload else None
+            event = self.recv()
+            if event.kind == "close":
+                return None if event.data[0] == 1005 else event.data[0]
         raise AssertionError("no close frame")
 
     def close(self):
@@ -4295,6 +4321,26 @@ class TestWebSocket(DaemonTestCase):
         self.assertEqual(message["type"], "process_event")
         self.daemon.request("DELETE", "/api/processes/ws-f")
 
+    def test_a_command_that_cannot_run_gets_its_code_and_the_session_stays(self):
+        client = self.connect()
+        for command, code, text in (
+                ({"type": "dance"}, "INVALID_COMMAND", "unknown command type 'dance' (subscribe, unsubscribe, filter, ping)"),
+                ({"type": "subscribe", "channel": "news"}, "INVALID_COMMAND", "unknown channel 'news'; the channel is 'logs'"),
+                ({"type": "subscribe", "channel": "logs", "process": "nope"}, "PROCESS_NOT_FOUND", "Process 'nope' not found")):
+            client.send_json(command)
+            error = client.recv_message("error")["data"]
+            self.assertEqual((error["code"], error["message"]), (code, text))
+        client.send_json({"type": "ping"})
+        client.recv_message("pong")
+
+    def test_the_101_carries_cors_headers_like_any_answer(self):
+        own = "http://localhost:%d" % self.daemon.port
+        client = self.connect(headers={"Origin": own})
+        self.assertEqual(client.status, 101)
+        self.assertIn("\r\nAccess-Control-Allow-Origin: %s\r\nVary: Origin" % own, client.head)
+        self.assertNotIn("Connection: close", client.head)
+        self.assertNotIn("Content-Length", client.head)
+
     def test_protocol_violation_closes_with_its_code(self):
         client = self.connect()
         client.sock.sendall(pmdaemon.encode_frame(1, b"unmasked"))
@@ -4307,10 +4353,10 @@ class TestWebSocket(DaemonTestCase):
         client = self.connect()
         client.send(9, b"hello")
         while True:
-            opcode, payload = client.recv()
-            if opcode == 10:
+            event = client.recv()
+            if event.kind == "pong":
                 break
-        self.assertEqual(payload, b"hello")
+        self.assertEqual(event.data, b"hello")
         client.send(8, struct.pack("!H", 1000))
         self.assertEqual(client.recv_close(), 1000)
 
@@ -4328,10 +4374,11 @@ class TestWebSocket(DaemonTestCase):
         """A slow client reads what was queued for it (bounded), then a 1008 close."""
         received, code = 0, None
         while code is None:
-            opcode, payload = client.recv()
-            received += len(payload)
-            if opcode == 8:
-                code = struct.unpack("!H", payload[:2])[0]
+            event = client.recv()
+            if event.kind == "close":
+                code = event.data[0]
+            else:
+                received += len(event.data.encode() if event.kind == "text" else event.data)
         self.assertEqual(code, 1008)
         self.assertLess(received, 3 * pmdaemon.WS_SEND_BUFFER)
 
@@ -4411,10 +4458,10 @@ class TestWebSocketKeepalive(DaemonTestCase):
     def test_server_pings_and_closes_a_silent_client(self):
         client = self.ws()
         while True:
-            opcode, payload = client.recv()
-            if opcode == 9:
+            event = client.recv()
+            if event.kind == "ping":
                 break
-        self.assertEqual(len(payload), 4)
+        self.assertEqual(len(event.data), 4)
         self.assertEqual(client.recv_close(timeout=5), 1008)
 
     def test_a_client_that_answers_pings_stays(self):
@@ -4423,10 +4470,10 @@ class TestWebSocketKeepalive(DaemonTestCase):
         deadline = time.monotonic() + 0.8                 # past the pong timeout: it would be closed
         while time.monotonic() < deadline:
             client.sock.settimeout(2)
-            opcode, payload = client.recv()
-            self.assertNotEqual(opcode, 8)
-            if opcode == 9:
-                client.send(10, payload)
+            event = client.recv()
+            self.assertNotEqual(event.kind, "close")
+            if event.kind == "ping":
+                client.send(10, event.data)
                 pongs += 1
         self.assertGreaterEqual(pongs, 2)
 
@@ -4459,6 +4506,92 @@ def read_one_response(sock, head_only=False):
             break
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+class TestHttpConnection(unittest.TestCase):
+    """One connection's admission, loop, deadline and send(), over a real socket pair."""
+
+    def on_connection(self, scenario):
+        import asyncio
+        home = tempfile.mkdtemp(prefix="pmd-conn-")
+        self.addCleanup(shutil.rmtree, home, True)
+
+        async def main():
+            settings = pmdaemon.DaemonConfig(port=0, home=home, host="127.0.0.1")
+            server = pmdaemon.HttpServer(pmdaemon.Api(pmdaemon.Supervisor(home), pmdaemon.AccessPolicy(None)),
+                                         None, settings)
+            ours, theirs = socket.socketpair()
+            theirs.settimeout(5)
+            reader, writer = await asyncio.open_connection(sock=ours)
+            try:
+                return await scenario(server, pmdaemon.HttpConnection(server, reader, writer), theirs)
+            finally:
+                writer.close()
+                theirs.close()
+                server.peer_users.close()
+        return run_async(main())
+
+    @staticmethod
+    async def answers(writer_closed, client):
+        """All the client receives until the connection is closed."""
+        import asyncio
+        writer_closed()
+        await asyncio.sleep(0.05)                   # the transport closes on the next turn of the loop
+        data = b""
+        for chunk in iter(lambda: client.recv(65536), b""):
+            data += chunk
+        return data
+
+    def test_admission_outcomes(self):
+        head = pmdaemon.parse_head
+
+        async def scenario(server, connection, client):
+            self.assertIs(connection._admit(head(b"GET /api/processes HTTP/1.1\r\nHost: localhost")),
+                          pmdaemon.NOTHING_RESERVED)
+            for text, status in ((b"OPTIONS /api/processes HTTP/1.1\r\nHost: localhost", 204),
+                                 (b"GET /nowhere HTTP/1.1\r\nHost: localhost", 404)):
+                outcome = connection._admit(head(text))
+                self.assertIsInstance(outcome, pmdaemon.AnsweredFromHead)
+                self.assertEqual(outcome.response.status, status)
+            post = head(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 10\r\nExpect: 100-continue")
+            connection.admission = connection._admit(post)
+            self.assertEqual((connection.admission, server.body_memory), (pmdaemon.Admitted(10), 10))
+            self.assertEqual(client.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            connection._release_body_budget()
+            self.assertEqual((connection.admission, server.body_memory), (None, 0))
+            with self.assertRaises(pmdaemon.HttpError) as caught:       # a body is never read for a refusal
+                connection._admit(head(b"POST /nowhere HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5"))
+            self.assertEqual(caught.exception.status, 404)
+        self.on_connection(scenario)
+
+    def test_requests_in_order_then_nothing_held(self):
+        async def scenario(server, connection, client):
+            client.sendall(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                           b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                           b"POST /api/processes/none/stop HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            client.shutdown(socket.SHUT_WR)
+            self.assertIsNone(await connection.run())
+            self.assertEqual((server.body_memory, server.deadlines, connection.admission), (0, set(), None))
+            data = await self.answers(connection.writer.close, client)
+            self.assertEqual(re.findall(rb"HTTP/1.1 (\d+) ", data), [b"200", b"204", b"404"])
+        self.on_connection(scenario)
+
+    def test_a_late_request_is_told_408_when_its_deadline_passes(self):
+        import asyncio
+
+        async def scenario(server, connection, client):
+            client.sendall(b"GET /api/system HTTP/1.1\r\nHo")
+            running = asyncio.ensure_future(connection.run())
+            await asyncio.sleep(0.05)
+            self.assertEqual(connection.phase, pmdaemon.HEAD)
+            connection.expire()
+            self.assertIsNone(await running)
+            data = await self.answers(lambda: None, client)
+            self.assertTrue(data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data)
+            self.assertIn(b"\r\nConnection: close\r\n", data)
+        self.on_connection(scenario)
 
 
 class TestRepeatedAnswers(unittest.TestCase):
@@ -4563,14 +4696,14 @@ class TestRepeatedAnswers(unittest.TestCase):
         heads = [b"GET /api/system HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % port for port in (1, 2, 3)]
         for head in heads + [b"GET /api/system HTTP/1.1\r\nHost: localhost\r\nX-Padding: %s\r\n\r\n" % b"x" * 40]:
             request = parse_all(head)[0][0]
-            request.route = (pmdaemon.Route("GET", None, None, snapshot=lambda: b"{}"), {})
+            request.route = pmdaemon.Route("GET", None, None, snapshot=lambda: b"{}")
             answers.learn(head, request, pmdaemon.Response(200, b"{}"), keep_alive=True)
         self.assertEqual(list(answers.plans), heads[1:])
         self.assertIsNone(answers.answer(heads[0], b"date"))
         self.assertTrue(answers.answer(heads[2], b"date").endswith(b"\r\n\r\n{}"))
         big = b"[%s]" % b",".join([b"1"] * 40000)                 # past what a plan keeps: rendered each time
         request = parse_all(heads[0])[0][0]
-        request.route = (pmdaemon.Route("GET", None, None, snapshot=lambda: big), {})
+        request.route = pmdaemon.Route("GET", None, None, snapshot=lambda: big)
         answers.learn(heads[0], request, pmdaemon.Response(200, big), keep_alive=True)
         for _ in range(2):
             self.assertEqual(answers.answer(heads[0], b"date"), pmdaemon.serialize_response(
@@ -4636,7 +4769,8 @@ async def serve_echo_connection(reader, writer):
         writer.write(pmdaemon.serialize_response(pmdaemon.error_response(error), pmdaemon.http_date(), False))
         writer.close()
         return
-    writer.write(pmdaemon.handshake_response(accept))
+    writer.write(pmdaemon.serialize_response(pmdaemon.Response(101, headers=pmdaemon.handshake_headers(accept)),
+                                             pmdaemon.http_date(), True))
 
     def echo(session, event):
         opcode = pmdaemon.Opcode.TEXT if event.kind == "text" else pmdaemon.Opcode.BINARY
@@ -4732,7 +4866,8 @@ class TestReadKeyViews(ReadKeyDaemonCase):
         while time.monotonic() < deadline:
             watcher.sock.settimeout(max(0.05, deadline - time.monotonic()))
             try:
-                seen.append(watcher.recv()[1])
+                event = watcher.recv()
+                seen.append(event.data if isinstance(event.data, bytes) else str(event.data).encode())
             except socket.timeout:
                 break
         self.assertTrue(any(b'"secretive"' in frame for frame in seen[8:]), "the WebSocket session saw the process")
