@@ -4334,7 +4334,7 @@ class TestWebSocket(DaemonTestCase):
         client.recv_message("pong")
 
     def test_the_101_carries_cors_headers_like_any_answer(self):
-        own = "http://localhost:%d" % self.daemon.port
+        own = "http://127.0.0.1:%d" % self.daemon.port
         client = self.connect(headers={"Origin": own})
         self.assertEqual(client.status, 101)
         self.assertIn("\r\nAccess-Control-Allow-Origin: %s\r\nVary: Origin" % own, client.head)
