@@ -74,7 +74,7 @@ import time
 import urllib.parse
 import warnings
 import zlib
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 __version__: str = "0.1.0"      # needs Python 3.6 or newer (the first line older ones cannot read)
 
@@ -1729,6 +1729,17 @@ class LogFile:
         for index in range(self.max_files):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._name(index), **self._at())
+        self._sync_directory()
+
+    def _sync_directory(self) -> None:
+        """fsync the directory, so that what was removed stays removed after a crash."""
+        with contextlib.suppress(OSError):
+            descriptor = (os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.directory)
+                          if self.placed else os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_CLOEXEC))
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -3485,93 +3496,156 @@ class Registry:
 # -- persistence ----------------------------------------------------------------------------------
 
 class StateStore:
-    """state.json, written atomically and sparingly (flash wear on edge boxes): what matters after
-    a restart (configs, desired states) within save_interval of a change; runtime details
-    (pid, restart counts) alone at most every lazy_interval; nothing while nothing changed;
-    everything on flush(). What to write is derived from the snapshot itself, not flagged."""
+    """The saved list: state.json (a snapshot) plus state.journal (each change since, see
+    StateJournal). What the API acknowledges is committed, synced, before the answer goes out
+    (commit). What the daemon changes on its own is written sparingly (flash wear on edge
+    boxes): what matters after a restart (desired status, errors) within save_interval of the
+    change, runtime details (pid, restart counts) alone at most every lazy_interval, nothing
+    while nothing changed. A write costs the size of what changed: each process's entry is
+    compared with what was last written of it (digests), and only the processes touched are
+    looked at; the snapshot is rewritten when the journal has outgrown it, and on flush()."""
 
-    def __init__(self, path: str, snapshot: Callable[[], Tuple[list, dict]], save_interval: float,
-                 lazy_interval: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, path: str, entry: Callable[[Any], Tuple[dict, dict]], runners: Callable[[], Iterable],
+                 header: Callable[[], dict], save_interval: float, lazy_interval: float,
+                 clock: Callable[[], float] = time.monotonic):
         self.path = path
-        self.snapshot = snapshot
+        self.journal = StateJournal(os.path.splitext(path)[0] + ".journal")
+        self.entry, self.runners, self.header = entry, runners, header   # (durable, runtime) of one runner
         self.save_interval = save_interval
         self.lazy_interval = lazy_interval
         self.clock = clock
         self.writes = 0
         self.last_error: Optional[str] = None
-        self._written: Tuple[bytes, bytes] = (b"", b"")     # digests of the last write's two parts
+        self._written: Dict[int, Tuple[bytes, bytes]] = {}   # per process: digests of what was written
+        self._dirty: Dict[int, Any] = {}        # processes that may have changed, by id
+        self._snapshot_size = 0
         self._last_write = -math.inf
         self._timer = None                      # a prompt look after a change
         self._lazy_timer = None                 # the look when runtime details alone are due
 
-    def touch(self) -> None:
-        """Something may have changed: look within save_interval (one timer, however many calls)."""
+    def touch(self, runner: Any) -> None:
+        """This process may have changed: look within save_interval (one timer for all)."""
+        self._dirty[runner.id] = runner
         if self._timer is None:
             with contextlib.suppress(RuntimeError):      # no loop (a synchronous caller): flush() saves
                 self._timer = asyncio.get_event_loop().call_later(self.save_interval, self._check)
 
     def _check(self) -> None:
         self._timer = None
-        durable, lazy = self._encode()
-        written = self._digests(durable, lazy)
-        if written == self._written:
-            return
-        due = self._last_write + self.lazy_interval - self.clock()
-        if written[0] != self._written[0] or due <= 0:
-            self._save(durable, lazy, quiet=True)
-        elif self._lazy_timer is None:
-            self._lazy_timer = asyncio.get_event_loop().call_later(due, self._lazy_due)
+        lazy_due = self.clock() - self._last_write >= self.lazy_interval     # since the last write
+        waiting = {}
+        for runner_id, runner in self._dirty.items():
+            durable, runtime = self.entry(runner)
+            digests = self._digests(durable, runtime)
+            written = self._written.get(runner_id)
+            if written is None or digests[0] != written[0] or (digests[1] != written[1] and lazy_due):
+                self._put(runner_id, durable, runtime, digests)
+            elif digests[1] != written[1]:
+                waiting[runner_id] = runner     # runtime details alone: at the lazy interval
+        self._dirty = waiting
+        if waiting and self._lazy_timer is None:
+            self._lazy_timer = asyncio.get_event_loop().call_later(
+                max(0.0, self._last_write + self.lazy_interval - self.clock()), self._lazy_due)
+        if self.journal.pending:
+            asyncio.ensure_future(self._sync_quietly())
 
     def _lazy_due(self) -> None:
         self._lazy_timer = None
         self._check()
 
-    def _encode(self) -> Tuple[bytes, bytes]:
-        durable, lazy = self.snapshot()
-        return json.dumps(durable, sort_keys=True).encode(), json.dumps(lazy, sort_keys=True).encode()
-
     @staticmethod
-    def _digests(durable: bytes, lazy: bytes) -> Tuple[bytes, bytes]:
-        """What is kept of the last write to compare with: not the state itself (~1 KB a process)."""
-        return hashlib.blake2b(durable, digest_size=16).digest(), hashlib.blake2b(lazy, digest_size=16).digest()
+    def _digests(durable: dict, runtime: dict) -> Tuple[bytes, bytes]:
+        """What is kept of a write to compare with: not the entry itself (~1 KB a process)."""
+        return (hashlib.blake2b(json.dumps(durable, sort_keys=True).encode(), digest_size=16).digest(),
+                hashlib.blake2b(json.dumps(runtime, sort_keys=True).encode(), digest_size=16).digest())
 
-    def save_now(self) -> None:
-        """Write at once; StateNotSaved when the file cannot be written."""
-        self._save(*self._encode(), quiet=False)
+    def _put(self, runner_id: int, durable: dict, runtime: dict, digests: Tuple[bytes, bytes]) -> None:
+        self.journal.append({"put": dict(durable, **runtime), "next_id": self.header()["next_id"]})
+        self._written[runner_id] = digests
+
+    async def commit(self, changed: Iterable = (), deleted: Iterable[int] = ()) -> None:
+        """Write these processes' entries (and forget the deleted ones) and return once they are
+        on disk: what the API answers with 2xx. StateNotSaved when they cannot be."""
+        for runner in changed:
+            self._dirty.pop(runner.id, None)
+            durable, runtime = self.entry(runner)
+            self._put(runner.id, durable, runtime, self._digests(durable, runtime))
+        for runner_id in deleted:
+            self._dirty.pop(runner_id, None)
+            self._written.pop(runner_id, None)
+            self.journal.append({"delete": runner_id, "next_id": self.header()["next_id"]})
+        wrote = self.journal.pending
+        try:
+            await self.journal.commit()
+        except StateNotSaved as exc:
+            self._failed(exc)
+            raise
+        self._saved(wrote)
+
+    async def _sync_quietly(self) -> None:
+        """What the daemon changed on its own: an error is logged, and tried again later."""
+        with contextlib.suppress(StateNotSaved):
+            await self.commit()
+
+    def _failed(self, exc: PMDaemonError) -> None:
+        if exc.message != self.last_error:
+            log.error("%s (retrying)", exc.message)
+        self.last_error = exc.message
+        self._written.clear()                   # unsure what is on disk: write each entry again
+        for runner in self.runners():
+            self._dirty[runner.id] = runner
+        if self._timer is None:
+            self._timer = asyncio.get_event_loop().call_later(self.save_interval, self._check)
+
+    def _saved(self, wrote: bool) -> None:
+        if self.last_error is not None:
+            log.info("state saved to %s again", self.path)
+        self.last_error = None
+        self.writes += wrote
+        if wrote:
+            self._last_write = self.clock()
+        if self.journal.due_for_compaction(self._snapshot_size) and not self.journal.busy:
+            with contextlib.suppress(OSError):
+                self._write_snapshot()
+
+    def _write_snapshot(self) -> None:
+        """state.json anew, with every process, then an empty journal. Synchronous: nothing is
+        appended meanwhile, and a crash between the two replays a journal that changes nothing."""
+        entries, written = [], {}
+        for runner in self.runners():
+            durable, runtime = self.entry(runner)
+            entries.append(dict(durable, **runtime))
+            written[runner.id] = self._digests(durable, runtime)
+        data = json.dumps(dict(self.header(), processes=entries), indent=1).encode()
+        atomic_write(self.path, data)
+        self.journal.truncate()
+        self._written, self._snapshot_size = written, len(data)
+        self.writes += 1
+        self._last_write = self.clock()
 
     def flush(self) -> None:
-        """Write what is unwritten (shutdown); errors are logged."""
+        """Write everything (after a restore, at shutdown): a new snapshot, an empty journal;
+        errors are logged."""
         for timer in (self._timer, self._lazy_timer):
             if timer is not None:
                 timer.cancel()
         self._timer = self._lazy_timer = None
-        durable, lazy = self._encode()
-        if self._digests(durable, lazy) != self._written:
-            self._save(durable, lazy, quiet=True)
-
-    def _save(self, durable: bytes, lazy: bytes, quiet: bool) -> None:
-        entries, runtime = json.loads(durable), json.loads(lazy)
-        for entry in entries["processes"]:
-            entry.update(runtime.get(str(entry["id"]), {}))
+        self._dirty = {}
         try:
-            atomic_write(self.path, json.dumps(entries, indent=1).encode())
+            self._write_snapshot()
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            if reason != self.last_error:
-                log.error("cannot save state to %s: %s (retrying)", self.path, reason)
-            self.last_error = reason
-            self.touch()                        # try again: space may be freed
-            if not quiet:
-                raise StateNotSaved("cannot save state to %s: %s" % (self.path, reason)) from None
-            return
-        if self.last_error is not None:
-            log.info("state saved to %s again", self.path)
-        self.last_error = None
-        self.writes += 1
-        self._written, self._last_write = self._digests(durable, lazy), self.clock()
+            log.error("cannot save state to %s: %s", self.path, exc.strerror or exc)
+        self.journal.close()
 
     def load(self) -> Optional[dict]:
-        """The saved state, or None; a corrupt file is moved aside, never silently emptied."""
+        """The saved state (the snapshot, and the journal replayed on it), or None; a corrupt
+        snapshot is moved aside, never silently emptied."""
+        snapshot = self._load_snapshot()
+        if snapshot is None and not os.path.exists(self.journal.path):
+            return None
+        return self.journal.replay(snapshot or {"processes": []})
+
+    def _load_snapshot(self) -> Optional[dict]:
         try:
             with open(open_private(self.path, os.O_RDONLY), "rb") as handle:
                 data = json.loads(handle.read().decode("utf-8"))
@@ -3684,6 +3758,8 @@ class StateJournal:
                 state["next_id"] = max(state.get("next_id", 0), record["put"]["id"] + 1)
             else:
                 processes.pop(record["delete"], None)
+            if _is_int(record.get("next_id")):
+                state["next_id"] = max(state.get("next_id", 0), record["next_id"])
             good += len(raw) + 1
         if good < len(data):
             log.warning("%s: %d byte(s) after the last whole change were cut off (a crash while "
@@ -3710,6 +3786,16 @@ class StateJournal:
         if isinstance(record, dict) and _is_int(record.get("delete")):
             return record
         return None
+
+    @property
+    def pending(self) -> bool:
+        """Records appended and not yet handed to a sync."""
+        return bool(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        """A sync is under way (in a thread): the journal must not be cut meanwhile."""
+        return self._flushing
 
     def due_for_compaction(self, snapshot_size: int) -> bool:
         return self.size > max(JOURNAL_MIN_COMPACT, snapshot_size)
@@ -3791,8 +3877,9 @@ class Supervisor:
         self.settings = settings or SupervisorSettings()
         self.hub = hub or LogHub()
         self.registry = Registry()
-        self.store = StateStore(os.path.join(home, "state.json"), self.snapshot,
-                                self.settings.state_save_interval, self.settings.state_lazy_interval, clock)
+        self.store = StateStore(os.path.join(home, "state.json"), self.saved_entry, self.registry.runners,
+                                self.saved_header, self.settings.state_save_interval,
+                                self.settings.state_lazy_interval, clock)
         self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall)
         self._cgroups: Optional[Cgroups] = None
         self.generation = 0                     # counts announcements: keys the API's caches
@@ -3816,8 +3903,8 @@ class Supervisor:
 
     def _announce(self, kind: str, payload: Any) -> None:
         self.generation += 1
-        if kind != "tick":
-            self.store.touch()
+        if kind == "process_update":            # a runner changed: maybe what is saved of it
+            self.store.touch(payload)
         for listener in list(self.listeners):
             try:
                 listener(kind, payload)
@@ -3887,7 +3974,7 @@ class Supervisor:
         for runner in members:
             runner.wanted = config.autostart    # saved as online: a daemon killed now starts it
         try:
-            self.store.save_now()               # a process the next daemon would not know is lost
+            await self.store.commit(members)    # a process the next daemon would not know is lost
         except StateNotSaved:
             for runner in members:
                 self.registry.remove(runner)
@@ -3910,12 +3997,15 @@ class Supervisor:
         started = [runner for runner in members if await runner.start()]     # novermin (3.6 has PEP 530)
         if not started:
             raise AlreadyRunning("Process %r is already running" % group_label(members))
+        await self.store.commit(started)        # on disk before the answer: "started" survives a crash
         self._check_started(started)
         return started
 
     async def stop(self, members: List[ProcessRunner]) -> bool:
-        """Stop each; True if any was running."""
-        return any([await runner.stop() for runner in members])     # novermin (3.6 has PEP 530)
+        """Stop each; True if any was running. Saved before the answer: a stop never comes back."""
+        stopped = any([await runner.stop() for runner in members])     # novermin (3.6 has PEP 530)
+        await self.store.commit(members)
+        return stopped
 
     async def restart(self, key: str, port: Optional[str] = None, instances: Optional[int] = None) -> List[ProcessRunner]:
         """POST .../restart: optionally move to new ports and scale a group, then restart all."""
@@ -3934,6 +4024,7 @@ class Supervisor:
                 await runner.restart()
             else:
                 await runner.start()            # a copy added by scaling up: its first start
+        await self.store.commit(members)
         self._check_started(members)
         return members
 
@@ -3966,6 +4057,7 @@ class Supervisor:
                 await runner.start()            # a new copy
             elif not only_scaled:
                 await runner.restart()
+        await self.store.commit(members)
         self._check_started(members)
         return members, "scaled" if only_scaled else "restarted"
 
@@ -4019,16 +4111,17 @@ class Supervisor:
                                 % (base, count, clash), {"existing_process": clash})
         keep = {runner.instance: runner.port for runner in members if runner.port is not None} if keep_ports else {}
         ports = assign_ports(config.port, count, self.registry.ports_in_use(excluding_group=base), keep)
+        removed = []
         for runner in sorted(members, key=lambda r: -r.instance):
             if runner.instance >= count:        # scale down: highest first
-                await self._delete_runner(runner)
+                removed.append(await self._delete_runner(runner))
         present = {runner.instance: runner for runner in members if runner.instance < count}
         for index in range(count):
             if index in present:
                 present[index].rename(names[index], ports[index], config)
             else:                               # scale up, or fill a gap left by a delete
                 self._register(config, index, ports[index])
-        self.store.save_now()
+        await self.store.commit(self.registry.group(base), removed)
         return self.registry.group(base)
 
     async def reload(self, key: str) -> List[ProcessRunner]:
@@ -4037,6 +4130,13 @@ class Supervisor:
         Every copy has its own port, so a copy is replaced in place (stop, start, wait until
         online and healthy when checked): at every moment at least N-1 copies serve."""
         members = self.resolve(key)
+        try:
+            await self._reload(members)
+        finally:
+            await self.store.commit(members)
+        return members
+
+    async def _reload(self, members: List[ProcessRunner]) -> None:
         for runner in members:
             await runner.restart()
             self._check_started([runner])
@@ -4049,38 +4149,36 @@ class Supervisor:
                 raise ReloadStopped("reload stopped: %r did not become ready within %d ms; the copies "
                                     "not yet reloaded were left running" % (runner.name, patience * 1000),
                                     {"process": runner.name, "status": runner.state.value})
-        return members
 
     async def delete(self, key: str) -> List[ProcessRunner]:
         members = self.resolve(key)
-        for runner in members:
-            await self._delete_runner(runner)
-        self.store.save_now()
+        removed = [await self._delete_runner(runner) for runner in members]     # novermin (3.6 has PEP 530)
+        await self.store.commit(deleted=removed)
         return members
 
-    async def _delete_runner(self, runner: ProcessRunner) -> None:
+    async def _delete_runner(self, runner: ProcessRunner) -> int:
+        """Stop and forget one process; its id, for the store."""
         await runner.remove()
         if runner.config.memory_limit or runner.config.cpu_limit:
             self.cgroups.remove(runner.id)
         self.registry.remove(runner)
         self.hub.end(runner.name)
         runner.event("deleted")
+        return runner.id
 
     # -- persistence -----------------------------------------------------------------------------
 
-    def snapshot(self) -> Tuple[dict, dict]:
-        """(durable part, runtime part by id) of what state.json says; see StateStore."""
-        durable = {"version": STATE_FILE_VERSION, "pmdaemon": __version__, "next_id": self.registry.next_id,
-                   "processes": [{"id": runner.id, "name": runner.name, "instance": runner.instance,
-                                  "port": runner.port, "config": runner.config.to_dict(),
-                                  "status": runner.desired_status(),
-                                  "error": runner.error, "run_token": runner.run_token,
-                                  "manual_restarts": runner.manual_restarts}
-                                 for runner in self.registry.runners()]}
-        runtime = {str(runner.id): {"restarts": runner.restarts, "pid": runner.pid,
-                                    "pid_start_ticks": runner.run.start_ticks if runner.run else None}
-                   for runner in self.registry.runners()}
-        return durable, runtime
+    def saved_header(self) -> dict:
+        return {"version": STATE_FILE_VERSION, "pmdaemon": __version__, "next_id": self.registry.next_id}
+
+    @staticmethod
+    def saved_entry(runner: ProcessRunner) -> Tuple[dict, dict]:
+        """(what matters after a restart, runtime details) of one process's saved entry."""
+        return ({"id": runner.id, "name": runner.name, "instance": runner.instance, "port": runner.port,
+                 "config": runner.config.to_dict(), "status": runner.desired_status(), "error": runner.error,
+                 "run_token": runner.run_token, "manual_restarts": runner.manual_restarts},
+                {"restarts": runner.restarts, "pid": runner.pid,
+                 "pid_start_ticks": runner.run.start_ticks if runner.run else None})
 
     async def restore(self) -> None:
         """Bring back the saved list: leftovers of the last run are stopped, online ones started."""
