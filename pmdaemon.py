@@ -2506,6 +2506,19 @@ class Cgroups:
             with contextlib.suppress(OSError):
                 os.rmdir(path)
 
+    def remove_all(self) -> None:
+        """At shutdown, once every child is gone: every process's cgroup, and v1's directories
+        of ours (v2's "daemon" leaf holds the daemon itself; its service's cgroup goes with it)."""
+        for place in set(self.places.values()):
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(place):
+                    if entry.name.startswith("proc-") and entry.is_dir(follow_symlinks=False):
+                        with contextlib.suppress(OSError):
+                            os.rmdir(entry.path)
+            if self.usable == "v1":
+                with contextlib.suppress(OSError):
+                    os.rmdir(place)
+
 
 # -- one run of a program, and the default spawner ---------------------------------------------
 
@@ -4247,6 +4260,8 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Daemon exit: stop every child, but remember which ones should come back."""
         await asyncio.gather(*(runner.shut_down() for runner in self.registry.runners()))
+        if self._cgroups is not None:
+            self._cgroups.remove_all()          # empty now: nothing is left behind
         self.hub.end(None)
         self.store.flush()
         self.sampler.close()

@@ -3840,6 +3840,29 @@ class TestDaemonLifecycle(unittest.TestCase):
                     self.assertEqual(daemon.process("a")["config"]["env"], {"MODE": "patched"})
         self.assertEqual(daemon.terminate(), 0)
 
+    def test_no_cgroup_is_left_behind_at_shutdown(self):
+        daemon = self.daemon()
+        status, _, body = daemon.post("/api/processes", {"name": "capped", "script": "sleep", "args": ["60"],
+                                                         "memory_limit": "64M"})
+        if status == 400:
+            self.skipTest("no writable cgroups here: " + body["error"]["message"])
+        with open("/proc/%d/cgroup" % daemon.proc.pid) as handle:
+            lines = [line.strip().split(":", 2) for line in handle]
+        tag = "pmdaemon-" + __import__("hashlib").sha256(self.home.encode()).hexdigest()[:8]
+        places = [os.path.join("/sys/fs/cgroup", controllers, path.lstrip("/"), tag)
+                  for _, controllers, path in lines if controllers in ("memory", "cpu,cpuacct", "cpu")]
+        places = [place for place in places if os.path.isdir(place)]
+        if not places:                              # v2: the process cgroups sit beside "daemon"
+            base = os.path.join("/sys/fs/cgroup", [path for number, _, path in lines if number == "0"][0].lstrip("/"))
+            places = [base]
+        self.assertTrue(any(entry.startswith("proc-") for place in places for entry in os.listdir(place)), places)
+        self.assertEqual(daemon.terminate(), 0)
+        left = [os.path.join(place, entry) for place in places if os.path.isdir(place)
+                for entry in os.listdir(place) if entry.startswith("proc-")]
+        self.assertEqual(left, [])
+        if "memory" in {controllers for _, controllers, _ in lines}:               # v1: ours are gone too
+            self.assertEqual([place for place in places if os.path.exists(place)], [])
+
     def processes_named(self, name):
         """The live OS processes of this home's process `name`."""
         wanted = {b"PMDAEMON_PROCESS_NAME=" + name.encode(), b"PMDAEMON_HOME=" + self.home.encode()}
@@ -6111,7 +6134,8 @@ def scale_row(count, clients=100):
                     watchers[0].recv_message("system_update")
                 deadline = time.monotonic() + 5
                 while time.monotonic() < deadline:
-                    opcode, payload = watchers[0].recv()
+                    event = watchers[0].recv()
+                    payload = event.data.encode("utf-8") if isinstance(event.data, str) else b""
                     received += len(payload)
                     ticks += b'"system_update"' in payload
             finally:
