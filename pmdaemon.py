@@ -144,6 +144,7 @@ WRITE_BUFFER_HIGH = 256 * 1024         # pending output above which we wait for 
 MAX_CONNECTIONS = 12_000               # HTTP + WebSocket connections at once
 MAX_TLS_HANDSHAKES = 64                # TLS handshakes under way at once (each holds ~256 KiB)
 ACCEPT_RETRY_DELAY = 0.1               # seconds before accepting again after accept() failed
+ACCEPT_EPISODE_GAP = 60.0              # seconds without accept errors before another is logged
 MAX_LOG_REQUEST_LINES = 10_000         # upper bound of ?lines=
 MAX_JSON_DEPTH = 32                    # nesting of a client's JSON (REST body, WebSocket command)
 FOLLOW_QUEUE_LINES = 10_000            # lines a ?follow=true stream may lag before it is ended
@@ -170,6 +171,8 @@ BACKOFF_RESET_UPTIME_MS = 30_000
 SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
 SCAN_FULL_EVERY = 30                   # every Nth /proc scan re-reads every process, not just new ones
 MAX_HELD_STAT_FILES = 1024             # /proc/PID/stat kept open for the processes sampled every tick
+FDS_PER_PROCESS = 8                    # descriptors a managed process may hold: pipes, pidfd, logs, stat
+FD_RESERVE = 16                        # descriptors kept for connections, the state and the logs
 DEFAULT_LISTEN_TIMEOUT_MS = 10_000     # wait_ready: longest wait for the first healthy check
 HEALTH_STARTING_INTERVAL = 0.25        # seconds between checks while waiting to be ready
 MAX_HEALTH_RESPONSE_LINE = 8192
@@ -402,6 +405,10 @@ class PortConflict(PMDaemonError):
 
 class TooManyProcesses(PMDaemonError):
     pass
+
+
+class OutOfDescriptors(PMDaemonError):
+    """The daemon's file limit leaves no room for another process."""
 
 
 class AlreadyRunning(PMDaemonError):
@@ -1886,6 +1893,10 @@ class ProcessLogs:
                 self.write_errors += 1
                 self.on_error(exc)
 
+    @property
+    def placed(self) -> bool:
+        return any(log_file.placed for log_file in self.files.values())
+
     def unique_files(self) -> List[LogFile]:
         return list({id(f): f for f in self.files.values()}.values())
 
@@ -2134,7 +2145,10 @@ def group_alive(pgid: int, sampler: Sampler) -> bool:
         return False
     except PermissionError:
         return True
-    table = sampler.scan()
+    try:
+        table = sampler.scan()
+    except OSError:                             # out of descriptors: killpg's word stands
+        return True
     members = [pid for pid, stat in table.items() if stat.pgid == pgid]
     sampler.fresh(table, members)               # each member's state and group as they are now
     return any(pid in table and table[pid].pgid == pgid and table[pid].state != "Z" for pid in members)
@@ -2807,30 +2821,36 @@ class SupervisorSettings:
 
 
 async def terminate_run(run: Run, config: ProcessConfig, sampler: Sampler, settings: SupervisorSettings,
-                        leader_alive: bool = True) -> bool:
+                        leader_alive: bool = True, other_groups: frozenset = frozenset()) -> bool:
     """Stop a run's process group and whatever it started outside it: kill_signal now,
     SIGKILL after kill_timeout. The one place a run is stopped, whoever asks."""
     pgid = run.pid if leader_alive else None
     wait = run.exited if run.proc is not None else None
-    return await terminate_group(pgid, escapees(sampler, run.pid, run.token, run.start_ticks),
+    return await terminate_group(pgid, escapees(sampler, run.pid, run.token, run.start_ticks, other_groups),
                                  signal.Signals[config.kill_signal], config.kill_timeout / 1000,
                                  wait, sampler, settings.kill_grace, settings.stop_poll_interval,
                                  run.leader_unreaped, run.start_ticks)
 
 
 def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str],
-             since_ticks: Optional[int] = None) -> List[Tuple[int, int]]:
+             since_ticks: Optional[int] = None, other_groups: frozenset = frozenset()) -> List[Tuple[int, int]]:
     """(pid, start) of processes a run started outside its group: by parent links, or by the
     PMDAEMON_RUN_ID they inherited (a double-forked daemon has neither parent nor group).
-    Only processes started since the run began can carry its token: only their environment
-    is read (reading every process's is costly on a busy box)."""
-    table = sampler.scan()
+    Only processes started since the run began can carry its token, and none in the group of
+    another managed run (a group never takes in a process of another session): only the
+    environment of the rest is read, so a stop costs the same with 10 or 1,000 managed
+    processes. Out of descriptors, none is found: the group is stopped all the same."""
+    try:
+        table = sampler.scan()
+    except OSError as exc:
+        log.warning("cannot look for what a run left outside its group: %s", exc.strerror or exc)
+        return []
     found = set(descendants(table, pgid)) if pgid else set()
     if run_token:
         marker = ("%s=%s" % (RUN_ID_ENV, run_token)).encode()
         found.update(pid for pid, stat in table.items()
                      if pid != os.getpid() and (since_ticks is None or stat.start_ticks >= since_ticks)
-                     and sampler.environ_has(pid, marker))
+                     and stat.pgid not in other_groups and sampler.environ_has(pid, marker))
     found = sorted(found)
     sampler.fresh(table, found)                 # their group and state as they are now
     return [(pid, table[pid].start_ticks) for pid in found
@@ -2916,6 +2936,8 @@ class RunnerContext:
     # announcement. Without a registry nothing is waited for, so wait_for_change is never called.
     unready_dependencies: Callable[[List[str]], List[str]] = lambda names: []
     wait_for_change: Optional[Callable] = None
+    # The groups of the other runs (their leaders' pids): no escapee of this run is in them.
+    managed_groups: Callable[[], frozenset] = lambda: frozenset()
 
 
 def _saved_int(value: Any, high: int) -> int:
@@ -3180,7 +3202,8 @@ class ProcessRunner:
         try:
             from_file = await read_env_file(self.config)
             env = run.env = self._child_environment(run.token, from_file)
-            await asyncio.get_event_loop().run_in_executor(None, self.logs.prepare)
+            if self.logs.placed:                # out_file/error_file: reached off the event loop
+                await asyncio.get_event_loop().run_in_executor(None, self.logs.prepare)
             argv = build_argv(self.config, env)
             cgroups = self._cgroup_procs()
             run.proc = await self.context.spawner(argv, self.config.cwd, env, self.config, *([cgroups] if cgroups else []))
@@ -3296,7 +3319,8 @@ class ProcessRunner:
         if not run.stop_requested:
             # The main process is gone on its own: what it left behind would hold its port and
             # outlive the restart, so it is stopped too.
-            await terminate_run(run, self.config, self.context.sampler, self.context.settings)
+            await terminate_run(run, self.config, self.context.sampler, self.context.settings,
+                                other_groups=self.context.managed_groups() - {run.pid})
         # Let the last output land before the exit is logged; a grandchild may keep the pipe open.
         await asyncio.wait(pumps, timeout=self.context.settings.exit_output_grace)
         self._on_exit(run, returncode)
@@ -3369,7 +3393,8 @@ class ProcessRunner:
         if run is not None:
             run.stop_requested = True
             self.change_state(ProcessState.STOPPING)
-            await terminate_run(run, self.config, self.context.sampler, self.context.settings)
+            await terminate_run(run, self.config, self.context.sampler, self.context.settings,
+                                other_groups=self.context.managed_groups() - {run.pid})
             if run.watch is not None:
                 await asyncio.wait({run.watch}, timeout=self.context.settings.exit_output_grace + 1)
             if self.run is run:                 # the watcher did not finish: end the run here
@@ -3890,6 +3915,8 @@ class Supervisor:
         self.settings = settings or SupervisorSettings()
         self.hub = hub or LogHub()
         self.registry = Registry()
+        self.file_limit: Optional[int] = None   # the daemon's soft RLIMIT_NOFILE, once it has set it
+        self.fds_at_start = 0
         self.store = StateStore(os.path.join(home, "state.json"), self.saved_entry, self.registry.runners,
                                 self.saved_header, self.settings.state_save_interval,
                                 self.settings.state_lazy_interval, clock)
@@ -3905,7 +3932,7 @@ class Supervisor:
             background=self.tasks.start, session=os.urandom(6).hex(),
             base_env=child_base_environment(os.environ if environ is None else environ),
             prepare_cgroup=self._prepare_cgroup, unready_dependencies=self.unready_dependencies,
-            wait_for_change=self.wait_for_change)
+            wait_for_change=self.wait_for_change, managed_groups=self.managed_groups)
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
 
     @property
@@ -3981,6 +4008,11 @@ class Supervisor:
                                 {"name": config.name, "existing_process": clash})
         if len(self.registry) + config.instances > MAX_PROCESSES:
             raise TooManyProcesses("at most %d processes can be managed" % MAX_PROCESSES)
+        if len(self.registry) + config.instances > self.process_room():
+            raise OutOfDescriptors("the daemon's file limit (%d descriptors) leaves no room for %d more "
+                                   "process(es): %d are managed; raise it (ulimit -n, or LimitNOFILE= "
+                                   "under systemd) and restart the daemon" % (self.file_limit, config.instances,
+                                                                              len(self.registry)))
         self._check_dependencies(config)
         ports = assign_ports(config.port, config.instances, self.registry.ports_in_use())
         members = [self._register(config, index, ports[index]) for index in range(config.instances)]
@@ -4180,6 +4212,17 @@ class Supervisor:
         return runner.id
 
     # -- persistence -----------------------------------------------------------------------------
+
+    def process_room(self) -> int:
+        """How many processes the file limit leaves room for (each may hold FDS_PER_PROCESS),
+        beside what the daemon held when it began and FD_RESERVE for connections and files."""
+        if self.file_limit is None:
+            return MAX_PROCESSES
+        return max(0, (self.file_limit - self.fds_at_start - FD_RESERVE) // FDS_PER_PROCESS)
+
+    def managed_groups(self) -> frozenset:
+        """The process groups of every running process (their leaders' pids)."""
+        return frozenset(runner.pid for runner in self.registry.runners() if runner.pid is not None)
 
     def saved_header(self) -> dict:
         return {"version": STATE_FILE_VERSION, "pmdaemon": __version__, "next_id": self.registry.next_id}
@@ -5383,6 +5426,7 @@ ERROR_WIRE_FORM: Dict[type, Tuple[int, str]] = {
     AlreadyRunning: (409, "PROCESS_ALREADY_RUNNING"),
     PortConflict: (409, "PORT_CONFLICT"),
     TooManyProcesses: (409, "TOO_MANY_PROCESSES"),
+    OutOfDescriptors: (503, "OUT_OF_DESCRIPTORS"),
     ReloadStopped: (409, "RELOAD_STOPPED"),
     CannotStart: (422, "START_FAILED"),
     NotRunning: (409, "PROCESS_NOT_RUNNING"),
@@ -7451,7 +7495,8 @@ class HttpServer:
             try:
                 sock, _ = await loop.sock_accept(listener)
             except OSError as exc:              # out of descriptors, say: try again shortly
-                log.warning("cannot accept a connection: %s", exc.strerror or exc)
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": exc})
                 await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue
             if (self.handshakes >= MAX_TLS_HANDSHAKES or self.closing
@@ -7695,6 +7740,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig):
         self.config = config
         self.lock_handle = None
+        self.file_limit: Optional[int] = None   # set by `web` once it has raised it
 
     def acquire_lock(self) -> None:
         """One daemon per home; the second names the first one's pid and exits."""
@@ -7734,7 +7780,12 @@ class Daemon:
         # The first sample after the port is bound and before children are restored: a /proc
         # that cannot be read degrades metrics, it can neither orphan children nor stop us.
         supervisor.metrics.sample()
+        supervisor.file_limit, supervisor.fds_at_start = self.file_limit, len(os.listdir("/proc/self/fd"))
         await supervisor.restore()
+        if len(supervisor.registry) > supervisor.process_room():
+            log.warning("the file limit (%d descriptors) leaves room for about %d processes and %d are "
+                        "managed: some may not start; raise it (ulimit -n, or LimitNOFILE= under systemd)",
+                        self.file_limit, supervisor.process_room(), len(supervisor.registry))
         await server.start_serving()
         sampler = asyncio.ensure_future(supervisor.metrics.run(self.config.sample_interval))
         host = self.config.host if ":" not in self.config.host else "[%s]" % self.config.host
@@ -7828,16 +7879,50 @@ def watch_children_by_pidfd(loop) -> None:
     watcher.attach_loop(loop)
 
 
-def raise_file_limit(wanted: int) -> None:
-    """Allow enough descriptors for the connection cap (soft limit up to the hard limit)."""
+def raise_file_limit(wanted: int) -> Optional[int]:
+    """Allow enough descriptors for the connection cap and the processes (soft limit up to the
+    hard limit); the soft limit now, None when unlimited or unknown."""
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         if soft != resource.RLIM_INFINITY and soft < target:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return None if soft == resource.RLIM_INFINITY else soft
     except (ImportError, ValueError, OSError):
-        pass
+        return None
+
+
+class AcceptTrouble:
+    """The event loop's exception handler: a listening socket that cannot accept (out of
+    descriptors) is said once per episode, not with a traceback per try (asyncio retries it
+    every second by itself); anything else goes to asyncio's default handler."""
+
+    def __init__(self, quiet_after: float = ACCEPT_EPISODE_GAP):
+        self.quiet_after = quiet_after
+        self._last = -math.inf
+
+    def handle(self, loop, context: dict) -> None:
+        if self._retry_after_close(context):
+            return
+        if "out of system resource" not in context.get("message", ""):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self._last > self.quiet_after:
+            exc = context.get("exception")
+            log.warning("cannot accept connections: %s; new connections wait in the backlog and "
+                        "are accepted once descriptors are free (raise the file limit: ulimit -n, "
+                        "LimitNOFILE=)", getattr(exc, "strerror", None) or exc)
+        self._last = now
+
+    @staticmethod
+    def _retry_after_close(context: dict) -> bool:
+        """asyncio's one-second retry of such an accept, still pending when the daemon closed the
+        socket at shutdown: it finds the descriptor gone (-1). Nothing is wrong; nothing to say."""
+        return (isinstance(context.get("exception"), ValueError) and "_start_serving" in repr(context.get("handle"))
+                and "Invalid file descriptor: -1" in str(context.get("exception")))
 
 
 class DaemonLogFile(logging.Handler):
@@ -8070,9 +8155,10 @@ def command_web(args: argparse.Namespace) -> int:
         log.warning("prctl(PR_SET_DUMPABLE) is not available: children of this user could read "
                     "the daemon's environment; prefer --api-key-file to $%s" % API_KEY_ENV)
     # Connections, and per managed process: 3 pipes, a pidfd, 2 log files, a held stat file.
-    raise_file_limit(config.max_connections + 8 * MAX_PROCESSES + 1024)
+    daemon.file_limit = raise_file_limit(config.max_connections + FDS_PER_PROCESS * MAX_PROCESSES + 1024)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    loop.set_exception_handler(AcceptTrouble().handle)
     watch_children_by_pidfd(loop)
     try:
         return loop.run_until_complete(daemon.run())
