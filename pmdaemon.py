@@ -1994,13 +1994,17 @@ def _write_safely(write: Callable[[List[str]], None], lines: List[bytes]) -> Non
 
 # ==============================================================================================
 # 6. Supervisor
-#    Pure policy first (restart decisions, names, ports, argv). Then the pieces, each with one
-#    job: ProcessRunner owns one process's child, tasks and timers and is the only code that
-#    changes its state (change_state, checked against TRANSITIONS); it reaches the rest only
-#    through its RunnerContext (clock, timers, spawner, announce, ...); Registry holds names, ids,
-#    groups and ports; StateStore writes state.json, coalesced; MetricsLoop samples /proc;
-#    Supervisor wires them and is what the API calls. Raises domain errors; knows no HTTP.
+#    In order: restart policy (pure), names and ports, a child's environment and argv, health
+#    checks, stopping, watch, cgroups; then the pieces, each with one job: ProcessRunner owns
+#    one process's child, tasks and timers and is the only code that changes its state
+#    (change_state, checked against TRANSITIONS); it reaches the rest only through its
+#    RunnerContext (clock, timers, spawner, announce, ...); Registry holds names, ids, groups and
+#    ports; StateStore and StateJournal keep the saved list (synced before the API answers);
+#    MetricsLoop samples /proc; Supervisor wires them and is what the API calls. Raises domain
+#    errors; knows no HTTP.
 # ==============================================================================================
+
+# -- restart policy: pure decisions, tested directly -------------------------------------------
 
 class ExitDecision(NamedTuple):
     action: str            # "restart", "stop" or "errored"
@@ -2034,6 +2038,8 @@ def decide_after_exit(config: ProcessConfig, exit_code: Optional[int], uptime_ms
     backoff = backoff_count + 1 if uptime_ms < BACKOFF_RESET_UPTIME_MS else 1
     return ExitDecision("restart", restart_delay(config, backoff), unstable, backoff, "")
 
+
+# -- names and ports of instances (a port is free: a bind, tried) ------------------------------
 
 def member_name(base: str, index: int, instances: int) -> str:
     """A group of N > 1 instances is named base-0 ... base-(N-1); a single one keeps base."""
@@ -2093,6 +2099,8 @@ def assign_ports(spec: Optional[str], instances: int, taken: set,
     return ports
 
 
+# -- what a child starts with: its environment and argv ----------------------------------------
+
 def child_base_environment(environ: Dict[str, str]) -> Dict[str, str]:
     """The daemon's environment minus its secrets: what every child inherits."""
     return {key: value for key, value in environ.items() if key not in SECRET_ENV_NAMES}
@@ -2131,53 +2139,7 @@ def build_argv(config: ProcessConfig, env: Dict[str, str]) -> List[str]:
     return [path] + list(config.args)
 
 
-def signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
-def group_alive(pgid: int, sampler: Sampler) -> bool:
-    """True while a live (non-zombie) process is in the group. Zombies count for killpg, and an
-    init that does not reap (some containers) would otherwise make every stop wait in vain."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        table = sampler.scan()
-    except OSError:                             # out of descriptors: killpg's word stands
-        return True
-    members = [pid for pid, stat in table.items() if stat.pgid == pgid]
-    sampler.fresh(table, members)               # each member's state and group as they are now
-    return any(pid in table and table[pid].pgid == pgid and table[pid].state != "Z" for pid in members)
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write a file so that a crash at any moment leaves the old or the new content. The
-    temporary file is created exclusively (never through a planted link), mode 0600."""
-    directory = os.path.dirname(path)
-    temporary = "%s.tmp-%d" % (path, os.getpid())
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temporary)                # our own leftover from a crash
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with open(descriptor, "wb", closefd=True) as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
+# -- health checks: HTTP, TCP and script probes, and their state -------------------------------
 
 @record
 class HealthState:
@@ -2313,6 +2275,31 @@ async def read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
         tail = (tail + chunk)[-keep:]
 
 
+# -- stopping: process groups, what escaped them, pids that change hands -----------------------
+
+def signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def group_alive(pgid: int, sampler: Sampler) -> bool:
+    """True while a live (non-zombie) process is in the group. Zombies count for killpg, and an
+    init that does not reap (some containers) would otherwise make every stop wait in vain."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        table = sampler.scan()
+    except OSError:                             # out of descriptors: killpg's word stands
+        return True
+    members = [pid for pid, stat in table.items() if stat.pgid == pgid]
+    sampler.fresh(table, members)               # each member's state and group as they are now
+    return any(pid in table and table[pid].pgid == pgid and table[pid].state != "Z" for pid in members)
+
+
 def open_pidfd(pid: int) -> Optional[int]:
     """A pidfd naming the process that has `pid` now (Python 3.9+, Linux 5.3+), else None."""
     if not hasattr(os, "pidfd_open"):
@@ -2410,6 +2397,8 @@ async def terminate_group(pgid: Optional[int], escaped: List[Tuple[int, int]], s
         await asyncio.sleep(poll_interval)
 
 
+# -- watch: the files a process depends on -----------------------------------------------------
+
 def file_snapshot(roots: List[str], ignore: List[str], limit: int = WATCH_MAX_FILES,
                   max_dirs: int = WATCH_MAX_DIRS) -> Dict[str, Tuple[int, int]]:
     """(mtime in ns, size) of every file under roots whose name or relative path matches no
@@ -2447,6 +2436,8 @@ def file_snapshot(roots: List[str], ignore: List[str], limit: int = WATCH_MAX_FI
                     found[entry.path] = (info.st_mtime_ns, info.st_size)
     return found
 
+
+# -- cgroups: hard memory and CPU caps ---------------------------------------------------------
 
 class Cgroups:
     """Hard memory and CPU caps for a process tree, one cgroup per process: cgroup v2 where
@@ -3532,6 +3523,31 @@ class Registry:
 
 
 # -- persistence ----------------------------------------------------------------------------------
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write a file so that a crash at any moment leaves the old or the new content. The
+    temporary file is created exclusively (never through a planted link), mode 0600."""
+    directory = os.path.dirname(path)
+    temporary = "%s.tmp-%d" % (path, os.getpid())
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)                # our own leftover from a crash
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with open(descriptor, "wb", closefd=True) as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
 
 class StateStore:
     """The saved list: state.json (a snapshot) plus state.journal (each change since, see
