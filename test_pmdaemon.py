@@ -6159,6 +6159,7 @@ def scale_row(count, clients=100):
                            interval=0, message="the new pid")
                 kills.append((time.perf_counter() - started) * 1000)
             rss_after = rss_kib(daemon.proc.pid)
+            time.sleep(5)                           # idle: after the kills' restarts have settled
             cpu_start, wall_start = cpu_seconds(daemon.proc.pid), time.monotonic()
             time.sleep(10)
             idle_cpu = (cpu_seconds(daemon.proc.pid) - cpu_start) / (time.monotonic() - wall_start) * 100
