@@ -4024,11 +4024,7 @@ class Supervisor:
                                 {"name": config.name, "existing_process": clash})
         if len(self.registry) + config.instances > MAX_PROCESSES:
             raise TooManyProcesses("at most %d processes can be managed" % MAX_PROCESSES)
-        if len(self.registry) + config.instances > self.process_room():
-            raise OutOfDescriptors("the daemon's file limit (%d descriptors) leaves no room for %d more "
-                                   "process(es): %d are managed; raise it (ulimit -n, or LimitNOFILE= "
-                                   "under systemd) and restart the daemon" % (self.file_limit, config.instances,
-                                                                              len(self.registry)))
+        self._check_room(config.instances)
         self._check_dependencies(config)
         ports = assign_ports(config.port, config.instances, self.registry.ports_in_use())
         members = [self._register(config, index, ports[index]) for index in range(config.instances)]
@@ -4228,6 +4224,21 @@ class Supervisor:
         return runner.id
 
     # -- persistence -----------------------------------------------------------------------------
+
+    def _check_room(self, instances: int) -> None:
+        """OutOfDescriptors unless the file limit has room for `instances` more processes. The
+        estimate (FDS_PER_PROCESS each) is cheap; near the limit, what is held is counted."""
+        if self.file_limit is None or len(self.registry) + instances <= self.process_room():
+            return
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:                         # not even one descriptor to list them with
+            in_use = self.file_limit
+        if in_use + FD_RESERVE + FDS_PER_PROCESS * instances <= self.file_limit:
+            return
+        raise OutOfDescriptors("the daemon's file limit (%d descriptors) leaves no room for %d more "
+                               "process(es): %d are managed; raise it (ulimit -n, or LimitNOFILE= under "
+                               "systemd) and restart the daemon" % (self.file_limit, instances, len(self.registry)))
 
     def process_room(self) -> int:
         """How many processes the file limit leaves room for (each may hold FDS_PER_PROCESS),
@@ -7896,11 +7907,18 @@ def watch_children_by_pidfd(loop) -> None:
 
 
 def raise_file_limit(wanted: int) -> Optional[int]:
-    """Allow enough descriptors for the connection cap and the processes (soft limit up to the
-    hard limit); the soft limit now, None when unlimited or unknown."""
+    """Allow enough descriptors for the connection cap and the processes: the soft limit up to
+    the hard limit, and as root the hard limit too (up to the kernel's fs.nr_open); the soft
+    limit now, None when unlimited or unknown."""
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if os.geteuid() == 0 and hard != resource.RLIM_INFINITY and hard < wanted:
+            with contextlib.suppress(OSError, ValueError):
+                with open("/proc/sys/fs/nr_open") as handle:
+                    hard = min(wanted, int(handle.read()))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         if soft != resource.RLIM_INFINITY and soft < target:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
