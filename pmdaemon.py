@@ -1323,12 +1323,16 @@ class Sampler:
         try:
             value = read()
         except (OSError, ValueError, IndexError, KeyError, OverflowError) as exc:
-            if what not in self.unreadable:
-                self.unreadable.add(what)
-                log.warning("cannot read %s from %s (%s); its metrics show 0", what, self.proc_root, exc)
+            self.note_unreadable(what, exc)
             return None
         self.unreadable.discard(what)
         return value
+
+    def note_unreadable(self, what: str, exc: Exception) -> None:
+        """Said once until it can be read again."""
+        if what not in self.unreadable:
+            self.unreadable.add(what)
+            log.warning("cannot read %s from %s (%s); its metrics show 0", what, self.proc_root, exc)
 
     def stat(self, pid: int) -> Optional[PidStat]:
         try:
@@ -3887,7 +3891,13 @@ class MetricsLoop:
         if running:
             # One listing of /proc; then the usage of just the managed trees is read, and the
             # trees are walked again in case a member left (its parent changed).
-            table = self.sampler.scan()
+            try:
+                table = self.sampler.scan()
+            except OSError as exc:              # out of descriptors: this tick goes without
+                self.sampler.note_unreadable("process list", exc)
+                self.announce("tick", self.system)
+                return
+            self.sampler.unreadable.discard("process list")
             trees = self._trees(table, running)
             if self.sampler.fresh(table, [pid for tree in trees for pid in tree]):
                 trees = self._trees(table, running)
