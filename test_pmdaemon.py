@@ -1366,7 +1366,7 @@ http.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), Handler).serve_fo
 """
 
 
-class TestSupervisionDepth(DaemonTestCase):
+class TestHealthReadinessAndLimits(DaemonTestCase):
     """Health checks, readiness, rolling reload, dependencies, limits, ports, rotation."""
 
     def events(self, client, count, name):
@@ -2562,7 +2562,10 @@ class TestRestApi(DaemonTestCase):
             self.daemon.request("DELETE", "/api/processes/" + name)
 
 
-class TestRestFixes(DaemonTestCase):
+class TestRestApiChangesAndViews(DaemonTestCase):
+    """A process changed in place (PATCH, scale, flush, delete, start that cannot start); the
+    dashboard, OpenAPI and PM2 views; hostile input answered with a 4xx and never forged into logs."""
+
     def test_patch_changes_a_process_in_place(self):
         created = self.daemon.start("up-a", "sh", ["-c", "echo v=$V; exec sleep 60"], env={"V": "1"})["process"]
         wait_until(lambda: self.daemon.last_line("up-a") == "v=1", message="the first run")
