@@ -939,7 +939,8 @@ class TestProcessRunner(unittest.TestCase):
             [runner] = await supervisor.add(self.config(script=PY, args=["-c", "raise SystemExit(3)"],
                                                         min_uptime=0, max_restarts=1000))
             self.assertEqual(supervisor.store.writes, 1)            # the creation, at once
-            await supervisor.wait_for_change(lambda: runner.auto_restarts >= 10, 15)
+            self.assertTrue(await supervisor.wait_for_change(lambda: runner.auto_restarts >= 10, 15),
+                            "the crash loop: 10 restarts")
             import asyncio
             while supervisor.store._timer is not None:              # until a look at the state ran
                 await asyncio.sleep(0.005)
@@ -1001,7 +1002,8 @@ class TestCron(unittest.TestCase):
             [runner] = await supervisor.add(pmdaemon.ProcessConfig.from_dict(
                 {"name": "cron", "script": "sleep", "args": ["30"], "cron_restart": "* * * * *"}))
             first_pid = runner.pid
-            await supervisor.wait_for_change(lambda: runner.restarts == 1 and runner.pid not in (None, first_pid), 10)
+            self.assertTrue(await supervisor.wait_for_change(
+                lambda: runner.restarts == 1 and runner.pid not in (None, first_pid), 10), "the restart at the minute")
             self.assertEqual((runner.manual_restarts, runner.state.value), (1, "online"))
             self.assertIn("cron_restart", events)
             await supervisor.shutdown()
