@@ -1163,7 +1163,358 @@ class TestRestore(unittest.TestCase):
         self.assertEqual(len([f for f in os.listdir(home) if f.startswith("state.json.rejected-")]), 1)
 
 
-# -- against a live daemon: real children, signals, health, readiness, settings ----------------
+# -- against a live daemon: what children see, signals, restarts, health, readiness ------------
+
+class TestProcessSettings(DaemonTestCase):
+    """The settings PM2 and supervisord users rely on, observed by the children themselves."""
+
+    def last(self, name, text):
+        return wait_until(lambda: self.daemon.last_line(name) if text in self.daemon.last_line(name) else None,
+                          message="%s to say %r" % (name, text))
+
+    def test_umask_and_rlimits_reach_the_child(self):
+        probe = ("import os, resource\nmask = os.umask(0)\n"
+                 "print('umask %03o nofile %s core %s' % (mask, resource.getrlimit(resource.RLIMIT_NOFILE), "
+                 "resource.getrlimit(resource.RLIMIT_CORE)), flush=True)\nimport time; time.sleep(60)")
+        self.daemon.start("set-lim", PY, ["-c", probe], umask="027", rlimits={"nofile": [256, 512], "core": 0})
+        self.assertEqual(self.last("set-lim", "umask"), "umask 027 nofile (256, 512) core (0, 0)")
+        config = self.daemon.process("set-lim")["config"]
+        self.assertEqual((config["umask"], config["rlimits"]), (0o27, {"nofile": [256, 512], "core": [0, 0]}))
+        for bad, message in (({"umask": "999"}, "field 'umask' must be octal like \"022\" (0 to 777), got string \"999\""),
+                             ({"rlimits": {"files": 1}}, "unknown rlimit 'files' (one of as, core, cpu, data, fsize, "
+                                                         "memlock, nofile, nproc, rss, stack)"),
+                             ({"rlimits": {"nofile": [10, 5]}}, "rlimit 'nofile' must be a number or [soft, hard] "
+                                                               "(-1 = unlimited, soft <= hard), got array")):
+            self.assertError(self.daemon.post("/api/processes", dict({"name": "set-bad", "script": "sleep"}, **bad)),
+                             400, "VALIDATION_ERROR", message)
+        self.daemon.request("DELETE", "/api/processes/set-lim")
+
+    def test_signal_and_stdin_reach_the_child(self):
+        echo = ("import signal, sys\nsignal.signal(signal.SIGUSR1, lambda *a: print('got USR1', flush=True))\n"
+                "print('ready', flush=True)\nfor line in sys.stdin:\n    print('read ' + line.strip(), flush=True)")
+        self.daemon.start("set-io", PY, ["-c", echo], stdin=True)
+        self.last("set-io", "ready")
+        status, _, body = self.daemon.post("/api/processes/set-io/signal", {"signal": "SIGUSR1"})
+        self.assertEqual((status, body["message"]), (200, "Signal SIGUSR1 sent to 'set-io'"))
+        self.last("set-io", "got USR1")
+        status, _, body = self.daemon.post("/api/processes/set-io/stdin", {"data": "hello child\n"})
+        self.assertEqual((status, body["message"]), (200, "12 bytes written to the stdin of 'set-io'"))
+        self.assertEqual(self.last("set-io", "read"), "read hello child")
+        self.assertError(self.daemon.post("/api/processes/set-io/signal", {"signal": "SIGNOPE"}), 400, "VALIDATION_ERROR")
+        self.daemon.start("set-noin", "sleep", ["60"])
+        self.assertError(self.daemon.post("/api/processes/set-noin/stdin", {"data": "x"}), 409, "STDIN_UNAVAILABLE",
+                         "Process 'set-noin' was not created with \"stdin\": true")
+        self.daemon.post("/api/processes/set-noin/stop")
+        self.assertError(self.daemon.post("/api/processes/set-noin/signal", {"signal": 10}), 409, "PROCESS_NOT_RUNNING")
+        for name in ("set-io", "set-noin"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+    def test_env_file_and_interpreter(self):
+        directory = tempfile.mkdtemp(prefix="pmd-set-", dir=self.daemon.home)
+        with open(os.path.join(directory, ".env"), "w") as handle:
+            handle.write("# secrets stay out of the API\nexport TOKEN='s3cret value'\nLEVEL=2\n")
+        with open(os.path.join(directory, "app.py"), "w") as handle:
+            handle.write("import os, sys, time\nprint(os.environ['TOKEN'], os.environ['LEVEL'], sys.argv[1:], "
+                         "sys.flags.optimize, flush=True)\ntime.sleep(60)\n")
+        self.daemon.start("set-env", "app.py", ["x"], cwd=directory, env_file=".env", env={"LEVEL": "3"},
+                          interpreter=PY, interpreter_args=["-O"])
+        self.assertEqual(self.last("set-env", "s3cret"), "s3cret value 3 ['x'] 1")
+        self.assertNotIn("s3cret", json.dumps(self.daemon.process("set-env")))
+        os.unlink(os.path.join(directory, ".env"))       # read at each start: a missing file is the reason
+        self.assertError(self.daemon.post("/api/processes/set-env/restart"), 422, "START_FAILED")
+        self.assertIn("env_file", self.daemon.process("set-env")["error"])
+        self.daemon.request("DELETE", "/api/processes/set-env")
+
+    def test_watch_restarts_once_after_the_debounce_and_ignores_what_it_should(self):
+        directory = tempfile.mkdtemp(prefix="pmd-watch-", dir=self.daemon.home)
+        with open(os.path.join(directory, "app.txt"), "w") as handle:
+            handle.write("v1")
+        self.daemon.start("set-watch", "sleep", ["60"], cwd=directory, watch=True, watch_delay=300,
+                          watch_ignore=["*.tmp"])
+
+        def scans():
+            return (self.daemon.process("set-watch")["watching"] or {}).get("scans", 0)
+        wait_until(lambda: scans() >= 1, message="the first look at the files")
+        for version in ("v2", "v3", "v4"):              # a burst of changes: one restart
+            with open(os.path.join(directory, "app.txt"), "w") as handle:
+                handle.write(version + " " * len(version))
+        wait_until(lambda: self.daemon.process("set-watch")["restarts"] == 1, message="the restart")
+        settled = scans()
+        wait_until(lambda: scans() >= settled + 3, message="three more looks")
+        self.assertEqual(self.daemon.process("set-watch")["restarts"], 1)
+        with open(os.path.join(directory, "scratch.tmp"), "w") as handle:   # ignored
+            handle.write("x")
+        settled = scans()
+        wait_until(lambda: scans() >= settled + 3, message="three looks after the ignored change")
+        self.assertEqual(self.daemon.process("set-watch")["restarts"], 1)
+        notes = [e["message"] for e in self.daemon.get("/api/logs/set-watch?type=stderr")[2]["logs"]]
+        self.assertIn("[pmdaemon] restarting: app.txt changed", notes)
+        self.daemon.request("DELETE", "/api/processes/set-watch")
+
+    @unittest.skipUnless(os.geteuid() == 0 and os.access("/usr/bin/python3", os.X_OK),
+                         "needs root (and a python3 every user can run) to run a child as another user")
+    def test_user_and_group(self):
+        probe = ("import os\ntry:\n    open(%r).read(); state = 'state READ'\nexcept OSError:\n    state = 'state denied'\n"
+                 "print(os.getuid(), os.getgid(), os.getgroups(), os.environ['USER'], os.environ['HOME'], state, "
+                 "flush=True)\nimport time; time.sleep(60)" % os.path.join(self.daemon.home, "state.json"))
+        self.daemon.start("set-user", "/usr/bin/python3", ["-c", probe], user="nobody", cwd="/")
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        self.assertEqual(self.last("set-user", "state"), "%d %d %s nobody %s state denied" % (
+            nobody.pw_uid, nobody.pw_gid, os.getgrouplist("nobody", nobody.pw_gid), nobody.pw_dir))
+        self.assertError(self.daemon.post("/api/processes", {"name": "set-who", "script": "sleep", "user": "no-such-user"}),
+                         400, "VALIDATION_ERROR", "no such user 'no-such-user'")
+        self.daemon.request("DELETE", "/api/processes/set-user")
+
+    def test_user_needs_a_root_daemon(self):
+        config = pmdaemon.ProcessConfig.from_dict({"name": "u", "script": "sleep", "user": "nobody"})
+        with self.assertRaises(pmdaemon.ValidationError) as caught:
+            pmdaemon.resolve_identity(config, daemon_uid=1000)
+        self.assertEqual(caught.exception.message, "running a process as another user needs the daemon to run as root")
+
+    def test_log_files_where_the_operator_wants_them(self):
+        directory = temp_dir(self, "pmd-logs-")
+        out, err = os.path.join(directory, "app.out"), os.path.join(directory, "app.err")
+        script = "echo to-out; echo to-err >&2; exec sleep 60"
+        self.daemon.start("set-files", "sh", ["-c", script], out_file=out, error_file=err)
+        wait_until(lambda: "to-err" in read_text(err) and "to-out" in read_text(out), message="both files")
+        self.assertRegex(read_text(out), r"^\d{4}-\d\d-\d\dT[0-9:.]+Z to-out\n$")
+        logs = self.daemon.get("/api/logs/set-files")[2]["logs"]
+        self.assertEqual(sorted((e["type"], e["message"]) for e in logs), [("stderr", "to-err"), ("stdout", "to-out")])
+        merged = os.path.join(directory, "merged.log")
+        self.daemon.start("set-merged", "sh", ["-c", script], out_file=merged, merge_logs=True)
+        wait_until(lambda: read_text(merged).count("\n") == 2, message="the merged file")
+        self.assertEqual(sorted(line.split(" ", 1)[1] for line in read_text(merged).splitlines()),
+                         ["stderr to-err", "stdout to-out"])
+        logs = self.daemon.get("/api/logs/set-merged?type=stderr")[2]["logs"]
+        self.assertEqual([(e["type"], e["message"]) for e in logs], [("stderr", "to-err")])
+        plain = os.path.join(directory, "plain.log")
+        self.daemon.start("set-plain", "sh", ["-c", "echo [12:00] stamped by the app; exec sleep 60"],
+                          out_file=plain, log_date_format="none")
+        wait_until(lambda: read_text(plain) == "[12:00] stamped by the app\n", message="the plain file")
+        self.assertEqual(self.daemon.get("/api/logs/set-plain?type=stdout")[2]["logs"],
+                         [{"timestamp": None, "type": "stdout", "message": "[12:00] stamped by the app"}])
+        for body, message in (({"out_file": "relative.log"}, "field 'out_file' must be an absolute, normalised "
+                                                            "file path, got 'relative.log'"),
+                              ({"out_file": "/nonexistent-dir/x.log"}, "the directory of out_file "
+                                                                        "'/nonexistent-dir/x.log' does not exist"),
+                              ({"error_file": out}, "error_file %r is another process's log or inside the "
+                                                    "daemon's home" % out),
+                              ({"log_date_format": "%H:%M"}, "field 'log_date_format' must be one of iso, none, "
+                                                            "got string \"%H:%M\"")):
+            self.assertError(self.daemon.post("/api/processes", dict({"name": "set-bad-log", "script": "sleep"}, **body)),
+                             400, "VALIDATION_ERROR", message)
+        victim = os.path.join(directory, "victim")
+        with open(victim, "w") as handle:
+            handle.write("precious\n")
+        planted = os.path.join(directory, "planted.log")
+        os.link(victim, planted)                        # a hard link where a log file will go
+        self.daemon.start("set-linked", "sh", ["-c", script], out_file=planted)
+        wait_until(lambda: self.daemon.process("set-linked")["log_write_errors"] > 0, message="the refused write")
+        self.assertEqual(read_text(victim), "precious\n")
+        self.daemon.request("DELETE", "/api/processes/set-linked")
+        self.daemon.request("DELETE", "/api/processes/set-files")
+        self.assertTrue(os.path.exists(out))            # the operator's files are theirs: kept on delete
+        for name in ("set-merged", "set-plain"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+    def test_cgroup_limits_cap_the_process_tree(self):
+        probe = ("import os\ncg = dict(line.strip().split(':', 2)[1:] for line in open('/proc/self/cgroup'))\n"
+                 "def read(controller, name):\n"
+                 "    path = cg.get(controller) or cg.get('')\n"
+                 "    sub = controller if controller in cg else ''\n"
+                 "    return open(os.path.join('/sys/fs/cgroup', sub, path.lstrip('/'), name)).read().split()[0]\n"
+                 "v1 = 'memory' in cg\n"
+                 "print('limits', read('memory', 'memory.limit_in_bytes' if v1 else 'memory.max'),"
+                 " read('cpu', 'cpu.cfs_quota_us' if v1 else 'cpu.max'), flush=True)\n"
+                 "import time; time.sleep(60)")
+        status, _, body = self.daemon.post("/api/processes", {"name": "set-cg", "script": PY, "args": ["-c", probe],
+                                                              "memory_limit": "64M", "cpu_limit": 50})
+        if status == 400:
+            self.skipTest("no writable cgroups here: " + body["error"]["message"])
+        self.assertEqual(self.last("set-cg", "limits"), "limits 67108864 50000")
+        hog = "x = bytearray(256 * 1024 * 1024)\nimport time; time.sleep(60)"      # over the cap: killed
+        self.daemon.start("set-cg-hog", PY, ["-c", hog], memory_limit="64M", autorestart=False)
+        exited = wait_until(lambda: (self.daemon.process("set-cg-hog") or {}).get("last_exit"), message="the OOM kill")
+        self.assertEqual(exited["signal"], "SIGKILL")
+        paths = pmdaemon.Cgroups(self.daemon.home).paths(self.daemon.process("set-cg")["id"])
+        self.assertTrue(paths and all(os.path.isdir(path) for path in paths), paths)
+        self.daemon.request("DELETE", "/api/processes/set-cg")
+        self.daemon.request("DELETE", "/api/processes/set-cg-hog")
+        self.assertEqual([path for path in paths if os.path.exists(path)], [])     # removed with the process
+
+    def test_namespaces_and_list_filters(self):
+        self.daemon.start("ns-api-1", "sleep", ["60"], namespace="api")
+        self.daemon.start("ns-api-2", "sleep", ["60"], namespace="api", autostart=False)
+        self.daemon.start("ns-web-1", "sleep", ["60"])
+
+        def names(query):
+            return sorted(p["name"] for p in self.daemon.get("/api/processes?" + query)[2]["processes"])
+        self.assertEqual(names("namespace=api"), ["ns-api-1", "ns-api-2"])
+        self.assertEqual(names("namespace=api&status=online"), ["ns-api-1"])
+        self.assertEqual(names("name=ns-*-1"), ["ns-api-1", "ns-web-1"])
+        self.assertError(self.daemon.get("/api/processes?colour=red"), 400, "BAD_REQUEST",
+                         "unknown query parameter 'colour' (allowed: status, namespace, name)")
+        self.assertError(self.daemon.get("/api/processes?status=asleep"), 400, "VALIDATION_ERROR")
+        status, _, body = self.daemon.post("/api/processes/ns:api/stop")       # actions on a namespace
+        self.assertEqual(status, 200, body)
+        self.assertEqual([name for name in names("status=online") if name.startswith("ns-")], ["ns-web-1"])
+        self.assertEqual(names("namespace=api&status=stopped"), ["ns-api-1", "ns-api-2"])
+        for name in ("ns-api-1", "ns-api-2", "ns-web-1"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+
+NOBODY_UID = 65534
+
+
+AS_ROOT_WITH_ANOTHER_USER = unittest.skipUnless(os.geteuid() == 0, "needs root to run a process as another user")
+
+
+class TestPathsAnAppControls(DaemonTestCase):
+    """env_file, out_file and error_file name places that an app's own user may control: links,
+    FIFOs and swapped directories must neither freeze the daemon nor lend it to that user."""
+
+    def setUp(self):
+        self.base = temp_dir(self, "pmd-paths-")
+        os.chmod(self.base, 0o755)
+        self.app = os.path.join(self.base, "app")           # the app's user's own directory
+        os.mkdir(self.app, 0o755)
+        if os.geteuid() == 0:
+            os.chown(self.app, NOBODY_UID, NOBODY_UID)
+        self.names = []
+
+    def tearDown(self):
+        for name in self.names:
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+    def create(self, name, **config):
+        body = {"name": name, "script": "/bin/sh", "args": ["-c", 'echo "G=$GREETING S=$SECRET"; exec sleep 60'],
+                "cwd": self.app}
+        body.update(config)
+        self.names.append(name)
+        status, _, data = self.daemon.post("/api/processes", body)
+        self.assertEqual(status, 201, data)
+        return data["process"]
+
+    def as_app_user(self, *paths):
+        for path in paths:
+            os.lchown(path, NOBODY_UID, NOBODY_UID)
+
+    @AS_ROOT_WITH_ANOTHER_USER
+    def test_env_file_is_read_with_the_processs_rights_and_never_through_a_link(self):
+        secret = os.path.join(self.base, "secret.env")      # root's, 0600
+        with open(secret, "w") as handle:
+            handle.write("SECRET=topsecret\n")
+        os.chmod(secret, 0o600)
+        plain = os.path.join(self.app, "plain.env")
+        with open(plain, "w") as handle:
+            handle.write("GREETING=hello\n")
+        os.symlink(secret, os.path.join(self.app, "link.env"))
+        os.symlink("/proc/self/environ", os.path.join(self.app, "environ.env"))
+        os.symlink(self.base, os.path.join(self.app, "conf"))
+        self.as_app_user(plain, os.path.join(self.app, "link.env"), os.path.join(self.app, "environ.env"),
+                         os.path.join(self.app, "conf"))
+        self.create("env-plain", user="nobody", env_file="plain.env")
+        wait_until(lambda: self.daemon.last_line("env-plain") == "G=hello S=", message="the plain env_file read")
+        refused = {
+            "env-link": ("link.env", "not a regular file with one link (a link, FIFO, device or hard link)"),
+            "env-environ": ("environ.env", "not a regular file with one link (a link, FIFO, device or hard link)"),
+            "env-dir-link": ("conf/secret.env", "%s/conf is a link or not a directory (links are not followed "
+                             "here)" % self.app),
+            "env-root-only": (secret, "Permission denied"),        # the process's own rights
+        }
+        for name, (env_file, reason) in refused.items():
+            with self.subTest(env_file=env_file):
+                process = self.create(name, user="nobody", env_file=env_file)
+                self.assertEqual(process["status"], "errored")
+                path = os.path.normpath(os.path.join(self.app, env_file))
+                self.assertEqual(process["error"], "env_file %r cannot be used: %s" % (path, reason))
+        self.assertNotIn("topsecret", json.dumps(self.daemon.get("/api/processes")[2]))
+
+    @AS_ROOT_WITH_ANOTHER_USER
+    def test_cwd_is_entered_with_the_processs_rights(self):
+        hidden = os.path.join(self.base, "hidden")          # root's, 0700: nobody cannot pass
+        os.makedirs(os.path.join(hidden, "pub"))
+        os.chmod(hidden, 0o700)
+        with open(os.path.join(hidden, "pub", "flag"), "w") as handle:
+            handle.write("ROOTONLY\n")
+        work = os.path.join(self.app, "work")
+        os.mkdir(work)
+        self.as_app_user(work)
+        self.create("cwd-swap", user="nobody", cwd=work, args=["-c", "cat flag 2>/dev/null; exec sleep 60"],
+                    autorestart=False)
+        os.rename(work, work + ".old")                       # the app's user swaps its directory
+        os.symlink(os.path.join(hidden, "pub"), work)
+        self.as_app_user(work)
+        status, _, body = self.daemon.post("/api/processes/cwd-swap/restart")
+        self.assertEqual(status, 422, body)
+        self.assertEqual(body["error"]["details"]["reason"], "cannot start '/bin/sh': the child could not enter "
+                         "its cwd %r as user 'nobody' or set its limits" % work)
+        logs = json.dumps(self.daemon.get("/api/logs/cwd-swap?lines=100")[2])
+        self.assertNotIn("ROOTONLY", logs)
+
+    def test_a_fifo_never_freezes_the_daemon(self):
+        fifo = os.path.join(self.base, "fifo")
+        os.mkfifo(fifo)
+        process = self.create("fifo-env", env_file=fifo)
+        self.assertEqual((process["status"], process["error"]), ("errored", "env_file %r cannot be used: not a "
+                         "regular file with one link (a link, FIFO, device or hard link)" % fifo))
+        out = self.create("fifo-out", out_file=fifo)
+        self.assertEqual(out["status"], "online")               # the app runs; its lines cannot be kept
+        self.assertGreaterEqual(self.daemon.process("fifo-out")["log_write_errors"], 1)
+        self.assertEqual(self.daemon.get("/api/system")[0], 200)  # and the daemon still answers
+
+    @AS_ROOT_WITH_ANOTHER_USER
+    def test_a_swapped_log_directory_leads_nowhere(self):
+        logs = os.path.join(self.app, "logs")
+        os.mkdir(logs, 0o755)
+        self.as_app_user(logs)
+        victim_dir = os.path.join(self.base, "victim")      # root's: what the swap points at
+        os.mkdir(victim_dir, 0o755)
+        victim = os.path.join(victim_dir, "out.log")
+        with open(victim, "w") as handle:
+            handle.write("ROOT\n")
+        self.create("swap", user="nobody", out_file=os.path.join(logs, "out.log"),
+                    args=["-c", "while :; do echo tick; sleep 0.05; done"])
+        wait_until(lambda: self.daemon.last_line("swap") == "tick", message="the first ticks")
+        # The app's user moves its directory away and puts a link to root's in its place.
+        os.rename(logs, logs + ".old")
+        os.symlink(victim_dir, logs)
+        self.as_app_user(logs)
+        self.assertEqual(self.daemon.request("DELETE", "/api/logs/swap")[0], 200)     # flush: files go, then anew
+        wait_until(lambda: os.path.exists(os.path.join(logs + ".old", "out.log")), message="the log begun anew")
+        self.daemon.post("/api/processes/swap/restart")
+        wait_until(lambda: self.daemon.process("swap")["log_write_errors"] >= 1, message="the swap refused")
+        self.assertEqual(sorted(os.listdir(victim_dir)), ["out.log"])
+        info = os.stat(victim)
+        self.assertEqual((read_text(victim), info.st_uid), ("ROOT\n", 0))
+
+    @AS_ROOT_WITH_ANOTHER_USER
+    def test_log_files_follow_the_processs_user_and_others_are_never_given_away(self):
+        import pwd
+        try:
+            other = pwd.getpwnam("daemon")
+        except KeyError:
+            self.skipTest("no user 'daemon' to change to")
+        logs = os.path.join(self.base, "logs")              # root's directory: files are given to the user
+        os.mkdir(logs, 0o755)
+        out = os.path.join(logs, "out.log")
+        self.create("owner", user="nobody", out_file=out)
+        wait_until(lambda: os.path.exists(out) and os.path.getsize(out) > 0, message="the first line")
+        self.assertEqual(os.stat(out).st_uid, NOBODY_UID)
+        status, _, body = self.daemon.request("PATCH", "/api/processes/owner", {"user": "daemon"})
+        self.assertEqual(status, 200, body)
+        self.daemon.post("/api/processes/owner/restart")
+        wait_until(lambda: os.stat(out).st_uid == other.pw_uid, message="the file given to the new user")
+        # A file that was there before, someone else's, is never taken over nor given away.
+        foreign = os.path.join(logs, "foreign.log")
+        with open(foreign, "w") as handle:
+            handle.write("bin's\n")
+        os.chown(foreign, 2, 2)
+        self.create("foreign", user="nobody", out_file=foreign)
+        wait_until(lambda: self.daemon.process("foreign")["log_write_errors"] >= 1, message="the write refused")
+        self.assertEqual((read_text(foreign), os.stat(foreign).st_uid), ("bin's\n", 2))
+
 
 def in_use_as_group(number):
     """Whether a process has `number` as its group or session id (so no new process can get it)."""
@@ -1640,357 +1991,6 @@ class TestStdinWrites(DaemonTestCase):
             if result[0] != 200:
                 break
         self.assertError(result, 409, "STDIN_BUSY", "Process 'stdin-busy' has not read the previous stdin write yet")
-
-
-class TestProcessSettings(DaemonTestCase):
-    """The settings PM2 and supervisord users rely on, observed by the children themselves."""
-
-    def last(self, name, text):
-        return wait_until(lambda: self.daemon.last_line(name) if text in self.daemon.last_line(name) else None,
-                          message="%s to say %r" % (name, text))
-
-    def test_umask_and_rlimits_reach_the_child(self):
-        probe = ("import os, resource\nmask = os.umask(0)\n"
-                 "print('umask %03o nofile %s core %s' % (mask, resource.getrlimit(resource.RLIMIT_NOFILE), "
-                 "resource.getrlimit(resource.RLIMIT_CORE)), flush=True)\nimport time; time.sleep(60)")
-        self.daemon.start("set-lim", PY, ["-c", probe], umask="027", rlimits={"nofile": [256, 512], "core": 0})
-        self.assertEqual(self.last("set-lim", "umask"), "umask 027 nofile (256, 512) core (0, 0)")
-        config = self.daemon.process("set-lim")["config"]
-        self.assertEqual((config["umask"], config["rlimits"]), (0o27, {"nofile": [256, 512], "core": [0, 0]}))
-        for bad, message in (({"umask": "999"}, "field 'umask' must be octal like \"022\" (0 to 777), got string \"999\""),
-                             ({"rlimits": {"files": 1}}, "unknown rlimit 'files' (one of as, core, cpu, data, fsize, "
-                                                         "memlock, nofile, nproc, rss, stack)"),
-                             ({"rlimits": {"nofile": [10, 5]}}, "rlimit 'nofile' must be a number or [soft, hard] "
-                                                               "(-1 = unlimited, soft <= hard), got array")):
-            self.assertError(self.daemon.post("/api/processes", dict({"name": "set-bad", "script": "sleep"}, **bad)),
-                             400, "VALIDATION_ERROR", message)
-        self.daemon.request("DELETE", "/api/processes/set-lim")
-
-    def test_signal_and_stdin_reach_the_child(self):
-        echo = ("import signal, sys\nsignal.signal(signal.SIGUSR1, lambda *a: print('got USR1', flush=True))\n"
-                "print('ready', flush=True)\nfor line in sys.stdin:\n    print('read ' + line.strip(), flush=True)")
-        self.daemon.start("set-io", PY, ["-c", echo], stdin=True)
-        self.last("set-io", "ready")
-        status, _, body = self.daemon.post("/api/processes/set-io/signal", {"signal": "SIGUSR1"})
-        self.assertEqual((status, body["message"]), (200, "Signal SIGUSR1 sent to 'set-io'"))
-        self.last("set-io", "got USR1")
-        status, _, body = self.daemon.post("/api/processes/set-io/stdin", {"data": "hello child\n"})
-        self.assertEqual((status, body["message"]), (200, "12 bytes written to the stdin of 'set-io'"))
-        self.assertEqual(self.last("set-io", "read"), "read hello child")
-        self.assertError(self.daemon.post("/api/processes/set-io/signal", {"signal": "SIGNOPE"}), 400, "VALIDATION_ERROR")
-        self.daemon.start("set-noin", "sleep", ["60"])
-        self.assertError(self.daemon.post("/api/processes/set-noin/stdin", {"data": "x"}), 409, "STDIN_UNAVAILABLE",
-                         "Process 'set-noin' was not created with \"stdin\": true")
-        self.daemon.post("/api/processes/set-noin/stop")
-        self.assertError(self.daemon.post("/api/processes/set-noin/signal", {"signal": 10}), 409, "PROCESS_NOT_RUNNING")
-        for name in ("set-io", "set-noin"):
-            self.daemon.request("DELETE", "/api/processes/" + name)
-
-    def test_env_file_and_interpreter(self):
-        directory = tempfile.mkdtemp(prefix="pmd-set-", dir=self.daemon.home)
-        with open(os.path.join(directory, ".env"), "w") as handle:
-            handle.write("# secrets stay out of the API\nexport TOKEN='s3cret value'\nLEVEL=2\n")
-        with open(os.path.join(directory, "app.py"), "w") as handle:
-            handle.write("import os, sys, time\nprint(os.environ['TOKEN'], os.environ['LEVEL'], sys.argv[1:], "
-                         "sys.flags.optimize, flush=True)\ntime.sleep(60)\n")
-        self.daemon.start("set-env", "app.py", ["x"], cwd=directory, env_file=".env", env={"LEVEL": "3"},
-                          interpreter=PY, interpreter_args=["-O"])
-        self.assertEqual(self.last("set-env", "s3cret"), "s3cret value 3 ['x'] 1")
-        self.assertNotIn("s3cret", json.dumps(self.daemon.process("set-env")))
-        os.unlink(os.path.join(directory, ".env"))       # read at each start: a missing file is the reason
-        self.assertError(self.daemon.post("/api/processes/set-env/restart"), 422, "START_FAILED")
-        self.assertIn("env_file", self.daemon.process("set-env")["error"])
-        self.daemon.request("DELETE", "/api/processes/set-env")
-
-    def test_watch_restarts_once_after_the_debounce_and_ignores_what_it_should(self):
-        directory = tempfile.mkdtemp(prefix="pmd-watch-", dir=self.daemon.home)
-        with open(os.path.join(directory, "app.txt"), "w") as handle:
-            handle.write("v1")
-        self.daemon.start("set-watch", "sleep", ["60"], cwd=directory, watch=True, watch_delay=300,
-                          watch_ignore=["*.tmp"])
-
-        def scans():
-            return (self.daemon.process("set-watch")["watching"] or {}).get("scans", 0)
-        wait_until(lambda: scans() >= 1, message="the first look at the files")
-        for version in ("v2", "v3", "v4"):              # a burst of changes: one restart
-            with open(os.path.join(directory, "app.txt"), "w") as handle:
-                handle.write(version + " " * len(version))
-        wait_until(lambda: self.daemon.process("set-watch")["restarts"] == 1, message="the restart")
-        settled = scans()
-        wait_until(lambda: scans() >= settled + 3, message="three more looks")
-        self.assertEqual(self.daemon.process("set-watch")["restarts"], 1)
-        with open(os.path.join(directory, "scratch.tmp"), "w") as handle:   # ignored
-            handle.write("x")
-        settled = scans()
-        wait_until(lambda: scans() >= settled + 3, message="three looks after the ignored change")
-        self.assertEqual(self.daemon.process("set-watch")["restarts"], 1)
-        notes = [e["message"] for e in self.daemon.get("/api/logs/set-watch?type=stderr")[2]["logs"]]
-        self.assertIn("[pmdaemon] restarting: app.txt changed", notes)
-        self.daemon.request("DELETE", "/api/processes/set-watch")
-
-    @unittest.skipUnless(os.geteuid() == 0 and os.access("/usr/bin/python3", os.X_OK),
-                         "needs root (and a python3 every user can run) to run a child as another user")
-    def test_user_and_group(self):
-        probe = ("import os\ntry:\n    open(%r).read(); state = 'state READ'\nexcept OSError:\n    state = 'state denied'\n"
-                 "print(os.getuid(), os.getgid(), os.getgroups(), os.environ['USER'], os.environ['HOME'], state, "
-                 "flush=True)\nimport time; time.sleep(60)" % os.path.join(self.daemon.home, "state.json"))
-        self.daemon.start("set-user", "/usr/bin/python3", ["-c", probe], user="nobody", cwd="/")
-        import pwd
-        nobody = pwd.getpwnam("nobody")
-        self.assertEqual(self.last("set-user", "state"), "%d %d %s nobody %s state denied" % (
-            nobody.pw_uid, nobody.pw_gid, os.getgrouplist("nobody", nobody.pw_gid), nobody.pw_dir))
-        self.assertError(self.daemon.post("/api/processes", {"name": "set-who", "script": "sleep", "user": "no-such-user"}),
-                         400, "VALIDATION_ERROR", "no such user 'no-such-user'")
-        self.daemon.request("DELETE", "/api/processes/set-user")
-
-    def test_user_needs_a_root_daemon(self):
-        config = pmdaemon.ProcessConfig.from_dict({"name": "u", "script": "sleep", "user": "nobody"})
-        with self.assertRaises(pmdaemon.ValidationError) as caught:
-            pmdaemon.resolve_identity(config, daemon_uid=1000)
-        self.assertEqual(caught.exception.message, "running a process as another user needs the daemon to run as root")
-
-    def test_log_files_where_the_operator_wants_them(self):
-        directory = temp_dir(self, "pmd-logs-")
-        out, err = os.path.join(directory, "app.out"), os.path.join(directory, "app.err")
-        script = "echo to-out; echo to-err >&2; exec sleep 60"
-        self.daemon.start("set-files", "sh", ["-c", script], out_file=out, error_file=err)
-        wait_until(lambda: "to-err" in read_text(err) and "to-out" in read_text(out), message="both files")
-        self.assertRegex(read_text(out), r"^\d{4}-\d\d-\d\dT[0-9:.]+Z to-out\n$")
-        logs = self.daemon.get("/api/logs/set-files")[2]["logs"]
-        self.assertEqual(sorted((e["type"], e["message"]) for e in logs), [("stderr", "to-err"), ("stdout", "to-out")])
-        merged = os.path.join(directory, "merged.log")
-        self.daemon.start("set-merged", "sh", ["-c", script], out_file=merged, merge_logs=True)
-        wait_until(lambda: read_text(merged).count("\n") == 2, message="the merged file")
-        self.assertEqual(sorted(line.split(" ", 1)[1] for line in read_text(merged).splitlines()),
-                         ["stderr to-err", "stdout to-out"])
-        logs = self.daemon.get("/api/logs/set-merged?type=stderr")[2]["logs"]
-        self.assertEqual([(e["type"], e["message"]) for e in logs], [("stderr", "to-err")])
-        plain = os.path.join(directory, "plain.log")
-        self.daemon.start("set-plain", "sh", ["-c", "echo [12:00] stamped by the app; exec sleep 60"],
-                          out_file=plain, log_date_format="none")
-        wait_until(lambda: read_text(plain) == "[12:00] stamped by the app\n", message="the plain file")
-        self.assertEqual(self.daemon.get("/api/logs/set-plain?type=stdout")[2]["logs"],
-                         [{"timestamp": None, "type": "stdout", "message": "[12:00] stamped by the app"}])
-        for body, message in (({"out_file": "relative.log"}, "field 'out_file' must be an absolute, normalised "
-                                                            "file path, got 'relative.log'"),
-                              ({"out_file": "/nonexistent-dir/x.log"}, "the directory of out_file "
-                                                                        "'/nonexistent-dir/x.log' does not exist"),
-                              ({"error_file": out}, "error_file %r is another process's log or inside the "
-                                                    "daemon's home" % out),
-                              ({"log_date_format": "%H:%M"}, "field 'log_date_format' must be one of iso, none, "
-                                                            "got string \"%H:%M\"")):
-            self.assertError(self.daemon.post("/api/processes", dict({"name": "set-bad-log", "script": "sleep"}, **body)),
-                             400, "VALIDATION_ERROR", message)
-        victim = os.path.join(directory, "victim")
-        with open(victim, "w") as handle:
-            handle.write("precious\n")
-        planted = os.path.join(directory, "planted.log")
-        os.link(victim, planted)                        # a hard link where a log file will go
-        self.daemon.start("set-linked", "sh", ["-c", script], out_file=planted)
-        wait_until(lambda: self.daemon.process("set-linked")["log_write_errors"] > 0, message="the refused write")
-        self.assertEqual(read_text(victim), "precious\n")
-        self.daemon.request("DELETE", "/api/processes/set-linked")
-        self.daemon.request("DELETE", "/api/processes/set-files")
-        self.assertTrue(os.path.exists(out))            # the operator's files are theirs: kept on delete
-        for name in ("set-merged", "set-plain"):
-            self.daemon.request("DELETE", "/api/processes/" + name)
-
-    def test_cgroup_limits_cap_the_process_tree(self):
-        probe = ("import os\ncg = dict(line.strip().split(':', 2)[1:] for line in open('/proc/self/cgroup'))\n"
-                 "def read(controller, name):\n"
-                 "    path = cg.get(controller) or cg.get('')\n"
-                 "    sub = controller if controller in cg else ''\n"
-                 "    return open(os.path.join('/sys/fs/cgroup', sub, path.lstrip('/'), name)).read().split()[0]\n"
-                 "v1 = 'memory' in cg\n"
-                 "print('limits', read('memory', 'memory.limit_in_bytes' if v1 else 'memory.max'),"
-                 " read('cpu', 'cpu.cfs_quota_us' if v1 else 'cpu.max'), flush=True)\n"
-                 "import time; time.sleep(60)")
-        status, _, body = self.daemon.post("/api/processes", {"name": "set-cg", "script": PY, "args": ["-c", probe],
-                                                              "memory_limit": "64M", "cpu_limit": 50})
-        if status == 400:
-            self.skipTest("no writable cgroups here: " + body["error"]["message"])
-        self.assertEqual(self.last("set-cg", "limits"), "limits 67108864 50000")
-        hog = "x = bytearray(256 * 1024 * 1024)\nimport time; time.sleep(60)"      # over the cap: killed
-        self.daemon.start("set-cg-hog", PY, ["-c", hog], memory_limit="64M", autorestart=False)
-        exited = wait_until(lambda: (self.daemon.process("set-cg-hog") or {}).get("last_exit"), message="the OOM kill")
-        self.assertEqual(exited["signal"], "SIGKILL")
-        paths = pmdaemon.Cgroups(self.daemon.home).paths(self.daemon.process("set-cg")["id"])
-        self.assertTrue(paths and all(os.path.isdir(path) for path in paths), paths)
-        self.daemon.request("DELETE", "/api/processes/set-cg")
-        self.daemon.request("DELETE", "/api/processes/set-cg-hog")
-        self.assertEqual([path for path in paths if os.path.exists(path)], [])     # removed with the process
-
-    def test_namespaces_and_list_filters(self):
-        self.daemon.start("ns-api-1", "sleep", ["60"], namespace="api")
-        self.daemon.start("ns-api-2", "sleep", ["60"], namespace="api", autostart=False)
-        self.daemon.start("ns-web-1", "sleep", ["60"])
-
-        def names(query):
-            return sorted(p["name"] for p in self.daemon.get("/api/processes?" + query)[2]["processes"])
-        self.assertEqual(names("namespace=api"), ["ns-api-1", "ns-api-2"])
-        self.assertEqual(names("namespace=api&status=online"), ["ns-api-1"])
-        self.assertEqual(names("name=ns-*-1"), ["ns-api-1", "ns-web-1"])
-        self.assertError(self.daemon.get("/api/processes?colour=red"), 400, "BAD_REQUEST",
-                         "unknown query parameter 'colour' (allowed: status, namespace, name)")
-        self.assertError(self.daemon.get("/api/processes?status=asleep"), 400, "VALIDATION_ERROR")
-        status, _, body = self.daemon.post("/api/processes/ns:api/stop")       # actions on a namespace
-        self.assertEqual(status, 200, body)
-        self.assertEqual([name for name in names("status=online") if name.startswith("ns-")], ["ns-web-1"])
-        self.assertEqual(names("namespace=api&status=stopped"), ["ns-api-1", "ns-api-2"])
-        for name in ("ns-api-1", "ns-api-2", "ns-web-1"):
-            self.daemon.request("DELETE", "/api/processes/" + name)
-
-
-NOBODY_UID = 65534
-
-
-AS_ROOT_WITH_ANOTHER_USER = unittest.skipUnless(os.geteuid() == 0, "needs root to run a process as another user")
-
-
-class TestPathsAnAppControls(DaemonTestCase):
-    """env_file, out_file and error_file name places that an app's own user may control: links,
-    FIFOs and swapped directories must neither freeze the daemon nor lend it to that user."""
-
-    def setUp(self):
-        self.base = temp_dir(self, "pmd-paths-")
-        os.chmod(self.base, 0o755)
-        self.app = os.path.join(self.base, "app")           # the app's user's own directory
-        os.mkdir(self.app, 0o755)
-        if os.geteuid() == 0:
-            os.chown(self.app, NOBODY_UID, NOBODY_UID)
-        self.names = []
-
-    def tearDown(self):
-        for name in self.names:
-            self.daemon.request("DELETE", "/api/processes/" + name)
-
-    def create(self, name, **config):
-        body = {"name": name, "script": "/bin/sh", "args": ["-c", 'echo "G=$GREETING S=$SECRET"; exec sleep 60'],
-                "cwd": self.app}
-        body.update(config)
-        self.names.append(name)
-        status, _, data = self.daemon.post("/api/processes", body)
-        self.assertEqual(status, 201, data)
-        return data["process"]
-
-    def as_app_user(self, *paths):
-        for path in paths:
-            os.lchown(path, NOBODY_UID, NOBODY_UID)
-
-    @AS_ROOT_WITH_ANOTHER_USER
-    def test_env_file_is_read_with_the_processs_rights_and_never_through_a_link(self):
-        secret = os.path.join(self.base, "secret.env")      # root's, 0600
-        with open(secret, "w") as handle:
-            handle.write("SECRET=topsecret\n")
-        os.chmod(secret, 0o600)
-        plain = os.path.join(self.app, "plain.env")
-        with open(plain, "w") as handle:
-            handle.write("GREETING=hello\n")
-        os.symlink(secret, os.path.join(self.app, "link.env"))
-        os.symlink("/proc/self/environ", os.path.join(self.app, "environ.env"))
-        os.symlink(self.base, os.path.join(self.app, "conf"))
-        self.as_app_user(plain, os.path.join(self.app, "link.env"), os.path.join(self.app, "environ.env"),
-                         os.path.join(self.app, "conf"))
-        self.create("env-plain", user="nobody", env_file="plain.env")
-        wait_until(lambda: self.daemon.last_line("env-plain") == "G=hello S=", message="the plain env_file read")
-        refused = {
-            "env-link": ("link.env", "not a regular file with one link (a link, FIFO, device or hard link)"),
-            "env-environ": ("environ.env", "not a regular file with one link (a link, FIFO, device or hard link)"),
-            "env-dir-link": ("conf/secret.env", "%s/conf is a link or not a directory (links are not followed "
-                             "here)" % self.app),
-            "env-root-only": (secret, "Permission denied"),        # the process's own rights
-        }
-        for name, (env_file, reason) in refused.items():
-            with self.subTest(env_file=env_file):
-                process = self.create(name, user="nobody", env_file=env_file)
-                self.assertEqual(process["status"], "errored")
-                path = os.path.normpath(os.path.join(self.app, env_file))
-                self.assertEqual(process["error"], "env_file %r cannot be used: %s" % (path, reason))
-        self.assertNotIn("topsecret", json.dumps(self.daemon.get("/api/processes")[2]))
-
-    @AS_ROOT_WITH_ANOTHER_USER
-    def test_cwd_is_entered_with_the_processs_rights(self):
-        hidden = os.path.join(self.base, "hidden")          # root's, 0700: nobody cannot pass
-        os.makedirs(os.path.join(hidden, "pub"))
-        os.chmod(hidden, 0o700)
-        with open(os.path.join(hidden, "pub", "flag"), "w") as handle:
-            handle.write("ROOTONLY\n")
-        work = os.path.join(self.app, "work")
-        os.mkdir(work)
-        self.as_app_user(work)
-        self.create("cwd-swap", user="nobody", cwd=work, args=["-c", "cat flag 2>/dev/null; exec sleep 60"],
-                    autorestart=False)
-        os.rename(work, work + ".old")                       # the app's user swaps its directory
-        os.symlink(os.path.join(hidden, "pub"), work)
-        self.as_app_user(work)
-        status, _, body = self.daemon.post("/api/processes/cwd-swap/restart")
-        self.assertEqual(status, 422, body)
-        self.assertEqual(body["error"]["details"]["reason"], "cannot start '/bin/sh': the child could not enter "
-                         "its cwd %r as user 'nobody' or set its limits" % work)
-        logs = json.dumps(self.daemon.get("/api/logs/cwd-swap?lines=100")[2])
-        self.assertNotIn("ROOTONLY", logs)
-
-    def test_a_fifo_never_freezes_the_daemon(self):
-        fifo = os.path.join(self.base, "fifo")
-        os.mkfifo(fifo)
-        process = self.create("fifo-env", env_file=fifo)
-        self.assertEqual((process["status"], process["error"]), ("errored", "env_file %r cannot be used: not a "
-                         "regular file with one link (a link, FIFO, device or hard link)" % fifo))
-        out = self.create("fifo-out", out_file=fifo)
-        self.assertEqual(out["status"], "online")               # the app runs; its lines cannot be kept
-        self.assertGreaterEqual(self.daemon.process("fifo-out")["log_write_errors"], 1)
-        self.assertEqual(self.daemon.get("/api/system")[0], 200)  # and the daemon still answers
-
-    @AS_ROOT_WITH_ANOTHER_USER
-    def test_a_swapped_log_directory_leads_nowhere(self):
-        logs = os.path.join(self.app, "logs")
-        os.mkdir(logs, 0o755)
-        self.as_app_user(logs)
-        victim_dir = os.path.join(self.base, "victim")      # root's: what the swap points at
-        os.mkdir(victim_dir, 0o755)
-        victim = os.path.join(victim_dir, "out.log")
-        with open(victim, "w") as handle:
-            handle.write("ROOT\n")
-        self.create("swap", user="nobody", out_file=os.path.join(logs, "out.log"),
-                    args=["-c", "while :; do echo tick; sleep 0.05; done"])
-        wait_until(lambda: self.daemon.last_line("swap") == "tick", message="the first ticks")
-        # The app's user moves its directory away and puts a link to root's in its place.
-        os.rename(logs, logs + ".old")
-        os.symlink(victim_dir, logs)
-        self.as_app_user(logs)
-        self.assertEqual(self.daemon.request("DELETE", "/api/logs/swap")[0], 200)     # flush: files go, then anew
-        wait_until(lambda: os.path.exists(os.path.join(logs + ".old", "out.log")), message="the log begun anew")
-        self.daemon.post("/api/processes/swap/restart")
-        wait_until(lambda: self.daemon.process("swap")["log_write_errors"] >= 1, message="the swap refused")
-        self.assertEqual(sorted(os.listdir(victim_dir)), ["out.log"])
-        info = os.stat(victim)
-        self.assertEqual((read_text(victim), info.st_uid), ("ROOT\n", 0))
-
-    @AS_ROOT_WITH_ANOTHER_USER
-    def test_log_files_follow_the_processs_user_and_others_are_never_given_away(self):
-        import pwd
-        try:
-            other = pwd.getpwnam("daemon")
-        except KeyError:
-            self.skipTest("no user 'daemon' to change to")
-        logs = os.path.join(self.base, "logs")              # root's directory: files are given to the user
-        os.mkdir(logs, 0o755)
-        out = os.path.join(logs, "out.log")
-        self.create("owner", user="nobody", out_file=out)
-        wait_until(lambda: os.path.exists(out) and os.path.getsize(out) > 0, message="the first line")
-        self.assertEqual(os.stat(out).st_uid, NOBODY_UID)
-        status, _, body = self.daemon.request("PATCH", "/api/processes/owner", {"user": "daemon"})
-        self.assertEqual(status, 200, body)
-        self.daemon.post("/api/processes/owner/restart")
-        wait_until(lambda: os.stat(out).st_uid == other.pw_uid, message="the file given to the new user")
-        # A file that was there before, someone else's, is never taken over nor given away.
-        foreign = os.path.join(logs, "foreign.log")
-        with open(foreign, "w") as handle:
-            handle.write("bin's\n")
-        os.chown(foreign, 2, 2)
-        self.create("foreign", user="nobody", out_file=foreign)
-        wait_until(lambda: self.daemon.process("foreign")["log_write_errors"] >= 1, message="the write refused")
-        self.assertEqual((read_text(foreign), os.stat(foreign).st_uid), ("bin's\n", 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3338,230 +3338,7 @@ class TestHostAndOrigin(DaemonTestCase):
 # 10. Server glue
 # ----------------------------------------------------------------------------------------------
 
-# -- HTTP connections: admission, keep-alive, pipelining, bodies, deadlines, learned answers ---
-
-def read_one_response(sock, head_only=False):
-    """One HTTP response from a blocking socket: its exact bytes (Content-Length framed, or
-    until the server closes)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = re.search(rb"\r\nContent-Length: (\d+)", head)
-    wanted = 0 if head_only or length is None else int(length.group(1))
-    while len(body) < wanted:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
-class TestHttpConnection(unittest.TestCase):
-    """One connection's admission, loop, deadline and send(), over a real socket pair."""
-
-    def on_connection(self, scenario):
-        import asyncio
-        home = tempfile.mkdtemp(prefix="pmd-conn-")
-        self.addCleanup(shutil.rmtree, home, True)
-
-        async def main():
-            settings = pmdaemon.DaemonConfig(port=0, home=home, host="127.0.0.1")
-            server = pmdaemon.HttpServer(pmdaemon.Api(pmdaemon.Supervisor(home), pmdaemon.AccessPolicy(None)),
-                                         None, settings)
-            ours, theirs = socket.socketpair()
-            theirs.settimeout(5)
-            reader, writer = await asyncio.open_connection(sock=ours)
-            try:
-                return await scenario(server, pmdaemon.HttpConnection(server, reader, writer), theirs)
-            finally:
-                writer.close()
-                theirs.close()
-                server.peer_users.close()
-        return run_async(main())
-
-    @staticmethod
-    async def answers(writer_closed, client):
-        """All the client receives until the connection is closed."""
-        import asyncio
-        writer_closed()
-        await asyncio.sleep(0.05)                   # the transport closes on the next turn of the loop
-        data = b""
-        for chunk in iter(lambda: client.recv(65536), b""):
-            data += chunk
-        return data
-
-    def test_admission_outcomes(self):
-        head = pmdaemon.parse_head
-
-        async def scenario(server, connection, client):
-            self.assertIs(connection._admit(head(b"GET /api/processes HTTP/1.1\r\nHost: localhost")),
-                          pmdaemon.NOTHING_RESERVED)
-            for text, status in ((b"OPTIONS /api/processes HTTP/1.1\r\nHost: localhost", 204),
-                                 (b"GET /nowhere HTTP/1.1\r\nHost: localhost", 404)):
-                outcome = connection._admit(head(text))
-                self.assertIsInstance(outcome, pmdaemon.AnsweredFromHead)
-                self.assertEqual(outcome.response.status, status)
-            post = head(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: 10\r\nExpect: 100-continue")
-            connection.admission = connection._admit(post)
-            self.assertEqual((connection.admission, server.body_memory), (pmdaemon.Admitted(10), 10))
-            self.assertEqual(client.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
-            connection._release_body_budget()
-            self.assertEqual((connection.admission, server.body_memory), (None, 0))
-            with self.assertRaises(pmdaemon.HttpError) as caught:       # a body is never read for a refusal
-                connection._admit(head(b"POST /nowhere HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5"))
-            self.assertEqual(caught.exception.status, 404)
-        self.on_connection(scenario)
-
-    def test_requests_in_order_then_nothing_held(self):
-        async def scenario(server, connection, client):
-            client.sendall(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n"
-                           b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n"
-                           b"POST /api/processes/none/stop HTTP/1.1\r\nHost: localhost\r\n"
-                           b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-            client.shutdown(socket.SHUT_WR)
-            self.assertIsNone(await connection.run())
-            self.assertEqual((server.body_memory, server.deadlines, connection.admission), (0, set(), None))
-            data = await self.answers(connection.writer.close, client)
-            self.assertEqual(re.findall(rb"HTTP/1.1 (\d+) ", data), [b"200", b"204", b"404"])
-        self.on_connection(scenario)
-
-    def test_a_late_request_is_told_408_when_its_deadline_passes(self):
-        import asyncio
-
-        async def scenario(server, connection, client):
-            client.sendall(b"GET /api/system HTTP/1.1\r\nHo")
-            running = asyncio.ensure_future(connection.run())
-            await asyncio.sleep(0.05)
-            self.assertEqual(connection.phase, pmdaemon.HEAD)
-            connection.expire()
-            self.assertIsNone(await running)
-            data = await self.answers(lambda: None, client)
-            self.assertTrue(data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data)
-            self.assertIn(b"\r\nConnection: close\r\n", data)
-        self.on_connection(scenario)
-
-
-class TestRepeatedAnswers(unittest.TestCase):
-    """The fast path for a head seen before answers exactly what the full path answers."""
-
-    CORPUS = [
-        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n",
-        b"GET /api/system HTTP/1.1\r\nHost: 127.0.0.1:9615\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
-        b"HEAD /api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n",
-        b"GET /api/processes HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost:3000\r\n\r\n",
-        b"\r\nGET /api/system HTTP/1.1\r\nhost: [::1]\r\n\r\n",
-        b"GET http://localhost/api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\nHost: localhost\n\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
-        b"GET /api/processes?status=online HTTP/1.1\r\nHost: localhost\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-        b"GET /api/processes HTTP/1.0\r\nHost: localhost\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: evil.example\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://evil.example\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://a\r\nOrigin: http://b\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nHost: other\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"GET /api/processes/none HTTP/1.1\r\nHost: localhost\r\n\r\n",
-        b"GET /api/processes/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
-        b"POST /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nBad Header: x\r\n\r\n",
-        b"GET /api/processes HTTP/2.0\r\nHost: localhost\r\n\r\n",
-        b"OPTIONS /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
-    ]
-    LEARNED = {0, 1, 2, 3, 4, 5, 6, 7, 8}
-    KEYED_CORPUS = [
-        b"GET /api/processes HTTP/1.1\r\nHost: anything\r\nX-API-Key: the-key\r\n\r\n",
-        b"GET /api/system HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer read-key\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: anything\r\nX-API-Key: the-kez\r\n\r\n",
-        b"GET /api/processes HTTP/1.1\r\nHost: anything\r\n\r\n",
-    ]
-
-    def exchange(self, corpus, **config):
-        """Each head twice on one connection (a new one when the first answer closed it):
-        [(first answer, second answer)], and the heads the server learned."""
-        import asyncio
-        home = temp_dir(self, "pmd-fast-")
-
-        async def scenario():
-            supervisor = pmdaemon.Supervisor(home)
-            settings = pmdaemon.DaemonConfig(port=0, home=home, host="127.0.0.1", **config)
-            policy = pmdaemon.AccessPolicy(settings.api_key, cors_origins=("http://localhost:3000",),
-                                           read_keys=settings.read_keys)
-            server = pmdaemon.HttpServer(pmdaemon.Api(supervisor, policy), None, settings)
-            port = await server.bind()
-            await server.start_serving()
-            loop = asyncio.get_event_loop()
-            answers = await loop.run_in_executor(None, self.send_corpus, port, corpus)
-            await server.close()
-            return answers, set(server.repeated[False].plans)
-        return run_async(scenario())
-
-    @staticmethod
-    def send_corpus(port, corpus):
-        answers = []
-        for head in corpus:
-            head_only = head.startswith(b"HEAD")
-            pair = []
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            for _ in range(2):
-                sock.sendall(head)
-                answer = read_one_response(sock, head_only)
-                pair.append(answer)
-                if b"\r\nConnection: close\r\n" in answer or not answer.startswith(b"HTTP/1.1 200"):
-                    sock.close()
-                    if len(pair) == 1:      # only for a second round: one unused meets a closing server
-                        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.close()
-            answers.append(pair)
-        return answers
-
-    def assertSameAnswers(self, corpus, answers):
-        for head, (first, second) in zip(corpus, answers):
-            self.assertTrue(first.startswith(b"HTTP/1.1 "), (head, first))
-            self.assertEqual(re.sub(rb"Date: [^\r]+", b"", first), re.sub(rb"Date: [^\r]+", b"", second), head)
-
-    def test_learned_heads_are_answered_as_the_full_path_answers(self):
-        answers, learned = self.exchange(self.CORPUS)
-        self.assertSameAnswers(self.CORPUS, answers)
-        self.assertEqual(learned, {self.CORPUS[index] for index in self.LEARNED})
-        by_head = dict(zip(self.CORPUS, answers))
-        self.assertIn(b"\r\nAccess-Control-Allow-Origin: http://localhost:3000\r\nVary: Origin\r\n",
-                      by_head[self.CORPUS[4]][1])
-        self.assertTrue(by_head[self.CORPUS[2]][1].endswith(b"\r\n\r\n"))          # HEAD: no body
-        self.assertIn(b"\r\nConnection: keep-alive\r\n", by_head[self.CORPUS[3]][1])
-        self.assertTrue(by_head[self.CORPUS[12]][1].startswith(b"HTTP/1.1 403"))
-
-    def test_with_keys_only_admitted_heads_are_learned(self):
-        answers, learned = self.exchange(self.KEYED_CORPUS, api_key="the-key", read_keys=("read-key",))
-        self.assertSameAnswers(self.KEYED_CORPUS, answers)
-        self.assertEqual(learned, set(self.KEYED_CORPUS[:2]))
-        self.assertEqual([status_of(pair[1]) for pair in answers], [200, 200, 401, 401])
-
-    def test_bounded_and_oldest_forgotten(self):
-        answers = pmdaemon.RepeatedAnswers(limit=2, max_head=60)
-        heads = [b"GET /api/system HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % port for port in (1, 2, 3)]
-        for head in heads + [b"GET /api/system HTTP/1.1\r\nHost: localhost\r\nX-Padding: %s\r\n\r\n" % b"x" * 40]:
-            request = parse_all(head)[0][0]
-            request.route = pmdaemon.Route("GET", None, None, snapshot=lambda: b"{}")
-            answers.learn(head, request, pmdaemon.Response(200, b"{}"), keep_alive=True)
-        self.assertEqual(list(answers.plans), heads[1:])
-        self.assertIsNone(answers.answer(heads[0], b"date"))
-        self.assertTrue(answers.answer(heads[2], b"date").endswith(b"\r\n\r\n{}"))
-        big = b"[%s]" % b",".join([b"1"] * 40000)                 # past what a plan keeps: rendered each time
-        request = parse_all(heads[0])[0][0]
-        request.route = pmdaemon.Route("GET", None, None, snapshot=lambda: big)
-        answers.learn(heads[0], request, pmdaemon.Response(200, big), keep_alive=True)
-        for _ in range(2):
-            self.assertEqual(answers.answer(heads[0], b"date"), pmdaemon.serialize_response(
-                pmdaemon.Response(200, big), b"date", True))
-
+# -- HTTP serving against a live daemon: keep-alive, pipelining, bodies, deadlines -------------
 
 class TestHttpServerBehaviour(DaemonTestCase):
     def test_pipelined_requests_are_answered_in_order(self):
@@ -3882,367 +3659,6 @@ class TestTlsReload(unittest.TestCase):
         shutil.copy(two_key, key)                   # now the pair matches
         daemon.proc.send_signal(signal.SIGUSR1)
         wait_until(lambda: served() == read_text(two_cert), message="the new certificate")
-
-
-# -- WebSocket sessions against a live daemon --------------------------------------------------
-
-def flood_script(go_file, lines=16000):
-    """A child that waits for go_file, then prints `lines` lines of ~220 bytes (3.5 MB, more
-    than a WebSocket client's send buffer and socket buffers together) at full speed."""
-    return ("import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
-            "for i in range(%d): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % (go_file, lines))
-
-
-def wait_for_flood(daemon, name, lines=16000):
-    """Until the daemon has logged the flood's last line; generous, since it depends on the box."""
-    wait_until(lambda: daemon.last_line(name).endswith(" %d" % (lines - 1)), timeout=60, interval=0.1,
-               message="the whole flood")
-
-
-class WsClient:
-    """A blocking WebSocket client for the tests, speaking through pmdaemon's WsProtocol (the
-    client's side). Pings are not answered unless a test sends the pong itself."""
-
-    def __init__(self, port, path="/ws", headers=None, timeout=10, receive_buffer=None):
-        self.sock = socket.socket()
-        if receive_buffer:              # a small window makes a client that stops reading visible
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        self.sock.settimeout(timeout)
-        self.sock.connect(("127.0.0.1", port))
-        request, key = pmdaemon.client_handshake(path, "127.0.0.1:%d" % port, headers)
-        self.sock.sendall(request)
-        buffer = b""
-        while b"\r\n\r\n" not in buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                break
-            buffer += chunk
-        head, _, rest = buffer.partition(b"\r\n\r\n")
-        self.head = head.decode("latin-1")
-        self.status = pmdaemon.check_handshake_reply(head, key)
-        self.protocol = pmdaemon.WsProtocol(client=True)
-        self.events = collections.deque()
-        if self.status == 101:
-            self.events.extend(self.protocol.receive_data(rest))
-        else:
-            length = int(self.head.lower().split("content-length: ")[1].split("\r\n")[0])
-            while len(rest) < length:
-                rest += self.sock.recv(65536)
-            self.body = json.loads(rest[:length].decode())
-
-    def send(self, opcode, payload=b"", fin=True):
-        self.sock.sendall(pmdaemon.encode_frame(opcode, payload, fin, os.urandom(4)))
-
-    def send_json(self, value):
-        self.send(1, json.dumps(value).encode())
-
-    def recv(self):
-        """The next WsEvent (kind, data) from the server."""
-        while not self.events:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("connection closed")
-            self.events.extend(self.protocol.receive_data(chunk))
-        return self.events.popleft()
-
-    def recv_message(self, wanted=None, timeout=10, match=lambda message: True):
-        """The next JSON message of type `wanted` that satisfies match (others are skipped)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            event = self.recv()
-            if event.kind == "text":
-                message = json.loads(event.data)
-                if (wanted is None or message["type"] == wanted) and match(message):
-                    return message
-        raise AssertionError("no %s message within %s s" % (wanted, timeout))
-
-    def recv_close(self, timeout=10):
-        """The close code the server sends (skipping data frames), None for a close without one."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            event = self.recv()
-            if event.kind == "close":
-                return None if event.data[0] == 1005 else event.data[0]
-        raise AssertionError("no close frame")
-
-    def close(self):
-        self.sock.close()
-
-
-class TestWebSocket(DaemonTestCase):
-    daemon_args = ("--ws-slow-grace", "0.5")
-
-    def connect(self, **kwargs):
-        return self.ws(**kwargs)
-
-    def test_connect_receives_current_state_at_once(self):
-        self.daemon.start("ws-a", "sleep", ["60"])
-        client = self.connect()
-        self.assertEqual(client.status, 101)
-        update = client.recv_message("process_update", timeout=2, match=lambda m: m["data"]["name"] == "ws-a")
-        self.assertEqual(update["data"]["status"], "online")
-        self.assertTrue({"id", "name", "status", "pid", "cpu", "memory", "timestamp"} <= set(update["data"]))
-        system = client.recv_message("system_update", timeout=2)
-        self.assertTrue({"cpu", "memory", "load", "timestamp"} <= set(system["data"]))
-        self.assertEqual(set(system["data"]["memory"]), {"usage_percent", "used"})
-        self.daemon.request("DELETE", "/api/processes/ws-a")
-
-    def test_a_tick_carries_only_the_processes_that_changed(self):
-        self.daemon.start("ws-quiet", "sleep", ["60"])
-        self.daemon.start("ws-busy", PY, ["-c", "while True: pass"])
-        client = self.connect()
-        counts = {"ws-quiet": 0, "ws-busy": 0}
-        ticks = 0
-        for _ in range(3):                              # the state on connect; the new ones settle
-            client.recv_message("system_update")
-        while ticks < 6:                                # then six ticks of 0.2 s
-            message = client.recv_message()
-            if message["type"] == "system_update":
-                ticks += 1
-            elif message["type"] == "process_update" and message["data"]["name"] in counts:
-                counts[message["data"]["name"]] += 1
-        # A sleeping process whose pid, status, cpu and memory stay the same is not repeated; a
-        # busy one's cpu moves. (Every 30 s a tick carries every process, for lossy clients.)
-        self.assertEqual(counts["ws-quiet"], 0, counts)
-        self.assertGreaterEqual(counts["ws-busy"], 3, counts)
-        self.daemon.request("DELETE", "/api/processes/ws-quiet")
-        self.daemon.request("DELETE", "/api/processes/ws-busy")
-
-    def test_process_events_and_updates_on_change(self):
-        client = self.connect()
-        self.daemon.start("ws-b", "sleep", ["60"])
-        started = client.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-b")
-        self.assertEqual(started["data"]["event"], "started")
-        self.assertRegex(started["data"]["timestamp"], r"Z$")
-        self.daemon.post("/api/processes/ws-b/stop")
-        client.recv_message("process_update", match=lambda m: m["data"]["name"] == "ws-b"
-                            and m["data"]["status"] == "stopped")
-        client.recv_message("process_event", match=lambda m: m["data"]["event"] == "stopped")
-        self.daemon.request("DELETE", "/api/processes/ws-b")
-        client.recv_message("process_event", match=lambda m: m["data"]["event"] == "deleted"
-                            and m["data"]["process"] == "ws-b")
-
-    def test_exit_and_crash_events_carry_the_exit_code(self):
-        client = self.connect()
-        self.daemon.start("ws-c", PY, ["-c", "raise SystemExit(7)"], autorestart=False)
-        exited = client.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-c"
-                                     and m["data"]["event"] == "exited")
-        self.assertEqual((exited["data"]["exit_code"], exited["data"]["signal"]), (7, None))
-        client.recv_message("process_event", match=lambda m: m["data"]["event"] == "crashed")
-        self.daemon.request("DELETE", "/api/processes/ws-c")
-
-    def test_log_subscription_delivers_new_lines(self):
-        script = "import sys, time\nfor line in sys.stdin: pass\n" \
-                 "while True:\n    print('tick', flush=True); time.sleep(0.1)"
-        self.daemon.start("ws-log", PY, ["-c", script])
-        client = self.connect()
-        client.send_json({"type": "subscribe", "channel": "logs", "process": "ws-log"})
-        ack = client.recv_message("subscribed")
-        self.assertRegex(ack["data"].pop("timestamp"), r"Z$")
-        self.assertEqual(ack["data"], {"channel": "logs", "process": "ws-log"})
-        line = client.recv_message("log")
-        self.assertEqual(line["data"]["process"], "ws-log")
-        self.assertEqual(line["data"]["message"], "tick")
-        self.assertEqual(line["data"]["type"], "stdout")
-        client.send_json({"type": "subscribe", "channel": "logs", "process": "nobody"})
-        error = client.recv_message("error")
-        self.assertEqual(error["data"]["code"], "PROCESS_NOT_FOUND")
-        client.send_json({"type": "unsubscribe", "channel": "logs", "process": "ws-log"})
-        client.recv_message("unsubscribed")
-        seen = []
-        while seen.count("system_update") < 4:            # four ticks (0.8 s) of a 10 lines/s process
-            seen.append(client.recv_message()["type"])
-        self.assertNotIn("log", seen)
-        self.daemon.request("DELETE", "/api/processes/ws-log")
-
-    def test_malformed_commands_get_errors_and_the_connection_stays(self):
-        client = self.connect()
-        client.send(1, b"not json")
-        error = client.recv_message("error")["data"]
-        self.assertEqual(error["code"], "INVALID_JSON")
-        self.assertTrue(error["message"].startswith("invalid JSON"))
-        client.send_json({"type": "launch"})
-        self.assertEqual(client.recv_message("error")["data"]["message"],
-                         "unknown command type 'launch' (subscribe, unsubscribe, filter, ping)")
-        client.send_json({"type": "ping"})
-        client.recv_message("pong")
-
-    def test_filter_limits_what_a_client_receives(self):
-        client = self.connect()
-        client.send_json({"type": "filter", "types": ["process_event"]})
-        client.recv_message("filtered")
-        self.daemon.start("ws-f", "sleep", ["60"])
-        message = client.recv_message()
-        self.assertEqual(message["type"], "process_event")
-        self.daemon.request("DELETE", "/api/processes/ws-f")
-
-    def test_a_command_that_cannot_run_gets_its_code_and_the_session_stays(self):
-        client = self.connect()
-        for command, code, text in (
-                ({"type": "dance"}, "INVALID_COMMAND", "unknown command type 'dance' (subscribe, unsubscribe, filter, ping)"),
-                ({"type": "subscribe", "channel": "news"}, "INVALID_COMMAND", "unknown channel 'news'; the channel is 'logs'"),
-                ({"type": "subscribe", "channel": "logs", "process": "nope"}, "PROCESS_NOT_FOUND", "Process 'nope' not found")):
-            client.send_json(command)
-            error = client.recv_message("error")["data"]
-            self.assertEqual((error["code"], error["message"]), (code, text))
-        client.send_json({"type": "ping"})
-        client.recv_message("pong")
-
-    def test_the_101_carries_cors_headers_like_any_answer(self):
-        own = "http://127.0.0.1:%d" % self.daemon.port
-        client = self.connect(headers={"Origin": own})
-        self.assertEqual(client.status, 101)
-        self.assertIn("\r\nAccess-Control-Allow-Origin: %s\r\nVary: Origin" % own, client.head)
-        self.assertNotIn("Connection: close", client.head)
-        self.assertNotIn("Content-Length", client.head)
-
-    def test_protocol_violation_closes_with_its_code(self):
-        client = self.connect()
-        client.sock.sendall(pmdaemon.encode_frame(1, b"unmasked"))
-        self.assertEqual(client.recv_close(), 1002)
-        client2 = self.connect()
-        client2.send(1, b"\xff\xfe")
-        self.assertEqual(client2.recv_close(), 1007)
-
-    def test_ping_gets_pong_and_close_is_echoed(self):
-        client = self.connect()
-        client.send(9, b"hello")
-        while True:
-            event = client.recv()
-            if event.kind == "pong":
-                break
-        self.assertEqual(event.data, b"hello")
-        client.send(8, struct.pack("!H", 1000))
-        self.assertEqual(client.recv_close(), 1000)
-
-    def test_bad_handshakes(self):
-        self.assertEqual(self.connect(headers={"Sec-WebSocket-Version": "8"}).status, 426)
-        bad = self.connect(headers={"Sec-WebSocket-Key": "short"})
-        self.assertEqual((bad.status, bad.body["error"]["code"]), (400, "BAD_REQUEST"))
-        self.assertEqual(self.connect(headers={"Origin": "https://evil.example"}).status, 403)
-        status, _, body = self.daemon.get("/ws")
-        self.assertEqual((status, body["error"]["message"]), (400, "expected 'Upgrade: websocket' and 'Connection: Upgrade'"))
-        self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 403)
-        self.assertEqual(self.connect(headers={"Origin": "http://127.0.0.1:%d" % self.daemon.port}).status, 101)
-
-    def assertClosedAfterItsQueue(self, client):
-        """A slow client reads what was queued for it (bounded), then a 1008 close."""
-        received, code = 0, None
-        while code is None:
-            event = client.recv()
-            if event.kind == "close":
-                code = event.data[0]
-            else:
-                received += len(event.data.encode() if event.kind == "text" else event.data)
-        self.assertEqual(code, 1008)
-        self.assertLess(received, 3 * pmdaemon.WS_SEND_BUFFER)
-
-    def test_a_client_that_stops_reading_does_not_hold_up_others(self):
-        go = os.path.join(self.daemon.home, "go")
-        self.daemon.start("ws-flood", PY, ["-c", flood_script(go)])
-        stalled = self.connect(receive_buffer=65536)
-        stalled.send_json({"type": "subscribe", "channel": "logs", "process": "ws-flood"})
-        reader = self.connect()
-        reader.send_json({"type": "ping"})
-        reader.recv_message("pong")                 # both sessions are set up
-        open(go, "w").close()                       # 3.5 MB of log lines for the stalled client
-        wait_for_flood(self.daemon, "ws-flood")
-        self.daemon.start("ws-after", "sleep", ["60"])
-        reader.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-after")
-        for _ in range(4):                          # 4 ticks of 0.2 s: past the 0.5 s grace
-            reader.recv_message("system_update")
-        # The stalled client is closed after the grace: what was queued, then 1008, never 3.5 MB.
-        self.assertClosedAfterItsQueue(stalled)
-        for name in ("ws-flood", "ws-after"):
-            self.daemon.request("DELETE", "/api/processes/" + name)
-
-
-class TestWsSessionBounds(unittest.TestCase):
-    """A WsSession on a real socket pair, in-process, so what it holds can be looked at."""
-
-    def test_pongs_count_against_the_send_buffer(self):
-        import asyncio
-
-        async def scenario():
-            server_end, client_end = socket.socketpair()
-            server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-            reader, writer = await asyncio.open_connection(sock=server_end)
-            told = asyncio.Event()
-            session = pmdaemon.WsSession(reader, writer, pmdaemon.WsProtocol(), lambda s, e: told.set(),
-                                         send_buffer=65536, ping_interval=3600, slow_grace=3600)
-            running = asyncio.ensure_future(session.run())
-            client_end.setblocking(False)
-            flood = client_frame(9, b"p" * 125) * 20000 + client_frame(1, b"done")   # 2.5 MB of pongs
-            await asyncio.get_event_loop().sock_sendall(client_end, flood)        # never reading
-            await asyncio.wait_for(told.wait(), 20)
-            held = writer.transport.get_write_buffer_size()
-            session.fail(1000)
-            client_end.close()
-            await asyncio.wait_for(running, 10)
-            return held
-        held = run_async(scenario())
-        self.assertLessEqual(held, 65536 + 200)          # the bound, plus at most one frame
-
-
-class TestWebSocketLagging(DaemonTestCase):
-    daemon_args = ("--ws-slow-grace", "60")         # a lagging reader here is never closed
-
-    def test_a_reader_that_falls_behind_is_told_how_many_lines_it_lost(self):
-        go = os.path.join(self.daemon.home, "go-lag")
-        self.daemon.start("ws-lag", PY, ["-c", flood_script(go)])
-        lagging = self.ws(receive_buffer=65536)
-        lagging.send_json({"type": "subscribe", "channel": "logs", "process": "ws-lag"})
-        lagging.recv_message("subscribed")
-        open(go, "w").close()
-        wait_for_flood(self.daemon, "ws-lag")
-        lines = 0                                   # now read everything: lines, then the report
-        while True:
-            message = lagging.recv_message()
-            if message["type"] == "log":
-                lines += 1
-            elif message["type"] == "dropped":
-                break
-        self.assertGreater(message["data"]["log_lines"], 0)
-        self.assertLess(lines, 16000)
-        self.daemon.request("DELETE", "/api/processes/ws-lag")
-
-
-class TestWebSocketKeepalive(DaemonTestCase):
-    daemon_args = ("--ws-ping-interval", "0.15", "--ws-pong-timeout", "0.5", "--max-connections", "6")
-
-    def test_server_pings_and_closes_a_silent_client(self):
-        client = self.ws()
-        while True:
-            event = client.recv()
-            if event.kind == "ping":
-                break
-        self.assertEqual(len(event.data), 4)
-        self.assertEqual(client.recv_close(timeout=5), 1008)
-
-    def test_a_client_that_answers_pings_stays(self):
-        client = self.ws()
-        pongs = 0
-        deadline = time.monotonic() + 0.8                 # past the pong timeout: it would be closed
-        while time.monotonic() < deadline:
-            client.sock.settimeout(2)
-            event = client.recv()
-            self.assertNotEqual(event.kind, "close")
-            if event.kind == "ping":
-                client.send(10, event.data)
-                pongs += 1
-        self.assertGreaterEqual(pongs, 2)
-
-    def test_connection_cap_answers_503(self):
-        held = [socket.create_connection(("127.0.0.1", self.daemon.port)) for _ in range(6)]
-        try:
-            wait_until(lambda: status_of(self.daemon.raw(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n",
-                                                         read_timeout=2)) == 503, message="503 at the cap")
-        finally:
-            for sock in held:
-                sock.close()
-        wait_until(lambda: self.daemon.get("/api/system")[0] == 200, message="service after the cap")
 
 
 # -- the Daemon: its home, its code cache, its state across restarts, its shutdown -------------
@@ -4624,6 +4040,592 @@ class TestDaemonLifecycle(unittest.TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn(("another daemon (pid %d) is already running" % first.proc.pid).encode(), result.stderr)
         first.terminate()
+
+
+# -- WebSocket sessions ------------------------------------------------------------------------
+
+def flood_script(go_file, lines=16000):
+    """A child that waits for go_file, then prints `lines` lines of ~220 bytes (3.5 MB, more
+    than a WebSocket client's send buffer and socket buffers together) at full speed."""
+    return ("import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n"
+            "for i in range(%d): print('x' * 200, i)\nsys.stdout.flush()\ntime.sleep(60)" % (go_file, lines))
+
+
+def wait_for_flood(daemon, name, lines=16000):
+    """Until the daemon has logged the flood's last line; generous, since it depends on the box."""
+    wait_until(lambda: daemon.last_line(name).endswith(" %d" % (lines - 1)), timeout=60, interval=0.1,
+               message="the whole flood")
+
+
+class WsClient:
+    """A blocking WebSocket client for the tests, speaking through pmdaemon's WsProtocol (the
+    client's side). Pings are not answered unless a test sends the pong itself."""
+
+    def __init__(self, port, path="/ws", headers=None, timeout=10, receive_buffer=None):
+        self.sock = socket.socket()
+        if receive_buffer:              # a small window makes a client that stops reading visible
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        request, key = pmdaemon.client_handshake(path, "127.0.0.1:%d" % port, headers)
+        self.sock.sendall(request)
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        self.head = head.decode("latin-1")
+        self.status = pmdaemon.check_handshake_reply(head, key)
+        self.protocol = pmdaemon.WsProtocol(client=True)
+        self.events = collections.deque()
+        if self.status == 101:
+            self.events.extend(self.protocol.receive_data(rest))
+        else:
+            length = int(self.head.lower().split("content-length: ")[1].split("\r\n")[0])
+            while len(rest) < length:
+                rest += self.sock.recv(65536)
+            self.body = json.loads(rest[:length].decode())
+
+    def send(self, opcode, payload=b"", fin=True):
+        self.sock.sendall(pmdaemon.encode_frame(opcode, payload, fin, os.urandom(4)))
+
+    def send_json(self, value):
+        self.send(1, json.dumps(value).encode())
+
+    def recv(self):
+        """The next WsEvent (kind, data) from the server."""
+        while not self.events:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.events.extend(self.protocol.receive_data(chunk))
+        return self.events.popleft()
+
+    def recv_message(self, wanted=None, timeout=10, match=lambda message: True):
+        """The next JSON message of type `wanted` that satisfies match (others are skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            event = self.recv()
+            if event.kind == "text":
+                message = json.loads(event.data)
+                if (wanted is None or message["type"] == wanted) and match(message):
+                    return message
+        raise AssertionError("no %s message within %s s" % (wanted, timeout))
+
+    def recv_close(self, timeout=10):
+        """The close code the server sends (skipping data frames), None for a close without one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            event = self.recv()
+            if event.kind == "close":
+                return None if event.data[0] == 1005 else event.data[0]
+        raise AssertionError("no close frame")
+
+    def close(self):
+        self.sock.close()
+
+
+class TestWebSocket(DaemonTestCase):
+    daemon_args = ("--ws-slow-grace", "0.5")
+
+    def connect(self, **kwargs):
+        return self.ws(**kwargs)
+
+    def test_connect_receives_current_state_at_once(self):
+        self.daemon.start("ws-a", "sleep", ["60"])
+        client = self.connect()
+        self.assertEqual(client.status, 101)
+        update = client.recv_message("process_update", timeout=2, match=lambda m: m["data"]["name"] == "ws-a")
+        self.assertEqual(update["data"]["status"], "online")
+        self.assertTrue({"id", "name", "status", "pid", "cpu", "memory", "timestamp"} <= set(update["data"]))
+        system = client.recv_message("system_update", timeout=2)
+        self.assertTrue({"cpu", "memory", "load", "timestamp"} <= set(system["data"]))
+        self.assertEqual(set(system["data"]["memory"]), {"usage_percent", "used"})
+        self.daemon.request("DELETE", "/api/processes/ws-a")
+
+    def test_a_tick_carries_only_the_processes_that_changed(self):
+        self.daemon.start("ws-quiet", "sleep", ["60"])
+        self.daemon.start("ws-busy", PY, ["-c", "while True: pass"])
+        client = self.connect()
+        counts = {"ws-quiet": 0, "ws-busy": 0}
+        ticks = 0
+        for _ in range(3):                              # the state on connect; the new ones settle
+            client.recv_message("system_update")
+        while ticks < 6:                                # then six ticks of 0.2 s
+            message = client.recv_message()
+            if message["type"] == "system_update":
+                ticks += 1
+            elif message["type"] == "process_update" and message["data"]["name"] in counts:
+                counts[message["data"]["name"]] += 1
+        # A sleeping process whose pid, status, cpu and memory stay the same is not repeated; a
+        # busy one's cpu moves. (Every 30 s a tick carries every process, for lossy clients.)
+        self.assertEqual(counts["ws-quiet"], 0, counts)
+        self.assertGreaterEqual(counts["ws-busy"], 3, counts)
+        self.daemon.request("DELETE", "/api/processes/ws-quiet")
+        self.daemon.request("DELETE", "/api/processes/ws-busy")
+
+    def test_process_events_and_updates_on_change(self):
+        client = self.connect()
+        self.daemon.start("ws-b", "sleep", ["60"])
+        started = client.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-b")
+        self.assertEqual(started["data"]["event"], "started")
+        self.assertRegex(started["data"]["timestamp"], r"Z$")
+        self.daemon.post("/api/processes/ws-b/stop")
+        client.recv_message("process_update", match=lambda m: m["data"]["name"] == "ws-b"
+                            and m["data"]["status"] == "stopped")
+        client.recv_message("process_event", match=lambda m: m["data"]["event"] == "stopped")
+        self.daemon.request("DELETE", "/api/processes/ws-b")
+        client.recv_message("process_event", match=lambda m: m["data"]["event"] == "deleted"
+                            and m["data"]["process"] == "ws-b")
+
+    def test_exit_and_crash_events_carry_the_exit_code(self):
+        client = self.connect()
+        self.daemon.start("ws-c", PY, ["-c", "raise SystemExit(7)"], autorestart=False)
+        exited = client.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-c"
+                                     and m["data"]["event"] == "exited")
+        self.assertEqual((exited["data"]["exit_code"], exited["data"]["signal"]), (7, None))
+        client.recv_message("process_event", match=lambda m: m["data"]["event"] == "crashed")
+        self.daemon.request("DELETE", "/api/processes/ws-c")
+
+    def test_log_subscription_delivers_new_lines(self):
+        script = "import sys, time\nfor line in sys.stdin: pass\n" \
+                 "while True:\n    print('tick', flush=True); time.sleep(0.1)"
+        self.daemon.start("ws-log", PY, ["-c", script])
+        client = self.connect()
+        client.send_json({"type": "subscribe", "channel": "logs", "process": "ws-log"})
+        ack = client.recv_message("subscribed")
+        self.assertRegex(ack["data"].pop("timestamp"), r"Z$")
+        self.assertEqual(ack["data"], {"channel": "logs", "process": "ws-log"})
+        line = client.recv_message("log")
+        self.assertEqual(line["data"]["process"], "ws-log")
+        self.assertEqual(line["data"]["message"], "tick")
+        self.assertEqual(line["data"]["type"], "stdout")
+        client.send_json({"type": "subscribe", "channel": "logs", "process": "nobody"})
+        error = client.recv_message("error")
+        self.assertEqual(error["data"]["code"], "PROCESS_NOT_FOUND")
+        client.send_json({"type": "unsubscribe", "channel": "logs", "process": "ws-log"})
+        client.recv_message("unsubscribed")
+        seen = []
+        while seen.count("system_update") < 4:            # four ticks (0.8 s) of a 10 lines/s process
+            seen.append(client.recv_message()["type"])
+        self.assertNotIn("log", seen)
+        self.daemon.request("DELETE", "/api/processes/ws-log")
+
+    def test_malformed_commands_get_errors_and_the_connection_stays(self):
+        client = self.connect()
+        client.send(1, b"not json")
+        error = client.recv_message("error")["data"]
+        self.assertEqual(error["code"], "INVALID_JSON")
+        self.assertTrue(error["message"].startswith("invalid JSON"))
+        client.send_json({"type": "launch"})
+        self.assertEqual(client.recv_message("error")["data"]["message"],
+                         "unknown command type 'launch' (subscribe, unsubscribe, filter, ping)")
+        client.send_json({"type": "ping"})
+        client.recv_message("pong")
+
+    def test_filter_limits_what_a_client_receives(self):
+        client = self.connect()
+        client.send_json({"type": "filter", "types": ["process_event"]})
+        client.recv_message("filtered")
+        self.daemon.start("ws-f", "sleep", ["60"])
+        message = client.recv_message()
+        self.assertEqual(message["type"], "process_event")
+        self.daemon.request("DELETE", "/api/processes/ws-f")
+
+    def test_a_command_that_cannot_run_gets_its_code_and_the_session_stays(self):
+        client = self.connect()
+        for command, code, text in (
+                ({"type": "dance"}, "INVALID_COMMAND", "unknown command type 'dance' (subscribe, unsubscribe, filter, ping)"),
+                ({"type": "subscribe", "channel": "news"}, "INVALID_COMMAND", "unknown channel 'news'; the channel is 'logs'"),
+                ({"type": "subscribe", "channel": "logs", "process": "nope"}, "PROCESS_NOT_FOUND", "Process 'nope' not found")):
+            client.send_json(command)
+            error = client.recv_message("error")["data"]
+            self.assertEqual((error["code"], error["message"]), (code, text))
+        client.send_json({"type": "ping"})
+        client.recv_message("pong")
+
+    def test_the_101_carries_cors_headers_like_any_answer(self):
+        own = "http://127.0.0.1:%d" % self.daemon.port
+        client = self.connect(headers={"Origin": own})
+        self.assertEqual(client.status, 101)
+        self.assertIn("\r\nAccess-Control-Allow-Origin: %s\r\nVary: Origin" % own, client.head)
+        self.assertNotIn("Connection: close", client.head)
+        self.assertNotIn("Content-Length", client.head)
+
+    def test_protocol_violation_closes_with_its_code(self):
+        client = self.connect()
+        client.sock.sendall(pmdaemon.encode_frame(1, b"unmasked"))
+        self.assertEqual(client.recv_close(), 1002)
+        client2 = self.connect()
+        client2.send(1, b"\xff\xfe")
+        self.assertEqual(client2.recv_close(), 1007)
+
+    def test_ping_gets_pong_and_close_is_echoed(self):
+        client = self.connect()
+        client.send(9, b"hello")
+        while True:
+            event = client.recv()
+            if event.kind == "pong":
+                break
+        self.assertEqual(event.data, b"hello")
+        client.send(8, struct.pack("!H", 1000))
+        self.assertEqual(client.recv_close(), 1000)
+
+    def test_bad_handshakes(self):
+        self.assertEqual(self.connect(headers={"Sec-WebSocket-Version": "8"}).status, 426)
+        bad = self.connect(headers={"Sec-WebSocket-Key": "short"})
+        self.assertEqual((bad.status, bad.body["error"]["code"]), (400, "BAD_REQUEST"))
+        self.assertEqual(self.connect(headers={"Origin": "https://evil.example"}).status, 403)
+        status, _, body = self.daemon.get("/ws")
+        self.assertEqual((status, body["error"]["message"]), (400, "expected 'Upgrade: websocket' and 'Connection: Upgrade'"))
+        self.assertEqual(self.connect(headers={"Origin": "http://localhost:5173"}).status, 403)
+        self.assertEqual(self.connect(headers={"Origin": "http://127.0.0.1:%d" % self.daemon.port}).status, 101)
+
+    def assertClosedAfterItsQueue(self, client):
+        """A slow client reads what was queued for it (bounded), then a 1008 close."""
+        received, code = 0, None
+        while code is None:
+            event = client.recv()
+            if event.kind == "close":
+                code = event.data[0]
+            else:
+                received += len(event.data.encode() if event.kind == "text" else event.data)
+        self.assertEqual(code, 1008)
+        self.assertLess(received, 3 * pmdaemon.WS_SEND_BUFFER)
+
+    def test_a_client_that_stops_reading_does_not_hold_up_others(self):
+        go = os.path.join(self.daemon.home, "go")
+        self.daemon.start("ws-flood", PY, ["-c", flood_script(go)])
+        stalled = self.connect(receive_buffer=65536)
+        stalled.send_json({"type": "subscribe", "channel": "logs", "process": "ws-flood"})
+        reader = self.connect()
+        reader.send_json({"type": "ping"})
+        reader.recv_message("pong")                 # both sessions are set up
+        open(go, "w").close()                       # 3.5 MB of log lines for the stalled client
+        wait_for_flood(self.daemon, "ws-flood")
+        self.daemon.start("ws-after", "sleep", ["60"])
+        reader.recv_message("process_event", match=lambda m: m["data"]["process"] == "ws-after")
+        for _ in range(4):                          # 4 ticks of 0.2 s: past the 0.5 s grace
+            reader.recv_message("system_update")
+        # The stalled client is closed after the grace: what was queued, then 1008, never 3.5 MB.
+        self.assertClosedAfterItsQueue(stalled)
+        for name in ("ws-flood", "ws-after"):
+            self.daemon.request("DELETE", "/api/processes/" + name)
+
+
+class TestWsSessionBounds(unittest.TestCase):
+    """A WsSession on a real socket pair, in-process, so what it holds can be looked at."""
+
+    def test_pongs_count_against_the_send_buffer(self):
+        import asyncio
+
+        async def scenario():
+            server_end, client_end = socket.socketpair()
+            server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            reader, writer = await asyncio.open_connection(sock=server_end)
+            told = asyncio.Event()
+            session = pmdaemon.WsSession(reader, writer, pmdaemon.WsProtocol(), lambda s, e: told.set(),
+                                         send_buffer=65536, ping_interval=3600, slow_grace=3600)
+            running = asyncio.ensure_future(session.run())
+            client_end.setblocking(False)
+            flood = client_frame(9, b"p" * 125) * 20000 + client_frame(1, b"done")   # 2.5 MB of pongs
+            await asyncio.get_event_loop().sock_sendall(client_end, flood)        # never reading
+            await asyncio.wait_for(told.wait(), 20)
+            held = writer.transport.get_write_buffer_size()
+            session.fail(1000)
+            client_end.close()
+            await asyncio.wait_for(running, 10)
+            return held
+        held = run_async(scenario())
+        self.assertLessEqual(held, 65536 + 200)          # the bound, plus at most one frame
+
+
+class TestWebSocketLagging(DaemonTestCase):
+    daemon_args = ("--ws-slow-grace", "60")         # a lagging reader here is never closed
+
+    def test_a_reader_that_falls_behind_is_told_how_many_lines_it_lost(self):
+        go = os.path.join(self.daemon.home, "go-lag")
+        self.daemon.start("ws-lag", PY, ["-c", flood_script(go)])
+        lagging = self.ws(receive_buffer=65536)
+        lagging.send_json({"type": "subscribe", "channel": "logs", "process": "ws-lag"})
+        lagging.recv_message("subscribed")
+        open(go, "w").close()
+        wait_for_flood(self.daemon, "ws-lag")
+        lines = 0                                   # now read everything: lines, then the report
+        while True:
+            message = lagging.recv_message()
+            if message["type"] == "log":
+                lines += 1
+            elif message["type"] == "dropped":
+                break
+        self.assertGreater(message["data"]["log_lines"], 0)
+        self.assertLess(lines, 16000)
+        self.daemon.request("DELETE", "/api/processes/ws-lag")
+
+
+class TestWebSocketKeepalive(DaemonTestCase):
+    daemon_args = ("--ws-ping-interval", "0.15", "--ws-pong-timeout", "0.5", "--max-connections", "6")
+
+    def test_server_pings_and_closes_a_silent_client(self):
+        client = self.ws()
+        while True:
+            event = client.recv()
+            if event.kind == "ping":
+                break
+        self.assertEqual(len(event.data), 4)
+        self.assertEqual(client.recv_close(timeout=5), 1008)
+
+    def test_a_client_that_answers_pings_stays(self):
+        client = self.ws()
+        pongs = 0
+        deadline = time.monotonic() + 0.8                 # past the pong timeout: it would be closed
+        while time.monotonic() < deadline:
+            client.sock.settimeout(2)
+            event = client.recv()
+            self.assertNotEqual(event.kind, "close")
+            if event.kind == "ping":
+                client.send(10, event.data)
+                pongs += 1
+        self.assertGreaterEqual(pongs, 2)
+
+    def test_connection_cap_answers_503(self):
+        held = [socket.create_connection(("127.0.0.1", self.daemon.port)) for _ in range(6)]
+        try:
+            wait_until(lambda: status_of(self.daemon.raw(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                                                         read_timeout=2)) == 503, message="503 at the cap")
+        finally:
+            for sock in held:
+                sock.close()
+        wait_until(lambda: self.daemon.get("/api/system")[0] == 200, message="service after the cap")
+
+
+# -- in-process: one HttpConnection, and the answers learned from repeated heads ---------------
+
+def read_one_response(sock, head_only=False):
+    """One HTTP response from a blocking socket: its exact bytes (Content-Length framed, or
+    until the server closes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"\r\nContent-Length: (\d+)", head)
+    wanted = 0 if head_only or length is None else int(length.group(1))
+    while len(body) < wanted:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+class TestHttpConnection(unittest.TestCase):
+    """One connection's admission, loop, deadline and send(), over a real socket pair."""
+
+    def on_connection(self, scenario):
+        import asyncio
+        home = tempfile.mkdtemp(prefix="pmd-conn-")
+        self.addCleanup(shutil.rmtree, home, True)
+
+        async def main():
+            settings = pmdaemon.DaemonConfig(port=0, home=home, host="127.0.0.1")
+            server = pmdaemon.HttpServer(pmdaemon.Api(pmdaemon.Supervisor(home), pmdaemon.AccessPolicy(None)),
+                                         None, settings)
+            ours, theirs = socket.socketpair()
+            theirs.settimeout(5)
+            reader, writer = await asyncio.open_connection(sock=ours)
+            try:
+                return await scenario(server, pmdaemon.HttpConnection(server, reader, writer), theirs)
+            finally:
+                writer.close()
+                theirs.close()
+                server.peer_users.close()
+        return run_async(main())
+
+    @staticmethod
+    async def answers(writer_closed, client):
+        """All the client receives until the connection is closed."""
+        import asyncio
+        writer_closed()
+        await asyncio.sleep(0.05)                   # the transport closes on the next turn of the loop
+        data = b""
+        for chunk in iter(lambda: client.recv(65536), b""):
+            data += chunk
+        return data
+
+    def test_admission_outcomes(self):
+        head = pmdaemon.parse_head
+
+        async def scenario(server, connection, client):
+            self.assertIs(connection._admit(head(b"GET /api/processes HTTP/1.1\r\nHost: localhost")),
+                          pmdaemon.NOTHING_RESERVED)
+            for text, status in ((b"OPTIONS /api/processes HTTP/1.1\r\nHost: localhost", 204),
+                                 (b"GET /nowhere HTTP/1.1\r\nHost: localhost", 404)):
+                outcome = connection._admit(head(text))
+                self.assertIsInstance(outcome, pmdaemon.AnsweredFromHead)
+                self.assertEqual(outcome.response.status, status)
+            post = head(b"POST /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 10\r\nExpect: 100-continue")
+            connection.admission = connection._admit(post)
+            self.assertEqual((connection.admission, server.body_memory), (pmdaemon.Admitted(10), 10))
+            self.assertEqual(client.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            connection._release_body_budget()
+            self.assertEqual((connection.admission, server.body_memory), (None, 0))
+            with self.assertRaises(pmdaemon.HttpError) as caught:       # a body is never read for a refusal
+                connection._admit(head(b"POST /nowhere HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5"))
+            self.assertEqual(caught.exception.status, 404)
+        self.on_connection(scenario)
+
+    def test_requests_in_order_then_nothing_held(self):
+        async def scenario(server, connection, client):
+            client.sendall(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                           b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                           b"POST /api/processes/none/stop HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            client.shutdown(socket.SHUT_WR)
+            self.assertIsNone(await connection.run())
+            self.assertEqual((server.body_memory, server.deadlines, connection.admission), (0, set(), None))
+            data = await self.answers(connection.writer.close, client)
+            self.assertEqual(re.findall(rb"HTTP/1.1 (\d+) ", data), [b"200", b"204", b"404"])
+        self.on_connection(scenario)
+
+    def test_a_late_request_is_told_408_when_its_deadline_passes(self):
+        import asyncio
+
+        async def scenario(server, connection, client):
+            client.sendall(b"GET /api/system HTTP/1.1\r\nHo")
+            running = asyncio.ensure_future(connection.run())
+            await asyncio.sleep(0.05)
+            self.assertEqual(connection.phase, pmdaemon.HEAD)
+            connection.expire()
+            self.assertIsNone(await running)
+            data = await self.answers(lambda: None, client)
+            self.assertTrue(data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data)
+            self.assertIn(b"\r\nConnection: close\r\n", data)
+        self.on_connection(scenario)
+
+
+class TestRepeatedAnswers(unittest.TestCase):
+    """The fast path for a head seen before answers exactly what the full path answers."""
+
+    CORPUS = [
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/system HTTP/1.1\r\nHost: 127.0.0.1:9615\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
+        b"HEAD /api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost:3000\r\n\r\n",
+        b"\r\nGET /api/system HTTP/1.1\r\nhost: [::1]\r\n\r\n",
+        b"GET http://localhost/api/processes HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\nHost: localhost\n\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+        b"GET /api/processes?status=online HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"GET /api/processes HTTP/1.0\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://evil.example\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://a\r\nOrigin: http://b\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nHost: other\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /api/processes/none HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"POST /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: localhost\r\nBad Header: x\r\n\r\n",
+        b"GET /api/processes HTTP/2.0\r\nHost: localhost\r\n\r\n",
+        b"OPTIONS /api/processes HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    ]
+    LEARNED = {0, 1, 2, 3, 4, 5, 6, 7, 8}
+    KEYED_CORPUS = [
+        b"GET /api/processes HTTP/1.1\r\nHost: anything\r\nX-API-Key: the-key\r\n\r\n",
+        b"GET /api/system HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer read-key\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: anything\r\nX-API-Key: the-kez\r\n\r\n",
+        b"GET /api/processes HTTP/1.1\r\nHost: anything\r\n\r\n",
+    ]
+
+    def exchange(self, corpus, **config):
+        """Each head twice on one connection (a new one when the first answer closed it):
+        [(first answer, second answer)], and the heads the server learned."""
+        import asyncio
+        home = temp_dir(self, "pmd-fast-")
+
+        async def scenario():
+            supervisor = pmdaemon.Supervisor(home)
+            settings = pmdaemon.DaemonConfig(port=0, home=home, host="127.0.0.1", **config)
+            policy = pmdaemon.AccessPolicy(settings.api_key, cors_origins=("http://localhost:3000",),
+                                           read_keys=settings.read_keys)
+            server = pmdaemon.HttpServer(pmdaemon.Api(supervisor, policy), None, settings)
+            port = await server.bind()
+            await server.start_serving()
+            loop = asyncio.get_event_loop()
+            answers = await loop.run_in_executor(None, self.send_corpus, port, corpus)
+            await server.close()
+            return answers, set(server.repeated[False].plans)
+        return run_async(scenario())
+
+    @staticmethod
+    def send_corpus(port, corpus):
+        answers = []
+        for head in corpus:
+            head_only = head.startswith(b"HEAD")
+            pair = []
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            for _ in range(2):
+                sock.sendall(head)
+                answer = read_one_response(sock, head_only)
+                pair.append(answer)
+                if b"\r\nConnection: close\r\n" in answer or not answer.startswith(b"HTTP/1.1 200"):
+                    sock.close()
+                    if len(pair) == 1:      # only for a second round: one unused meets a closing server
+                        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.close()
+            answers.append(pair)
+        return answers
+
+    def assertSameAnswers(self, corpus, answers):
+        for head, (first, second) in zip(corpus, answers):
+            self.assertTrue(first.startswith(b"HTTP/1.1 "), (head, first))
+            self.assertEqual(re.sub(rb"Date: [^\r]+", b"", first), re.sub(rb"Date: [^\r]+", b"", second), head)
+
+    def test_learned_heads_are_answered_as_the_full_path_answers(self):
+        answers, learned = self.exchange(self.CORPUS)
+        self.assertSameAnswers(self.CORPUS, answers)
+        self.assertEqual(learned, {self.CORPUS[index] for index in self.LEARNED})
+        by_head = dict(zip(self.CORPUS, answers))
+        self.assertIn(b"\r\nAccess-Control-Allow-Origin: http://localhost:3000\r\nVary: Origin\r\n",
+                      by_head[self.CORPUS[4]][1])
+        self.assertTrue(by_head[self.CORPUS[2]][1].endswith(b"\r\n\r\n"))          # HEAD: no body
+        self.assertIn(b"\r\nConnection: keep-alive\r\n", by_head[self.CORPUS[3]][1])
+        self.assertTrue(by_head[self.CORPUS[12]][1].startswith(b"HTTP/1.1 403"))
+
+    def test_with_keys_only_admitted_heads_are_learned(self):
+        answers, learned = self.exchange(self.KEYED_CORPUS, api_key="the-key", read_keys=("read-key",))
+        self.assertSameAnswers(self.KEYED_CORPUS, answers)
+        self.assertEqual(learned, set(self.KEYED_CORPUS[:2]))
+        self.assertEqual([status_of(pair[1]) for pair in answers], [200, 200, 401, 401])
+
+    def test_bounded_and_oldest_forgotten(self):
+        answers = pmdaemon.RepeatedAnswers(limit=2, max_head=60)
+        heads = [b"GET /api/system HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % port for port in (1, 2, 3)]
+        for head in heads + [b"GET /api/system HTTP/1.1\r\nHost: localhost\r\nX-Padding: %s\r\n\r\n" % b"x" * 40]:
+            request = parse_all(head)[0][0]
+            request.route = pmdaemon.Route("GET", None, None, snapshot=lambda: b"{}")
+            answers.learn(head, request, pmdaemon.Response(200, b"{}"), keep_alive=True)
+        self.assertEqual(list(answers.plans), heads[1:])
+        self.assertIsNone(answers.answer(heads[0], b"date"))
+        self.assertTrue(answers.answer(heads[2], b"date").endswith(b"\r\n\r\n{}"))
+        big = b"[%s]" % b",".join([b"1"] * 40000)                 # past what a plan keeps: rendered each time
+        request = parse_all(heads[0])[0][0]
+        request.route = pmdaemon.Route("GET", None, None, snapshot=lambda: big)
+        answers.learn(heads[0], request, pmdaemon.Response(200, big), keep_alive=True)
+        for _ in range(2):
+            self.assertEqual(answers.answer(heads[0], b"date"), pmdaemon.serialize_response(
+                pmdaemon.Response(200, big), b"date", True))
 
 
 # ----------------------------------------------------------------------------------------------
