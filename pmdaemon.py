@@ -3472,6 +3472,8 @@ class Registry:
 
     def __init__(self):
         self.by_id: Dict[int, ProcessRunner] = {}
+        self.by_name: Dict[str, ProcessRunner] = {}
+        self.by_group: Dict[str, Dict[int, ProcessRunner]] = {}     # base name -> its members by id
         self.next_id = 0
 
     def __len__(self) -> int:
@@ -3489,7 +3491,7 @@ class Registry:
         if key.startswith("ns:"):
             return sorted((runner for runner in self.by_id.values() if runner.config.namespace == key[3:]),
                           key=lambda runner: runner.id)
-        members = [runner for runner in self.by_id.values() if runner.name == key]
+        members = [self.by_name[key]] if key in self.by_name else []
         if not members:
             members = self.group(key)
         if not members and is_ascii_digits(key) and len(key) <= 9 and int(key) in self.by_id:
@@ -3497,8 +3499,7 @@ class Registry:
         return members
 
     def group(self, base: str) -> List[ProcessRunner]:
-        return sorted((runner for runner in self.by_id.values() if runner.config.name == base),
-                      key=lambda runner: runner.instance)
+        return sorted(self.by_group.get(base, {}).values(), key=lambda runner: runner.instance)
 
     def ports_in_use(self, excluding_group: Optional[str] = None) -> set:
         return {runner.port for runner in self.by_id.values()
@@ -3506,12 +3507,12 @@ class Registry:
 
     def name_clash(self, base: str, names: List[str], excluding_group: Optional[str] = None) -> Optional[str]:
         """The first existing process in the way of a group `base` whose members are `names`."""
-        wanted = {base} | set(names)
-        for runner in self.by_id.values():
-            if runner.config.name == excluding_group:
-                continue
-            if runner.name in wanted or runner.config.name in wanted:
+        for wanted in [base] + list(names):
+            runner = self.by_name.get(wanted)
+            if runner is not None and runner.config.name != excluding_group:
                 return runner.name
+            if wanted in self.by_group and wanted != excluding_group:
+                return self.group(wanted)[0].name
         return None
 
     def take_id(self, wanted: Optional[int] = None) -> int:
@@ -3521,9 +3522,23 @@ class Registry:
 
     def add(self, runner: ProcessRunner) -> None:
         self.by_id[runner.id] = runner
+        self.by_name[runner.name] = runner
+        self.by_group.setdefault(runner.config.name, {})[runner.id] = runner
 
     def remove(self, runner: ProcessRunner) -> None:
         self.by_id.pop(runner.id, None)
+        if self.by_name.get(runner.name) is runner:
+            del self.by_name[runner.name]
+        members = self.by_group.get(runner.config.name, {})
+        members.pop(runner.id, None)
+        if not members:
+            self.by_group.pop(runner.config.name, None)
+
+    def renamed(self, runner: ProcessRunner, old_name: str) -> None:
+        """A member's name changed (base <-> base-0 when a group is scaled): the indexes follow."""
+        if self.by_name.get(old_name) is runner:
+            del self.by_name[old_name]
+        self.by_name[runner.name] = runner
 
 
 # -- persistence ----------------------------------------------------------------------------------
@@ -4036,7 +4051,8 @@ class Supervisor:
             raise TooManyProcesses("at most %d processes can be managed" % MAX_PROCESSES)
         self._check_room(config.instances)
         self._check_dependencies(config)
-        ports = assign_ports(config.port, config.instances, self.registry.ports_in_use())
+        ports = assign_ports(config.port, config.instances,
+                             self.registry.ports_in_use() if config.port is not None else set())
         members = [self._register(config, index, ports[index]) for index in range(config.instances)]
         for runner in members:
             runner.wanted = config.autostart    # saved as online: a daemon killed now starts it
@@ -4142,6 +4158,8 @@ class Supervisor:
     def _check_log_paths(self, config: ProcessConfig, identity: Optional[Identity]) -> None:
         """out_file/error_file: never a file another process logs to (or the daemon's home),
         in an existing directory owned by the daemon's user or the process's user."""
+        if config.out_file is None and config.error_file is None:
+            return
         owners = {os.getuid()} | ({identity.uid} if identity else set())
         taken = {log_file.path for runner in self.registry.runners() if runner.config.name != config.name
                  for log_file in runner.logs.files.values()}
@@ -4185,7 +4203,9 @@ class Supervisor:
         present = {runner.instance: runner for runner in members if runner.instance < count}
         for index in range(count):
             if index in present:
+                old_name = present[index].name
                 present[index].rename(names[index], ports[index], config)
+                self.registry.renamed(present[index], old_name)
             else:                               # scale up, or fill a gap left by a delete
                 self._register(config, index, ports[index])
         await self.store.commit(self.registry.group(base), removed)

@@ -5626,8 +5626,9 @@ class TestCliApplyFiles(DaemonTestCase):
 
     def test_signal_send_and_describe(self):
         script = write_script(os.path.join(self.daemon.home, "reader.sh"),
-                              "trap 'echo got-usr2' USR2\nwhile true; do read line && echo \"in:$line\"; done")
+                              "trap 'echo got-usr2' USR2\necho ready\nwhile true; do read line && echo \"in:$line\"; done")
         self.daemon.start("verbs-a", script, [], stdin=True)
+        wait_until(lambda: self.daemon.last_line("verbs-a") == "ready", message="the trap set")   # no signal before it
         self.assertEqual(self.cli("signal", "SIGUSR2", "verbs-a"), (0, "verbs-a: sent SIGUSR2\n"))
         wait_until(lambda: self.daemon.last_line("verbs-a") == "got-usr2", message="the trap's line")
         self.assertEqual(self.cli("send", "verbs-a", "hello", "there"), (0, "12 bytes written to the stdin of 'verbs-a'\n"))
