@@ -18,28 +18,38 @@ Map of this file; each section uses only the sections above it:
      1. Constants and enums    limits, defaults, process states, WebSocket opcodes and states;
                                what Python 3.6 lacks (record for dataclasses, current_task, ...)
      2. Errors                 PMDaemonError; domain errors (ProcessNotFound, CannotStart, ...);
-                               HttpError and WebSocketError, which carry their wire form
-     3. Configuration          ProcessConfig and DaemonConfig: validation, persistence form
+                               HttpError, WebSocketError and WsCommandError, with their wire form
+     3. Configuration          CONFIG_FIELDS, the one table of process settings, which makes
+                               ProcessConfig, its parsing and its schema; DaemonConfig
      4. Metrics                /proc parsers; Sampler (CPU % between samples, degrades, never raises)
-     5. Logs                   LogFile (rotation, tail without reading the file), ProcessLogs,
-                               LogHub: the one subscription path for every reader of live lines
-     6. Supervisor             pure policy (exits, ports, argv); ProcessRunner, one per process,
-                               the only code that changes its state (TRANSITIONS); Registry (names,
-                               ids, groups, ports); StateStore (coalesced state.json); MetricsLoop;
-                               Supervisor, the facade the API calls
+     5. Logs                   LogFile (rotation, tail, placed files through a held directory),
+                               ProcessLogs, LogHub: the one subscription path for live lines;
+                               opening paths that someone else may influence
+     6. Supervisor             restart policy (pure), ports, a child's environment, health checks,
+                               stopping, watch, cgroups; ProcessRunner, one per process, the only
+                               code that changes its state (TRANSITIONS), seeing the rest through
+                               its RunnerContext; Registry; StateStore and StateJournal (synced
+                               before an answer); MetricsLoop; Supervisor, the facade the API calls
      7. HTTP/1.1 codec         request parser (heads first, a body reader per request) and
                                response serialiser (no I/O)
-     8. WebSocket codec        handshake, frames, messages, closing handshake (no I/O)
-     9. API                    access rules, ERROR_WIRE_FORM and error_response (the one place an
-                               error becomes bytes), views, the route table with /ws in it
-    10. Server glue            the only code touching sockets: keep-alive, deadlines, /ws sessions,
-                               the Broadcaster, the Daemon
-    11. CLI                    `web` (foreground, background, systemd); the client: Client (HTTP and
-                               the daemon started on demand), the verbs, monit, argument parsing
+     8. WebSocket codec        handshake (both sides), frames, messages, closing handshake (no I/O)
+     9. API                    access rules, ERROR_WIRE_FORM and error_response, views, the
+                               dashboard, the OpenAPI document, Prometheus metrics, the route table
+                               (each row with its access and documentation) and its handlers
+    10. Server glue            the only code touching sockets: who connected (the kernel's word),
+                               HttpConnection (one per connection, one send()), RepeatedAnswers,
+                               WsSession, the Broadcaster, HttpServer (TLS accepted by us)
+    11. Daemon runtime         the home's checks, the lock, secrets wiped, the file limit, the
+                               daemon's log, the code cache, systemd, the options kept in the home,
+                               the Daemon and command_web (`web`), the daemon in the background
+    12. CLI                    the client (Client, the verbs, monit), PM2 and supervisord files,
+                               apply, argument parsing and main
 
-What happens when a child exits: ProcessRunner._watch (the run's task) awaits the exit, stops
-what the run left behind, then calls ProcessRunner._on_exit(run, code), which ignores a stale
-run and asks decide_after_exit (pure) whether to restart, stop or give up.
+What happens when a child exits: ProcessRunner._watch (the run's task) awaits the exit (the
+protocol's, not the pipes'), stops what the run left behind (terminate_run), then calls
+ProcessRunner._on_exit(run, code), which ignores a stale run and asks decide_after_exit (pure)
+whether to restart (a timer through its RunnerContext), stop or give up (change_state). Every
+call goes outward: runner -> context -> Supervisor._announce -> listeners (store, broadcaster).
 """
 
 import argparse
@@ -7688,6 +7698,14 @@ class HttpServer:
             stats.ws_clients = len(broadcaster.clients)
 
 
+# ==============================================================================================
+# 11. Daemon runtime
+#     What `web` needs around the server: the home checked (and its ancestors), the lock, the
+#     key wiped from the environment, prctl, the file limit, the child watcher, the daemon's own
+#     log, the code cache, systemd's notifications, the options recorded in the home, the daemon
+#     started in the background, and command_web, which puts them together. Uses sections 1-10.
+# ==============================================================================================
+
 class HomeError(PMDaemonError):
     """The home directory cannot be trusted or used; the message names the fix."""
 
@@ -7861,12 +7879,6 @@ class Daemon:
         return 0
 
 
-# ==============================================================================================
-# 11. CLI
-#     `web` runs the daemon; every other verb is a client of its API (the home's Unix socket, or
-#     a URL), which starts a local daemon when none answers. Nothing above calls into this
-#     section. main(argv) returns the exit status: 0 done, 1 refused or failed, 2 usage.
-# ==============================================================================================
 
 def is_loopback_bind(host: str) -> bool:
     """True when every address the name resolves to is a loopback one (a name is judged by
@@ -8234,7 +8246,7 @@ def command_web(args: argparse.Namespace) -> int:
         loop.close()
 
 
-# -- talking to the daemon ------------------------------------------------------------------
+# -- the daemon in the background: is one running, start one -------------------------------------
 
 class CliError(PMDaemonError):
     """Ends a command with a one-line message on stderr and an exit status (1: refused/failed)."""
@@ -8243,6 +8255,65 @@ class CliError(PMDaemonError):
         super().__init__(message)
         self.status = status
 
+
+def running_daemon(home: str) -> Optional[int]:
+    """The pid of the daemon that holds the home's lock and answers on its socket, if any."""
+    pid = None
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(home, "pmdaemon.lock")) as handle:
+            pid = int(handle.read().strip() or 0)
+    if not pid:
+        return None
+    try:
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(1)
+            probe.connect(os.path.join(home, SOCKET_NAME))
+    except OSError:
+        return None
+    return pid
+
+
+def start_background_daemon(home: str, web_args: List[str]) -> int:
+    """Run `pmdaemon.py web` detached (own session, output to the home), wait until its socket
+    answers; its pid. A daemon that is already running for the home is fine too."""
+    try:
+        secure_home(home)
+    except (HomeError, OSError) as exc:
+        raise CliError("refusing to use %s as the home: %s" % (home, exc)) from None
+    running = running_daemon(home)
+    if running:
+        return running
+    out_path = os.path.join(home, "daemon.out")
+    output = open_private(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        child = subprocess.Popen([sys.executable, source_path(), "web", "--home", home, "--quiet"]
+                                 + web_args, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                 start_new_session=True, close_fds=True, cwd="/")
+    finally:
+        os.close(output)
+    deadline = time.monotonic() + BACKGROUND_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            running = running_daemon(home)
+            if running:                         # another one won the lock meanwhile: use it
+                return running
+            with open(out_path, errors="replace") as handle:
+                said = handle.read().strip().splitlines()
+            raise CliError("the daemon did not start: %s" % (said[-1] if said else "exit %d" % child.returncode))
+        if running_daemon(home) == child.pid:
+            return child.pid
+        time.sleep(0.02)
+    raise CliError("the daemon did not answer within %d s (see %s)" % (BACKGROUND_START_TIMEOUT, out_path))
+
+
+# ==============================================================================================
+# 12. CLI
+#     Every verb but `web` is a client of the daemon's API (the home's Unix socket, or a URL),
+#     which starts a local daemon when none answers. Nothing above calls into this section.
+#     main(argv) returns the exit status: 0 done, 1 refused or failed, 2 usage.
+# ==============================================================================================
+
+# -- talking to the daemon ------------------------------------------------------------------
 
 def parse_response(data: bytes) -> Tuple[int, bytes]:
     """(status, body) of a whole HTTP/1.1 response read until the server closed. The CLI's
@@ -8380,60 +8451,10 @@ class Client:
               file=sys.stderr)
 
 
-def running_daemon(home: str) -> Optional[int]:
-    """The pid of the daemon that holds the home's lock and answers on its socket, if any."""
-    pid = None
-    with contextlib.suppress(OSError, ValueError):
-        with open(os.path.join(home, "pmdaemon.lock")) as handle:
-            pid = int(handle.read().strip() or 0)
-    if not pid:
-        return None
-    try:
-        with socket.socket(socket.AF_UNIX) as probe:
-            probe.settimeout(1)
-            probe.connect(os.path.join(home, SOCKET_NAME))
-    except OSError:
-        return None
-    return pid
-
-
 def error_text(answer: Any, status: int) -> str:
     if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
         return "%s (%s)" % (answer["error"].get("message"), answer["error"].get("code"))
     return "the daemon answered HTTP %d" % status
-
-
-def start_background_daemon(home: str, web_args: List[str]) -> int:
-    """Run `pmdaemon.py web` detached (own session, output to the home), wait until its socket
-    answers; its pid. A daemon that is already running for the home is fine too."""
-    try:
-        secure_home(home)
-    except (HomeError, OSError) as exc:
-        raise CliError("refusing to use %s as the home: %s" % (home, exc)) from None
-    running = running_daemon(home)
-    if running:
-        return running
-    out_path = os.path.join(home, "daemon.out")
-    output = open_private(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        child = subprocess.Popen([sys.executable, source_path(), "web", "--home", home, "--quiet"]
-                                 + web_args, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                                 start_new_session=True, close_fds=True, cwd="/")
-    finally:
-        os.close(output)
-    deadline = time.monotonic() + BACKGROUND_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            running = running_daemon(home)
-            if running:                         # another one won the lock meanwhile: use it
-                return running
-            with open(out_path, errors="replace") as handle:
-                said = handle.read().strip().splitlines()
-            raise CliError("the daemon did not start: %s" % (said[-1] if said else "exit %d" % child.returncode))
-        if running_daemon(home) == child.pid:
-            return child.pid
-        time.sleep(0.02)
-    raise CliError("the daemon did not answer within %d s (see %s)" % (BACKGROUND_START_TIMEOUT, out_path))
 
 
 # -- showing things ---------------------------------------------------------------------------
