@@ -1942,7 +1942,9 @@ class ProcessLogs:
 async def pump_output(stream: asyncio.StreamReader, write: Callable[[List[str]], None],
                       flush_after: float = PARTIAL_LINE_FLUSH) -> None:
     """Copy a child's pipe to its log, line by line; flush a partial line after a pause.
-    Whatever write does, the pipe keeps being read: a child must never block on us."""
+    Whatever write does, the pipe keeps being read: a child must never block on us. At the
+    end of a stream marked handed_over (an upgrade), a partial line is left in stream.carried
+    for the next image, which reads the rest of it: a log never holds a torn line."""
     pending = b""
     while True:
         try:
@@ -1959,7 +1961,9 @@ async def pump_output(stream: asyncio.StreamReader, write: Callable[[List[str]],
         lines, pending = split_output(pending, chunk)
         if lines:
             _write_safely(write, lines)
-    if pending:
+    if getattr(stream, "handed_over", False):
+        stream.carried = pending
+    elif pending:
         _write_safely(write, [pending])
 
 
@@ -2503,7 +2507,7 @@ class Run:
     an event of a run that was already replaced is recognised (run is not runner.run) and
     ignored in one place."""
     __slots__ = ("token", "proc", "pid", "start_ticks", "started_at", "started_wall",
-                 "stop_requested", "watch", "env", "pidfd")
+                 "stop_requested", "watch", "env", "pidfd", "pumps")
 
     def __init__(self, token: Optional[str], pid: Optional[int] = None, start_ticks: Optional[int] = None):
         self.token = token
@@ -2516,6 +2520,7 @@ class Run:
         self.watch: Optional[asyncio.Task] = None
         self.env: Dict[str, str] = {}           # what the child got (health scripts get it too)
         self.pidfd: Optional[int] = None        # names the main process, whatever gets its pid later
+        self.pumps: list = []                   # the tasks copying its output to the logs
 
     async def exited(self) -> int:
         """The main process's exit status, as soon as it has exited (ChildProtocol)."""
@@ -2566,7 +2571,79 @@ async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], 
         **({"preexec_fn": setup} if setup else {}))
     proc = asyncio.subprocess.Process(transport, protocol, loop)
     proc.exited = protocol.exited
+    proc.pipes = tuple(transport.get_pipe_transport(fd) for fd in (0, 1, 2))   # an upgrade hands them over
     return proc
+
+
+class AdoptedChild:
+    """A child that the previous image of this daemon started and handed over in an upgrade,
+    made from the descriptors it inherited: what spawn_child returns (pid, returncode, the
+    stdin/stdout/stderr streams, `exited`, pipes), so a runner cannot tell the difference.
+    exec kept our pid, so the process is still our child: its exit is learnt from its pidfd
+    in the loop, else from the child watcher (Python 3.6-3.8), and reaped by us."""
+
+    def __init__(self, pid: int, returncode: Optional[int] = None):
+        self.pid = pid
+        self.returncode = returncode
+        self.stdin: Optional[asyncio.StreamWriter] = None
+        self.stdout: Optional[asyncio.StreamReader] = None
+        self.stderr: Optional[asyncio.StreamReader] = None
+        self.pipes: tuple = (None, None, None)
+        self.exited = asyncio.get_event_loop().create_future()
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exited)
+
+    def _exit(self, returncode: Optional[int]) -> None:
+        if self.returncode is None:
+            self.returncode = returncode
+        if not self.exited.done():
+            self.exited.set_result(self.returncode)
+
+
+async def adopt_child(pid: int, pidfd: Optional[int], descriptors: List[Optional[int]],
+                      carried: List[bytes], returncode: Optional[int] = None) -> AdoptedChild:
+    """An AdoptedChild from inherited descriptors (stdin, stdout, stderr; None where there is
+    no pipe); `carried` is what the previous image had read of each output but not logged."""
+    loop = asyncio.get_event_loop()
+    child = AdoptedChild(pid, returncode)
+    pipes: List[Any] = [None, None, None]
+    if descriptors[0] is not None:
+        pipes[0], protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                           os.fdopen(descriptors[0], "wb", buffering=0))
+        child.stdin = asyncio.StreamWriter(pipes[0], protocol, None, loop)
+    for index in (1, 2):
+        if descriptors[index] is None:
+            continue
+        reader = asyncio.StreamReader(limit=READ_CHUNK)
+        if carried[index]:
+            reader.feed_data(carried[index])    # the start of a line the previous image read
+        pipes[index], _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                       os.fdopen(descriptors[index], "rb", buffering=0))
+        setattr(child, ("stdout", "stderr")[index - 1], reader)
+    child.pipes = tuple(pipes)
+    if returncode is not None:                  # reaped by the previous image before the exec
+        child._exit(returncode)
+    elif pidfd is not None:
+        loop.add_reader(pidfd, functools.partial(_reap_adopted, child, pidfd, loop))
+    else:
+        with warnings.catch_warnings():     # 3.12+ deprecates the watcher; pidfd is used there
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.get_child_watcher().add_child_handler(
+                pid, lambda _, code: loop.call_soon_threadsafe(child._exit, code))
+    return child
+
+
+def _reap_adopted(child: AdoptedChild, pidfd: int, loop) -> None:
+    """The pidfd of an adopted child is readable: it has exited; reap it (pidfd means 3.9+)."""
+    try:
+        pid, status = os.waitpid(child.pid, os.WNOHANG)
+    except ChildProcessError:           # reaped elsewhere: its status is lost
+        pid, status = child.pid, None
+    if pid == 0:
+        return
+    loop.remove_reader(pidfd)
+    child._exit(os.waitstatus_to_exitcode(status) if status is not None else None)   # novermin
 
 
 @functools.lru_cache(maxsize=None)
@@ -3174,15 +3251,7 @@ class ProcessRunner:
         run.started_at, run.started_wall = self.context.clock(), self.context.wall()
         stat = self.context.sampler.stat(run.pid)
         run.start_ticks = stat.start_ticks if stat else None
-        self.run = run
-        self.cpu, self.memory = 0.0, stat.rss_bytes if stat else 0
-        self.health.reset(self.checked)
-        run.watch = self.context.background(self._watch(run))
-        self._schedule_cron()
-        if self.config.watch and "files" not in self._pending:
-            self._pending["files"] = self.context.background(self._follow_files())
-        if self.checked:
-            self._pending["health"] = self.context.background(self._health_loop(run))
+        self._follow_run(run, stat.rss_bytes if stat else 0)
         self.event(event, pid=run.pid)
         if self.config.wait_ready:
             # STARTING -> ONLINE at the first healthy check, or when listen_timeout passes.
@@ -3191,6 +3260,81 @@ class ProcessRunner:
             self.context.announce("process_update", self)      # the pid is news even before it is ready
         else:
             self.change_state(ProcessState.ONLINE)
+
+    def _follow_run(self, run: Run, memory: int) -> None:
+        """The run is the current one: watch its exit and output, its health, cron and files."""
+        self.run = run
+        self.cpu, self.memory = 0.0, memory
+        self.health.reset(self.checked)
+        run.watch = self.context.background(self._watch(run))
+        self._schedule_cron()
+        if self.config.watch and "files" not in self._pending:
+            self._pending["files"] = self.context.background(self._follow_files())
+        if self.checked:
+            self._pending["health"] = self.context.background(self._health_loop(run))
+
+    # -- an upgrade: handing the run over, and adopting it -----------------------------------
+
+    async def quiesce(self) -> None:
+        """Upgrade, before the exec: stop following the current run without touching it. Its
+        pipes stop being read; what was read is logged up to the last whole line, and the
+        partial line is kept (stream.carried) for the next image."""
+        self._cancel("restart", "dependencies", "health", "ready", "cron", "files")
+        run = self.run
+        if run is None or run.proc is None:
+            return
+        if run.watch is not None:
+            run.watch.cancel()
+        outputs = [(pipe, stream) for pipe, stream in zip(getattr(run.proc, "pipes", (None,) * 3)[1:],
+                                                          (run.proc.stdout, run.proc.stderr))
+                   if pipe is not None and stream is not None and not stream.at_eof()]
+        for pipe, _ in outputs:
+            pipe.pause_reading()                # nothing more is read: the buffer is all there is,
+            pipe.resume_reading = lambda: None  # even when the reader's flow control says resume
+        await asyncio.sleep(0)                  # what was read lands in the buffer (a subprocess's
+        for _, stream in outputs:               # pipe delivers it with call_soon)
+            stream.handed_over = True
+            stream.feed_eof()                   # the pump logs what is buffered, then ends
+        if run.pumps:
+            await asyncio.wait(run.pumps, timeout=self.context.settings.exit_output_grace)
+
+    def handed_over(self) -> Optional[dict]:
+        """Upgrade, just before the exec: the run's descriptors, made inheritable, and what the
+        next image needs to adopt it (adopt()); None when there is no run to hand over."""
+        run = self.run
+        if run is None or run.proc is None:
+            return None
+        descriptors = []
+        for pipe in getattr(run.proc, "pipes", (None,) * 3):
+            descriptor = pipe.get_extra_info("pipe").fileno() if pipe is not None and not pipe.is_closing() else None
+            if descriptor is not None:
+                os.set_inheritable(descriptor, True)
+            descriptors.append(descriptor)
+        if run.pidfd is not None:
+            os.set_inheritable(run.pidfd, True)
+        carried = [base64.b64encode(getattr(stream, "carried", b"") or b"").decode("ascii") if stream else ""
+                   for stream in (run.proc.stdin, run.proc.stdout, run.proc.stderr)]
+        return {"pid": run.pid, "start_ticks": run.start_ticks, "token": run.token, "pidfd": run.pidfd,
+                "started_at": run.started_at, "started_wall": run.started_wall, "env": run.env,
+                "descriptors": descriptors, "carried": carried, "returncode": run.proc.returncode,
+                "stopping": run.stop_requested}
+
+    async def adopt(self, handed: dict) -> None:
+        """Upgrade, in the next image: take over the run the previous one handed over, as it
+        runs (same pid, same pipes). STOPPED -> STARTING -> ONLINE, like a start without spawn."""
+        run = Run(handed["token"], handed["pid"], handed["start_ticks"])
+        run.pidfd, run.env = handed["pidfd"], dict(handed["env"])
+        run.started_at, run.started_wall = handed["started_at"], handed["started_wall"]
+        run.proc = await adopt_child(run.pid, run.pidfd, handed["descriptors"],
+                                     [base64.b64decode(text) for text in handed["carried"]], handed["returncode"])
+        self.wanted, self.ever_started, self.error = True, True, None
+        self.change_state(ProcessState.STARTING)
+        stat = self.context.sampler.stat(run.pid)
+        self._follow_run(run, stat.rss_bytes if stat else 0)
+        self.event("adopted", pid=run.pid)
+        self.change_state(ProcessState.ONLINE)
+        if handed["stopping"]:                  # a stop was under way: it goes on
+            self.context.background(self.stop())
 
     async def _follow_files(self) -> None:
         """watch: restart once the watched files have been quiet for watch_delay after a change."""
@@ -3266,8 +3410,9 @@ class ProcessRunner:
     async def _watch(self, run: Run) -> None:
         proc = run.proc
         flush = self.context.settings.partial_line_flush
-        pumps = [self.context.background(pump_output(proc.stdout, functools.partial(self.logs.write, "stdout"), flush)),
-                 self.context.background(pump_output(proc.stderr, functools.partial(self.logs.write, "stderr"), flush))]
+        pumps = run.pumps = [
+            self.context.background(pump_output(proc.stdout, functools.partial(self.logs.write, "stdout"), flush)),
+            self.context.background(pump_output(proc.stderr, functools.partial(self.logs.write, "stderr"), flush))]
         returncode = await run.exited()
         if not run.stop_requested:
             # The main process is gone on its own: what it left behind would hold its port and
@@ -4082,13 +4227,15 @@ class Supervisor:
                    for runner in self.registry.runners()}
         return durable, runtime
 
-    async def restore(self) -> None:
-        """Bring back the saved list: leftovers of the last run are stopped, online ones started."""
+    async def restore(self, handed_over: Optional[dict] = None) -> None:
+        """Bring back the saved list: leftovers of the last run are stopped, online ones started;
+        after an upgrade, the runs the previous image handed over (by id) are adopted instead."""
+        handed_over = dict(handed_over or {})
         data = self.store.load()
         if data is None:
-            return
+            return close_handed_over(handed_over)
         self.registry.next_id = _saved_int(data.get("next_id", 0), 1 << 30)
-        to_start, leftovers, rejected = [], [], []
+        to_start, leftovers, rejected, adopted = [], [], [], []
         for entry in data["processes"]:
             try:
                 # Saved configs are validated like new ones: a hand-edited file (or one an older
@@ -4111,12 +4258,22 @@ class Supervisor:
                                       ProcessConfig(log_safe(str(entry.get("name")), 64), "")))
                 continue
             leftover = runner.restore(entry)
+            handed = handed_over.pop(str(runner.id), None)
+            if handed is not None:
+                adopted.append((runner, handed))
+                continue
             if leftover is not None:
                 leftovers.append((leftover, config))
             if status == "online":
                 to_start.append(runner)
         if rejected:
             self.store.keep_rejected(rejected)
+        close_handed_over(handed_over)          # runs of entries that are gone are leftovers
+        for runner, handed in adopted:
+            try:
+                await runner.adopt(handed)
+            except Exception as exc:
+                log.error("cannot adopt %r (pid %s)", log_safe(runner.name), handed["pid"], exc_info=exc)
         stopped = await asyncio.gather(*(self._stop_leftover(run, config) for run, config in leftovers),
                                        return_exceptions=True)
         for (_, config), outcome in zip(leftovers, stopped):
@@ -4146,12 +4303,30 @@ class Supervisor:
         await terminate_run(run, config, self.sampler, self.settings, leader_alive)
         run.close()
 
+    async def hand_over(self) -> dict:
+        """Upgrade, before the exec: every run stops being followed (its output logged up to
+        its last whole line), the state is saved, and the runs are described by id for
+        restore(handed_over) in the next image. The children are not touched."""
+        runners = [runner for runner in self.registry.runners() if runner.run is not None]
+        await asyncio.gather(*(runner.quiesce() for runner in runners))
+        self.store.flush()
+        return {str(runner.id): runner.handed_over() for runner in runners}
+
     async def shutdown(self) -> None:
         """Daemon exit: stop every child, but remember which ones should come back."""
         await asyncio.gather(*(runner.shut_down() for runner in self.registry.runners()))
         self.hub.end(None)
         self.store.flush()
         self.sampler.close()
+
+
+def close_handed_over(handed_over: dict) -> None:
+    """The descriptors of handed-over runs that nobody adopts."""
+    for handed in handed_over.values():
+        for descriptor in list(handed["descriptors"]) + [handed["pidfd"]]:
+            if descriptor is not None:
+                with contextlib.suppress(OSError):
+                    os.close(descriptor)
 
 
 def group_label(members: List[ProcessRunner]) -> str:
