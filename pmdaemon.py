@@ -4785,7 +4785,8 @@ def serialize_response(response: Response, date: bytes, keep_alive: bool, http10
 #    kept, so a valid message is still answered). No sockets, no asyncio.
 # ==============================================================================================
 
-VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011})
+# RFC 6455 §7.4.1, and 1012-1014 of the IANA registry (1012: service restart, sent by an upgrade).
+VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 
 def ws_accept_key(key: str) -> str:
