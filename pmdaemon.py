@@ -122,6 +122,16 @@ CODE_CACHE_NAME = "pmdaemon.pyc"       # the daemon's own code, compiled once (r
 OPTIONS_NAME = "daemon.json"           # the `web` options the home's daemon last ran with (never a key)
 # Set in every child, inherited by everything it starts: how stop finds double-forked escapees.
 RUN_ID_ENV = "PMDAEMON_RUN_ID"
+# An upgrade (exec in place): the new image finds what it inherits in UPGRADE_INVENTORY_NAME,
+# named by a nonce in this variable, which it reads and removes before anything starts.
+UPGRADE_ENV = "PMDAEMON_UPGRADE"
+UPGRADE_INVENTORY_NAME = "upgrade.json"        # descriptors handed over: listeners, pipes, pidfds
+UPGRADE_REQUEST_NAME = "upgrade-request.json"  # what `upgrade` asks for (new web options)
+UPGRADE_RESULT_NAME = "upgrade-result.json"    # the answer: refused with the reason, or done
+UPGRADE_DRAIN_TIMEOUT = 5.0            # seconds requests in flight may take to finish before the exec
+UPGRADE_GRACE = 0.2                    # seconds a new connection has to send its request then, and
+                                       # a WebSocket to take its close frame
+UPGRADE_WAIT_TIMEOUT = 60              # seconds `upgrade` waits for the daemon to serve again
 
 # HTTP/1.1 limits (RFC 9112 leaves them to the server; each maps to its own status).
 MAX_REQUEST_LINE = 8 * 1024            # request line longer than this -> 414
@@ -267,6 +277,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012              # the daemon replaces itself (upgrade): reconnect
 
 
 # -- compatibility: Python 3.6 and newer --------------------------------------------------------
@@ -472,6 +483,10 @@ class WsCommandError(PMDaemonError):
     def __init__(self, message: str, code: str = "INVALID_COMMAND"):
         super().__init__(message)
         self.code = code
+
+
+class UpgradeRefused(PMDaemonError):
+    """An upgrade that would not work (the new file, its options); the daemon runs on as it was."""
 
 
 class SpawnError(PMDaemonError):
@@ -7194,6 +7209,25 @@ def bind_tcp(host: str, port: int) -> List[socket.socket]:
     return sockets
 
 
+def adopt_listeners(inherited: dict, host: str, port: int) -> Tuple[List[socket.socket], Optional[socket.socket]]:
+    """The listening sockets an upgrade handed over (HttpServer.hand_over): the TCP ones when
+    they are still wanted (same host, and the same port or any), and the Unix socket."""
+    tcp: List[socket.socket] = []
+    for descriptor, family in inherited.get("tcp", []):
+        sock = socket.fromfd(descriptor, family, socket.SOCK_STREAM)   # a duplicate: 3.6 cannot adopt
+        os.close(descriptor)
+        tcp.append(sock)
+    if tcp and (inherited.get("host") != host or port not in (0, tcp[0].getsockname()[1])):
+        for sock in tcp:                        # new options: a new port, bound by the caller
+            sock.close()
+        tcp = []
+    unix = None
+    if inherited.get("unix") is not None:
+        unix = socket.fromfd(inherited["unix"], socket.AF_UNIX, socket.SOCK_STREAM)
+        os.close(inherited["unix"])
+    return tcp, unix
+
+
 class After(enum.Enum):
     """What a connection does once it has answered a request."""
     NEXT_REQUEST = "next request"       # keep-alive: read the next head
@@ -7225,7 +7259,7 @@ class HttpConnection:
     the phase its deadline belongs to, the body budget its request holds, and send(), the only
     place its bytes leave. HttpServer makes one per accepted connection."""
     __slots__ = ("server", "api", "config", "stats", "reader", "writer", "transport", "owner", "parser",
-                 "phase", "deadline", "admission", "fresh", "session", "repeated", "_loop")
+                 "phase", "deadline", "admission", "fresh", "session", "repeated", "answered", "_loop")
 
     def __init__(self, server: "HttpServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  owner: bool = False):
@@ -7243,6 +7277,7 @@ class HttpConnection:
         # Heads answered before, one table per door: through the Unix socket the daemon's own
         # user needs no key, so a head learned there must never answer a TCP client.
         self.repeated: RepeatedAnswers = server.repeated[owner]
+        self.answered = False               # a request was answered: idle now means between requests
 
     def send(self, what: Any, request: Optional[Request] = None, keep_alive: bool = False) -> None:
         """The only place bytes leave: a Response, serialised for `request` (101 included), or
@@ -7285,6 +7320,7 @@ class HttpConnection:
                 learnable = self.fresh if not self.parser.buffer else None   # the request was that one read
                 self.fresh = None
                 after = await self._respond(request, admission, learnable)
+                self.answered = True
                 if after is not After.NEXT_REQUEST:
                     return self.session
                 request = admission = learnable = None     # nothing of it kept while idle
@@ -7488,6 +7524,7 @@ class HttpServer:
         self.unix_socket = None
         self.deadlines: set = set()         # HttpConnections whose phase has a deadline
         self.closing = False
+        self.handing_over = False           # an upgrade: what was accepted is still served
         self.listeners: List[socket.socket] = []
         self.servers: list = []                 # asyncio servers, once serving
         self.acceptors: List[asyncio.Future] = []   # with TLS: our own accept loops (_accept_tls)
@@ -7496,12 +7533,19 @@ class HttpServer:
         # Heads answered before, one table per door (see HttpConnection.repeated).
         self.repeated = {False: RepeatedAnswers(), True: RepeatedAnswers()}     # by request.owner
 
-    async def bind(self) -> int:
+    async def bind(self, inherited: Optional[dict] = None) -> int:
         """Take the port (so a busy port fails before any child starts) and the Unix socket;
         serve later. With TLS, connections are accepted by us, not by asyncio's TLS server: a
-        connection counts from its accept, before a byte of TLS (see _accept_tls)."""
-        self.listeners = bind_tcp(self.config.host, self.config.port)
-        self._bind_unix_socket()
+        connection counts from its accept, before a byte of TLS (see _accept_tls). After an
+        upgrade, the listening sockets of the previous image (hand_over) are taken as they
+        are, with the connections waiting in their backlog, unless the port or host changed."""
+        self.listeners, unix = adopt_listeners(inherited or {}, self.config.host, self.config.port)
+        if not self.listeners:
+            self.listeners = bind_tcp(self.config.host, self.config.port)
+        if unix is not None:
+            self.unix_socket = unix
+        else:
+            self._bind_unix_socket()
         return self.listeners[0].getsockname()[1]
 
     async def _accept_tls(self, listener: socket.socket) -> None:
@@ -7573,6 +7617,70 @@ class HttpServer:
 
     async def close(self) -> None:
         """Stop accepting; end follow streams with their final chunk and WebSockets with 1001."""
+        self._stop_accepting()
+        if self.unix_socket is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+        await self._end_sessions(CloseCode.GOING_AWAY, "daemon shutting down", self.config.write_timeout)
+        for writer in list(self.connections):
+            writer.close()
+
+    async def hand_over(self) -> dict:
+        """Upgrade, before the exec: stop accepting but keep the listening sockets open (new
+        connections wait in the backlog; none is refused), finish the requests in flight,
+        close idle keep-alive connections, end follow streams with their final chunk and
+        WebSockets with 1012. Returns the listening descriptors, inheritable, for bind()."""
+        kept = {"host": self.config.host, "tcp": [], "unix": None}
+        for sock in self.listeners:
+            kept["tcp"].append([os.dup(sock.fileno()), int(sock.family)])
+        if self.unix_socket is not None:
+            kept["unix"] = os.dup(self.unix_socket.fileno())
+        for descriptor in [entry[0] for entry in kept["tcp"]] + [kept["unix"]]:
+            if descriptor is not None:
+                os.set_inheritable(descriptor, True)
+        self.handing_over = True
+        # No accept from now on, but what was just accepted must reach serve() while its server
+        # is open: asyncio drops (and leaks) a connection accepted right before Server.close().
+        loop = asyncio.get_event_loop()
+        for sock in self.listeners + ([self.unix_socket] if self.unix_socket is not None else []):
+            loop.remove_reader(sock.fileno())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self._stop_accepting()                  # closes our copies; the duplicates keep listening
+        sessions = list(self.broadcaster.clients if self.broadcaster else ())
+        await self._end_sessions(CloseCode.SERVICE_RESTART, "daemon upgrading",
+                                 min(self.config.write_timeout, UPGRADE_DRAIN_TIMEOUT), drop=True)
+        began = time.monotonic()
+        idle = {True: 0, False: 0}
+
+        def waiting() -> set:
+            # A WebSocket is done once its close frame is out (its reply is not waited for), or
+            # after the grace: one that does not read would hold every client up.
+            patient = time.monotonic() < began + UPGRADE_GRACE
+            return self.connections - {session.writer for session in sessions
+                                       if not patient or not session.transport.get_write_buffer_size()}
+        # A few turns of the loop at least: a connection accepted just before the close is
+        # not in self.connections until its serve() task has run.
+        while (waiting() or time.monotonic() < began + 0.02) and time.monotonic() < began + UPGRADE_DRAIN_TIMEOUT:
+            patient = time.monotonic() < began + UPGRADE_GRACE
+            for connection in list(self.deadlines):
+                # Idle: between requests, nothing of the next one read (a new connection gets
+                # a moment to send its first). A request under way is answered with
+                # Connection: close (closing), then its connection ends.
+                if (connection.phase == IDLE and not connection.parser.buffer and connection.session is None
+                        and (connection.answered or not patient)):
+                    idle[connection.answered] += 1
+                    connection.transport.close()
+            await asyncio.sleep(0.005)
+        cut = waiting()
+        for writer in cut:                      # the exec closes the WebSockets
+            writer.transport.abort()
+        log.info("upgrade: connections finished in %.0f ms: %d idle between requests and %d silent new ones "
+                 "closed, %d cut off, %d WebSocket(s) closed with 1012", (time.monotonic() - began) * 1000,
+                 idle[True], idle[False], len(cut), len(sessions))
+        return kept
+
+    def _stop_accepting(self) -> None:
         self.closing = True
         for server in self.servers:
             server.close()
@@ -7582,18 +7690,16 @@ class HttpServer:
             sock.close()
         if self.unix_socket is not None:
             self.unix_socket.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.socket_path)
         self.peer_users.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+
+    async def _end_sessions(self, code: int, reason: str, timeout: float, drop: bool = False) -> None:
         self.api.supervisor.hub.end(None)
         for session in list(self.broadcaster.clients if self.broadcaster else ()):
-            session.fail(CloseCode.GOING_AWAY, "daemon shutting down")
+            session.fail(code, reason, drop)
         if self.streams:
-            await asyncio.wait(set(self.streams), timeout=self.config.write_timeout)
-        for writer in list(self.connections):
-            writer.close()
+            await asyncio.wait(set(self.streams), timeout=timeout)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Hand an accepted connection to its HttpConnection, within the connection cap and,
@@ -7601,7 +7707,7 @@ class HttpServer:
         sock = writer.get_extra_info("socket")
         owner = sock is not None and sock.family == socket.AF_UNIX
         connection = HttpConnection(self, reader, writer, owner)
-        if len(self.connections) >= self.config.max_connections or self.closing:
+        if len(self.connections) >= self.config.max_connections or (self.closing and not self.handing_over):
             connection.send(self.api.error_response(HttpError(503, "SERVICE_UNAVAILABLE", "too many connections")))
             writer.close()
             return
@@ -7746,22 +7852,72 @@ class SystemdNotifier:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as channel:
                 channel.sendto(message.encode("utf-8"), self.address)
 
+    def reloading(self) -> None:
+        """An upgrade begins (the pid stays): READY=1 of the next image ends it. systemd wants
+        the monotonic time with RELOADING=1 (Type=notify-reload, sd_notify(3))."""
+        self.notify("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=upgrading in place" % (time.monotonic() * 1e6))
+
     async def watchdog(self) -> None:
         while self.watchdog_interval:
             await asyncio.sleep(self.watchdog_interval)
             self.notify("WATCHDOG=1")
 
 
-class Daemon:
-    """pmdaemon web: lock the home, restore state, serve, and shut down cleanly on a signal."""
+def read_private_json(path: str, remove: bool = False) -> Optional[dict]:
+    """A JSON object from a private, plain file of ours in the home (removed once read when
+    asked); None when there is none or it cannot be trusted."""
+    try:
+        descriptor = open_private(path, os.O_RDONLY)
+    except OSError:
+        return None
+    with open(descriptor, "rb") as handle:
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        info = os.fstat(handle.fileno())
+        if not stat_module.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return None
+        try:
+            data = json.loads(handle.read().decode("utf-8"))
+        except ValueError:
+            return None
+    return data if isinstance(data, dict) else None
 
-    def __init__(self, config: DaemonConfig):
+
+def take_inventory(home: str) -> dict:
+    """In the image an upgrade started: what the previous one handed over (UPGRADE_ENV names
+    it); {} on an ordinary start. Read once: the variable and the file are removed at once,
+    so no child inherits them and a later start cannot take them for its own."""
+    nonce = os.environ.pop(UPGRADE_ENV, None)
+    if nonce is None:
+        return {}
+    inventory = read_private_json(os.path.join(home, UPGRADE_INVENTORY_NAME), remove=True)
+    if not inventory or inventory.get("nonce") != nonce:
+        log.warning("an upgrade left no usable inventory: the processes are restarted")
+        return {}
+    return inventory
+
+
+class Daemon:
+    """pmdaemon web: lock the home, restore state, serve, and shut down cleanly on a signal;
+    on SIGUSR2 (`upgrade`, systemd's ExecReload=), replace itself in place (run_upgrade)."""
+
+    def __init__(self, config: DaemonConfig, plan_upgrade: Optional[Callable[[Optional[List[str]]], Any]] = None,
+                 inherited: Optional[dict] = None):
         self.config = config
         self.lock_handle = None
+        # (new web options or None) -> (argv, environment) of the exec, or raises UpgradeRefused.
+        self.plan_upgrade = plan_upgrade
+        self.inherited = inherited or {}        # what the previous image handed over (take_inventory)
 
     def acquire_lock(self) -> None:
-        """One daemon per home; the second names the first one's pid and exits."""
+        """One daemon per home; the second names the first one's pid and exits. After an
+        upgrade the lock is already ours: its descriptor was handed over."""
         path = os.path.join(self.config.home, "pmdaemon.lock")
+        if self.inherited.get("lock") is not None:
+            self.lock_handle = open(self.inherited["lock"], "r+")
+            os.set_inheritable(self.lock_handle.fileno(), False)
+            return
         handle = open(open_private(path, os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -7786,18 +7942,22 @@ class Daemon:
             loop.add_signal_handler(signum, stop.set)
         if self.config.tls is not None:             # SIGUSR1: re-read the certificate files
             loop.add_signal_handler(signal.SIGUSR1, self.config.tls.reload)
+        upgrade = asyncio.Event()                   # SIGUSR2: upgrade in place
+        loop.add_signal_handler(signal.SIGUSR2, upgrade.set)
         supervisor = Supervisor(self.config.home)
+        if self.inherited.get("session"):           # run tokens stay those of the adopted runs
+            supervisor.context.session = self.inherited["session"]
         api = Api(supervisor, AccessPolicy(self.config.api_key, self.config.allow_hosts,
                                            self.config.cors_origins, read_keys=self.config.read_keys))
         broadcaster = Broadcaster(supervisor)
         server = HttpServer(api, broadcaster, self.config)
-        port = await server.bind()
+        port = await server.bind(self.inherited.get("listeners"))
         api.policy.serve_origin("https" if self.config.tls else "http", port,
                                 [sock.getsockname()[0] for sock in server.listeners])
         # The first sample after the port is bound and before children are restored: a /proc
         # that cannot be read degrades metrics, it can neither orphan children nor stop us.
         supervisor.metrics.sample()
-        await supervisor.restore()
+        await supervisor.restore(self.inherited.get("runs"))
         await server.start_serving()
         sampler = asyncio.ensure_future(supervisor.metrics.run(self.config.sample_interval))
         host = self.config.host if ":" not in self.config.host else "[%s]" % self.config.host
@@ -7806,7 +7966,34 @@ class Daemon:
         notifier = SystemdNotifier()
         notifier.notify("READY=1\nMAINPID=%d\nSTATUS=serving on %s" % (os.getpid(), where))
         watchdog = asyncio.ensure_future(notifier.watchdog())
-        await stop.wait()
+        if self.inherited:
+            log.info("upgraded in place (pid %d): %d process(es) adopted", os.getpid(),
+                     len(self.inherited.get("runs") or {}))
+            self._upgrade_result({"id": self.inherited.get("request"), "upgraded": True, "pid": os.getpid()})
+        while True:
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(upgrade.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+            if stop.is_set():
+                break
+            upgrade.clear()
+            request = read_private_json(os.path.join(self.config.home, UPGRADE_REQUEST_NAME), remove=True) or {}
+            try:
+                if self.plan_upgrade is None:
+                    raise UpgradeRefused("this daemon cannot upgrade itself")
+                argv, environ = await loop.run_in_executor(None, self.plan_upgrade, request.get("web"))
+            except UpgradeRefused as refusal:
+                log.warning("upgrade refused: %s", refusal.message)
+                self._upgrade_result({"id": request.get("id"), "upgraded": False, "reason": refusal.message})
+                continue
+            notifier.reloading()
+            watchdog.cancel()
+            sampler.cancel()
+            await self._exec_upgrade(server, supervisor, argv, environ, request.get("id"))
+            # Only if the exec failed: the runs are no longer followed, so they are stopped.
+            log.error("the upgrade could not exec %s: shutting down", argv[0])
+            break
         notifier.notify("STOPPING=1\nSTATUS=stopping children and saving state")
         watchdog.cancel()
         log.info("shutting down: stopping children and saving state")
@@ -7814,6 +8001,36 @@ class Daemon:
         sampler.cancel()
         await supervisor.shutdown()
         return 0
+
+    async def _exec_upgrade(self, server: HttpServer, supervisor: Supervisor, argv: List[str],
+                            environ: Dict[str, str], request_id: Any) -> None:
+        """Hand the listening sockets, the runs and the lock over to a new image of this
+        process (exec: same pid, so the children stay ours), described in the inventory file
+        that UPGRADE_ENV names. Returns only if the exec failed."""
+        began = time.monotonic()
+        listeners = await server.hand_over()
+        runs = await supervisor.hand_over()
+        self.lock_handle.flush()
+        os.set_inheritable(self.lock_handle.fileno(), True)
+        nonce = os.urandom(16).hex()
+        atomic_write(os.path.join(self.config.home, UPGRADE_INVENTORY_NAME), json_bytes(
+            {"nonce": nonce, "lock": self.lock_handle.fileno(), "listeners": listeners, "request": request_id,
+             "session": supervisor.context.session, "runs": {key: run for key, run in runs.items() if run}}))
+        log.info("upgrading in place: %d process(es) handed over after %.0f ms; exec %s",
+                 len(runs), (time.monotonic() - began) * 1000, " ".join(argv[1:3]))
+        for handler in log.handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execve(argv[0], argv, dict(environ, **{UPGRADE_ENV: nonce}))
+        except OSError as exc:
+            log.error("exec failed: %s", exc)
+
+    def _upgrade_result(self, result: dict) -> None:
+        """What `upgrade` waits for: refused with the reason, or done (by the new image)."""
+        with contextlib.suppress(OSError):
+            atomic_write(os.path.join(self.config.home, UPGRADE_RESULT_NAME), json_bytes(result))
 
 
 # ==============================================================================================
@@ -8003,6 +8220,70 @@ def _cached_header(path: str) -> bytes:
         return handle.read(len(importlib.util.MAGIC_NUMBER) + 12 if sys.version_info >= (3, 7) else 12)
 
 
+# Run by the interpreter an upgrade will exec: its version, then whether it compiles the file.
+UPGRADE_PROBE = ("import sys; print('%d.%d.%d' % sys.version_info[:3], flush=True); "
+                 "compile(open(sys.argv[1], 'rb').read(), sys.argv[1], 'exec', dont_inherit=True)")
+
+
+def plan_upgrade(home: str, api_key: Optional[str], options: Optional[List[str]]) -> Tuple[List[str], Dict[str, str]]:
+    """The exec of an upgrade, checked first: the pmdaemon.py now on disk must compile, know
+    how to adopt running processes, and run under the interpreter we would exec (3.6+);
+    new `web` options (None: the same) must parse. Writes the code cache of the new file.
+    Returns (argv, environment); raises UpgradeRefused with the reason."""
+    web = list(sys.argv[1:])
+    if options is not None:
+        if not isinstance(options, list) or not all(isinstance(option, str) for option in options):
+            raise UpgradeRefused("the new web options must be a list of strings")
+        web = ["web", "--home", home] + (["--quiet"] if "--quiet" in web else []) + options
+        said: List[str] = []
+        writer = type("Said", (), {"write": lambda self, text: said.append(text), "flush": lambda self: None})()
+        try:
+            with contextlib.redirect_stderr(writer):
+                parsed = build_parser().parse_args(web)
+        except SystemExit:
+            raise UpgradeRefused("bad web options: %s" % "".join(said).strip().splitlines()[-1]) from None
+        if parsed.daemonize:
+            raise UpgradeRefused("--daemonize does not go with an upgrade (the daemon stays where it runs)")
+    path = source_path()
+    try:
+        with open(path, "rb") as handle:
+            source = handle.read()
+        code = compile(source, path, "exec", dont_inherit=True)
+    except OSError as exc:
+        raise UpgradeRefused("cannot read %s: %s" % (path, exc.strerror or exc)) from None
+    except SyntaxError as exc:
+        raise UpgradeRefused("%s does not compile: %s (line %s)" % (path, exc.msg, exc.lineno)) from None
+    except ValueError as exc:
+        raise UpgradeRefused("%s does not compile: %s" % (path, exc)) from None
+    if UPGRADE_ENV.encode() not in source:
+        raise UpgradeRefused("%s cannot adopt running processes (it predates upgrades): restart the "
+                             "daemon instead" % path)
+    try:
+        probe = subprocess.run([sys.executable, "-c", UPGRADE_PROBE, path], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UpgradeRefused("cannot run %s: %s" % (sys.executable, exc)) from None
+    said = probe.stdout.decode("utf-8", "replace").split()
+    version = tuple(int(part) for part in said[0].split(".")) if said and re.match(r"^\d+\.\d+\.\d+$", said[0]) else ()
+    if version < (3, 6):
+        raise UpgradeRefused("%s is Python %s; pmdaemon.py needs 3.6 or newer"
+                             % (sys.executable, said[0] if said else "of an unknown version"))
+    if probe.returncode:
+        lines = probe.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise UpgradeRefused("%s does not compile under %s: %s" % (path, sys.executable, lines[-1] if lines else
+                                                                     "exit status %d" % probe.returncode))
+    run = [path]
+    if version == tuple(sys.version_info[:3]):  # the same interpreter: run from a fresh code cache
+        cache = os.path.join(home, CODE_CACHE_NAME)
+        with contextlib.suppress(OSError, ValueError):
+            atomic_write(cache, code_cache_header(source, path) + marshal.dumps(code))
+            run = [cache]
+    environ = dict(os.environ)
+    if api_key and not {"--api-key", "--api-key-file"} & set(web):
+        environ[API_KEY_ENV] = api_key          # it came from there, and was scrubbed (the new image does too)
+    return [sys.executable] + subprocess._args_from_interpreter_flags() + run + web[:], environ
+
+
 def web_argv(args: argparse.Namespace, with_key: bool = True) -> List[str]:
     """The options of a parsed `web` command line, for the same daemon run in the background
     (with_key=False: what may be written down; --api-key never is)."""
@@ -8108,10 +8389,11 @@ def command_web(args: argparse.Namespace) -> int:
                           ws_pong_timeout=args.ws_pong_timeout, ws_slow_grace=args.ws_slow_grace,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           keepalive_timeout=args.keepalive_timeout, max_body_memory=args.max_body_memory)
-    daemon = Daemon(config)
+    daemon = Daemon(config, functools.partial(plan_upgrade, home, api_key))
     try:
         secure_home(home)
         run_from_code_cache(home)       # returns only where it cannot re-execute
+        daemon.inherited = take_inventory(home)
         daemon.acquire_lock()
         record_web_options(home, web_argv(args, with_key=False))
     except SystemExit as exc:
@@ -8437,6 +8719,7 @@ class WsClient:
             raise CliError("the daemon refused the WebSocket: %s" % head.split(b"\r\n")[0].decode("latin-1"))
         self.protocol = WsProtocol(client=True)
         self.pending = self.protocol.receive_data(rest)     # frames that came with the 101
+        self.close_code: Optional[int] = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -8458,6 +8741,7 @@ class WsClient:
             if event.kind == "text":
                 found.append(json.loads(event.data))
             elif event.kind in ("close", "error"):
+                self.close_code = event.data[0] if event.kind == "close" else None
                 raise EOFError("the daemon closed the connection")
         return found
 
@@ -10043,7 +10327,9 @@ def systemd_unit(home: str, user: str) -> str:
     """A unit that runs this file's daemon for this home under systemd."""
     return ("[Unit]\nDescription=pmdaemon process manager (home %s)\nAfter=network-online.target\n"
             "Wants=network-online.target\n\n[Service]\nType=notify\nNotifyAccess=main\nUser=%s\n"
-            "Environment=PMDAEMON_HOME=%s\nExecStart=%s\nRestart=on-failure\nRestartSec=2\n"
+            "Environment=PMDAEMON_HOME=%s\nExecStart=%s\n"
+            "# `systemctl reload`: upgrade in place (the pmdaemon.py on disk); the processes keep running.\n"
+            "ExecReload=/bin/kill -USR2 $MAINPID\nRestart=on-failure\nRestartSec=2\n"
             "# pmdaemon stops its children itself (process groups, kill_timeout): systemd only\n"
             "# signals the daemon, and gives it time.\nKillMode=process\nTimeoutStopSec=120\n"
             "# cgroup v2 limits (memory_limit, cpu_limit) need the subtree delegated to the daemon.\n"
@@ -10094,6 +10380,35 @@ def verb_kill(client_args: argparse.Namespace) -> int:
             return 0
         time.sleep(0.05)
     raise CliError("the daemon (pid %d) is still stopping after %d s" % (pid, KILL_WAIT_TIMEOUT))
+
+
+def verb_upgrade(client_args: argparse.Namespace) -> int:
+    """Replace the home's daemon in place (SIGUSR2) by the pmdaemon.py now on disk, with new
+    web options if given: its processes keep running; prints the reason when it refuses."""
+    home = client_home(client_args)
+    pid = running_daemon(home)
+    if pid is None:
+        raise CliError("no daemon is running for %s" % home)
+    options = shlex.split(client_args.web) if client_args.web is not None else None
+    request_id = os.urandom(8).hex()
+    result_path = os.path.join(home, UPGRADE_RESULT_NAME)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(result_path)
+    atomic_write(os.path.join(home, UPGRADE_REQUEST_NAME), json_bytes({"id": request_id, "web": options}))
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + UPGRADE_WAIT_TIMEOUT
+    while time.monotonic() < deadline:
+        result = read_private_json(result_path)
+        if result is not None and result.get("id") == request_id:
+            if not result.get("upgraded"):
+                raise CliError("upgrade refused: %s" % result.get("reason"))
+            print("upgraded the daemon in place (pid %d); its processes kept running" % pid)
+            return 0
+        if not os.path.exists("/proc/%d" % pid):
+            raise CliError("the daemon (pid %d) exited during the upgrade (see %s)"
+                           % (pid, os.path.join(home, "pmdaemon.log")))
+        time.sleep(0.02)
+    raise CliError("the daemon (pid %d) did not finish the upgrade within %d s" % (pid, UPGRADE_WAIT_TIMEOUT))
 
 
 def pwd_name(uid: int) -> str:
@@ -10202,6 +10517,19 @@ def monit_key(client: Client, stream: WsClient, view: MonitView, key: int) -> bo
     return True
 
 
+def reconnect_ws(client: Client) -> WsClient:
+    """A new WebSocket after the daemon closed ours with 1012 (an upgrade): the connection waits
+    in the listen backlog until the new image serves it."""
+    deadline = time.monotonic() + UPGRADE_WAIT_TIMEOUT
+    while True:
+        try:
+            return WsClient(client)
+        except (CliError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def switch_log_subscription(stream: WsClient, old: Optional[str], new: Optional[str]) -> None:
     if old:
         stream.send_json({"type": "unsubscribe", "channel": "logs", "process": old})
@@ -10219,6 +10547,7 @@ def verb_monit(client: Client, args: argparse.Namespace) -> int:
     stream = WsClient(client)
 
     def run(screen) -> int:
+        nonlocal stream
         curses.curs_set(0)
         screen.nodelay(True)
         screen.keypad(True)
@@ -10227,8 +10556,14 @@ def verb_monit(client: Client, args: argparse.Namespace) -> int:
         while True:
             readable, _, _ = select.select([stream, sys.stdin], [], [], 0.5)
             if stream in readable:
-                for message in stream.messages():
-                    view.apply(message)
+                try:
+                    for message in stream.messages():
+                        view.apply(message)
+                except EOFError:
+                    if stream.close_code != CloseCode.SERVICE_RESTART:
+                        raise
+                    stream.close()              # the daemon upgrades itself: it answers again soon
+                    stream, subscribed = reconnect_ws(client), None
             if view.selected_name() != subscribed:
                 switch_log_subscription(stream, subscribed, view.selected_name())
                 subscribed = view.selected_name()
@@ -10310,6 +10645,8 @@ VERBS = {
     "resurrect": (verb_resurrect, "bring back what `save` wrote, stopped ones stopped", None),
     "startup": (None, "print (or --install) a systemd unit that starts pmdaemon at boot", None),
     "kill": (None, "stop the home's daemon gracefully: its processes stop, their state is kept", None),
+    "upgrade": (None, "replace the home's daemon in place by the pmdaemon.py on disk (SIGUSR2): its "
+                "processes keep running", None),
 }
 
 
@@ -10409,6 +10746,9 @@ def add_verb_options(verb: str, sub: argparse.ArgumentParser) -> None:
             sub.add_argument("--dry-run", action="store_true", help="print the plan and every warning, change nothing")
     elif verb == "startup":
         sub.add_argument("--install", action="store_true", help="write and enable the unit (root)")
+    elif verb == "upgrade":
+        sub.add_argument("--web", metavar="OPTIONS", help="new web options instead of the current ones, "
+                         "e.g. --web '--port 9700 --max-connections 500'")
 
 
 def add_web_options(web: argparse.ArgumentParser) -> None:
@@ -10459,6 +10799,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return verb_startup(args)
         if verb == "kill":
             return verb_kill(args)
+        if verb == "upgrade":
+            return verb_upgrade(args)
         if verb == "convert":
             return verb_convert(None, args)
         args.verb = verb
