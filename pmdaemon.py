@@ -7659,9 +7659,8 @@ class HttpServer:
             patient = time.monotonic() < began + UPGRADE_GRACE
             return self.connections - {session.writer for session in sessions
                                        if not patient or not session.transport.get_write_buffer_size()}
-        # A few turns of the loop at least: a connection accepted just before the close is
-        # not in self.connections until its serve() task has run.
-        while (waiting() or time.monotonic() < began + 0.02) and time.monotonic() < began + UPGRADE_DRAIN_TIMEOUT:
+        # A few turns of the loop at least: a request that arrived with the close is read.
+        while (waiting() or time.monotonic() < began + 0.005) and time.monotonic() < began + UPGRADE_DRAIN_TIMEOUT:
             patient = time.monotonic() < began + UPGRADE_GRACE
             for connection in list(self.deadlines):
                 # Idle: between requests, nothing of the next one read (a new connection gets
@@ -7978,6 +7977,7 @@ class Daemon:
             if stop.is_set():
                 break
             upgrade.clear()
+            log.info("upgrade asked for: checking the file on disk and the options")
             request = read_private_json(os.path.join(self.config.home, UPGRADE_REQUEST_NAME), remove=True) or {}
             try:
                 if self.plan_upgrade is None:
@@ -8220,9 +8220,17 @@ def _cached_header(path: str) -> bytes:
         return handle.read(len(importlib.util.MAGIC_NUMBER) + 12 if sys.version_info >= (3, 7) else 12)
 
 
-# Run by the interpreter an upgrade will exec: its version, then whether it compiles the file.
-UPGRADE_PROBE = ("import sys; print('%d.%d.%d' % sys.version_info[:3], flush=True); "
-                 "compile(open(sys.argv[1], 'rb').read(), sys.argv[1], 'exec', dont_inherit=True)")
+# Run by the interpreter an upgrade will exec, the new source on its stdin: its version on a
+# line, then the compiled code (marshal), or the reason it does not compile on stderr. (In a
+# process of its own: compile() holds the GIL, and the daemon would stop answering meanwhile.)
+UPGRADE_PROBE = "\n".join([
+    "import marshal, sys",
+    "sys.stdout.buffer.write(b'%d.%d.%d\\n' % sys.version_info[:3]); sys.stdout.flush()",
+    "try:",
+    "    code = compile(sys.stdin.buffer.read(), sys.argv[1], 'exec', dont_inherit=True)",
+    "except (SyntaxError, ValueError) as exc:",
+    "    sys.exit('%s (line %s)' % (exc.msg, exc.lineno) if isinstance(exc, SyntaxError) else str(exc))",
+    "sys.stdout.buffer.write(marshal.dumps(code))"])
 
 
 def plan_upgrade(home: str, api_key: Optional[str], options: Optional[List[str]]) -> Tuple[List[str], Dict[str, str]]:
@@ -8248,35 +8256,31 @@ def plan_upgrade(home: str, api_key: Optional[str], options: Optional[List[str]]
     try:
         with open(path, "rb") as handle:
             source = handle.read()
-        code = compile(source, path, "exec", dont_inherit=True)
     except OSError as exc:
         raise UpgradeRefused("cannot read %s: %s" % (path, exc.strerror or exc)) from None
-    except SyntaxError as exc:
-        raise UpgradeRefused("%s does not compile: %s (line %s)" % (path, exc.msg, exc.lineno)) from None
-    except ValueError as exc:
-        raise UpgradeRefused("%s does not compile: %s" % (path, exc)) from None
     if UPGRADE_ENV.encode() not in source:
         raise UpgradeRefused("%s cannot adopt running processes (it predates upgrades): restart the "
                              "daemon instead" % path)
     try:
-        probe = subprocess.run([sys.executable, "-c", UPGRADE_PROBE, path], stdin=subprocess.DEVNULL,
+        probe = subprocess.run([sys.executable, "-c", UPGRADE_PROBE, path], input=source,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
         raise UpgradeRefused("cannot run %s: %s" % (sys.executable, exc)) from None
-    said = probe.stdout.decode("utf-8", "replace").split()
-    version = tuple(int(part) for part in said[0].split(".")) if said and re.match(r"^\d+\.\d+\.\d+$", said[0]) else ()
+    said, _, code = probe.stdout.partition(b"\n")
+    version = tuple(int(part) for part in said.split(b".")) if re.match(rb"^\d+\.\d+\.\d+$", said) else ()
     if version < (3, 6):
         raise UpgradeRefused("%s is Python %s; pmdaemon.py needs 3.6 or newer"
-                             % (sys.executable, said[0] if said else "of an unknown version"))
+                             % (sys.executable, said.decode("ascii", "replace") or "of an unknown version"))
     if probe.returncode:
         lines = probe.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise UpgradeRefused("%s does not compile under %s: %s" % (path, sys.executable, lines[-1] if lines else
-                                                                     "exit status %d" % probe.returncode))
+        raise UpgradeRefused("%s does not compile%s: %s" % (
+            path, "" if version == tuple(sys.version_info[:3]) else " under %s" % sys.executable,
+            lines[-1] if lines else "exit status %d" % probe.returncode))
     run = [path]
     if version == tuple(sys.version_info[:3]):  # the same interpreter: run from a fresh code cache
         cache = os.path.join(home, CODE_CACHE_NAME)
-        with contextlib.suppress(OSError, ValueError):
-            atomic_write(cache, code_cache_header(source, path) + marshal.dumps(code))
+        with contextlib.suppress(OSError):
+            atomic_write(cache, code_cache_header(source, path) + code)
             run = [cache]
     environ = dict(os.environ)
     if api_key and not {"--api-key", "--api-key-file"} & set(web):
