@@ -5,6 +5,7 @@ Usage:
     python3 pmdaemon.py web [--host 127.0.0.1] [--port 9615] [--daemonize]    # the daemon
     python3 pmdaemon.py start | stop | restart | reload | delete | scale | ls | info | system
                         | logs | flush | monit | apply | save | resurrect | startup
+    python3 pmdaemon.py kill | upgrade [--web OPTIONS]    # stop the daemon; replace it in place
     python3 pmdaemon.py --help | --version
 
 The daemon supervises child processes (restart policies with backoff, process-group stops that
