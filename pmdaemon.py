@@ -10387,6 +10387,16 @@ def verb_kill(client_args: argparse.Namespace) -> int:
     raise CliError("the daemon (pid %d) is still stopping after %d s" % (pid, KILL_WAIT_TIMEOUT))
 
 
+def catches_signal(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for signum (SigCgt in /proc/PID/status)."""
+    try:
+        with open("/proc/%d/status" % pid) as handle:
+            caught = next(line for line in handle if line.startswith("SigCgt:")).split()[1]
+    except (OSError, StopIteration, IndexError):
+        return False
+    return bool(int(caught, 16) >> (signum - 1) & 1)
+
+
 def verb_upgrade(client_args: argparse.Namespace) -> int:
     """Replace the home's daemon in place (SIGUSR2) by the pmdaemon.py now on disk, with new
     web options if given: its processes keep running; prints the reason when it refuses."""
@@ -10394,6 +10404,10 @@ def verb_upgrade(client_args: argparse.Namespace) -> int:
     pid = running_daemon(home)
     if pid is None:
         raise CliError("no daemon is running for %s" % home)
+    if not catches_signal(pid, signal.SIGUSR2):
+        # A daemon older than upgrades would die of the signal, leaving its apps orphaned.
+        raise CliError("the daemon (pid %d) cannot upgrade itself (it predates upgrades): stop it with "
+                       "`kill` once, and the next command starts the new one" % pid)
     options = shlex.split(client_args.web) if client_args.web is not None else None
     request_id = os.urandom(8).hex()
     result_path = os.path.join(home, UPGRADE_RESULT_NAME)

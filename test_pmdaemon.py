@@ -5656,6 +5656,19 @@ class TestDaemonUpgrade(unittest.TestCase):
         self.assertEqual(self.daemon.terminate(), 0)
         self.assertFalse(any(pid_alive(pid) for pid in pids.values()))
 
+    def test_a_daemon_that_predates_upgrades_is_not_signalled(self):
+        sleeper = subprocess.Popen(["sleep", "60"])         # no SIGUSR2 handler: it would die of it
+        self.addCleanup(sleeper.wait)
+        self.addCleanup(sleeper.kill)
+        self.assertTrue(pmdaemon.catches_signal(self.daemon.proc.pid, signal.SIGUSR2))
+        self.assertFalse(pmdaemon.catches_signal(sleeper.pid, signal.SIGUSR2))
+        with open(os.path.join(self.daemon.home, "pmdaemon.lock"), "w") as handle:
+            handle.write("%d\n" % sleeper.pid)       # running_daemon(): the lock's pid, the socket answers
+        self.assertEqual(self.upgrade(), (1, "", "pmdaemon: the daemon (pid %d) cannot upgrade itself (it predates "
+                                                "upgrades): stop it with `kill` once, and the next command starts "
+                                                "the new one\n" % sleeper.pid))
+        self.assertIsNone(sleeper.poll())
+
     def test_systemd_hears_reloading_then_ready_from_the_same_pid(self):
         self.assertIn("\nExecReload=/bin/kill -USR2 $MAINPID\n", pmdaemon.systemd_unit("/h", "u"))
         path = os.path.join(self.directory, "notify")
