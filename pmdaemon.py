@@ -5,6 +5,7 @@ Usage:
     python3 pmdaemon.py web [--host 127.0.0.1] [--port 9615] [--daemonize]    # the daemon
     python3 pmdaemon.py start | stop | restart | reload | delete | scale | ls | info | system
                         | logs | flush | monit | apply | save | resurrect | startup
+    python3 pmdaemon.py kill | upgrade [--web OPTIONS]    # stop the daemon; replace it in place
     python3 pmdaemon.py --help | --version
 
 The daemon supervises child processes (restart policies with backoff, process-group stops that
@@ -132,6 +133,16 @@ CODE_CACHE_NAME = "pmdaemon.pyc"       # the daemon's own code, compiled once (r
 OPTIONS_NAME = "daemon.json"           # the `web` options the home's daemon last ran with (never a key)
 # Set in every child, inherited by everything it starts: how stop finds double-forked escapees.
 RUN_ID_ENV = "PMDAEMON_RUN_ID"
+# An upgrade (exec in place): the new image finds what it inherits in UPGRADE_INVENTORY_NAME,
+# named by a nonce in this variable, which it reads and removes before anything starts.
+UPGRADE_ENV = "PMDAEMON_UPGRADE"
+UPGRADE_INVENTORY_NAME = "upgrade.json"        # descriptors handed over: listeners, pipes, pidfds
+UPGRADE_REQUEST_NAME = "upgrade-request.json"  # what `upgrade` asks for (new web options)
+UPGRADE_RESULT_NAME = "upgrade-result.json"    # the answer: refused with the reason, or done
+UPGRADE_DRAIN_TIMEOUT = 5.0            # seconds requests in flight may take to finish before the exec
+UPGRADE_GRACE = 0.2                    # seconds a new connection has to send its request then, and
+                                       # a WebSocket to take its close frame
+UPGRADE_WAIT_TIMEOUT = 60              # seconds `upgrade` waits for the daemon to serve again
 
 # HTTP/1.1 limits (RFC 9112 leaves them to the server; each maps to its own status).
 MAX_REQUEST_LINE = 8 * 1024            # request line longer than this -> 414
@@ -280,6 +291,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012              # the daemon replaces itself (upgrade): reconnect
 
 
 # -- compatibility: Python 3.6 and newer --------------------------------------------------------
@@ -489,6 +501,10 @@ class WsCommandError(PMDaemonError):
     def __init__(self, message: str, code: str = "INVALID_COMMAND"):
         super().__init__(message)
         self.code = code
+
+
+class UpgradeRefused(PMDaemonError):
+    """An upgrade that would not work (the new file, its options); the daemon runs on as it was."""
 
 
 class SpawnError(PMDaemonError):
@@ -1978,7 +1994,9 @@ class ProcessLogs:
 async def pump_output(stream: asyncio.StreamReader, write: Callable[[List[str]], None],
                       flush_after: float = PARTIAL_LINE_FLUSH) -> None:
     """Copy a child's pipe to its log, line by line; flush a partial line after a pause.
-    Whatever write does, the pipe keeps being read: a child must never block on us."""
+    Whatever write does, the pipe keeps being read: a child must never block on us. At the
+    end of a stream marked handed_over (an upgrade), a partial line is left in stream.carried
+    for the next image, which reads the rest of it: a log never holds a torn line."""
     pending = b""
     while True:
         try:
@@ -1995,7 +2013,9 @@ async def pump_output(stream: asyncio.StreamReader, write: Callable[[List[str]],
         lines, pending = split_output(pending, chunk)
         if lines:
             _write_safely(write, lines)
-    if pending:
+    if getattr(stream, "handed_over", False):
+        stream.carried = pending
+    elif pending:
         _write_safely(write, [pending])
 
 
@@ -2546,7 +2566,7 @@ class Run:
     an event of a run that was already replaced is recognised (run is not runner.run) and
     ignored in one place."""
     __slots__ = ("token", "proc", "pid", "start_ticks", "started_at", "started_wall",
-                 "stop_requested", "watch", "env", "pidfd")
+                 "stop_requested", "watch", "env", "pidfd", "pumps")
 
     def __init__(self, token: Optional[str], pid: Optional[int] = None, start_ticks: Optional[int] = None):
         self.token = token
@@ -2559,6 +2579,7 @@ class Run:
         self.watch: Optional[asyncio.Task] = None
         self.env: Dict[str, str] = {}           # what the child got (health scripts get it too)
         self.pidfd: Optional[int] = None        # names the main process, whatever gets its pid later
+        self.pumps: list = []                   # the tasks copying its output to the logs
 
     async def exited(self) -> int:
         """The main process's exit status, as soon as it has exited (ChildProtocol)."""
@@ -2609,7 +2630,79 @@ async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], 
         **({"preexec_fn": setup} if setup else {}))
     proc = asyncio.subprocess.Process(transport, protocol, loop)
     proc.exited = protocol.exited
+    proc.pipes = tuple(transport.get_pipe_transport(fd) for fd in (0, 1, 2))   # an upgrade hands them over
     return proc
+
+
+class AdoptedChild:
+    """A child that the previous image of this daemon started and handed over in an upgrade,
+    made from the descriptors it inherited: what spawn_child returns (pid, returncode, the
+    stdin/stdout/stderr streams, `exited`, pipes), so a runner cannot tell the difference.
+    exec kept our pid, so the process is still our child: its exit is learnt from its pidfd
+    in the loop, else from the child watcher (Python 3.6-3.8), and reaped by us."""
+
+    def __init__(self, pid: int, returncode: Optional[int] = None):
+        self.pid = pid
+        self.returncode = returncode
+        self.stdin: Optional[asyncio.StreamWriter] = None
+        self.stdout: Optional[asyncio.StreamReader] = None
+        self.stderr: Optional[asyncio.StreamReader] = None
+        self.pipes: tuple = (None, None, None)
+        self.exited = asyncio.get_event_loop().create_future()
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exited)
+
+    def _exit(self, returncode: Optional[int]) -> None:
+        if self.returncode is None:
+            self.returncode = returncode
+        if not self.exited.done():
+            self.exited.set_result(self.returncode)
+
+
+async def adopt_child(pid: int, pidfd: Optional[int], descriptors: List[Optional[int]],
+                      carried: List[bytes], returncode: Optional[int] = None) -> AdoptedChild:
+    """An AdoptedChild from inherited descriptors (stdin, stdout, stderr; None where there is
+    no pipe); `carried` is what the previous image had read of each output but not logged."""
+    loop = asyncio.get_event_loop()
+    child = AdoptedChild(pid, returncode)
+    pipes: List[Any] = [None, None, None]
+    if descriptors[0] is not None:
+        pipes[0], protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                           os.fdopen(descriptors[0], "wb", buffering=0))
+        child.stdin = asyncio.StreamWriter(pipes[0], protocol, None, loop)
+    for index in (1, 2):
+        if descriptors[index] is None:
+            continue
+        reader = asyncio.StreamReader(limit=READ_CHUNK)
+        if carried[index]:
+            reader.feed_data(carried[index])    # the start of a line the previous image read
+        pipes[index], _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                       os.fdopen(descriptors[index], "rb", buffering=0))
+        setattr(child, ("stdout", "stderr")[index - 1], reader)
+    child.pipes = tuple(pipes)
+    if returncode is not None:                  # reaped by the previous image before the exec
+        child._exit(returncode)
+    elif pidfd is not None:
+        loop.add_reader(pidfd, functools.partial(_reap_adopted, child, pidfd, loop))
+    else:
+        with warnings.catch_warnings():     # 3.12+ deprecates the watcher; pidfd is used there
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.get_child_watcher().add_child_handler(
+                pid, lambda _, code: loop.call_soon_threadsafe(child._exit, code))
+    return child
+
+
+def _reap_adopted(child: AdoptedChild, pidfd: int, loop) -> None:
+    """The pidfd of an adopted child is readable: it has exited; reap it (pidfd means 3.9+)."""
+    try:
+        pid, status = os.waitpid(child.pid, os.WNOHANG)
+    except ChildProcessError:           # reaped elsewhere: its status is lost
+        pid, status = child.pid, None
+    if pid == 0:
+        return
+    loop.remove_reader(pidfd)
+    child._exit(os.waitstatus_to_exitcode(status) if status is not None else None)   # novermin
 
 
 @functools.lru_cache(maxsize=None)
@@ -3226,15 +3319,7 @@ class ProcessRunner:
         run.started_at, run.started_wall = self.context.clock(), self.context.wall()
         stat = self.context.sampler.stat(run.pid)
         run.start_ticks = stat.start_ticks if stat else None
-        self.run = run
-        self.cpu, self.memory = 0.0, stat.rss_bytes if stat else 0
-        self.health.reset(self.checked)
-        run.watch = self.context.background(self._watch(run))
-        self._schedule_cron()
-        if self.config.watch and "files" not in self._pending:
-            self._pending["files"] = self.context.background(self._follow_files())
-        if self.checked:
-            self._pending["health"] = self.context.background(self._health_loop(run))
+        self._follow_run(run, stat.rss_bytes if stat else 0)
         self.event(event, pid=run.pid)
         if self.config.wait_ready:
             # STARTING -> ONLINE at the first healthy check, or when listen_timeout passes.
@@ -3243,6 +3328,81 @@ class ProcessRunner:
             self.context.announce("process_update", self)      # the pid is news even before it is ready
         else:
             self.change_state(ProcessState.ONLINE)
+
+    def _follow_run(self, run: Run, memory: int) -> None:
+        """The run is the current one: watch its exit and output, its health, cron and files."""
+        self.run = run
+        self.cpu, self.memory = 0.0, memory
+        self.health.reset(self.checked)
+        run.watch = self.context.background(self._watch(run))
+        self._schedule_cron()
+        if self.config.watch and "files" not in self._pending:
+            self._pending["files"] = self.context.background(self._follow_files())
+        if self.checked:
+            self._pending["health"] = self.context.background(self._health_loop(run))
+
+    # -- an upgrade: handing the run over, and adopting it -----------------------------------
+
+    async def quiesce(self) -> None:
+        """Upgrade, before the exec: stop following the current run without touching it. Its
+        pipes stop being read; what was read is logged up to the last whole line, and the
+        partial line is kept (stream.carried) for the next image."""
+        self._cancel("restart", "dependencies", "health", "ready", "cron", "files")
+        run = self.run
+        if run is None or run.proc is None:
+            return
+        if run.watch is not None:
+            run.watch.cancel()
+        outputs = [(pipe, stream) for pipe, stream in zip(getattr(run.proc, "pipes", (None,) * 3)[1:],
+                                                          (run.proc.stdout, run.proc.stderr))
+                   if pipe is not None and stream is not None and not stream.at_eof()]
+        for pipe, _ in outputs:
+            pipe.pause_reading()                # nothing more is read: the buffer is all there is,
+            pipe.resume_reading = lambda: None  # even when the reader's flow control says resume
+        await asyncio.sleep(0)                  # what was read lands in the buffer (a subprocess's
+        for _, stream in outputs:               # pipe delivers it with call_soon)
+            stream.handed_over = True
+            stream.feed_eof()                   # the pump logs what is buffered, then ends
+        if run.pumps:
+            await asyncio.wait(run.pumps, timeout=self.context.settings.exit_output_grace)
+
+    def handed_over(self) -> Optional[dict]:
+        """Upgrade, just before the exec: the run's descriptors, made inheritable, and what the
+        next image needs to adopt it (adopt()); None when there is no run to hand over."""
+        run = self.run
+        if run is None or run.proc is None:
+            return None
+        descriptors = []
+        for pipe in getattr(run.proc, "pipes", (None,) * 3):
+            descriptor = pipe.get_extra_info("pipe").fileno() if pipe is not None and not pipe.is_closing() else None
+            if descriptor is not None:
+                os.set_inheritable(descriptor, True)
+            descriptors.append(descriptor)
+        if run.pidfd is not None:
+            os.set_inheritable(run.pidfd, True)
+        carried = [base64.b64encode(getattr(stream, "carried", b"") or b"").decode("ascii") if stream else ""
+                   for stream in (run.proc.stdin, run.proc.stdout, run.proc.stderr)]
+        return {"pid": run.pid, "start_ticks": run.start_ticks, "token": run.token, "pidfd": run.pidfd,
+                "started_at": run.started_at, "started_wall": run.started_wall, "env": run.env,
+                "descriptors": descriptors, "carried": carried, "returncode": run.proc.returncode,
+                "stopping": run.stop_requested}
+
+    async def adopt(self, handed: dict) -> None:
+        """Upgrade, in the next image: take over the run the previous one handed over, as it
+        runs (same pid, same pipes). STOPPED -> STARTING -> ONLINE, like a start without spawn."""
+        run = Run(handed["token"], handed["pid"], handed["start_ticks"])
+        run.pidfd, run.env = handed["pidfd"], dict(handed["env"])
+        run.started_at, run.started_wall = handed["started_at"], handed["started_wall"]
+        run.proc = await adopt_child(run.pid, run.pidfd, handed["descriptors"],
+                                     [base64.b64decode(text) for text in handed["carried"]], handed["returncode"])
+        self.wanted, self.ever_started, self.error = True, True, None
+        self.change_state(ProcessState.STARTING)
+        stat = self.context.sampler.stat(run.pid)
+        self._follow_run(run, stat.rss_bytes if stat else 0)
+        self.event("adopted", pid=run.pid)
+        self.change_state(ProcessState.ONLINE)
+        if handed["stopping"]:                  # a stop was under way: it goes on
+            self.context.background(self.stop())
 
     async def _follow_files(self) -> None:
         """watch: restart once the watched files have been quiet for watch_delay after a change."""
@@ -3318,8 +3478,9 @@ class ProcessRunner:
     async def _watch(self, run: Run) -> None:
         proc = run.proc
         flush = self.context.settings.partial_line_flush
-        pumps = [self.context.background(pump_output(proc.stdout, functools.partial(self.logs.write, "stdout"), flush)),
-                 self.context.background(pump_output(proc.stderr, functools.partial(self.logs.write, "stderr"), flush))]
+        pumps = run.pumps = [
+            self.context.background(pump_output(proc.stdout, functools.partial(self.logs.write, "stdout"), flush)),
+            self.context.background(pump_output(proc.stderr, functools.partial(self.logs.write, "stderr"), flush))]
         returncode = await run.exited()
         if not run.stop_requested:
             # The main process is gone on its own: what it left behind would hold its port and
@@ -4303,13 +4464,15 @@ class Supervisor:
                 {"restarts": runner.restarts, "pid": runner.pid,
                  "pid_start_ticks": runner.run.start_ticks if runner.run else None})
 
-    async def restore(self) -> None:
-        """Bring back the saved list: leftovers of the last run are stopped, online ones started."""
+    async def restore(self, handed_over: Optional[dict] = None) -> None:
+        """Bring back the saved list: leftovers of the last run are stopped, online ones started;
+        after an upgrade, the runs the previous image handed over (by id) are adopted instead."""
+        handed_over = dict(handed_over or {})
         data = self.store.load()
         if data is None:
-            return
+            return close_handed_over(handed_over)
         self.registry.next_id = _saved_int(data.get("next_id", 0), 1 << 30)
-        to_start, leftovers, rejected = [], [], []
+        to_start, leftovers, rejected, adopted = [], [], [], []
         for entry in data["processes"]:
             try:
                 # Saved configs are validated like new ones: a hand-edited file (or one an older
@@ -4332,12 +4495,22 @@ class Supervisor:
                                       ProcessConfig(log_safe(str(entry.get("name")), 64), "")))
                 continue
             leftover = runner.restore(entry)
+            handed = handed_over.pop(str(runner.id), None)
+            if handed is not None:
+                adopted.append((runner, handed))
+                continue
             if leftover is not None:
                 leftovers.append((leftover, config))
             if status == "online":
                 to_start.append(runner)
         if rejected:
             self.store.keep_rejected(rejected)
+        close_handed_over(handed_over)          # runs of entries that are gone are leftovers
+        for runner, handed in adopted:
+            try:
+                await runner.adopt(handed)
+            except Exception as exc:
+                log.error("cannot adopt %r (pid %s)", log_safe(runner.name), handed["pid"], exc_info=exc)
         stopped = await asyncio.gather(*(self._stop_leftover(run, config) for run, config in leftovers),
                                        return_exceptions=True)
         for (_, config), outcome in zip(leftovers, stopped):
@@ -4367,6 +4540,15 @@ class Supervisor:
         await terminate_run(run, config, self.sampler, self.settings, leader_alive)
         run.close()
 
+    async def hand_over(self) -> dict:
+        """Upgrade, before the exec: every run stops being followed (its output logged up to
+        its last whole line), the state is saved, and the runs are described by id for
+        restore(handed_over) in the next image. The children are not touched."""
+        runners = [runner for runner in self.registry.runners() if runner.run is not None]
+        await asyncio.gather(*(runner.quiesce() for runner in runners))
+        self.store.flush()
+        return {str(runner.id): runner.handed_over() for runner in runners}
+
     async def shutdown(self) -> None:
         """Daemon exit: stop every child, but remember which ones should come back."""
         await asyncio.gather(*(runner.shut_down() for runner in self.registry.runners()))
@@ -4375,6 +4557,15 @@ class Supervisor:
         self.hub.end(None)
         self.store.flush()
         self.sampler.close()
+
+
+def close_handed_over(handed_over: dict) -> None:
+    """The descriptors of handed-over runs that nobody adopts."""
+    for handed in handed_over.values():
+        for descriptor in list(handed["descriptors"]) + [handed["pidfd"]]:
+            if descriptor is not None:
+                with contextlib.suppress(OSError):
+                    os.close(descriptor)
 
 
 def group_label(members: List[ProcessRunner]) -> str:
@@ -4833,7 +5024,8 @@ def serialize_response(response: Response, date: bytes, keep_alive: bool, http10
 #    kept, so a valid message is still answered). No sockets, no asyncio.
 # ==============================================================================================
 
-VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011})
+# RFC 6455 §7.4.1, and 1012-1014 of the IANA registry (1012: service restart, sent by an upgrade).
+VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 
 def ws_accept_key(key: str) -> str:
@@ -7242,6 +7434,25 @@ def bind_tcp(host: str, port: int) -> List[socket.socket]:
     return sockets
 
 
+def adopt_listeners(inherited: dict, host: str, port: int) -> Tuple[List[socket.socket], Optional[socket.socket]]:
+    """The listening sockets an upgrade handed over (HttpServer.hand_over): the TCP ones when
+    they are still wanted (same host, and the same port or any), and the Unix socket."""
+    tcp: List[socket.socket] = []
+    for descriptor, family in inherited.get("tcp", []):
+        sock = socket.fromfd(descriptor, family, socket.SOCK_STREAM)   # a duplicate: 3.6 cannot adopt
+        os.close(descriptor)
+        tcp.append(sock)
+    if tcp and (inherited.get("host") != host or port not in (0, tcp[0].getsockname()[1])):
+        for sock in tcp:                        # new options: a new port, bound by the caller
+            sock.close()
+        tcp = []
+    unix = None
+    if inherited.get("unix") is not None:
+        unix = socket.fromfd(inherited["unix"], socket.AF_UNIX, socket.SOCK_STREAM)
+        os.close(inherited["unix"])
+    return tcp, unix
+
+
 class After(enum.Enum):
     """What a connection does once it has answered a request."""
     NEXT_REQUEST = "next request"       # keep-alive: read the next head
@@ -7273,7 +7484,7 @@ class HttpConnection:
     the phase its deadline belongs to, the body budget its request holds, and send(), the only
     place its bytes leave. HttpServer makes one per accepted connection."""
     __slots__ = ("server", "api", "config", "stats", "reader", "writer", "transport", "owner", "parser",
-                 "phase", "deadline", "admission", "fresh", "session", "repeated", "_loop")
+                 "phase", "deadline", "admission", "fresh", "session", "repeated", "answered", "_loop")
 
     def __init__(self, server: "HttpServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  owner: bool = False):
@@ -7291,6 +7502,7 @@ class HttpConnection:
         # Heads answered before, one table per door: through the Unix socket the daemon's own
         # user needs no key, so a head learned there must never answer a TCP client.
         self.repeated: RepeatedAnswers = server.repeated[owner]
+        self.answered = False               # a request was answered: idle now means between requests
 
     def send(self, what: Any, request: Optional[Request] = None, keep_alive: bool = False) -> None:
         """The only place bytes leave: a Response, serialised for `request` (101 included), or
@@ -7333,6 +7545,7 @@ class HttpConnection:
                 learnable = self.fresh if not self.parser.buffer else None   # the request was that one read
                 self.fresh = None
                 after = await self._respond(request, admission, learnable)
+                self.answered = True
                 if after is not After.NEXT_REQUEST:
                     return self.session
                 request = admission = learnable = None     # nothing of it kept while idle
@@ -7536,6 +7749,7 @@ class HttpServer:
         self.unix_socket = None
         self.deadlines: set = set()         # HttpConnections whose phase has a deadline
         self.closing = False
+        self.handing_over = False           # an upgrade: what was accepted is still served
         self.listeners: List[socket.socket] = []
         self.servers: list = []                 # asyncio servers, once serving
         self.acceptors: List[asyncio.Future] = []   # with TLS: our own accept loops (_accept_tls)
@@ -7544,12 +7758,19 @@ class HttpServer:
         # Heads answered before, one table per door (see HttpConnection.repeated).
         self.repeated = {False: RepeatedAnswers(), True: RepeatedAnswers()}     # by request.owner
 
-    async def bind(self) -> int:
+    async def bind(self, inherited: Optional[dict] = None) -> int:
         """Take the port (so a busy port fails before any child starts) and the Unix socket;
         serve later. With TLS, connections are accepted by us, not by asyncio's TLS server: a
-        connection counts from its accept, before a byte of TLS (see _accept_tls)."""
-        self.listeners = bind_tcp(self.config.host, self.config.port)
-        self._bind_unix_socket()
+        connection counts from its accept, before a byte of TLS (see _accept_tls). After an
+        upgrade, the listening sockets of the previous image (hand_over) are taken as they
+        are, with the connections waiting in their backlog, unless the port or host changed."""
+        self.listeners, unix = adopt_listeners(inherited or {}, self.config.host, self.config.port)
+        if not self.listeners:
+            self.listeners = bind_tcp(self.config.host, self.config.port)
+        if unix is not None:
+            self.unix_socket = unix
+        else:
+            self._bind_unix_socket()
         return self.listeners[0].getsockname()[1]
 
     async def _accept_tls(self, listener: socket.socket) -> None:
@@ -7622,6 +7843,69 @@ class HttpServer:
 
     async def close(self) -> None:
         """Stop accepting; end follow streams with their final chunk and WebSockets with 1001."""
+        self._stop_accepting()
+        if self.unix_socket is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+        await self._end_sessions(CloseCode.GOING_AWAY, "daemon shutting down", self.config.write_timeout)
+        for writer in list(self.connections):
+            writer.close()
+
+    async def hand_over(self) -> dict:
+        """Upgrade, before the exec: stop accepting but keep the listening sockets open (new
+        connections wait in the backlog; none is refused), finish the requests in flight,
+        close idle keep-alive connections, end follow streams with their final chunk and
+        WebSockets with 1012. Returns the listening descriptors, inheritable, for bind()."""
+        kept = {"host": self.config.host, "tcp": [], "unix": None}
+        for sock in self.listeners:
+            kept["tcp"].append([os.dup(sock.fileno()), int(sock.family)])
+        if self.unix_socket is not None:
+            kept["unix"] = os.dup(self.unix_socket.fileno())
+        for descriptor in [entry[0] for entry in kept["tcp"]] + [kept["unix"]]:
+            if descriptor is not None:
+                os.set_inheritable(descriptor, True)
+        self.handing_over = True
+        # No accept from now on, but what was just accepted must reach serve() while its server
+        # is open: asyncio drops (and leaks) a connection accepted right before Server.close().
+        loop = asyncio.get_event_loop()
+        for sock in self.listeners + ([self.unix_socket] if self.unix_socket is not None else []):
+            loop.remove_reader(sock.fileno())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self._stop_accepting()                  # closes our copies; the duplicates keep listening
+        sessions = list(self.broadcaster.clients if self.broadcaster else ())
+        await self._end_sessions(CloseCode.SERVICE_RESTART, "daemon upgrading",
+                                 min(self.config.write_timeout, UPGRADE_DRAIN_TIMEOUT), drop=True)
+        began = time.monotonic()
+        idle = {True: 0, False: 0}
+
+        def waiting() -> set:
+            # A WebSocket is done once its close frame is out (its reply is not waited for), or
+            # after the grace: one that does not read would hold every client up.
+            patient = time.monotonic() < began + UPGRADE_GRACE
+            return self.connections - {session.writer for session in sessions
+                                       if not patient or not session.transport.get_write_buffer_size()}
+        # A few turns of the loop at least: a request that arrived with the close is read.
+        while (waiting() or time.monotonic() < began + 0.005) and time.monotonic() < began + UPGRADE_DRAIN_TIMEOUT:
+            patient = time.monotonic() < began + UPGRADE_GRACE
+            for connection in list(self.deadlines):
+                # Idle: between requests, nothing of the next one read (a new connection gets
+                # a moment to send its first). A request under way is answered with
+                # Connection: close (closing), then its connection ends.
+                if (connection.phase == IDLE and not connection.parser.buffer and connection.session is None
+                        and (connection.answered or not patient)):
+                    idle[connection.answered] += 1
+                    connection.transport.close()
+            await asyncio.sleep(0.005)
+        cut = waiting()
+        for writer in cut:                      # the exec closes the WebSockets
+            writer.transport.abort()
+        log.info("upgrade: connections finished in %.0f ms: %d idle between requests and %d silent new ones "
+                 "closed, %d cut off, %d WebSocket(s) closed with 1012", (time.monotonic() - began) * 1000,
+                 idle[True], idle[False], len(cut), len(sessions))
+        return kept
+
+    def _stop_accepting(self) -> None:
         self.closing = True
         for server in self.servers:
             server.close()
@@ -7631,18 +7915,16 @@ class HttpServer:
             sock.close()
         if self.unix_socket is not None:
             self.unix_socket.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.socket_path)
         self.peer_users.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+
+    async def _end_sessions(self, code: int, reason: str, timeout: float, drop: bool = False) -> None:
         self.api.supervisor.hub.end(None)
         for session in list(self.broadcaster.clients if self.broadcaster else ()):
-            session.fail(CloseCode.GOING_AWAY, "daemon shutting down")
+            session.fail(code, reason, drop)
         if self.streams:
-            await asyncio.wait(set(self.streams), timeout=self.config.write_timeout)
-        for writer in list(self.connections):
-            writer.close()
+            await asyncio.wait(set(self.streams), timeout=timeout)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Hand an accepted connection to its HttpConnection, within the connection cap and,
@@ -7650,7 +7932,7 @@ class HttpServer:
         sock = writer.get_extra_info("socket")
         owner = sock is not None and sock.family == socket.AF_UNIX
         connection = HttpConnection(self, reader, writer, owner)
-        if len(self.connections) >= self.config.max_connections or self.closing:
+        if len(self.connections) >= self.config.max_connections or (self.closing and not self.handing_over):
             connection.send(self.api.error_response(HttpError(503, "SERVICE_UNAVAILABLE", "too many connections")))
             writer.close()
             return
@@ -7803,23 +8085,73 @@ class SystemdNotifier:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as channel:
                 channel.sendto(message.encode("utf-8"), self.address)
 
+    def reloading(self) -> None:
+        """An upgrade begins (the pid stays): READY=1 of the next image ends it. systemd wants
+        the monotonic time with RELOADING=1 (Type=notify-reload, sd_notify(3))."""
+        self.notify("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=upgrading in place" % (time.monotonic() * 1e6))
+
     async def watchdog(self) -> None:
         while self.watchdog_interval:
             await asyncio.sleep(self.watchdog_interval)
             self.notify("WATCHDOG=1")
 
 
-class Daemon:
-    """pmdaemon web: lock the home, restore state, serve, and shut down cleanly on a signal."""
+def read_private_json(path: str, remove: bool = False) -> Optional[dict]:
+    """A JSON object from a private, plain file of ours in the home (removed once read when
+    asked); None when there is none or it cannot be trusted."""
+    try:
+        descriptor = open_private(path, os.O_RDONLY)
+    except OSError:
+        return None
+    with open(descriptor, "rb") as handle:
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        info = os.fstat(handle.fileno())
+        if not stat_module.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return None
+        try:
+            data = json.loads(handle.read().decode("utf-8"))
+        except ValueError:
+            return None
+    return data if isinstance(data, dict) else None
 
-    def __init__(self, config: DaemonConfig):
+
+def take_inventory(home: str) -> dict:
+    """In the image an upgrade started: what the previous one handed over (UPGRADE_ENV names
+    it); {} on an ordinary start. Read once: the variable and the file are removed at once,
+    so no child inherits them and a later start cannot take them for its own."""
+    nonce = os.environ.pop(UPGRADE_ENV, None)
+    if nonce is None:
+        return {}
+    inventory = read_private_json(os.path.join(home, UPGRADE_INVENTORY_NAME), remove=True)
+    if not inventory or inventory.get("nonce") != nonce:
+        log.warning("an upgrade left no usable inventory: the processes are restarted")
+        return {}
+    return inventory
+
+
+class Daemon:
+    """pmdaemon web: lock the home, restore state, serve, and shut down cleanly on a signal;
+    on SIGUSR2 (`upgrade`, systemd's ExecReload=), replace itself in place (run_upgrade)."""
+
+    def __init__(self, config: DaemonConfig, plan_upgrade: Optional[Callable[[Optional[List[str]]], Any]] = None,
+                 inherited: Optional[dict] = None):
         self.config = config
         self.lock_handle = None
         self.file_limit: Optional[int] = None   # set by `web` once it has raised it
+        # (new web options or None) -> (argv, environment) of the exec, or raises UpgradeRefused.
+        self.plan_upgrade = plan_upgrade
+        self.inherited = inherited or {}        # what the previous image handed over (take_inventory)
 
     def acquire_lock(self) -> None:
-        """One daemon per home; the second names the first one's pid and exits."""
+        """One daemon per home; the second names the first one's pid and exits. After an
+        upgrade the lock is already ours: its descriptor was handed over."""
         path = os.path.join(self.config.home, "pmdaemon.lock")
+        if self.inherited.get("lock") is not None:
+            self.lock_handle = open(self.inherited["lock"], "r+")
+            os.set_inheritable(self.lock_handle.fileno(), False)
+            return
         handle = open(open_private(path, os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -7844,19 +8176,23 @@ class Daemon:
             loop.add_signal_handler(signum, stop.set)
         if self.config.tls is not None:             # SIGUSR1: re-read the certificate files
             loop.add_signal_handler(signal.SIGUSR1, self.config.tls.reload)
+        upgrade = asyncio.Event()                   # SIGUSR2: upgrade in place
+        loop.add_signal_handler(signal.SIGUSR2, upgrade.set)
         supervisor = Supervisor(self.config.home)
+        if self.inherited.get("session"):           # run tokens stay those of the adopted runs
+            supervisor.context.session = self.inherited["session"]
         api = Api(supervisor, AccessPolicy(self.config.api_key, self.config.allow_hosts,
                                            self.config.cors_origins, read_keys=self.config.read_keys))
         broadcaster = Broadcaster(supervisor)
         server = HttpServer(api, broadcaster, self.config)
-        port = await server.bind()
+        port = await server.bind(self.inherited.get("listeners"))
         api.policy.serve_origin("https" if self.config.tls else "http", port,
                                 [sock.getsockname()[0] for sock in server.listeners])
         # The first sample after the port is bound and before children are restored: a /proc
         # that cannot be read degrades metrics, it can neither orphan children nor stop us.
         supervisor.metrics.sample()
         supervisor.file_limit, supervisor.fds_at_start = self.file_limit, len(os.listdir("/proc/self/fd"))
-        await supervisor.restore()
+        await supervisor.restore(self.inherited.get("runs"))
         if len(supervisor.registry) > supervisor.process_room():
             log.warning("the file limit (%d descriptors) leaves room for about %d processes and %d are "
                         "managed: some may not start; raise it (ulimit -n, or LimitNOFILE= under systemd)",
@@ -7869,7 +8205,35 @@ class Daemon:
         notifier = SystemdNotifier()
         notifier.notify("READY=1\nMAINPID=%d\nSTATUS=serving on %s" % (os.getpid(), where))
         watchdog = asyncio.ensure_future(notifier.watchdog())
-        await stop.wait()
+        if self.inherited:
+            log.info("upgraded in place (pid %d): %d process(es) adopted", os.getpid(),
+                     len(self.inherited.get("runs") or {}))
+            self._upgrade_result({"id": self.inherited.get("request"), "upgraded": True, "pid": os.getpid()})
+        while True:
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(upgrade.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+            if stop.is_set():
+                break
+            upgrade.clear()
+            log.info("upgrade asked for: checking the file on disk and the options")
+            request = read_private_json(os.path.join(self.config.home, UPGRADE_REQUEST_NAME), remove=True) or {}
+            try:
+                if self.plan_upgrade is None:
+                    raise UpgradeRefused("this daemon cannot upgrade itself")
+                argv, environ = await loop.run_in_executor(None, self.plan_upgrade, request.get("web"))
+            except UpgradeRefused as refusal:
+                log.warning("upgrade refused: %s", refusal.message)
+                self._upgrade_result({"id": request.get("id"), "upgraded": False, "reason": refusal.message})
+                continue
+            notifier.reloading()
+            watchdog.cancel()
+            sampler.cancel()
+            await self._exec_upgrade(server, supervisor, argv, environ, request.get("id"))
+            # Only if the exec failed: the runs are no longer followed, so they are stopped.
+            log.error("the upgrade could not exec %s: shutting down", argv[0])
+            break
         notifier.notify("STOPPING=1\nSTATUS=stopping children and saving state")
         watchdog.cancel()
         log.info("shutting down: stopping children and saving state")
@@ -7877,6 +8241,36 @@ class Daemon:
         sampler.cancel()
         await supervisor.shutdown()
         return 0
+
+    async def _exec_upgrade(self, server: HttpServer, supervisor: Supervisor, argv: List[str],
+                            environ: Dict[str, str], request_id: Any) -> None:
+        """Hand the listening sockets, the runs and the lock over to a new image of this
+        process (exec: same pid, so the children stay ours), described in the inventory file
+        that UPGRADE_ENV names. Returns only if the exec failed."""
+        began = time.monotonic()
+        listeners = await server.hand_over()
+        runs = await supervisor.hand_over()
+        self.lock_handle.flush()
+        os.set_inheritable(self.lock_handle.fileno(), True)
+        nonce = os.urandom(16).hex()
+        atomic_write(os.path.join(self.config.home, UPGRADE_INVENTORY_NAME), json_bytes(
+            {"nonce": nonce, "lock": self.lock_handle.fileno(), "listeners": listeners, "request": request_id,
+             "session": supervisor.context.session, "runs": {key: run for key, run in runs.items() if run}}))
+        log.info("upgrading in place: %d process(es) handed over after %.0f ms; exec %s",
+                 len(runs), (time.monotonic() - began) * 1000, " ".join(argv[1:3]))
+        for handler in log.handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execve(argv[0], argv, dict(environ, **{UPGRADE_ENV: nonce}))
+        except OSError as exc:
+            log.error("exec failed: %s", exc)
+
+    def _upgrade_result(self, result: dict) -> None:
+        """What `upgrade` waits for: refused with the reason, or done (by the new image)."""
+        with contextlib.suppress(OSError):
+            atomic_write(os.path.join(self.config.home, UPGRADE_RESULT_NAME), json_bytes(result))
 
 
 
@@ -8101,6 +8495,74 @@ def _cached_header(path: str) -> bytes:
         return handle.read(len(importlib.util.MAGIC_NUMBER) + 12 if sys.version_info >= (3, 7) else 12)
 
 
+# Run by the interpreter an upgrade will exec, the new source on its stdin: its version on a
+# line, then the compiled code (marshal), or the reason it does not compile on stderr. (In a
+# process of its own: compile() holds the GIL, and the daemon would stop answering meanwhile.)
+UPGRADE_PROBE = "\n".join([
+    "import marshal, sys",
+    "sys.stdout.buffer.write(b'%d.%d.%d\\n' % sys.version_info[:3]); sys.stdout.flush()",
+    "try:",
+    "    code = compile(sys.stdin.buffer.read(), sys.argv[1], 'exec', dont_inherit=True)",
+    "except (SyntaxError, ValueError) as exc:",
+    "    sys.exit('%s (line %s)' % (exc.msg, exc.lineno) if isinstance(exc, SyntaxError) else str(exc))",
+    "sys.stdout.buffer.write(marshal.dumps(code))"])
+
+
+def plan_upgrade(home: str, api_key: Optional[str], options: Optional[List[str]]) -> Tuple[List[str], Dict[str, str]]:
+    """The exec of an upgrade, checked first: the pmdaemon.py now on disk must compile, know
+    how to adopt running processes, and run under the interpreter we would exec (3.6+);
+    new `web` options (None: the same) must parse. Writes the code cache of the new file.
+    Returns (argv, environment); raises UpgradeRefused with the reason."""
+    web = list(sys.argv[1:])
+    if options is not None:
+        if not isinstance(options, list) or not all(isinstance(option, str) for option in options):
+            raise UpgradeRefused("the new web options must be a list of strings")
+        web = ["web", "--home", home] + (["--quiet"] if "--quiet" in web else []) + options
+        said: List[str] = []
+        writer = type("Said", (), {"write": lambda self, text: said.append(text), "flush": lambda self: None})()
+        try:
+            with contextlib.redirect_stderr(writer):
+                parsed = build_parser().parse_args(web)
+        except SystemExit:
+            raise UpgradeRefused("bad web options: %s" % "".join(said).strip().splitlines()[-1]) from None
+        if parsed.daemonize:
+            raise UpgradeRefused("--daemonize does not go with an upgrade (the daemon stays where it runs)")
+    path = source_path()
+    try:
+        with open(path, "rb") as handle:
+            source = handle.read()
+    except OSError as exc:
+        raise UpgradeRefused("cannot read %s: %s" % (path, exc.strerror or exc)) from None
+    if UPGRADE_ENV.encode() not in source:
+        raise UpgradeRefused("%s cannot adopt running processes (it predates upgrades): restart the "
+                             "daemon instead" % path)
+    try:
+        probe = subprocess.run([sys.executable, "-c", UPGRADE_PROBE, path], input=source,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UpgradeRefused("cannot run %s: %s" % (sys.executable, exc)) from None
+    said, _, code = probe.stdout.partition(b"\n")
+    version = tuple(int(part) for part in said.split(b".")) if re.match(rb"^\d+\.\d+\.\d+$", said) else ()
+    if version < (3, 6):
+        raise UpgradeRefused("%s is Python %s; pmdaemon.py needs 3.6 or newer"
+                             % (sys.executable, said.decode("ascii", "replace") or "of an unknown version"))
+    if probe.returncode:
+        lines = probe.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise UpgradeRefused("%s does not compile%s: %s" % (
+            path, "" if version == tuple(sys.version_info[:3]) else " under %s" % sys.executable,
+            lines[-1] if lines else "exit status %d" % probe.returncode))
+    run = [path]
+    if version == tuple(sys.version_info[:3]):  # the same interpreter: run from a fresh code cache
+        cache = os.path.join(home, CODE_CACHE_NAME)
+        with contextlib.suppress(OSError):
+            atomic_write(cache, code_cache_header(source, path) + code)
+            run = [cache]
+    environ = dict(os.environ)
+    if api_key and not {"--api-key", "--api-key-file"} & set(web):
+        environ[API_KEY_ENV] = api_key          # it came from there, and was scrubbed (the new image does too)
+    return [sys.executable] + subprocess._args_from_interpreter_flags() + run + web[:], environ
+
+
 def web_argv(args: argparse.Namespace, with_key: bool = True) -> List[str]:
     """The options of a parsed `web` command line, for the same daemon run in the background
     (with_key=False: what may be written down; --api-key never is)."""
@@ -8206,10 +8668,11 @@ def command_web(args: argparse.Namespace) -> int:
                           ws_pong_timeout=args.ws_pong_timeout, ws_slow_grace=args.ws_slow_grace,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           keepalive_timeout=args.keepalive_timeout, max_body_memory=args.max_body_memory)
-    daemon = Daemon(config)
+    daemon = Daemon(config, functools.partial(plan_upgrade, home, api_key))
     try:
         secure_home(home)
         run_from_code_cache(home)       # returns only where it cannot re-execute
+        daemon.inherited = take_inventory(home)
         daemon.acquire_lock()
         record_web_options(home, web_argv(args, with_key=False))
     except SystemExit as exc:
@@ -8545,6 +9008,7 @@ class WsClient:
             raise CliError("the daemon refused the WebSocket: %s" % head.split(b"\r\n")[0].decode("latin-1"))
         self.protocol = WsProtocol(client=True)
         self.pending = self.protocol.receive_data(rest)     # frames that came with the 101
+        self.close_code: Optional[int] = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -8566,6 +9030,7 @@ class WsClient:
             if event.kind == "text":
                 found.append(json.loads(event.data))
             elif event.kind in ("close", "error"):
+                self.close_code = event.data[0] if event.kind == "close" else None
                 raise EOFError("the daemon closed the connection")
         return found
 
@@ -10151,7 +10616,9 @@ def systemd_unit(home: str, user: str) -> str:
     """A unit that runs this file's daemon for this home under systemd."""
     return ("[Unit]\nDescription=pmdaemon process manager (home %s)\nAfter=network-online.target\n"
             "Wants=network-online.target\n\n[Service]\nType=notify\nNotifyAccess=main\nUser=%s\n"
-            "Environment=PMDAEMON_HOME=%s\nExecStart=%s\nRestart=on-failure\nRestartSec=2\n"
+            "Environment=PMDAEMON_HOME=%s\nExecStart=%s\n"
+            "# `systemctl reload`: upgrade in place (the pmdaemon.py on disk); the processes keep running.\n"
+            "ExecReload=/bin/kill -USR2 $MAINPID\nRestart=on-failure\nRestartSec=2\n"
             "# pmdaemon stops its children itself (process groups, kill_timeout): systemd only\n"
             "# signals the daemon, and gives it time.\nKillMode=process\nTimeoutStopSec=120\n"
             "# cgroup v2 limits (memory_limit, cpu_limit) need the subtree delegated to the daemon.\n"
@@ -10202,6 +10669,49 @@ def verb_kill(client_args: argparse.Namespace) -> int:
             return 0
         time.sleep(0.05)
     raise CliError("the daemon (pid %d) is still stopping after %d s" % (pid, KILL_WAIT_TIMEOUT))
+
+
+def catches_signal(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for signum (SigCgt in /proc/PID/status)."""
+    try:
+        with open("/proc/%d/status" % pid) as handle:
+            caught = next(line for line in handle if line.startswith("SigCgt:")).split()[1]
+    except (OSError, StopIteration, IndexError):
+        return False
+    return bool(int(caught, 16) >> (signum - 1) & 1)
+
+
+def verb_upgrade(client_args: argparse.Namespace) -> int:
+    """Replace the home's daemon in place (SIGUSR2) by the pmdaemon.py now on disk, with new
+    web options if given: its processes keep running; prints the reason when it refuses."""
+    home = client_home(client_args)
+    pid = running_daemon(home)
+    if pid is None:
+        raise CliError("no daemon is running for %s" % home)
+    if not catches_signal(pid, signal.SIGUSR2):
+        # A daemon older than upgrades would die of the signal, leaving its apps orphaned.
+        raise CliError("the daemon (pid %d) cannot upgrade itself (it predates upgrades): stop it with "
+                       "`kill` once, and the next command starts the new one" % pid)
+    options = shlex.split(client_args.web) if client_args.web is not None else None
+    request_id = os.urandom(8).hex()
+    result_path = os.path.join(home, UPGRADE_RESULT_NAME)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(result_path)
+    atomic_write(os.path.join(home, UPGRADE_REQUEST_NAME), json_bytes({"id": request_id, "web": options}))
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + UPGRADE_WAIT_TIMEOUT
+    while time.monotonic() < deadline:
+        result = read_private_json(result_path)
+        if result is not None and result.get("id") == request_id:
+            if not result.get("upgraded"):
+                raise CliError("upgrade refused: %s" % result.get("reason"))
+            print("upgraded the daemon in place (pid %d); its processes kept running" % pid)
+            return 0
+        if not os.path.exists("/proc/%d" % pid):
+            raise CliError("the daemon (pid %d) exited during the upgrade (see %s)"
+                           % (pid, os.path.join(home, "pmdaemon.log")))
+        time.sleep(0.02)
+    raise CliError("the daemon (pid %d) did not finish the upgrade within %d s" % (pid, UPGRADE_WAIT_TIMEOUT))
 
 
 def pwd_name(uid: int) -> str:
@@ -10310,6 +10820,19 @@ def monit_key(client: Client, stream: WsClient, view: MonitView, key: int) -> bo
     return True
 
 
+def reconnect_ws(client: Client) -> WsClient:
+    """A new WebSocket after the daemon closed ours with 1012 (an upgrade): the connection waits
+    in the listen backlog until the new image serves it."""
+    deadline = time.monotonic() + UPGRADE_WAIT_TIMEOUT
+    while True:
+        try:
+            return WsClient(client)
+        except (CliError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def switch_log_subscription(stream: WsClient, old: Optional[str], new: Optional[str]) -> None:
     if old:
         stream.send_json({"type": "unsubscribe", "channel": "logs", "process": old})
@@ -10327,6 +10850,7 @@ def verb_monit(client: Client, args: argparse.Namespace) -> int:
     stream = WsClient(client)
 
     def run(screen) -> int:
+        nonlocal stream
         curses.curs_set(0)
         screen.nodelay(True)
         screen.keypad(True)
@@ -10335,8 +10859,14 @@ def verb_monit(client: Client, args: argparse.Namespace) -> int:
         while True:
             readable, _, _ = select.select([stream, sys.stdin], [], [], 0.5)
             if stream in readable:
-                for message in stream.messages():
-                    view.apply(message)
+                try:
+                    for message in stream.messages():
+                        view.apply(message)
+                except EOFError:
+                    if stream.close_code != CloseCode.SERVICE_RESTART:
+                        raise
+                    stream.close()              # the daemon upgrades itself: it answers again soon
+                    stream, subscribed = reconnect_ws(client), None
             if view.selected_name() != subscribed:
                 switch_log_subscription(stream, subscribed, view.selected_name())
                 subscribed = view.selected_name()
@@ -10418,6 +10948,8 @@ VERBS = {
     "resurrect": (verb_resurrect, "bring back what `save` wrote, stopped ones stopped", None),
     "startup": (None, "print (or --install) a systemd unit that starts pmdaemon at boot", None),
     "kill": (None, "stop the home's daemon gracefully: its processes stop, their state is kept", None),
+    "upgrade": (None, "replace the home's daemon in place by the pmdaemon.py on disk (SIGUSR2): its "
+                "processes keep running", None),
 }
 
 
@@ -10517,6 +11049,9 @@ def add_verb_options(verb: str, sub: argparse.ArgumentParser) -> None:
             sub.add_argument("--dry-run", action="store_true", help="print the plan and every warning, change nothing")
     elif verb == "startup":
         sub.add_argument("--install", action="store_true", help="write and enable the unit (root)")
+    elif verb == "upgrade":
+        sub.add_argument("--web", metavar="OPTIONS", help="new web options instead of the current ones, "
+                         "e.g. --web '--port 9700 --max-connections 500'")
 
 
 def add_web_options(web: argparse.ArgumentParser) -> None:
@@ -10567,6 +11102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return verb_startup(args)
         if verb == "kill":
             return verb_kill(args)
+        if verb == "upgrade":
+            return verb_upgrade(args)
         if verb == "convert":
             return verb_convert(None, args)
         args.verb = verb

@@ -1714,8 +1714,14 @@ class TestSupervision(DaemonTestCase):
 
     def test_child_environment_has_no_daemon_secret(self):
         created = self.daemon.start("sv-env", "sleep", ["60"], env={"APP_MODE": "prod"}, port=3301)
-        with open("/proc/%d/environ" % created["process"]["pid"], "rb") as handle:
-            environ = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if item)
+        pid = created["process"]["pid"]
+
+        def environ_after_exec():           # before its exec the child still shows the daemon's
+            with open("/proc/%d/environ" % pid, "rb") as handle:
+                data = handle.read()
+            return data if b"APP_MODE=" in data else None
+        environ = dict(item.split(b"=", 1) for item in wait_until(environ_after_exec, message="the exec").split(b"\0")
+                       if item)
         self.assertNotIn(b"PMDAEMON_API_KEY", environ)
         self.assertEqual(environ[b"APP_MODE"], b"prod")
         self.assertEqual(environ[b"PORT"], b"3301")
@@ -5658,6 +5664,194 @@ class TestCliApplyFiles(DaemonTestCase):
                          % os.path.join(self.daemon.home, "app.py"))
 
 
+class TestDaemonUpgrade(unittest.TestCase):
+    """`upgrade` (SIGUSR2): the daemon execs the pmdaemon.py now on disk in place. Each test runs
+    a copy of pmdaemon.py, so that it can change the file under the daemon."""
+
+    def setUp(self):
+        self.directory = temp_dir(self)
+        self.script = os.path.join(self.directory, "pmdaemon.py")
+        shutil.copy(PMDAEMON, self.script)
+        self.daemon = Daemon(script=self.script, args=("--quiet",))
+        self.addCleanup(self.daemon.cleanup)
+
+    def upgrade(self, *args):
+        """Run the `upgrade` verb (of the suite's pmdaemon.py: the copy may be broken on purpose):
+        (exit status, stdout, stderr)."""
+        environ = dict(os.environ, PMDAEMON_HOME=self.daemon.home)
+        result = subprocess.run([PY, PMDAEMON, "upgrade"] + list(args), env=environ, timeout=90, **CAPTURE)
+        return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+    def counter(self, name, partial=False):
+        """An app writing numbered lines as fast as it can; `partial`: each line in two writes,
+        with a pause between, so that a hand-over is likely to find half a line."""
+        body = ("import sys, time\nfor n in range(10 ** 9):\n"
+                + ("    sys.stdout.write('part-%d' % n); sys.stdout.flush(); time.sleep(0.001)\n"
+                   "    sys.stdout.write(' end-%d\\n' % n); sys.stdout.flush()\n" if partial else
+                   "    print('line-%d' % n, flush=True)\n    if n % 50 == 0: time.sleep(0.001)\n"))
+        path = os.path.join(self.directory, name + ".py")
+        with open(path, "w") as handle:
+            handle.write(body)
+        return self.daemon.start(name, PY, [path])
+
+    def assertEveryLineOnce(self, name, partial=False):
+        """The stdout log holds lines 0..N in order, each once and whole (but the last one of
+        an app stopped in the middle of a line)."""
+        with open(os.path.join(self.daemon.home, "logs", name + "-out.log")) as handle:
+            lines = handle.read().splitlines()
+        if partial and not lines[-1].endswith(" end-%s" % lines[-1].rsplit("-", 1)[-1]):
+            lines.pop()
+        pattern = re.compile(r"^part-(\d+) end-(\d+)$" if partial else r"^line-(\d+)$")
+        numbers = []
+        for line in lines:
+            match = pattern.match(line.split(" ", 1)[-1])      # after the timestamp
+            self.assertIsNotNone(match, "a torn or foreign line: %r" % line)
+            if partial:
+                self.assertEqual(match.group(1), match.group(2), line)
+            numbers.append(int(match.group(1)))
+        self.assertEqual(numbers, list(range(len(numbers))))
+        return len(numbers)
+
+    def test_apps_keep_their_pids_and_every_log_line(self):
+        names = ["upg-%d" % index for index in range(4)]
+        for index, name in enumerate(names):
+            self.counter(name, partial=index % 2 == 1)
+        pids = {name: self.daemon.wait_status(name, "online")["pid"] for name in names}
+        time.sleep(0.5)
+        with open(self.script, "a") as handle:
+            handle.write("\n# a new version\n")
+        code, out, err = self.upgrade()
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out, "upgraded the daemon in place (pid %d); its processes kept running\n" % self.daemon.proc.pid)
+        self.assertIsNone(self.daemon.proc.poll())
+        for name in names:
+            process = self.daemon.process(name)
+            self.assertEqual((process["pid"], process["status"], process["restarts"]), (pids[name], "online", 0))
+        time.sleep(0.5)
+        for name in names:
+            self.assertEqual(self.daemon.post("/api/processes/%s/stop" % name)[0], 200)
+        for index, name in enumerate(names):
+            self.assertGreater(self.assertEveryLineOnce(name, partial=index % 2 == 1), 100)
+        with open(os.path.join(self.daemon.home, "pmdaemon.pyc"), "rb") as handle:
+            with open(self.script, "rb") as source:
+                self.assertEqual(handle.read(len(pmdaemon.code_cache_header(b"", ""))),
+                                 pmdaemon.code_cache_header(source.read(), self.script))
+
+    def test_connections_wait_in_the_backlog_and_websockets_get_1012(self):
+        self.daemon.start("upg-sleep", "sleep", ["60"])
+        client = WsClient(self.daemon.port)
+        self.addCleanup(client.close)
+        client.recv_message("process_update")
+        refused, answered, stop = [], [], []
+
+        def hammer():
+            while not stop:
+                try:
+                    with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10) as sock:
+                        sock.sendall(b"GET /api/processes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                        answered.append(status_of(recv_all(sock, 10)))
+                except ConnectionRefusedError as exc:
+                    refused.append(exc)
+        import threading
+        thread = threading.Thread(target=hammer)
+        thread.start()
+        try:
+            wait_until(lambda: len(answered) > 20, message="answers before the upgrade")
+            code, _, err = self.upgrade()
+            self.assertEqual((code, err), (0, ""))
+            count = len(answered)
+            wait_until(lambda: len(answered) > count + 20, message="answers after the upgrade")
+        finally:
+            stop.append(True)
+            thread.join()
+        self.assertEqual(refused, [])
+        self.assertEqual(set(answered), {200})
+        self.assertEqual(client.recv_close(), 1012)
+        again = WsClient(self.daemon.port)              # what the dashboard and monit do
+        self.addCleanup(again.close)
+        self.assertEqual(again.recv_message("process_update")["data"]["name"], "upg-sleep")
+
+    def test_a_file_that_would_not_work_is_refused_and_the_daemon_keeps_serving(self):
+        self.daemon.start("upg-keep", "sleep", ["60"])
+        pid = self.daemon.wait_status("upg-keep", "online")["pid"]
+        with open(self.script) as handle:
+            good = handle.read()
+        with open(self.script, "w") as handle:
+            handle.write(good + "\ndef broken(:\n")
+        line = good.count("\n") + 2
+        self.assertEqual(self.upgrade(), (1, "", "pmdaemon: upgrade refused: %s does not compile: invalid syntax "
+                                                "(line %d)\n" % (self.script, line)))
+        with open(self.script, "w") as handle:
+            handle.write(good.replace(pmdaemon.UPGRADE_ENV, "PMDAEMON_SOMETHING"))
+        self.assertEqual(self.upgrade(), (1, "", "pmdaemon: upgrade refused: %s cannot adopt running processes "
+                                                "(it predates upgrades): restart the daemon instead\n" % self.script))
+        with open(self.script, "w") as handle:
+            handle.write(good)
+        code, out, err = self.upgrade("--web", "--port nope")
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, "pmdaemon: upgrade refused: bad web options: pmdaemon.py web: error: argument --port: "
+                              "'nope' is not a whole number\n")
+        self.assertEqual(self.daemon.get("/api/processes")[0], 200)
+        self.assertEqual(self.daemon.process("upg-keep")["pid"], pid)
+        self.assertIsNone(self.daemon.proc.poll())
+
+    def test_adopted_apps_can_be_signalled_fed_stopped_and_their_exits_are_seen(self):
+        trap = write_script(os.path.join(self.directory, "trap.sh"),
+                            "trap 'echo got-usr2' USR2\nwhile true; do read line && echo \"in:$line\"; done")
+        self.daemon.start("upg-trap", trap, [], stdin=True)
+        self.daemon.start("upg-stop", "sleep", ["60"])
+        self.daemon.start("upg-crash", "sleep", ["60"], restart_delay=0)
+        pids = {name: self.daemon.wait_status(name, "online")["pid"] for name in ("upg-trap", "upg-stop", "upg-crash")}
+        code, _, err = self.upgrade("--web", "--port 0 --sample-interval 0.2")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(self.daemon.post("/api/processes/upg-trap/signal", {"signal": "SIGUSR2"})[0], 200)
+        wait_until(lambda: self.daemon.last_line("upg-trap") == "got-usr2", message="the trap's line")
+        self.assertEqual(self.daemon.post("/api/processes/upg-trap/stdin", {"data": "hello\n"})[0], 200)
+        wait_until(lambda: self.daemon.last_line("upg-trap") == "in:hello", message="the line sent")
+        self.assertEqual(self.daemon.post("/api/processes/upg-stop/stop")[0], 200)
+        self.assertEqual(self.daemon.process("upg-stop")["status"], "stopped")
+        self.assertFalse(pid_alive(pids["upg-stop"]))
+        os.kill(pids["upg-crash"], signal.SIGKILL)
+        crashed = wait_until(lambda: (self.daemon.process("upg-crash") or {}).get("restarts") == 1
+                             and self.daemon.process("upg-crash"), message="the exit to be seen")
+        self.assertNotEqual(crashed["pid"], pids["upg-crash"])
+        self.assertEqual(self.daemon.process("upg-crash")["last_exit"]["signal"], "SIGKILL")
+        self.assertEqual(self.daemon.post("/api/processes/upg-trap/restart")[0], 200)
+        self.assertNotEqual(self.daemon.process("upg-trap")["pid"], pids["upg-trap"])
+        self.assertFalse(pid_alive(pids["upg-trap"]))
+        self.assertEqual(self.daemon.terminate(), 0)
+        self.assertFalse(any(pid_alive(pid) for pid in pids.values()))
+
+    def test_a_daemon_that_predates_upgrades_is_not_signalled(self):
+        sleeper = subprocess.Popen(["sleep", "60"])         # no SIGUSR2 handler: it would die of it
+        self.addCleanup(sleeper.wait)
+        self.addCleanup(sleeper.kill)
+        self.assertTrue(pmdaemon.catches_signal(self.daemon.proc.pid, signal.SIGUSR2))
+        self.assertFalse(pmdaemon.catches_signal(sleeper.pid, signal.SIGUSR2))
+        with open(os.path.join(self.daemon.home, "pmdaemon.lock"), "w") as handle:
+            handle.write("%d\n" % sleeper.pid)       # running_daemon(): the lock's pid, the socket answers
+        self.assertEqual(self.upgrade(), (1, "", "pmdaemon: the daemon (pid %d) cannot upgrade itself (it predates "
+                                                "upgrades): stop it with `kill` once, and the next command starts "
+                                                "the new one\n" % sleeper.pid))
+        self.assertIsNone(sleeper.poll())
+
+    def test_systemd_hears_reloading_then_ready_from_the_same_pid(self):
+        self.assertIn("\nExecReload=/bin/kill -USR2 $MAINPID\n", pmdaemon.systemd_unit("/h", "u"))
+        path = os.path.join(self.directory, "notify")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.settimeout(20)
+        daemon = Daemon(script=self.script, env={"NOTIFY_SOCKET": path})
+        self.addCleanup(daemon.cleanup)
+        self.assertIn("READY=1\nMAINPID=%d\n" % daemon.proc.pid, listener.recv(4096).decode())
+        daemon.proc.send_signal(signal.SIGUSR2)
+        reloading = listener.recv(4096).decode()
+        self.assertRegex(reloading, r"^RELOADING=1\nMONOTONIC_USEC=\d+\n")
+        self.assertIn("READY=1\nMAINPID=%d\n" % daemon.proc.pid, listener.recv(4096).decode())
+        self.assertEqual(daemon.get("/api/processes")[0], 200)
+
+
 def run_echo_server(port):
     import asyncio
 
@@ -6233,6 +6427,118 @@ def scale_row(count, clients=100):
         daemon.cleanup()
 
 
+UPGRADE_BENCH_APPS, UPGRADE_BENCH_WS_CLIENTS, UPGRADE_BENCH_HAMMERS = 20, 200, 4
+# About 1000 lines a second each, in bursts of 10.
+UPGRADE_BENCH_COUNTER = "import sys, time\nfor n in range(10 ** 9):\n    print('line-%d' % n, flush=True)\n    if n % 10 == 0: time.sleep(0.01)\n"
+
+
+def run_upgrade_bench(upgrades=5):
+    """`bench upgrade [N]`: how long the API is unavailable while `pmdaemon.py upgrade` replaces
+    the daemon in place. A daemon from a copy of pmdaemon.py; 20 apps writing numbered lines as
+    fast as they can; 200 WebSocket clients; 4 threads doing GET /api/processes without pause (a
+    new connection each); then N upgrades. Reported: per upgrade, the longest time no GET was
+    answered; connections refused; answers that were not 200; the WebSocket close codes; whether
+    every app kept its pid and every log line is there once and whole."""
+    import selectors
+    import threading
+    directory = tempfile.mkdtemp(prefix="pmd-bench-")
+    script = os.path.join(directory, "pmdaemon.py")
+    shutil.copy(PMDAEMON, script)
+    with open(os.path.join(directory, "counter.py"), "w") as handle:
+        handle.write(UPGRADE_BENCH_COUNTER)
+    daemon = Daemon(script=script, args=("--quiet", "--max-ws-clients", "1000"))
+    answers, refused, stop = [], [], []
+    close_codes = {}
+
+    def read_websockets(clients):
+        """Read every client as a browser would, until each is closed; count the close codes."""
+        selector = selectors.DefaultSelector()
+        for client in clients:
+            client.sock.setblocking(False)
+            selector.register(client.sock, selectors.EVENT_READ, client)
+        while selector.get_map():
+            for key, _ in selector.select(1):
+                client = key.data
+                try:
+                    data = client.sock.recv(262144)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    data, code = b"", type(exc).__name__
+                else:
+                    code = "EOF"
+                    for event in client.protocol.receive_data(data):
+                        if event.kind == "close":
+                            code = event.data[0]
+                            data = b""
+                if not data:
+                    close_codes[code] = close_codes.get(code, 0) + 1
+                    selector.unregister(client.sock)
+                    client.close()
+
+    def hammer():
+        request = b"GET /api/processes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        while not stop:
+            try:
+                with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+                    sock.sendall(request)
+                    answers.append((time.monotonic(), status_of(recv_all(sock, 10))))
+            except ConnectionRefusedError:
+                refused.append(time.monotonic())
+            except OSError as exc:
+                answers.append((time.monotonic(), repr(exc)))
+    try:
+        names = ["bench-%d" % index for index in range(UPGRADE_BENCH_APPS)]
+        for name in names:
+            daemon.start(name, sys.executable, [os.path.join(directory, "counter.py")])
+        pids = {name: daemon.wait_status(name, "online")["pid"] for name in names}
+        threads = [threading.Thread(target=hammer) for _ in range(UPGRADE_BENCH_HAMMERS)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1)
+        gaps = []
+        for _ in range(upgrades):
+            reader = threading.Thread(target=read_websockets, args=([WsClient(daemon.port) for _ in range(UPGRADE_BENCH_WS_CLIENTS)],))
+            reader.start()
+            time.sleep(0.5)
+            began = time.monotonic()
+            result = subprocess.run([sys.executable, PMDAEMON, "upgrade"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=dict(os.environ, PMDAEMON_HOME=daemon.home))
+            assert result.returncode == 0, result
+            time.sleep(0.5)
+            times = sorted(when for when, status in answers if when >= began - 0.5)
+            gaps.append(max(b - a for a, b in zip(times, times[1:])))
+            reader.join()
+        stop.append(True)
+        for thread in threads:
+            thread.join()
+        kept = all(daemon.process(name)["pid"] == pids[name] for name in names)
+        for name in names:
+            daemon.post("/api/processes/%s/stop" % name)
+        whole = True
+        for name in names:
+            with open(os.path.join(daemon.home, "logs", name + "-out.log")) as handle:
+                numbers = [int(line.split(" line-")[1]) if " line-" in line else -1 for line in handle.read().splitlines()]
+            if numbers != list(range(len(numbers))):
+                whole = False
+                print(name, "lines missing or repeated after", [a for a, b in zip(numbers, numbers[1:]) if b != a + 1][:5])
+        print("python %s, %d apps, %d WebSocket clients, %d GET loops, %d upgrades"
+              % (sys.version.split()[0], UPGRADE_BENCH_APPS, UPGRADE_BENCH_WS_CLIENTS, UPGRADE_BENCH_HAMMERS, upgrades))
+        print("longest time without an answer, per upgrade (ms): %s"
+              % " ".join("%.0f" % (gap * 1000) for gap in gaps))
+        print("answers: %d, not 200: %d, refused: %d" % (len(answers), sum(1 for _, status in answers if status != 200),
+                                                          len(refused)))
+        print("WebSocket close codes: %s" % close_codes)
+        with open(os.path.join(daemon.home, "pmdaemon.log")) as handle:
+            print("".join(line for line in handle if "upgrad" in line), end="")
+        print("every app kept its pid: %s; every log line once and whole: %s" % (kept, whole))
+    finally:
+        stop.append(True)
+        daemon.terminate()
+        daemon.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # `python3 test_pmdaemon.py browser [SCREENSHOT.png]`: the dashboard in headless Chromium
 # ----------------------------------------------------------------------------------------------
@@ -6331,6 +6637,8 @@ if __name__ == "__main__":
         run_echo_server(int(sys.argv[2]))
     elif len(sys.argv) >= 2 and sys.argv[1] == "ws-load":
         run_ws_load(*[int(value) for value in sys.argv[2:3]])
+    elif len(sys.argv) >= 3 and sys.argv[1:3] == ["bench", "upgrade"]:
+        run_upgrade_bench(*[int(value) for value in sys.argv[3:4]])
     elif len(sys.argv) >= 3 and sys.argv[1:3] == ["bench", "scale"]:
         sys.exit(run_scale_bench(*[tuple(int(value) for value in sys.argv[3:])] if sys.argv[3:] else ()))
     elif len(sys.argv) >= 2 and sys.argv[1] == "bench":
