@@ -4,7 +4,8 @@
 Usage:
     python3 pmdaemon.py web [--host 127.0.0.1] [--port 9615] [--daemonize]    # the daemon
     python3 pmdaemon.py start | stop | restart | reload | delete | scale | ls | info | system
-                        | logs | flush | monit | apply | save | resurrect | startup
+                        | logs | flush | monit | apply | save | resurrect | startup | signal | send
+                        | describe | convert
     python3 pmdaemon.py kill | upgrade [--web OPTIONS]    # stop the daemon; replace it in place
     python3 pmdaemon.py --help | --version
 
@@ -42,7 +43,8 @@ Map of this file; each section uses only the sections above it:
                                WsSession, the Broadcaster, HttpServer (TLS accepted by us)
     11. Daemon runtime         the home's checks, the lock, secrets wiped, the file limit, the
                                daemon's log, the code cache, systemd, the options kept in the home,
-                               the Daemon and command_web (`web`), the daemon in the background
+                               the upgrade in place (hand-over and adoption), the Daemon and
+                               command_web (`web`), the daemon in the background
     12. CLI                    the client (Client, the verbs, monit), PM2 and supervisord files,
                                apply, argument parsing and main
 
