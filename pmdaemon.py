@@ -9796,7 +9796,10 @@ def cpu_count() -> int:
 
 
 def pm2_apps(data: Any) -> List[dict]:
-    """The apps of an ecosystem file: {"apps": [...]}, {"apps": {...}}, a list, or one app."""
+    """The apps of an ecosystem file: {"apps": [...]}, {"apps": {...}}, a list, or one app; a
+    module compiled from TypeScript or ESM keeps them under "default" (exports.default = ...)."""
+    if isinstance(data, dict) and "apps" not in data and isinstance(data.get("default"), (dict, list)):
+        data = data["default"]
     if isinstance(data, dict) and "apps" in data:
         data = data["apps"]
     elif isinstance(data, dict) and "script" not in data and "name" not in data and data:

@@ -5299,6 +5299,15 @@ class TestReadJsFile(unittest.TestCase):
             handle.write(text)
         return pmdaemon.load_apps_file(path)
 
+    def test_an_ecosystem_compiled_from_typescript(self):
+        self.assertEqual(pmdaemon.pm2_apps({"__esModule": True, "default": {"apps": [{"name": "api", "script": "a.js"}]}}),
+                         [{"name": "api", "script": "a.js"}])
+        if not shutil.which("node"):
+            self.skipTest("node is not installed")
+        loaded = self.read("ecosystem.config.js", '"use strict";\nObject.defineProperty(exports, "__esModule", '
+                           '{ value: true });\nexports.default = {\n    apps: [{ name: "api", script: "app.js" }],\n};\n')
+        self.assertEqual([app["name"] for app in loaded.apps], ["api"])
+
     def test_commonjs_that_computes(self):
         loaded = self.read("ecosystem.config.js", "const path = require('path');\nmodule.exports = { apps: "
                            "['a', 'b'].map((n) => ({ name: `w-${n}`, script: 'w.js', cwd: path.join(__dirname, n), "
