@@ -3764,6 +3764,7 @@ class StateStore:
         self.last_error: Optional[str] = None
         self._written: Dict[int, Tuple[bytes, bytes]] = {}   # per process: digests of what was written
         self._dirty: Dict[int, Any] = {}        # processes that may have changed, by id
+        self._deleted: set = set()              # ids deleted: a late announcement must not bring one back
         self._snapshot_size = 0
         self._last_write = -math.inf
         self._timer = None                      # a prompt look after a change
@@ -3771,6 +3772,8 @@ class StateStore:
 
     def touch(self, runner: Any) -> None:
         """This process may have changed: look within save_interval (one timer for all)."""
+        if runner.id in self._deleted:
+            return
         self._dirty[runner.id] = runner
         if self._timer is None:
             with contextlib.suppress(RuntimeError):      # no loop (a synchronous caller): flush() saves
@@ -3817,6 +3820,7 @@ class StateStore:
             durable, runtime = self.entry(runner)
             self._put(runner.id, durable, runtime, self._digests(durable, runtime))
         for runner_id in deleted:
+            self._deleted.add(runner_id)
             self._dirty.pop(runner_id, None)
             self._written.pop(runner_id, None)
             self.journal.append({"delete": runner_id, "next_id": self.header()["next_id"]})

@@ -1156,6 +1156,8 @@ class TestStateStore(unittest.TestCase):
         self.assertLess(os.path.getsize(store.journal.path), 200)     # two short lines
         loaded = {entry["id"]: entry for entry in store.load()["processes"]}
         self.assertEqual((loaded[7]["name"], 9 in loaded, len(loaded)), ("seven", False, 499))
+        store.touch(runners[9])                                     # a late announcement of the deleted one
+        self.assertNotIn(9, store._dirty)
 
     def test_the_journal_is_folded_into_the_snapshot_once_it_outgrows_it(self):
         entries = {0: ({"id": 0, "name": "a"}, {})}
