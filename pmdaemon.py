@@ -10673,11 +10673,21 @@ def verb_kill(client_args: argparse.Namespace) -> int:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + KILL_WAIT_TIMEOUT
     while time.monotonic() < deadline:
-        if running_daemon(home) is None and not os.path.exists("/proc/%d" % pid):
+        if running_daemon(home) is None and has_exited(pid):
             print("stopped the daemon (pid %d) and its processes" % pid)
             return 0
         time.sleep(0.05)
     raise CliError("the daemon (pid %d) is still stopping after %d s" % (pid, KILL_WAIT_TIMEOUT))
+
+
+def has_exited(pid: int) -> bool:
+    """True once pid is gone or a zombie: it has exited and only its parent's reap is left. (A
+    background daemon's parent is init, and some containers' init reaps late.)"""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def catches_signal(pid: int, signum: int) -> bool:
@@ -10716,7 +10726,7 @@ def verb_upgrade(client_args: argparse.Namespace) -> int:
                 raise CliError("upgrade refused: %s" % result.get("reason"))
             print("upgraded the daemon in place (pid %d); its processes kept running" % pid)
             return 0
-        if not os.path.exists("/proc/%d" % pid):
+        if has_exited(pid):
             raise CliError("the daemon (pid %d) exited during the upgrade (see %s)"
                            % (pid, os.path.join(home, "pmdaemon.log")))
         time.sleep(0.02)
