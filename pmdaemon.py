@@ -193,6 +193,9 @@ BACKOFF_MAX_MS = 15_000
 BACKOFF_RESET_UPTIME_MS = 30_000
 SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
 SCAN_FULL_EVERY = 30                   # every Nth /proc scan re-reads every process, not just new ones
+SCAN_REUSE_WINDOW = 0.01               # seconds a listing of /proc serves the next step of the same stop
+LISTING_EVERY = 5                      # metric ticks between listings of /proc (new members of a tree)
+QUIET_AFTER, QUIET_EVERY = 3, 5        # a tree idle for 3 ticks is re-read every 5th tick (MetricsLoop)
 MAX_HELD_STAT_FILES = 1024             # /proc/PID/stat kept open for the processes sampled every tick
 FDS_PER_PROCESS = 8                    # descriptors a managed process may hold: pipes, pidfd, logs, stat
 FD_RESERVE = 16                        # descriptors kept for connections, the state and the logs
@@ -1322,7 +1325,10 @@ class Sampler:
         self.cores = os.cpu_count() or 1
         self._known: Dict[int, Tuple[int, PidStat]] = {}    # pid -> (its /proc inode, what was read)
         self._scans = 0
+        self._last_table: Optional[Dict[int, PidStat]] = None
+        self._last_scan_at = 0.0
         self._held: Dict[int, int] = {}     # pid -> open /proc/PID/stat of a process re-read every tick
+        self._held_read: Dict[int, Tuple[bytes, PidStat]] = {}  # pid -> what its last read said
 
     def _read(self, *parts: str) -> str:
         return self._read_bytes(*parts).decode("ascii", "replace")
@@ -1368,14 +1374,18 @@ class Sampler:
         except (OSError, ValueError, IndexError):
             return None
 
-    def scan(self) -> Dict[int, PidStat]:
+    def scan(self, reuse_within: float = 0.0) -> Dict[int, PidStat]:
         """Every process visible in /proc, by pid, reading only those not seen before.
 
         A process listed under the same pid and the same /proc inode as at the last scan is
         the same process (a reused pid gets a new inode), so what was read of it stands: its
         start time and group never change, and its parent can only change to a reaper, which
         keeps it in the tree it was in. What must be current (usage, state, a group that may
-        have been left) callers re-read with fresh(). Every SCAN_FULL_EVERY-th scan reads all."""
+        have been left) callers re-read with fresh(). Every SCAN_FULL_EVERY-th scan reads all.
+        A listing taken less than `reuse_within` seconds ago is returned again: the steps of
+        one stop look at /proc twice in a row, and the listing is what grows with the box."""
+        if reuse_within and self._last_table is not None and time.monotonic() - self._last_scan_at < reuse_within:
+            return self._last_table
         self._scans += 1
         full = self._scans % SCAN_FULL_EVERY == 0
         known, table, now_known = self._known, {}, {}
@@ -1396,7 +1406,8 @@ class Sampler:
                 now_known[pid] = (inode, found)
         self._known = now_known
         for pid in [pid for pid in self._held if pid not in now_known]:
-            os.close(self._held.pop(pid))
+            self._let_go(pid)
+        self._last_table, self._last_scan_at = table, time.monotonic()   # real time: /proc is real
         return table
 
     def fresh(self, table: Dict[int, PidStat], pids: List[int]) -> bool:
@@ -1420,7 +1431,8 @@ class Sampler:
     def _read_held(self, pid: int) -> Optional[PidStat]:
         """/proc/PID/stat of a process read every tick, through a descriptor kept open: one
         pread instead of open, read, close (the descriptor names that very process: once it
-        is gone, reads fail rather than show another process that got its pid)."""
+        is gone, reads fail rather than show another process that got its pid). The same
+        bytes as last time (a sleeping process) are not parsed again."""
         descriptor = self._held.get(pid)
         try:
             if descriptor is None:
@@ -1428,16 +1440,25 @@ class Sampler:
                     return self.stat(pid)
                 descriptor = self._held[pid] = os.open("%s/%d/stat" % (self.proc_root, pid),
                                                        os.O_RDONLY | os.O_CLOEXEC)
-            return parse_pid_stat(os.pread(descriptor, 4096, 0).decode("ascii", "replace"))
+            raw = os.pread(descriptor, 4096, 0)
+            last = self._held_read.get(pid)
+            if last is not None and last[0] == raw:
+                return last[1]
+            found = parse_pid_stat(raw.decode("ascii", "replace"))
+            self._held_read[pid] = (raw, found)
+            return found
         except (OSError, ValueError, IndexError):
-            if pid in self._held:
-                os.close(self._held.pop(pid))
+            self._let_go(pid)
             return None
 
+    def _let_go(self, pid: int) -> None:
+        self._held_read.pop(pid, None)
+        if pid in self._held:
+            os.close(self._held.pop(pid))
+
     def close(self) -> None:
-        for descriptor in self._held.values():
-            os.close(descriptor)
-        self._held.clear()
+        for pid in list(self._held):
+            self._let_go(pid)
 
     def tree_cpu(self, key: Any, ticks: int) -> float:
         """CPU % of one core used by `key` since its previous sample, from cumulative ticks."""
@@ -2378,7 +2399,7 @@ def group_members(sampler: Sampler, pgid: int, since_ticks: Optional[int]) -> Li
     """(pid, start) of the live members of a group whose leader is gone, to be signalled one by
     one. Its id may be given to a new process only once no member is left: a live process
     with that very pid means the group is someone else's now, and none is ours."""
-    table = sampler.scan()
+    table = sampler.scan(reuse_within=SCAN_REUSE_WINDOW)
     members = [pid for pid, stat in table.items() if stat.pgid == pgid or pid == pgid]
     sampler.fresh(table, members)
     if pgid in table and table[pgid].state != "Z":
@@ -2563,6 +2584,86 @@ class Cgroups:
 
 # -- one run of a program, and the default spawner ---------------------------------------------
 
+class PidfdWatcher:
+    """The event loop's child watcher (asyncio asks it to watch each child it starts): a pidfd
+    per child, readable in the loop once the child exits, then reaped, as asyncio's own
+    PidfdChildWatcher does. The difference: the pidfd is lent to the run of a managed process
+    (lend), which signals through it, so a process costs one pidfd and not two; at 5,000
+    processes that is 5,000 descriptors. A lent pidfd is closed by the last of the two to let
+    go: the watcher at the reap, or the run (give_back). Installed by the daemon where
+    pidfd_open works (watch_children_by_pidfd); elsewhere a run opens its own."""
+
+    installed: Optional["PidfdWatcher"] = None
+
+    def __init__(self):
+        self._watched: Dict[int, int] = {}      # pid -> its pidfd, until reaped
+        self._lent: set = set()                 # pidfds a run holds
+
+    def add_child_handler(self, pid: int, callback: Callable, *args) -> None:
+        loop = asyncio.get_event_loop()
+        pidfd = self._watched[pid] = os.pidfd_open(pid)    # novermin (installed only where it works)
+        loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
+
+    def _reap(self, loop, pid: int, pidfd: int, callback: Callable, args: tuple) -> None:
+        loop.remove_reader(pidfd)
+        del self._watched[pid]
+        try:
+            returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])    # novermin
+        except ChildProcessError:               # reaped elsewhere: the status is lost
+            returncode = 255
+        if pidfd not in self._lent:
+            os.close(pidfd)
+        callback(pid, returncode, *args)
+
+    def lend(self, pid: int) -> Optional[int]:
+        pidfd = self._watched.get(pid)
+        if pidfd is not None:
+            self._lent.add(pidfd)
+        return pidfd
+
+    def give_back(self, pidfd: int) -> bool:
+        """False if the pidfd was not lent by us (the caller closes it)."""
+        if pidfd not in self._lent:
+            return False
+        self._lent.discard(pidfd)
+        if pidfd not in self._watched.values():
+            os.close(pidfd)                     # already reaped: nobody else holds it
+        return True
+
+    # The rest of asyncio's AbstractChildWatcher interface (3.6-3.13).
+    def remove_child_handler(self, pid: int) -> bool:
+        return True
+
+    def attach_loop(self, loop) -> None:
+        pass
+
+    def is_active(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "PidfdWatcher":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+
+def pidfd_of_child(pid: int) -> Optional[int]:
+    """A pidfd naming our child `pid`, for a run to hold until release_pidfd: the one the
+    loop's watcher has, lent, or a new one."""
+    watcher = PidfdWatcher.installed
+    lent = watcher.lend(pid) if watcher is not None else None
+    return lent if lent is not None else open_pidfd(pid)
+
+
+def release_pidfd(pidfd: int) -> None:
+    watcher = PidfdWatcher.installed
+    if watcher is None or not watcher.give_back(pidfd):
+        os.close(pidfd)
+
+
 class Run:
     """One execution of a process's program. Exits and timers carry the run they belong to, so
     an event of a run that was already replaced is recognised (run is not runner.run) and
@@ -2615,7 +2716,7 @@ class Run:
 
     def close(self) -> None:
         if self.pidfd is not None:
-            os.close(self.pidfd)
+            release_pidfd(self.pidfd)
             self.pidfd = None
 
 
@@ -2921,7 +3022,8 @@ class SupervisorSettings:
 
 
 async def terminate_run(run: Run, config: ProcessConfig, sampler: Sampler, settings: SupervisorSettings,
-                        leader_alive: bool = True, other_groups: frozenset = frozenset()) -> bool:
+                        leader_alive: bool = True,
+                        other_groups: Callable[[], frozenset] = frozenset) -> bool:
     """Stop a run's process group and whatever it started outside it: kill_signal now,
     SIGKILL after kill_timeout. The one place a run is stopped, whoever asks."""
     pgid = run.pid if leader_alive else None
@@ -2932,25 +3034,28 @@ async def terminate_run(run: Run, config: ProcessConfig, sampler: Sampler, setti
                                  run.leader_unreaped, run.start_ticks)
 
 
-def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str],
-             since_ticks: Optional[int] = None, other_groups: frozenset = frozenset()) -> List[Tuple[int, int]]:
+def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str], since_ticks: Optional[int] = None,
+             other_groups: Callable[[], frozenset] = frozenset) -> List[Tuple[int, int]]:
     """(pid, start) of processes a run started outside its group: by parent links, or by the
     PMDAEMON_RUN_ID they inherited (a double-forked daemon has neither parent nor group).
-    Only processes started since the run began can carry its token, and none in the group of
-    another managed run (a group never takes in a process of another session): only the
-    environment of the rest is read, so a stop costs the same with 10 or 1,000 managed
+    Only processes started since the run began can be either, and none in the group of
+    another managed run (other_groups(), asked only when there is such a process; a group
+    never takes in a process of another session): one pass over the listing, and only the
+    environment of the rest is read, so a stop costs about the same with 10 or 1,000 managed
     processes. Out of descriptors, none is found: the group is stopped all the same."""
     try:
-        table = sampler.scan()
+        table = sampler.scan(reuse_within=SCAN_REUSE_WINDOW)
     except OSError as exc:
         log.warning("cannot look for what a run left outside its group: %s", exc.strerror or exc)
         return []
-    found = set(descendants(table, pgid)) if pgid else set()
+    recent = table if since_ticks is None else {
+        pid: stat for pid, stat in table.items() if stat.start_ticks >= since_ticks}
+    found = set(descendants(recent, pgid)) if pgid else set()
     if run_token:
+        others = [pid for pid in recent if pid not in found and pid != os.getpid()]
+        groups = other_groups() if others else frozenset()
         marker = ("%s=%s" % (RUN_ID_ENV, run_token)).encode()
-        found.update(pid for pid, stat in table.items()
-                     if pid != os.getpid() and (since_ticks is None or stat.start_ticks >= since_ticks)
-                     and stat.pgid not in other_groups and sampler.environ_has(pid, marker))
+        found.update(pid for pid in others if recent[pid].pgid not in groups and sampler.environ_has(pid, marker))
     found = sorted(found)
     sampler.fresh(table, found)                 # their group and state as they are now
     return [(pid, table[pid].start_ticks) for pid in found
@@ -3037,7 +3142,7 @@ class RunnerContext:
     unready_dependencies: Callable[[List[str]], List[str]] = lambda names: []
     wait_for_change: Optional[Callable] = None
     # The groups of the other runs (their leaders' pids): no escapee of this run is in them.
-    managed_groups: Callable[[], frozenset] = lambda: frozenset()
+    managed_groups: Callable[[Optional[int]], frozenset] = lambda but=None: frozenset()
 
 
 def _saved_int(value: Any, high: int) -> int:
@@ -3317,7 +3422,7 @@ class ProcessRunner:
         run.pid = run.proc.pid
         # At once, before the loop runs again: where pidfd exists the loop is what reaps
         # children, so the pid cannot have changed hands yet.
-        run.pidfd = open_pidfd(run.pid)
+        run.pidfd = pidfd_of_child(run.pid)
         run.started_at, run.started_wall = self.context.clock(), self.context.wall()
         stat = self.context.sampler.stat(run.pid)
         run.start_ticks = stat.start_ticks if stat else None
@@ -3488,7 +3593,7 @@ class ProcessRunner:
             # The main process is gone on its own: what it left behind would hold its port and
             # outlive the restart, so it is stopped too.
             await terminate_run(run, self.config, self.context.sampler, self.context.settings,
-                                other_groups=self.context.managed_groups() - {run.pid})
+                                other_groups=functools.partial(self.context.managed_groups, run.pid))
         # Let the last output land before the exit is logged; a grandchild may keep the pipe open.
         await asyncio.wait(pumps, timeout=self.context.settings.exit_output_grace)
         self._on_exit(run, returncode)
@@ -3562,7 +3667,7 @@ class ProcessRunner:
             run.stop_requested = True
             self.change_state(ProcessState.STOPPING)
             await terminate_run(run, self.config, self.context.sampler, self.context.settings,
-                                other_groups=self.context.managed_groups() - {run.pid})
+                                other_groups=functools.partial(self.context.managed_groups, run.pid))
             if run.watch is not None:
                 await asyncio.wait({run.watch}, timeout=self.context.settings.exit_output_grace + 1)
             if self.run is run:                 # the watcher did not finish: end the run here
@@ -4067,8 +4172,15 @@ class StateJournal:
 # -- metrics ------------------------------------------------------------------------------------
 
 class MetricsLoop:
-    """Every interval: system metrics, and cpu/memory of each running process's tree from one
-    scan of /proc. Never raises: a sample that fails is logged and the next one tried."""
+    """Every interval: system metrics, and cpu/memory of each running process's tree. Never
+    raises: a sample that fails is logged and the next one tried.
+
+    What a tick costs follows what moves, not what exists: /proc is listed every
+    LISTING_EVERY-th tick (or when a process has a pid not listed yet), and the trees found
+    then are re-read in between; a tree that used no CPU for QUIET_AFTER ticks is re-read
+    every QUIET_EVERY-th tick only (it cannot have grown without running), so a thousand
+    sleeping processes cost a fifth of a thousand reads a tick. A process that wakes shows
+    its CPU within QUIET_EVERY ticks, as an average over them."""
 
     def __init__(self, sampler: Sampler, registry: Registry, announce: Callable[[str, Any], None],
                  wall: Callable[[], float] = time.time):
@@ -4076,32 +4188,58 @@ class MetricsLoop:
         self.registry = registry
         self.announce = announce
         self.system = SystemMetrics(wall_time=wall())
+        self._ticks = 0
+        self._table: Dict[int, PidStat] = {}    # the last listing, kept current by fresh()
+        self._trees: Dict[int, List[int]] = {}  # runner id -> the pids of its tree (its pid first)
+        self._quiet: Dict[int, Tuple[int, int, int]] = {}   # runner id -> (pid, cpu ticks, idle ticks)
 
     def sample(self) -> None:
         self.system = self.sampler.system()
-        running = [runner for runner in self.registry.runners() if runner.pid is not None]
+        running = [(runner, runner.pid) for runner in self.registry.runners()]
+        running = [(runner, pid) for runner, pid in running if pid is not None]
         if running:
-            # One listing of /proc; then the usage of just the managed trees is read, and the
-            # trees are walked again in case a member left (its parent changed).
             try:
-                table = self.sampler.scan()
+                self._sample_trees(running)
             except OSError as exc:              # out of descriptors: this tick goes without
                 self.sampler.note_unreadable("process list", exc)
                 self.announce("tick", self.system)
                 return
             self.sampler.unreadable.discard("process list")
-            trees = self._trees(table, running)
-            if self.sampler.fresh(table, [pid for tree in trees for pid in tree]):
-                trees = self._trees(table, running)
-            for runner, tree in zip(running, trees):
-                cpu = self.sampler.tree_cpu((runner.id, runner.pid), sum(table[pid].cpu_ticks for pid in tree))
-                runner.record_usage(cpu, sum(table[pid].rss_bytes for pid in tree))
         self.announce("tick", self.system)
 
-    @staticmethod
-    def _trees(table: Dict[int, PidStat], running: List[ProcessRunner]) -> List[List[int]]:
-        children = children_index(table)
-        return [descendants(table, runner.pid, children) for runner in running]
+    def _sample_trees(self, running: List[Tuple[ProcessRunner, int]]) -> None:
+        """One pass decides what to read (runs every tick, for every process: kept lean)."""
+        self._ticks += 1
+        trees, quiet, ticks_now = self._trees, self._quiet, self._ticks
+        new_run, due = False, []
+        for runner, pid in running:
+            tree = trees.get(runner.id)
+            if tree is None or tree[0] != pid:
+                new_run = True                  # its tree is not known yet
+            seen = quiet.get(runner.id)
+            if seen is None or seen[0] != pid or seen[2] < QUIET_AFTER or (ticks_now + runner.id) % QUIET_EVERY == 0:
+                due.append((runner, pid))
+        if new_run or ticks_now % LISTING_EVERY == 1:
+            listed_before, self._table = self._table, self.sampler.scan()
+            if new_run or self._table.keys() != listed_before.keys():
+                self._walk(running)             # (a parent changes only when it exits)
+        table = self._table
+        if self.sampler.fresh(table, [member for runner, _ in due for member in self._trees[runner.id]]):
+            self._walk(running)                 # a member left, or changed parent
+        for runner, pid in due:
+            tree = [member for member in self._trees[runner.id] if member in table]
+            ticks = sum(table[member].cpu_ticks for member in tree)
+            runner.record_usage(self.sampler.tree_cpu((runner.id, pid), ticks),
+                                sum(table[member].rss_bytes for member in tree))
+            seen = quiet.get(runner.id)
+            quiet[runner.id] = (pid, ticks, seen[2] + 1 if seen is not None and seen[:2] == (pid, ticks) else 0)
+        if len(quiet) > len(running):           # forget the runners that stopped
+            ids = {runner.id for runner, _ in running}
+            self._quiet = {key: value for key, value in quiet.items() if key in ids}
+
+    def _walk(self, running: List[Tuple[ProcessRunner, int]]) -> None:
+        children = children_index(self._table)
+        self._trees = {runner.id: descendants(self._table, pid, children) or [pid] for runner, pid in running}
 
     async def run(self, interval: float) -> None:
         while True:
@@ -4454,9 +4592,9 @@ class Supervisor:
             return MAX_PROCESSES
         return max(0, (self.file_limit - self.fds_at_start - FD_RESERVE) // FDS_PER_PROCESS)
 
-    def managed_groups(self) -> frozenset:
-        """The process groups of every running process (their leaders' pids)."""
-        return frozenset(runner.pid for runner in self.registry.runners() if runner.pid is not None)
+    def managed_groups(self, but: Optional[int] = None) -> frozenset:
+        """The process groups of every running process (their leaders' pids), but `but`."""
+        return frozenset(runner.pid for runner in self.registry.runners() if runner.pid not in (None, but))
 
     def saved_header(self) -> dict:
         return {"version": STATE_FILE_VERSION, "pmdaemon": __version__, "next_id": self.registry.next_id}
@@ -8334,18 +8472,23 @@ def forbid_inspection() -> bool:
 
 
 def watch_children_by_pidfd(loop) -> None:
-    """Learn of children's exits from a pidfd each in the event loop, not from a thread per
-    child blocked in waitpid: no thread to start in a restart, no stack per child. Python 3.12
-    does this by itself; 3.9-3.11 are told here when the kernel has pidfd_open (Linux 5.3)."""
-    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+    """Learn of children's exits from a pidfd each in the event loop (PidfdWatcher), not from
+    a thread per child blocked in waitpid: no thread to start in a restart, no stack per
+    child, and one pidfd per managed process. Python 3.9-3.13 where the kernel has pidfd_open
+    (Linux 5.3); 3.12 deprecates choosing the watcher, and 3.14 has no such choice (each run
+    then opens its pidfd beside asyncio's)."""
+    if not hasattr(os, "pidfd_open") or not hasattr(asyncio, "set_child_watcher"):
         return
     try:
         os.close(os.pidfd_open(os.getpid()))  # novermin (3.9+: checked above)
     except OSError:
         return                              # an older kernel, or a sandbox that forbids it
-    watcher = asyncio.PidfdChildWatcher()   # novermin
-    asyncio.set_child_watcher(watcher)
-    watcher.attach_loop(loop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # set_child_watcher takes only its subclasses (made here: the CLI never loads asyncio).
+        watcher = type("PidfdWatcher", (PidfdWatcher, asyncio.AbstractChildWatcher), {})()
+        asyncio.set_child_watcher(watcher)
+    PidfdWatcher.installed = watcher
 
 
 def raise_file_limit(wanted: int) -> Optional[int]:

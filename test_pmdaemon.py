@@ -897,6 +897,50 @@ class TestProcessRunner(unittest.TestCase):
             stopped.logs.close()
         run_async(scenario())
 
+    def test_the_metrics_loop_reads_what_moves(self):
+        """Sleeping trees are re-read every QUIET_EVERY-th tick once idle for QUIET_AFTER ticks;
+        a busy one every tick; a sleeper that wakes shows its CPU within QUIET_EVERY ticks."""
+        fifo = os.path.join(self.home, "wake")
+        os.mkfifo(fifo)
+        ready = os.path.join(self.home, "ready")
+        spin = "import sys\nopen(sys.argv[2], 'w').close()\nopen(sys.argv[1]).read()\nwhile True: pass"
+
+        async def scenario():
+            supervisor = self.supervisor()
+            self.addCleanup(supervisor.sampler.close)
+            sleepers = [(await supervisor.add(self.config(name="quiet-%d" % index)))[0] for index in range(5)]
+            busy = (await supervisor.add(self.config(name="busy", script=PY, args=["-c", "while True: pass"])))[0]
+            waking = (await supervisor.add(self.config(name="waking", script=PY, args=["-c", spin, fifo, ready])))[0]
+            await until(lambda: os.path.exists(ready))             # it has started, and waits
+            reads = collections.Counter()
+            read_held = supervisor.sampler._read_held
+
+            def counted(pid):
+                reads[pid] += 1
+                return read_held(pid)
+            supervisor.sampler._read_held = counted
+            try:
+                for _ in range(pmdaemon.QUIET_AFTER + 1):           # every tree read while it may be moving
+                    supervisor.metrics.sample()
+                    await asyncio.sleep(0.02)
+                reads.clear()
+                for _ in range(pmdaemon.QUIET_EVERY):
+                    supervisor.metrics.sample()
+                    await asyncio.sleep(0.02)
+                self.assertEqual([reads[runner.pid] for runner in sleepers + [waking]], [1] * 6)
+                self.assertEqual(reads[busy.pid], pmdaemon.QUIET_EVERY)
+                self.assertGreater(busy.cpu, 0)
+                with open(fifo, "w") as handle:                     # wake it: it spins from now on
+                    handle.write("go")
+                for _ in range(pmdaemon.QUIET_EVERY):
+                    await asyncio.sleep(0.05)
+                    supervisor.metrics.sample()
+                self.assertGreater(waking.cpu, 0)
+            finally:
+                await supervisor.shutdown()
+        import asyncio
+        run_async(scenario())
+
     def test_a_transition_outside_the_table_is_refused_and_logged(self):
         async def scenario():
             supervisor = self.supervisor()
@@ -1674,6 +1718,29 @@ class TestSupervision(DaemonTestCase):
         self.assertLessEqual(threads(), max(before, 3))
         for index in range(8):
             self.daemon.request("DELETE", "/api/processes/sv-thread-%d" % index)
+
+    @unittest.skipUnless(hasattr(os, "pidfd_open") and sys.version_info < (3, 14),
+                         "a pidfd per child where the loop watches children by pidfd (Python 3.9-3.13)")
+    def test_a_managed_process_holds_one_pidfd(self):
+        """The run signals through the pidfd the loop watches its exit with: one per process,
+        through a kill -9 and its restart, and none left once they are deleted."""
+        def pidfds():
+            directory, count = "/proc/%d/fd" % self.daemon.proc.pid, 0
+            for name in os.listdir(directory):
+                with contextlib.suppress(FileNotFoundError):     # closed since the listing
+                    count += os.readlink(os.path.join(directory, name)) == "anon_inode:[pidfd]"
+            return count
+        before = pidfds()
+        for index in range(5):
+            self.daemon.start("sv-pidfd-%d" % index, "sleep", ["60"])
+        self.assertEqual(pidfds() - before, 5)
+        pid = self.daemon.process("sv-pidfd-0")["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: self.daemon.process("sv-pidfd-0")["pid"] not in (None, pid), message="the restart")
+        self.assertEqual(pidfds() - before, 5)
+        for index in range(5):
+            self.daemon.request("DELETE", "/api/processes/sv-pidfd-%d" % index)
+        wait_until(lambda: pidfds() == before, message="every pidfd closed")
 
     def test_crashed_child_is_restarted_and_counted(self):
         created = self.daemon.start("sv-crash", PY, ["-c", "import time; time.sleep(0.4); raise SystemExit(2)"],
@@ -6054,6 +6121,17 @@ def fd_count(pid):
 
 
 def cpu_seconds(pid):
+    """CPU time used by pid's threads now: from the scheduler, in nanoseconds, where the kernel
+    keeps it (schedstat), else utime + stime, which the kernel counts in whole clock ticks by
+    sampling (a daemon waking briefly ten times a second is mismeasured that way)."""
+    try:
+        used = 0
+        for thread in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/schedstat" % (pid, thread)) as handle:
+                used += int(handle.read().split()[0])
+        return used / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     with open("/proc/%d/stat" % pid) as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
