@@ -195,7 +195,7 @@ SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
 SCAN_FULL_EVERY = 30                   # every Nth /proc scan re-reads every process, not just new ones
 SCAN_REUSE_WINDOW = 0.01               # seconds a listing of /proc serves the next step of the same stop
 LISTING_EVERY = 5                      # metric ticks between listings of /proc (new members of a tree)
-QUIET_AFTER, QUIET_EVERY = 3, 5        # a tree idle for 3 ticks is re-read every 5th tick (MetricsLoop)
+QUIET_AFTER, QUIET_EVERY = 3, 10       # a tree idle for 3 reads is re-read every 10th tick (MetricsLoop)
 MAX_HELD_STAT_FILES = 1024             # /proc/PID/stat kept open for the processes sampled every tick
 FDS_PER_PROCESS = 8                    # descriptors a managed process may hold: pipes, pidfd, logs, stat
 FD_RESERVE = 16                        # descriptors kept for connections, the state and the logs
@@ -317,13 +317,15 @@ def record_field(default_factory: Callable[[], Any]) -> Any:
 
 
 def record(cls):
-    """Make a class of annotated fields a plain record, as @dataclasses.dataclass (3.7+) does:
-    __init__(fields in order, defaults or record_field factories), __repr__, __eq__."""
+    """Make a class of annotated fields a plain record, as @dataclasses.dataclass(slots=True)
+    (3.10+) does: __init__(fields in order, defaults or record_field factories), __repr__,
+    __eq__, and a slot per field (no __dict__: a ProcessConfig is 45 fields, and a dict that
+    large costs 1.5 KiB per process). Its methods must not use super() without arguments."""
     names = tuple(cls.__dict__.get("__annotations__", {}))
     defaults = {name: cls.__dict__[name] for name in names if name in cls.__dict__}
-    for name, default in defaults.items():
-        if isinstance(default, RecordField):
-            delattr(cls, name)                  # as dataclasses does: no shared mutable default
+    namespace = {key: value for key, value in cls.__dict__.items()
+                 if key not in defaults and key not in ("__dict__", "__weakref__")}
+    cls = type(cls)(cls.__name__, cls.__bases__, dict(namespace, __slots__=names, __qualname__=cls.__qualname__))
 
     def __init__(self, *args, **kwargs):
         if len(args) > len(names):
@@ -1328,7 +1330,6 @@ class Sampler:
         self._last_table: Optional[Dict[int, PidStat]] = None
         self._last_scan_at = 0.0
         self._held: Dict[int, int] = {}     # pid -> open /proc/PID/stat of a process re-read every tick
-        self._held_read: Dict[int, Tuple[bytes, PidStat]] = {}  # pid -> what its last read said
 
     def _read(self, *parts: str) -> str:
         return self._read_bytes(*parts).decode("ascii", "replace")
@@ -1431,8 +1432,7 @@ class Sampler:
     def _read_held(self, pid: int) -> Optional[PidStat]:
         """/proc/PID/stat of a process read every tick, through a descriptor kept open: one
         pread instead of open, read, close (the descriptor names that very process: once it
-        is gone, reads fail rather than show another process that got its pid). The same
-        bytes as last time (a sleeping process) are not parsed again."""
+        is gone, reads fail rather than show another process that got its pid)."""
         descriptor = self._held.get(pid)
         try:
             if descriptor is None:
@@ -1440,19 +1440,12 @@ class Sampler:
                     return self.stat(pid)
                 descriptor = self._held[pid] = os.open("%s/%d/stat" % (self.proc_root, pid),
                                                        os.O_RDONLY | os.O_CLOEXEC)
-            raw = os.pread(descriptor, 4096, 0)
-            last = self._held_read.get(pid)
-            if last is not None and last[0] == raw:
-                return last[1]
-            found = parse_pid_stat(raw.decode("ascii", "replace"))
-            self._held_read[pid] = (raw, found)
-            return found
+            return parse_pid_stat(os.pread(descriptor, 4096, 0).decode("ascii", "replace"))
         except (OSError, ValueError, IndexError):
             self._let_go(pid)
             return None
 
     def _let_go(self, pid: int) -> None:
-        self._held_read.pop(pid, None)
         if pid in self._held:
             os.close(self._held.pop(pid))
 
@@ -2680,7 +2673,7 @@ class Run:
         self.started_wall: Optional[float] = None
         self.stop_requested = False             # an exit we asked for: no restart decision
         self.watch: Optional[asyncio.Task] = None
-        self.env: Dict[str, str] = {}           # what the child got (health scripts get it too)
+        self.env: Dict[str, str] = {}           # what the child got beside the daemon's environment
         self.pidfd: Optional[int] = None        # names the main process, whatever gets its pid later
         self.pumps: list = []                   # the tasks copying its output to the logs
 
@@ -3376,11 +3369,17 @@ class ProcessRunner:
             del self._pending["dependencies"]
             await self._spawn("started")
 
-    def _child_environment(self, token: Optional[str], from_file: Dict[str, str]) -> Dict[str, str]:
-        """The daemon's environment (minus its secrets) < env_file (read at each start:
-        read_env_file) < the config's env < what pmdaemon sets."""
+    def _child_environment(self, overlay: Dict[str, str]) -> Dict[str, str]:
+        """The daemon's environment (minus its secrets) < the run's own (_environment_overlay)."""
         env = dict(self.context.base_env)
-        env.update(from_file)
+        env.update(overlay)
+        return env
+
+    def _environment_overlay(self, token: Optional[str], from_file: Dict[str, str]) -> Dict[str, str]:
+        """What a run's environment adds to the daemon's: env_file (read at each start:
+        read_env_file) < the config's env < what pmdaemon sets. Kept with the run instead of
+        the whole environment (which is the same for every process) for its health checks."""
+        env = dict(from_file)
         identity = resolve_identity(self.config) if self.config.user else None
         if identity is not None:
             env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name)
@@ -3406,7 +3405,8 @@ class ProcessRunner:
         run = Run(self.run_token)
         try:
             from_file = await read_env_file(self.config)
-            env = run.env = self._child_environment(run.token, from_file)
+            run.env = self._environment_overlay(run.token, from_file)
+            env = self._child_environment(run.env)
             if self.logs.placed:                # out_file/error_file: reached off the event loop
                 await asyncio.get_event_loop().run_in_executor(None, self.logs.prepare)
             argv = build_argv(self.config, env)
@@ -3695,7 +3695,7 @@ class ProcessRunner:
             if run is not self.run:
                 return
             began = self.context.clock()
-            error = await run_health_check(check, self.port, self.config, run.env)
+            error = await run_health_check(check, self.port, self.config, self._child_environment(run.env))
             if run is not self.run:
                 return
             self.health.last_duration = round(self.context.clock() - began, 6)
@@ -4175,71 +4175,89 @@ class MetricsLoop:
     """Every interval: system metrics, and cpu/memory of each running process's tree. Never
     raises: a sample that fails is logged and the next one tried.
 
-    What a tick costs follows what moves, not what exists: /proc is listed every
-    LISTING_EVERY-th tick (or when a process has a pid not listed yet), and the trees found
-    then are re-read in between; a tree that used no CPU for QUIET_AFTER ticks is re-read
-    every QUIET_EVERY-th tick only (it cannot have grown without running), so a thousand
-    sleeping processes cost a fifth of a thousand reads a tick. A process that wakes shows
-    its CPU within QUIET_EVERY ticks, as an average over them."""
+    What a tick costs follows what moves, not what exists. /proc is listed every
+    LISTING_EVERY-th tick (or when a run began since), and the trees found then are re-read
+    in between. A tree that used no CPU for QUIET_AFTER reads is quiet: it is re-read on
+    every QUIET_EVERY-th tick only (it cannot have grown without running), in turn with the
+    others, so a thousand sleeping processes cost a hundred reads a tick and no pass over
+    the thousand. (A read of /proc/PID/stat costs ~30 us once caches have gone cold in the
+    second between ticks: the reads are the cost.) Who runs with which pid (the roll) is
+    taken again when anything was announced since the last tick (changes()), and at every
+    listing. A quiet process that wakes shows its CPU within QUIET_EVERY ticks, as an
+    average over them."""
 
     def __init__(self, sampler: Sampler, registry: Registry, announce: Callable[[str, Any], None],
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, changes: Callable[[], int] = lambda: 0):
         self.sampler = sampler
         self.registry = registry
         self.announce = announce
+        self.changes = changes
         self.system = SystemMetrics(wall_time=wall())
         self._ticks = 0
+        self._seen_changes: Optional[int] = None
+        self._relist = True                     # a run is not in the last listing
         self._table: Dict[int, PidStat] = {}    # the last listing, kept current by fresh()
         self._trees: Dict[int, List[int]] = {}  # runner id -> the pids of its tree (its pid first)
-        self._quiet: Dict[int, Tuple[int, int, int]] = {}   # runner id -> (pid, cpu ticks, idle ticks)
+        self._active: Dict[int, Tuple[ProcessRunner, int]] = {}    # runner id -> (runner, pid): every tick
+        self._quiet: List[Dict[int, Tuple[ProcessRunner, int]]] = [{} for _ in range(QUIET_EVERY)]
+        self._idle: Dict[int, Tuple[int, int]] = {}     # runner id -> (cpu ticks when last read, idle reads)
 
     def sample(self) -> None:
         self.system = self.sampler.system()
-        running = [(runner, runner.pid) for runner in self.registry.runners()]
-        running = [(runner, pid) for runner, pid in running if pid is not None]
-        if running:
+        self._ticks += 1
+        if self._seen_changes != self.changes() or self._ticks % LISTING_EVERY == 1:
+            self._take_roll()
+        if self._idle:
             try:
-                self._sample_trees(running)
+                self._sample_trees()
             except OSError as exc:              # out of descriptors: this tick goes without
                 self.sampler.note_unreadable("process list", exc)
-                self.announce("tick", self.system)
-                return
-            self.sampler.unreadable.discard("process list")
+            else:
+                self.sampler.unreadable.discard("process list")
         self.announce("tick", self.system)
+        self._seen_changes = self.changes()
 
-    def _sample_trees(self, running: List[Tuple[ProcessRunner, int]]) -> None:
-        """One pass decides what to read (runs every tick, for every process: kept lean)."""
-        self._ticks += 1
-        trees, quiet, ticks_now = self._trees, self._quiet, self._ticks
-        new_run, due = False, []
-        for runner, pid in running:
-            tree = trees.get(runner.id)
-            if tree is None or tree[0] != pid:
-                new_run = True                  # its tree is not known yet
-            seen = quiet.get(runner.id)
-            if seen is None or seen[0] != pid or seen[2] < QUIET_AFTER or (ticks_now + runner.id) % QUIET_EVERY == 0:
-                due.append((runner, pid))
-        if new_run or ticks_now % LISTING_EVERY == 1:
+    def _take_roll(self) -> None:
+        """Who runs with which pid: a new run (or a new pid) is active until it has been quiet."""
+        roll = {runner.id: (runner, runner.pid) for runner in self.registry.runners()}
+        active = {key: entry for key, entry in self._active.items() if roll.get(key) == entry}
+        quiet = [{key: entry for key, entry in bucket.items() if roll.get(key) == entry} for bucket in self._quiet]
+        for key, entry in roll.items():
+            if entry[1] is not None and key not in active and key not in quiet[key % QUIET_EVERY]:
+                active[key] = entry
+                self._idle.pop(key, None)
+                self._relist = True
+        self._active, self._quiet = active, quiet
+        self._idle = {key: self._idle.get(key, (-1, 0)) for key in roll if roll[key][1] is not None}
+
+    def _sample_trees(self) -> None:
+        if self._relist or self._ticks % LISTING_EVERY == 1:
             listed_before, self._table = self._table, self.sampler.scan()
-            if new_run or self._table.keys() != listed_before.keys():
-                self._walk(running)             # (a parent changes only when it exits)
-        table = self._table
-        if self.sampler.fresh(table, [member for runner, _ in due for member in self._trees[runner.id]]):
-            self._walk(running)                 # a member left, or changed parent
+            if self._relist or self._table.keys() != listed_before.keys():
+                self._walk()                    # (a parent changes only when it exits)
+            self._relist = False
+        table, trees = self._table, self._trees
+        due = list(self._active.values()) + list(self._quiet[self._ticks % QUIET_EVERY].values())
+        if self.sampler.fresh(table, [member for runner, _ in due for member in trees[runner.id]]):
+            self._walk()                        # a member left, or changed parent
         for runner, pid in due:
-            tree = [member for member in self._trees[runner.id] if member in table]
+            tree = [member for member in trees[runner.id] if member in table]
             ticks = sum(table[member].cpu_ticks for member in tree)
             runner.record_usage(self.sampler.tree_cpu((runner.id, pid), ticks),
                                 sum(table[member].rss_bytes for member in tree))
-            seen = quiet.get(runner.id)
-            quiet[runner.id] = (pid, ticks, seen[2] + 1 if seen is not None and seen[:2] == (pid, ticks) else 0)
-        if len(quiet) > len(running):           # forget the runners that stopped
-            ids = {runner.id for runner, _ in running}
-            self._quiet = {key: value for key, value in quiet.items() if key in ids}
+            before, idle = self._idle[runner.id]
+            idle = idle + 1 if before == ticks else 0
+            self._idle[runner.id] = (ticks, idle)
+            bucket = self._quiet[runner.id % QUIET_EVERY]
+            if idle >= QUIET_AFTER:
+                bucket[runner.id] = self._active.pop(runner.id, None) or bucket[runner.id]
+            elif runner.id in bucket:
+                self._active[runner.id] = bucket.pop(runner.id)
 
-    def _walk(self, running: List[Tuple[ProcessRunner, int]]) -> None:
+    def _walk(self) -> None:
         children = children_index(self._table)
-        self._trees = {runner.id: descendants(self._table, pid, children) or [pid] for runner, pid in running}
+        entries = list(self._active.values()) + [entry for bucket in self._quiet for entry in bucket.values()]
+        self._trees = {runner.id: descendants(self._table, pid, children) or [pid] for runner, pid in entries}
 
     async def run(self, interval: float) -> None:
         while True:
@@ -4276,7 +4294,7 @@ class Supervisor:
         self.store = StateStore(os.path.join(home, "state.json"), self.saved_entry, self.registry.runners,
                                 self.saved_header, self.settings.state_save_interval,
                                 self.settings.state_lazy_interval, clock)
-        self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall)
+        self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall, lambda: self.generation)
         self._cgroups: Optional[Cgroups] = None
         self.generation = 0                     # counts announcements: keys the API's caches
         self.listeners: List[Listener] = []
