@@ -7685,7 +7685,7 @@ class HttpConnection:
         A head is admitted (or refused and answered) before any of its body is read; deadlines
         are absolute per phase: a header block within header_timeout of its first byte, a body
         within body_timeout of its head, the next request within keepalive_timeout."""
-        self.server.deadlines.add(self)
+        self.server.watch_deadline(self)
         try:
             while True:
                 try:
@@ -7910,6 +7910,7 @@ class HttpServer:
         self.socket_path = os.path.join(config.home, SOCKET_NAME)
         self.unix_socket = None
         self.deadlines: set = set()         # HttpConnections whose phase has a deadline
+        self._sweeper_asleep: Optional[asyncio.Event] = None
         self.closing = False
         self.handing_over = False           # an upgrade: what was accepted is still served
         self.listeners: List[socket.socket] = []
@@ -8122,10 +8123,20 @@ class HttpServer:
             self._count_connections()
             writer.close()
 
+    def watch_deadline(self, connection: "HttpConnection") -> None:
+        self.deadlines.add(connection)
+        if self._sweeper_asleep is not None:
+            self._sweeper_asleep.set()
+
     async def _sweep_deadlines(self) -> None:
-        """One timer for all connections: cheaper than a timer per read on the hot path."""
+        """One timer for all connections: cheaper than a timer per read on the hot path. With no
+        connection it sleeps until one comes (an idle daemon wakes once a sample, no more)."""
         loop = asyncio.get_event_loop()
         while True:
+            if not self.deadlines:
+                self._sweeper_asleep = asyncio.Event()
+                await self._sweeper_asleep.wait()
+                self._sweeper_asleep = None
             await asyncio.sleep(DEADLINE_SWEEP_INTERVAL)
             now = loop.time()
             for connection in [c for c in self.deadlines if c.deadline <= now]:

@@ -3641,6 +3641,21 @@ class TestBodyMemory(DaemonTestCase):
 class TestTimeouts(DaemonTestCase):
     daemon_args = ("--header-timeout", "0.5", "--body-timeout", "0.5", "--keepalive-timeout", "0.5")
 
+    def test_an_idle_daemon_wakes_once_a_sample(self):
+        """The timer that expires connections sleeps while there are none: a daemon with
+        nothing to do wakes for its sample (here once a second), not four times more often."""
+        daemon = Daemon(args=("--sample-interval", "1"))
+        self.addCleanup(daemon.cleanup)
+
+        def wakeups():
+            with open("/proc/%d/status" % daemon.proc.pid) as handle:
+                return int(re.search(r"voluntary_ctxt_switches:\s+(\d+)", handle.read()).group(1))
+        self.assertEqual(daemon.get("/api/system")[0], 200)    # a connection came and went
+        time.sleep(0.5)                                 # its deadline swept; then nothing to do
+        before = wakeups()
+        time.sleep(1.5)
+        self.assertLessEqual(wakeups() - before, 4)     # 1-2 here; with the sweeper awake, 7 or 8
+
     def test_stuck_header_gets_408_after_the_header_timeout(self):
         with socket.create_connection(("127.0.0.1", self.daemon.port)) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\n")
