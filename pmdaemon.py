@@ -1463,6 +1463,12 @@ class Sampler:
         used = max(0, ticks - previous[1]) / CLOCK_TICKS
         return round(100.0 * used / (now - previous[0]), 1)
 
+    def add_to_baseline(self, key: Any, ticks: int) -> None:
+        """Ticks that `key` had before they were counted in it (a process that joined its tree)."""
+        previous = self._previous_ticks.get(key)
+        if previous is not None:
+            self._previous_ticks[key] = (previous[0], previous[1] + ticks)
+
     def forget(self, key: Any) -> None:
         self._previous_ticks.pop(key, None)
 
@@ -2591,6 +2597,7 @@ class PidfdWatcher:
     def __init__(self):
         self._watched: Dict[int, int] = {}      # pid -> its pidfd, until reaped
         self._lent: set = set()                 # pidfds a run holds
+        self._lent_reaped: set = set()          # ... whose child was reaped: the run closes them
 
     def add_child_handler(self, pid: int, callback: Callable, *args) -> None:
         loop = asyncio.get_event_loop()
@@ -2604,7 +2611,9 @@ class PidfdWatcher:
             returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])    # novermin
         except ChildProcessError:               # reaped elsewhere: the status is lost
             returncode = 255
-        if pidfd not in self._lent:
+        if pidfd in self._lent:
+            self._lent_reaped.add(pidfd)
+        else:
             os.close(pidfd)
         callback(pid, returncode, *args)
 
@@ -2619,7 +2628,8 @@ class PidfdWatcher:
         if pidfd not in self._lent:
             return False
         self._lent.discard(pidfd)
-        if pidfd not in self._watched.values():
+        if pidfd in self._lent_reaped:
+            self._lent_reaped.discard(pidfd)
             os.close(pidfd)                     # already reaped: nobody else holds it
         return True
 
@@ -2645,10 +2655,14 @@ class PidfdWatcher:
 
 def pidfd_of_child(pid: int) -> Optional[int]:
     """A pidfd naming our child `pid`, for a run to hold until release_pidfd: the one the
-    loop's watcher has, lent, or a new one."""
+    loop's watcher has, lent; None if the watcher has already reaped it (a child that exited
+    at once: its pid may be someone else's by now, so none is opened); a new one where no
+    watcher of ours runs (Python 3.14+, where asyncio may have reaped a child that exited at
+    once and its pid been reused: the residual risk that 3.6-3.8 have too)."""
     watcher = PidfdWatcher.installed
-    lent = watcher.lend(pid) if watcher is not None else None
-    return lent if lent is not None else open_pidfd(pid)
+    if watcher is not None:
+        return watcher.lend(pid)
+    return open_pidfd(pid)
 
 
 def release_pidfd(pidfd: int) -> None:
@@ -2694,6 +2708,8 @@ class Run:
                 return False
             except OSError:
                 pass
+        elif PidfdWatcher.installed is not None:
+            return False            # our watcher had reaped it before the run could hold its pidfd
         return self.proc is not None and self.proc.returncode is None
 
     def signal(self, signum: int) -> bool:
@@ -3420,9 +3436,7 @@ class ProcessRunner:
             self.change_state(ProcessState.ERRORED)
             return
         run.pid = run.proc.pid
-        # At once, before the loop runs again: where pidfd exists the loop is what reaps
-        # children, so the pid cannot have changed hands yet.
-        run.pidfd = pidfd_of_child(run.pid)
+        run.pidfd = pidfd_of_child(run.pid)     # None if it has exited (and been reaped) already
         run.started_at, run.started_wall = self.context.clock(), self.context.wall()
         stat = self.context.sampler.stat(run.pid)
         run.start_ticks = stat.start_ticks if stat else None
@@ -3490,7 +3504,8 @@ class ProcessRunner:
         carried = [base64.b64encode(getattr(stream, "carried", b"") or b"").decode("ascii") if stream else ""
                    for stream in (run.proc.stdin, run.proc.stdout, run.proc.stderr)]
         return {"pid": run.pid, "start_ticks": run.start_ticks, "token": run.token, "pidfd": run.pidfd,
-                "started_at": run.started_at, "started_wall": run.started_wall, "env": run.env,
+                "started_at": run.started_at, "started_wall": run.started_wall,
+                "env": self._child_environment(run.env),    # whole: an older image takes it as it is
                 "descriptors": descriptors, "carried": carried, "returncode": run.proc.returncode,
                 "stopping": run.stop_requested}
 
@@ -3498,7 +3513,8 @@ class ProcessRunner:
         """Upgrade, in the next image: take over the run the previous one handed over, as it
         runs (same pid, same pipes). STOPPED -> STARTING -> ONLINE, like a start without spawn."""
         run = Run(handed["token"], handed["pid"], handed["start_ticks"])
-        run.pidfd, run.env = handed["pidfd"], dict(handed["env"])
+        base = self.context.base_env
+        run.pidfd, run.env = handed["pidfd"], {key: value for key, value in handed["env"].items() if base.get(key) != value}
         run.started_at, run.started_wall = handed["started_at"], handed["started_wall"]
         run.proc = await adopt_child(run.pid, run.pidfd, handed["descriptors"],
                                      [base64.b64decode(text) for text in handed["carried"]], handed["returncode"])
@@ -4236,10 +4252,11 @@ class MetricsLoop:
             if self._relist or self._table.keys() != listed_before.keys():
                 self._walk()                    # (a parent changes only when it exits)
             self._relist = False
-        table, trees = self._table, self._trees
+        table = self._table
         due = list(self._active.values()) + list(self._quiet[self._ticks % QUIET_EVERY].values())
-        if self.sampler.fresh(table, [member for runner, _ in due for member in trees[runner.id]]):
+        if self.sampler.fresh(table, [member for runner, _ in due for member in self._trees[runner.id]]):
             self._walk()                        # a member left, or changed parent
+        trees = self._trees
         for runner, pid in due:
             tree = [member for member in trees[runner.id] if member in table]
             ticks = sum(table[member].cpu_ticks for member in tree)
@@ -4255,9 +4272,25 @@ class MetricsLoop:
                 self._active[runner.id] = bucket.pop(runner.id)
 
     def _walk(self) -> None:
-        children = children_index(self._table)
+        """The trees again from the listing. A member new to a tree brings the CPU time it used
+        before it was seen into the tree's baseline (not into one sample as a spike), and a
+        quiet tree that gained one is active again (a fork costs less than a clock tick)."""
+        children, table = children_index(self._table), self._table
         entries = list(self._active.values()) + [entry for bucket in self._quiet for entry in bucket.values()]
-        self._trees = {runner.id: descendants(self._table, pid, children) or [pid] for runner, pid in entries}
+        trees, before = {}, self._trees
+        for runner, pid in entries:
+            tree = trees[runner.id] = descendants(table, pid, children) or [pid]
+            known = before.get(runner.id)
+            if known is None or known[0] != pid:
+                continue
+            joined = set(tree).difference(known)
+            if joined:
+                self.sampler.add_to_baseline((runner.id, pid), sum(table[member].cpu_ticks for member in joined))
+                bucket = self._quiet[runner.id % QUIET_EVERY]
+                if runner.id in bucket:
+                    self._active[runner.id] = bucket.pop(runner.id)
+                    self._idle[runner.id] = (-1, 0)
+        self._trees = trees
 
     async def run(self, interval: float) -> None:
         while True:

@@ -897,6 +897,16 @@ class TestProcessRunner(unittest.TestCase):
             stopped.logs.close()
         run_async(scenario())
 
+    @staticmethod
+    async def until_listed(supervisor):
+        """Samples until one that lists /proc."""
+        import asyncio
+        while True:
+            await asyncio.sleep(0.05)
+            supervisor.metrics.sample()
+            if supervisor.metrics._ticks % pmdaemon.LISTING_EVERY == 1:
+                return
+
     def test_the_metrics_loop_reads_what_moves(self):
         """Sleeping trees are re-read every QUIET_EVERY-th tick once idle for QUIET_AFTER ticks;
         a busy one every tick; a sleeper that wakes shows its CPU within QUIET_EVERY ticks."""
@@ -904,14 +914,26 @@ class TestProcessRunner(unittest.TestCase):
         os.mkfifo(fifo)
         ready = os.path.join(self.home, "ready")
         spin = "import sys\nopen(sys.argv[2], 'w').close()\nopen(sys.argv[1]).read()\nwhile True: pass"
+        # A quiet parent that starts a busy child: the child is counted from the next listing,
+        # without the CPU it used before that landing in one sample.
+        fork_fifo, fork_ready = os.path.join(self.home, "fork"), os.path.join(self.home, "fork-ready")
+        os.mkfifo(fork_fifo)
+        fork = ("import os, sys, time\nopen(sys.argv[2], 'w').close()\nopen(sys.argv[1]).read()\n"
+                "if os.fork() == 0:\n    while True: pass\ntime.sleep(60)")
+        # A busy parent that starts a busy child after a while: the child's CPU before it was
+        # seen goes to the tree's baseline, not into one sample.
+        trigger = os.path.join(self.home, "fork-now")
+        busy_fork = "import os, sys\nwhile not os.path.exists(sys.argv[1]): pass\nos.fork()\nwhile True: pass"
 
         async def scenario():
             supervisor = self.supervisor()
             self.addCleanup(supervisor.sampler.close)
             sleepers = [(await supervisor.add(self.config(name="quiet-%d" % index)))[0] for index in range(5)]
-            busy = (await supervisor.add(self.config(name="busy", script=PY, args=["-c", "while True: pass"])))[0]
+            busy = (await supervisor.add(self.config(name="busy", script=PY, args=["-c", busy_fork, trigger])))[0]
             waking = (await supervisor.add(self.config(name="waking", script=PY, args=["-c", spin, fifo, ready])))[0]
-            await until(lambda: os.path.exists(ready))             # it has started, and waits
+            forking = (await supervisor.add(self.config(name="forking", script=PY, args=["-c", fork, fork_fifo,
+                                                                                      fork_ready])))[0]
+            await until(lambda: os.path.exists(ready) and os.path.exists(fork_ready))    # started, and wait
             reads = collections.Counter()
             read_held = supervisor.sampler._read_held
 
@@ -927,11 +949,25 @@ class TestProcessRunner(unittest.TestCase):
                 for _ in range(pmdaemon.QUIET_EVERY):
                     supervisor.metrics.sample()
                     await asyncio.sleep(0.02)
-                self.assertEqual([reads[runner.pid] for runner in sleepers + [waking]], [1] * 6)
+                self.assertEqual([reads[runner.pid] for runner in sleepers + [waking, forking]], [1] * 7)
                 self.assertEqual(reads[busy.pid], pmdaemon.QUIET_EVERY)
                 self.assertGreater(busy.cpu, 0)
+                await self.until_listed(supervisor)
+                open(trigger, "w").close()                          # it forks a busy child now,
+                busy_cpu = []
+                for _ in range(pmdaemon.LISTING_EVERY + 1):        # found at the next listing
+                    await asyncio.sleep(0.05)
+                    supervisor.metrics.sample()
+                    busy_cpu.append(busy.cpu)
+                self.assertLessEqual(max(busy_cpu), 250, busy_cpu)  # two cores' worth at most
                 with open(fifo, "w") as handle:                     # wake it: it spins from now on
                     handle.write("go")
+                with open(fork_fifo, "w") as handle:                # and its child spins
+                    handle.write("go")
+                await self.until_listed(supervisor)
+                await asyncio.sleep(0.05)
+                supervisor.metrics.sample()
+                self.assertGreater(forking.cpu, 0)                  # quiet until the listing: read since
                 for _ in range(pmdaemon.QUIET_EVERY):
                     await asyncio.sleep(0.05)
                     supervisor.metrics.sample()
