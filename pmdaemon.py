@@ -28,10 +28,12 @@ Map of this file; each section uses only the sections above it:
                                ProcessLogs, LogHub: the one subscription path for live lines;
                                opening paths that someone else may influence
      6. Supervisor             restart policy (pure), ports, a child's environment, health checks,
-                               stopping, watch, cgroups; ProcessRunner, one per process, the only
-                               code that changes its state (TRANSITIONS), seeing the rest through
-                               its RunnerContext; Registry; StateStore and StateJournal (synced
-                               before an answer); MetricsLoop; Supervisor, the facade the API calls
+                               stopping, watch, cgroups; PidfdWatcher (children's exits, one
+                               pidfd each, lent to the run) and Run; ProcessRunner, one per
+                               process, the only code that changes its state (TRANSITIONS), seeing
+                               the rest through its RunnerContext; Registry; StateStore and
+                               StateJournal (synced before an answer); MetricsLoop (reads what
+                               moves); Supervisor, the facade the API calls
      7. HTTP/1.1 codec         request parser (heads first, a body reader per request) and
                                response serialiser (no I/O)
      8. WebSocket codec        handshake (both sides), frames, messages, closing handshake (no I/O)
@@ -42,9 +44,10 @@ Map of this file; each section uses only the sections above it:
                                HttpConnection (one per connection, one send()), RepeatedAnswers,
                                WsSession, the Broadcaster, HttpServer (TLS accepted by us)
     11. Daemon runtime         the home's checks, the lock, secrets wiped, the file limit, the
-                               daemon's log, the code cache, systemd, the options kept in the home,
-                               the upgrade in place (hand-over and adoption), the Daemon and
-                               command_web (`web`), the daemon in the background
+                               child watcher installed, the daemon's log, the code cache, systemd,
+                               the options kept in the home, the upgrade in place (hand-over and
+                               adoption), the Daemon and command_web (`web`), the daemon in the
+                               background
     12. CLI                    the client (Client, the verbs, monit), PM2 and supervisord files,
                                apply, argument parsing and main
 
@@ -3513,8 +3516,9 @@ class ProcessRunner:
         """Upgrade, in the next image: take over the run the previous one handed over, as it
         runs (same pid, same pipes). STOPPED -> STARTING -> ONLINE, like a start without spawn."""
         run = Run(handed["token"], handed["pid"], handed["start_ticks"])
-        base = self.context.base_env
-        run.pidfd, run.env = handed["pidfd"], {key: value for key, value in handed["env"].items() if base.get(key) != value}
+        base = self.context.base_env            # what the run's environment adds to it is kept
+        run.pidfd, run.env = handed["pidfd"], {key: value for key, value in handed["env"].items()
+                                               if base.get(key) != value}
         run.started_at, run.started_wall = handed["started_at"], handed["started_wall"]
         run.proc = await adopt_child(run.pid, run.pidfd, handed["descriptors"],
                                      [base64.b64decode(text) for text in handed["carried"]], handed["returncode"])
