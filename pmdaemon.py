@@ -2016,32 +2016,88 @@ class ProcessLogs:
             log_file.release()
 
 
-async def pump_output(stream: asyncio.StreamReader, write: Callable[[List[str]], None],
-                      flush_after: float = PARTIAL_LINE_FLUSH) -> None:
-    """Copy a child's pipe to its log, line by line; flush a partial line after a pause.
-    Whatever write does, the pipe keeps being read: a child must never block on us. At the
-    end of a stream marked handed_over (an upgrade), a partial line is left in stream.carried
-    for the next image, which reads the rest of it: a log never holds a torn line."""
-    pending = b""
-    while True:
-        try:
-            if pending:
-                chunk = await asyncio.wait_for(stream.read(READ_CHUNK), flush_after)
-            else:
-                chunk = await stream.read(READ_CHUNK)
-        except asyncio.TimeoutError:
-            _write_safely(write, [pending])
-            pending = b""
-            continue
-        if not chunk:
-            break
-        lines, pending = split_output(pending, chunk)
+class OutputPump:
+    """A child's stdout or stderr copied to its log as the data arrives, line by line, without
+    a task or a stream reader of its own (at a thousand processes, that is 8 KB each less):
+    the pipe's protocol calls feed_data and feed_eof, as it would a StreamReader's. Whole
+    lines are written at once, a partial line after flush_after of silence. Until attach()
+    names the log, what arrives is kept. Whatever write does, the pipe keeps being read: a
+    child must never block on us. At the end, a partial line is written, or, when the pipe
+    was handed over (an upgrade), kept in `carried` for the next image, which reads the rest
+    of it: a log never holds a torn line. `ended` is done once all is written."""
+    __slots__ = ("write", "flush_after", "pending", "early", "timer", "ended", "eof", "handed_over", "carried")
+
+    def __init__(self, loop):
+        self.write: Optional[Callable[[List[str]], None]] = None
+        self.flush_after = PARTIAL_LINE_FLUSH
+        self.pending = b""
+        self.early: Optional[List[bytes]] = []   # what came before attach()
+        self.timer: Any = None
+        self.ended = loop.create_future()
+        self.eof = False
+        self.handed_over = False
+        self.carried = b""
+
+    def attach(self, write: Callable[[List[str]], None], flush_after: float = PARTIAL_LINE_FLUSH) -> None:
+        self.write, self.flush_after = write, flush_after
+        early, self.early = self.early or [], None
+        for chunk in early:
+            self._take(chunk)
+        if self.eof:
+            self._finish()
+
+    def feed_data(self, data: bytes) -> None:
+        if self.early is not None:
+            self.early.append(data)
+        elif not self.eof:
+            self._take(data)
+
+    def feed_eof(self) -> None:
+        if self.eof:
+            return
+        self.eof = True
+        if self.early is None:
+            self._finish()
+        elif self.handed_over:                  # never attached: all of it goes to the next image
+            self.carried, self.early = b"".join(self.early), []
+            self.ended.set_result(None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.feed_eof()                         # a pipe that failed has ended all the same
+
+    def set_transport(self, transport: Any) -> None:
+        pass
+
+    def at_eof(self) -> bool:
+        return self.eof
+
+    def _take(self, chunk: bytes) -> None:
+        lines, self.pending = split_output(self.pending, chunk)
         if lines:
-            _write_safely(write, lines)
-    if getattr(stream, "handed_over", False):
-        stream.carried = pending
-    elif pending:
-        _write_safely(write, [pending])
+            _write_safely(self.write, lines)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending:
+            self.timer = asyncio.get_event_loop().call_later(self.flush_after, self._flush_partial)
+
+    def _flush_partial(self) -> None:
+        self.timer = None
+        if self.pending:
+            _write_safely(self.write, [self.pending])
+            self.pending = b""
+
+    def _finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.handed_over:
+            self.carried = self.pending
+        elif self.pending:
+            _write_safely(self.write, [self.pending])
+        self.pending = b""
+        if not self.ended.done():
+            self.ended.set_result(None)
 
 
 def _write_safely(write: Callable[[List[str]], None], lines: List[bytes]) -> None:
@@ -2692,7 +2748,7 @@ class Run:
         self.watch: Optional[asyncio.Task] = None
         self.env: Dict[str, str] = {}           # what the child got beside the daemon's environment
         self.pidfd: Optional[int] = None        # names the main process, whatever gets its pid later
-        self.pumps: list = []                   # the tasks copying its output to the logs
+        self.pumps: list = []                   # when its output pumps have written all (futures)
 
     async def exited(self) -> int:
         """The main process's exit status, as soon as it has exited (ChildProtocol)."""
@@ -2760,8 +2816,8 @@ class AdoptedChild:
         self.pid = pid
         self.returncode = returncode
         self.stdin: Optional[asyncio.StreamWriter] = None
-        self.stdout: Optional[asyncio.StreamReader] = None
-        self.stderr: Optional[asyncio.StreamReader] = None
+        self.stdout: Optional[OutputPump] = None
+        self.stderr: Optional[OutputPump] = None
         self.pipes: tuple = (None, None, None)
         self.exited = asyncio.get_event_loop().create_future()
 
@@ -2789,12 +2845,12 @@ async def adopt_child(pid: int, pidfd: Optional[int], descriptors: List[Optional
     for index in (1, 2):
         if descriptors[index] is None:
             continue
-        reader = asyncio.StreamReader(limit=READ_CHUNK)
+        pump = OutputPump(loop)
         if carried[index]:
-            reader.feed_data(carried[index])    # the start of a line the previous image read
-        pipes[index], _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+            pump.feed_data(carried[index])      # the start of a line the previous image read
+        pipes[index], _ = await loop.connect_read_pipe(lambda: pipe_to_pump()(pump),
                                                        os.fdopen(descriptors[index], "rb", buffering=0))
-        setattr(child, ("stdout", "stderr")[index - 1], reader)
+        setattr(child, ("stdout", "stderr")[index - 1], pump)
     child.pipes = tuple(pipes)
     if returncode is not None:                  # reaped by the previous image before the exec
         child._exit(returncode)
@@ -2821,6 +2877,27 @@ def _reap_adopted(child: AdoptedChild, pidfd: int, loop) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def pipe_to_pump() -> type:
+    """A protocol for an inherited pipe that feeds an OutputPump (built on first use: the CLI
+    never loads asyncio)."""
+
+    class PipeToPump(asyncio.Protocol):
+        def __init__(self, pump: OutputPump):
+            self.pump = pump
+
+        def data_received(self, data: bytes) -> None:
+            self.pump.feed_data(data)
+
+        def eof_received(self) -> bool:
+            self.pump.feed_eof()
+            return False
+
+        def connection_lost(self, exc) -> None:
+            self.pump.feed_eof()
+    return PipeToPump
+
+
+@functools.lru_cache(maxsize=None)
 def child_protocol() -> type:
     """asyncio's protocol for a child with pipes, plus `exited`: its exit status as soon as it
     has exited. Process.wait() (3.11+) also waits for every pipe to close, which a background
@@ -2832,6 +2909,13 @@ def child_protocol() -> type:
         def __init__(self, loop):
             super().__init__(limit=READ_CHUNK, loop=loop)
             self.exited = loop.create_future()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)  # stdin's writer; its readers are replaced:
+            if self.stdout is not None:         # the output goes to a pump (OutputPump)
+                self.stdout = OutputPump(self._loop)
+            if self.stderr is not None:
+                self.stderr = OutputPump(self._loop)
 
         def process_exited(self) -> None:
             returncode = self._transport.get_returncode()   # before asyncio lets go of the transport
@@ -3605,9 +3689,10 @@ class ProcessRunner:
     async def _watch(self, run: Run) -> None:
         proc = run.proc
         flush = self.context.settings.partial_line_flush
-        pumps = run.pumps = [
-            self.context.background(pump_output(proc.stdout, functools.partial(self.logs.write, "stdout"), flush)),
-            self.context.background(pump_output(proc.stderr, functools.partial(self.logs.write, "stderr"), flush))]
+        for pump, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+            if pump is not None:
+                pump.attach(functools.partial(self.logs.write, name), flush)
+        pumps = run.pumps = [pump.ended for pump in (proc.stdout, proc.stderr) if pump is not None]
         returncode = await run.exited()
         if not run.stop_requested:
             # The main process is gone on its own: what it left behind would hold its port and
@@ -3615,7 +3700,8 @@ class ProcessRunner:
             await terminate_run(run, self.config, self.context.sampler, self.context.settings,
                                 other_groups=functools.partial(self.context.managed_groups, run.pid))
         # Let the last output land before the exit is logged; a grandchild may keep the pipe open.
-        await asyncio.wait(pumps, timeout=self.context.settings.exit_output_grace)
+        if pumps:
+            await asyncio.wait(pumps, timeout=self.context.settings.exit_output_grace)
         self._on_exit(run, returncode)
         run.close()
 
