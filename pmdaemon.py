@@ -26,6 +26,7 @@ Map of this file; each section uses only the sections above it:
      4. Metrics                /proc parsers; Sampler (CPU % between samples, degrades, never raises)
      5. Logs                   LogFile (rotation, tail, placed files through a held directory),
                                ProcessLogs, LogHub: the one subscription path for live lines;
+                               OutputPump (a child's pipe to its log, fed by the protocol);
                                opening paths that someone else may influence
      6. Supervisor             restart policy (pure), ports, a child's environment, health checks,
                                stopping, watch, cgroups; PidfdWatcher (children's exits, one
