@@ -4289,8 +4289,8 @@ class MetricsLoop:
     others, so a thousand sleeping processes cost a hundred reads a tick and no pass over
     the thousand. (A read of /proc/PID/stat costs ~30 us once caches have gone cold in the
     second between ticks: the reads are the cost.) Who runs with which pid (the roll) is
-    taken again when anything was announced since the last tick (changes()), and at every
-    listing. A quiet process that wakes shows its CPU within QUIET_EVERY ticks, as an
+    taken again when a process changed since the last tick (changes(): a state, a pid, a
+    deletion; not a health check's result, nor the tick itself), and at every listing. A quiet process that wakes shows its CPU within QUIET_EVERY ticks, as an
     average over them."""
 
     def __init__(self, sampler: Sampler, registry: Registry, announce: Callable[[str, Any], None],
@@ -4418,9 +4418,10 @@ class Supervisor:
         self.store = StateStore(os.path.join(home, "state.json"), self.saved_entry, self.registry.runners,
                                 self.saved_header, self.settings.state_save_interval,
                                 self.settings.state_lazy_interval, clock)
-        self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall, lambda: self.generation)
+        self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall, lambda: self.process_changes)
         self._cgroups: Optional[Cgroups] = None
         self.generation = 0                     # counts announcements: keys the API's caches
+        self.process_changes = 0                # ... of processes (a state, a pid, a deletion)
         self.listeners: List[Listener] = []
         self.tasks = BackgroundTasks()
         self._change: Optional[asyncio.Event] = None
@@ -4441,6 +4442,8 @@ class Supervisor:
 
     def _announce(self, kind: str, payload: Any) -> None:
         self.generation += 1
+        if kind in ("process_update", "process_event"):
+            self.process_changes += 1
         if kind == "process_update":            # a runner changed: maybe what is saved of it
             self.store.touch(payload)
         for listener in list(self.listeners):
