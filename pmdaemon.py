@@ -2026,14 +2026,17 @@ class OutputPump:
     child must never block on us. At the end, a partial line is written, or, when the pipe
     was handed over (an upgrade), kept in `carried` for the next image, which reads the rest
     of it: a log never holds a torn line. `ended` is done once all is written."""
-    __slots__ = ("write", "flush_after", "pending", "early", "timer", "ended", "eof", "handed_over", "carried")
+    __slots__ = ("loop", "write", "flush_after", "pending", "early", "timer", "last_data", "ended", "eof",
+                 "handed_over", "carried")
 
     def __init__(self, loop):
+        self.loop = loop
         self.write: Optional[Callable[[List[str]], None]] = None
         self.flush_after = PARTIAL_LINE_FLUSH
         self.pending = b""
         self.early: Optional[List[bytes]] = []   # what came before attach()
-        self.timer: Any = None
+        self.timer: Any = None                  # one timer while a partial line waits, moved lazily
+        self.last_data = 0.0
         self.ended = loop.create_future()
         self.eof = False
         self.handed_over = False
@@ -2076,15 +2079,23 @@ class OutputPump:
         lines, self.pending = split_output(self.pending, chunk)
         if lines:
             _write_safely(self.write, lines)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.pending:
-            self.timer = asyncio.get_event_loop().call_later(self.flush_after, self._flush_partial)
+            self.last_data = self.loop.time()
+            if self.timer is None:              # (not a new timer per chunk: it checks when due)
+                self.timer = self.loop.call_later(self.flush_after, self._flush_partial)
 
-    def _flush_partial(self) -> None:
+    def _flush_partial(self, checked: bool = False) -> None:
         self.timer = None
-        if self.pending:
+        if not self.pending:
+            return
+        quiet_for = self.loop.time() - self.last_data
+        if quiet_for < self.flush_after:        # more came since: wait for the silence
+            self.timer = self.loop.call_later(self.flush_after - quiet_for, self._flush_partial)
+        elif not checked:
+            # Once more after what the loop already has: a subprocess pipe's data reaches us
+            # through call_soon, so after a stalled loop the rest of the line may be queued.
+            self.timer = self.loop.call_soon(self._flush_partial, True)
+        else:
             _write_safely(self.write, [self.pending])
             self.pending = b""
 

@@ -557,6 +557,30 @@ class TestLogs(unittest.TestCase):
     def setUp(self):
         self.dir = temp_dir(self)
 
+    def test_a_partial_line_waits_for_silence_even_after_a_stalled_loop(self):
+        """The pump writes a partial line after flush_after of silence; when the loop was
+        stalled past that, the rest of the line may already be queued behind the timer (a
+        subprocess pipe's data comes through call_soon): it is joined, not torn off."""
+        import asyncio
+        written = []
+
+        async def scenario():
+            loop = asyncio.get_event_loop()
+            pump = pmdaemon.OutputPump(loop)
+            pump.attach(written.extend, 0.05)
+            pump.feed_data(b"a whole line\npart")
+            due = loop.time() + 0.05
+            # The pipe's read, due just before the flush timer, hands the rest on with call_soon.
+            loop.call_at(due - 0.001, lambda: loop.call_soon(pump.feed_data, b"ial\n"))
+            loop.call_soon(time.sleep, 0.1)                 # a stalled loop: both are due at once
+            await asyncio.sleep(0.3)
+            pump.feed_data(b"tail")
+            await asyncio.sleep(0.2)                        # silence: the partial line is written
+            self.assertEqual(written, ["a whole line", "partial", "tail"])
+            pump.feed_eof()
+            await asyncio.wait_for(pump.ended, 1)
+        run_loop(scenario())
+
     def test_tail_lines_reads_backwards_across_blocks(self):
         path = os.path.join(self.dir, "f.log")
         with open(path, "wb") as handle:
