@@ -26,12 +26,13 @@ Map of this file; each section uses only the sections above it:
      4. Metrics                /proc parsers; Sampler (CPU % between samples, degrades, never raises)
      5. Logs                   LogFile (rotation, tail, placed files through a held directory),
                                ProcessLogs, LogHub: the one subscription path for live lines;
-                               OutputPump (a child's pipe to its log, fed by the protocol);
+                               OutputPump (a child's pipe read in the loop, to its log);
                                opening paths that someone else may influence
      6. Supervisor             restart policy (pure), ports, a child's environment, health checks,
                                stopping, watch, cgroups; PidfdWatcher (children's exits, one
-                               pidfd each, lent to the run) and Run; ProcessRunner, one per
-                               process, the only code that changes its state (TRANSITIONS), seeing
+                               pidfd each, lent to the run); Child (started or adopted, with no
+                               subprocess transport) and Run; ProcessRunner, one per process,
+                               the only code that changes its state (TRANSITIONS), seeing
                                the rest through its RunnerContext; Registry; StateStore and
                                StateJournal (synced before an answer); MetricsLoop (reads what
                                moves); Supervisor, the facade the API calls
@@ -52,9 +53,9 @@ Map of this file; each section uses only the sections above it:
     12. CLI                    the client (Client, the verbs, monit), PM2 and supervisord files,
                                apply, argument parsing and main
 
-What happens when a child exits: ProcessRunner._watch (the run's task) awaits the exit (the
-protocol's, not the pipes'), stops what the run left behind (terminate_run), then calls
-ProcessRunner._on_exit(run, code), which ignores a stale run and asks decide_after_exit (pure)
+What happens when a child exits: the child watcher reaps it and completes Child.exited, whose
+callback starts the run's exit task (ProcessRunner._after_exit: none waits per process before);
+it stops what the run left behind (terminate_run), then calls ProcessRunner._on_exit(run, code), which ignores a stale run and asks decide_after_exit (pure)
 whether to restart (a timer through its RunnerContext), stop or give up (change_state). Every
 call goes outward: runner -> context -> Supervisor._announce -> listeners (store, broadcaster).
 """
@@ -2019,15 +2020,15 @@ class ProcessLogs:
 
 class OutputPump:
     """A child's stdout or stderr copied to its log as the data arrives, line by line, without
-    a task or a stream reader of its own (at a thousand processes, that is 8 KB each less):
-    the pipe's protocol calls feed_data and feed_eof, as it would a StreamReader's. Whole
+    a task, a stream reader or a transport of its own (at a thousand processes, that is 10 KB
+    each less): read_pipe() reads the pipe in the loop and calls feed_data and feed_eof. Whole
     lines are written at once, a partial line after flush_after of silence. Until attach()
     names the log, what arrives is kept. Whatever write does, the pipe keeps being read: a
     child must never block on us. At the end, a partial line is written, or, when the pipe
     was handed over (an upgrade), kept in `carried` for the next image, which reads the rest
     of it: a log never holds a torn line. `ended` is done once all is written."""
     __slots__ = ("loop", "write", "flush_after", "pending", "early", "timer", "last_data", "ended", "eof",
-                 "handed_over", "carried")
+                 "handed_over", "carried", "fd")
 
     def __init__(self, loop):
         self.loop = loop
@@ -2041,6 +2042,33 @@ class OutputPump:
         self.eof = False
         self.handed_over = False
         self.carried = b""
+        self.fd: Optional[int] = None          # the pipe read by read_pipe, until its end
+
+    def read_pipe(self, fd: int) -> None:
+        """Read `fd`, the read end of the child's pipe (ours from now on), until its end."""
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.loop.add_reader(fd, self._read_ready)
+
+    def _read_ready(self) -> None:
+        try:
+            data = os.read(self.fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:                         # a pipe that failed has ended all the same
+            data = b""
+        if data:
+            self.feed_data(data)
+        else:
+            self.stop_reading()
+            os.close(self.fd)
+            self.fd = None
+            self.feed_eof()
+
+    def stop_reading(self) -> None:
+        """Read no more (an upgrade: the pipe, still open, goes to the next image)."""
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
 
     def attach(self, write: Callable[[List[str]], None], flush_after: float = PARTIAL_LINE_FLUSH) -> None:
         self.write, self.flush_after = write, flush_after
@@ -2066,12 +2094,6 @@ class OutputPump:
             self.carried, self.early = b"".join(self.early), []
             self.ended.set_result(None)
 
-    def set_exception(self, exc: BaseException) -> None:
-        self.feed_eof()                         # a pipe that failed has ended all the same
-
-    def set_transport(self, transport: Any) -> None:
-        pass
-
     def at_eof(self) -> bool:
         return self.eof
 
@@ -2092,8 +2114,8 @@ class OutputPump:
         if quiet_for < self.flush_after:        # more came since: wait for the silence
             self.timer = self.loop.call_later(self.flush_after - quiet_for, self._flush_partial)
         elif not checked:
-            # Once more after what the loop already has: a subprocess pipe's data reaches us
-            # through call_soon, so after a stalled loop the rest of the line may be queued.
+            # Once more after what the loop already has: after a stalled loop, the rest of the
+            # line may be waiting in the same turn of the loop as this timer.
             self.timer = self.loop.call_soon(self._flush_partial, True)
         else:
             _write_safely(self.write, [self.pending])
@@ -2654,6 +2676,15 @@ class Cgroups:
 
 # -- one run of a program, and the default spawner ---------------------------------------------
 
+def wait_for_exit(pid: int) -> Optional[int]:
+    """Reap our child `pid`, blocking: its exit status as a returncode (-N for signal N)."""
+    try:
+        status = os.waitpid(pid, 0)[1]
+    except ChildProcessError:                   # reaped elsewhere: its status is lost
+        return None
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
 class PidfdWatcher:
     """The event loop's child watcher (asyncio asks it to watch each child it starts): a pidfd
     per child, readable in the loop once the child exits, then reaped, as asyncio's own
@@ -2671,17 +2702,25 @@ class PidfdWatcher:
         self._lent_reaped: set = set()          # ... whose child was reaped: the run closes them
 
     def add_child_handler(self, pid: int, callback: Callable, *args) -> None:
+        """asyncio's children (health checks): callback(pid, returncode, *args) once reaped."""
+        self.watch(pid, callback, None, *args)
+
+    def watch(self, pid: int, callback: Callable, pidfd: Optional[int] = None, *args) -> None:
+        """Ours: a pidfd is opened, or `pidfd`, handed over in an upgrade, taken as already lent."""
+        if pidfd is None:
+            pidfd = os.pidfd_open(pid)          # novermin (installed only where it works)
+        else:
+            self._lent.add(pidfd)
+        self._watched[pid] = pidfd
         loop = asyncio.get_event_loop()
-        pidfd = self._watched[pid] = os.pidfd_open(pid)    # novermin (installed only where it works)
         loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
 
     def _reap(self, loop, pid: int, pidfd: int, callback: Callable, args: tuple) -> None:
         loop.remove_reader(pidfd)
         del self._watched[pid]
-        try:
-            returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])    # novermin
-        except ChildProcessError:               # reaped elsewhere: the status is lost
-            returncode = 255
+        returncode = wait_for_exit(pid)
+        if returncode is None:
+            returncode = 255                    # asyncio's word for a status that was lost
         if pidfd in self._lent:
             self._lent_reaped.add(pidfd)
         else:
@@ -2728,8 +2767,7 @@ def pidfd_of_child(pid: int) -> Optional[int]:
     """A pidfd naming our child `pid`, for a run to hold until release_pidfd: the one the
     loop's watcher has, lent; None if the watcher has already reaped it (a child that exited
     at once: its pid may be someone else's by now, so none is opened); a new one where no
-    watcher of ours runs (Python 3.14+, where asyncio may have reaped a child that exited at
-    once and its pid been reused: the residual risk that 3.6-3.8 have too)."""
+    watcher of ours runs (a kernel without pidfd_open, where this opens none either)."""
     watcher = PidfdWatcher.installed
     if watcher is not None:
         return watcher.lend(pid)
@@ -2747,7 +2785,7 @@ class Run:
     an event of a run that was already replaced is recognised (run is not runner.run) and
     ignored in one place."""
     __slots__ = ("token", "proc", "pid", "start_ticks", "started_at", "started_wall",
-                 "stop_requested", "watch", "env", "pidfd", "pumps")
+                 "stop_requested", "watch", "env", "pidfd", "pumps", "handed_over")
 
     def __init__(self, token: Optional[str], pid: Optional[int] = None, start_ticks: Optional[int] = None):
         self.token = token
@@ -2757,15 +2795,15 @@ class Run:
         self.started_at = 0.0                   # monotonic, for uptime
         self.started_wall: Optional[float] = None
         self.stop_requested = False             # an exit we asked for: no restart decision
-        self.watch: Optional[asyncio.Task] = None
+        self.watch: Optional[asyncio.Task] = None   # what handles its exit, once it has exited
         self.env: Dict[str, str] = {}           # what the child got beside the daemon's environment
         self.pidfd: Optional[int] = None        # names the main process, whatever gets its pid later
         self.pumps: list = []                   # when its output pumps have written all (futures)
+        self.handed_over = False                # to the next image (upgrade): its exit is not ours
 
     async def exited(self) -> int:
-        """The main process's exit status, as soon as it has exited (ChildProtocol)."""
-        future = getattr(self.proc, "exited", None)
-        return await (asyncio.shield(future) if future is not None else self.proc.wait())
+        """The main process's exit status, as soon as it has exited (Child)."""
+        return await asyncio.shield(self.proc.exited)
 
     def leader_unreaped(self) -> bool:
         """Whether the main process still holds its pid, alive or a zombie. While it does, no
@@ -2800,141 +2838,121 @@ class Run:
             self.pidfd = None
 
 
-async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], config: ProcessConfig,
-                      cgroup_procs: List[str] = ()):
-    """Start a child in its own session and process group (pgid == pid), output piped to us,
-    stdin a pipe when asked for; its cgroups, umask, rlimits and user set between fork and exec."""
-    setup = child_setup(config, cgroup_procs, cwd)
-    loop = asyncio.get_event_loop()
-    transport, protocol = await loop.subprocess_exec(
-        lambda: child_protocol()(loop), *argv, cwd=child_cwd(config, cwd), env=env,
-        stdin=asyncio.subprocess.PIPE if config.stdin else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-        **({"preexec_fn": setup} if setup else {}))
-    proc = asyncio.subprocess.Process(transport, protocol, loop)
-    proc.exited = protocol.exited
-    proc.pipes = tuple(transport.get_pipe_transport(fd) for fd in (0, 1, 2))   # an upgrade hands them over
-    return proc
+class Child:
+    """A child of the daemon, started by spawn_child or handed over by the previous image in
+    an upgrade (adopt_child): its pid; `exited`, done with its exit status once it is reaped;
+    its stdin (a StreamWriter, None without "stdin": true) and its stdout and stderr
+    (OutputPump, each reading its pipe in the loop). No subprocess transport of asyncio's: its
+    transports, protocols and futures cost 5 KB a process, at a thousand processes 5 MB."""
+    __slots__ = ("pid", "returncode", "stdin", "stdout", "stderr", "exited")
 
-
-class AdoptedChild:
-    """A child that the previous image of this daemon started and handed over in an upgrade,
-    made from the descriptors it inherited: what spawn_child returns (pid, returncode, the
-    stdin/stdout/stderr streams, `exited`, pipes), so a runner cannot tell the difference.
-    exec kept our pid, so the process is still our child: its exit is learnt from its pidfd
-    in the loop, else from the child watcher (Python 3.6-3.8), and reaped by us."""
-
-    def __init__(self, pid: int, returncode: Optional[int] = None):
+    def __init__(self, pid: int, loop):
         self.pid = pid
-        self.returncode = returncode
+        self.returncode: Optional[int] = None
         self.stdin: Optional[asyncio.StreamWriter] = None
         self.stdout: Optional[OutputPump] = None
         self.stderr: Optional[OutputPump] = None
-        self.pipes: tuple = (None, None, None)
-        self.exited = asyncio.get_event_loop().create_future()
+        self.exited = loop.create_future()
 
-    async def wait(self) -> int:
-        return await asyncio.shield(self.exited)
-
-    def _exit(self, returncode: Optional[int]) -> None:
+    def reaped(self, pid: int, returncode: Optional[int]) -> None:
+        """The child watcher's word (see watch_exit); the status of a child reaped elsewhere is
+        lost (None)."""
         if self.returncode is None:
             self.returncode = returncode
         if not self.exited.done():
             self.exited.set_result(self.returncode)
 
+    def descriptors(self) -> List[Optional[int]]:
+        """The pipes still open, as descriptors (stdin's write end, stdout's and stderr's read
+        ends), for the next image in an upgrade; None where there is none."""
+        stdin = None
+        if self.stdin is not None and not self.stdin.transport.is_closing():
+            stdin = self.stdin.transport.get_extra_info("pipe").fileno()
+        return [stdin] + [pump.fd if pump is not None else None for pump in (self.stdout, self.stderr)]
+
+
+async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], config: ProcessConfig,
+                      cgroup_procs: List[str] = ()) -> Child:
+    """Start a child in its own session and process group (pgid == pid), output piped to us,
+    stdin a pipe when asked for; its cgroups, umask, rlimits and user set between fork and exec."""
+    setup = child_setup(config, cgroup_procs, cwd)
+    theirs: List[int] = []                      # the child's ends, closed here once it has them
+    ours: List[Optional[int]] = [None, None, None]
+    try:
+        if config.stdin:
+            stdin, ours[0] = os.pipe()
+            theirs.append(stdin)
+        else:
+            stdin = subprocess.DEVNULL
+        for index in (1, 2):
+            ours[index], write_end = os.pipe()
+            theirs.append(write_end)
+        popen = subprocess.Popen(argv, stdin=stdin, stdout=theirs[-2], stderr=theirs[-1],
+                                 cwd=child_cwd(config, cwd), env=env, start_new_session=True,
+                                 **({"preexec_fn": setup} if setup else {}))
+    except BaseException:
+        for descriptor in ours:
+            if descriptor is not None:
+                os.close(descriptor)
+        raise
+    finally:
+        for descriptor in theirs:
+            os.close(descriptor)
+    # The loop's watcher reaps it (watch_exit), never subprocess's own clean-up of dropped
+    # Popen objects, which would take its exit status from us.
+    popen._child_created = False
+    return await adopt_child(popen.pid, None, ours, [b"", b"", b""])
+
 
 async def adopt_child(pid: int, pidfd: Optional[int], descriptors: List[Optional[int]],
-                      carried: List[bytes], returncode: Optional[int] = None) -> AdoptedChild:
-    """An AdoptedChild from inherited descriptors (stdin, stdout, stderr; None where there is
-    no pipe); `carried` is what the previous image had read of each output but not logged."""
+                      carried: List[bytes], returncode: Optional[int] = None) -> Child:
+    """A Child from its pid and its pipes' descriptors (stdin, stdout, stderr; None where there
+    is no pipe), which it owns from now on: one we have just started, or one the previous
+    image handed over in an upgrade (exec kept our pid, so it is still our child), with its
+    pidfd, `carried`, what was read of each output but not logged, and `returncode` if it was
+    reaped before the exec."""
     loop = asyncio.get_event_loop()
-    child = AdoptedChild(pid, returncode)
-    pipes: List[Any] = [None, None, None]
+    child = Child(pid, loop)
     if descriptors[0] is not None:
-        pipes[0], protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
-                                                           os.fdopen(descriptors[0], "wb", buffering=0))
-        child.stdin = asyncio.StreamWriter(pipes[0], protocol, None, loop)
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                            os.fdopen(descriptors[0], "wb", buffering=0))
+        child.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
     for index in (1, 2):
         if descriptors[index] is None:
             continue
         pump = OutputPump(loop)
         if carried[index]:
             pump.feed_data(carried[index])      # the start of a line the previous image read
-        pipes[index], _ = await loop.connect_read_pipe(lambda: pipe_to_pump()(pump),
-                                                       os.fdopen(descriptors[index], "rb", buffering=0))
+        pump.read_pipe(descriptors[index])
         setattr(child, ("stdout", "stderr")[index - 1], pump)
-    child.pipes = tuple(pipes)
-    if returncode is not None:                  # reaped by the previous image before the exec
-        child._exit(returncode)
-    elif pidfd is not None:
-        loop.add_reader(pidfd, functools.partial(_reap_adopted, child, pidfd, loop))
+    if returncode is not None:
+        child.reaped(pid, returncode)
     else:
-        with warnings.catch_warnings():     # 3.12+ deprecates the watcher; pidfd is used there
-            warnings.simplefilter("ignore", DeprecationWarning)
-            asyncio.get_child_watcher().add_child_handler(
-                pid, lambda _, code: loop.call_soon_threadsafe(child._exit, code))
+        watch_exit(child, pidfd)
     return child
 
 
-def _reap_adopted(child: AdoptedChild, pidfd: int, loop) -> None:
-    """The pidfd of an adopted child is readable: it has exited; reap it (pidfd means 3.9+)."""
-    try:
-        pid, status = os.waitpid(child.pid, os.WNOHANG)
-    except ChildProcessError:           # reaped elsewhere: its status is lost
-        pid, status = child.pid, None
-    if pid == 0:
+def watch_exit(child: Child, pidfd: Optional[int] = None) -> None:
+    """child.exited is done once the child is reaped, by what reaps children here: our
+    PidfdWatcher where pidfd_open works (3.9+; a pidfd handed over in an upgrade is taken as
+    the run's), else asyncio's watcher (3.6-3.8, or an old kernel), else a thread waiting for
+    it (3.14+ on an old kernel, where asyncio has no watcher to lend)."""
+    watcher = PidfdWatcher.installed
+    if watcher is not None:
+        watcher.watch(child.pid, child.reaped, pidfd)
         return
-    loop.remove_reader(pidfd)
-    child._exit(os.waitstatus_to_exitcode(status) if status is not None else None)   # novermin
+    loop = asyncio.get_event_loop()
 
-
-@functools.lru_cache(maxsize=None)
-def pipe_to_pump() -> type:
-    """A protocol for an inherited pipe that feeds an OutputPump (built on first use: the CLI
-    never loads asyncio)."""
-
-    class PipeToPump(asyncio.Protocol):
-        def __init__(self, pump: OutputPump):
-            self.pump = pump
-
-        def data_received(self, data: bytes) -> None:
-            self.pump.feed_data(data)
-
-        def eof_received(self) -> bool:
-            self.pump.feed_eof()
-            return False
-
-        def connection_lost(self, exc) -> None:
-            self.pump.feed_eof()
-    return PipeToPump
-
-
-@functools.lru_cache(maxsize=None)
-def child_protocol() -> type:
-    """asyncio's protocol for a child with pipes, plus `exited`: its exit status as soon as it
-    has exited. Process.wait() (3.11+) also waits for every pipe to close, which a background
-    child that keeps the output open delays for as long as it lives: the main process's exit
-    would go unseen, neither restarted nor its leftovers stopped. (Built on first use: the
-    CLI never loads asyncio.)"""
-
-    class ChildProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-        def __init__(self, loop):
-            super().__init__(limit=READ_CHUNK, loop=loop)
-            self.exited = loop.create_future()
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)  # stdin's writer; its readers are replaced:
-            if self.stdout is not None:         # the output goes to a pump (OutputPump)
-                self.stdout = OutputPump(self._loop)
-            if self.stderr is not None:
-                self.stderr = OutputPump(self._loop)
-
-        def process_exited(self) -> None:
-            returncode = self._transport.get_returncode()   # before asyncio lets go of the transport
-            super().process_exited()
-            if not self.exited.done():
-                self.exited.set_result(returncode)
-    return ChildProtocol
+    def reaped_elsewhere(pid: int, returncode: Optional[int]) -> None:
+        loop.call_soon_threadsafe(child.reaped, pid, returncode)
+    if hasattr(asyncio, "get_child_watcher"):
+        with warnings.catch_warnings():     # 3.12+ deprecates the watcher; pidfd is used there
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.get_child_watcher().add_child_handler(child.pid, reaped_elsewhere)
+    else:
+        import threading
+        threading.Thread(target=lambda: reaped_elsewhere(child.pid, wait_for_exit(child.pid)),
+                         name="waitpid-%d" % child.pid, daemon=True).start()
 
 
 class Identity(NamedTuple):
@@ -3554,7 +3572,8 @@ class ProcessRunner:
         self.run = run
         self.cpu, self.memory = 0.0, memory
         self.health.reset(self.checked)
-        run.watch = self.context.background(self._watch(run))
+        self._follow_output(run)
+        run.proc.exited.add_done_callback(functools.partial(self._exit_seen, run))
         self._schedule_cron()
         if self.config.watch and "files" not in self._pending:
             self._pending["files"] = self.context.background(self._follow_files())
@@ -3571,18 +3590,14 @@ class ProcessRunner:
         run = self.run
         if run is None or run.proc is None:
             return
+        run.handed_over = True
         if run.watch is not None:
             run.watch.cancel()
-        outputs = [(pipe, stream) for pipe, stream in zip(getattr(run.proc, "pipes", (None,) * 3)[1:],
-                                                          (run.proc.stdout, run.proc.stderr))
-                   if pipe is not None and stream is not None and not stream.at_eof()]
-        for pipe, _ in outputs:
-            pipe.pause_reading()                # nothing more is read: the buffer is all there is,
-            pipe.resume_reading = lambda: None  # even when the reader's flow control says resume
-        await asyncio.sleep(0)                  # what was read lands in the buffer (a subprocess's
-        for _, stream in outputs:               # pipe delivers it with call_soon)
-            stream.handed_over = True
-            stream.feed_eof()                   # the pump logs what is buffered, then ends
+        for pump in (run.proc.stdout, run.proc.stderr):
+            if pump is not None and not pump.at_eof():
+                pump.stop_reading()             # nothing more is read: what was read is all there is
+                pump.handed_over = True
+                pump.feed_eof()                 # the pump logs its whole lines, then ends
         if run.pumps:
             await asyncio.wait(run.pumps, timeout=self.context.settings.exit_output_grace)
 
@@ -3592,12 +3607,10 @@ class ProcessRunner:
         run = self.run
         if run is None or run.proc is None:
             return None
-        descriptors = []
-        for pipe in getattr(run.proc, "pipes", (None,) * 3):
-            descriptor = pipe.get_extra_info("pipe").fileno() if pipe is not None and not pipe.is_closing() else None
+        descriptors = run.proc.descriptors()
+        for descriptor in descriptors:
             if descriptor is not None:
                 os.set_inheritable(descriptor, True)
-            descriptors.append(descriptor)
         if run.pidfd is not None:
             os.set_inheritable(run.pidfd, True)
         carried = [base64.b64encode(getattr(stream, "carried", b"") or b"").decode("ascii") if stream else ""
@@ -3698,14 +3711,24 @@ class ProcessRunner:
 
     # -- exits -------------------------------------------------------------------------------
 
-    async def _watch(self, run: Run) -> None:
+    def _follow_output(self, run: Run) -> None:
         proc = run.proc
         flush = self.context.settings.partial_line_flush
         for pump, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
             if pump is not None:
                 pump.attach(functools.partial(self.logs.write, name), flush)
-        pumps = run.pumps = [pump.ended for pump in (proc.stdout, proc.stderr) if pump is not None]
-        returncode = await run.exited()
+        run.pumps = [pump.ended for pump in (proc.stdout, proc.stderr) if pump is not None]
+
+    def _exit_seen(self, run: Run, _exited: Any = None) -> Optional[asyncio.Task]:
+        """The run's main process has exited: its exit is handled once, in a task started now
+        (not one waiting per process from the start: at a thousand processes, 1.5 KB each).
+        The task, or None for a run handed over to the next image."""
+        if run.watch is None and not run.handed_over:
+            run.watch = self.context.background(self._after_exit(run))
+        return run.watch
+
+    async def _after_exit(self, run: Run) -> None:
+        returncode, pumps = run.proc.returncode, run.pumps
         if not run.stop_requested:
             # The main process is gone on its own: what it left behind would hold its port and
             # outlive the restart, so it is stopped too.
@@ -3786,8 +3809,11 @@ class ProcessRunner:
             self.change_state(ProcessState.STOPPING)
             await terminate_run(run, self.config, self.context.sampler, self.context.settings,
                                 other_groups=functools.partial(self.context.managed_groups, run.pid))
-            if run.watch is not None:
-                await asyncio.wait({run.watch}, timeout=self.context.settings.exit_output_grace + 1)
+            grace = self.context.settings.exit_output_grace + 1
+            await asyncio.wait({run.proc.exited}, timeout=grace)
+            handling = self._exit_seen(run) if run.proc.exited.done() else None
+            if handling is not None:
+                await asyncio.wait({handling}, timeout=grace)
             if self.run is run:                 # the watcher did not finish: end the run here
                 self._end_run(run, run.proc.returncode)
         if self.state is not ProcessState.STOPPED:
@@ -8641,15 +8667,18 @@ def forbid_inspection() -> bool:
 def watch_children_by_pidfd(loop) -> None:
     """Learn of children's exits from a pidfd each in the event loop (PidfdWatcher), not from
     a thread per child blocked in waitpid: no thread to start in a restart, no stack per
-    child, and one pidfd per managed process. Python 3.9-3.13 where the kernel has pidfd_open
-    (Linux 5.3); 3.12 deprecates choosing the watcher, and 3.14 has no such choice (each run
-    then opens its pidfd beside asyncio's)."""
-    if not hasattr(os, "pidfd_open") or not hasattr(asyncio, "set_child_watcher"):
+    child, and one pidfd per managed process. Python 3.9+ where the kernel has pidfd_open
+    (Linux 5.3). It is asyncio's watcher too (its children are the health checks') up to
+    3.13; 3.12 deprecates choosing one, and 3.14 has no such choice: there it watches ours."""
+    if not hasattr(os, "pidfd_open"):
         return
     try:
         os.close(os.pidfd_open(os.getpid()))  # novermin (3.9+: checked above)
     except OSError:
         return                              # an older kernel, or a sandbox that forbids it
+    if not hasattr(asyncio, "set_child_watcher"):
+        PidfdWatcher.installed = PidfdWatcher()
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         # set_child_watcher takes only its subclasses (made here: the CLI never loads asyncio).
