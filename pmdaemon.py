@@ -199,6 +199,7 @@ BACKOFF_RESET_UPTIME_MS = 30_000
 SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
 SCAN_FULL_EVERY = 30                   # every Nth /proc scan re-reads every process, not just new ones
 SCAN_REUSE_WINDOW = 0.01               # seconds a listing of /proc serves the next step of the same stop
+MAX_TREE_WALK = 256                    # members a stop reads by the kernel's child lists; more: list /proc
 LISTING_EVERY = 5                      # metric ticks between listings of /proc (new members of a tree)
 QUIET_AFTER, QUIET_EVERY = 3, 10       # a tree idle for 3 reads is re-read every 10th tick (MetricsLoop)
 MAX_HELD_STAT_FILES = 1024             # /proc/PID/stat kept open for the processes sampled every tick
@@ -1246,6 +1247,16 @@ def parse_pid_stat(text: str) -> PidStat:
                    rss_bytes=int(fields[21]) * PAGE_SIZE)
 
 
+def may_have_lost_a_child(stat_text: str) -> bool:
+    """From /proc/PID/stat: whether a child of this process may have exited, leaving what it
+    started with no parent link to the tree: one was reaped (its minor faults, cminflt, are
+    counted only then, and a process that ran has faulted) or SIGCHLD is ignored (children
+    then vanish uncounted)."""
+    fields = stat_text[stat_text.rindex(")") + 2:].split()
+    # fields[8] is field 11 of proc(5), cminflt; fields[30] field 33, sigignore
+    return int(fields[8]) > 0 or bool(int(fields[30]) >> (signal.SIGCHLD - 1) & 1)
+
+
 def parse_cpu_times(text: str) -> Tuple[int, int]:
     """Return (busy, total) jiffies from the aggregate "cpu" line of /proc/stat."""
     for line in text.splitlines():
@@ -1476,6 +1487,27 @@ class Sampler:
 
     def forget(self, key: Any) -> None:
         self._previous_ticks.pop(key, None)
+
+    def whole_tree(self, leader: int) -> Optional[List[PidStat]]:
+        """The live `leader` and everything under it, by the kernel's lists of children
+        (/proc/PID/task/TID/children), when nothing can have left the tree: no member is a
+        zombie or may have lost a child (may_have_lost_a_child). Else None, as when the lists
+        are missing or a member vanished meanwhile: only a listing of /proc can tell then.
+        A few reads for a tree, where the listing grows with the box."""
+        found, stack = [], [leader]
+        while stack:
+            pid = stack.pop()
+            try:
+                text = self._read(str(pid), "stat")
+                member = parse_pid_stat(text)
+                if member.state == "Z" or may_have_lost_a_child(text) or len(found) >= MAX_TREE_WALK:
+                    return None
+                for task in os.listdir("%s/%d/task" % (self.proc_root, pid)):
+                    stack.extend(int(child) for child in self._read(str(pid), "task", task, "children").split())
+            except (OSError, ValueError, IndexError):
+                return None
+            found.append(member)
+        return found
 
     def environ_has(self, pid: int, entry: bytes) -> bool:
         """True if the process was started with `entry` (b"NAME=value") in its environment."""
@@ -2490,7 +2522,14 @@ def _signal_escaped(escaped: List[Tuple[int, int]], signum: int, sampler: Sample
 def group_members(sampler: Sampler, pgid: int, since_ticks: Optional[int]) -> List[Tuple[int, int]]:
     """(pid, start) of the live members of a group whose leader is gone, to be signalled one by
     one. Its id may be given to a new process only once no member is left: a live process
-    with that very pid means the group is someone else's now, and none is ours."""
+    with that very pid means the group is someone else's now, and none is ours. An empty
+    group (the usual end of a stop) is known without listing /proc."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass                                    # a member of someone else's: the listing tells
     table = sampler.scan(reuse_within=SCAN_REUSE_WINDOW)
     members = [pid for pid, stat in table.items() if stat.pgid == pgid or pid == pgid]
     sampler.fresh(table, members)
@@ -3154,21 +3193,28 @@ async def terminate_run(run: Run, config: ProcessConfig, sampler: Sampler, setti
     SIGKILL after kill_timeout. The one place a run is stopped, whoever asks."""
     pgid = run.pid if leader_alive else None
     wait = run.exited if run.proc is not None else None
-    return await terminate_group(pgid, escapees(sampler, run.pid, run.token, run.start_ticks, other_groups),
+    return await terminate_group(pgid, escapees(sampler, run.pid, run.token, run.start_ticks, other_groups,
+                                                run.leader_unreaped),
                                  signal.Signals[config.kill_signal], config.kill_timeout / 1000,
                                  wait, sampler, settings.kill_grace, settings.stop_poll_interval,
                                  run.leader_unreaped, run.start_ticks)
 
 
 def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str], since_ticks: Optional[int] = None,
-             other_groups: Callable[[], frozenset] = frozenset) -> List[Tuple[int, int]]:
+             other_groups: Callable[[], frozenset] = frozenset,
+             leader_unreaped: Callable[[], bool] = lambda: False) -> List[Tuple[int, int]]:
     """(pid, start) of processes a run started outside its group: by parent links, or by the
     PMDAEMON_RUN_ID they inherited (a double-forked daemon has neither parent nor group).
-    Only processes started since the run began can be either, and none in the group of
-    another managed run (other_groups(), asked only when there is such a process; a group
-    never takes in a process of another session): one pass over the listing, and only the
-    environment of the rest is read, so a stop costs about the same with 10 or 1,000 managed
-    processes. Out of descriptors, none is found: the group is stopped all the same."""
+    While the leader lives and its tree has lost no member (Sampler.whole_tree), the tree is
+    all there is: a few reads. Else /proc is listed: only processes started since the run
+    began can be escapees, and none in the group of another managed run (other_groups(),
+    asked only when there is such a process; a group never takes in a process of another
+    session): one pass over the listing, and only the environment of the rest is read, so a
+    stop costs about the same with 10 or 1,000 managed processes. Out of descriptors, none is
+    found: the group is stopped all the same."""
+    tree = sampler.whole_tree(pgid) if pgid and leader_unreaped() else None
+    if tree is not None:
+        return [(member.pid, member.start_ticks) for member in tree if member.pgid != pgid]
     try:
         table = sampler.scan(reuse_within=SCAN_REUSE_WINDOW)
     except OSError as exc:
