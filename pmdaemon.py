@@ -167,7 +167,7 @@ KEEPALIVE_TIMEOUT = 30.0               # seconds an idle keep-alive connection i
 WRITE_TIMEOUT = 30.0                   # seconds a client may take to accept our pending output
 LINGER_SECONDS = 1.0                   # after a refusal: how long unread input is discarded ...
 LINGER_BYTES = 256 * 1024              # ... and how much of it, before the connection is closed
-DEADLINE_SWEEP_INTERVAL = 0.25        # how often expired connections are looked for
+DEADLINE_SWEEP_INTERVAL = 0.25        # the sweeper's finest step: a passed deadline is acted on within it
 WRITE_BUFFER_HIGH = 256 * 1024         # pending output above which we wait for the client
 MAX_CONNECTIONS = 12_000               # HTTP + WebSocket connections at once
 MAX_TLS_HANDSHAKES = 64                # TLS handshakes under way at once (each holds ~256 KiB)
@@ -8339,15 +8339,22 @@ class HttpServer:
             self._sweeper_asleep.set()
 
     async def _sweep_deadlines(self) -> None:
-        """One timer for all connections: cheaper than a timer per read on the hot path. With no
-        connection it sleeps until one comes (an idle daemon wakes once a sample, no more)."""
+        """One timer for all connections: cheaper than a timer per read on the hot path. It
+        sleeps until the earliest deadline, and never longer than the shortest timeout: a
+        deadline set meanwhile is at least that far away, so the sweeper wakes before it and
+        then sleeps until it. With no connection it sleeps until one comes: an idle daemon, or
+        one with idle clients, wakes once a sample and not four times a second."""
         loop = asyncio.get_event_loop()
+        config = self.config
+        longest_sleep = max(DEADLINE_SWEEP_INTERVAL,
+                            min(config.header_timeout, config.body_timeout, config.keepalive_timeout))
         while True:
             if not self.deadlines:
                 self._sweeper_asleep = asyncio.Event()
                 await self._sweeper_asleep.wait()
                 self._sweeper_asleep = None
-            await asyncio.sleep(DEADLINE_SWEEP_INTERVAL)
+            earliest = min(connection.deadline for connection in self.deadlines)
+            await asyncio.sleep(min(max(earliest - loop.time(), DEADLINE_SWEEP_INTERVAL), longest_sleep))
             now = loop.time()
             for connection in [c for c in self.deadlines if c.deadline <= now]:
                 self.deadlines.discard(connection)

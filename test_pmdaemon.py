@@ -3797,8 +3797,9 @@ class TestTimeouts(DaemonTestCase):
     daemon_args = ("--header-timeout", "0.5", "--body-timeout", "0.5", "--keepalive-timeout", "0.5")
 
     def test_an_idle_daemon_wakes_once_a_sample(self):
-        """The timer that expires connections sleeps while there are none: a daemon with
-        nothing to do wakes for its sample (here once a second), not four times more often."""
+        """The timer that expires connections sleeps while there are none, and until the
+        earliest deadline while there are: a daemon with nothing to do wakes for its sample
+        (here once a second), not four times more often, with or without an idle client."""
         daemon = Daemon(args=("--sample-interval", "1"))
         self.addCleanup(daemon.cleanup)
 
@@ -3810,6 +3811,28 @@ class TestTimeouts(DaemonTestCase):
         before = wakeups()
         time.sleep(1.5)
         self.assertLessEqual(wakeups() - before, 4)     # 1-2 here; with the sweeper awake, 7 or 8
+        with socket.create_connection(("127.0.0.1", daemon.port)) as sock:     # kept alive, idle
+            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            self.assertEqual(status_of(read_one_response(sock)), 200)
+            time.sleep(0.3)
+            before = wakeups()
+            time.sleep(1.5)
+            self.assertLessEqual(wakeups() - before, 4)
+
+    def test_a_head_begun_on_an_idle_connection_gets_its_408_in_time(self):
+        """The sweeper sleeps until the earliest deadline; a head begun meanwhile on a
+        keep-alive connection has a nearer one, and is still answered 408 on time."""
+        daemon = Daemon(args=("--header-timeout", "1", "--keepalive-timeout", "30"))
+        self.addCleanup(daemon.cleanup)
+        with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+            sock.sendall(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            self.assertEqual(status_of(read_one_response(sock)), 200)
+            time.sleep(1.2)                             # the sweeper asleep until 30 s, or 1 s at most
+            started = time.monotonic()
+            sock.sendall(b"GET /api/system HTTP/1.1\r\n")
+            raw = recv_all(sock, 10)
+            self.assertEqual(status_of(raw), 408)
+            self.assertLess(time.monotonic() - started, 5)
 
     def test_stuck_header_gets_408_after_the_header_timeout(self):
         with socket.create_connection(("127.0.0.1", self.daemon.port)) as sock:
