@@ -199,9 +199,11 @@ BACKOFF_RESET_UPTIME_MS = 30_000
 SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
 SCAN_FULL_EVERY = 30                   # every Nth /proc scan re-reads every process, not just new ones
 SCAN_REUSE_WINDOW = 0.01               # seconds a listing of /proc serves the next step of the same stop
-MAX_TREE_WALK = 256                    # members a stop reads by the kernel's child lists; more: list /proc
 LISTING_EVERY = 5                      # metric ticks between listings of /proc (new members of a tree)
-QUIET_AFTER, QUIET_EVERY = 3, 10       # a tree idle for 3 reads is re-read every 10th tick (MetricsLoop)
+QUIET_AFTER, QUIET_EVERY = 3, 10       # a tree idle for 3 reads is re-read every 10th tick (MetricsLoop),
+QUIET_READS_PER_TICK = 40              # ... or less often, down to every QUIET_EVERY_MAX-th, to read
+QUIET_EVERY_MAX = 30                   # no more than 40 quiet trees a tick (PM2 checks memory every 30 s)
+TRACED_REAP_RETRY = 1.0                # seconds between tries to reap an exited child that is ptraced
 MAX_HELD_STAT_FILES = 1024             # /proc/PID/stat kept open for the processes sampled every tick
 FDS_PER_PROCESS = 8                    # descriptors a managed process may hold: pipes, pidfd, logs, stat
 FD_RESERVE = 16                        # descriptors kept for connections, the state and the logs
@@ -1247,16 +1249,6 @@ def parse_pid_stat(text: str) -> PidStat:
                    rss_bytes=int(fields[21]) * PAGE_SIZE)
 
 
-def may_have_lost_a_child(stat_text: str) -> bool:
-    """From /proc/PID/stat: whether a child of this process may have exited, leaving what it
-    started with no parent link to the tree: one was reaped (its minor faults, cminflt, are
-    counted only then, and a process that ran has faulted) or SIGCHLD is ignored (children
-    then vanish uncounted)."""
-    fields = stat_text[stat_text.rindex(")") + 2:].split()
-    # fields[8] is field 11 of proc(5), cminflt; fields[30] field 33, sigignore
-    return int(fields[8]) > 0 or bool(int(fields[30]) >> (signal.SIGCHLD - 1) & 1)
-
-
 def parse_cpu_times(text: str) -> Tuple[int, int]:
     """Return (busy, total) jiffies from the aggregate "cpu" line of /proc/stat."""
     for line in text.splitlines():
@@ -1487,27 +1479,6 @@ class Sampler:
 
     def forget(self, key: Any) -> None:
         self._previous_ticks.pop(key, None)
-
-    def whole_tree(self, leader: int) -> Optional[List[PidStat]]:
-        """The live `leader` and everything under it, by the kernel's lists of children
-        (/proc/PID/task/TID/children), when nothing can have left the tree: no member is a
-        zombie or may have lost a child (may_have_lost_a_child). Else None, as when the lists
-        are missing or a member vanished meanwhile: only a listing of /proc can tell then.
-        A few reads for a tree, where the listing grows with the box."""
-        found, stack = [], [leader]
-        while stack:
-            pid = stack.pop()
-            try:
-                text = self._read(str(pid), "stat")
-                member = parse_pid_stat(text)
-                if member.state == "Z" or may_have_lost_a_child(text) or len(found) >= MAX_TREE_WALK:
-                    return None
-                for task in os.listdir("%s/%d/task" % (self.proc_root, pid)):
-                    stack.extend(int(child) for child in self._read(str(pid), "task", task, "children").split())
-            except (OSError, ValueError, IndexError):
-                return None
-            found.append(member)
-        return found
 
     def environ_has(self, pid: int, entry: bytes) -> bool:
         """True if the process was started with `entry` (b"NAME=value") in its environment."""
@@ -2715,23 +2686,30 @@ class Cgroups:
 
 # -- one run of a program, and the default spawner ---------------------------------------------
 
-def wait_for_exit(pid: int) -> Optional[int]:
-    """Reap our child `pid`, blocking: its exit status as a returncode (-N for signal N)."""
+def wait_for_exit(pid: int, block: bool = True) -> Tuple[bool, Optional[int]]:
+    """Reap our child `pid`: (whether it was reaped, its exit status as a returncode, -N for
+    signal N, or None if it was reaped elsewhere and its status is lost). Without blocking,
+    (False, None) while it cannot be reaped yet."""
     try:
-        status = os.waitpid(pid, 0)[1]
-    except ChildProcessError:                   # reaped elsewhere: its status is lost
-        return None
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        reaped, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:
+        return True, None
+    if reaped == 0:
+        return False, None
+    return True, -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 class PidfdWatcher:
     """The event loop's child watcher (asyncio asks it to watch each child it starts): a pidfd
     per child, readable in the loop once the child exits, then reaped, as asyncio's own
-    PidfdChildWatcher does. The difference: the pidfd is lent to the run of a managed process
+    PidfdChildWatcher does. The differences: the pidfd is lent to the run of a managed process
     (lend), which signals through it, so a process costs one pidfd and not two; at 5,000
     processes that is 5,000 descriptors. A lent pidfd is closed by the last of the two to let
-    go: the watcher at the reap, or the run (give_back). Installed by the daemon where
-    pidfd_open works (watch_children_by_pidfd); elsewhere a run opens its own."""
+    go: the watcher at the reap, or the run (give_back). And the reap never blocks: a child
+    that someone ptraces exits readable but can be reaped only once its tracer lets go, and
+    a hostile app must not stop the loop that way. Installed by the daemon where pidfd_open
+    works (watch_children_by_pidfd): it watches our children (watch_exit) on 3.9+, and is
+    asyncio's watcher, for the health checks' children, up to 3.13."""
 
     installed: Optional["PidfdWatcher"] = None
 
@@ -2756,8 +2734,11 @@ class PidfdWatcher:
 
     def _reap(self, loop, pid: int, pidfd: int, callback: Callable, args: tuple) -> None:
         loop.remove_reader(pidfd)
+        reaped, returncode = wait_for_exit(pid, block=False)
+        if not reaped:                          # a tracer holds it: look again in a while
+            loop.call_later(TRACED_REAP_RETRY, self._reap, loop, pid, pidfd, callback, args)
+            return
         del self._watched[pid]
-        returncode = wait_for_exit(pid)
         if returncode is None:
             returncode = 255                    # asyncio's word for a status that was lost
         if pidfd in self._lent:
@@ -2909,6 +2890,16 @@ class Child:
             stdin = self.stdin.transport.get_extra_info("pipe").fileno()
         return [stdin] + [pump.fd if pump is not None else None for pump in (self.stdout, self.stderr)]
 
+    def close_pipes(self) -> None:
+        """Let go of every pipe (a child that could not be taken on after all)."""
+        if self.stdin is not None:
+            self.stdin.transport.close()
+        for pump in (self.stdout, self.stderr):
+            if pump is not None and pump.fd is not None:
+                pump.stop_reading()
+                os.close(pump.fd)
+                pump.fd = None
+
 
 async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], config: ProcessConfig,
                       cgroup_procs: List[str] = ()) -> Child:
@@ -2940,7 +2931,15 @@ async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], 
     # The loop's watcher reaps it (watch_exit), never subprocess's own clean-up of dropped
     # Popen objects, which would take its exit status from us.
     popen._child_created = False
-    return await adopt_child(popen.pid, None, ours, [b"", b"", b""])
+    try:
+        return await adopt_child(popen.pid, None, ours, [b"", b"", b""])
+    except BaseException:
+        # It cannot be supervised (out of descriptors, or cancelled), so it must not run on
+        # unseen: killed, and reaped here, since nothing watches it.
+        signal_group(popen.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(popen.pid, 0)
+        raise
 
 
 async def adopt_child(pid: int, pidfd: Optional[int], descriptors: List[Optional[int]],
@@ -2949,25 +2948,38 @@ async def adopt_child(pid: int, pidfd: Optional[int], descriptors: List[Optional
     is no pipe), which it owns from now on: one we have just started, or one the previous
     image handed over in an upgrade (exec kept our pid, so it is still our child), with its
     pidfd, `carried`, what was read of each output but not logged, and `returncode` if it was
-    reaped before the exec."""
+    reaped before the exec. If this fails (out of descriptors, cancelled), every descriptor
+    given is closed and nothing watches the child."""
     loop = asyncio.get_event_loop()
     child = Child(pid, loop)
-    if descriptors[0] is not None:
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
-                                                            os.fdopen(descriptors[0], "wb", buffering=0))
-        child.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
-    for index in (1, 2):
-        if descriptors[index] is None:
-            continue
-        pump = OutputPump(loop)
-        if carried[index]:
-            pump.feed_data(carried[index])      # the start of a line the previous image read
-        pump.read_pipe(descriptors[index])
-        setattr(child, ("stdout", "stderr")[index - 1], pump)
-    if returncode is not None:
-        child.reaped(pid, returncode)
-    else:
-        watch_exit(child, pidfd)
+    waiting = list(descriptors)                 # not yet held by a pipe of the child's
+    stdin_file = None
+    try:
+        for index in (1, 2):
+            if waiting[index] is None:
+                continue
+            pump = OutputPump(loop)
+            if carried[index]:
+                pump.feed_data(carried[index])  # the start of a line the previous image read
+            pump.read_pipe(waiting[index])
+            waiting[index] = None
+            setattr(child, ("stdout", "stderr")[index - 1], pump)
+        if waiting[0] is not None:
+            stdin_file, waiting[0] = os.fdopen(waiting[0], "wb", buffering=0), None
+            transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, stdin_file)
+            child.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+        if returncode is not None:
+            child.reaped(pid, returncode)
+        else:
+            watch_exit(child, pidfd)
+    except BaseException:
+        child.close_pipes()
+        if child.stdin is None and stdin_file is not None:
+            stdin_file.close()
+        for descriptor in waiting:
+            if descriptor is not None:
+                os.close(descriptor)
+        raise
     return child
 
 
@@ -2990,7 +3002,7 @@ def watch_exit(child: Child, pidfd: Optional[int] = None) -> None:
             asyncio.get_child_watcher().add_child_handler(child.pid, reaped_elsewhere)
     else:
         import threading
-        threading.Thread(target=lambda: reaped_elsewhere(child.pid, wait_for_exit(child.pid)),
+        threading.Thread(target=lambda: reaped_elsewhere(child.pid, wait_for_exit(child.pid)[1]),
                          name="waitpid-%d" % child.pid, daemon=True).start()
 
 
@@ -3193,28 +3205,23 @@ async def terminate_run(run: Run, config: ProcessConfig, sampler: Sampler, setti
     SIGKILL after kill_timeout. The one place a run is stopped, whoever asks."""
     pgid = run.pid if leader_alive else None
     wait = run.exited if run.proc is not None else None
-    return await terminate_group(pgid, escapees(sampler, run.pid, run.token, run.start_ticks, other_groups,
-                                                run.leader_unreaped),
+    return await terminate_group(pgid, escapees(sampler, run.pid, run.token, run.start_ticks, other_groups),
                                  signal.Signals[config.kill_signal], config.kill_timeout / 1000,
                                  wait, sampler, settings.kill_grace, settings.stop_poll_interval,
                                  run.leader_unreaped, run.start_ticks)
 
 
 def escapees(sampler: Sampler, pgid: Optional[int], run_token: Optional[str], since_ticks: Optional[int] = None,
-             other_groups: Callable[[], frozenset] = frozenset,
-             leader_unreaped: Callable[[], bool] = lambda: False) -> List[Tuple[int, int]]:
+             other_groups: Callable[[], frozenset] = frozenset) -> List[Tuple[int, int]]:
     """(pid, start) of processes a run started outside its group: by parent links, or by the
     PMDAEMON_RUN_ID they inherited (a double-forked daemon has neither parent nor group).
-    While the leader lives and its tree has lost no member (Sampler.whole_tree), the tree is
-    all there is: a few reads. Else /proc is listed: only processes started since the run
-    began can be escapees, and none in the group of another managed run (other_groups(),
-    asked only when there is such a process; a group never takes in a process of another
-    session): one pass over the listing, and only the environment of the rest is read, so a
-    stop costs about the same with 10 or 1,000 managed processes. Out of descriptors, none is
-    found: the group is stopped all the same."""
-    tree = sampler.whole_tree(pgid) if pgid and leader_unreaped() else None
-    if tree is not None:
-        return [(member.pid, member.start_ticks) for member in tree if member.pgid != pgid]
+    Only processes started since the run began can be either, and none in the group of
+    another managed run (other_groups(), asked only when there is such a process; a group
+    never takes in a process of another session): one pass over the listing, and only the
+    environment of the rest is read, so a stop costs about the same with 10 or 1,000 managed
+    processes. (The tree alone, by the kernel's lists of children, cannot tell that nothing
+    left it: a child reaped by SA_NOCLDWAIT, or one made with CLONE_PARENT, leaves no trace.)
+    Out of descriptors, none is found: the group is stopped all the same."""
     try:
         table = sampler.scan(reuse_within=SCAN_REUSE_WINDOW)
     except OSError as exc:
@@ -4367,17 +4374,20 @@ class MetricsLoop:
 
     What a tick costs follows what moves, not what exists. /proc is listed every
     LISTING_EVERY-th tick (or when a run began since), and the trees found then are re-read
-    in between. A tree that used no CPU for QUIET_AFTER reads is quiet: it is re-read on
-    every QUIET_EVERY-th tick only (it cannot have grown without running), in turn with the
-    others, so a thousand sleeping processes cost a hundred reads a tick and no pass over
-    the thousand. (A read of /proc/PID/stat costs ~30 us once caches have gone cold in the
-    second between ticks: the reads are the cost.) Who runs with which pid (the roll) is
-    taken again when a process changed since the last tick (changes(): a state, a pid, a
-    deletion; not a health check's result, nor the tick itself), and at every listing. A quiet process that wakes shows its CPU within QUIET_EVERY ticks, as an
-    average over them."""
+    in between. A tree that used no CPU for QUIET_AFTER reads is quiet: it cannot have grown
+    without running, so it is re-read on every QUIET_EVERY-th tick only, in turn with the
+    others (QUIET_EVERY_MAX buckets, a few read each tick); with more than
+    QUIET_READS_PER_TICK * QUIET_EVERY quiet trees, fewer buckets a tick, down to one, so a
+    thousand sleeping processes cost ~34 reads a tick and no pass over the thousand. (A read
+    of /proc/PID/stat costs 30-100 us once caches have gone cold in the second between
+    ticks: the reads are the cost.) Who runs with which pid (the roll) is taken again when a
+    process changed since the last tick (changes(): a state, a pid, a deletion; not a health
+    check's result, nor the tick itself), and at every listing. A quiet process that wakes
+    shows its CPU within QUIET_EVERY ticks (QUIET_EVERY_MAX at most), as an average."""
 
     def __init__(self, sampler: Sampler, registry: Registry, announce: Callable[[str, Any], None],
-                 wall: Callable[[], float] = time.time, changes: Callable[[], int] = lambda: 0):
+                 wall: Callable[[], float] = time.time, changes: Callable[[], int] = lambda: 0,
+                 quiet_reads_per_tick: int = QUIET_READS_PER_TICK):
         self.sampler = sampler
         self.registry = registry
         self.announce = announce
@@ -4389,7 +4399,9 @@ class MetricsLoop:
         self._table: Dict[int, PidStat] = {}    # the last listing, kept current by fresh()
         self._trees: Dict[int, List[int]] = {}  # runner id -> the pids of its tree (its pid first)
         self._active: Dict[int, Tuple[ProcessRunner, int]] = {}    # runner id -> (runner, pid): every tick
-        self._quiet: List[Dict[int, Tuple[ProcessRunner, int]]] = [{} for _ in range(QUIET_EVERY)]
+        self._quiet: List[Dict[int, Tuple[ProcessRunner, int]]] = [{} for _ in range(QUIET_EVERY_MAX)]
+        self._next_bucket = 0                   # the quiet bucket read next, round the buckets
+        self._quiet_reads = quiet_reads_per_tick
         self._idle: Dict[int, Tuple[int, int]] = {}     # runner id -> (cpu ticks when last read, idle reads)
 
     def sample(self) -> None:
@@ -4413,7 +4425,7 @@ class MetricsLoop:
         active = {key: entry for key, entry in self._active.items() if roll.get(key) == entry}
         quiet = [{key: entry for key, entry in bucket.items() if roll.get(key) == entry} for bucket in self._quiet]
         for key, entry in roll.items():
-            if entry[1] is not None and key not in active and key not in quiet[key % QUIET_EVERY]:
+            if entry[1] is not None and key not in active and key not in quiet[key % QUIET_EVERY_MAX]:
                 active[key] = entry
                 self._idle.pop(key, None)
                 self._relist = True
@@ -4427,7 +4439,9 @@ class MetricsLoop:
                 self._walk()                    # (a parent changes only when it exits)
             self._relist = False
         table = self._table
-        due = list(self._active.values()) + list(self._quiet[self._ticks % QUIET_EVERY].values())
+        due = list(self._active.values())
+        for bucket in self._quiet_due():
+            due.extend(bucket.values())
         if self.sampler.fresh(table, [member for runner, _ in due for member in self._trees[runner.id]]):
             self._walk()                        # a member left, or changed parent
         trees = self._trees
@@ -4439,11 +4453,20 @@ class MetricsLoop:
             before, idle = self._idle[runner.id]
             idle = idle + 1 if before == ticks else 0
             self._idle[runner.id] = (ticks, idle)
-            bucket = self._quiet[runner.id % QUIET_EVERY]
+            bucket = self._quiet[runner.id % QUIET_EVERY_MAX]
             if idle >= QUIET_AFTER:
                 bucket[runner.id] = self._active.pop(runner.id, None) or bucket[runner.id]
             elif runner.id in bucket:
                 self._active[runner.id] = bucket.pop(runner.id)
+
+    def _quiet_due(self) -> List[Dict[int, Tuple[ProcessRunner, int]]]:
+        """The quiet buckets read this tick: enough that each is read every QUIET_EVERY-th
+        tick, fewer (down to one a tick) when that would be more than quiet_reads a tick."""
+        quiet = sum(len(bucket) for bucket in self._quiet)
+        most = QUIET_EVERY_MAX // QUIET_EVERY
+        count = max(1, min(most, self._quiet_reads * QUIET_EVERY_MAX // max(quiet, 1)))
+        first, self._next_bucket = self._next_bucket, (self._next_bucket + count) % QUIET_EVERY_MAX
+        return [self._quiet[(first + offset) % QUIET_EVERY_MAX] for offset in range(count)]
 
     def _walk(self) -> None:
         """The trees again from the listing. A member new to a tree brings the CPU time it used
@@ -4460,7 +4483,7 @@ class MetricsLoop:
             joined = set(tree).difference(known)
             if joined:
                 self.sampler.add_to_baseline((runner.id, pid), sum(table[member].cpu_ticks for member in joined))
-                bucket = self._quiet[runner.id % QUIET_EVERY]
+                bucket = self._quiet[runner.id % QUIET_EVERY_MAX]
                 if runner.id in bucket:
                     self._active[runner.id] = bucket.pop(runner.id)
                     self._idle[runner.id] = (-1, 0)

@@ -438,17 +438,6 @@ class TestProcParsers(unittest.TestCase):
         self.assertEqual(stat.start_ticks, 123456)
         self.assertEqual(stat.rss_bytes, 300 * pmdaemon.PAGE_SIZE)
 
-    def test_a_lost_child_shows_in_cminflt_or_an_ignored_sigchld(self):
-        def stat(cminflt=0, ignored=0):
-            head, tail = self.STAT.rsplit(") ", 1)
-            fields = tail.split()
-            fields[8], fields[30] = str(cminflt), str(ignored)
-            return head + ") " + " ".join(fields)
-        self.assertFalse(pmdaemon.may_have_lost_a_child(self.STAT))
-        self.assertTrue(pmdaemon.may_have_lost_a_child(stat(cminflt=5)))                  # one was reaped
-        self.assertTrue(pmdaemon.may_have_lost_a_child(stat(ignored=1 << 16)))            # SIGCHLD is 17
-        self.assertFalse(pmdaemon.may_have_lost_a_child(stat(ignored=(1 << 16) - 1 | 1 << 17)))
-
     def test_cpu_times_and_meminfo(self):
         self.assertEqual(pmdaemon.parse_cpu_times("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n"),
                          (150, 1000))
@@ -1018,6 +1007,43 @@ class TestProcessRunner(unittest.TestCase):
         import asyncio
         run_async(scenario())
 
+    def test_many_quiet_trees_are_read_less_often_not_more_each_tick(self):
+        """Past QUIET_READS_PER_TICK * QUIET_EVERY quiet trees, each is read less often (every
+        QUIET_EVERY_MAX-th tick at the least), so a tick's reads stay bounded: here with a
+        budget of one read a tick, 16 sleepers, each read once in 30 ticks, one a tick."""
+        import asyncio
+
+        async def scenario():
+            supervisor = self.supervisor()
+            self.addCleanup(supervisor.sampler.close)
+            supervisor.metrics._quiet_reads = 1
+            sleepers = []
+            for index in range(16):
+                sleepers += await supervisor.add(self.config(name="many-%d" % index))
+            reads = collections.Counter()
+            read_held = supervisor.sampler._read_held
+
+            def counted(pid):
+                reads[pid] += 1
+                return read_held(pid)
+            supervisor.sampler._read_held = counted
+            try:
+                for _ in range(pmdaemon.QUIET_AFTER + 1):           # until all are quiet
+                    supervisor.metrics.sample()
+                    await asyncio.sleep(0.02)
+                per_tick = []
+                reads.clear()
+                for _ in range(pmdaemon.QUIET_EVERY_MAX):
+                    before = sum(reads.values())
+                    await asyncio.sleep(0.01)
+                    supervisor.metrics.sample()
+                    per_tick.append(sum(reads.values()) - before)
+                self.assertEqual([reads[runner.pid] for runner in sleepers], [1] * 16)
+                self.assertLessEqual(max(per_tick), 1, per_tick)
+            finally:
+                await supervisor.shutdown()
+        run_async(scenario())
+
     def test_a_transition_outside_the_table_is_refused_and_logged(self):
         async def scenario():
             supervisor = self.supervisor()
@@ -1142,6 +1168,55 @@ class TestProcessRunner(unittest.TestCase):
             await until(lambda: len(asyncio_tasks()) == before)
             await supervisor.shutdown()
         run_async(scenario())
+
+    def test_a_spawn_out_of_descriptors_leaves_no_child_and_no_descriptor(self):
+        """With the file limit a few descriptors above what is open, a spawn fails at its
+        pipes or in Popen; cancelled while its stdin is wired, it fails after the fork: either
+        way no descriptor stays open and no child runs on unseen or lingers as a zombie."""
+        script = "\n".join([
+            "import asyncio, os, resource, signal, sys",
+            "sys.path.insert(0, %r)" % HERE,
+            "import pmdaemon",
+            "loop = asyncio.new_event_loop(); asyncio.set_event_loop(loop)",
+            "pmdaemon.watch_children_by_pidfd(loop)",
+            "config = pmdaemon.ProcessConfig.from_dict({'name': 'a', 'script': 'x', 'stdin': True})",
+            "def children():",
+            "    return [int(pid) for task in os.listdir('/proc/self/task')",
+            "            for pid in open('/proc/self/task/%s/children' % task).read().split()]",
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)",
+            "outcomes = set()",
+            "for spare in range(12):",
+            "    before = len(os.listdir('/proc/self/fd'))",
+            "    resource.setrlimit(resource.RLIMIT_NOFILE, (before + spare, hard))",
+            "    try:",
+            "        child = loop.run_until_complete(pmdaemon.spawn_child(['sleep', '30'], None, None, config))",
+            "    except OSError as error:",
+            "        outcomes.add('refused')",
+            "    else:",
+            "        outcomes.add('started')",
+            "        os.killpg(child.pid, signal.SIGKILL)",
+            "        loop.run_until_complete(asyncio.wait_for(child.exited, 10))",
+            "        child.close_pipes()",
+            "        loop.run_until_complete(asyncio.sleep(0.05))",
+            "    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))",
+            "    assert children() == [], (spare, children())",
+            "    assert len(os.listdir('/proc/self/fd')) == before, (spare, os.listdir('/proc/self/fd'))",
+            "async def cancelled():",
+            "    spawning = asyncio.ensure_future(pmdaemon.spawn_child(['sleep', '30'], None, None, config))",
+            "    await asyncio.sleep(0)",
+            "    assert len(children()) == 1                  # forked, its stdin being wired",
+            "    spawning.cancel()",
+            "    await asyncio.wait([spawning])",
+            "    return spawning.cancelled()",
+            "before = len(os.listdir('/proc/self/fd'))",
+            "if loop.run_until_complete(cancelled()):",
+            "    outcomes.add('cancelled')",
+            "assert children() == [], children()",
+            "assert len(os.listdir('/proc/self/fd')) == before, os.listdir('/proc/self/fd')",
+            "print(sorted(outcomes))",
+        ])
+        result = subprocess.run([PY, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual((result.stdout.decode().strip(), result.stderr.decode()), ("['cancelled', 'refused', 'started']", ""))
 
     def test_an_exit_status_is_never_taken_by_subprocess_clean_up(self):
         """subprocess reaps the children of Popen objects dropped while running whenever
@@ -1922,11 +1997,19 @@ class TestSupervision(DaemonTestCase):
         self.daemon.request("DELETE", "/api/processes/sv-escape")
 
     def test_stop_finds_double_forks_whose_middle_process_left_no_trace(self):
-        """A stop reads only the tree while no member of it has gone; a middle process that
-        was reaped (its faults counted to the leader) or vanished uncounted (the leader
-        ignores SIGCHLD) sends the stop to /proc for the run's id, and the orphan is found."""
-        script = ("import os, signal, sys, time\n"
+        """An orphan is found by the run's id even when the middle process that left it
+        vanished without a zombie in the tree: reaped by the main process, or reaped by the
+        kernel because the main process ignores SIGCHLD or sets SA_NOCLDWAIT (an idiom of
+        servers that want no zombies; it leaves no mark in /proc, so the tree alone cannot
+        tell that a stop must look further)."""
+        script = ("import ctypes, os, signal, sys, time\n"
                   "if sys.argv[1] == 'ignore': signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
+                  "if sys.argv[1] == 'nocldwait':\n"
+                  "    class Action(ctypes.Structure):\n"
+                  "        _fields_ = [('handler', ctypes.c_void_p), ('mask', ctypes.c_ulong * 16),\n"
+                  "                    ('flags', ctypes.c_int), ('restorer', ctypes.c_void_p)]\n"
+                  "    action = Action(handler=0, flags=2)\n"      # SIG_DFL with SA_NOCLDWAIT
+                  "    ctypes.CDLL(None).sigaction(signal.SIGCHLD, ctypes.byref(action), None)\n"
                   "middle = os.fork()\n"
                   "if middle == 0:\n"
                   "    os.setsid()\n"
@@ -1936,7 +2019,7 @@ class TestSupervision(DaemonTestCase):
                   "    time.sleep(999)\n"
                   "if sys.argv[1] == 'reap': os.waitpid(middle, 0)\n"
                   "time.sleep(999)\n")
-        for how in ("reap", "ignore"):
+        for how in ("reap", "ignore", "nocldwait"):
             pid_file = os.path.join(self.daemon.home, "orphan-" + how)
             self.daemon.start("sv-orphan-" + how, PY, ["-c", script, how, pid_file])
             orphan = wait_until(lambda: int(read_text(pid_file)) if read_text(pid_file) else None,
@@ -1949,6 +2032,43 @@ class TestSupervision(DaemonTestCase):
             self.daemon.post("/api/processes/sv-orphan-%s/stop" % how)
             self.assertFalse(pid_alive(orphan), how)
             self.daemon.request("DELETE", "/api/processes/sv-orphan-" + how)
+
+    def test_an_exit_held_by_a_tracer_never_stops_the_daemon(self):
+        """A main process that lets another process ptrace it, and exits while traced, can be
+        reaped only once its tracer lets go. The daemon answers meanwhile (a blocking reap
+        would stop it for as long as the tracer likes), and handles the exit then."""
+        tracer_file = os.path.join(self.daemon.home, "tracer")
+        script = ("import ctypes, os, sys, time\n"
+                  "libc = ctypes.CDLL(None, use_errno=True)\n"
+                  "libc.prctl(0x59616d61, ctypes.c_ulong(2 ** 64 - 1), 0, 0, 0)\n"   # PR_SET_PTRACER, any
+                  "leader = os.getpid()\n"
+                  "if os.fork() == 0:\n"
+                  "    os.setsid()\n"
+                  "    if os.fork() == 0:\n"
+                  "        seized = libc.ptrace(0x4206, leader, None, None)\n"         # PTRACE_SEIZE
+                  "        with open(sys.argv[1] + '.tmp', 'w') as f: f.write('%d %d' % (os.getpid(), seized))\n"
+                  "        os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+                  "        time.sleep(60)\n"
+                  "    os._exit(0)\n"
+                  "while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+                  "os._exit(7)\n")
+        self.daemon.start("sv-traced", PY, ["-c", script, tracer_file], autorestart=False)
+        tracer, seized = wait_until(lambda: [int(x) for x in read_text(tracer_file).split()] or None,
+                                    message="the tracer")
+        self.addCleanup(lambda: pid_alive(tracer) and os.kill(tracer, signal.SIGKILL))
+        if seized != 0:
+            self.skipTest("ptrace is not allowed here")
+        leader = self.daemon.process("sv-traced")["pid"]
+        wait_until(lambda: read_text("/proc/%d/stat" % leader).rsplit(")", 1)[-1].split()[:1] == ["Z"],
+                   message="the main process exited, held by its tracer")
+        for _ in range(3):
+            self.assertEqual(self.daemon.get("/api/processes")[0], 200)
+            time.sleep(0.2)
+        self.assertEqual(self.daemon.process("sv-traced")["pid"], leader)     # not reaped yet
+        os.kill(tracer, signal.SIGKILL)
+        stopped = self.daemon.wait_status("sv-traced", "stopped")
+        self.assertEqual(stopped["last_exit"]["code"], 7)
+        self.daemon.request("DELETE", "/api/processes/sv-traced")
 
     def test_sigterm_trap_is_killed_after_kill_timeout(self):
         script = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(999)"
