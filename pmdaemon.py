@@ -54,10 +54,11 @@ Map of this file; each section uses only the sections above it:
                                apply, argument parsing and main
 
 What happens when a child exits: the child watcher reaps it and completes Child.exited, whose
-callback starts the run's exit task (ProcessRunner._after_exit: none waits per process before);
-it stops what the run left behind (terminate_run), then calls ProcessRunner._on_exit(run, code), which ignores a stale run and asks decide_after_exit (pure)
-whether to restart (a timer through its RunnerContext), stop or give up (change_state). Every
-call goes outward: runner -> context -> Supervisor._announce -> listeners (store, broadcaster).
+callback starts the run's exit task (ProcessRunner._after_exit; none waits while it runs). The
+task stops what the run left behind (terminate_run), then calls ProcessRunner._on_exit(run,
+code), which ignores a stale run and asks decide_after_exit (pure) whether to restart (a timer
+through its RunnerContext), stop or give up (change_state). Every call goes outward: runner
+-> context -> Supervisor._announce -> listeners (store, broadcaster).
 """
 
 import argparse
@@ -200,6 +201,7 @@ SAMPLE_INTERVAL = 1.0                  # seconds between metric samples
 SCAN_FULL_EVERY = 30                   # every Nth /proc scan re-reads every process, not just new ones
 SCAN_REUSE_WINDOW = 0.01               # seconds a listing of /proc serves the next step of the same stop
 LISTING_EVERY = 5                      # metric ticks between listings of /proc (new members of a tree)
+ROLL_EVERY = 150                       # ticks between whole rolls of who runs (MetricsLoop; else by change)
 QUIET_AFTER, QUIET_EVERY = 3, 10       # a tree idle for 3 reads is re-read every 10th tick (MetricsLoop),
 QUIET_READS_PER_TICK = 40              # ... or less often, down to every QUIET_EVERY_MAX-th, to read
 QUIET_EVERY_MAX = 30                   # no more than 40 quiet trees a tick (PM2 checks memory every 30 s)
@@ -2876,7 +2878,7 @@ class Child:
 
     def reaped(self, pid: int, returncode: Optional[int]) -> None:
         """The child watcher's word (see watch_exit); the status of a child reaped elsewhere is
-        lost (None)."""
+        lost (None, or 255 from PidfdWatcher, as asyncio says it)."""
         if self.returncode is None:
             self.returncode = returncode
         if not self.exited.done():
@@ -4380,21 +4382,20 @@ class MetricsLoop:
     QUIET_READS_PER_TICK * QUIET_EVERY quiet trees, fewer buckets a tick, down to one, so a
     thousand sleeping processes cost ~34 reads a tick and no pass over the thousand. (A read
     of /proc/PID/stat costs 30-100 us once caches have gone cold in the second between
-    ticks: the reads are the cost.) Who runs with which pid (the roll) is taken again when a
-    process changed since the last tick (changes(): a state, a pid, a deletion; not a health
-    check's result, nor the tick itself), and at every listing. A quiet process that wakes
-    shows its CPU within QUIET_EVERY ticks (QUIET_EVERY_MAX at most), as an average."""
+    ticks: the reads are the cost.) Who runs with which pid (the roll) is updated for the
+    processes that changed since the last tick (changed(): a state, a pid, a deletion; not a
+    health check's result, nor the tick itself), and taken whole at the first tick and every
+    ROLL_EVERY-th. A quiet process that wakes shows its CPU within QUIET_EVERY ticks
+    (QUIET_EVERY_MAX at most), as an average."""
 
     def __init__(self, sampler: Sampler, registry: Registry, announce: Callable[[str, Any], None],
-                 wall: Callable[[], float] = time.time, changes: Callable[[], int] = lambda: 0,
-                 quiet_reads_per_tick: int = QUIET_READS_PER_TICK):
+                 wall: Callable[[], float] = time.time, quiet_reads_per_tick: int = QUIET_READS_PER_TICK):
         self.sampler = sampler
         self.registry = registry
         self.announce = announce
-        self.changes = changes
         self.system = SystemMetrics(wall_time=wall())
         self._ticks = 0
-        self._seen_changes: Optional[int] = None
+        self._changed: set = set()              # runner ids whose state, pid or existence changed
         self._relist = True                     # a run is not in the last listing
         self._table: Dict[int, PidStat] = {}    # the last listing, kept current by fresh()
         self._trees: Dict[int, List[int]] = {}  # runner id -> the pids of its tree (its pid first)
@@ -4407,8 +4408,10 @@ class MetricsLoop:
     def sample(self) -> None:
         self.system = self.sampler.system()
         self._ticks += 1
-        if self._seen_changes != self.changes() or self._ticks % LISTING_EVERY == 1:
-            self._take_roll()
+        if self._ticks % ROLL_EVERY == 1:
+            self._take_roll()                   # whole, now and then: what no announcement told
+        elif self._changed:
+            self._update_roll()
         if self._idle:
             try:
                 self._sample_trees()
@@ -4417,10 +4420,30 @@ class MetricsLoop:
             else:
                 self.sampler.unreadable.discard("process list")
         self.announce("tick", self.system)
-        self._seen_changes = self.changes()
+
+    def changed(self, runner_id: int) -> None:
+        """A process's state, pid or existence changed: its place in the roll, at the next tick."""
+        self._changed.add(runner_id)
+
+    def _update_roll(self) -> None:
+        """The roll for the processes that changed only: a new run (or a new pid) is active."""
+        changed, self._changed = self._changed, set()
+        for key in changed:
+            runner = self.registry.by_id.get(key)
+            entry = (runner, runner.pid) if runner is not None and runner.pid is not None else None
+            bucket = self._quiet[key % QUIET_EVERY_MAX]
+            if entry is not None and self._active.get(key, bucket.get(key)) == entry:
+                continue
+            self._active.pop(key, None)
+            bucket.pop(key, None)
+            self._idle.pop(key, None)
+            if entry is not None:
+                self._active[key], self._idle[key] = entry, (-1, 0)
+                self._relist = True
 
     def _take_roll(self) -> None:
         """Who runs with which pid: a new run (or a new pid) is active until it has been quiet."""
+        self._changed = set()
         roll = {runner.id: (runner, runner.pid) for runner in self.registry.runners()}
         active = {key: entry for key, entry in self._active.items() if roll.get(key) == entry}
         quiet = [{key: entry for key, entry in bucket.items() if roll.get(key) == entry} for bucket in self._quiet]
@@ -4524,10 +4547,9 @@ class Supervisor:
         self.store = StateStore(os.path.join(home, "state.json"), self.saved_entry, self.registry.runners,
                                 self.saved_header, self.settings.state_save_interval,
                                 self.settings.state_lazy_interval, clock)
-        self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall, lambda: self.process_changes)
+        self.metrics = MetricsLoop(self.sampler, self.registry, self._announce, wall)
         self._cgroups: Optional[Cgroups] = None
         self.generation = 0                     # counts announcements: keys the API's caches
-        self.process_changes = 0                # ... of processes (a state, a pid, a deletion)
         self.listeners: List[Listener] = []
         self.tasks = BackgroundTasks()
         self._change: Optional[asyncio.Event] = None
@@ -4548,10 +4570,11 @@ class Supervisor:
 
     def _announce(self, kind: str, payload: Any) -> None:
         self.generation += 1
-        if kind in ("process_update", "process_event"):
-            self.process_changes += 1
         if kind == "process_update":            # a runner changed: maybe what is saved of it
             self.store.touch(payload)
+            self.metrics.changed(payload.id)
+        elif kind == "process_event":           # a start, an exit, a deletion: maybe a new pid
+            self.metrics.changed(payload["id"])
         for listener in list(self.listeners):
             try:
                 listener(kind, payload)

@@ -1007,6 +1007,46 @@ class TestProcessRunner(unittest.TestCase):
         import asyncio
         run_async(scenario())
 
+    def test_a_tick_follows_the_processes_that_changed_without_a_whole_roll(self):
+        """Between whole rolls (every ROLL_EVERY-th tick) a tick learns who runs from what was
+        announced: a quiet process restarted under a new pid is read at the next tick, and a
+        deleted one is read no more."""
+        import asyncio
+
+        async def scenario():
+            supervisor = self.supervisor()
+            self.addCleanup(supervisor.sampler.close)
+            [kept] = await supervisor.add(self.config(name="kept"))
+            [gone] = await supervisor.add(self.config(name="gone"))
+            reads = collections.Counter()
+            read_held = supervisor.sampler._read_held
+
+            def counted(pid):
+                reads[pid] += 1
+                return read_held(pid)
+            supervisor.sampler._read_held = counted
+            try:
+                for _ in range(pmdaemon.QUIET_AFTER + 2):           # both quiet by now
+                    supervisor.metrics.sample()
+                    await asyncio.sleep(0.02)
+                whole_rolls = []
+                take_roll = supervisor.metrics._take_roll
+                supervisor.metrics._take_roll = lambda: whole_rolls.append(1) or take_roll()
+                old_pid, gone_pid = kept.pid, gone.pid
+                await supervisor.restart("kept")
+                await supervisor.delete("gone")
+                self.assertNotEqual(kept.pid, old_pid)
+                reads.clear()
+                supervisor.metrics.sample()
+                self.assertEqual((reads[kept.pid], reads[gone_pid], whole_rolls), (1, 0, []))
+                self.assertGreater(kept.memory, 0)
+                for _ in range(pmdaemon.QUIET_EVERY_MAX):
+                    supervisor.metrics.sample()
+                self.assertEqual((reads[old_pid], reads[gone_pid]), (0, 0))
+            finally:
+                await supervisor.shutdown()
+        run_async(scenario())
+
     def test_many_quiet_trees_are_read_less_often_not_more_each_tick(self):
         """Past QUIET_READS_PER_TICK * QUIET_EVERY quiet trees, each is read less often (every
         QUIET_EVERY_MAX-th tick at the least), so a tick's reads stay bounded: here with a
