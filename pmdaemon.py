@@ -2726,13 +2726,19 @@ class PidfdWatcher:
 
     def watch(self, pid: int, callback: Callable, pidfd: Optional[int] = None, *args) -> None:
         """Ours: a pidfd is opened, or `pidfd`, handed over in an upgrade, taken as already lent."""
-        if pidfd is None:
+        opened = pidfd is None
+        if opened:
             pidfd = os.pidfd_open(pid)          # novermin (installed only where it works)
-        else:
-            self._lent.add(pidfd)
-        self._watched[pid] = pidfd
         loop = asyncio.get_event_loop()
-        loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
+        try:
+            loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
+        except BaseException:
+            if opened:
+                os.close(pidfd)
+            raise
+        self._watched[pid] = pidfd
+        if not opened:
+            self._lent.add(pidfd)
 
     def _reap(self, loop, pid: int, pidfd: int, callback: Callable, args: tuple) -> None:
         loop.remove_reader(pidfd)
@@ -2903,6 +2909,15 @@ class Child:
                 pump.fd = None
 
 
+def abandon_child(pid: int, retry_in: float = 0.01) -> None:
+    """A child of ours that could not be taken on (out of descriptors, cancelled) must not run
+    on unseen, nor stay a zombie: its group is killed and it is reaped here, without ever
+    blocking the loop (it takes a moment to die; a ptraced one dies when its tracer lets go)."""
+    signal_group(pid, signal.SIGKILL)
+    if not wait_for_exit(pid, block=False)[0]:
+        asyncio.get_event_loop().call_later(retry_in, abandon_child, pid, min(retry_in * 2, TRACED_REAP_RETRY))
+
+
 async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], config: ProcessConfig,
                       cgroup_procs: List[str] = ()) -> Child:
     """Start a child in its own session and process group (pgid == pid), output piped to us,
@@ -2936,11 +2951,7 @@ async def spawn_child(argv: List[str], cwd: Optional[str], env: Dict[str, str], 
     try:
         return await adopt_child(popen.pid, None, ours, [b"", b"", b""])
     except BaseException:
-        # It cannot be supervised (out of descriptors, or cancelled), so it must not run on
-        # unseen: killed, and reaped here, since nothing watches it.
-        signal_group(popen.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(popen.pid, 0)
+        abandon_child(popen.pid)
         raise
 
 
@@ -2950,8 +2961,8 @@ async def adopt_child(pid: int, pidfd: Optional[int], descriptors: List[Optional
     is no pipe), which it owns from now on: one we have just started, or one the previous
     image handed over in an upgrade (exec kept our pid, so it is still our child), with its
     pidfd, `carried`, what was read of each output but not logged, and `returncode` if it was
-    reaped before the exec. If this fails (out of descriptors, cancelled), every descriptor
-    given is closed and nothing watches the child."""
+    reaped before the exec. If this fails (out of descriptors, cancelled), every pipe given
+    is closed and nothing watches the child (see abandon_child); the pidfd stays the caller's."""
     loop = asyncio.get_event_loop()
     child = Child(pid, loop)
     waiting = list(descriptors)                 # not yet held by a pipe of the child's
@@ -3684,8 +3695,15 @@ class ProcessRunner:
         run.pidfd, run.env = handed["pidfd"], {key: value for key, value in handed["env"].items()
                                                if base.get(key) != value}
         run.started_at, run.started_wall = handed["started_at"], handed["started_wall"]
-        run.proc = await adopt_child(run.pid, run.pidfd, handed["descriptors"],
-                                     [base64.b64decode(text) for text in handed["carried"]], handed["returncode"])
+        try:
+            run.proc = await adopt_child(run.pid, run.pidfd, handed["descriptors"],
+                                         [base64.b64decode(text) for text in handed["carried"]],
+                                         handed["returncode"])
+        except BaseException:
+            if handed["returncode"] is None:
+                abandon_child(run.pid)          # not supervised: it must not run on unseen
+            run.close()
+            raise
         self.wanted, self.ever_started, self.error = True, True, None
         self.change_state(ProcessState.STARTING)
         stat = self.context.sampler.stat(run.pid)
@@ -8399,7 +8417,9 @@ class HttpServer:
                 self._sweeper_asleep = asyncio.Event()
                 await self._sweeper_asleep.wait()
                 self._sweeper_asleep = None
-            earliest = min(connection.deadline for connection in self.deadlines)
+            # (The connection that woke it may be gone already: a TLS request read with the
+            # handshake is answered without the serving task ever yielding.)
+            earliest = min((connection.deadline for connection in self.deadlines), default=math.inf)
             await asyncio.sleep(min(max(earliest - loop.time(), DEADLINE_SWEEP_INTERVAL), longest_sleep))
             now = loop.time()
             for connection in [c for c in self.deadlines if c.deadline <= now]:

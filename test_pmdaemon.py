@@ -1223,6 +1223,11 @@ class TestProcessRunner(unittest.TestCase):
             "def children():",
             "    return [int(pid) for task in os.listdir('/proc/self/task')",
             "            for pid in open('/proc/self/task/%s/children' % task).read().split()]",
+            "async def gone():                                 # killed, and reaped in the loop",
+            "    for _ in range(200):",
+            "        if not children():",
+            "            return",
+            "        await asyncio.sleep(0.01)",
             "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)",
             "outcomes = set()",
             "for spare in range(12):",
@@ -1239,6 +1244,7 @@ class TestProcessRunner(unittest.TestCase):
             "        child.close_pipes()",
             "        loop.run_until_complete(asyncio.sleep(0.05))",
             "    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))",
+            "    loop.run_until_complete(gone())",
             "    assert children() == [], (spare, children())",
             "    assert len(os.listdir('/proc/self/fd')) == before, (spare, os.listdir('/proc/self/fd'))",
             "async def cancelled():",
@@ -1247,6 +1253,7 @@ class TestProcessRunner(unittest.TestCase):
             "    assert len(children()) == 1                  # forked, its stdin being wired",
             "    spawning.cancel()",
             "    await asyncio.wait([spawning])",
+            "    await gone()",
             "    return spawning.cancelled()",
             "before = len(os.listdir('/proc/self/fd'))",
             "if loop.run_until_complete(cancelled()):",
@@ -4049,6 +4056,52 @@ class TestTls(unittest.TestCase):
         conn.request("GET", path, headers=dict({"Authorization": "Bearer tls-key"}, **(headers or {})))
         response = conn.getresponse()
         return response.status, response.read(), conn
+
+    def test_a_request_sent_with_the_handshake_leaves_later_deadlines_enforced(self):
+        """A whole request sent with the client's last handshake message is answered before
+        its connection's task ever yields; the deadline sweeper it woke must live on: a later
+        partial head still gets its 408."""
+        daemon = Daemon(args=("--tls-cert", self.cert, "--tls-key", self.key, "--header-timeout", "1"),
+                        env={"PMDAEMON_API_KEY": "tls-key"})
+        self.addCleanup(daemon.cleanup)
+        context = self.ssl.SSLContext(self.ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(self.cert)
+        context.check_hostname = False
+
+        def exchange(request):
+            """Handshake through memory, then `request` in the same write as the last of it."""
+            incoming, outgoing = self.ssl.MemoryBIO(), self.ssl.MemoryBIO()
+            tls = context.wrap_bio(incoming, outgoing)
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+                while True:
+                    try:
+                        tls.do_handshake()
+                        break
+                    except self.ssl.SSLWantReadError:
+                        sock.sendall(outgoing.read())
+                        incoming.write(sock.recv(65536))
+                tls.write(request)
+                sock.sendall(outgoing.read())
+                answer = b""
+                while True:                         # until the daemon's close_notify
+                    data = sock.recv(65536)
+                    if not data:
+                        return answer
+                    incoming.write(data)
+                    try:
+                        chunk = tls.read(65536)
+                        while chunk:
+                            answer += chunk
+                            chunk = tls.read(65536)
+                        return answer                   # b"": the daemon's close_notify
+                    except self.ssl.SSLWantReadError:
+                        continue
+                    except self.ssl.SSLZeroReturnError:
+                        return answer
+        for _ in range(2):
+            self.assertEqual(status_of(exchange(b"GET /api/system HTTP/1.1\r\nHost: localhost\r\n"
+                                                b"Authorization: Bearer tls-key\r\nConnection: close\r\n\r\n")), 200)
+            self.assertEqual(status_of(exchange(b"GET /api/system HTTP/1.1\r\nHost: loc")), 408)
 
     def test_silent_connections_before_the_handshake_are_capped_and_bounded(self):
         """Connections that never start TLS count from accept: at most max_connections in
