@@ -928,6 +928,17 @@ class TestProcessRunner(unittest.TestCase):
         run_async(scenario())
 
     @staticmethod
+    def count_reads(supervisor):
+        """How often each pid's /proc/PID/stat is read from now on (a Counter, kept current)."""
+        reads, read_held = collections.Counter(), supervisor.sampler._read_held
+
+        def counted(pid):
+            reads[pid] += 1
+            return read_held(pid)
+        supervisor.sampler._read_held = counted
+        return reads
+
+    @staticmethod
     async def until_listed(supervisor):
         """Samples until one that lists /proc."""
         import asyncio
@@ -964,13 +975,7 @@ class TestProcessRunner(unittest.TestCase):
             forking = (await supervisor.add(self.config(name="forking", script=PY, args=["-c", fork, fork_fifo,
                                                                                       fork_ready])))[0]
             await until(lambda: os.path.exists(ready) and os.path.exists(fork_ready))    # started, and wait
-            reads = collections.Counter()
-            read_held = supervisor.sampler._read_held
-
-            def counted(pid):
-                reads[pid] += 1
-                return read_held(pid)
-            supervisor.sampler._read_held = counted
+            reads = self.count_reads(supervisor)
             try:
                 for _ in range(pmdaemon.QUIET_AFTER + 1):           # every tree read while it may be moving
                     supervisor.metrics.sample()
@@ -1018,13 +1023,7 @@ class TestProcessRunner(unittest.TestCase):
             self.addCleanup(supervisor.sampler.close)
             [kept] = await supervisor.add(self.config(name="kept"))
             [gone] = await supervisor.add(self.config(name="gone"))
-            reads = collections.Counter()
-            read_held = supervisor.sampler._read_held
-
-            def counted(pid):
-                reads[pid] += 1
-                return read_held(pid)
-            supervisor.sampler._read_held = counted
+            reads = self.count_reads(supervisor)
             try:
                 for _ in range(pmdaemon.QUIET_AFTER + 2):           # both quiet by now
                     supervisor.metrics.sample()
@@ -1060,13 +1059,7 @@ class TestProcessRunner(unittest.TestCase):
             sleepers = []
             for index in range(16):
                 sleepers += await supervisor.add(self.config(name="many-%d" % index))
-            reads = collections.Counter()
-            read_held = supervisor.sampler._read_held
-
-            def counted(pid):
-                reads[pid] += 1
-                return read_held(pid)
-            supervisor.sampler._read_held = counted
+            reads = self.count_reads(supervisor)
             try:
                 for _ in range(pmdaemon.QUIET_AFTER + 1):           # until all are quiet
                     supervisor.metrics.sample()
