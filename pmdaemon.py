@@ -3882,11 +3882,12 @@ class ProcessRunner:
             self.change_state(ProcessState.STOPPING)
             await terminate_run(run, self.config, self.context.sampler, self.context.settings,
                                 other_groups=functools.partial(self.context.managed_groups, run.pid))
-            grace = self.context.settings.exit_output_grace + 1
-            await asyncio.wait({run.proc.exited}, timeout=grace)
+            loop = asyncio.get_event_loop()
+            deadline = loop.time() + self.context.settings.exit_output_grace + 1    # for both waits
+            await asyncio.wait({run.proc.exited}, timeout=deadline - loop.time())
             handling = self._exit_seen(run) if run.proc.exited.done() else None
             if handling is not None:
-                await asyncio.wait({handling}, timeout=grace)
+                await asyncio.wait({handling}, timeout=max(0.0, deadline - loop.time()))
             if self.run is run:                 # the watcher did not finish: end the run here
                 self._end_run(run, run.proc.returncode)
         if self.state is not ProcessState.STOPPED:

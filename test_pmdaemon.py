@@ -2103,7 +2103,6 @@ class TestSupervision(DaemonTestCase):
                    message="the main process exited, held by its tracer")
         for _ in range(3):
             self.assertEqual(self.daemon.get("/api/processes")[0], 200)
-            time.sleep(0.2)
         self.assertEqual(self.daemon.process("sv-traced")["pid"], leader)     # not reaped yet
         os.kill(tracer, signal.SIGKILL)
         stopped = self.daemon.wait_status("sv-traced", "stopped")
